@@ -1,0 +1,50 @@
+"""The ``khibernate`` command: click groups only (parse, call, print); the logic lives in the modules.
+
+Each part of khibernate registers its own click group or command here; only commands that work are listed.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from khibernate import __version__
+from khibernate.errors import KhibernateError
+
+
+class Main(click.Group):
+    """Turns KhibernateError into one 'error: ...' line and its exit code (no traceback)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KhibernateError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="khibernate")
+def cli() -> None:
+    """kexec-jump based hibernation and checkpointing for Linux.
+
+    Start with `khibernate doctor`: it says what stops this machine from kexec, kdump and kexec jump.
+    """
+
+
+def _register() -> None:
+    from khibernate.doctor import doctor_command
+
+    cli.add_command(doctor_command)
+
+
+_register()
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Reading, filtering, saving and exporting the old kernel's memory."""

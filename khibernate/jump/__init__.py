@@ -1,0 +1,1 @@
+"""Loading and entering kernels: kexec, kdump and kexec jump (preserve-context) from Python."""

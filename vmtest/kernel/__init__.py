@@ -1,0 +1,307 @@
+"""Build (once) and cache the small jump-capable test kernel from Debian's linux-source package.
+
+``python -m vmtest.kernel [LINE]`` prints the cache directory holding ``bzImage``, ``vmlinux``,
+``System.map`` and ``config``.  The cache key is the source package version plus a hash of the
+config fragments and of this file, so a warm run costs one private ``apt-get update``.
+The host's apt configuration is never changed: a private sources list and state directory are used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CACHE = Path(os.environ.get("KHIBERNATE_CACHE", Path.home() / ".cache" / "khibernate"))
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelLine:
+    """A Debian kernel source line we can build: package name and the suites that carry it."""
+
+    name: str
+    package: str
+    codename: str
+    suites: tuple[str, ...]
+
+
+LINES = {
+    "6.12": KernelLine("6.12", "linux-source-6.12", "bookworm",
+                       ("bookworm", "bookworm-security", "bookworm-updates", "bookworm-backports")),
+    "7.3": KernelLine("7.3", "linux-source-7.3", "trixie", ("trixie", "trixie-security", "trixie-backports")),
+}
+DEFAULT_LINE = "6.12"
+
+
+@dataclasses.dataclass(frozen=True)
+class TestKernel:
+    """The cached artefacts of one test kernel build."""
+
+    directory: Path
+
+    @property
+    def bzimage(self) -> Path:
+        return self.directory / "bzImage"
+
+    @property
+    def vmlinux(self) -> Path:
+        return self.directory / "vmlinux"
+
+    @property
+    def system_map(self) -> Path:
+        return self.directory / "System.map"
+
+    @property
+    def config(self) -> Path:
+        return self.directory / "config"
+
+    @property
+    def info(self) -> dict:
+        return json.loads((self.directory / "build-info.json").read_text())
+
+    def complete(self) -> bool:
+        return all(p.is_file() for p in (self.bzimage, self.vmlinux, self.system_map, self.config,
+                                         self.directory / "build-info.json"))
+
+
+class KernelBuildError(RuntimeError):
+    """The test kernel could not be fetched, configured or built."""
+
+
+def log(msg: str) -> None:
+    print(f"[vmtest.kernel] {msg}", file=sys.stderr, flush=True)
+
+
+def fragments(line: str) -> list[Path]:
+    return [HERE / "common.config", HERE / f"{line}.config"]
+
+
+def wanted_options(line: str) -> dict[str, str]:
+    """CONFIG_X -> 'y' / value / 'n' (for '# CONFIG_X is not set') from the fragments."""
+    wanted: dict[str, str] = {}
+    for frag in fragments(line):
+        for raw in frag.read_text().splitlines():
+            raw = raw.strip()
+            if m := re.fullmatch(r"# (CONFIG_\w+) is not set", raw):
+                wanted[m.group(1)] = "n"
+            elif m := re.fullmatch(r"(CONFIG_\w+)=(.*)", raw):
+                wanted[m.group(1)] = m.group(2)
+    return wanted
+
+
+def missing_options(config_text: str, wanted: dict[str, str]) -> list[str]:
+    """The fragment options that did not stick in a final .config."""
+    have: dict[str, str] = {}
+    for raw in config_text.splitlines():
+        if m := re.fullmatch(r"(CONFIG_\w+)=(.*)", raw.strip()):
+            have[m.group(1)] = m.group(2)
+    bad = []
+    for opt, val in wanted.items():
+        got = have.get(opt, "n")
+        if got != val:
+            bad.append(f"{opt}: wanted {val}, got {got}")
+    return bad
+
+
+# Bump when the build recipe changes in a way that changes the artefacts.
+RECIPE_VERSION = "1"
+
+
+def fragment_hash(line: str) -> str:
+    h = hashlib.sha256(RECIPE_VERSION.encode())
+    for p in fragments(line):
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- private apt
+
+
+def host_debian_uris() -> tuple[str, str | None, str]:
+    """(debian mirror URI, security URI or None, keyring) read from the host's apt sources."""
+    texts = []
+    for p in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]:
+        if p.is_file() and p.suffix in ("", ".list", ".sources"):
+            texts.append(p.read_text(errors="replace"))
+    uris: list[str] = []
+    keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
+    for text in texts:
+        for raw in text.splitlines():
+            raw = raw.strip()
+            if raw.startswith("URIs:"):
+                uris.extend(raw.split()[1:])
+            elif raw.startswith("deb ") or raw.startswith("deb\t"):
+                parts = re.sub(r"\[[^\]]*\]", "", raw).split()
+                if len(parts) >= 2:
+                    uris.append(parts[1])
+    main = next((u for u in uris if u.rstrip("/").endswith("/debian")), None)
+    sec = next((u for u in uris if u.rstrip("/").endswith("/debian-security")), None)
+    main = os.environ.get("KHIBERNATE_DEBIAN_MIRROR", main)
+    if not main:
+        raise KernelBuildError("no Debian mirror found in /etc/apt sources; set KHIBERNATE_DEBIAN_MIRROR=<uri>")
+    return main, sec, keyring
+
+
+class PrivateApt:
+    """apt-get/apt-cache with their own sources list and state, leaving the host's apt untouched."""
+
+    def __init__(self, kline: KernelLine, root: Path):
+        self.root = root
+        (root / "lists" / "partial").mkdir(parents=True, exist_ok=True)
+        (root / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+        main, sec, keyring = host_debian_uris()
+        lines = []
+        for suite in kline.suites:
+            uri = sec if suite.endswith("-security") else main
+            if uri:
+                lines.append(f"deb [signed-by={keyring}] {uri} {suite} main")
+        (root / "sources.list").write_text("\n".join(lines) + "\n")
+        self.opts = [
+            "-o", f"Dir::Etc::SourceList={root / 'sources.list'}",
+            "-o", "Dir::Etc::SourceParts=-",
+            "-o", f"Dir::State::Lists={root / 'lists'}",
+            "-o", f"Dir::Cache={root / 'cache'}",
+            "-o", "APT::Sandbox::User=root",
+        ]
+
+    def run(self, tool: str, *args: str, cwd: Path | None = None) -> str:
+        cmd = [tool, *self.opts, *args]
+        r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+        if r.returncode:
+            raise KernelBuildError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
+        return r.stdout
+
+    def update(self) -> None:
+        self.run("apt-get", "-q", "update")
+
+    def candidate(self, package: str) -> str:
+        out = self.run("apt-cache", "policy", package)
+        m = re.search(r"Candidate:\s*(\S+)", out)
+        if not m or m.group(1) == "(none)":
+            raise KernelBuildError(f"{package} is not available from {self.root / 'sources.list'}")
+        return m.group(1)
+
+    def download(self, package: str, version: str, dest: Path) -> Path:
+        dest.mkdir(parents=True, exist_ok=True)
+        self.run("apt-get", "-q", "download", f"{package}={version}", cwd=dest)
+        debs = sorted(dest.glob(f"{package}_*.deb"))
+        if not debs:
+            raise KernelBuildError(f"apt-get download {package} produced no .deb in {dest}")
+        return debs[-1]
+
+
+# ---------------------------------------------------------------- build
+
+
+def sh(cmd: list[str] | str, cwd: Path, logf) -> None:
+    logf.write(f"$ {cmd}\n")
+    logf.flush()
+    r = subprocess.run(cmd, cwd=cwd, stdout=logf, stderr=subprocess.STDOUT, shell=isinstance(cmd, str))
+    if r.returncode:
+        raise KernelBuildError(f"{cmd} failed in {cwd} (exit {r.returncode}); see {logf.name}")
+
+
+def find_cached(line: str) -> TestKernel | None:
+    """Any complete cached build of this fragment (used when apt cannot be reached)."""
+    fh = fragment_hash(line)
+    for d in sorted((CACHE / "kernels").glob(f"{line}-*-{fh}")):
+        tk = TestKernel(d)
+        if tk.complete():
+            return tk
+    return None
+
+
+def ensure_kernel(line: str = DEFAULT_LINE, jobs: int | None = None) -> TestKernel:
+    """Return the cached test kernel for LINE, building it first if needed (~7 min on 2 cores)."""
+    kline = LINES[line]
+    apt = PrivateApt(kline, CACHE / "apt" / kline.codename)
+    version = os.environ.get("KHIBERNATE_KERNEL_SOURCE_VERSION")
+    try:
+        apt.update()
+        version = version or apt.candidate(kline.package)
+    except KernelBuildError as e:
+        cached = find_cached(line)
+        if cached:
+            log(f"apt not reachable ({str(e).splitlines()[0]}); using cached {cached.directory}")
+            return cached
+        raise
+    key = f"{line}-{version}-{fragment_hash(line)}"
+    tk = TestKernel(CACHE / "kernels" / key)
+    if tk.complete():
+        log(f"cached: {tk.directory}")
+        return tk
+    build(kline, version, apt, tk.directory, jobs or os.cpu_count() or 2)
+    return tk
+
+
+def build(kline: KernelLine, version: str, apt: PrivateApt, out: Path, jobs: int) -> None:
+    work = CACHE / "build" / out.name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    logpath = work / "build.log"
+    t0 = time.monotonic()
+    with open(logpath, "w") as logf:
+        log(f"fetching {kline.package}={version} (log {logpath})")
+        deb = apt.download(kline.package, version, CACHE / "debs")
+        sh(f"dpkg-deb --fsys-tarfile '{deb}' | tar -xO --wildcards './usr/src/linux-source-*.tar.xz' | tar -xJ",
+           work, logf)
+        srcs = [p for p in work.iterdir() if p.is_dir() and p.name.startswith("linux-source")]
+        if len(srcs) != 1:
+            raise KernelBuildError(f"unexpected source layout in {work}: {srcs}")
+        src = srcs[0]
+        t_fetch = time.monotonic() - t0
+        log(f"configuring ({t_fetch:.0f} s so far)")
+        sh(["make", "tinyconfig"], src, logf)
+        sh(["scripts/kconfig/merge_config.sh", "-m", ".config", *map(str, fragments(kline.name))], src, logf)
+        sh(["make", "olddefconfig"], src, logf)
+        bad = missing_options((src / ".config").read_text(), wanted_options(kline.name))
+        if bad:
+            raise KernelBuildError("config options did not stick after olddefconfig (unmet dependencies?):\n  "
+                                   + "\n  ".join(bad))
+        log(f"building with -j{jobs} (several minutes; log {logpath})")
+        t1 = time.monotonic()
+        sh(["make", f"-j{jobs}", "bzImage"], src, logf)
+        t_build = time.monotonic() - t1
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copy2(src / "arch/x86/boot/bzImage", tmp / "bzImage")
+    shutil.copy2(src / "vmlinux", tmp / "vmlinux")
+    shutil.copy2(src / "System.map", tmp / "System.map")
+    shutil.copy2(src / ".config", tmp / "config")
+    shutil.copy2(logpath, tmp / "build.log")
+    release = (src / "include/config/kernel.release").read_text().strip()
+    info = {"line": kline.name, "package": kline.package, "version": version, "release": release,
+            "fetch_seconds": round(t_fetch, 1), "build_seconds": round(t_build, 1), "jobs": jobs,
+            "bzimage_bytes": (tmp / "bzImage").stat().st_size, "vmlinux_bytes": (tmp / "vmlinux").stat().st_size}
+    (tmp / "build-info.json").write_text(json.dumps(info, indent=1) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    shutil.rmtree(work, ignore_errors=True)
+    log(f"built {release} in {t_build:.0f} s -> {out}")
+
+
+def main(argv: list[str]) -> int:
+    line = argv[0] if argv else DEFAULT_LINE
+    if line not in LINES:
+        print(f"unknown kernel line {line!r}; known: {', '.join(LINES)}", file=sys.stderr)
+        return 2
+    try:
+        tk = ensure_kernel(line)
+    except KernelBuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(tk.directory)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
