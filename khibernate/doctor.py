@@ -1,0 +1,172 @@
+"""`khibernate doctor`: what stops this machine from kexec, kdump and kexec jump, in plain words.
+
+``diagnose()`` is pure over a ``SystemRoot`` and an effective uid; the command only prints its findings.
+Exit status 0 means a kexec jump is possible here; 1 means it is not (or cannot be confirmed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import click
+
+from khibernate.system import SystemRoot, crash_regions
+
+FEATURES = ("kexec", "kdump", "jump")
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One check: ``blocks`` names the features it rules out; ``unknown`` ones it cannot confirm."""
+
+    name: str
+    ok: bool
+    message: str
+    blocks: tuple[str, ...] = ()
+    unknown: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagnosis:
+    findings: list[Finding]
+    release: str
+
+    def possible(self, feature: str) -> bool | None:
+        """True / False, or None when a needed fact could not be read."""
+        if any(feature in f.blocks for f in self.findings):
+            return False
+        if any(feature in f.unknown for f in self.findings):
+            return None
+        return True
+
+    def to_json(self) -> dict:
+        return {
+            "release": self.release,
+            "possible": {f: self.possible(f) for f in FEATURES},
+            "findings": [dataclasses.asdict(f) for f in self.findings],
+        }
+
+
+def _config_findings(root: SystemRoot) -> list[Finding]:
+    config, where = root.kernel_config()
+    if config is None:
+        return [Finding("kernel config", False,
+                        "kernel config not found (no /proc/config.gz, no /boot/config-*): cannot tell whether "
+                        "CONFIG_KEXEC, CONFIG_CRASH_DUMP and CONFIG_KEXEC_JUMP are built in",
+                        unknown=FEATURES)]
+    out = []
+    wants = [
+        ("CONFIG_KEXEC", ("kexec", "jump"), "kexec_load(2) (needed by kexec jump)"),
+        ("CONFIG_CRASH_DUMP", ("kdump",), "crash dumps (kdump)"),
+        ("CONFIG_KEXEC_JUMP", ("jump",), "kexec jump (KEXEC_PRESERVE_CONTEXT); depends on KEXEC and HIBERNATION"),
+    ]
+    for opt, feats, what in wants:
+        val = config.get(opt)
+        if val == "y":
+            out.append(Finding(opt, True, f"{opt}=y in {where}: {what}"))
+        else:
+            out.append(Finding(opt, False, f"{opt} is not set in {where}: this kernel has no {what}; "
+                                           "boot a kernel built with it", blocks=feats))
+    if config.get("CONFIG_KEXEC_FILE") == "y":
+        out.append(Finding("CONFIG_KEXEC_FILE", True, f"CONFIG_KEXEC_FILE=y in {where}: kexec_file_load(2) works"))
+    return out
+
+
+def diagnose(root: SystemRoot, euid: int) -> Diagnosis:
+    """Check every precondition of kexec, kdump and kexec jump on the system at ROOT."""
+    f: list[Finding] = []
+    if euid == 0:
+        f.append(Finding("root", True, "running as root"))
+    else:
+        f.append(Finding("root", False, "not root: loading a kernel needs CAP_SYS_BOOT; run as root",
+                         blocks=FEATURES))
+
+    disabled = root.read_int("/proc/sys/kernel/kexec_load_disabled")
+    if disabled:
+        f.append(Finding("kexec_load_disabled", False,
+                         "kernel.kexec_load_disabled=1: kexec loading is off until the next boot (it cannot be "
+                         "switched back on); reboot without setting it", blocks=FEATURES))
+    elif disabled == 0:
+        f.append(Finding("kexec_load_disabled", True, "kernel.kexec_load_disabled=0"))
+    for limit in ("kexec_load_limit_reboot", "kexec_load_limit_panic"):
+        val = root.read_int(f"/proc/sys/kernel/{limit}")
+        if val == 0:
+            feats = ("kdump",) if limit.endswith("panic") else ("kexec", "jump")
+            f.append(Finding(limit, False, f"kernel.{limit}=0: no more loads allowed until reboot", blocks=feats))
+
+    mode = root.lockdown()
+    if mode is None:
+        f.append(Finding("lockdown", True, "no /sys/kernel/security/lockdown: kernel lockdown is not active"))
+    elif mode == "none":
+        f.append(Finding("lockdown", True, "kernel lockdown: none"))
+    else:
+        f.append(Finding("lockdown", False,
+                         f"kernel lockdown is '{mode}' (e.g. Secure Boot): kexec_load(2) is blocked, and kexec jump "
+                         "needs kexec_load; kexec/kdump still work through kexec_file_load with a signed kernel. "
+                         "Disable Secure Boot or boot with lockdown=none to jump", blocks=("jump",)))
+
+    f.extend(_config_findings(root))
+
+    regions = root.iomem()
+    if regions and all(r.start == 0 and r.end == 0 for r in regions):
+        f.append(Finding("crash region", False, "/proc/iomem shows no addresses (not root): cannot see the "
+                                                "crashkernel= region", unknown=("kdump", "jump")))
+    else:
+        crash = crash_regions(regions)
+        if crash:
+            desc = ", ".join(f"{r.start:#x}-{r.end:#x} ({r.size >> 20} MiB)" for r in crash)
+            f.append(Finding("crash region", True, f"crashkernel= region reserved: {desc}"))
+        else:
+            f.append(Finding("crash region", False,
+                             "no 'Crash kernel' region in /proc/iomem: boot with crashkernel=256M (kdump loads the "
+                             "capture kernel there; a jump target needs a region the first kernel does not use)",
+                             blocks=("kdump", "jump")))
+
+    loaded = root.read_int("/sys/kernel/kexec_loaded")
+    crash_loaded = root.read_int("/sys/kernel/kexec_crash_loaded")
+    crash_size = root.read_int("/sys/kernel/kexec_crash_size")
+    state = []
+    if loaded is not None:
+        state.append(f"kexec image loaded: {'yes' if loaded else 'no'}")
+    if crash_loaded is not None:
+        state.append(f"crash image loaded: {'yes' if crash_loaded else 'no'}")
+    if crash_size is not None:
+        state.append(f"kexec_crash_size: {crash_size} bytes")
+    if state:
+        f.append(Finding("loaded", True, "; ".join(state)))
+    return Diagnosis(f, root.release())
+
+
+def render(d: Diagnosis) -> str:
+    lines = [f"khibernate doctor: Linux {d.release}"]
+    for fi in d.findings:
+        mark = "ok  " if fi.ok else ("FAIL" if fi.blocks else "??  ")
+        lines.append(f"  [{mark}] {fi.message}")
+    for feat in FEATURES:
+        p = d.possible(feat)
+        word = {True: "possible", False: "NOT possible", None: "unknown"}[p]
+        why = [fi.name for fi in d.findings if feat in fi.blocks or (p is None and feat in fi.unknown)]
+        lines.append(f"  {feat:6s}: {word}" + (f" (see: {', '.join(why)})" if why else ""))
+    return "\n".join(lines)
+
+
+@click.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@click.option("--root", type=click.Path(exists=True, file_okay=False), default="/", show_default=True,
+              help="Read /proc, /sys and /boot below this directory (for inspecting a copied tree).")
+def doctor_command(as_json: bool, root: str) -> None:
+    """Say what stops this machine from kexec, kdump and kexec jump.
+
+    Checks root, kernel.kexec_load_disabled, kernel lockdown (blocks kexec_load, which jump needs),
+    CONFIG_KEXEC / CONFIG_CRASH_DUMP / CONFIG_KEXEC_JUMP (from /proc/config.gz or /boot/config-*),
+    the crashkernel= region in /proc/iomem, and what is loaded now.
+
+    Exit status: 0 when a kexec jump is possible here, 1 otherwise.
+    """
+    from pathlib import Path
+
+    d = diagnose(SystemRoot(Path(root)), os.geteuid())
+    click.echo(json.dumps(d.to_json(), indent=1) if as_json else render(d))
+    raise SystemExit(0 if d.possible("jump") else 1)

@@ -1,0 +1,105 @@
+"""doctor: diagnose() over copied /proc, /sys and /boot trees."""
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from khibernate.cli import cli
+from khibernate.doctor import diagnose
+from khibernate.system import SystemRoot, parse_iomem, parse_lockdown
+
+IOMEM = """00000000-00000fff : Reserved
+00001000-0009fbff : System RAM
+00100000-3ffdcfff : System RAM
+  2f000000-3effffff : Crash kernel
+  3a000000-3ac01b3f : Kernel code
+"""
+
+GOOD_CONFIG = "CONFIG_KEXEC=y\nCONFIG_KEXEC_FILE=y\nCONFIG_CRASH_DUMP=y\nCONFIG_KEXEC_JUMP=y\n"
+
+
+def make_tree(tmp: Path, *, config: str | None = GOOD_CONFIG, iomem: str = IOMEM, lockdown: str | None = None,
+              disabled: int = 0) -> SystemRoot:
+    (tmp / "proc/sys/kernel").mkdir(parents=True)
+    (tmp / "sys/kernel/security").mkdir(parents=True)
+    (tmp / "proc/sys/kernel/osrelease").write_text("6.12.117\n")
+    (tmp / "proc/sys/kernel/kexec_load_disabled").write_text(f"{disabled}\n")
+    (tmp / "proc/iomem").write_text(iomem)
+    if config is not None:
+        (tmp / "proc/config.gz").write_bytes(gzip.compress(config.encode()))
+    if lockdown is not None:
+        (tmp / "sys/kernel/security/lockdown").write_text(lockdown)
+    (tmp / "sys/kernel/kexec_loaded").write_text("0\n")
+    (tmp / "sys/kernel/kexec_crash_loaded").write_text("1\n")
+    (tmp / "sys/kernel/kexec_crash_size").write_text("268435456\n")
+    return SystemRoot(tmp)
+
+
+def test_all_good(tmp_path):
+    d = diagnose(make_tree(tmp_path), euid=0)
+    assert d.possible("jump") and d.possible("kexec") and d.possible("kdump")
+    text = " ".join(f.message for f in d.findings)
+    assert "0x2f000000-0x3effffff (256 MiB)" in text
+    assert "crash image loaded: yes" in text
+
+
+def test_not_root_blocks_everything(tmp_path):
+    d = diagnose(make_tree(tmp_path), euid=1000)
+    assert [d.possible(f) for f in ("kexec", "kdump", "jump")] == [False, False, False]
+
+
+def test_lockdown_blocks_only_jump(tmp_path):
+    d = diagnose(make_tree(tmp_path, lockdown="none [integrity] confidentiality\n"), euid=0)
+    assert d.possible("jump") is False and d.possible("kexec") is True
+    assert any("kexec_load(2) is blocked" in f.message for f in d.findings)
+
+
+def test_missing_kexec_jump(tmp_path):
+    d = diagnose(make_tree(tmp_path, config="CONFIG_KEXEC=y\nCONFIG_CRASH_DUMP=y\n"), euid=0)
+    assert d.possible("jump") is False and d.possible("kdump") is True
+
+
+def test_no_config_is_unknown(tmp_path):
+    d = diagnose(make_tree(tmp_path, config=None), euid=0)
+    assert d.possible("jump") is None
+
+
+def test_no_crash_region(tmp_path):
+    d = diagnose(make_tree(tmp_path, iomem="00100000-3ffdcfff : System RAM\n"), euid=0)
+    assert d.possible("kdump") is False and d.possible("jump") is False and d.possible("kexec") is True
+
+
+def test_disabled(tmp_path):
+    d = diagnose(make_tree(tmp_path, disabled=1), euid=0)
+    assert d.possible("kexec") is False
+
+
+def test_hidden_iomem_is_unknown(tmp_path):
+    hidden = "00000000-00000000 : System RAM\n  00000000-00000000 : Crash kernel\n"
+    d = diagnose(make_tree(tmp_path, iomem=hidden), euid=0)
+    assert d.possible("kdump") is None
+
+
+def test_parsers():
+    regions = parse_iomem(IOMEM)
+    assert regions[3].name == "Crash kernel" and regions[3].depth == 1 and regions[3].size == 256 << 20
+    assert parse_lockdown("[none] integrity confidentiality") == "none"
+
+
+def test_cli_exit_status_and_json(tmp_path):
+    make_tree(tmp_path)
+    r = CliRunner().invoke(cli, ["doctor", "--json", "--root", str(tmp_path)])
+    expect_ok = os.geteuid() == 0
+    assert r.exit_code == (0 if expect_ok else 1)
+    assert json.loads(r.output)["possible"]["kdump"] is expect_ok
+
+
+def test_doctor_on_this_machine_is_truthful():
+    """On the development machine doctor must say no to jump unless it really is possible."""
+    d = diagnose(SystemRoot(), os.geteuid())
+    config, _ = SystemRoot().kernel_config()
+    if config is not None and config.get("CONFIG_KEXEC_JUMP") != "y":
+        assert d.possible("jump") is False
