@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Everything khibernate's demo and tests need, on a fresh Debian 12 machine, as root:
+# Debian packages, a virtualenv with khibernate and its test tools, and the cached test kernel.
+# Safe to run again: each step is skipped or cheap when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+  echo "error: run as root (apt-get installs packages; the VM tests use /dev/kvm-less QEMU and kexec as root)" >&2
+  exit 1
+fi
+
+PKGS="qemu-system-x86 kexec-tools busybox-static makedumpfile crash build-essential flex bison bc libelf-dev
+      libssl-dev python3 python3-venv python3-dev zstd xz-utils"
+missing=$(dpkg-query -W -f='${Package} ${Status}\n' $PKGS 2>/dev/null | awk '$NF!="installed"{print $1}' || true)
+# dpkg-query prints nothing for packages it has never heard of: count those too
+for p in $PKGS; do dpkg-query -W -f='${Status}' "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+if [ -n "$(echo $missing)" ]; then
+  echo "[setup] installing Debian packages:" $missing
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv"
+  python3 -m venv .venv
+fi
+echo "[setup] installing khibernate into .venv"
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+
+echo "[setup] test kernel (built once from Debian's linux-source, then cached in ~/.cache/khibernate)"
+.venv/bin/python -m vmtest.kernel

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole test suite, VM tests included, after setting everything up (fresh Debian 12, as root).
+# Extra arguments go to pytest, e.g. `scripts/test.sh -k doctor`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+scripts/setup.sh
+echo "[test] ruff"
+.venv/bin/ruff check .
+echo "[test] pytest"
+set +e
+.venv/bin/python -m pytest "$@"
+rc=$?
+set -e
+echo "[test] total wall time: $(( $(date +%s) - start )) s"
+exit $rc
