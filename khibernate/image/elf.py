@@ -1,0 +1,264 @@
+"""ELF core files (vmcores): layouts, reader (:class:`ElfSource`) and writer (:func:`write_elf`) side by side.
+
+Reads ELF64 and ELF32 cores (``/proc/vmcore``, kexec-tools ``--elf32-core-headers``, QEMU ``dump-guest-memory``
+with all ``p_vaddr`` 0) by mmap/pread, never loading the file.  Writes ELF64 (or ELF32 below 4 GiB) cores that
+gdb, makedumpfile and drgn open.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import struct
+from collections.abc import Callable, Iterable, Sequence
+from typing import BinaryIO
+
+from khibernate.image.errors import NotAVmcoreError, TruncatedError, UnsupportedError
+from khibernate.image.sources.base import (
+    FileSegment,
+    MemorySource,
+    MemRange,
+    Note,
+    SegmentedFile,
+    merge_ranges,
+)
+
+ELFMAG = b"\x7fELF"
+ELFCLASS32, ELFCLASS64 = 1, 2
+ELFDATA2LSB = 1
+ET_CORE = 4
+EM_386, EM_X86_64 = 3, 62
+PT_LOAD, PT_NOTE = 1, 4
+PF_R, PF_W, PF_X = 4, 2, 1
+
+EHDR64 = struct.Struct("<16sHHIQQQIHHHHHH")  # 64 bytes
+PHDR64 = struct.Struct("<IIQQQQQQ")  # type flags offset vaddr paddr filesz memsz align
+EHDR32 = struct.Struct("<16sHHIIIIIHHHHHH")  # 52 bytes
+PHDR32 = struct.Struct("<IIIIIIII")  # type offset vaddr paddr filesz memsz flags align
+NHDR = struct.Struct("<III")  # namesz descsz type
+
+
+@dataclasses.dataclass(frozen=True)
+class Phdr:
+    """A program header, class-independent."""
+
+    type: int
+    flags: int
+    offset: int
+    vaddr: int
+    paddr: int
+    filesz: int
+    memsz: int
+    align: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ElfHeaders:
+    """What an ELF core's headers say: class, machine and program headers."""
+
+    elfclass: int
+    machine: int
+    phdrs: tuple[Phdr, ...]
+    flags: int = 0
+
+    @property
+    def loads(self) -> list[Phdr]:
+        """PT_LOAD headers."""
+        return [p for p in self.phdrs if p.type == PT_LOAD]
+
+    @property
+    def note_phdrs(self) -> list[Phdr]:
+        """PT_NOTE headers."""
+        return [p for p in self.phdrs if p.type == PT_NOTE]
+
+
+def _align4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def parse_headers(head: bytes, read_at: Callable[[int, int], bytes] | None = None) -> ElfHeaders:
+    """Parse an ELF core's file header and program headers; ``read_at(off, n)`` fetches phdrs beyond ``head``."""
+    if len(head) < 16 or head[:4] != ELFMAG:
+        raise NotAVmcoreError("not an ELF file (no \\x7fELF magic); give a vmcore, a QEMU dump or a kdump file")
+    cls, data = head[4], head[5]
+    if data != ELFDATA2LSB:
+        raise UnsupportedError("big-endian ELF cores are not supported; convert on the producing machine")
+    if cls == ELFCLASS64:
+        ehdr, phdr_s = EHDR64, PHDR64
+    elif cls == ELFCLASS32:
+        ehdr, phdr_s = EHDR32, PHDR32
+    else:
+        raise NotAVmcoreError(f"unknown ELF class {cls}; the file is corrupt")
+    if len(head) < ehdr.size:
+        raise TruncatedError("ELF header cut short; the file is truncated")
+    f = ehdr.unpack_from(head)
+    e_type, e_machine, e_phoff, e_flags, e_phentsize, e_phnum = f[1], f[2], f[5], f[7], f[9], f[10]
+    if e_type != ET_CORE:
+        raise NotAVmcoreError(f"ELF type {e_type} is not a core file (ET_CORE); give a vmcore, not a program")
+    if e_phentsize != phdr_s.size:
+        raise NotAVmcoreError(f"ELF program header size {e_phentsize} != {phdr_s.size}; the file is corrupt")
+    need = e_phoff + e_phnum * phdr_s.size
+    table = head[e_phoff:need] if len(head) >= need else (read_at(e_phoff, need - e_phoff) if read_at else b"")
+    if len(table) != need - e_phoff:
+        raise TruncatedError("ELF program headers cut short; the file is truncated")
+    phdrs = []
+    for i in range(e_phnum):
+        v = phdr_s.unpack_from(table, i * phdr_s.size)
+        if cls == ELFCLASS64:
+            phdrs.append(Phdr(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]))
+        else:
+            phdrs.append(Phdr(v[0], v[6], v[1], v[2], v[3], v[4], v[5], v[7]))
+    return ElfHeaders(cls, e_machine, tuple(phdrs), e_flags)
+
+
+def parse_notes(data: bytes) -> list[Note]:
+    """Notes in a PT_NOTE blob (4-byte aligned names and descriptors); stops at a zero terminator or the end."""
+    notes = []
+    off = 0
+    while off + NHDR.size <= len(data):
+        namesz, descsz, ntype = NHDR.unpack_from(data, off)
+        if namesz == 0 and descsz == 0:
+            break
+        off += NHDR.size
+        name = data[off:off + namesz].rstrip(b"\0").decode("ascii", "replace")
+        off += _align4(namesz)
+        desc = data[off:off + descsz]
+        if len(desc) != descsz:
+            raise TruncatedError(f"ELF note {name!r} cut short; the file is truncated or corrupt")
+        off += _align4(descsz)
+        notes.append(Note(name, ntype, bytes(desc)))
+    return notes
+
+
+def pack_notes(notes: Iterable[Note]) -> bytes:
+    """PT_NOTE bytes for ``notes`` (inverse of parse_notes)."""
+    out = bytearray()
+    for n in notes:
+        name = n.name.encode() + b"\0"
+        out += NHDR.pack(len(name), len(n.desc), n.type)
+        out += name + bytes(_align4(len(name)) - len(name))
+        out += n.desc + bytes(_align4(len(n.desc)) - len(n.desc))
+    return bytes(out)
+
+
+def ram_segments(loads: Sequence[Phdr]) -> list[FileSegment]:
+    """PT_LOADs as physical file segments, dropping ones fully inside another (kernel text alias in /proc/vmcore)."""
+    segs = sorted({FileSegment(p.paddr, p.memsz, p.offset, min(p.filesz, p.memsz)) for p in loads if p.memsz},
+                  key=lambda s: (s.paddr, -s.memsz))
+    out: list[FileSegment] = []
+    for s in segs:
+        if out and s.paddr < out[-1].paddr + out[-1].memsz:
+            prev_end = out[-1].paddr + out[-1].memsz
+            if s.paddr + s.memsz <= prev_end:
+                continue  # an alias of memory we already have
+            cut = prev_end - s.paddr  # partial overlap: keep the tail only
+            s = FileSegment(prev_end, s.memsz - cut, s.offset + cut, max(0, s.filesz - cut))
+        out.append(s)
+    return out
+
+
+class ElfSource(MemorySource):
+    """A vmcore / QEMU dump / ELF32 core file (or /proc/vmcore) read through mmap."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = os.fspath(path)
+        with open(self.path, "rb") as f:
+            head = f.read(65536)
+
+            def read_at(off: int, n: int) -> bytes:
+                f.seek(off)
+                return f.read(n)
+
+            self.headers = parse_headers(head, read_at)
+            if not self.headers.loads:
+                raise NotAVmcoreError(f"{self.path}: ELF core without PT_LOAD segments holds no memory")
+            blobs = []
+            for p in self.headers.note_phdrs:
+                blob = read_at(p.offset, p.filesz)
+                if len(blob) != p.filesz:
+                    raise TruncatedError(f"{self.path}: PT_NOTE cut short; the dump is truncated")
+                blobs.append(blob)
+        if self.headers.machine not in (EM_X86_64, EM_386):
+            raise UnsupportedError(f"{self.path}: ELF machine {self.headers.machine} is not x86; only x86 is handled")
+        self._notes = tuple(n for b in blobs for n in parse_notes(b))
+        self.file = SegmentedFile(self.path, ram_segments(self.headers.loads))
+        self._ranges = merge_ranges([MemRange(s.paddr, s.paddr + s.memsz) for s in self.file.segments])
+
+    @property
+    def ranges(self) -> tuple[MemRange, ...]:
+        return self._ranges
+
+    @property
+    def notes(self) -> tuple[Note, ...]:
+        return self._notes
+
+    def read(self, paddr: int, size: int) -> bytes:
+        return self.file.read(paddr, size)
+
+    def view(self, paddr: int, size: int) -> memoryview:
+        return self.file.view(paddr, size)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+# ------------------------------------------------------------------------------------------------ writer
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadSpec:
+    """One PT_LOAD to write: physical range, virtual address (0 if unknown) and flags."""
+
+    paddr: int
+    size: int
+    vaddr: int = 0
+    flags: int = PF_R | PF_W | PF_X
+
+
+def elf_layout(loads: Sequence[LoadSpec], notes: bytes, *, elf32: bool = False) -> tuple[bytes, list[int]]:
+    """Headers (ehdr + phdrs + notes, page aligned) and the file offset of each load's data."""
+    ehdr, phdr = (EHDR32, PHDR32) if elf32 else (EHDR64, PHDR64)
+    phnum = 1 + len(loads)
+    note_off = ehdr.size + phnum * phdr.size
+    data_off = (note_off + len(notes) + 4095) & ~4095
+    offsets = []
+    off = data_off
+    for ld in loads:
+        offsets.append(off)
+        off += ld.size
+    if elf32 and (off >= 1 << 32 or any(ld.paddr + ld.size > 1 << 32 for ld in loads)):
+        raise UnsupportedError("ELF32 cannot describe memory or files above 4 GiB; export as ELF64")
+    out = bytearray()
+    ident = ELFMAG + bytes([ELFCLASS32 if elf32 else ELFCLASS64, ELFDATA2LSB, 1]) + bytes(9)
+    machine = EM_386 if elf32 else EM_X86_64
+    out += ehdr.pack(ident, ET_CORE, machine, 1, 0, ehdr.size, 0, 0, ehdr.size, phdr.size, phnum, 0, 0, 0)
+    rows = [(PT_NOTE, 0, note_off, 0, 0, len(notes), len(notes), 0)]
+    rows += [(PT_LOAD, ld.flags, o, ld.vaddr, ld.paddr, ld.size, ld.size, 0)
+             for ld, o in zip(loads, offsets, strict=True)]
+    for t, fl, o, va, pa, fs, ms, al in rows:
+        if elf32:
+            out += PHDR32.pack(t, o, va & 0xFFFFFFFF, pa, fs, ms, fl, al)
+        else:
+            out += PHDR64.pack(t, fl, o, va, pa, fs, ms, al)
+    out += notes
+    out += bytes(data_off - len(out))
+    return bytes(out), offsets
+
+
+def write_elf(out: BinaryIO, loads: Sequence[LoadSpec], notes: Sequence[Note],
+              read: Callable[[int, int], bytes | memoryview], *, elf32: bool = False,
+              chunk: int = 4 << 20, progress: Callable[[int], None] | None = None) -> int:
+    """Stream an ELF core: headers, then each load's bytes from ``read(paddr, n)``; returns bytes written."""
+    head, _ = elf_layout(loads, pack_notes(notes), elf32=elf32)
+    out.write(head)
+    total = len(head)
+    for ld in loads:
+        pos = ld.paddr
+        while pos < ld.paddr + ld.size:
+            n = min(chunk, ld.paddr + ld.size - pos)
+            out.write(read(pos, n))
+            pos += n
+            total += n
+            if progress:
+                progress(n)
+    return total

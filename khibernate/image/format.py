@@ -1,0 +1,522 @@
+"""khibernate's own image (``.khi``): layouts, streaming writer (:func:`save`) and reader (:class:`KhiSource`).
+
+Layout (little-endian; ``docs/image-format.md`` has every byte): a header (magic, version, page size, dump level,
+OSRELEASE, BUILD-ID, UUID, time, memory ranges, ELF notes incl. VMCOREINFO) padded to 4 KiB; zstd blocks of up to
+``block_pages`` kept pages each, in pfn order; the stored-page and zero-page bitmaps; the block index; a 128-byte
+trailer written last.  A file without a valid trailer is an interrupted save and is refused.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import dataclasses
+import mmap
+import os
+import struct
+import threading
+import time
+import uuid as uuidlib
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import BinaryIO
+
+import numpy as np
+import zstandard
+
+from khibernate.image.elf import pack_notes, parse_notes
+from khibernate.image.errors import (
+    AddressError,
+    CorruptImageError,
+    IncompleteImageError,
+    NotAVmcoreError,
+    TruncatedError,
+    UnsupportedError,
+)
+from khibernate.image.pagefilter import (
+    DL_ZERO,
+    PageClass,
+    PageFilter,
+    check_level,
+    excluded_classes,
+    needs_struct_page,
+    zero_pages,
+)
+from khibernate.image.sources.base import VMCOREINFO_NOTE, MemorySource, MemRange, Note
+from khibernate.image.vmcoreinfo import Vmcoreinfo
+
+MAGIC = b"KHIMG\x00\r\n"
+TRAILER_MAGIC = b"KHIEND\x00\x00"
+VERSION = 1
+FLAG_RESTORABLE = 1
+COMPRESS_ZSTD = 1
+HEADER_ALIGN = 4096
+
+# magic, version, header_size, page_size, dump_level, flags, block_pages, uuid, created_ns, max_pfn, nr_ranges,
+# notes_size, osrelease, build_id, compression, compression_level, reserved, header_crc
+HEADER = struct.Struct("<8sIIIIII16sQQII65s65s2xII40sI")
+RANGE = struct.Struct("<QQ")
+INDEX = struct.Struct("<QQQIIII")  # first_pfn end_pfn offset csize usize npages crc32(compressed)
+# magic, stored_bitmap_off, zero_bitmap_off, bitmap_size, index_off, index_count, pages_stored, pages_zero,
+# class counts x7, tables_crc, trailer_crc
+TRAILER = struct.Struct("<8sQQQQQQQ7QII")
+assert HEADER.size == 256 and TRAILER.size == 128 and INDEX.size == 40
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """The image header: everything known before the first page is written."""
+
+    page_size: int
+    dump_level: int
+    flags: int
+    block_pages: int
+    uuid: bytes
+    created_ns: int
+    max_pfn: int
+    ranges: tuple[MemRange, ...]
+    notes: tuple[Note, ...]
+    osrelease: str
+    build_id: str
+    compression: int = COMPRESS_ZSTD
+    compression_level: int = 1
+    version: int = VERSION
+
+    def pack(self) -> bytes:
+        """Header bytes, padded to HEADER_ALIGN, with its CRC filled in."""
+        notes = pack_notes(self.notes)
+        body = b"".join(RANGE.pack(r.start, r.end) for r in self.ranges) + notes
+        size = -(-(HEADER.size + len(body)) // HEADER_ALIGN) * HEADER_ALIGN
+        fixed = HEADER.pack(MAGIC, self.version, size, self.page_size, self.dump_level, self.flags, self.block_pages,
+                            self.uuid, self.created_ns, self.max_pfn, len(self.ranges), len(notes),
+                            self.osrelease.encode()[:64], self.build_id.encode()[:64], self.compression,
+                            self.compression_level, b"", 0)
+        raw = bytearray(fixed + body + bytes(size - HEADER.size - len(body)))
+        struct.pack_into("<I", raw, HEADER.size - 4, zlib.crc32(raw))
+        return bytes(raw)
+
+    @classmethod
+    def unpack(cls, data: bytes | memoryview) -> tuple[Header, int]:
+        """(Header, its size in bytes) from the start of an image; errors name what is wrong."""
+        if len(data) < HEADER.size or bytes(data[:8]) != MAGIC:
+            raise NotAVmcoreError("not a khibernate image (bad magic)")
+        f = HEADER.unpack_from(data)
+        version, size = f[1], f[2]
+        if version != VERSION:
+            raise UnsupportedError(f"khibernate image version {version} is not supported (this khibernate reads "
+                                   f"version {VERSION}); use the khibernate that wrote it")
+        if size < HEADER.size or size > len(data):
+            raise TruncatedError("khibernate image header is cut short; the file is truncated")
+        raw = bytearray(data[:size])
+        struct.pack_into("<I", raw, HEADER.size - 4, 0)
+        if zlib.crc32(raw) != f[-1]:
+            raise CorruptImageError("khibernate image header checksum mismatch; the file is corrupt")
+        nr_ranges, notes_size = f[10], f[11]
+        off = HEADER.size
+        ranges = tuple(MemRange(*RANGE.unpack_from(data, off + i * RANGE.size)) for i in range(nr_ranges))
+        off += nr_ranges * RANGE.size
+        notes = tuple(parse_notes(bytes(data[off:off + notes_size])))
+        return cls(page_size=f[3], dump_level=f[4], flags=f[5], block_pages=f[6], uuid=f[7], created_ns=f[8],
+                   max_pfn=f[9], ranges=ranges, notes=notes, osrelease=f[12].rstrip(b"\0").decode(),
+                   build_id=f[13].rstrip(b"\0").decode(), compression=f[14], compression_level=f[15],
+                   version=version), size
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockEntry:
+    """One block: the pfn range it covers, where its zstd frame lies, and its checksum."""
+
+    first_pfn: int
+    end_pfn: int
+    offset: int
+    csize: int
+    usize: int
+    npages: int
+    crc32: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Trailer:
+    """Written last: where the bitmaps and index are, page counts, and checksums."""
+
+    stored_bitmap_offset: int
+    zero_bitmap_offset: int
+    bitmap_size: int
+    index_offset: int
+    index_count: int
+    pages_stored: int
+    pages_zero: int
+    class_counts: tuple[int, ...]
+    tables_crc: int
+
+    def pack(self) -> bytes:
+        """Trailer bytes with its own CRC."""
+        raw = TRAILER.pack(TRAILER_MAGIC, self.stored_bitmap_offset, self.zero_bitmap_offset, self.bitmap_size,
+                           self.index_offset, self.index_count, self.pages_stored, self.pages_zero,
+                           *self.class_counts, self.tables_crc, 0)
+        return raw[:-4] + struct.pack("<I", zlib.crc32(raw[:-4]))
+
+    @classmethod
+    def unpack(cls, data: bytes | memoryview) -> Trailer:
+        """Trailer from the last TRAILER.size bytes; IncompleteImageError if it is absent."""
+        if len(data) != TRAILER.size or bytes(data[:8]) != TRAILER_MAGIC:
+            raise IncompleteImageError("khibernate image has no trailer: the save was interrupted; save it again")
+        f = TRAILER.unpack(bytes(data))
+        if zlib.crc32(bytes(data[:-4])) != f[-1]:
+            raise CorruptImageError("khibernate image trailer checksum mismatch; the file is corrupt")
+        return cls(*f[1:8], tuple(f[8:15]), f[15])
+
+
+# ------------------------------------------------------------------------------------------------ writer
+
+
+@dataclasses.dataclass
+class SaveStats:
+    """What a save did: page counts per class and outcome, bytes, time."""
+
+    pages_ram: int = 0
+    pages_stored: int = 0
+    pages_zero: int = 0
+    pages_excluded: int = 0
+    class_counts: list[int] = dataclasses.field(default_factory=lambda: [0] * len(PageClass))
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+
+def _ram_mask(ranges: tuple[MemRange, ...], pfn: int, n: int, page_size: int) -> np.ndarray:
+    mask = np.zeros(n, dtype=bool)
+    lo, hi = pfn * page_size, (pfn + n) * page_size
+    for r in ranges:
+        if r.end <= lo or r.start >= hi:
+            continue
+        a = max(r.start, lo) // page_size - pfn
+        b = -(-min(r.end, hi) // page_size) - pfn
+        mask[a:b] = True
+    return mask
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) of each run of True in ``mask``."""
+    d = np.diff(np.concatenate(([0], mask.view(np.int8), [0])))
+    return list(zip(np.flatnonzero(d == 1).tolist(), np.flatnonzero(d == -1).tolist(), strict=True))
+
+
+def _class_chunks(source: MemorySource, pfilter: PageFilter | None, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
+    if pfilter is not None:
+        yield from pfilter.classes(chunk)
+        return
+    for pfn in range(0, source.max_pfn, chunk):
+        yield pfn, np.zeros(min(chunk, source.max_pfn - pfn), dtype=np.uint8)
+
+
+def default_notes(source: MemorySource, vmci: Vmcoreinfo | None) -> tuple[Note, ...]:
+    """The source's notes, plus a VMCOREINFO note when it came from elsewhere (-i FILE, sysfs)."""
+    notes = tuple(source.notes)
+    if vmci is not None and not any(n.name == VMCOREINFO_NOTE for n in notes):
+        notes += (Note(VMCOREINFO_NOTE, 0, vmci.text.encode()),)
+    return notes
+
+
+def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level: int, restorable: bool = False,
+         threads: int = 2, zstd_level: int = 1, block_pages: int = 1024,
+         progress: Callable[[int], None] | None = None) -> SaveStats:
+    """Filter ``source`` at dump ``level`` and stream a khibernate image to ``out`` (trailer last)."""
+    t0 = time.monotonic()
+    check_level(level, restorable)
+    ps = source.page_size
+    pfilter = PageFilter(source, vmci) if vmci is not None and needs_struct_page(level) else None
+    if pfilter is None and needs_struct_page(level):
+        from khibernate.image.errors import MissingVmcoreinfoError
+
+        raise MissingVmcoreinfoError(f"dump level {level} needs VMCOREINFO to read struct page; the source has "
+                                     "none - give --vmcoreinfo FILE or use -d 1 / -d 0")
+    max_pfn = source.max_pfn
+    header = Header(page_size=ps, dump_level=level, flags=FLAG_RESTORABLE if restorable else 0,
+                    block_pages=block_pages, uuid=uuidlib.uuid4().bytes, created_ns=time.time_ns(),
+                    max_pfn=max_pfn, ranges=source.ranges, notes=default_notes(source, vmci),
+                    osrelease=vmci.osrelease if vmci else "", build_id=vmci.build_id if vmci else "",
+                    compression_level=zstd_level)
+    head = header.pack()
+    out.write(head)
+    pos = len(head)
+    stored = np.zeros(-(-max_pfn // 8) * 8, dtype=bool)
+    zero = np.zeros(len(stored), dtype=bool)
+    dropped = excluded_classes(level)
+    stats = SaveStats()
+    index: list[BlockEntry] = []
+    local = threading.local()
+
+    def compress(data: bytes) -> tuple[bytes, int]:
+        c = getattr(local, "c", None)
+        if c is None:
+            c = local.c = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True, write_content_size=True)
+        frame = c.compress(data)
+        return frame, zlib.crc32(frame)
+
+    pending: collections.deque[tuple[Future[tuple[bytes, int]], int, int, int, int]] = collections.deque()
+
+    def drain(limit: int) -> None:
+        nonlocal pos
+        while len(pending) > limit:
+            fut, first, end, usize, npages = pending.popleft()
+            frame, crc = fut.result()
+            out.write(frame)
+            index.append(BlockEntry(first, end, pos, len(frame), usize, npages, crc))
+            pos += len(frame)
+
+    block = bytearray()
+    block_pfns: list[int] = []  # first and last pfn of the block being filled
+    block_n = 0
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+
+        def flush() -> None:
+            nonlocal block, block_n
+            if block_n:
+                pending.append((pool.submit(compress, bytes(block)), block_pfns[0], block_pfns[1] + 1,
+                                len(block), block_n))
+                block = bytearray()
+                block_n = 0
+                drain(max(1, threads) * 2)
+
+        for pfn, cls in _class_chunks(source, pfilter, 1 << 15):
+            n = len(cls)
+            ram = _ram_mask(source.ranges, pfn, n, ps)
+            present = source.page_present_mask(pfn, n)
+            if present is not None:
+                ram &= present
+            cls = np.where(ram, cls, PageClass.NO_PAGE).astype(np.uint8)
+            counts = np.bincount(cls, minlength=len(PageClass))
+            for i in range(len(PageClass)):
+                stats.class_counts[i] += int(counts[i])
+            keep = ram & ~dropped[cls]
+            stats.pages_ram += int(ram.sum())
+            for a, b in _runs(keep):
+                for s in range(a, b, block_pages):
+                    e = min(b, s + block_pages)
+                    data = source.view((pfn + s) * ps, (e - s) * ps)
+                    if level & DL_ZERO:
+                        z = zero_pages(data, ps)
+                        zero[pfn + s:pfn + e] = z
+                        if z.all():
+                            continue
+                        if z.any():
+                            pages = np.frombuffer(data, dtype=np.uint8).reshape(-1, ps)[~z]
+                            data = memoryview(pages.tobytes())
+                            idx = np.flatnonzero(~z) + pfn + s
+                        else:
+                            idx = np.arange(pfn + s, pfn + e)
+                    else:
+                        idx = np.arange(pfn + s, pfn + e)
+                    stored[idx] = True
+                    # split so no block exceeds block_pages
+                    k = 0
+                    while k < len(idx):
+                        take = min(len(idx) - k, block_pages - block_n)
+                        if block_n == 0:
+                            block_pfns[:] = [int(idx[k]), 0]
+                        block += data[k * ps:(k + take) * ps]
+                        block_pfns[1] = int(idx[k + take - 1])
+                        block_n += take
+                        k += take
+                        if block_n >= block_pages:
+                            flush()
+                    if progress:
+                        progress((e - s) * ps)
+        flush()
+        drain(0)
+    stats.pages_stored = int(stored.sum())
+    stats.pages_zero = int(zero.sum())
+    stats.pages_excluded = stats.pages_ram - stats.pages_stored
+    stored_bits = np.packbits(stored, bitorder="little").tobytes()
+    zero_bits = np.packbits(zero, bitorder="little").tobytes()
+    table = b"".join(INDEX.pack(e.first_pfn, e.end_pfn, e.offset, e.csize, e.usize, e.npages, e.crc32)
+                     for e in index)
+    tables = stored_bits + zero_bits + table
+    out.write(tables)
+    trailer = Trailer(pos, pos + len(stored_bits), len(stored_bits), pos + 2 * len(stored_bits), len(index),
+                      stats.pages_stored, stats.pages_zero, tuple(stats.class_counts), zlib.crc32(tables))
+    out.write(trailer.pack())
+    stats.bytes_written = pos + len(tables) + TRAILER.size
+    stats.seconds = time.monotonic() - t0
+    return stats
+
+
+def save_file(source: MemorySource, dest: str | os.PathLike[str], **kw: object) -> SaveStats:
+    """save() into ``dest`` via ``dest.partial`` + rename, so an interrupted save never looks complete."""
+    dest = os.fspath(dest)
+    tmp = dest + ".partial"
+    try:
+        with open(tmp, "wb") as f:
+            stats = save(source, f, **kw)  # type: ignore[arg-type]
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------ reader
+
+
+class KhiSource(MemorySource):
+    """A khibernate image as a MemorySource: stored pages decompressed on demand, zero pages read as zeros."""
+
+    def __init__(self, path: str | os.PathLike[str], *, cache_blocks: int = 4):
+        self.path = os.fspath(path)
+        self.fd = os.open(self.path, os.O_RDONLY)
+        size = os.fstat(self.fd).st_size
+        if size < HEADER.size + TRAILER.size:
+            os.close(self.fd)
+            raise TruncatedError(f"{self.path}: too short for a khibernate image; the file is truncated")
+        self.mm = mmap.mmap(self.fd, 0, prot=mmap.PROT_READ)
+        mv = memoryview(self.mm)
+        self.header, self.header_size = Header.unpack(mv[:max(HEADER_ALIGN, min(size, 1 << 24))])
+        self.trailer = Trailer.unpack(mv[size - TRAILER.size:])
+        t = self.trailer
+        tables_end = t.index_offset + t.index_count * INDEX.size
+        if tables_end != size - TRAILER.size or t.stored_bitmap_offset < self.header_size:
+            raise CorruptImageError(f"{self.path}: trailer points outside the file; the image is corrupt")
+        tables = mv[t.stored_bitmap_offset:tables_end]
+        if zlib.crc32(tables) != t.tables_crc:
+            raise CorruptImageError(f"{self.path}: bitmap/index checksum mismatch; the image is corrupt")
+        self.stored_bits = np.frombuffer(self.mm, dtype=np.uint8, count=t.bitmap_size, offset=t.stored_bitmap_offset)
+        self.zero_bits = np.frombuffer(self.mm, dtype=np.uint8, count=t.bitmap_size, offset=t.zero_bitmap_offset)
+        self.index = [BlockEntry(*INDEX.unpack_from(self.mm, t.index_offset + i * INDEX.size))
+                      for i in range(t.index_count)]
+        self._firsts = [e.first_pfn for e in self.index]
+        self._cache: collections.OrderedDict[int, tuple[np.ndarray, bytes]] = collections.OrderedDict()
+        self._cache_blocks = cache_blocks
+        self._dctx = zstandard.ZstdDecompressor()
+        self.page_size = self.header.page_size
+        del mv, tables
+
+    @property
+    def ranges(self) -> tuple[MemRange, ...]:
+        return self.header.ranges
+
+    @property
+    def notes(self) -> tuple[Note, ...]:
+        return self.header.notes
+
+    @property
+    def max_pfn(self) -> int:
+        return self.header.max_pfn
+
+    def _bit(self, bits: np.ndarray, pfn: int) -> bool:
+        return bool(bits[pfn >> 3] >> (pfn & 7) & 1) if pfn < self.header.max_pfn else False
+
+    def block_pfns(self, e: BlockEntry) -> np.ndarray:
+        """Stored pfns of block ``e``, in order."""
+        lo, hi = e.first_pfn >> 3, -(-e.end_pfn // 8)
+        bits = np.unpackbits(self.stored_bits[lo:hi], bitorder="little").astype(bool)
+        pfns = np.flatnonzero(bits) + lo * 8
+        return pfns[(pfns >= e.first_pfn) & (pfns < e.end_pfn)]
+
+    def decompress(self, e: BlockEntry) -> bytes:
+        """Verified uncompressed bytes of block ``e``."""
+        frame = self.mm[e.offset:e.offset + e.csize]
+        if len(frame) != e.csize:
+            raise TruncatedError(f"{self.path}: block at {e.offset} cut short; the image is truncated")
+        if zlib.crc32(frame) != e.crc32:
+            raise CorruptImageError(f"{self.path}: block at offset {e.offset} (pfn {e.first_pfn:#x}) checksum "
+                                    "mismatch; the image is corrupt")
+        try:
+            data = self._dctx.decompress(frame, max_output_size=e.usize)
+        except zstandard.ZstdError as exc:
+            raise CorruptImageError(f"{self.path}: block at offset {e.offset} does not decompress ({exc})") from None
+        if len(data) != e.usize or e.usize != e.npages * self.page_size:
+            raise CorruptImageError(f"{self.path}: block at offset {e.offset} has the wrong size; image corrupt")
+        return data
+
+    def _block(self, i: int) -> tuple[np.ndarray, bytes]:
+        hit = self._cache.get(i)
+        if hit is not None:
+            self._cache.move_to_end(i)
+            return hit
+        e = self.index[i]
+        pfns = self.block_pfns(e)
+        if len(pfns) != e.npages:
+            raise CorruptImageError(f"{self.path}: block {i} page count disagrees with the bitmap; image corrupt")
+        hit = (pfns, self.decompress(e))
+        self._cache[i] = hit
+        if len(self._cache) > self._cache_blocks:
+            self._cache.popitem(last=False)
+        return hit
+
+    def read_page(self, pfn: int) -> bytes:
+        """One page: stored data, zeros for a zero page, AddressError for an excluded page."""
+        ps = self.page_size
+        if self._bit(self.stored_bits, pfn):
+            i = bisect.bisect_right(self._firsts, pfn) - 1
+            pfns, data = self._block(i)
+            k = int(np.searchsorted(pfns, pfn))
+            return data[k * ps:(k + 1) * ps]
+        if self._bit(self.zero_bits, pfn):
+            return bytes(ps)
+        raise AddressError(f"physical page {pfn * ps:#x} was excluded from the image (dump level "
+                           f"{self.header.dump_level}) or is not RAM")
+
+    def read(self, paddr: int, size: int) -> bytes:
+        ps = self.page_size
+        out = bytearray()
+        end = paddr + size
+        while paddr < end:
+            pfn, off = divmod(paddr, ps)
+            n = min(ps - off, end - paddr)
+            out += self.read_page(pfn)[off:off + n]
+            paddr += n
+        return bytes(out)
+
+    def page_present_mask(self, pfn: int, count: int) -> np.ndarray:
+        """Stored or zero pages of pfn..pfn+count."""
+        lo = pfn >> 3
+        hi = -(-(pfn + count) // 8)
+        bits = np.unpackbits(self.stored_bits[lo:hi] | self.zero_bits[lo:hi], bitorder="little").astype(bool)
+        start = pfn - lo * 8
+        out = np.zeros(count, dtype=bool)
+        got = bits[start:start + count]
+        out[:len(got)] = got
+        return out
+
+    def iter_blocks(self) -> Iterator[tuple[np.ndarray, bytes]]:
+        """(pfns, data) of every block in order, each verified."""
+        for e in self.index:
+            pfns = self.block_pfns(e)
+            if len(pfns) != e.npages:
+                raise CorruptImageError(f"{self.path}: block at {e.offset} page count disagrees with the bitmap")
+            yield pfns, self.decompress(e)
+
+    def verify(self, progress: Callable[[int], None] | None = None) -> dict[str, int]:
+        """Check every checksum and count; returns counts; raises CorruptImageError on the first problem."""
+        n = 0
+        for pfns, data in self.iter_blocks():
+            n += len(pfns)
+            if progress:
+                progress(len(data))
+        total = int(np.unpackbits(self.stored_bits).sum())
+        if n != total or total != self.trailer.pages_stored:
+            raise CorruptImageError(f"{self.path}: {n} pages in blocks, {total} in the bitmap, "
+                                    f"{self.trailer.pages_stored} in the trailer; the image is corrupt")
+        return {"blocks": len(self.index), "pages_stored": n, "pages_zero": self.trailer.pages_zero}
+
+    def vmcoreinfo(self) -> Vmcoreinfo | None:
+        """VMCOREINFO kept in the header, if any."""
+        text = self.vmcoreinfo_text
+        return Vmcoreinfo.parse(text) if text else None
+
+    def close(self) -> None:
+        self._cache.clear()
+        self.stored_bits = self.zero_bits = np.zeros(0, dtype=np.uint8)
+        try:
+            self.mm.close()
+        except BufferError:
+            pass
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

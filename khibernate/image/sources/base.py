@@ -1,0 +1,193 @@
+"""The MemorySource interface: physical ranges, ``read(paddr, n)``, VMCOREINFO and ELF notes."""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import mmap
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+
+from khibernate.image.errors import AddressError, TruncatedError
+
+PAGE_SIZE = 4096
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class MemRange:
+    """Physical memory [start, end) that the old kernel used as RAM."""
+
+    start: int
+    end: int
+
+    @property
+    def size(self) -> int:
+        """Length in bytes."""
+        return self.end - self.start
+
+
+@dataclasses.dataclass(frozen=True)
+class Note:
+    """One ELF note: owner name (without NUL), type and descriptor bytes."""
+
+    name: str
+    type: int
+    desc: bytes
+
+
+NT_PRSTATUS = 1
+VMCOREINFO_NOTE = "VMCOREINFO"
+
+
+def merge_ranges(ranges: Sequence[MemRange]) -> tuple[MemRange, ...]:
+    """Sorted, coalesced ranges (overlapping or touching ranges become one)."""
+    out: list[MemRange] = []
+    for r in sorted(x for x in ranges if x.end > x.start):
+        if out and r.start <= out[-1].end:
+            out[-1] = MemRange(out[-1].start, max(out[-1].end, r.end))
+        else:
+            out.append(r)
+    return tuple(out)
+
+
+class MemorySource(ABC):
+    """Read-only view of a physical address space; subclasses supply ranges and ``read``."""
+
+    page_size: int = PAGE_SIZE
+
+    @property
+    @abstractmethod
+    def ranges(self) -> tuple[MemRange, ...]:
+        """RAM ranges, sorted and non-overlapping."""
+
+    @abstractmethod
+    def read(self, paddr: int, size: int) -> bytes:
+        """Bytes at [paddr, paddr+size); AddressError if any byte is outside ``ranges`` or excluded."""
+
+    @property
+    def notes(self) -> tuple[Note, ...]:
+        """ELF notes of the source (NT_PRSTATUS, VMCOREINFO, ...), possibly empty."""
+        return ()
+
+    @property
+    def vmcoreinfo_text(self) -> str | None:
+        """Raw VMCOREINFO text if the source carries it."""
+        for n in self.notes:
+            if n.name == VMCOREINFO_NOTE:
+                return n.desc.rstrip(b"\0").decode("ascii", "replace")
+        return None
+
+    @property
+    def max_pfn(self) -> int:
+        """One past the highest RAM pfn."""
+        return -(-self.ranges[-1].end // self.page_size) if self.ranges else 0
+
+    def view(self, paddr: int, size: int) -> memoryview:
+        """Like read() but zero-copy where the reader can (mmap)."""
+        return memoryview(self.read(paddr, size))
+
+    def present(self, paddr: int, size: int) -> bool:
+        """True if [paddr, paddr+size) holds data (inside ranges and not excluded)."""
+        i = bisect.bisect_right([r.start for r in self.ranges], paddr) - 1
+        return i >= 0 and self.ranges[i].end >= paddr + size
+
+    def page_present_mask(self, pfn: int, count: int) -> bytes | None:
+        """Per-pfn 0/1 bytes saying which of pfn..pfn+count hold data; None means 'all inside ranges'."""
+        return None
+
+    def close(self) -> None:
+        """Release files and mappings (nothing to release by default)."""
+        return None
+
+    def __enter__(self) -> MemorySource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class FileSegment:
+    """Physical [paddr, paddr+memsz) whose first ``filesz`` bytes are at file offset ``offset``; the rest reads 0."""
+
+    paddr: int
+    memsz: int
+    offset: int
+    filesz: int
+
+
+class SegmentedFile:
+    """Physical reads over a file made of segments (ELF cores, /dev/mem); mmap when possible, else pread."""
+
+    def __init__(self, path: str | os.PathLike[str], segments: Sequence[FileSegment], *, use_mmap: bool = True):
+        self.fd = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self.fd).st_size
+        self.segments = sorted(segments)
+        self._starts = [s.paddr for s in self.segments]
+        self.mm: mmap.mmap | None = None
+        if use_mmap and self.size > 0:
+            try:
+                self.mm = mmap.mmap(self.fd, 0, prot=mmap.PROT_READ)
+                self.mm.madvise(mmap.MADV_SEQUENTIAL)
+            except (OSError, ValueError):
+                self.mm = None
+        for s in self.segments:
+            if self.size and s.offset + s.filesz > self.size:
+                raise TruncatedError(
+                    f"{os.fspath(path)}: segment at paddr {s.paddr:#x} needs file bytes up to "
+                    f"{s.offset + s.filesz}, file has {self.size}; the dump was cut short, take it again"
+                )
+
+    def chunks(self, paddr: int, size: int) -> Iterator[tuple[int, int, int | None]]:
+        """(paddr, length, file offset or None for zero fill) pieces covering the request; AddressError on holes."""
+        end = paddr + size
+        while paddr < end:
+            i = bisect.bisect_right(self._starts, paddr) - 1
+            if i < 0 or paddr >= self.segments[i].paddr + self.segments[i].memsz:
+                raise AddressError(f"physical address {paddr:#x} is not in the dump")
+            s = self.segments[i]
+            n = min(end, s.paddr + s.memsz) - paddr
+            rel = paddr - s.paddr
+            if rel < s.filesz:
+                n = min(n, s.filesz - rel)
+                yield paddr, n, s.offset + rel
+            else:
+                yield paddr, n, None
+            paddr += n
+
+    def read(self, paddr: int, size: int) -> bytes:
+        """Bytes of [paddr, paddr+size)."""
+        parts = []
+        for _, n, off in self.chunks(paddr, size):
+            if off is None:
+                parts.append(bytes(n))
+            elif self.mm is not None:
+                parts.append(self.mm[off:off + n])
+            else:
+                data = os.pread(self.fd, n, off)
+                if len(data) != n:
+                    raise TruncatedError(f"short read at file offset {off}; the dump is truncated")
+                parts.append(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def view(self, paddr: int, size: int) -> memoryview:
+        """Zero-copy view when the request lies in one mmapped segment, else a copy."""
+        if self.mm is not None:
+            pieces = list(self.chunks(paddr, size))
+            if len(pieces) == 1 and pieces[0][2] is not None:
+                off = pieces[0][2]
+                return memoryview(self.mm)[off:off + size]
+        return memoryview(self.read(paddr, size))
+
+    def close(self) -> None:
+        """Unmap and close."""
+        if self.mm is not None:
+            try:
+                self.mm.close()
+            except BufferError:
+                pass  # a caller still holds a view; the mapping goes with the object
+            self.mm = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
