@@ -1,0 +1,21 @@
+import shutil
+import struct
+
+from khibernate.jump import purgatory
+
+
+def test_carried_bytes_match_source():
+    """purgatory.S re-assembled with binutils gives exactly the bytes the package carries."""
+    assert shutil.which("as") and shutil.which("objcopy"), "binutils (as, objcopy) needed: apt-get install binutils"
+    blob, syms = purgatory.assemble()
+    assert blob == purgatory.image()
+    for name, off in purgatory.SYMBOLS.items():
+        assert syms[name] == off, name
+    assert syms["stack_end"] == purgatory.SIZE
+
+
+def test_parameter_block():
+    b = purgatory.build(0x2F000200, 0x2FE00000, 0x2FE01234)
+    assert len(b) == purgatory.SIZE
+    assert struct.unpack_from("<QQQQ", b, 8) == (0x2F000200, 0x2FE00000, 0x2FE01234, 0)
+    assert b[:2] == b"\xeb\x68"  # jmp start
