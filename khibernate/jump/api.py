@@ -1,0 +1,182 @@
+"""What the CLI and the capture environment call: gather facts, plan, check, then load or execute.
+
+The order is always read → plan → check → syscall: nothing is loaded and no memory is touched once a check failed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import mmap
+import os
+import time
+from pathlib import Path
+
+from khibernate.jump import loader, syscalls
+from khibernate.jump.errors import JumpBackEntryError, KexecSyscallError
+from khibernate.jump.loader import Plan, SystemFacts
+
+RUN_DIR = Path(os.environ.get("KHIBERNATE_RUN_DIR", "/run/khibernate"))
+JUMP_BACK_STATE = "jump-back.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedState:
+    """/sys/kernel/kexec_loaded, kexec_crash_loaded and kexec_crash_size."""
+
+    loaded: bool
+    crash_loaded: bool
+    crash_size: int | None
+
+    def describe(self) -> str:
+        """Human summary."""
+        size = f"{self.crash_size / 2**20:.0f} MiB" if self.crash_size is not None else "unknown"
+        return (f"kexec image loaded:       {'yes' if self.loaded else 'no'}\n"
+                f"crash (kdump) image loaded: {'yes' if self.crash_loaded else 'no'}\n"
+                f"crash region size:        {size}")
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        return int(Path(path).read_text().strip(), 0)
+    except (OSError, ValueError):
+        return None
+
+
+def state() -> LoadedState:
+    """What the running kernel has loaded."""
+    return LoadedState(_read_int("/sys/kernel/kexec_loaded") == 1, _read_int("/sys/kernel/kexec_crash_loaded") == 1,
+                       _read_int("/sys/kernel/kexec_crash_size"))
+
+
+def _total_ram() -> int | None:
+    try:
+        return loader.total_ram_bytes(Path("/proc/meminfo").read_text())
+    except OSError:
+        return None
+
+
+def load_plan(plan: Plan) -> None:
+    """Check the plan against kexec_load's rules, then hand it to kexec_load."""
+    loader.check_segments(plan.segments, _total_ram())
+    labels = tuple(f"{s.what} at {s.mem:#x}+{s.memsz:#x}" for s in plan.segments)
+    syscalls.kexec_load(plan.entry, [(s.data, s.mem, s.memsz) for s in plan.segments], plan.flags, labels)
+
+
+def plan_jump(kernel: str, initrd: str | None, append: str, mem_min: int | None = None,
+              mem_max: int | None = None) -> Plan:
+    """The jump image for this machine (reads /proc/iomem, sysfs; needs root for real addresses)."""
+    kdata = loader.read_file(kernel, "kernel")
+    idata = loader.read_file(initrd, "initrd") if initrd else None
+    return loader.plan_jump(kdata, idata, append, SystemFacts.read(), mem_min, mem_max, Path(kernel).name)
+
+
+def plan_kexec(kernel: str, initrd: str | None, cmdline: str) -> Plan:
+    """A plain kexec_load image for this machine."""
+    kdata = loader.read_file(kernel, "kernel")
+    idata = loader.read_file(initrd, "initrd") if initrd else None
+    return loader.plan_kexec(kdata, idata, cmdline, SystemFacts.read(with_notes=False), Path(kernel).name)
+
+
+def file_load(kernel: str, initrd: str | None, cmdline: str, crash: bool = False) -> None:
+    """kexec_file_load of kernel (+ initrd) with cmdline; crash=True loads the kdump image."""
+    loader.read_file(kernel, "kernel")
+    flags = syscalls.KEXEC_FILE_ON_CRASH if crash else 0
+    syscalls.kexec_file_load(kernel, initrd, cmdline, flags)
+
+
+def unload(crash: bool = False) -> None:
+    """Unload the kexec (or kdump) image, whichever syscall loaded it."""
+    try:
+        syscalls.kexec_file_load(None, None, "", syscalls.KEXEC_FILE_UNLOAD
+                                 | (syscalls.KEXEC_FILE_ON_CRASH if crash else 0))
+    except KexecSyscallError as e:
+        if e.errno not in (38, 22, 2):  # ENOSYS, EINVAL, ENOENT: fall back to kexec_load's unload
+            raise
+        syscalls.kexec_unload(crash)
+    _state_path().unlink(missing_ok=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class JumpResult:
+    """How long this kernel was away: CLOCK_BOOTTIME includes the time spent in the peer, CLOCK_MONOTONIC not."""
+
+    boottime_s: float
+    monotonic_s: float
+
+    def describe(self) -> str:
+        """One line for the user."""
+        return (f"back in this kernel: away {self.boottime_s:.2f} s (CLOCK_BOOTTIME), "
+                f"{self.monotonic_s:.2f} s of it on CLOCK_MONOTONIC")
+
+
+def execute() -> JumpResult:
+    """reboot(LINUX_REBOOT_CMD_KEXEC); for a jump image this returns when the peer jumps back."""
+    if not state().loaded:
+        raise KexecSyscallError("no kexec image is loaded: run `khibernate kexec load`, `jump load` or `jump back` "
+                                "first")
+    os.sync()
+    b0, m0 = time.clock_gettime(time.CLOCK_BOOTTIME), time.clock_gettime(time.CLOCK_MONOTONIC)
+    syscalls.reboot_kexec()
+    b1, m1 = time.clock_gettime(time.CLOCK_BOOTTIME), time.clock_gettime(time.CLOCK_MONOTONIC)
+    return JumpResult(b1 - b0, m1 - m0)
+
+
+def read_phys_page(addr: int, path: str = "/dev/mem") -> bytes:
+    """The 4 KiB page at physical addr through mmap of /dev/mem (read() stops at this kernel's high_memory)."""
+    page = addr & ~0xFFF
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_SYNC)
+    except OSError as e:
+        raise JumpBackEntryError(f"cannot open {path}: {e.strerror} (needs root and CONFIG_DEVMEM)") from e
+    try:
+        with mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ, offset=page) as m:
+            return bytes(m[:])
+    except OSError as e:
+        raise JumpBackEntryError(
+            f"cannot map the peer's control page {page:#x} through {path}: {e.strerror}. This kernel must not own "
+            "that page (boot it with the e820 `jump load` gives) and needs iomem=relaxed when CONFIG_IO_STRICT_DEVMEM "
+            "is set (`jump load` adds it)") from e
+    finally:
+        os.close(fd)
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _state_path() -> Path:
+    return RUN_DIR / JUMP_BACK_STATE
+
+
+def entry_from_cmdline() -> int:
+    """kexec_jump_back_entry from /proc/cmdline; raise JumpBackEntryError when this kernel was not jumped to."""
+    entry = loader.parse_jump_back_entry(Path("/proc/cmdline").read_text())
+    if entry is None:
+        raise JumpBackEntryError("no kexec_jump_back_entry=0x... in /proc/cmdline: this kernel was not started by a "
+                                 "kexec jump (`khibernate jump load` + `jump exec` in the first kernel); give --entry")
+    return entry
+
+
+def prepare_jump_back(entry: int | None = None) -> tuple[int, bool]:
+    """(entry, reused): load the jump-back image unless the one loaded in this boot for this entry is still loaded.
+
+    A fresh copy of the peer's control page taken after a round trip is stale (the swap in relocate_kernel keeps the
+    live page in the loaded image), so the image is loaded once per boot and reused afterwards.
+    """
+    entry = entry if entry is not None else entry_from_cmdline()
+    st = _state_path()
+    try:
+        saved = json.loads(st.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    if saved.get("boot_id") == _boot_id() and saved.get("entry") == entry and state().loaded:
+        return entry, True
+    plan = loader.plan_jump_back(entry, read_phys_page(entry))
+    load_plan(plan)
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    st.write_text(json.dumps({"boot_id": _boot_id(), "entry": entry}))
+    return entry, False

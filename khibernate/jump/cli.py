@@ -1,0 +1,213 @@
+"""`khibernate kexec`, `khibernate kdump` and `khibernate jump`: parse, call khibernate.jump.api, print."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import click
+
+from khibernate.errors import UsageError
+from khibernate.jump import api
+
+DROP_ON_REUSE = ("BOOT_IMAGE=", "initrd=", "kexec_jump_back_entry=", "elfcorehdr=", "crashkernel=")
+
+
+class Address(click.ParamType):
+    """A physical address: 0x-hex, decimal, or with K/M/G suffix."""
+
+    name = "ADDRESS"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        m = re.fullmatch(r"(0x[0-9a-fA-F]+|\d+)([KMG]?)", value.strip())
+        if not m:
+            self.fail(f"{value!r} is not an address (e.g. 0x3c000000, 960M)", param, ctx)
+        return int(m.group(1), 0) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2)]
+
+
+ADDRESS = Address()
+
+
+def _cmdline(append: str | None, command_line: str | None, reuse: bool) -> str:
+    if append is not None and command_line is not None:
+        raise UsageError("give --append or --command-line, not both (they are the same thing, as in kexec-tools)")
+    words = []
+    if reuse:
+        current = Path("/proc/cmdline").read_text().split()
+        words = [w for w in current if not w.startswith(DROP_ON_REUSE)]
+    extra = append if append is not None else command_line
+    if extra:
+        words.append(extra)
+    return " ".join(words)
+
+
+def _common_load_options(f):
+    f = click.option("--reuse-cmdline", is_flag=True, help="Start from this kernel's /proc/cmdline "
+                     "(without BOOT_IMAGE=, initrd=, crashkernel=, elfcorehdr=, kexec_jump_back_entry=).")(f)
+    f = click.option("--command-line", "command_line", metavar="S", help="Same as --append.")(f)
+    f = click.option("--append", metavar="S", help="Kernel command line of the new kernel.")(f)
+    f = click.option("--initrd", "--ramdisk", "initrd", metavar="FILE", type=click.Path(dir_okay=False),
+                     help="Initial ramdisk for the new kernel.")(f)
+    f = click.argument("kernel", type=click.Path(dir_okay=False))(f)
+    return f
+
+
+@click.group("kexec")
+def kexec_group() -> None:
+    """Load and boot another kernel (kexec-tools' `kexec -l / -e / -u`).
+
+    \b
+      khibernate kexec load /boot/vmlinuz --initrd /boot/initrd.img --reuse-cmdline   # kexec -l ... --reuse-cmdline
+      khibernate kexec exec                                                          # kexec -e
+      khibernate kexec unload                                                        # kexec -u
+    """
+
+
+@kexec_group.command("load")
+@_common_load_options
+@click.option("--syscall", type=click.Choice(["file", "load"]), default="file", show_default=True,
+              help="kexec_file_load (the kernel parses the bzImage; works under lockdown with a signed kernel) or "
+                   "kexec_load (khibernate builds the segments: boot_params, purgatory).")
+@click.option("--dry-run", is_flag=True, help="With --syscall load: print the segments, load nothing.")
+def kexec_load_cmd(kernel, initrd, append, command_line, reuse_cmdline, syscall, dry_run) -> None:
+    """Load KERNEL to be booted by `khibernate kexec exec` (like `kexec -l`)."""
+    cmdline = _cmdline(append, command_line, reuse_cmdline)
+    if syscall == "file":
+        if dry_run:
+            raise UsageError("--dry-run shows khibernate's own segments: use it with --syscall load")
+        api.file_load(kernel, initrd, cmdline)
+        click.echo(f"loaded {kernel} with kexec_file_load; boot it with `khibernate kexec exec`")
+        return
+    plan = api.plan_kexec(kernel, initrd, cmdline)
+    if dry_run:
+        click.echo(plan.describe())
+        return
+    api.load_plan(plan)
+    click.echo(f"loaded {kernel} with kexec_load ({len(plan.segments)} segments); boot it with "
+               "`khibernate kexec exec`")
+
+
+@kexec_group.command("exec")
+def kexec_exec_cmd() -> None:
+    """Boot the loaded kernel now, without a firmware reboot (like `kexec -e`). Processes are not stopped first."""
+    click.echo("starting the loaded kernel", err=True)
+    result = api.execute()
+    click.echo(f"the loaded image was a jump image: {result.describe()}")
+
+
+@kexec_group.command("unload")
+def kexec_unload_cmd() -> None:
+    """Unload the kexec image (like `kexec -u`)."""
+    api.unload()
+    click.echo("kexec image unloaded")
+
+
+@kexec_group.command("status")
+def kexec_status_cmd() -> None:
+    """Show what is loaded (/sys/kernel/kexec_loaded, kexec_crash_loaded)."""
+    click.echo(api.state().describe())
+
+
+@click.group("kdump")
+def kdump_group() -> None:
+    """Load a capture kernel that boots when this kernel panics (kexec-tools' `kexec -p`).
+
+    \b
+    Needs crashkernel=256M (or similar) on this kernel's command line.
+      khibernate kdump load /boot/vmlinuz --initrd /boot/initrd.img --append "console=ttyS0 nr_cpus=1 reset_devices"
+      echo c > /proc/sysrq-trigger          # test it: the capture kernel has /proc/vmcore
+    """
+
+
+@kdump_group.command("load")
+@_common_load_options
+def kdump_load_cmd(kernel, initrd, append, command_line, reuse_cmdline) -> None:
+    """Load KERNEL into the crash region with kexec_file_load (like `kexec -p`); the kernel adds elfcorehdr=."""
+    cmdline = _cmdline(append, command_line, reuse_cmdline)
+    api.file_load(kernel, initrd, cmdline, crash=True)
+    click.echo(f"loaded capture kernel {kernel}; it boots on panic")
+
+
+@kdump_group.command("unload")
+def kdump_unload_cmd() -> None:
+    """Unload the capture kernel (like `kexec -p -u`)."""
+    api.unload(crash=True)
+    click.echo("capture kernel unloaded")
+
+
+@kdump_group.command("status")
+def kdump_status_cmd() -> None:
+    """Show whether a capture kernel is loaded and the crash region size."""
+    click.echo(api.state().describe())
+
+
+@click.group("jump")
+def jump_group() -> None:
+    """kexec jump: run another kernel and come back (kexec-tools' --load-preserve-context / --load-jump-back-helper).
+
+    \b
+    In the first kernel (booted with crashkernel=256M):
+      khibernate jump load /boot/bzImage --initrd /boot/initrd.gz --append "console=ttyS0"
+      khibernate jump exec          # returns when the second kernel jumps back
+    In the second kernel (its /proc/cmdline has kexec_jump_back_entry=, /proc/vmcore is the first kernel):
+      khibernate jump back          # back to the first kernel; returns when it jumps here again
+    After the first trip both kernels are coroutines: `jump exec` / `jump back` resume the peer where it stopped.
+
+    \b
+    Replaces:
+      kexec --load-preserve-context --mem-min=0x2f000000 --mem-max=0x3effffff bzImage --initrd=... \\
+            --append="... memmap=exactmap memmap=639K@0 memmap=256M@0x2f000000 --"
+      kexec --load-jump-back-helper --entry=$E   (broken on 6.12 and 7.3: zero-length segment)
+    """
+
+
+@jump_group.command("load")
+@click.argument("kernel", type=click.Path(dir_okay=False))
+@click.option("--initrd", "--ramdisk", "initrd", metavar="FILE", type=click.Path(dir_okay=False),
+              help="Initial ramdisk for the second kernel.")
+@click.option("--append", "--command-line", "append", metavar="S", default="",
+              help="Command line of the second kernel; khibernate adds nokaslr, iomem=relaxed, elfcorehdr= and "
+                   "kexec_jump_back_entry= (before a '--' if there is one).")
+@click.option("--mem-min", type=ADDRESS, help="Lowest address of the load window (default: the crash region).")
+@click.option("--mem-max", type=ADDRESS, help="Highest address of the load window, inclusive.")
+@click.option("--dry-run", is_flag=True, help="Print the segment table, command line and e820; load nothing.")
+def jump_load_cmd(kernel, initrd, append, mem_min, mem_max, dry_run) -> None:
+    """Load KERNEL as a jump image (like `kexec --load-preserve-context`).
+
+    The second kernel gets RAM only in the load window (the crashkernel= region by default) and in low memory
+    below 640 KiB, which is swapped with the first kernel's on every jump; its /proc/vmcore describes the first
+    kernel's RAM, with VMCOREINFO.
+    """
+    plan = api.plan_jump(kernel, initrd, append, mem_min, mem_max)
+    if dry_run:
+        click.echo(plan.describe())
+        return
+    api.load_plan(plan)
+    click.echo(f"loaded jump image {kernel} ({len(plan.segments)} segments, "
+               f"{sum(s.memsz for s in plan.segments) / 2**20:.0f} MiB); enter it with `khibernate jump exec`")
+
+
+@jump_group.command("exec")
+def jump_exec_cmd() -> None:
+    """Jump to the loaded image (like `kexec -e`); returns when the peer jumps back."""
+    click.echo("jumping", err=True)
+    click.echo(api.execute().describe())
+
+
+@jump_group.command("back")
+@click.option("--entry", type=ADDRESS, help="The peer's jump-back entry (default: kexec_jump_back_entry= of "
+              "/proc/cmdline).")
+@click.option("--load-only", is_flag=True, help="Load the jump-back image, do not jump (then `jump exec`).")
+def jump_back_cmd(entry, load_only) -> None:
+    """Jump back to the kernel that jumped here (like `kexec --load-jump-back-helper --entry=E; kexec -e`).
+
+    The image is ONE 4 KiB segment holding a copy of the peer's kexec control page, loaded once per boot and
+    reused for later trips (a later copy would be stale).
+    """
+    entry, reused = api.prepare_jump_back(entry)
+    click.echo(f"jump-back image for entry {entry:#x} {'already loaded' if reused else 'loaded'}", err=True)
+    if load_only:
+        return
+    click.echo(api.execute().describe())

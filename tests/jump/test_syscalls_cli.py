@@ -1,0 +1,46 @@
+import errno
+
+from click.testing import CliRunner
+
+from khibernate.cli import cli
+from khibernate.jump import syscalls
+from khibernate.jump.errors import NotRoot
+from khibernate.jump.syscalls import KEXEC_PRESERVE_CONTEXT, Context, explain
+
+
+def test_explain():
+    e = explain("kexec_load", errno.EPERM, 0, Context(euid=1000))
+    assert isinstance(e, NotRoot) and "root" in str(e)
+    e = explain("kexec_load", errno.EPERM, KEXEC_PRESERVE_CONTEXT, Context(0, lockdown="integrity"))
+    assert "kexec_load is blocked by kernel lockdown" in str(e) and "kexec jump needs kexec_load" in str(e)
+    e = explain("kexec_load", errno.EPERM, 0, Context(0, kexec_load_disabled=True))
+    assert "kexec_load_disabled" in str(e)
+    e = explain("kexec_load", errno.EINVAL, KEXEC_PRESERVE_CONTEXT, Context(0, segments=("kernel at 0x1000+0x2000",)))
+    assert "CONFIG_KEXEC_JUMP" in str(e) and "kernel at 0x1000" in str(e)
+    assert "retry" in str(explain("kexec_load", errno.EBUSY, 0, Context(0)))
+    assert "--syscall load" in str(explain("kexec_file_load", errno.ENOEXEC, 0, Context(0)))
+    assert "no kexec image is loaded" in str(explain("reboot", errno.EINVAL, 0, Context(0)))
+    assert explain("kexec_load", errno.ENOMEM, 0, Context(0)).errno == errno.ENOMEM
+
+
+def test_cffi_binding_builds():
+    ffi, lib = syscalls._libc()
+    assert ffi.sizeof("struct kexec_segment") == 32
+    assert lib.syscall(ffi.cast("long", 39)) > 0  # getpid through the same variadic binding
+
+
+def test_cli_errors_no_traceback(tmp_path):
+    bad = tmp_path / "notakernel"
+    bad.write_bytes(b"hello" * 1000)
+    r = CliRunner().invoke(cli, ["kexec", "load", str(bad), "--syscall", "load", "--dry-run"])
+    assert r.exit_code != 0
+    assert r.output.startswith("error: notakernel: not an x86 bzImage") and "Traceback" not in r.output
+    r = CliRunner().invoke(cli, ["kexec", "load", str(bad), "--append", "a", "--command-line", "b"])
+    assert r.exit_code == 2 and "not both" in r.output
+
+
+def test_cli_help_teaches():
+    r = CliRunner().invoke(cli, ["jump", "--help"])
+    assert r.exit_code == 0 and "--load-preserve-context" in r.output and "jump back" in r.output
+    for group in ("kexec", "kdump"):
+        assert CliRunner().invoke(cli, [group, "--help"]).exit_code == 0
