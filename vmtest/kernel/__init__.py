@@ -9,6 +9,7 @@ The host's apt configuration is never changed: a private sources list and state 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -220,7 +221,17 @@ def find_cached(line: str) -> TestKernel | None:
 
 
 def ensure_kernel(line: str = DEFAULT_LINE, jobs: int | None = None) -> TestKernel:
-    """Return the cached test kernel for LINE, building it first if needed (~7 min on 2 cores)."""
+    """Return the cached test kernel for LINE, building it first if needed (~7-10 min on 2 cores).
+
+    Concurrent callers wait for each other (a lock file in the cache), so only one build runs.
+    """
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f"kernel-{line}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_kernel_locked(line, jobs)
+
+
+def _ensure_kernel_locked(line: str, jobs: int | None) -> TestKernel:
     kline = LINES[line]
     apt = PrivateApt(kline, CACHE / "apt" / kline.codename)
     version = os.environ.get("KHIBERNATE_KERNEL_SOURCE_VERSION")
