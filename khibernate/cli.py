@@ -41,6 +41,9 @@ def _register() -> None:
 
     for group in (kexec_group, kdump_group, jump_group):
         cli.add_command(group)
+    from khibernate.initramfs.cli import initramfs_group
+
+    cli.add_command(initramfs_group)
 
 
 _register()

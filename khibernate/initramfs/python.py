@@ -1,0 +1,262 @@
+"""Bundle the running Python interpreter, a trimmed zipped standard library and khibernate with its dependencies.
+
+Guest layout (``PYTHONHOME=/usr``):
+  <host realpath of the interpreter>         the binary (its ``$ORIGIN`` RUNPATH still works); /usr/bin/python3 -> it
+  /usr/lib/python3XY.zip                     the stdlib as legacy-layout .pyc (unchecked hash: mtimes do not matter)
+  /usr/lib/python3.X/lib-dynload/*.so        the C extension modules that are .so files in this build
+  /usr/lib/khibernate/python/                khibernate and its dependencies (PYTHONPATH), .py plus __pycache__ .pyc
+Everything is read from ``sys`` / ``sysconfig`` / ``importlib``; no installation path is hard-coded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import importlib.util
+import io
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from khibernate.errors import KhibernateError
+
+GUEST_PREFIX = "/usr"
+GUEST_SITE = "/usr/lib/khibernate/python"
+VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
+VERSION_NODOT = f"{sys.version_info.major}{sys.version_info.minor}"
+
+# Top-level stdlib entries never needed in a capture environment.
+STDLIB_DROP = frozenset({
+    "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "distutils", "pydoc_data", "site-packages",
+    "dist-packages", "lib-dynload", "__pycache__", "venv", "turtle.py", "idle.py", "pydoc.py", "__phello__",
+    "msilib", "curses", "dbm", "sqlite3", "xmlrpc", "wsgiref", "mailbox.py", "smtplib.py", "imaplib.py",
+    "nntplib.py", "ftplib.py", "poplib.py", "telnetlib.py",
+})
+# C extension modules left out: tests, GUI/terminal, and those pulling big libraries (_ssl/_hashlib need libcrypto;
+# hashlib falls back to the built-in _sha*/_md5/_blake2 modules).
+DYNLOAD_DROP = re.compile(r"^(_test\w*|_ctypes_test|_xxtestfuzz|_xxsubinterpreters|xxlimited\w*|_tkinter|_curses\w*|"
+                          r"readline|nis|spwd|ossaudiodev|_ssl|_hashlib|_sqlite3|_dbm|_gdbm|_crypt|audioop|_uuid)\.")
+# Files of dependencies never imported in the guest (zstandard's cffi backend duplicates its C backend).
+SITE_DROP = re.compile(r"^zstandard/(_cffi\.|backend_cffi)")
+# Requirement markers we treat as never true in the guest.
+FOREIGN_MARKERS = re.compile(r"extra\s*==|Windows|win32|darwin|cygwin|PyPy\"\s*$")
+
+
+class PythonBundleError(KhibernateError):
+    """The running Python or one of khibernate's dependencies cannot be bundled."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PyFile:
+    """A file for the guest: where it goes, its bytes, whether it is executable, and (for ELF) the host file."""
+
+    guest: str
+    data: bytes
+    perm: int = 0o644
+    elf_source: Path | None = None
+
+
+def interpreter() -> Path:
+    """The real interpreter binary (venv and pyenv shims resolved)."""
+    exe = Path(os.path.realpath(sys.executable))
+    if not exe.is_file():
+        raise PythonBundleError(f"cannot find the Python binary behind sys.executable={sys.executable!r}")
+    return exe
+
+
+def stdlib_dir() -> Path:
+    """The host standard library directory of the base installation (outside any venv)."""
+    return Path(sysconfig.get_path("stdlib", vars={"installed_base": sys.base_prefix, "base": sys.base_prefix}))
+
+
+def dynload_dir() -> Path:
+    """The host lib-dynload directory (where C extension modules of the stdlib live as .so files)."""
+    return Path(sysconfig.get_path("platstdlib", vars={"platbase": sys.base_exec_prefix,
+                                                       "installed_platbase": sys.base_exec_prefix})) / "lib-dynload"
+
+
+# Compiled in a fresh interpreter with PYTHONHASHSEED=0: marshal output depends on string hash order (frozenset
+# constants) and on reference counts (FLAG_REF), so compiling in this process would not be reproducible.
+_COMPILER = """
+import importlib.util, json, struct, sys
+from importlib._bootstrap_external import _code_to_hash_pyc
+out = open(sys.argv[1], "wb")
+for src, guest in json.load(sys.stdin):
+    data = open(src, "rb").read()
+    try:
+        code = compile(data, guest, "exec", dont_inherit=True, optimize=0)
+        pyc = bytes(_code_to_hash_pyc(code, importlib.util.source_hash(data), checked=False))
+    except (SyntaxError, ValueError):
+        pyc = b""
+    out.write(struct.pack("<I", len(pyc)) + pyc)
+out.close()
+"""
+
+
+def compile_many(items: list[tuple[Path, str]]) -> list[bytes | None]:
+    """Compile (source file, guest path) pairs to unchecked-hash .pyc bytes, reproducibly; None for bad sources."""
+    with tempfile.TemporaryDirectory(prefix="khibernate-pyc-") as d:
+        out = Path(d) / "pycs"
+        env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
+        r = subprocess.run([sys.executable, "-I", "-c", _COMPILER, str(out)], input=json.dumps(
+            [(str(s), g) for s, g in items]).encode(), env=env, capture_output=True)
+        if r.returncode:
+            raise PythonBundleError(f"compiling the Python bundle failed: {r.stderr.decode(errors='replace')[-2000:]}")
+        blob = out.read_bytes()
+    result: list[bytes | None] = []
+    pos = 0
+    for _ in items:
+        (n,) = struct.unpack_from("<I", blob, pos)
+        result.append(blob[pos + 4:pos + 4 + n] or None)
+        pos += 4 + n
+    return result
+
+
+def stdlib_zip() -> bytes:
+    """The trimmed standard library as a deterministic stored zip of legacy-layout .pyc files."""
+    root = stdlib_dir()
+    if not (root / "os.py").is_file():
+        raise PythonBundleError(f"no os.py in {root}: the standard library of {sys.executable} is not where sysconfig"
+                                " says; bundle from an interpreter with an intact installation")
+    zip_guest = f"{GUEST_PREFIX}/lib/python{VERSION_NODOT}.zip"
+    sources = sorted(_walk_stdlib(root))
+    rels = [p.relative_to(root).as_posix() for p in sources]
+    pycs = compile_many([(p, f"{zip_guest}/{rel}") for p, rel in zip(sources, rels, strict=True)])
+    # a few stdlib files are deliberately invalid (test data): they compile to None and are left out
+    members = [(rel[:-3] + ".pyc", pyc) for rel, pyc in zip(rels, pycs, strict=True) if pyc is not None]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in members:
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, data)
+    return buf.getvalue()
+
+
+def _walk_stdlib(root: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        d = Path(dirpath)
+        top = d == root
+        dirnames[:] = sorted(n for n in dirnames if n != "__pycache__" and not (top and n in STDLIB_DROP)
+                             and not n.startswith("config-"))
+        for n in filenames:
+            if n.endswith(".py") and not (top and n in STDLIB_DROP):
+                yield d / n
+
+
+def dynload_modules() -> list[Path]:
+    """The stdlib's .so extension modules worth bundling."""
+    d = dynload_dir()
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if p.suffix == ".so" and not DYNLOAD_DROP.match(p.name))
+
+
+def _requirement_names(dist: importlib.metadata.Distribution) -> list[str]:
+    names = []
+    for req in dist.requires or []:
+        spec, _, marker = req.partition(";")
+        if marker and FOREIGN_MARKERS.search(marker.strip()):
+            continue
+        m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", spec)
+        if m:
+            names.append(m.group(1))
+    return names
+
+
+def _dist_files(dist: importlib.metadata.Distribution) -> Iterator[tuple[str, Path]]:
+    for f in dist.files or []:
+        rel = f.as_posix()
+        if rel.startswith("..") or rel.startswith("/") or "__pycache__" in rel or rel.endswith(".pyc"):
+            continue
+        if rel.split("/")[0].endswith(".data") or SITE_DROP.match(rel):
+            continue
+        src = Path(dist.locate_file(f))
+        if src.is_file():
+            yield rel, src
+
+
+def _package_files(pkg: str) -> Iterator[tuple[str, Path]]:
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise PythonBundleError(f"cannot import {pkg!r} in {sys.executable}; pip install it first")
+    root = Path(list(spec.submodule_search_locations)[0])
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(n for n in dirnames if n != "__pycache__" and not n.endswith(".egg-info"))
+        for n in sorted(filenames):
+            if n.endswith((".pyc", ".pyo")) or n.startswith("."):
+                continue
+            p = Path(dirpath) / n
+            yield f"{pkg}/{p.relative_to(root).as_posix()}", p
+
+
+def site_files(top_package: str = "khibernate", default_requires: tuple[str, ...] = (
+        "pyelftools", "zstandard", "cffi", "click")) -> list[tuple[str, Path]]:
+    """(relative path under GUEST_SITE, host file) for top_package (from where it imports) and its dependencies."""
+    files: dict[str, Path] = dict(_package_files(top_package))
+    try:
+        todo = _requirement_names(importlib.metadata.distribution(top_package))
+    except importlib.metadata.PackageNotFoundError:
+        todo = list(default_requires)
+    done: set[str] = set()
+    while todo:
+        name = todo.pop(0)
+        key = name.lower().replace("_", "-")
+        if key in done:
+            continue
+        done.add(key)
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError as e:
+            raise PythonBundleError(f"{top_package} needs {name!r}, which is not installed for {sys.executable};"
+                                    f" run: {sys.executable} -m pip install {name}") from e
+        for rel, src in _dist_files(dist):
+            files.setdefault(rel, src)
+        todo += _requirement_names(dist)
+    return sorted(files.items())
+
+
+def bundle(top_package: str = "khibernate") -> list[PyFile]:
+    """Every file of the Python bundle (ELF files carry elf_source so the caller can add their libraries)."""
+    out: list[PyFile] = []
+    exe = interpreter()
+    out.append(PyFile(str(exe), exe.read_bytes(), 0o755, exe))
+    out.append(PyFile(f"{GUEST_PREFIX}/lib/python{VERSION_NODOT}.zip", stdlib_zip()))
+    for so in dynload_modules():
+        out.append(PyFile(f"{GUEST_PREFIX}/lib/python{VERSION}/lib-dynload/{so.name}", so.read_bytes(), 0o755, so))
+    site = site_files(top_package)
+    py = [(rel, src) for rel, src in site if rel.endswith(".py")]
+    pycs = dict(zip([rel for rel, _ in py], compile_many([(src, f"{GUEST_SITE}/{rel}") for rel, src in py]),
+                    strict=True))
+    for rel, src in site:
+        guest = f"{GUEST_SITE}/{rel}"
+        data = src.read_bytes()
+        is_so = src.name.endswith(".so") or ".so." in src.name
+        out.append(PyFile(guest, data, 0o755 if is_so else 0o644, src if is_so else None))
+        pyc = pycs.get(rel)
+        if pyc is not None:
+            parent, _, stem = rel[:-3].rpartition("/")
+            cache = f"{parent}/__pycache__" if parent else "__pycache__"
+            out.append(PyFile(f"{GUEST_SITE}/{cache}/{stem}.{sys.implementation.cache_tag}.pyc", pyc))
+    return out
+
+
+def environment() -> dict[str, str]:
+    """Environment variables the guest needs to run the bundled interpreter."""
+    return {"PYTHONHOME": GUEST_PREFIX, "PYTHONPATH": GUEST_SITE, "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONNOUSERSITE": "1"}
+
+
+def python_links() -> dict[str, str]:
+    """Symlinks so 'python3' and 'python3.X' run the bundled interpreter: {link path: target}."""
+    exe = str(interpreter())
+    links = {f"/usr/bin/python{VERSION}": exe, "/usr/bin/python3": exe}
+    return {k: v for k, v in links.items() if k != exe}

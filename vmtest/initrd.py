@@ -1,0 +1,87 @@
+"""The guest initramfs for VM tests, built by khibernate's own builder and cached by content hash.
+
+Layout handed to QEMU ``-initrd`` (the kernel unpacks concatenated segments in order):
+  1. an uncompressed cpio with the test's extra files, ``/boot/bzImage`` and ``/boot/initrd.img``;
+  2. the cached compressed payload (busybox, /init, kexec, Python + khibernate).
+``/boot/initrd.img`` is the payload for a second kernel: extra files + the same cached payload, without /boot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from khibernate.initramfs import build as builder
+from khibernate.initramfs import cpio
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("KHIBERNATE_CACHE", Path.home() / ".cache" / "khibernate")) / "initramfs"
+COMPRESSION = "zstd"
+
+
+def _hash_tree(h: hashlib._Hash, root: Path) -> None:
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(n for n in dirnames if n != "__pycache__")
+        for n in sorted(filenames):
+            if n.endswith(".pyc"):
+                continue
+            p = Path(dirpath) / n
+            h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
+
+
+def payload_key() -> str:
+    """Hash of everything the payload is made of (khibernate sources by content, host binaries by stat)."""
+    import khibernate
+
+    h = hashlib.sha256(b"payload-v1\0" + COMPRESSION.encode())
+    _hash_tree(h, Path(khibernate.__file__).resolve().parent)
+    _hash_tree(h, builder.CONTENT_DIR.resolve())
+    exe = os.path.realpath(sys.executable)
+    h.update(f"{exe}\0{sys.version}\0{sys.path}".encode())
+    for p in (exe, *builder.BUSYBOX_CANDIDATES, *builder.KEXEC_CANDIDATES):
+        if os.path.exists(p):
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    import importlib.metadata as md
+
+    for dist in ("pyelftools", "zstandard", "cffi", "click", "pycparser"):
+        try:
+            h.update(f"{dist}={md.version(dist)}".encode())
+        except md.PackageNotFoundError:
+            pass
+    return h.hexdigest()[:16]
+
+
+def payload(log=print) -> Path:
+    """The cached compressed payload initramfs (built on first use, ~10 s)."""
+    key = payload_key()
+    path = CACHE / f"payload-{key}.cpio.{COMPRESSION}"
+    if path.is_file():
+        return path
+    CACHE.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    report = builder.build(path, compression=COMPRESSION)
+    log(f"[vmtest] built guest initramfs in {time.monotonic() - t0:.1f} s: {report.summary()}")
+    for old in CACHE.glob(f"payload-*.cpio.{COMPRESSION}"):
+        if old != path and time.time() - old.stat().st_mtime > 3600:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def guest_initrd(out: Path, bzimage: Path, extra_files: Iterable[tuple[Path | str, str]] = (), log=print) -> Path:
+    """Write the complete -initrd for a VM (see module docstring) to out and return it."""
+    base = payload(log).read_bytes()
+    extra = builder.Tree()
+    for src, dst in extra_files:
+        extra.add_file(Path(src), dst)
+    extra.add_libraries()
+    extra_cpio = cpio.write(extra.entries.values()) if extra.entries else b""
+    outer = builder.Tree(dict(extra.entries))
+    outer.add_data("boot/bzImage", Path(bzimage).read_bytes(), 0o644)
+    outer.add_data("boot/initrd.img", extra_cpio + base, 0o644)
+    out.write_bytes(cpio.write(outer.entries.values()) + base)
+    return out
