@@ -19,3 +19,10 @@ def synth_elf(synth: synthkernel.SynthKernel, tmp_path_factory: pytest.TempPathF
     p = tmp_path_factory.mktemp("synth") / "vmcore"
     synth.write_elf(p)
     return p
+
+
+@pytest.fixture(scope="session")
+def workload_1g():  # noqa: ANN201 - RealDump; imported lazily so non-VM tests never touch the harness
+    from tests.image.vmcores import workload_dump
+
+    return workload_dump("wl1g")

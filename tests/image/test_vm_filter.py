@@ -1,0 +1,31 @@
+"""The page filter against the guest kernel's own /proc/kpageflags (snapshot taken right before the dump)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from khibernate.image import vmcoreinfo
+from khibernate.image.pagefilter import PageClass, PageFilter
+from khibernate.image.sources import open_source
+from tests.image.oracle import confusion, kpageflags_classes
+from tests.image.vmcores import RealDump
+
+pytestmark = pytest.mark.vm
+
+
+def test_filter_agrees_with_kpageflags(workload_1g: RealDump) -> None:
+    with open_source(workload_1g.vmcore) as src:
+        pf = PageFilter(src, vmcoreinfo.from_source(src))
+        ours = np.concatenate([c for _, c in pf.classes()])
+    oracle = kpageflags_classes(workload_1g.flags())
+    n = min(len(ours), len(oracle))
+    matrix, table = confusion(ours[:n], oracle[:n])
+    print("\nfilter vs /proc/kpageflags (pfns):\n" + table)
+    for c in PageClass:
+        total = matrix[c].sum()
+        if total:
+            assert matrix[c, c] / total >= 0.999, f"{c.name}: {matrix[c, c]} of {total} agree\n{table}"
+    # the workload must exercise the classes that matter
+    for c in (PageClass.FREE, PageClass.USER, PageClass.CACHE, PageClass.OTHER):
+        assert matrix[c].sum() > 1000, f"workload produced too few {c.name} pages\n{table}"
