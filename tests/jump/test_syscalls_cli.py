@@ -44,3 +44,10 @@ def test_cli_help_teaches():
     assert r.exit_code == 0 and "--load-preserve-context" in r.output and "jump back" in r.output
     for group in ("kexec", "kdump"):
         assert CliRunner().invoke(cli, [group, "--help"]).exit_code == 0
+
+
+def test_generated_cffi_module_matches(tmp_path):
+    """The carried out-of-line module is what cffi generates from syscalls.CDEF."""
+    out = tmp_path / "gen.py"
+    syscalls.generate(out)
+    assert out.read_text() == syscalls.GENERATED.read_text()
