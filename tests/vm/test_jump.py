@@ -1,0 +1,211 @@
+"""kexec, kdump and kexec jump driven only by khibernate, in QEMU on the test kernel (no kexec-tools used).
+
+Never skipped: without root, qemu or the test kernel these tests fail and say what is missing.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.vm
+
+HERE = Path(__file__).parent
+GUEST_HELPER = (HERE / "jump_guest_vmcoreinfo.py", "/usr/libexec/khibernate/vmcoreinfo.py")
+# `khibernate kexec|kdump|jump` without the other command groups (same click groups as `khibernate`)
+K = "python3 -m khibernate.jump"
+B_APPEND = "console=ttyS0 khibernate.agent=1 panic=-1 khb.role=B"
+JUMP_LOAD = f"{K} jump load /boot/bzImage --initrd /boot/initrd.img --append '{B_APPEND}'"
+COUNTER = ("sh -c 'i=0; while :; do i=$((i+1)); echo \"$$ $i\" > /tmp/cnt; sleep 1; done' "
+           ">/dev/null 2>&1 </dev/null &")
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    from vmtest.kernel import ensure_kernel
+    from vmtest.vm import check_host
+
+    check_host()
+    return ensure_kernel()
+
+
+def _vm(kernel, name, append="crashkernel=256M", smp=1, **kw):
+    from vmtest.vm import VM
+
+    return VM(kernel=kernel, append=append, memory_mb=1024, smp=smp, extra_files=[GUEST_HELPER], name=name,
+              timeout=180, **kw)
+
+
+def finish(vm, cid: str, timeout: float = 60) -> tuple[int, str]:
+    """(status, output) of a command started before a jump (its begin marker may be far back in the agent log)."""
+    end = re.compile(rb"@@KHB-END " + cid.encode() + rb" (-?\d+)@@")
+    begin = re.compile(rb"@@KHB-BEGIN " + cid.encode() + rb"@@\r?\n")
+    deadline = time.monotonic() + timeout
+    with vm.agent.cond:
+        while True:
+            m = end.search(vm.agent.buf)
+            if m:
+                b = begin.search(vm.agent.buf)
+                text = bytes(vm.agent.buf[b.end() if b else 0:m.start()]).decode(errors="replace")
+                return int(m.group(1)), text
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{cid} did not finish within {timeout} s; see {vm.agent_log}")
+            vm.agent.cond.wait(0.5)
+
+
+def boot_id(vm) -> str:
+    return vm.run("cat /proc/sys/kernel/random/boot_id").strip()
+
+
+def counter(vm) -> tuple[int, int]:
+    pid, n = vm.run("cat /tmp/cnt").split()
+    return int(pid), int(n)
+
+
+def away_seconds(out: str) -> tuple[float, float]:
+    m = re.search(r"away ([\d.]+) s \(CLOCK_BOOTTIME\), ([\d.]+) s of it on CLOCK_MONOTONIC", out)
+    assert m, out
+    return float(m.group(1)), float(m.group(2))
+
+
+def round_trips(vm, n: int, report: dict) -> None:
+    """n A->B->A trips: the first boots B, the others resume it; checks both sides continue every time."""
+    a_id = boot_id(vm)
+    vm.run(COUNTER)
+    time.sleep(2)
+    pid0, n0 = counter(vm)
+    out = vm.run(JUMP_LOAD, timeout=120)
+    assert "loaded jump image" in out
+    b_id = None
+    pending_b = None
+    times = {"A->B": [], "B->A": []}
+    for trip in range(1, n + 1):
+        # A -> B
+        t0 = time.monotonic()
+        vm.mark()
+        cid_a = vm.send(f"{K} jump exec")
+        if trip == 1:
+            vm.wait_for_shell(timeout=180, new_boot=True)
+        else:
+            vm.wait_for(r"Restarting tasks", timeout=180)
+            vm.wait_for_shell(timeout=60, new_boot=False)
+        times["A->B"].append(time.monotonic() - t0)
+        now_id = boot_id(vm)
+        if trip == 1:
+            b_id = now_id
+            assert b_id != a_id
+            cmdline = vm.run("cat /proc/cmdline")
+            m = re.search(r"kexec_jump_back_entry=0x([0-9a-f]{16})", cmdline)
+            assert m and int(m.group(1), 16) != 0, cmdline
+            assert "elfcorehdr=" in cmdline and "khb.role=B" in cmdline
+            b_info = vm.run(f"python3 {GUEST_HELPER[1]} vmcore", timeout=120)
+            report["vmcoreinfo_B"] = b_info
+        else:
+            assert now_id == b_id, "the second kernel booted again instead of resuming"
+            status, out_b = finish(vm, pending_b)
+            assert status == 0 and "back in this kernel" in out_b, out_b
+        # B -> A
+        t1 = time.monotonic()
+        vm.mark()
+        pending_b = vm.send(f"{K} jump back")
+        vm.wait_for(r"Restarting tasks", timeout=180)
+        vm.wait_for_shell(timeout=60, new_boot=False)
+        times["B->A"].append(time.monotonic() - t1)
+        status, out_a = finish(vm, cid_a)
+        assert status == 0 and "back in this kernel" in out_a, out_a
+        assert boot_id(vm) == a_id
+        boottime, mono = away_seconds(out_a)
+        assert boottime > mono + 0.5, out_a  # BOOTTIME includes the time spent in B, MONOTONIC does not
+        pid1, n1 = counter(vm)
+        time.sleep(2.5)
+        pid2, n2 = counter(vm)
+        assert pid0 == pid1 == pid2 and n0 <= n1 < n2, (n0, n1, n2)
+        n0 = n2
+        report.setdefault("away", []).append(boottime)
+    report["times"] = times
+    report["vmcoreinfo_A"] = vm.run(f"python3 {GUEST_HELPER[1]} kcore")
+
+
+def _print(name, report):
+    t = report["times"]
+    print(f"\n[{name}] A->B {', '.join(f'{x:.1f}' for x in t['A->B'])} s; "
+          f"B->A {', '.join(f'{x:.1f}' for x in t['B->A'])} s; away (BOOTTIME) "
+          f"{', '.join(f'{x:.1f}' for x in report['away'])} s")
+
+
+@pytest.mark.parametrize("smp", [1, 2])
+def test_jump_round_trips(kernel, smp):
+    """Five A<->B round trips driven by `khibernate jump`; B's /proc/vmcore carries A's VMCOREINFO."""
+    report: dict = {}
+    with _vm(kernel, f"jump-smp{smp}", smp=smp) as vm:
+        if smp > 1:
+            assert vm.run("cat /sys/devices/system/cpu/online").strip() == f"0-{smp - 1}"
+        round_trips(vm, 5, report)
+        if smp > 1:
+            assert vm.run("cat /sys/devices/system/cpu/online").strip() == f"0-{smp - 1}"
+    _print(f"smp{smp}", report)
+    a_info, b_info = report["vmcoreinfo_A"], report["vmcoreinfo_B"]
+    assert "OSRELEASE=6.12" in a_info and "SYMBOL(swapper_pg_dir)=" in a_info
+    b_note = b_info[:b_info.index("PT_LOAD ")]
+    assert b_note == a_info, "VMCOREINFO in the second kernel's /proc/vmcore differs from the first kernel's"
+    loads = b_info.split("PT_LOAD ")[1].split()
+    assert loads and all(not x.startswith("0x2e") for x in loads)  # the crash region is not the first kernel's
+
+
+def test_jump_refusals(kernel):
+    """Clear errors, nothing loaded: segments that do not fit, a non-bzImage, not root, no crash region."""
+    with _vm(kernel, "jump-refuse", append="") as vm:
+        status, out = vm.run_status(f"{K} jump load /boot/bzImage --initrd /boot/initrd.img")
+        assert status == 1 and out.startswith("error: no 'Crash kernel' region") and "Traceback" not in out, out
+        status, out = vm.run_status(f"{K} jump load /boot/bzImage --initrd /boot/initrd.img "
+                                    "--mem-min 0x3c000000 --mem-max 0x3c7fffff")
+        assert status == 1 and "does not fit in the load window" in out and "Traceback" not in out, out
+        status, out = vm.run_status(f"{K} jump load /etc/passwd --mem-min 0x3c000000 --mem-max 0x3dffffff")
+        assert status == 1 and "not an x86 bzImage" in out, out
+        status, out = vm.run_status(
+            "python3 -c 'import os, sys; os.setgid(65534); os.setuid(65534); "
+            "sys.argv = [\"khibernate\", \"kexec\", \"unload\"]; "
+            "from khibernate.jump.__main__ import main; main()'")
+        assert status == 1 and "needs root" in out and "Traceback" not in out, out
+        status, out = vm.run_status(f"{K} jump back")
+        assert status == 1 and "no kexec_jump_back_entry" in out, out
+        assert vm.run("cat /sys/kernel/kexec_loaded").strip() == "0"
+
+
+@pytest.mark.parametrize("syscall", ["file", "load"])
+def test_kexec_load_exec(kernel, syscall):
+    """`khibernate kexec load` + `kexec exec` boots the second kernel (kexec_file_load or khibernate's loader)."""
+    with _vm(kernel, f"kexec-{syscall}", append="") as vm:
+        first = boot_id(vm)
+        out = vm.run(f"{K} kexec load /boot/bzImage --initrd /boot/initrd.img --syscall {syscall} "
+                     "--append 'console=ttyS0 khibernate.agent=1 panic=-1 khb.role=K2'", timeout=120)
+        assert "loaded" in out
+        assert "kexec image loaded:       yes" in vm.run(f"{K} kexec status")
+        t0 = time.monotonic()
+        vm.send(f"{K} kexec exec")
+        vm.wait_for_shell(timeout=180, new_boot=True)
+        print(f"\n[kexec {syscall}] second kernel's shell {time.monotonic() - t0:.1f} s after `kexec exec`")
+        assert boot_id(vm) != first
+        assert "khb.role=K2" in vm.run("cat /proc/cmdline")
+
+
+def test_kdump_load_crash(kernel):
+    """`khibernate kdump load` + sysrq-c reaches the capture kernel, whose /proc/vmcore has VMCOREINFO."""
+    with _vm(kernel, "kdump") as vm:
+        a_info = vm.run(f"python3 {GUEST_HELPER[1]} kcore")
+        out = vm.run(f"{K} kdump load /boot/bzImage --initrd /boot/initrd.img "
+                     "--append 'console=ttyS0 khibernate.agent=1 panic=-1 khb.role=KDUMP nr_cpus=1 reset_devices'",
+                     timeout=120)
+        assert "capture kernel" in out
+        assert "crash (kdump) image loaded: yes" in vm.run(f"{K} kdump status")
+        t0 = time.monotonic()
+        vm.send("echo c > /proc/sysrq-trigger")
+        vm.wait_for_shell(timeout=180, new_boot=True)
+        print(f"\n[kdump] capture kernel's shell {time.monotonic() - t0:.1f} s after sysrq-c")
+        cmdline = vm.run("cat /proc/cmdline")
+        assert "khb.role=KDUMP" in cmdline and "elfcorehdr=" in cmdline
+        b_info = vm.run(f"python3 {GUEST_HELPER[1]} vmcore", timeout=120)
+        assert b_info.startswith(a_info) and "CRASHTIME=" in b_info
