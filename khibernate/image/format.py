@@ -34,15 +34,8 @@ from khibernate.image.errors import (
     TruncatedError,
     UnsupportedError,
 )
-from khibernate.image.pagefilter import (
-    DL_ZERO,
-    PageClass,
-    PageFilter,
-    check_level,
-    excluded_classes,
-    needs_struct_page,
-    zero_pages,
-)
+from khibernate.image.pagefilter import DL_ZERO, PageClass, check_level, zero_pages
+from khibernate.image.plan import plan, runs
 from khibernate.image.sources.base import VMCOREINFO_NOTE, MemorySource, MemRange, Note
 from khibernate.image.vmcoreinfo import Vmcoreinfo
 
@@ -184,32 +177,6 @@ class SaveStats:
     seconds: float = 0.0
 
 
-def _ram_mask(ranges: tuple[MemRange, ...], pfn: int, n: int, page_size: int) -> np.ndarray:
-    mask = np.zeros(n, dtype=bool)
-    lo, hi = pfn * page_size, (pfn + n) * page_size
-    for r in ranges:
-        if r.end <= lo or r.start >= hi:
-            continue
-        a = max(r.start, lo) // page_size - pfn
-        b = -(-min(r.end, hi) // page_size) - pfn
-        mask[a:b] = True
-    return mask
-
-
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """(start, stop) of each run of True in ``mask``."""
-    d = np.diff(np.concatenate(([0], mask.view(np.int8), [0])))
-    return list(zip(np.flatnonzero(d == 1).tolist(), np.flatnonzero(d == -1).tolist(), strict=True))
-
-
-def _class_chunks(source: MemorySource, pfilter: PageFilter | None, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
-    if pfilter is not None:
-        yield from pfilter.classes(chunk)
-        return
-    for pfn in range(0, source.max_pfn, chunk):
-        yield pfn, np.zeros(min(chunk, source.max_pfn - pfn), dtype=np.uint8)
-
-
 def default_notes(source: MemorySource, vmci: Vmcoreinfo | None) -> tuple[Note, ...]:
     """The source's notes, plus a VMCOREINFO note when it came from elsewhere (-i FILE, sysfs)."""
     notes = tuple(source.notes)
@@ -224,13 +191,8 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
     """Filter ``source`` at dump ``level`` and stream a khibernate image to ``out`` (trailer last)."""
     t0 = time.monotonic()
     check_level(level, restorable)
+    chunks = plan(source, vmci, level, restorable=restorable)
     ps = source.page_size
-    pfilter = PageFilter(source, vmci) if vmci is not None and needs_struct_page(level) else None
-    if pfilter is None and needs_struct_page(level):
-        from khibernate.image.errors import MissingVmcoreinfoError
-
-        raise MissingVmcoreinfoError(f"dump level {level} needs VMCOREINFO to read struct page; the source has "
-                                     "none - give --vmcoreinfo FILE or use -d 1 / -d 0")
     max_pfn = source.max_pfn
     header = Header(page_size=ps, dump_level=level, flags=FLAG_RESTORABLE if restorable else 0,
                     block_pages=block_pages, uuid=uuidlib.uuid4().bytes, created_ns=time.time_ns(),
@@ -242,7 +204,6 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
     pos = len(head)
     stored = np.zeros(-(-max_pfn // 8) * 8, dtype=bool)
     zero = np.zeros(len(stored), dtype=bool)
-    dropped = excluded_classes(level)
     stats = SaveStats()
     index: list[BlockEntry] = []
     local = threading.local()
@@ -279,19 +240,13 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
                 block_n = 0
                 drain(max(1, threads) * 2)
 
-        for pfn, cls in _class_chunks(source, pfilter, 1 << 15):
-            n = len(cls)
-            ram = _ram_mask(source.ranges, pfn, n, ps)
-            present = source.page_present_mask(pfn, n)
-            if present is not None:
-                ram &= present
-            cls = np.where(ram, cls, PageClass.NO_PAGE).astype(np.uint8)
+        for ch in chunks:
+            pfn, cls, ram, keep = ch.pfn, ch.classes, ch.ram, ch.keep
             counts = np.bincount(cls, minlength=len(PageClass))
             for i in range(len(PageClass)):
                 stats.class_counts[i] += int(counts[i])
-            keep = ram & ~dropped[cls]
             stats.pages_ram += int(ram.sum())
-            for a, b in _runs(keep):
+            for a, b in runs(keep):
                 for s in range(a, b, block_pages):
                     e = min(b, s + block_pages)
                     data = source.view((pfn + s) * ps, (e - s) * ps)

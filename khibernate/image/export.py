@@ -1,0 +1,120 @@
+"""Export any source as an ELF vmcore or a makedumpfile-compatible kdump file (what gdb, crash, drgn open)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import BinaryIO
+
+import numpy as np
+
+from khibernate.image.elf import LoadSpec, write_elf
+from khibernate.image.errors import AddressError, ImageError, UsageErrorImage
+from khibernate.image.format import KhiSource, default_notes
+from khibernate.image.kdump import KdumpSource, write_kdump
+from khibernate.image.plan import plan, read_kept, runs
+from khibernate.image.sources.base import MemorySource
+from khibernate.image.vmcoreinfo import Vmcoreinfo
+from khibernate.image.x86_64 import X86_64
+
+ELF_GAP_PAGES = 16  # excluded gaps shorter than this are written as zeros instead of splitting the PT_LOAD
+
+
+def source_dump_level(source: MemorySource) -> int:
+    """The dump level already applied to a filtered source (0 for raw dumps)."""
+    if isinstance(source, KhiSource):
+        return source.header.dump_level
+    if isinstance(source, KdumpSource):
+        return source.header.dump_level
+    return 0
+
+
+def utsname(source: MemorySource, vmci: Vmcoreinfo | None) -> list[str]:
+    """The six utsname strings of the dumped kernel (init_uts_ns), or what VMCOREINFO tells."""
+    fallback = ["Linux", "", vmci.osrelease if vmci else "", "", "x86_64", ""]
+    if vmci is None or not vmci.has("SYMBOL(init_uts_ns)"):
+        return fallback
+    try:
+        kx = X86_64(source, vmci)
+        raw = kx.read(vmci.symbol("init_uts_ns") + (vmci.offset_or("uts_namespace.name", 0) or 0), 6 * 65)
+    except ImageError:
+        return fallback
+    return [raw[i * 65:(i + 1) * 65].split(b"\0")[0].decode("ascii", "replace") for i in range(6)]
+
+
+def page_offset(source: MemorySource, vmci: Vmcoreinfo | None) -> int:
+    """Direct-map base for PT_LOAD p_vaddr (0 when unknown)."""
+    if vmci is None:
+        return 0
+    try:
+        return X86_64(source, vmci).page_offset() or 0
+    except ImageError:
+        return 0
+
+
+def keep_arrays(source: MemorySource, vmci: Vmcoreinfo | None, level: int) -> tuple[np.ndarray, np.ndarray]:
+    """(RAM, keep) bool per pfn for the whole source."""
+    ram = np.zeros(source.max_pfn, dtype=bool)
+    keep = np.zeros(source.max_pfn, dtype=bool)
+    for ch in plan(source, vmci, level):
+        ram[ch.pfn:ch.pfn + len(ch.ram)] = ch.ram
+        keep[ch.pfn:ch.pfn + len(ch.keep)] = ch.keep
+    return ram, keep
+
+
+def elf_loads(keep: np.ndarray, page_size: int, vaddr_base: int) -> list[LoadSpec]:
+    """PT_LOADs over kept pages, bridging short excluded gaps."""
+    loads: list[LoadSpec] = []
+    for a, b in runs(keep):
+        if loads and a * page_size - (loads[-1].paddr + loads[-1].size) < ELF_GAP_PAGES * page_size:
+            last = loads.pop()
+            loads.append(LoadSpec(last.paddr, b * page_size - last.paddr, last.vaddr))
+        else:
+            loads.append(LoadSpec(a * page_size, (b - a) * page_size, vaddr_base + a * page_size if vaddr_base else 0))
+    return loads
+
+
+def export(source: MemorySource, dest: str, *, fmt: str, compress: str = "zstd", flat: bool = False,
+           elf32: bool = False, level: int = 0, vmci: Vmcoreinfo | None = None, threads: int = 2,
+           progress: Callable[[int], None] | None = None) -> int:
+    """Write ``source`` to ``dest`` ('-' = stdout) as ELF or kdump; a file is written as DEST.partial then renamed."""
+    eff = level | source_dump_level(source)
+    ram, keep = keep_arrays(source, vmci, level)
+    ps = source.page_size
+
+    def run(out: BinaryIO) -> int:
+        if fmt == "kdump":
+            return write_kdump(out, source, keep, ram, notes=default_notes(source, vmci), utsname=utsname(source, vmci),
+                               dump_level=eff, phys_base=(vmci.number_or("phys_base", 0) or 0) if vmci else 0,
+                               crashtime=vmci.crashtime if vmci else 0, compress=compress, flat=flat,
+                               threads=threads, progress=progress)
+        if fmt != "elf":
+            raise UsageErrorImage(f"unknown export format {fmt!r}; use elf or kdump")
+        loads = elf_loads(keep, ps, page_offset(source, vmci))
+
+        def read(paddr: int, n: int) -> bytes:
+            pfn = paddr // ps
+            try:
+                return read_kept(source, pfn, keep[pfn:pfn + n // ps])
+            except AddressError as e:
+                raise AddressError(f"{e} while exporting") from None
+
+        return write_elf(out, loads, default_notes(source, vmci), read, elf32=elf32, progress=progress)
+
+    if dest == "-":
+        if sys.stdout.isatty():
+            raise UsageErrorImage("refusing to write a dump to a terminal; redirect stdout or give a file name")
+        return run(sys.stdout.buffer)
+    tmp = dest + ".partial"
+    try:
+        with open(tmp, "wb") as f:
+            n = run(f)
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return n

@@ -1,0 +1,409 @@
+"""kdump-compressed files (makedumpfile's format, header_version 6) and the flattened stream: layouts, reader
+(:class:`KdumpSource`) and writer (:func:`write_kdump`) side by side.  ``docs/image-format.md`` cites the fields.
+
+Native (little-endian, LP64) structs as makedumpfile 1.7.2 writes them; the flattened framing is big-endian.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import BinaryIO
+
+import numpy as np
+import zstandard
+
+from khibernate.image.elf import pack_notes, parse_notes
+from khibernate.image.errors import (
+    AddressError,
+    CompressionError,
+    CorruptImageError,
+    IncompleteImageError,
+    NotAVmcoreError,
+    TruncatedError,
+    UnsupportedError,
+)
+from khibernate.image.pagefilter import DL_ZERO
+from khibernate.image.plan import runs
+from khibernate.image.sources.base import VMCOREINFO_NOTE, MemorySource, MemRange, Note, merge_ranges
+
+SIGNATURE = b"KDUMP   "
+HEADER_VERSION = 6
+# signature, header_version, utsname (6 x 65), pad, timestamp (sec, usec), status, block_size, sub_hdr_size,
+# bitmap_blocks, max_mapnr, total_ram_blocks, device_blocks, written_blocks, current_cpu, nr_cpus
+DISK_DUMP_HEADER = struct.Struct("<8si390s6xqqIiiIIIIIIi")
+# phys_base, dump_level, split, start_pfn, end_pfn, offset_vmcoreinfo, size_vmcoreinfo, offset_note, size_note,
+# offset_eraseinfo, size_eraseinfo, start_pfn_64, end_pfn_64, max_mapnr_64
+SUB_HEADER = struct.Struct("<QiiQQqQqQqQQQQ")
+PAGE_DESC = struct.Struct("<qIIQ")  # offset, size, flags, page_flags
+assert DISK_DUMP_HEADER.size == 464 and SUB_HEADER.size == 104 and PAGE_DESC.size == 24
+
+DUMP_DH_COMPRESSED_ZLIB, DUMP_DH_COMPRESSED_LZO, DUMP_DH_COMPRESSED_SNAPPY = 0x1, 0x2, 0x4
+DUMP_DH_COMPRESSED_INCOMPLETE, DUMP_DH_EXCLUDED_VMEMMAP, DUMP_DH_COMPRESSED_ZSTD = 0x8, 0x10, 0x20
+COMPRESS_FLAGS = {"zlib": DUMP_DH_COMPRESSED_ZLIB, "zstd": DUMP_DH_COMPRESSED_ZSTD, "none": 0}
+
+FLAT_SIGNATURE = b"makedumpfile"
+FLAT_HEADER = struct.Struct(">16sqq")  # signature (NUL padded), type=1, version=1; padded to 4096 bytes
+FLAT_RECORD = struct.Struct(">qq")  # offset, size; payload follows; (-1, -1) ends the stream
+FLAT_HEADER_SIZE = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class KdumpHeader:
+    """The parts of disk_dump_header + kdump_sub_header a reader needs."""
+
+    version: int
+    utsname: tuple[str, ...]
+    timestamp: int
+    status: int
+    block_size: int
+    sub_hdr_size: int
+    bitmap_blocks: int
+    nr_cpus: int
+    phys_base: int
+    dump_level: int
+    offset_vmcoreinfo: int
+    size_vmcoreinfo: int
+    offset_note: int
+    size_note: int
+    max_mapnr: int
+
+
+def bitmap_bytes(max_mapnr: int, block_size: int) -> int:
+    """Size of one bitmap: ceil(max_mapnr / 8) rounded up to whole blocks (what crash requires)."""
+    return (max_mapnr + 8 * block_size - 1) // (8 * block_size) * block_size
+
+
+# ------------------------------------------------------------------------------------------------ byte access
+
+
+class _Plain:
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def pread(self, off: int, n: int) -> bytes:
+        return os.pread(self.fd, n, off)
+
+
+class _Flat:
+    """Random access into a flattened stream: records indexed by their target offset; later records win."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        head = os.pread(fd, FLAT_HEADER_SIZE, 0)
+        sig, typ, ver = FLAT_HEADER.unpack_from(head)
+        if not sig.startswith(FLAT_SIGNATURE + b"\0") or typ != 1:
+            raise NotAVmcoreError("not a makedumpfile flattened stream (bad signature or type)")
+        starts, ends, poss = [], [], []
+        pos = FLAT_HEADER_SIZE
+        size = os.fstat(fd).st_size
+        while True:
+            rec = os.pread(fd, FLAT_RECORD.size, pos)
+            if len(rec) < FLAT_RECORD.size:
+                raise IncompleteImageError("flattened stream ends without its end marker: the transfer was cut; "
+                                           "send it again")
+            off, n = FLAT_RECORD.unpack(rec)
+            pos += FLAT_RECORD.size
+            if off == -1 and n == -1:
+                break
+            if off < 0 or n < 0 or pos + n > size:
+                raise TruncatedError("flattened stream record runs past the end of the file; it is truncated")
+            starts.append(off)
+            ends.append(off + n)
+            poss.append(pos)
+            pos += n
+        order = sorted(range(len(starts)), key=lambda i: (starts[i], i))
+        self.starts = [starts[i] for i in order]
+        self.ends = [ends[i] for i in order]
+        self.poss = [poss[i] for i in order]
+        self.seq = order
+        self.maxlen = max((e - s for s, e in zip(starts, ends, strict=True)), default=0)
+
+    def pread(self, off: int, n: int) -> bytes:
+        out = bytearray(n)
+        lo = bisect.bisect_left(self.starts, off - self.maxlen)
+        hi = bisect.bisect_left(self.starts, off + n)
+        hits = sorted((self.seq[i], i) for i in range(lo, hi) if self.ends[i] > off)
+        for _, i in hits:
+            a, b = max(off, self.starts[i]), min(off + n, self.ends[i])
+            out[a - off:b - off] = os.pread(self.fd, b - a, self.poss[i] + a - self.starts[i])
+        return bytes(out)
+
+
+# ------------------------------------------------------------------------------------------------ reader
+
+
+def parse_header(read: Callable[[int, int], bytes]) -> KdumpHeader:
+    """Both headers of a kdump-compressed file; errors say what is wrong."""
+    raw = read(0, DISK_DUMP_HEADER.size)
+    if len(raw) < DISK_DUMP_HEADER.size:
+        raise TruncatedError("kdump header cut short; the file is truncated")
+    f = DISK_DUMP_HEADER.unpack(raw)
+    if f[0] not in (SIGNATURE, b"DISKDUMP"):
+        raise NotAVmcoreError("not a kdump-compressed file (signature is not 'KDUMP   ')")
+    version, uts = f[1], f[2]
+    if version < 1 or version > HEADER_VERSION:
+        raise UnsupportedError(f"kdump header_version {version} is not supported (1..{HEADER_VERSION})")
+    block_size = f[6]
+    if block_size < 4096 or block_size > 262144 or block_size & (block_size - 1):
+        raise CorruptImageError(f"kdump block_size {block_size} is not a page size; the file is corrupt")
+    sub = SUB_HEADER.unpack(read(block_size, SUB_HEADER.size).ljust(SUB_HEADER.size, b"\0"))
+    names = tuple(uts[i * 65:(i + 1) * 65].split(b"\0")[0].decode("ascii", "replace") for i in range(6))
+    max_mapnr = sub[13] if version >= 6 and sub[13] else f[9]
+    return KdumpHeader(version, names, f[3], f[5], block_size, f[7], f[8], f[14], sub[0], sub[1],
+                       sub[5] if version >= 3 else 0, sub[6] if version >= 3 else 0,
+                       sub[7] if version >= 4 else 0, sub[8] if version >= 4 else 0, max_mapnr)
+
+
+class KdumpSource(MemorySource):
+    """A makedumpfile kdump-compressed file (plain or flattened) as a MemorySource."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = os.fspath(path)
+        self.fd = os.open(self.path, os.O_RDONLY)
+        try:
+            magic = os.pread(self.fd, 16, 0)
+            self.io: _Plain | _Flat = _Flat(self.fd) if magic.startswith(FLAT_SIGNATURE + b"\0") else _Plain(self.fd)
+            self._init()
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _init(self) -> None:
+        h = self.header = parse_header(self.io.pread)
+        bs = self.page_size = h.block_size
+        notes: list[Note] = []
+        if h.offset_note and h.size_note:
+            notes = parse_notes(self.io.pread(h.offset_note, h.size_note))
+        elif h.offset_vmcoreinfo and h.size_vmcoreinfo:
+            notes = [Note(VMCOREINFO_NOTE, 0, self.io.pread(h.offset_vmcoreinfo, h.size_vmcoreinfo))]
+        self._notes = tuple(notes)
+        per = bitmap_bytes(h.max_mapnr, bs)
+        bitmap_off = (1 + h.sub_hdr_size) * bs
+        total = h.bitmap_blocks * bs
+        raw = self.io.pread(bitmap_off, total)
+        if len(raw) != total:
+            raise TruncatedError(f"{self.path}: bitmaps cut short; the file is truncated")
+        two = total >= 2 * per
+        self.bitmap1 = np.frombuffer(raw[:per], dtype=np.uint8)
+        self.bitmap2 = np.frombuffer(raw[per:2 * per] if two else raw[:per], dtype=np.uint8)
+        self.desc_offset = bitmap_off + total
+        pop = np.unpackbits(self.bitmap2, bitorder="little").reshape(-1, 8).sum(axis=1, dtype=np.int64)
+        self._rank = np.concatenate(([0], np.cumsum(pop)))  # dumpable pages before byte i of bitmap2
+        ram = np.unpackbits(self.bitmap1, bitorder="little")[:h.max_mapnr].astype(bool)
+        self._ranges = merge_ranges([MemRange(a * bs, b * bs) for a, b in runs(ram)])
+        self._dctx = zstandard.ZstdDecompressor()
+
+    @property
+    def ranges(self) -> tuple[MemRange, ...]:
+        return self._ranges
+
+    @property
+    def notes(self) -> tuple[Note, ...]:
+        return self._notes
+
+    @property
+    def max_pfn(self) -> int:
+        return self.header.max_mapnr
+
+    def _dumpable(self, pfn: int) -> bool:
+        return pfn < self.header.max_mapnr and bool(self.bitmap2[pfn >> 3] >> (pfn & 7) & 1)
+
+    def page_present_mask(self, pfn: int, count: int) -> np.ndarray:
+        lo, hi = pfn >> 3, -(-(pfn + count) // 8)
+        bits = np.unpackbits(self.bitmap2[lo:hi], bitorder="little").astype(bool)[pfn - lo * 8:]
+        out = np.zeros(count, dtype=bool)
+        out[:len(bits[:count])] = bits[:count]
+        return out
+
+    def read_page(self, pfn: int) -> bytes:
+        """One page, decompressed; AddressError if it was excluded."""
+        bs = self.page_size
+        if not self._dumpable(pfn):
+            raise AddressError(f"physical page {pfn * bs:#x} is not in the dump (excluded or not RAM)")
+        byte = pfn >> 3
+        below = int(self._rank[byte]) + bin(int(self.bitmap2[byte]) & ((1 << (pfn & 7)) - 1)).count("1")
+        off, size, flags, _ = PAGE_DESC.unpack(self.io.pread(self.desc_offset + below * PAGE_DESC.size,
+                                                              PAGE_DESC.size))
+        if off == 0:
+            raise IncompleteImageError(f"page {pfn:#x} was never written: the dump is incomplete")
+        if size > bs:
+            raise CorruptImageError(f"page {pfn:#x} descriptor size {size} > block size; the file is corrupt")
+        data = self.io.pread(off, size)
+        if len(data) != size:
+            raise TruncatedError(f"page {pfn:#x} data cut short; the file is truncated")
+        try:
+            if flags & DUMP_DH_COMPRESSED_ZLIB:
+                data = zlib.decompress(data)
+            elif flags & DUMP_DH_COMPRESSED_ZSTD:
+                data = self._dctx.decompress(data, max_output_size=bs)
+            elif flags & (DUMP_DH_COMPRESSED_LZO | DUMP_DH_COMPRESSED_SNAPPY):
+                raise UnsupportedError("lzo/snappy pages are not supported; re-run makedumpfile with -c or -z")
+        except (zlib.error, zstandard.ZstdError) as e:
+            raise CorruptImageError(f"page {pfn:#x} does not decompress ({e}); the file is corrupt") from None
+        if len(data) != bs:
+            raise CorruptImageError(f"page {pfn:#x} decompresses to {len(data)} bytes, not {bs}")
+        return data
+
+    def read(self, paddr: int, size: int) -> bytes:
+        bs = self.page_size
+        out = bytearray()
+        end = paddr + size
+        while paddr < end:
+            pfn, off = divmod(paddr, bs)
+            n = min(bs - off, end - paddr)
+            out += self.read_page(pfn)[off:off + n]
+            paddr += n
+        return bytes(out)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# ------------------------------------------------------------------------------------------------ writer
+
+
+class _Out:
+    """Positioned writes to a seekable file, or flattened records to a stream."""
+
+    def __init__(self, f: BinaryIO, flat: bool):
+        self.f, self.flat = f, flat
+        if flat:
+            f.write(FLAT_HEADER.pack(FLAT_SIGNATURE, 1, 1).ljust(FLAT_HEADER_SIZE, b"\0"))
+
+    def write_at(self, off: int, data: bytes | memoryview) -> None:
+        if not len(data):
+            return
+        if self.flat:
+            self.f.write(FLAT_RECORD.pack(off, len(data)))
+        else:
+            self.f.seek(off)
+        self.f.write(data)
+
+    def end(self, total: int) -> None:
+        if self.flat:
+            self.f.write(FLAT_RECORD.pack(-1, -1))
+        else:
+            self.f.truncate(total)
+
+
+def utsname_bytes(fields: Sequence[str]) -> bytes:
+    """struct new_utsname: six NUL-padded char[65]."""
+    return b"".join(s.encode()[:64].ljust(65, b"\0") for s in (list(fields) + [""] * 6)[:6])
+
+
+def write_kdump(out: BinaryIO, source: MemorySource, keep: np.ndarray, ram: np.ndarray, *, notes: Iterable[Note],
+                utsname: Sequence[str], dump_level: int, phys_base: int, crashtime: int, compress: str = "zstd",
+                flat: bool = False, threads: int = 2, progress: Callable[[int], None] | None = None) -> int:
+    """Write a makedumpfile-compatible kdump file of the pages in ``keep`` (bool per pfn); returns its size."""
+    bs = source.page_size
+    max_mapnr = len(keep)
+    note_blob = pack_notes(notes)
+    vmci_off = vmci_size = 0
+    pos = 0
+    for n in parse_notes(note_blob):
+        name = n.name.encode() + b"\0"
+        hdr = 12 + ((len(name) + 3) & ~3)
+        if n.name == VMCOREINFO_NOTE:
+            vmci_off, vmci_size = bs + SUB_HEADER.size + pos + hdr, len(n.desc)
+        pos += hdr + ((len(n.desc) + 3) & ~3)
+    sub_hdr_size = -(-(SUB_HEADER.size + len(note_blob)) // bs)
+    per = bitmap_bytes(max_mapnr, bs)
+    bitmap_blocks = 2 * per // bs
+    desc_off = (1 + sub_hdr_size + bitmap_blocks) * bs
+    ndump = int(keep.sum())
+    data_off = desc_off + ndump * PAGE_DESC.size
+    status = COMPRESS_FLAGS[compress]
+    nr_cpus = sum(1 for n in parse_notes(note_blob) if n.name == "CORE" and n.type == 1)
+    w = _Out(out, flat)
+    head = DISK_DUMP_HEADER.pack(SIGNATURE, HEADER_VERSION, utsname_bytes(utsname), crashtime, 0, status, bs,
+                                 sub_hdr_size, bitmap_blocks, min(max_mapnr, 0xFFFFFFFF), 0, 0, 0, 0, nr_cpus)
+    w.write_at(0, head.ljust(bs, b"\0"))
+    sub = SUB_HEADER.pack(phys_base, dump_level, 0, 0, 0, vmci_off, vmci_size, bs + SUB_HEADER.size,
+                          len(note_blob), 0, 0, 0, 0, max_mapnr)
+    w.write_at(bs, (sub + note_blob).ljust(sub_hdr_size * bs, b"\0"))
+    w.write_at((1 + sub_hdr_size) * bs, np.packbits(ram, bitorder="little").tobytes().ljust(per, b"\0"))
+    w.write_at((1 + sub_hdr_size) * bs + per, np.packbits(keep, bitorder="little").tobytes().ljust(per, b"\0"))
+    pos = data_off
+    zero_desc = None
+    if dump_level & DL_ZERO:
+        w.write_at(pos, bytes(bs))
+        zero_desc = PAGE_DESC.pack(pos, bs, 0, 0)
+        pos += bs
+    local = threading.local()
+
+    def pack_pages(data: bytes) -> list[bytes | None]:
+        """Per page: stored bytes with flag, or None for a zero page (when zero pages are shared)."""
+        out_pages: list[bytes | None] = []
+        if compress == "zstd":
+            c = getattr(local, "c", None)
+            if c is None:
+                c = local.c = zstandard.ZstdCompressor(level=1, write_content_size=True, write_checksum=False)
+        for i in range(0, len(data), bs):
+            page = data[i:i + bs]
+            if zero_desc is not None and page.count(0) == bs:
+                out_pages.append(None)
+                continue
+            try:
+                if compress == "zlib":
+                    comp = zlib.compress(page, 1)
+                elif compress == "zstd":
+                    comp = c.compress(page)
+                else:
+                    comp = page
+            except (zlib.error, zstandard.ZstdError) as e:
+                raise CompressionError(f"page compression failed: {e}") from None
+            out_pages.append(comp if len(comp) < bs else page)
+        return out_pages
+
+    batch = 1024
+    kept_pfns = np.flatnonzero(keep)
+    desc_i = 0
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+
+        def reads() -> Iterable[tuple[np.ndarray, bytes]]:
+            for i in range(0, len(kept_pfns), batch):
+                pfns = kept_pfns[i:i + batch]
+                parts = []
+                for a, b in runs(np.isin(np.arange(pfns[0], pfns[-1] + 1), pfns)):
+                    parts.append(bytes(source.view(int(pfns[0] + a) * bs, (b - a) * bs)))
+                yield pfns, b"".join(parts)
+
+        pending = []
+        for pfns, data in reads():
+            pending.append((pfns, pool.submit(pack_pages, data)))
+            if len(pending) < 2 * max(1, threads):
+                continue
+            pos, desc_i = _emit(w, pending.pop(0), pos, desc_off, desc_i, zero_desc, compress, progress, bs)
+        while pending:
+            pos, desc_i = _emit(w, pending.pop(0), pos, desc_off, desc_i, zero_desc, compress, progress, bs)
+    w.end(pos)
+    return pos
+
+
+def _emit(w: _Out, item: tuple, pos: int, desc_off: int, desc_i: int, zero_desc: bytes | None, compress: str,
+          progress: Callable[[int], None] | None, bs: int) -> tuple[int, int]:
+    pfns, fut = item
+    descs = bytearray()
+    blob = bytearray()
+    flag = COMPRESS_FLAGS[compress]
+    for comp in fut.result():
+        if comp is None:
+            assert zero_desc is not None
+            descs += zero_desc
+            continue
+        descs += PAGE_DESC.pack(pos + len(blob), len(comp), flag if len(comp) < bs else 0, 0)
+        blob += comp
+    w.write_at(pos, blob)
+    w.write_at(desc_off + desc_i * PAGE_DESC.size, descs)
+    if progress:
+        progress(len(pfns) * bs)
+    return pos + len(blob), desc_i + len(pfns)
