@@ -37,6 +37,9 @@ def _register() -> None:
     from khibernate.doctor import doctor_command
 
     cli.add_command(doctor_command)
+    from khibernate.image.cli import image_group
+
+    cli.add_command(image_group)
     from khibernate.jump.cli import jump_group, kdump_group, kexec_group
 
     for group in (kexec_group, kdump_group, jump_group):
