@@ -198,6 +198,9 @@ class ElfSource(MemorySource):
     def view(self, paddr: int, size: int) -> memoryview:
         return self.file.view(paddr, size)
 
+    def readinto(self, paddr: int, buf: memoryview) -> None:
+        self.file.readinto(paddr, buf)
+
     def close(self) -> None:
         self.file.close()
 

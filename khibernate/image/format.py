@@ -207,38 +207,43 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
     stats = SaveStats()
     index: list[BlockEntry] = []
     local = threading.local()
+    nthreads = max(1, threads)
+    # buffers: one being filled plus two per thread in flight; memory stays bounded whatever the dump size
+    free = [np.empty(block_pages * ps, dtype=np.uint8) for _ in range(2 * nthreads + 1)]
 
-    def compress(data: bytes) -> tuple[bytes, int]:
+    def compress(buf: np.ndarray, nbytes: int) -> tuple[bytes, int]:
         c = getattr(local, "c", None)
         if c is None:
             c = local.c = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True, write_content_size=True)
-        frame = c.compress(data)
+        frame = c.compress(memoryview(buf)[:nbytes])
         return frame, zlib.crc32(frame)
 
-    pending: collections.deque[tuple[Future[tuple[bytes, int]], int, int, int, int]] = collections.deque()
+    Pending = tuple[Future[tuple[bytes, int]], np.ndarray, int, int, int]
+    pending: collections.deque[Pending] = collections.deque()
 
     def drain(limit: int) -> None:
         nonlocal pos
         while len(pending) > limit:
-            fut, first, end, usize, npages = pending.popleft()
+            fut, buf, first, end, npages = pending.popleft()
             frame, crc = fut.result()
             out.write(frame)
-            index.append(BlockEntry(first, end, pos, len(frame), usize, npages, crc))
+            index.append(BlockEntry(first, end, pos, len(frame), npages * ps, npages, crc))
             pos += len(frame)
+            free.append(buf)
 
-    block = bytearray()
-    block_pfns: list[int] = []  # first and last pfn of the block being filled
-    block_n = 0
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+    cur = free.pop()
+    fill = 0  # pages in cur
+    first = last = 0
+    with ThreadPoolExecutor(max_workers=nthreads) as pool:
 
         def flush() -> None:
-            nonlocal block, block_n
-            if block_n:
-                pending.append((pool.submit(compress, bytes(block)), block_pfns[0], block_pfns[1] + 1,
-                                len(block), block_n))
-                block = bytearray()
-                block_n = 0
-                drain(max(1, threads) * 2)
+            nonlocal cur, fill
+            if fill:
+                pending.append((pool.submit(compress, cur, fill * ps), cur, first, last + 1, fill))
+                fill = 0
+                if not free:
+                    drain(len(pending) - 1)
+                cur = free.pop()
 
         for ch in chunks:
             pfn, cls, ram, keep = ch.pfn, ch.classes, ch.ram, ch.keep
@@ -247,37 +252,33 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
                 stats.class_counts[i] += int(counts[i])
             stats.pages_ram += int(ram.sum())
             for a, b in runs(keep):
-                for s in range(a, b, block_pages):
-                    e = min(b, s + block_pages)
-                    data = source.view((pfn + s) * ps, (e - s) * ps)
+                s = a
+                while s < b:
+                    take = min(b - s, block_pages - fill)
+                    dst = cur[fill * ps:(fill + take) * ps]
+                    source.readinto((pfn + s) * ps, memoryview(dst))
+                    idx = np.arange(pfn + s, pfn + s + take)
                     if level & DL_ZERO:
-                        z = zero_pages(data, ps)
-                        zero[pfn + s:pfn + e] = z
-                        if z.all():
-                            continue
+                        z = zero_pages(dst, ps)
                         if z.any():
-                            pages = np.frombuffer(data, dtype=np.uint8).reshape(-1, ps)[~z]
-                            data = memoryview(pages.tobytes())
-                            idx = np.flatnonzero(~z) + pfn + s
-                        else:
-                            idx = np.arange(pfn + s, pfn + e)
-                    else:
-                        idx = np.arange(pfn + s, pfn + e)
-                    stored[idx] = True
-                    # split so no block exceeds block_pages
-                    k = 0
-                    while k < len(idx):
-                        take = min(len(idx) - k, block_pages - block_n)
-                        if block_n == 0:
-                            block_pfns[:] = [int(idx[k]), 0]
-                        block += data[k * ps:(k + take) * ps]
-                        block_pfns[1] = int(idx[k + take - 1])
-                        block_n += take
-                        k += take
-                        if block_n >= block_pages:
-                            flush()
+                            zero[pfn + s:pfn + s + take] = z
+                            nz = ~z
+                            idx = idx[nz]
+                            pages = dst.reshape(take, ps)
+                            pages[:len(idx)] = pages[nz]
+                    if len(idx):
+                        stored[idx] = True
+                        if fill == 0:
+                            first = int(idx[0])
+                        last = int(idx[-1])
+                        fill += len(idx)
+                    s += take
                     if progress:
-                        progress((e - s) * ps)
+                        progress(take * ps)
+                    if fill == block_pages:
+                        flush()
+                    while pending and pending[0][0].done():
+                        drain(len(pending) - 1)
         flush()
         drain(0)
     stats.pages_stored = int(stored.sum())

@@ -87,6 +87,10 @@ class MemorySource(ABC):
         """Like read() but zero-copy where the reader can (mmap)."""
         return memoryview(self.read(paddr, size))
 
+    def readinto(self, paddr: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the bytes at ``paddr`` (no allocation where the reader can avoid it)."""
+        buf[:] = self.view(paddr, len(buf))
+
     def present(self, paddr: int, size: int) -> bool:
         """True if [paddr, paddr+size) holds data (inside ranges and not excluded)."""
         i = bisect.bisect_right([r.start for r in self.ranges], paddr) - 1
@@ -118,9 +122,9 @@ class FileSegment:
 
 
 class SegmentedFile:
-    """Physical reads over a file made of segments (ELF cores, /dev/mem); mmap when possible, else pread."""
+    """Physical reads over a file made of segments (ELF cores, /dev/mem) by pread (bounded RSS); mmap on request."""
 
-    def __init__(self, path: str | os.PathLike[str], segments: Sequence[FileSegment], *, use_mmap: bool = True):
+    def __init__(self, path: str | os.PathLike[str], segments: Sequence[FileSegment], *, use_mmap: bool = False):
         self.fd = os.open(path, os.O_RDONLY)
         self.size = os.fstat(self.fd).st_size
         self.segments = sorted(segments)
@@ -170,6 +174,21 @@ class SegmentedFile:
                     raise TruncatedError(f"short read at file offset {off}; the dump is truncated")
                 parts.append(data)
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def readinto(self, paddr: int, buf: memoryview) -> None:
+        """Fill ``buf`` from [paddr, paddr+len(buf)) with preadv, no intermediate copies."""
+        pos = 0
+        for _, n, off in self.chunks(paddr, len(buf)):
+            if off is None:
+                buf[pos:pos + n] = bytes(n)
+            else:
+                done = 0
+                while done < n:
+                    got = os.preadv(self.fd, [buf[pos + done:pos + n]], off + done)
+                    if got <= 0:
+                        raise TruncatedError(f"short read at file offset {off + done}; the dump is truncated")
+                    done += got
+            pos += n
 
     def view(self, paddr: int, size: int) -> memoryview:
         """Zero-copy view when the request lies in one mmapped segment, else a copy."""
