@@ -163,7 +163,7 @@ def test_jump_refusals(kernel):
         status, out = vm.run_status(f"{K} jump load /boot/bzImage --initrd /boot/initrd.img "
                                     "--mem-min 0x3c000000 --mem-max 0x3c7fffff")
         assert status == 1 and "does not fit in the load window" in out and "Traceback" not in out, out
-        status, out = vm.run_status(f"{K} jump load /etc/passwd --mem-min 0x3c000000 --mem-max 0x3dffffff")
+        status, out = vm.run_status(f"{K} jump load /boot/initrd.img --mem-min 0x3c000000 --mem-max 0x3dffffff")
         assert status == 1 and "not an x86 bzImage" in out, out
         status, out = vm.run_status(
             "python3 -c 'import os, sys; os.setgid(65534); os.setuid(65534); "
