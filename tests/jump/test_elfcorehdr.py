@@ -34,3 +34,15 @@ def test_sysfs_parsing(tmp_path):
     notes = elfcorehdr.read_notes(tmp_path)
     assert [n.paddr for n in notes] == [0x3FC1A000, 0x3FC1B000, 0x3FC24000, 0x1E3C000]
     assert notes[-1] == Note(0x1E3C000, 0x1024, "VMCOREINFO")
+
+
+def test_round_trip_khibernate_image_reader():
+    """The header is what khibernate/image's ELF reader expects of a vmcore's headers."""
+    from khibernate.image.elf import ELFCLASS64, EM_X86_64, parse_headers
+
+    ram = [Range(0x9F000, 0x9FC00), Range(0x100000, 0x2E000000), Range(0x3E000000, 0x3FFE0000)]
+    notes = [Note(0x3FC1A000, 0x150, "cpu0"), Note(0x1FA000, 0x1024, "VMCOREINFO")]
+    h = parse_headers(elfcorehdr.build(ram, notes))
+    assert h.elfclass == ELFCLASS64 and h.machine == EM_X86_64
+    assert [(p.offset, p.filesz) for p in h.note_phdrs] == [(n.paddr, n.size) for n in notes]
+    assert [(p.paddr, p.offset, p.filesz) for p in h.loads] == [(r.start, r.start, r.size) for r in ram]
