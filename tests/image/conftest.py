@@ -26,3 +26,10 @@ def workload_1g():  # noqa: ANN201 - RealDump; imported lazily so non-VM tests n
     from tests.image.vmcores import workload_dump
 
     return workload_dump("wl1g")
+
+
+@pytest.fixture(scope="session")
+def workload_2g_smp2():  # noqa: ANN201 - RealDump: 2 GiB, 2 vCPUs, a bigger workload
+    from tests.image.vmcores import workload_dump
+
+    return workload_dump("wl2g", memory_mb=2048, smp=2, anon_mb=320, tmpfs_mb=200, bdev_mb=48)

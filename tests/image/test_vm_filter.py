@@ -14,14 +14,16 @@ from tests.image.vmcores import RealDump
 pytestmark = pytest.mark.vm
 
 
-def test_filter_agrees_with_kpageflags(workload_1g: RealDump) -> None:
-    with open_source(workload_1g.vmcore) as src:
+@pytest.mark.parametrize("dump", ["workload_1g", "workload_2g_smp2"])
+def test_filter_agrees_with_kpageflags(dump: str, request: pytest.FixtureRequest) -> None:
+    real: RealDump = request.getfixturevalue(dump)
+    with open_source(real.vmcore) as src:
         pf = PageFilter(src, vmcoreinfo.from_source(src))
         ours = np.concatenate([c for _, c in pf.classes()])
-    oracle = kpageflags_classes(workload_1g.flags())
+    oracle = kpageflags_classes(real.flags())
     n = min(len(ours), len(oracle))
     matrix, table = confusion(ours[:n], oracle[:n])
-    print("\nfilter vs /proc/kpageflags (pfns):\n" + table)
+    print(f"\nfilter vs /proc/kpageflags ({dump}, pfns):\n" + table)
     for c in PageClass:
         total = matrix[c].sum()
         if total:
