@@ -46,7 +46,7 @@ def elf_input(path: Path, work: Path) -> Path:
     from khibernate.image.export import export
 
     with ElfSource(path) as src:
-        if any(p.vaddr for p in src.headers.loads):
+        if any(p.vaddr >= 1 << 63 for p in src.headers.loads):
             return path
         dest = work / (path.parent.name + ".elf")
         if not dest.exists():
