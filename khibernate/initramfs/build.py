@@ -8,12 +8,16 @@ when the archive is made.  The content of ``/init`` and its helpers lives in the
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
 
 from khibernate.errors import KhibernateError
 from khibernate.initramfs import collect, cpio
@@ -29,11 +33,18 @@ class InitramfsError(KhibernateError):
     """The initramfs cannot be built from what is installed on this machine."""
 
 
+def _has_debug_sections(data: bytes) -> bool:
+    try:
+        return any(sec.name.startswith((".debug", ".zdebug")) for sec in ELFFile(io.BytesIO(data)).iter_sections())
+    except ELFError:
+        return False
+
+
 def strip_debug(data: bytes) -> bytes:
     """ELF bytes without debug sections (binutils' strip --strip-debug); unchanged if strip is not installed."""
     strip = shutil.which("strip")
-    if strip is None or not data.startswith(b"\x7fELF"):
-        return data
+    if strip is None or not data.startswith(b"\x7fELF") or not _has_debug_sections(data):
+        return data  # never rewrite files that carry no debug info (patchelf'ed wheel libraries break)
     with tempfile.TemporaryDirectory(prefix="khibernate-strip-") as d:
         src, dst = Path(d) / "in", Path(d) / "out"
         src.write_bytes(data)
@@ -54,6 +65,16 @@ class Tree:
 
     entries: dict[str, cpio.Entry] = dataclasses.field(default_factory=dict)
     elf_files: list[Path] = dataclasses.field(default_factory=list)
+    # host directory (realpath) -> guest directory of trees copied whole; libraries found inside them are the copies
+    dir_map: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def guest_path(self, host: str) -> str:
+        """Where host path lands in the guest: inside a copied tree if it lies in one, else at the same path."""
+        for cand in (host, os.path.realpath(host)):
+            for hdir, gdir in self.dir_map.items():
+                if cand.startswith(hdir + "/"):
+                    return gdir + cand[len(hdir):]
+        return host
 
     def _put(self, entry: cpio.Entry) -> None:
         old = self.entries.get(entry.path)
@@ -100,9 +121,10 @@ class Tree:
 
     def add_libraries(self) -> None:
         """Add the loader and shared libraries of every ELF file added so far (at the paths the loader opens)."""
-        for guest, host in sorted(collect.resolve(self.elf_files).items()):
-            if _norm(guest) not in self.entries or self.entries[_norm(guest)].kind == "symlink":
-                self.entries.pop(_norm(guest), None)
+        for wanted, host in sorted(collect.resolve(self.elf_files).items()):
+            guest = _norm(self.guest_path(wanted))
+            if guest not in self.entries or self.entries[guest].kind == "symlink":
+                self.entries.pop(guest, None)
                 self.add_data(guest, host.read_bytes(), 0o755)
 
     def archive(self, compression: str = "zstd") -> bytes:
@@ -165,7 +187,9 @@ def add_kexec(tree: Tree, kexec: Path | None = None) -> None:
 
 def add_python(tree: Tree) -> None:
     """The running interpreter, trimmed stdlib, khibernate and its dependencies, and the khibernate launcher."""
-    for f in pybundle.bundle():
+    files, dir_map = pybundle.bundle()
+    tree.dir_map.update(dir_map)
+    for f in files:
         tree.add_data(f.guest, f.data, f.perm)
         if f.elf_source is not None:
             tree.elf_files.append(f.elf_source)

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import tomllib
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,7 +46,9 @@ STDLIB_DROP = frozenset({
 DYNLOAD_DROP = re.compile(r"^(_test\w*|_ctypes_test|_xxtestfuzz|_xxsubinterpreters|xxlimited\w*|_tkinter|_curses\w*|"
                           r"readline|nis|spwd|ossaudiodev|_ssl|_hashlib|_sqlite3|_dbm|_gdbm|_crypt|audioop|_uuid)\.")
 # Files of dependencies never imported in the guest (zstandard's cffi backend duplicates its C backend).
-SITE_DROP = re.compile(r"^zstandard/(_cffi\.|backend_cffi)")
+# Also test suites, type stubs, C headers and numpy's f2py, which nothing imports at run time.
+SITE_DROP = re.compile(r"^zstandard/(_cffi\.|backend_cffi)|(^|/)tests?/|\.(pyi|pxd|h|c|cpp)$"
+                       r"|^numpy/(f2py|_pyinstaller)/|/include/")
 # Requirement markers we treat as never true in the guest.
 FOREIGN_MARKERS = re.compile(r"extra\s*==|Windows|win32|darwin|cygwin|PyPy\"\s*$")
 
@@ -198,14 +201,33 @@ def _package_files(pkg: str) -> Iterator[tuple[str, Path]]:
             yield f"{pkg}/{p.relative_to(root).as_posix()}", p
 
 
-def site_files(top_package: str = "khibernate", default_requires: tuple[str, ...] = (
-        "pyelftools", "zstandard", "cffi", "click")) -> list[tuple[str, Path]]:
+def top_requirements(top_package: str) -> list[str]:
+    """Distribution names top_package needs: its installed metadata plus, in a source checkout, pyproject.toml."""
+    names: list[str] = []
+    try:
+        names += _requirement_names(importlib.metadata.distribution(top_package))
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    spec = importlib.util.find_spec(top_package)
+    if spec is not None and spec.submodule_search_locations:
+        pyproject = Path(list(spec.submodule_search_locations)[0]).parent / "pyproject.toml"
+        if pyproject.is_file():
+            project = tomllib.loads(pyproject.read_text()).get("project", {})
+            if project.get("name") == top_package:
+                for req in project.get("dependencies", []):
+                    m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", req)
+                    if m and not FOREIGN_MARKERS.search(req.partition(";")[2]):
+                        names.append(m.group(1))
+    if not names:
+        raise PythonBundleError(f"cannot tell what {top_package} depends on: neither installed (pip install -e .)"
+                                " nor run from a source checkout with pyproject.toml")
+    return names
+
+
+def site_files(top_package: str = "khibernate") -> list[tuple[str, Path]]:
     """(relative path under GUEST_SITE, host file) for top_package (from where it imports) and its dependencies."""
     files: dict[str, Path] = dict(_package_files(top_package))
-    try:
-        todo = _requirement_names(importlib.metadata.distribution(top_package))
-    except importlib.metadata.PackageNotFoundError:
-        todo = list(default_requires)
+    todo = top_requirements(top_package)
     done: set[str] = set()
     while todo:
         name = todo.pop(0)
@@ -224,9 +246,11 @@ def site_files(top_package: str = "khibernate", default_requires: tuple[str, ...
     return sorted(files.items())
 
 
-def bundle(top_package: str = "khibernate") -> list[PyFile]:
-    """Every file of the Python bundle (ELF files carry elf_source so the caller can add their libraries)."""
+def bundle(top_package: str = "khibernate") -> tuple[list[PyFile], dict[str, str]]:
+    """Every file of the Python bundle (ELF files carry elf_source so the caller can add their libraries), and the
+    host -> guest directory map of the copied site trees (so $ORIGIN-relative libraries resolve inside the copy)."""
     out: list[PyFile] = []
+    dir_map: dict[str, str] = {}
     exe = interpreter()
     out.append(PyFile(str(exe), exe.read_bytes(), 0o755, exe))
     out.append(PyFile(f"{GUEST_PREFIX}/lib/python{VERSION_NODOT}.zip", stdlib_zip()))
@@ -238,6 +262,8 @@ def bundle(top_package: str = "khibernate") -> list[PyFile]:
                     strict=True))
     for rel, src in site:
         guest = f"{GUEST_SITE}/{rel}"
+        if src.as_posix().endswith("/" + rel):
+            dir_map[os.path.realpath(src.as_posix()[:-len(rel) - 1])] = GUEST_SITE
         data = src.read_bytes()
         is_so = src.name.endswith(".so") or ".so." in src.name
         out.append(PyFile(guest, data, 0o755 if is_so else 0o644, src if is_so else None))
@@ -246,7 +272,7 @@ def bundle(top_package: str = "khibernate") -> list[PyFile]:
             parent, _, stem = rel[:-3].rpartition("/")
             cache = f"{parent}/__pycache__" if parent else "__pycache__"
             out.append(PyFile(f"{GUEST_SITE}/{cache}/{stem}.{sys.implementation.cache_tag}.pyc", pyc))
-    return out
+    return out, dir_map
 
 
 def environment() -> dict[str, str]:
