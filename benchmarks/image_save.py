@@ -23,20 +23,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def run(cmd: list[str], out: Path | None, stdout_to: Path | None = None) -> tuple[float, int, int]:
-    """(wall seconds, peak RSS KiB, output bytes) of one command."""
+    """(wall seconds, peak RSS KiB, output bytes) of one command; RSS from GNU time (no forked-parent pages)."""
     if out is not None and out.exists():
         out.unlink()
-    t0 = time.perf_counter()
-    with open(stdout_to, "wb") if stdout_to else open(os.devnull, "wb") as so:
-        p = subprocess.Popen(cmd, stdout=so, stderr=subprocess.PIPE)
-        _, status, usage = os.wait4(p.pid, 0)
-    dt = time.perf_counter() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode:
-        err = p.stderr.read().decode(errors="replace") if p.stderr else ""
-        raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{err[-2000:]}")
-    size = (stdout_to or out).stat().st_size if (stdout_to or out) else 0
-    return dt, usage.ru_maxrss, size
+    with tempfile.NamedTemporaryFile("r") as rss:
+        t0 = time.perf_counter()
+        with open(stdout_to, "wb") if stdout_to else open(os.devnull, "wb") as so:
+            p = subprocess.run(["/usr/bin/time", "-q", "-f", "%M", "-o", rss.name, *cmd], stdout=so,
+                               stderr=subprocess.PIPE)
+        dt = time.perf_counter() - t0
+        if p.returncode:
+            raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr.decode(errors='replace')[-2000:]}")
+        peak = int(rss.read().split()[-1])
+    target = stdout_to or out
+    return dt, peak, target.stat().st_size if target else 0
 
 
 def elf_input(path: Path, work: Path) -> Path:
@@ -110,6 +110,8 @@ def main() -> None:
     ap.add_argument("vmcores", nargs="*", type=Path)
     ap.add_argument("--runs", type=int, default=2)
     args = ap.parse_args()
+    if not os.access("/usr/bin/time", os.X_OK):
+        raise SystemExit("GNU time is needed for peak RSS: apt-get install time")
     if shutil.which("makedumpfile") is None:
         raise SystemExit("makedumpfile is not installed: apt-get install makedumpfile")
     vmcores = args.vmcores

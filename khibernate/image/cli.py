@@ -11,7 +11,7 @@ import click
 
 from khibernate.image import vmcoreinfo as vmci_mod
 from khibernate.image.errors import ImageError, MissingVmcoreinfoError, UsageErrorImage
-from khibernate.image.pagefilter import RESTORABLE_LEVEL, PageClass
+from khibernate.image.levels import RESTORABLE_LEVEL, PageClass
 from khibernate.image.progress import Progress
 from khibernate.image.sources import MemorySource, open_source
 from khibernate.image.vmcoreinfo import Vmcoreinfo

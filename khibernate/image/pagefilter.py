@@ -9,34 +9,28 @@ from page contents, by the writer (:func:`zero_pages`).
 from __future__ import annotations
 
 import dataclasses
-import enum
 from collections.abc import Iterator
 
 import numpy as np
 
 from khibernate.image.errors import MissingVmcoreinfoError, UsageErrorImage
+from khibernate.image.levels import (  # noqa: F401 - re-exported
+    DL_CACHE,
+    DL_CACHE_PRI,
+    DL_FREE,
+    DL_USER,
+    DL_ZERO,
+    MAX_DUMP_LEVEL,
+    RESTORABLE_LEVEL,
+    PageClass,
+)
 from khibernate.image.sources.base import MemorySource
 from khibernate.image.vmcoreinfo import Vmcoreinfo
 from khibernate.image.x86_64 import X86_64
 
-DL_ZERO, DL_CACHE, DL_CACHE_PRI, DL_USER, DL_FREE = 1, 2, 4, 8, 16
-MAX_DUMP_LEVEL = 31
-RESTORABLE_LEVEL = DL_ZERO | DL_FREE
 SECTION_MAP_MASK = ~((1 << 5) - 1)  # makedumpfile's SECTION_MAP_LAST_BIT (4.13+)
 SECTION_MARKED_PRESENT, SECTION_HAS_MEM_MAP = 1 << 0, 1 << 1
 U64 = (1 << 64) - 1
-
-
-class PageClass(enum.IntEnum):
-    """What a page frame holds, as far as dump levels care (one byte per pfn)."""
-
-    OTHER = 0  # kernel, slab, page tables, reserved ... always kept
-    CACHE = 1  # page cache / swap cache without PG_private
-    CACHE_PRIVATE = 2  # page cache with PG_private (buffer heads, fs private data)
-    USER = 3  # anonymous or hugetlbfs
-    FREE = 4  # in a free buddy block or unaccepted
-    UNUSABLE = 5  # hwpoison or logically offline (balloon): never read, never kept
-    NO_PAGE = 6  # no struct page (memory hole inside a range)
 
 
 # Which dump-level bits drop which class; UNUSABLE goes whenever struct pages are read (level > 1), as in makedumpfile.

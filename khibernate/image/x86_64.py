@@ -112,24 +112,32 @@ class X86_64:
     def page_offset(self) -> int | None:
         """Base of the direct map (KASLR randomises it in 1 GiB steps): the lowest kernel VA that maps PA 0."""
         mask = PTE_ADDR_MASK & ~self.sme_mask
-        top_shift, second_shift = (48, 39) if self.l5 else (39, 30)
-        top = self._table(self.pgd_paddr)
-        for i in range(256, 512):
-            (e1,) = _U64.unpack_from(top, i * 8)
-            if not e1 & PTE_PRESENT:
-                continue
-            second = self._table(e1 & mask)
-            for j in range(512):
-                (e2,) = _U64.unpack_from(second, j * 8)
-                if not e2 & PTE_PRESENT:
+        bits = 57 if self.l5 else 48
+        shifts = (48, 39, 30) if self.l5 else (39, 30)
+
+        def descend(table: int, level: int, va: int) -> int | None:
+            data = self._table(table)
+            shift = shifts[level]
+            for i in range(256 if level == 0 else 0, 512):
+                (entry,) = _U64.unpack_from(data, i * 8)
+                if not entry & PTE_PRESENT:
                     continue
-                va = _canonical((i << top_shift) | (j << second_shift), 57 if self.l5 else 48)
-                try:
-                    if self.walk(va)[0] == 0:
-                        return va
-                except AddressError:
+                sub = va | (i << shift)
+                if shift == 30:
+                    try:
+                        if self.walk(_canonical(sub, bits))[0] == 0:
+                            return _canonical(sub, bits)
+                    except AddressError:
+                        pass
                     continue
-        return None
+                if entry & PTE_PSE:
+                    continue
+                found = descend(entry & mask, level + 1, sub)
+                if found is not None:
+                    return found
+            return None
+
+        return descend(self.pgd_paddr, 0, 0)
 
 
 def _canonical(va: int, bits: int) -> int:

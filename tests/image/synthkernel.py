@@ -24,6 +24,8 @@ HOLE = (0x9F000, 0x100000)
 START_KERNEL_MAP = 0xFFFFFFFF80000000
 PAGE_OFFSET = 0xFFFF888000000000 + 5 * (1 << 30)  # "randomised" direct map base
 VMEMMAP = 0xFFFFEA0000000000 + 3 * (1 << 30)
+PAGE_OFFSET_L5 = 0xFF11000000000000 + 7 * (1 << 30)
+VMEMMAP_L5 = 0xFFD4000000000000 + 2 * (1 << 30)
 PHYS_BASE = 0x400000
 KTEXT_VA = 0xFFFFFFFF81000000
 SECTION_BITS = 24
@@ -46,6 +48,7 @@ class SynthKernel:
     vmcoreinfo: str
     expected: np.ndarray
     zero: np.ndarray
+    page_offset: int = PAGE_OFFSET
 
     @property
     def notes(self) -> list[Note]:
@@ -55,7 +58,7 @@ class SynthKernel:
     def write_elf(self, path: str | os.PathLike[str], *, elf32: bool = False, qemu: bool = False,
                   kernel_alias: bool = True) -> None:
         """Write as an ELF core (QEMU style: all vaddr 0; kernel_alias: extra PT_LOAD for kernel text)."""
-        loads = [LoadSpec(a, b - a, 0 if qemu or elf32 else PAGE_OFFSET + a) for a, b in self.ranges]
+        loads = [LoadSpec(a, b - a, 0 if qemu or elf32 else self.page_offset + a) for a, b in self.ranges]
         if kernel_alias and not qemu and not elf32:
             loads.insert(0, LoadSpec(PHYS_BASE + 0x1000000, 0x200000, KTEXT_VA))
         with open(path, "wb") as f:
@@ -73,10 +76,10 @@ class _Alloc:
         return pa
 
 
-def _map(mem: bytearray, alloc: _Alloc, pgd: int, va: int, pa: int, level_size: int) -> None:
-    """Map one page of ``level_size`` (4K, 2M or 1G) at va -> pa in 4-level tables rooted at pgd."""
+def _map(mem: bytearray, alloc: _Alloc, pgd: int, va: int, pa: int, level_size: int, l5: bool = False) -> None:
+    """Map one page of ``level_size`` (4K, 2M or 1G) at va -> pa in 4- or 5-level tables rooted at pgd."""
     table = pgd
-    for shift in (39, 30, 21, 12):
+    for shift in (48, 39, 30, 21, 12) if l5 else (39, 30, 21, 12):
         idx = (va >> shift) & 0x1FF
         slot = table + idx * 8
         if 1 << shift == level_size:
@@ -91,8 +94,11 @@ def _map(mem: bytearray, alloc: _Alloc, pgd: int, va: int, pa: int, level_size: 
         table = entry & 0x000FFFFFFFFFF000
 
 
-def build(seed: int = 1) -> SynthKernel:
-    """Build the synthetic kernel memory."""
+def build(seed: int = 1, *, l5: bool = False, extreme: bool = True) -> SynthKernel:
+    """Build the synthetic kernel memory (``l5``: 5-level paging; ``extreme``: SPARSEMEM_EXTREME)."""
+    page_offset = PAGE_OFFSET_L5 if l5 else PAGE_OFFSET
+    vmemmap = VMEMMAP_L5 if l5 else VMEMMAP
+    physmem_bits = 52 if l5 else 46
     rnd = random.Random(seed)
     mem = bytearray(MEM)
     npfn = MEM // PS
@@ -105,19 +111,20 @@ def build(seed: int = 1) -> SynthKernel:
     pgd = ktext_pa  # init_top_pgt at the start of the "kernel image"
     mem[pgd:pgd + PS] = bytes(PS)
     alloc = _Alloc(mem, 0x1600000)  # page-table pool
-    _map(mem, alloc, pgd, KTEXT_VA, ktext_pa, 1 << 21)
-    _map(mem, alloc, pgd, PAGE_OFFSET, 0, 1 << 30)
+    _map(mem, alloc, pgd, KTEXT_VA, ktext_pa, 1 << 21, l5)
+    _map(mem, alloc, pgd, page_offset, 0, 1 << 30, l5)
     memmap_pa = 0x1700000  # struct page array: npfn * 64 = 512 KiB
     for i in range(npfn * 64 // PS):
-        _map(mem, alloc, pgd, VMEMMAP + i * PS, memmap_pa + i * PS, PS)
+        _map(mem, alloc, pgd, vmemmap + i * PS, memmap_pa + i * PS, PS, l5)
     # mem_section (EXTREME): root pointer array + one root page
     roots_pa, root_pa = 0x1800000, 0x1801000
     mem[roots_pa:roots_pa + 2 * PS] = bytes(2 * PS)
-    struct.pack_into("<Q", mem, roots_pa, PAGE_OFFSET + root_pa)
+    struct.pack_into("<Q", mem, roots_pa, page_offset + root_pa)
     per_section = 1 << (SECTION_BITS - 12)
+    table = root_pa if extreme else roots_pa  # non-EXTREME: mem_section is a static array of sections
     for nr in range(npfn // per_section):
-        coded = (VMEMMAP + nr * per_section * 64 - nr * per_section * 64) & ((1 << 64) - 1)
-        struct.pack_into("<QQ", mem, root_pa + nr * 16, coded | 0x7, 0)
+        coded = vmemmap  # mem_map VA minus section start pfn * sizeof(struct page)
+        struct.pack_into("<QQ", mem, table + nr * 16, coded | 0x7, 0)
 
     expected = np.full(npfn, PageClass.OTHER, dtype=np.uint8)
     zero = np.zeros(npfn, dtype=bool)
@@ -136,11 +143,11 @@ def build(seed: int = 1) -> SynthKernel:
         normal(pfn, flags=head.get("flags", 0) | 1 << PG["head"], mapping=head.get("mapping", 0),
                mapcount=head.get("mapcount", -1))
         for p in range(pfn + 1, pfn + (1 << order)):
-            pages[p] = [order if p == pfn + 1 else 0, VMEMMAP + pfn * 64 + 1, 0, 0, 0, 0, -1, 0, 0]
+            pages[p] = [order if p == pfn + 1 else 0, vmemmap + pfn * 64 + 1, 0, 0, 0, 0, -1, 0, 0]
         expected[pfn:pfn + (1 << order)] = cls
 
-    anon_map = PAGE_OFFSET + 0x1900001  # anon_vma | PAGE_MAPPING_ANON
-    file_map = PAGE_OFFSET + 0x1900100
+    anon_map = page_offset + 0x1900001  # anon_vma | PAGE_MAPPING_ANON
+    file_map = page_offset + 0x1900100
     # buddy blocks, one crossing the section boundary region and chunk boundaries
     buddy(3072, 10)  # 3072..4095, ends at the section boundary
     buddy(4096, 9)
@@ -159,7 +166,7 @@ def build(seed: int = 1) -> SynthKernel:
         normal(pfn, flags=1 << PG["lru"], mapping=file_map)
         expected[pfn] = PageClass.CACHE
     for pfn in range(1400, 1450):
-        normal(pfn, flags=1 << PG["lru"] | 1 << PG["private"], mapping=file_map, private=PAGE_OFFSET + 0x1234)
+        normal(pfn, flags=1 << PG["lru"] | 1 << PG["private"], mapping=file_map, private=page_offset + 0x1234)
         expected[pfn] = PageClass.CACHE_PRIVATE
     for pfn in range(1450, 1460):  # swap cache, not on LRU, not anon-mapped
         normal(pfn, flags=1 << PG["swapcache"] | 1 << PG["swapbacked"], mapping=0)
@@ -195,16 +202,19 @@ def build(seed: int = 1) -> SynthKernel:
     mapcount = {k: _signed32(v << 24) for k, v in TYPE.items()}
     lines = [
         "OSRELEASE=6.12.0-synth", "BUILD-ID=0123456789abcdef0123456789abcdef01234567", "PAGESIZE=4096",
-        f"SYMBOL(init_top_pgt)={KTEXT_VA:x}", f"SYMBOL(mem_section)={PAGE_OFFSET + roots_pa:x}",
-        f"LENGTH(mem_section)={(1 << (46 - SECTION_BITS)) // (PS // 16)}", "SIZE(mem_section)=16",
+        f"SYMBOL(init_top_pgt)={KTEXT_VA:x}",
+        f"SYMBOL(mem_section)={(page_offset + roots_pa) if extreme else (KTEXT_VA + roots_pa - ktext_pa):x}",
+        f"LENGTH(mem_section)={(1 << (physmem_bits - SECTION_BITS)) // ((PS // 16) if extreme else 1)}",
+        "SIZE(mem_section)=16",
         "OFFSET(mem_section.section_mem_map)=0", f"NUMBER(SECTION_SIZE_BITS)={SECTION_BITS}",
-        "NUMBER(MAX_PHYSMEM_BITS)=46", "SIZE(page)=64", "OFFSET(page.flags)=0", "OFFSET(page._refcount)=52",
+        f"NUMBER(MAX_PHYSMEM_BITS)={physmem_bits}", "SIZE(page)=64", "OFFSET(page.flags)=0",
+        "OFFSET(page._refcount)=52",
         "OFFSET(page.mapping)=24", "OFFSET(page.lru)=8", "OFFSET(page._mapcount)=48", "OFFSET(page.private)=40",
         "OFFSET(page.compound_head)=8", "LENGTH(zone.free_area)=11",
         *(f"NUMBER(PG_{k})={v}" for k, v in PG.items() if k != "head"),
         f"NUMBER(PG_head_mask)={1 << PG['head']}",
         *(f"NUMBER(PAGE_{k.upper()}_MAPCOUNT_VALUE)={v}" for k, v in mapcount.items()),
-        f"NUMBER(phys_base)={PHYS_BASE}", "NUMBER(pgtable_l5_enabled)=0", "KERNELOFFSET=0",
+        f"NUMBER(phys_base)={PHYS_BASE}", f"NUMBER(pgtable_l5_enabled)={int(l5)}", "KERNELOFFSET=0",
         "NUMBER(KERNEL_IMAGE_SIZE)=1073741824", "CRASHTIME=1795318107",
     ]
-    return SynthKernel(mem, ranges, "\n".join(lines) + "\n", expected, zero)
+    return SynthKernel(mem, ranges, "\n".join(lines) + "\n", expected, zero, page_offset)

@@ -84,3 +84,18 @@ def test_save_roundtrip(synth_elf: Path, synth: sk.SynthKernel, tmp_path: Path, 
         assert img.vmcoreinfo() is not None and img.header.osrelease == "6.12.0-synth"
     if level & 1:
         assert stats.pages_zero == int((synth.zero & ~np.isin(synth.expected, list(drop))).sum())
+
+
+@pytest.mark.parametrize("l5,extreme", [(True, True), (False, False), (True, False)])
+def test_filter_paging_and_memory_models(tmp_path: Path, l5: bool, extreme: bool) -> None:
+    """5-level paging and static (non-EXTREME) mem_section give the same exact classes."""
+    k = sk.build(l5=l5, extreme=extreme)
+    core = tmp_path / "core"
+    k.write_elf(core, kernel_alias=False)
+    with open_source(core) as src:
+        v = vmcoreinfo.from_source(src)
+        kx = X86_64(src, v)
+        assert kx.l5 == l5 and kx.page_offset() == k.page_offset
+        got = np.concatenate([c for _, c in PageFilter(src, v).classes(700)])
+    ram = k.expected != PageClass.NO_PAGE
+    assert np.array_equal(got[ram], k.expected[ram])
