@@ -33,3 +33,10 @@ def workload_2g_smp2():  # noqa: ANN201 - RealDump: 2 GiB, 2 vCPUs, a bigger wor
     from tests.image.vmcores import workload_dump
 
     return workload_dump("wl2g", memory_mb=2048, smp=2, anon_mb=320, tmpfs_mb=200, bdev_mb=48)
+
+
+@pytest.fixture(scope="session")
+def kdump_1g():  # noqa: ANN201 - RealDump: /proc/vmcore of a kdump kernel (crashkernel=256M), same workload
+    from tests.image.vmcores import workload_dump
+
+    return workload_dump("kd1g", method="kdump")

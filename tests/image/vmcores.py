@@ -41,15 +41,22 @@ def _key(kernel_dir: Path, **params: object) -> str:
     return h.hexdigest()[:16]
 
 
+KDUMP_SNAPSHOT_MB = 1400  # where the kpageflags snapshot goes on the disk in kdump mode (after the vmcore)
+
+
 def workload_dump(name: str, *, memory_mb: int = 1024, smp: int = 1, anon_mb: int = 160, tmpfs_mb: int = 100,
-                  bdev_mb: int = 48) -> RealDump:
-    """Make (or reuse from the cache) a workload vmcore with its kpageflags oracle."""
+                  bdev_mb: int = 48, method: str = "qmp") -> RealDump:
+    """Make (or reuse from the cache) a workload vmcore with its kpageflags oracle.
+
+    ``method`` "qmp": QMP stop + dump-guest-memory (a QEMU ELF); "kdump": the guest panics into a kdump kernel
+    (crashkernel=256M) that copies /proc/vmcore to the disk (the ELF the kernel itself makes).
+    """
     from vmtest.kernel import ensure_kernel
-    from vmtest.vm import VM, check_host
+    from vmtest.vm import check_host
 
     check_host()
     kernel = ensure_kernel()
-    params = dict(memory_mb=memory_mb, smp=smp, anon_mb=anon_mb, tmpfs_mb=tmpfs_mb, bdev_mb=bdev_mb)
+    params = dict(memory_mb=memory_mb, smp=smp, anon_mb=anon_mb, tmpfs_mb=tmpfs_mb, bdev_mb=bdev_mb, method=method)
     out = CACHE / f"{name}-{_key(kernel.directory, **params)}"
     vmcore, kpf, meta_p = out / "vmcore", out / "kpageflags", out / "meta.json"
     if meta_p.exists():
@@ -58,12 +65,29 @@ def workload_dump(name: str, *, memory_mb: int = 1024, smp: int = 1, anon_mb: in
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     files = [(HERE / "guest" / "workload.py", "/guest/workload.py"), (HERE / "guest" / "kpf.py", "/guest/kpf.py")]
+    if method == "kdump":
+        meminfo, dmesg_before, release = _kdump(kernel, name, tmp, files, memory_mb, smp, anon_mb, tmpfs_mb, bdev_mb)
+    else:
+        meminfo, dmesg_before, release = _qmp(kernel, name, tmp, files, memory_mb, smp, anon_mb, tmpfs_mb, bdev_mb)
+    meta = {"params": params, "meminfo": meminfo, "dmesg_tail": dmesg_before, "release": release}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return RealDump(vmcore, kpf, kernel.directory, meta)
+
+
+def _workload(vm, anon_mb: int, tmpfs_mb: int, bdev_mb: int) -> tuple[str, str]:  # noqa: ANN001 - vmtest.vm.VM
+    vm.run(f"python3 /guest/workload.py {anon_mb} {tmpfs_mb} {bdev_mb}; "
+           "while [ ! -e /tmp/workload.ready ]; do sleep 0.2; done", timeout=600)
+    return vm.run("cat /proc/meminfo"), vm.run("dmesg | tail -5")
+
+
+def _qmp(kernel, name, tmp, files, memory_mb, smp, anon_mb, tmpfs_mb, bdev_mb):  # noqa: ANN001,ANN202
+    from vmtest.vm import VM
+
     with VM(kernel, memory_mb=memory_mb, smp=smp, extra_files=files, disk_mb=max(64, bdev_mb + 8),
             name=f"image-{name}", timeout=300) as vm:
-        vm.run(f"python3 /guest/workload.py {anon_mb} {tmpfs_mb} {bdev_mb}; "
-               "while [ ! -e /tmp/workload.ready ]; do sleep 0.2; done; free; cat /proc/meminfo", timeout=600)
-        meminfo = vm.run("cat /proc/meminfo")
-        dmesg_before = vm.run("dmesg | tail -5")
+        meminfo, dmesg_before = _workload(vm, anon_mb, tmpfs_mb, bdev_mb)
         vm.mark()
         vm.run("python3 /guest/kpf.py >/tmp/kpf.log 2>&1 &")
         vm.wait_for(r"KHB-KPF-READY \d+", timeout=120)
@@ -74,8 +98,30 @@ def workload_dump(name: str, *, memory_mb: int = 1024, smp: int = 1, anon_mb: in
         with open(vm.disk, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             (tmp / "kpageflags").write_bytes(f.read(n))
-    meta = {"params": params, "meminfo": meminfo, "dmesg_tail": dmesg_before, "release": vm.release}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return RealDump(vmcore, kpf, kernel.directory, meta)
+        return meminfo, dmesg_before, vm.release
+
+
+def _kdump(kernel, name, tmp, files, memory_mb, smp, anon_mb, tmpfs_mb, bdev_mb):  # noqa: ANN001,ANN202
+    from vmtest.vm import BASE_APPEND, VM
+
+    with VM(kernel, append="crashkernel=256M", memory_mb=memory_mb, smp=smp, extra_files=files,
+            disk_mb=KDUMP_SNAPSHOT_MB + 64, name=f"image-{name}", timeout=300) as vm:
+        meminfo, dmesg_before = _workload(vm, anon_mb, tmpfs_mb, bdev_mb)
+        vm.run("kexec -p /boot/bzImage --initrd=/boot/initrd.img --append='"
+               f"{BASE_APPEND} khibernate.role=kdump-to-disk nr_cpus=1 reset_devices'", timeout=120)
+        vm.mark()
+        vm.send(f"python3 /guest/kpf.py --kdump {KDUMP_SNAPSHOT_MB << 20}")
+        vm.wait_for(r"Kernel panic - not syncing: sysrq triggered crash", timeout=120)
+        size = int(vm.wait_for(r"kdump-to-disk: copying /proc/vmcore \((\d+) bytes\)", timeout=180).group(1))
+        vm.wait_for(r"@@KHB-ROLE-DONE kdump-to-disk 0@@", timeout=600)
+        release = vm.release
+    with open(vm.disk, "rb") as f, open(tmp / "vmcore", "wb") as out:
+        left = size
+        while left:
+            chunk = f.read(min(left, 8 << 20))
+            out.write(chunk)
+            left -= len(chunk)
+        f.seek(KDUMP_SNAPSHOT_MB << 20)
+        n = int.from_bytes(f.read(8), "little")
+        (tmp / "kpageflags").write_bytes(f.read(n))
+    return meminfo, dmesg_before, release
