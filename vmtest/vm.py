@@ -27,7 +27,9 @@ from vmtest.initrd import guest_initrd
 from vmtest.kernel import TestKernel
 
 LOG_ROOT = Path(os.environ.get("KHIBERNATE_VMTEST_LOGS", "/tmp/khibernate-vmtest"))
-BASE_APPEND = "console=ttyS0 khibernate.agent=1 panic=-1"
+# rootfstype=ramfs: the initramfs root is otherwise a tmpfs capped at half the RAM, too small for the Python
+# payload in a 256 MiB capture or jumped-to kernel ("Initramfs unpacking failed: write error").
+BASE_APPEND = "console=ttyS0 khibernate.agent=1 panic=-1 rootfstype=ramfs"
 READY = re.compile(rb"@@KHB-READY (\S+) (\S+)@@")
 CHUNK = 512
 
