@@ -141,8 +141,9 @@ def pack_notes(notes: Iterable[Note]) -> bytes:
     return bytes(out)
 
 
-def ram_segments(loads: Sequence[Phdr]) -> list[FileSegment]:
-    """PT_LOADs as physical file segments, dropping ones fully inside another (kernel text alias in /proc/vmcore)."""
+def ram_segments(loads: Sequence[Phdr], page_size: int = 4096) -> list[FileSegment]:
+    """PT_LOADs as physical file segments: aliases (kernel text in /proc/vmcore) dropped, overlaps trimmed, and
+    partial pages at either end (e820 ranges like 0x1000-0x9fc00) completed with zeros so pages read whole."""
     segs = sorted({FileSegment(p.paddr, p.memsz, p.offset, min(p.filesz, p.memsz)) for p in loads if p.memsz},
                   key=lambda s: (s.paddr, -s.memsz))
     out: list[FileSegment] = []
@@ -154,7 +155,20 @@ def ram_segments(loads: Sequence[Phdr]) -> list[FileSegment]:
             cut = prev_end - s.paddr  # partial overlap: keep the tail only
             s = FileSegment(prev_end, s.memsz - cut, s.offset + cut, max(0, s.filesz - cut))
         out.append(s)
-    return out
+    padded: list[FileSegment] = []
+    for i, s in enumerate(out):
+        lo = s.paddr - s.paddr % page_size
+        prev_end = padded[-1].paddr + padded[-1].memsz if padded else 0
+        if lo < s.paddr and lo >= prev_end:
+            padded.append(FileSegment(lo, s.paddr - lo, 0, 0))
+        end = s.paddr + s.memsz
+        hi = -(-end // page_size) * page_size
+        if i + 1 < len(out):
+            hi = min(hi, out[i + 1].paddr)
+        if hi > end and s.filesz == s.memsz:
+            s = FileSegment(s.paddr, hi - s.paddr, s.offset, s.filesz)
+        padded.append(s)
+    return padded
 
 
 class ElfSource(MemorySource):

@@ -89,3 +89,26 @@ def test_reader_roundtrip_equals_source(exports: dict[str, Path], workload_1g: R
                 for pfn in range(0, img.max_pfn, 97):
                     if mask_all[pfn]:
                         assert exp.read(pfn * ps, ps) == src.read(pfn * ps, ps), (name, pfn)
+
+
+def test_kdump_vmcore_dmesg_and_roundtrip(kdump_1g: RealDump, tmp_path: Path) -> None:
+    """A real /proc/vmcore (kernel text alias PT_LOAD, crash notes): our dmesg equals makedumpfile's on the
+    original file, and the saved image holds every kept page byte for byte."""
+    md = _need("makedumpfile")
+    txt = tmp_path / "md.txt"
+    r = subprocess.run([md, "--dump-dmesg", str(kdump_1g.vmcore), str(txt)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    img = tmp_path / "kd.khi"
+    with open_source(kdump_1g.vmcore) as src:
+        v = vmcoreinfo.from_source(src)
+        assert any(n.name == "CORE" for n in src.notes) and "CRASHTIME" in v.text
+        assert kernel_log(src, v) == txt.read_text()
+        save_file(src, img, vmci=v, level=17, restorable=True)
+        with KhiSource(img) as k:
+            k.verify()
+            assert "sysrq triggered crash" in kernel_log(k, k.vmcoreinfo())
+            present = k.page_present_mask(0, k.max_pfn)
+            for pfn in range(0, k.max_pfn, 61):
+                if present[pfn]:
+                    assert k.read(pfn * 4096, 4096) == src.read(pfn * 4096, 4096), pfn
