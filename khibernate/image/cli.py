@@ -93,24 +93,24 @@ def image_group() -> None:
               help="Compression threads.")
 @click.option("--level", "zlevel", type=int, default=1, show_default=True, help="zstd level.")
 @click.option("--block-pages", type=int, default=1024, show_default=True, help="Pages per zstd block.")
+@click.option("--no-sync", is_flag=True, help="Skip the fsync before the final rename (faster, not crash-safe).")
 @with_source_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")
 def save_cmd(source: str, dest: str, level: int | None, restorable: bool, threads: int, zlevel: int,
-             block_pages: int, vmcoreinfo_file: str | None, vmcoreinfo_at: str | None, ranges: str | None,
-             elfcorehdr: str | None, as_json: bool) -> None:
+             block_pages: int, no_sync: bool, vmcoreinfo_file: str | None, vmcoreinfo_at: str | None,
+             ranges: str | None, elfcorehdr: str | None, as_json: bool) -> None:
     """Filter SOURCE and save it as a khibernate image DEST (written as DEST.partial, renamed when complete)."""
     from khibernate.image.format import save_file
 
     if level is None:
         level, restorable = RESTORABLE_LEVEL, True
-    if not 1 <= block_pages <= 1 << 16:
-        raise UsageErrorImage("--block-pages must be between 1 and 65536")
     with _open(source, ranges, elfcorehdr) as src:
         vmci = _vmcoreinfo(src, vmcoreinfo_file, vmcoreinfo_at, required=bool(level & ~1))
         total = sum(r.size for r in src.ranges)
         with Progress("save", total) as prog:
             stats = save_file(src, dest, vmci=vmci, level=level, restorable=restorable, threads=threads,
-                              zstd_level=zlevel, block_pages=block_pages, progress=prog.update)
+                              zstd_level=zlevel, block_pages=block_pages, progress=prog.update,
+                              sync=not no_sync)
     counts = {c.name.lower(): stats.class_counts[c] for c in PageClass}
     data = {"dest": dest, "dump_level": level, "restorable": restorable, "pages_ram": stats.pages_ram,
             "pages_stored": stats.pages_stored, "pages_zero": stats.pages_zero,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
-import mmap
 import os
 import struct
 import threading
@@ -33,6 +32,7 @@ from khibernate.image.errors import (
     NotAVmcoreError,
     TruncatedError,
     UnsupportedError,
+    UsageErrorImage,
 )
 from khibernate.image.pagefilter import DL_ZERO, PageClass, check_level, zero_pages
 from khibernate.image.plan import plan, runs
@@ -191,6 +191,8 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
     """Filter ``source`` at dump ``level`` and stream a khibernate image to ``out`` (trailer last)."""
     t0 = time.monotonic()
     check_level(level, restorable)
+    if threads < 1 or not 1 <= block_pages <= 1 << 16:
+        raise UsageErrorImage("--threads must be >= 1 and --block-pages 1..65536")
     chunks = plan(source, vmci, level, restorable=restorable)
     ps = source.page_size
     max_pfn = source.max_pfn
@@ -250,7 +252,8 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
             counts = np.bincount(cls, minlength=len(PageClass))
             for i in range(len(PageClass)):
                 stats.class_counts[i] += int(counts[i])
-            stats.pages_ram += int(ram.sum())
+            nram = int(ram.sum())
+            stats.pages_ram += nram
             for a, b in runs(keep):
                 s = a
                 while s < b:
@@ -273,12 +276,12 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
                         last = int(idx[-1])
                         fill += len(idx)
                     s += take
-                    if progress:
-                        progress(take * ps)
                     if fill == block_pages:
                         flush()
                     while pending and pending[0][0].done():
                         drain(len(pending) - 1)
+            if progress:
+                progress(nram * ps)
         flush()
         drain(0)
     stats.pages_stored = int(stored.sum())
@@ -298,15 +301,17 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
     return stats
 
 
-def save_file(source: MemorySource, dest: str | os.PathLike[str], **kw: object) -> SaveStats:
-    """save() into ``dest`` via ``dest.partial`` + rename, so an interrupted save never looks complete."""
+def save_file(source: MemorySource, dest: str | os.PathLike[str], *, sync: bool = True, **kw: object) -> SaveStats:
+    """save() into ``dest`` via ``dest.partial`` (+ fsync unless ``sync`` is False) + rename, so an interrupted
+    save never looks complete."""
     dest = os.fspath(dest)
     tmp = dest + ".partial"
     try:
         with open(tmp, "wb") as f:
             stats = save(source, f, **kw)  # type: ignore[arg-type]
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, dest)
     except BaseException:
         try:
@@ -330,27 +335,32 @@ class KhiSource(MemorySource):
         if size < HEADER.size + TRAILER.size:
             os.close(self.fd)
             raise TruncatedError(f"{self.path}: too short for a khibernate image; the file is truncated")
-        self.mm = mmap.mmap(self.fd, 0, prot=mmap.PROT_READ)
-        mv = memoryview(self.mm)
-        self.header, self.header_size = Header.unpack(mv[:max(HEADER_ALIGN, min(size, 1 << 24))])
-        self.trailer = Trailer.unpack(mv[size - TRAILER.size:])
-        t = self.trailer
-        tables_end = t.index_offset + t.index_count * INDEX.size
-        if tables_end != size - TRAILER.size or t.stored_bitmap_offset < self.header_size:
-            raise CorruptImageError(f"{self.path}: trailer points outside the file; the image is corrupt")
-        tables = mv[t.stored_bitmap_offset:tables_end]
-        if zlib.crc32(tables) != t.tables_crc:
-            raise CorruptImageError(f"{self.path}: bitmap/index checksum mismatch; the image is corrupt")
-        self.stored_bits = np.frombuffer(self.mm, dtype=np.uint8, count=t.bitmap_size, offset=t.stored_bitmap_offset)
-        self.zero_bits = np.frombuffer(self.mm, dtype=np.uint8, count=t.bitmap_size, offset=t.zero_bitmap_offset)
-        self.index = [BlockEntry(*INDEX.unpack_from(self.mm, t.index_offset + i * INDEX.size))
-                      for i in range(t.index_count)]
+        try:
+            head = os.pread(self.fd, HEADER_ALIGN, 0)
+            size_field = HEADER.unpack_from(head)[2] if len(head) >= HEADER.size and head[:8] == MAGIC else 0
+            if size_field > len(head):
+                head = os.pread(self.fd, min(size_field, size), 0)
+            self.header, self.header_size = Header.unpack(head)
+            self.trailer = Trailer.unpack(os.pread(self.fd, TRAILER.size, size - TRAILER.size))
+            t = self.trailer
+            tables_end = t.index_offset + t.index_count * INDEX.size
+            if tables_end != size - TRAILER.size or t.stored_bitmap_offset < self.header_size:
+                raise CorruptImageError(f"{self.path}: trailer points outside the file; the image is corrupt")
+            tables = os.pread(self.fd, tables_end - t.stored_bitmap_offset, t.stored_bitmap_offset)
+            if zlib.crc32(tables) != t.tables_crc:
+                raise CorruptImageError(f"{self.path}: bitmap/index checksum mismatch; the image is corrupt")
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.stored_bits = np.frombuffer(tables, dtype=np.uint8, count=t.bitmap_size, offset=0)
+        self.zero_bits = np.frombuffer(tables, dtype=np.uint8, count=t.bitmap_size, offset=t.bitmap_size)
+        base = t.index_offset - t.stored_bitmap_offset
+        self.index = [BlockEntry(*INDEX.unpack_from(tables, base + i * INDEX.size)) for i in range(t.index_count)]
         self._firsts = [e.first_pfn for e in self.index]
         self._cache: collections.OrderedDict[int, tuple[np.ndarray, bytes]] = collections.OrderedDict()
         self._cache_blocks = cache_blocks
         self._dctx = zstandard.ZstdDecompressor()
         self.page_size = self.header.page_size
-        del mv, tables
 
     @property
     def ranges(self) -> tuple[MemRange, ...]:
@@ -376,7 +386,7 @@ class KhiSource(MemorySource):
 
     def decompress(self, e: BlockEntry) -> bytes:
         """Verified uncompressed bytes of block ``e``."""
-        frame = self.mm[e.offset:e.offset + e.csize]
+        frame = os.pread(self.fd, e.csize, e.offset)
         if len(frame) != e.csize:
             raise TruncatedError(f"{self.path}: block at {e.offset} cut short; the image is truncated")
         if zlib.crc32(frame) != e.crc32:
@@ -468,11 +478,6 @@ class KhiSource(MemorySource):
 
     def close(self) -> None:
         self._cache.clear()
-        self.stored_bits = self.zero_bits = np.zeros(0, dtype=np.uint8)
-        try:
-            self.mm.close()
-        except BufferError:
-            pass
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
