@@ -53,6 +53,26 @@ def page_offset(source: MemorySource, vmci: Vmcoreinfo | None) -> int:
         return 0
 
 
+def kernel_text_load(source: MemorySource, vmci: Vmcoreinfo | None) -> LoadSpec | None:
+    """PT_LOAD for the kernel image mapping (_stext up to the end of what the page tables map), like the one
+    /proc/vmcore has: gdb reads kernel symbols through it."""
+    if vmci is None or not vmci.has("SYMBOL(_stext)"):
+        return None
+    start = va = vmci.symbol("_stext")
+    try:
+        kx = X86_64(source, vmci)
+        pa0 = kx.walk(start)[0]
+        while va < start + kx.kernel_image_size:
+            pa, left = kx.walk(va)
+            if pa - pa0 != va - start:
+                break
+            va += left
+    except ImageError:
+        if va == start:
+            return None
+    return LoadSpec(pa0, va - start, start) if va > start else None
+
+
 def keep_arrays(source: MemorySource, vmci: Vmcoreinfo | None, level: int) -> tuple[np.ndarray, np.ndarray]:
     """(RAM, keep) bool per pfn for the whole source."""
     ram = np.zeros(source.max_pfn, dtype=bool)
@@ -92,11 +112,14 @@ def export(source: MemorySource, dest: str, *, fmt: str, compress: str = "zstd",
         if fmt != "elf":
             raise UsageErrorImage(f"unknown export format {fmt!r}; use elf or kdump")
         loads = elf_loads(keep, ps, page_offset(source, vmci))
+        text = kernel_text_load(source, vmci) if not elf32 else None
+        if text is not None:
+            loads.insert(0, text)
 
         def read(paddr: int, n: int) -> bytes:
             pfn = paddr // ps
             try:
-                return read_kept(source, pfn, keep[pfn:pfn + n // ps])
+                return read_kept(source, pfn, keep[pfn:pfn + -(-n // ps)])[:n]
             except AddressError as e:
                 raise AddressError(f"{e} while exporting") from None
 

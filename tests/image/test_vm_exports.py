@@ -112,3 +112,11 @@ def test_kdump_vmcore_dmesg_and_roundtrip(kdump_1g: RealDump, tmp_path: Path) ->
             for pfn in range(0, k.max_pfn, 61):
                 if present[pfn]:
                     assert k.read(pfn * 4096, 4096) == src.read(pfn * 4096, 4096), pfn
+
+
+def test_gdb_reads_elf_export(exports: dict[str, Path], workload_1g: RealDump) -> None:
+    gdb = _need("gdb")
+    r = subprocess.run([gdb, "-batch", "-nx", "-ex", "print init_uts_ns.name.release",
+                        str(workload_1g.kernel_dir / "vmlinux"), str(exports["elf"])],
+                       capture_output=True, text=True, timeout=300)
+    assert '"6.12.117"' in r.stdout, r.stdout + r.stderr
