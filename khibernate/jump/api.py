@@ -161,22 +161,48 @@ def entry_from_cmdline() -> int:
     return entry
 
 
+def _load_state() -> dict:
+    try:
+        return json.loads(_state_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_state(data: dict) -> None:
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    _state_path().write_text(json.dumps(data))
+
+
 def prepare_jump_back(entry: int | None = None) -> tuple[int, bool]:
     """(entry, reused): load the jump-back image unless the one loaded in this boot for this entry is still loaded.
 
-    A fresh copy of the peer's control page taken after a round trip is stale (the swap in relocate_kernel keeps the
-    live page in the loaded image), so the image is loaded once per boot and reused afterwards.
+    relocate_kernel swaps the peer's control page with the image's copy on every exit and re-entry, so once the peer
+    has resumed this kernel, a fresh copy from /dev/mem is stale and would crash the peer: the image is loaded once
+    per boot and reused; a reload after a round trip is refused.
     """
     entry = entry if entry is not None else entry_from_cmdline()
-    st = _state_path()
-    try:
-        saved = json.loads(st.read_text())
-    except (OSError, ValueError):
-        saved = {}
-    if saved.get("boot_id") == _boot_id() and saved.get("entry") == entry and state().loaded:
+    saved = _load_state()
+    this_boot = saved.get("boot_id") == _boot_id()
+    loaded = state().loaded
+    if this_boot and saved.get("entry") == entry and loaded:
         return entry, True
+    if this_boot and saved.get("returned"):
+        raise JumpBackEntryError(
+            "the jump-back image of this boot was unloaded after the peer had resumed this kernel: the peer's live "
+            "control page was in it, a new copy from /dev/mem would be stale and crash the peer — it cannot be "
+            "resumed from here any more")
+    if loaded:
+        raise JumpBackEntryError("another kexec image is loaded in this kernel; `khibernate kexec unload` it first "
+                                 "(or `khibernate jump exec` if it is the jump-back image)")
     plan = loader.plan_jump_back(entry, read_phys_page(entry))
     load_plan(plan)
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
-    st.write_text(json.dumps({"boot_id": _boot_id(), "entry": entry}))
+    _save_state({"boot_id": _boot_id(), "entry": entry, "returned": False})
     return entry, False
+
+
+def jump_back(entry: int | None = None) -> tuple[int, bool, JumpResult]:
+    """Load (or reuse) the jump-back image and jump; returns when the peer resumes this kernel."""
+    entry, reused = prepare_jump_back(entry)
+    result = execute()
+    _save_state({**_load_state(), "returned": True})
+    return entry, reused, result

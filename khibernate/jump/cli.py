@@ -204,10 +204,13 @@ def jump_back_cmd(entry, load_only) -> None:
     """Jump back to the kernel that jumped here (like `kexec --load-jump-back-helper --entry=E; kexec -e`).
 
     The image is ONE 4 KiB segment holding a copy of the peer's kexec control page, loaded once per boot and
-    reused for later trips (a later copy would be stale).
+    reused for later trips: after a round trip a new copy would be stale, so do not unload it while the peer
+    should stay resumable.
     """
-    entry, reused = api.prepare_jump_back(entry)
-    click.echo(f"jump-back image for entry {entry:#x} {'already loaded' if reused else 'loaded'}", err=True)
     if load_only:
+        entry, reused = api.prepare_jump_back(entry)
+        click.echo(f"jump-back image for entry {entry:#x} {'already loaded' if reused else 'loaded'}")
         return
-    click.echo(api.execute().describe())
+    click.echo("jumping back", err=True)
+    entry, reused, result = api.jump_back(entry)
+    click.echo(f"jump-back image for entry {entry:#x} {'reused' if reused else 'loaded'}; {result.describe()}")

@@ -6,6 +6,7 @@ Never skipped: without root, qemu or the test kernel these tests fail and say wh
 from __future__ import annotations
 
 import re
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +24,22 @@ COUNTER = ("sh -c 'i=0; while :; do i=$((i+1)); echo \"$$ $i\" > /tmp/cnt; sleep
            ">/dev/null 2>&1 </dev/null &")
 
 
+def tiny_initrd(path: Path, marker: str) -> Path:
+    """A newc cpio whose /init (static busybox) prints marker on the console and powers off."""
+    busybox = Path("/bin/busybox").read_bytes()
+    init = f"#!/bin/busybox sh\n/bin/busybox echo {marker} > /dev/console\n/bin/busybox poweroff -f\n".encode()
+    entries = [("dev", 0o40755, b"", 0), ("bin", 0o40755, b"", 0), ("dev/console", 0o20600, b"", (5 << 8) | 1),
+               ("bin/busybox", 0o100755, busybox, 0), ("init", 0o100755, init, 0)]
+    out = bytearray()
+    for ino, (name, mode, data, rdev) in enumerate(entries + [("TRAILER!!!", 0, b"", 0)], 1):
+        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev >> 8, rdev & 0xFF, len(name) + 1, 0]
+        out += b"070701" + "".join(f"{x:08x}" for x in fields).encode() + name.encode() + b"\0"
+        out += b"\0" * (-len(out) % 4) + data
+        out += b"\0" * (-len(out) % 4)
+    path.write_bytes(bytes(out))
+    return path
+
+
 @pytest.fixture(scope="module")
 def kernel():
     from vmtest.kernel import ensure_kernel
@@ -32,11 +49,11 @@ def kernel():
     return ensure_kernel()
 
 
-def _vm(kernel, name, append="crashkernel=256M", smp=1, **kw):
+def _vm(kernel, name, append="crashkernel=256M", smp=1, extra=(), **kw):
     from vmtest.vm import VM
 
-    return VM(kernel=kernel, append=append, memory_mb=1024, smp=smp, extra_files=[GUEST_HELPER], name=name,
-              timeout=180, **kw)
+    return VM(kernel=kernel, append=append, memory_mb=1024, smp=smp, extra_files=[GUEST_HELPER, *extra], name=name,
+              timeout=300, **kw)
 
 
 def finish(vm, cid: str, timeout: float = 60) -> tuple[int, str]:
@@ -107,6 +124,7 @@ def round_trips(vm, n: int, report: dict) -> None:
             assert now_id == b_id, "the second kernel booted again instead of resuming"
             status, out_b = finish(vm, pending_b)
             assert status == 0 and "back in this kernel" in out_b, out_b
+            assert ("image for entry" in out_b) and (("reused" in out_b) == (trip > 2)), out_b
         # B -> A
         t1 = time.monotonic()
         vm.mark()
@@ -155,9 +173,13 @@ def test_jump_round_trips(kernel, smp):
     assert loads and all(not x.startswith("0x2e") for x in loads)  # the crash region is not the first kernel's
 
 
-def test_jump_refusals(kernel):
-    """Clear errors, nothing loaded: segments that do not fit, a non-bzImage, not root, no crash region."""
-    with _vm(kernel, "jump-refuse", append="") as vm:
+def test_refusals_then_kexec_chain(kernel):
+    """Refusals with clear errors and nothing loaded; then `kexec load` (kexec_file_load) + `kexec exec` boots a
+    second kernel, in which `kexec load --syscall load` (khibernate's own segments) + `kexec exec` boots a third
+    (with a tiny initrd whose /init prints a marker)."""
+    tiny = tiny_initrd(Path(tempfile.mkdtemp(prefix="khb-tiny-")) / "tiny.cpio", "KHB-K3-INIT-REACHED")
+    extra = [(kernel.bzimage, "/khb/bzImage"), (tiny, "/khb/tiny.cpio")]
+    with _vm(kernel, "kexec-chain", append="", extra=extra) as vm:
         status, out = vm.run_status(f"{K} jump load /boot/bzImage --initrd /boot/initrd.img")
         assert status == 1 and out.startswith("error: no 'Crash kernel' region") and "Traceback" not in out, out
         status, out = vm.run_status(f"{K} jump load /boot/bzImage --initrd /boot/initrd.img "
@@ -172,24 +194,30 @@ def test_jump_refusals(kernel):
         assert status == 1 and "needs root" in out and "Traceback" not in out, out
         status, out = vm.run_status(f"{K} jump back")
         assert status == 1 and "no kexec_jump_back_entry" in out, out
+        status, out = vm.run_status(f"{K} jump exec")
+        assert status == 1 and "no kexec image is loaded" in out, out
         assert vm.run("cat /sys/kernel/kexec_loaded").strip() == "0"
 
-
-@pytest.mark.parametrize("syscall", ["file", "load"])
-def test_kexec_load_exec(kernel, syscall):
-    """`khibernate kexec load` + `kexec exec` boots the second kernel (kexec_file_load or khibernate's loader)."""
-    with _vm(kernel, f"kexec-{syscall}", append="") as vm:
         first = boot_id(vm)
-        out = vm.run(f"{K} kexec load /boot/bzImage --initrd /boot/initrd.img --syscall {syscall} "
+        out = vm.run(f"{K} kexec load /boot/bzImage --initrd /boot/initrd.img "
                      "--append 'console=ttyS0 khibernate.agent=1 panic=-1 khb.role=K2'", timeout=120)
-        assert "loaded" in out
+        assert "with kexec_file_load" in out
         assert "kexec image loaded:       yes" in vm.run(f"{K} kexec status")
         t0 = time.monotonic()
         vm.send(f"{K} kexec exec")
-        vm.wait_for_shell(timeout=180, new_boot=True)
-        print(f"\n[kexec {syscall}] second kernel's shell {time.monotonic() - t0:.1f} s after `kexec exec`")
-        assert boot_id(vm) != first
-        assert "khb.role=K2" in vm.run("cat /proc/cmdline")
+        vm.wait_for_shell(timeout=300, new_boot=True)
+        print(f"\n[kexec --syscall file] second kernel's shell {time.monotonic() - t0:.1f} s after `kexec exec`")
+        assert boot_id(vm) != first and "khb.role=K2" in vm.run("cat /proc/cmdline")
+        # the second kernel boots a third with khibernate's own kexec_load segments (boot_params + purgatory)
+        out = vm.run(f"{K} kexec load /khb/bzImage --initrd /khb/tiny.cpio --syscall load "
+                     "--append 'console=ttyS0 panic=-1 khb.role=K3'", timeout=120)
+        assert "with kexec_load" in out
+        vm.mark()
+        t0 = time.monotonic()
+        vm.send(f"{K} kexec exec")
+        vm.wait_for(r"Command line: console=ttyS0 panic=-1 khb.role=K3", timeout=120)
+        vm.wait_for(r"KHB-K3-INIT-REACHED", timeout=120)
+        print(f"[kexec --syscall load] third kernel's /init {time.monotonic() - t0:.1f} s after `kexec exec`")
 
 
 def test_kdump_load_crash(kernel):
