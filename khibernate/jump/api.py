@@ -31,9 +31,9 @@ class LoadedState:
     def describe(self) -> str:
         """Human summary."""
         size = f"{self.crash_size / 2**20:.0f} MiB" if self.crash_size is not None else "unknown"
-        return (f"kexec image loaded:       {'yes' if self.loaded else 'no'}\n"
+        return (f"kexec image loaded:         {'yes' if self.loaded else 'no'}\n"
                 f"crash (kdump) image loaded: {'yes' if self.crash_loaded else 'no'}\n"
-                f"crash region size:        {size}")
+                f"crash region size:          {size}")
 
 
 def _read_int(path: str) -> int | None:
@@ -206,3 +206,18 @@ def jump_back(entry: int | None = None) -> tuple[int, bool, JumpResult]:
     result = execute()
     _save_state({**_load_state(), "returned": True})
     return entry, reused, result
+
+
+def jump_status() -> str:
+    """Whether this kernel was jumped to (its jump-back entry), what is loaded, and the jump-back image state."""
+    lines = [state().describe()]
+    entry = loader.parse_jump_back_entry(Path("/proc/cmdline").read_text())
+    if entry is None:
+        lines.append("this kernel was not started by a kexec jump (no kexec_jump_back_entry= in /proc/cmdline)")
+    else:
+        lines.append(f"jumped to from a peer: kexec_jump_back_entry={entry:#x}; /proc/vmcore is the peer's memory")
+    saved = _load_state()
+    if saved.get("boot_id") == _boot_id():
+        how = "the peer has resumed this kernel since" if saved.get("returned") else "not used yet"
+        lines.append(f"jump-back image loaded in this boot for {saved['entry']:#x} ({how})")
+    return "\n".join(lines)

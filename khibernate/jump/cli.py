@@ -214,3 +214,9 @@ def jump_back_cmd(entry, load_only) -> None:
     click.echo("jumping back", err=True)
     entry, reused, result = api.jump_back(entry)
     click.echo(f"jump-back image for entry {entry:#x} {'reused' if reused else 'loaded'}; {result.describe()}")
+
+
+@jump_group.command("status")
+def jump_status_cmd() -> None:
+    """Show what is loaded and whether this kernel is a jump target (its kexec_jump_back_entry)."""
+    click.echo(api.jump_status())

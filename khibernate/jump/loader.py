@@ -213,7 +213,6 @@ def plan_jump(kernel_data: bytes, initrd: bytes | None, append: str, facts: Syst
     old_ram = subtract(ram, [window, low])
     notes = facts.notes
     hdr = elfcorehdr.build(old_ram, notes)
-    placer = Placer(window)
     hdr_addr = window.end - page_up(len(hdr))
     placer = Placer(Range(window.start, hdr_addr))
     kaddr, iaddr = _place_kernel_initrd(placer, kernel, initrd)
@@ -228,13 +227,11 @@ def plan_jump(kernel_data: bytes, initrd: bytes | None, append: str, facts: Syst
     digits = cmd_addr + cmdline.index(purgatory.JUMP_BACK_PLACEHOLDER) + len(purgatory.JUMP_BACK_PARAM)
     pg = purgatory.build(kaddr + kernel.entry64_offset, bp_addr, digits)
     segs = [Segment(low.start, low.size, None, "low RAM swap (first kernel's <640K parked here)"),
-            Segment(kaddr, kernel.memsz, kernel.payload, f"kernel {kernel_name} (bzImage {kernel.version_str})"),
-            ]
+            Segment(kaddr, kernel.memsz, kernel.payload, f"kernel {kernel_name} (bzImage {kernel.version_str})")]
     if initrd_pair:
         segs.append(Segment(iaddr, page_up(len(initrd)), initrd, "initrd"))
     segs += [Segment(bp_addr, page_up(len(zp)), zp, "boot_params + command line"),
-             Segment(pg_addr, purgatory.SIZE if purgatory.SIZE % PAGE == 0 else page_up(purgatory.SIZE), pg,
-                     "purgatory"),
+             Segment(pg_addr, page_up(purgatory.SIZE), pg, "purgatory"),
              Segment(hdr_addr, page_up(len(hdr)), hdr, f"elfcorehdr ({len(notes)} notes, {len(old_ram)} RAM ranges)")]
     if crash is None:
         segs += _backup_segments(window, segs)

@@ -118,6 +118,7 @@ def round_trips(vm, n: int, report: dict) -> None:
             m = re.search(r"kexec_jump_back_entry=0x([0-9a-f]{16})", cmdline)
             assert m and int(m.group(1), 16) != 0, cmdline
             assert "elfcorehdr=" in cmdline and "khb.role=B" in cmdline
+            assert f"kexec_jump_back_entry={int(m.group(1), 16):#x}" in vm.run(f"{K} jump status")
             b_info = vm.run(f"python3 {GUEST_HELPER[1]} vmcore", timeout=120)
             report["vmcoreinfo_B"] = b_info
         else:
@@ -202,7 +203,7 @@ def test_refusals_then_kexec_chain(kernel):
         out = vm.run(f"{K} kexec load /boot/bzImage --initrd /boot/initrd.img "
                      "--append 'console=ttyS0 khibernate.agent=1 panic=-1 khb.role=K2'", timeout=120)
         assert "with kexec_file_load" in out
-        assert "kexec image loaded:       yes" in vm.run(f"{K} kexec status")
+        assert "kexec image loaded:         yes" in vm.run(f"{K} kexec status")
         t0 = time.monotonic()
         vm.send(f"{K} kexec exec")
         vm.wait_for_shell(timeout=300, new_boot=True)
