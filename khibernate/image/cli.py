@@ -92,7 +92,7 @@ def image_group() -> None:
 @click.option("--threads", type=int, default=min(4, os.cpu_count() or 1), show_default=True,
               help="Compression threads.")
 @click.option("--level", "zlevel", type=int, default=1, show_default=True, help="zstd level.")
-@click.option("--block-pages", type=int, default=1024, show_default=True, help="Pages per zstd block.")
+@click.option("--block-pages", type=int, default=256, show_default=True, help="Pages per zstd block.")
 @click.option("--no-sync", is_flag=True, help="Skip the fsync before the final rename (faster, not crash-safe).")
 @with_source_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")

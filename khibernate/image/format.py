@@ -186,7 +186,7 @@ def default_notes(source: MemorySource, vmci: Vmcoreinfo | None) -> tuple[Note, 
 
 
 def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level: int, restorable: bool = False,
-         threads: int = 2, zstd_level: int = 1, block_pages: int = 1024,
+         threads: int = 2, zstd_level: int = 1, block_pages: int = 256,
          progress: Callable[[int], None] | None = None) -> SaveStats:
     """Filter ``source`` at dump ``level`` and stream a khibernate image to ``out`` (trailer last)."""
     t0 = time.monotonic()
