@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 from typing import Any
 
@@ -115,7 +116,8 @@ def save_cmd(source: str, dest: str, level: int | None, restorable: bool, thread
     data = {"dest": dest, "dump_level": level, "restorable": restorable, "pages_ram": stats.pages_ram,
             "pages_stored": stats.pages_stored, "pages_zero": stats.pages_zero,
             "pages_excluded": stats.pages_excluded, "classes": counts, "bytes": stats.bytes_written,
-            "seconds": round(stats.seconds, 3)}
+            "seconds": round(stats.seconds, 3),
+            "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
     _emit(as_json, data, f"{dest}: {stats.pages_stored} of {stats.pages_ram} pages stored "
           f"({stats.pages_zero} zero, {stats.pages_excluded - stats.pages_zero} dropped by -d {level}), "
           f"{stats.bytes_written / 1e6:.1f} MB in {stats.seconds:.2f}s")

@@ -48,7 +48,7 @@ HEADER_ALIGN = 4096
 
 # magic, version, header_size, page_size, dump_level, flags, block_pages, uuid, created_ns, max_pfn, nr_ranges,
 # notes_size, osrelease, build_id, compression, compression_level, reserved, header_crc
-HEADER = struct.Struct("<8sIIIIII16sQQII65s65s2xII40sI")
+HEADER = struct.Struct("<8sIIIIII16sQQII65s65s2xIi40sI")
 RANGE = struct.Struct("<QQ")
 INDEX = struct.Struct("<QQQIIII")  # first_pfn end_pfn offset csize usize npages crc32(compressed)
 # magic, stored_bitmap_off, zero_bitmap_off, bitmap_size, index_off, index_count, pages_stored, pages_zero,
