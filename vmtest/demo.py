@@ -31,7 +31,7 @@ def demo_kexec(kernel: TestKernel) -> None:
     with VM(kernel=kernel, name="demo-kexec", timeout=180) as vm:
         say(f"first kernel up in {vm.boot_seconds:.1f} s (boot id {vm.boot_id})")
         t = time.monotonic()
-        vm.run(f"kexec -l /boot/bzImage --initrd=/boot/initrd.img --append='{BASE_APPEND} demo.kernel=second'",
+        vm.run(f"kexec -l /boot/bzImage --initrd=/boot/initrd-nopy.img --append='{BASE_APPEND} demo.kernel=second'",
                timeout=120)
         say(f"[first]  kexec -l /boot/bzImage ...   ({time.monotonic() - t:.1f} s)")
         mark = vm.mark()
@@ -50,7 +50,7 @@ def demo_kdump(kernel: TestKernel) -> None:
     with VM(kernel=kernel, append="crashkernel=256M", name="demo-kdump", disk_mb=1200, timeout=180) as vm:
         base, end = guest.crash_region(vm.run("cat /proc/iomem"))
         say(f"first kernel up in {vm.boot_seconds:.1f} s; crash region {base:#x}-{end:#x}")
-        vm.run(f"kexec -p /boot/bzImage --initrd=/boot/initrd.img --append='{BASE_APPEND}"
+        vm.run(f"kexec -p /boot/bzImage --initrd=/boot/initrd-nopy.img --append='{BASE_APPEND}"
                " khibernate.role=kdump-to-disk nr_cpus=1 reset_devices'", timeout=120)
         say("[first]  kexec -p ... loaded (kexec_crash_loaded=" + vm.run("cat /sys/kernel/kexec_crash_loaded").strip()
             + ")")

@@ -3,7 +3,9 @@
 Layout handed to QEMU ``-initrd`` (the kernel unpacks concatenated segments in order):
   1. an uncompressed cpio with the test's extra files, ``/boot/bzImage`` and ``/boot/initrd.img``;
   2. the cached compressed payload (busybox, /init, kexec, Python + khibernate).
-``/boot/initrd.img`` is the payload for a second kernel: extra files + the same cached payload, without /boot.
+``/boot/initrd.img`` is the payload for a second kernel: extra files + the same cached payload, without /boot;
+``/boot/initrd-nopy.img`` is the same without Python (busybox, /init, agent, kexec: a faster boot under TCG when a
+test's second kernel needs only a shell).
 """
 
 from __future__ import annotations
@@ -33,11 +35,11 @@ def _hash_tree(h: hashlib._Hash, root: Path) -> None:
             h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
 
 
-def payload_key() -> str:
+def payload_key(python: bool = True) -> str:
     """Hash of everything the payload is made of (khibernate sources by content, host binaries by stat)."""
     import khibernate
 
-    h = hashlib.sha256(b"payload-v1\0" + COMPRESSION.encode())
+    h = hashlib.sha256(b"payload-v1\0" + COMPRESSION.encode() + (b"py" if python else b"nopy"))
     _hash_tree(h, Path(khibernate.__file__).resolve().parent)
     _hash_tree(h, builder.CONTENT_DIR.resolve())
     exe = os.path.realpath(sys.executable)
@@ -56,15 +58,15 @@ def payload_key() -> str:
     return h.hexdigest()[:16]
 
 
-def payload(log=print) -> Path:
-    """The cached compressed payload initramfs (built on first use, ~10 s)."""
-    key = payload_key()
+def payload(log=print, python: bool = True) -> Path:
+    """The cached compressed payload initramfs (built on first use, ~20 s with Python)."""
+    key = payload_key(python)
     path = CACHE / f"payload-{key}.cpio.{COMPRESSION}"
     if path.is_file():
         return path
     CACHE.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    report = builder.build(path, compression=COMPRESSION)
+    report = builder.build(path, compression=COMPRESSION, python=python)
     log(f"[vmtest] built guest initramfs in {time.monotonic() - t0:.1f} s: {report.summary()}")
     for old in CACHE.glob(f"payload-*.cpio.{COMPRESSION}"):
         if old != path and time.time() - old.stat().st_mtime > 3600:
@@ -83,5 +85,6 @@ def guest_initrd(out: Path, bzimage: Path, extra_files: Iterable[tuple[Path | st
     outer = builder.Tree(dict(extra.entries))
     outer.add_data("boot/bzImage", Path(bzimage).read_bytes(), 0o644)
     outer.add_data("boot/initrd.img", extra_cpio + base, 0o644)
+    outer.add_data("boot/initrd-nopy.img", extra_cpio + payload(log, python=False).read_bytes(), 0o644)
     out.write_bytes(cpio.write(outer.entries.values()) + base)
     return out

@@ -20,7 +20,8 @@ def test_kexec_load_and_exec(test_kernel):
     marker = f"khb.marker={uuid.uuid4().hex[:12]}"
     with VM(kernel=test_kernel, name="test-kexec", timeout=180) as vm:
         first_boot = vm.boot_id
-        vm.run(f"kexec -l /boot/bzImage --initrd=/boot/initrd.img --append='{BASE_APPEND} {marker}'", timeout=120)
+        vm.run(f"kexec -l /boot/bzImage --initrd=/boot/initrd-nopy.img --append='{BASE_APPEND} {marker}'",
+               timeout=120)
         assert vm.run("cat /sys/kernel/kexec_loaded").strip() == "1"
         vm.mark()
         vm.send("kexec -e")
@@ -51,7 +52,7 @@ def _vmcoreinfo(core: Path) -> dict[str, str]:
 def test_kdump_to_disk(test_kernel):
     with VM(kernel=test_kernel, append="crashkernel=256M", name="test-kdump", disk_mb=1200, timeout=180) as vm:
         guest.crash_region(vm.run("cat /proc/iomem"))
-        vm.run("kexec -p /boot/bzImage --initrd=/boot/initrd.img --append='"
+        vm.run("kexec -p /boot/bzImage --initrd=/boot/initrd-nopy.img --append='"
                f"{BASE_APPEND} khibernate.role=kdump-to-disk nr_cpus=1 reset_devices'", timeout=120)
         assert vm.run("cat /sys/kernel/kexec_crash_loaded").strip() == "1"
         vm.mark()
