@@ -13,6 +13,7 @@ from khibernate.image.elf import LoadSpec, write_elf
 from khibernate.image.errors import AddressError, ImageError, UsageErrorImage
 from khibernate.image.format import KhiSource, default_notes
 from khibernate.image.kdump import KdumpSource, write_kdump
+from khibernate.image.pagefilter import PageFilter
 from khibernate.image.plan import plan, read_kept, runs
 from khibernate.image.sources.base import MemorySource
 from khibernate.image.vmcoreinfo import Vmcoreinfo
@@ -73,14 +74,35 @@ def kernel_text_load(source: MemorySource, vmci: Vmcoreinfo | None) -> LoadSpec 
     return LoadSpec(pa0, va - start, start) if va > start else None
 
 
+def kernel_memmap(source: MemorySource, vmci: Vmcoreinfo | None) -> np.ndarray | None:
+    """Per pfn: True where the kernel has a struct page (its memory), None if that cannot be told."""
+    if vmci is None:
+        return None
+    try:
+        sections = PageFilter(source, vmci).sections
+    except ImageError:
+        return None
+    cov = np.zeros(source.max_pfn, dtype=bool)
+    for sec in sections:
+        cov[sec.start_pfn:sec.start_pfn + sec.nr_pages] = True
+    return cov if cov.any() else None
+
+
 def keep_arrays(source: MemorySource, vmci: Vmcoreinfo | None, level: int) -> tuple[np.ndarray, np.ndarray]:
-    """(RAM, keep) bool per pfn for the whole source."""
+    """(RAM, keep) bool per pfn; memory the kernel has no struct page for (QEMU's BIOS ROM, VRAM) is left out, as
+    makedumpfile does, so max_mapnr ends with the kernel's memory."""
     ram = np.zeros(source.max_pfn, dtype=bool)
     keep = np.zeros(source.max_pfn, dtype=bool)
     for ch in plan(source, vmci, level):
         ram[ch.pfn:ch.pfn + len(ch.ram)] = ch.ram
         keep[ch.pfn:ch.pfn + len(ch.keep)] = ch.keep
-    return ram, keep
+    cov = kernel_memmap(source, vmci)
+    if cov is not None:
+        ram &= cov
+        keep &= cov
+    last = np.flatnonzero(ram)
+    end = int(last[-1]) + 1 if len(last) else 0
+    return ram[:end], keep[:end]
 
 
 def elf_loads(keep: np.ndarray, page_size: int, vaddr_base: int) -> list[LoadSpec]:
@@ -119,7 +141,10 @@ def export(source: MemorySource, dest: str, *, fmt: str, compress: str = "zstd",
         def read(paddr: int, n: int) -> bytes:
             pfn = paddr // ps
             try:
-                return read_kept(source, pfn, keep[pfn:pfn + -(-n // ps)])[:n]
+                want = np.zeros(-(-n // ps), dtype=bool)
+                got = keep[pfn:pfn + len(want)]
+                want[:len(got)] = got
+                return read_kept(source, pfn, want)[:n]
             except AddressError as e:
                 raise AddressError(f"{e} while exporting") from None
 

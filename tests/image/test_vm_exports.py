@@ -54,6 +54,16 @@ def test_dmesg_matches_makedumpfile(exports: dict[str, Path], workload_1g: RealD
         assert txt.read_text() == ours, f"makedumpfile --dump-dmesg on our {name} export differs"
 
 
+def test_makedumpfile_refilters_our_kdump(exports: dict[str, Path], tmp_path: Path) -> None:
+    """makedumpfile 1.7.2 reads every dumpable page of our zlib file while re-filtering it to -d 31."""
+    md = _need("makedumpfile")
+    r = subprocess.run([md, "-c", "-d", "31", str(exports["zlib"]), str(tmp_path / "r31")], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "makedumpfile Completed" in r.stdout + r.stderr, r.stdout + r.stderr
+    with open_source(tmp_path / "r31") as k:
+        assert k.header.dump_level == 31
+
+
 def test_flattened_reassembles_byte_identical(exports: dict[str, Path], tmp_path: Path) -> None:
     md = _need("makedumpfile")
     with open(exports["flat"], "rb") as f:
