@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from khibernate.image import vmcoreinfo as vmci_mod
-from khibernate.image.errors import ImageError, MissingVmcoreinfoError, UsageErrorImage
+from khibernate.image.errors import FileAccessError, ImageError, MissingVmcoreinfoError, UsageErrorImage
 from khibernate.image.levels import RESTORABLE_LEVEL, PageClass
 from khibernate.image.progress import Progress
 from khibernate.image.sources import MemorySource, open_source
@@ -72,7 +72,19 @@ def with_source_options(f: Any) -> Any:
     return f
 
 
-@click.group("image")
+class _ImageGroup(click.Group):
+    """Turns OSError (permission denied, disk full, missing file) into a one-line FileAccessError."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OSError as e:
+            what = f"{e.filename}: " if e.filename else ""
+            hint = {13: " (run as root?)", 28: " (free some space or choose another DEST)"}.get(e.errno or 0, "")
+            raise FileAccessError(f"{what}{e.strerror or e}{hint}") from None
+
+
+@click.group("image", cls=_ImageGroup)
 def image_group() -> None:
     """Read any vmcore, filter pages like makedumpfile, save a verifiable zstd image, export what peers open.
 
@@ -137,6 +149,11 @@ def describe(src: MemorySource) -> dict[str, Any]:
         v = Vmcoreinfo.parse(text)
         d.update(osrelease=v.osrelease, build_id=v.build_id, page_size=v.page_size,
                  kerneloffset=hex(v.kerneloffset), crashtime=v.crashtime)
+    from khibernate.image.kdump import KdumpSource
+
+    if isinstance(src, KdumpSource):
+        d.update(header_version=src.header.version, dump_level=src.header.dump_level, status=src.header.status,
+                 utsname=list(src.header.utsname))
     if isinstance(src, KhiSource):
         h, t = src.header, src.trailer
         import uuid

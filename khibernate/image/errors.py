@@ -45,3 +45,7 @@ class UsageErrorImage(ImageError):
     """Options that contradict each other or the input (bad dump level, --restorable with -d 31)."""
 
     exit_code = 2
+
+
+class FileAccessError(ImageError):
+    """A file or device could not be opened, read or written (permissions, missing, disk full)."""

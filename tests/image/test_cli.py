@@ -56,3 +56,13 @@ def test_export_and_dmesg_commands(synth_elf: Path, tmp_path: Path) -> None:
     assert json.loads(out)["format"] == "kdump"
     code, _, err = run("export", str(synth_elf), str(tmp_path / "o.elf"), "--format", "elf", "--flat")
     assert code == 2 and "--flat" in err
+
+
+def test_os_errors_are_one_line(synth_elf: Path, tmp_path: Path) -> None:
+    code, _, err = run("save", str(synth_elf), str(tmp_path / "no" / "such" / "dir" / "x.khi"))
+    assert code == 1 and err.startswith("error: ") and "No such file" in err and "Traceback" not in err
+    locked = tmp_path / "locked"
+    locked.write_bytes(b"\x7fELF")
+    locked.chmod(0)
+    code, _, err = run("info", str(locked))
+    assert code == 1 and err.startswith("error: ")
