@@ -140,9 +140,9 @@ def compress(data: bytes, method: str, level: int | None = None) -> bytes:
     if method == "none":
         return data
     if method == "gzip":
-        return gzip.compress(data, compresslevel=level or 9, mtime=0)
+        return gzip.compress(data, compresslevel=level or 6, mtime=0)
     if method == "zstd":
-        params = zstandard.ZstdCompressionParameters.from_level(level or 12, window_log=ZSTD_WINDOW_LOG,
+        params = zstandard.ZstdCompressionParameters.from_level(level or 9, window_log=ZSTD_WINDOW_LOG,
                                                                 write_content_size=True, write_checksum=True)
         return zstandard.ZstdCompressor(compression_params=params).compress(data)
     raise CpioError(f"unknown compression {method!r}; use one of {', '.join(COMPRESSIONS)}")

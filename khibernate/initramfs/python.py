@@ -11,6 +11,7 @@ Everything is read from ``sys`` / ``sysconfig`` / ``importlib``; no installation
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
 import importlib.util
 import io
@@ -104,8 +105,20 @@ out.close()
 """
 
 
+PYC_CACHE = Path(os.environ.get("KHIBERNATE_CACHE", Path.home() / ".cache" / "khibernate")) / "pyc"
+
+
 def compile_many(items: list[tuple[Path, str]]) -> list[bytes | None]:
-    """Compile (source file, guest path) pairs to unchecked-hash .pyc bytes, reproducibly; None for bad sources."""
+    """Compile (source file, guest path) pairs to unchecked-hash .pyc bytes, reproducibly; None for bad sources.
+
+    A whole batch is cached under ~/.cache/khibernate/pyc by the hash of its sources, guest paths and interpreter
+    (compiling one batch in a fresh process is deterministic, so a cached batch equals a fresh one)."""
+    h = hashlib.sha256(f"{sys.version}\0{os.path.realpath(sys.executable)}\0".encode())
+    for src, guest in items:
+        h.update(guest.encode() + b"\0" + hashlib.sha256(Path(src).read_bytes()).digest())
+    cached = PYC_CACHE / f"{h.hexdigest()[:32]}.pycs"
+    if cached.is_file():
+        return _split_pycs(cached.read_bytes(), len(items))
     with tempfile.TemporaryDirectory(prefix="khibernate-pyc-") as d:
         out = Path(d) / "pycs"
         env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
@@ -114,9 +127,21 @@ def compile_many(items: list[tuple[Path, str]]) -> list[bytes | None]:
         if r.returncode:
             raise PythonBundleError(f"compiling the Python bundle failed: {r.stderr.decode(errors='replace')[-2000:]}")
         blob = out.read_bytes()
+    result = _split_pycs(blob, len(items))
+    try:
+        PYC_CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(blob)
+        tmp.replace(cached)
+    except OSError:
+        pass  # a read-only cache only costs time
+    return result
+
+
+def _split_pycs(blob: bytes, count: int) -> list[bytes | None]:
     result: list[bytes | None] = []
     pos = 0
-    for _ in items:
+    for _ in range(count):
         (n,) = struct.unpack_from("<I", blob, pos)
         result.append(blob[pos + 4:pos + 4 + n] or None)
         pos += 4 + n
@@ -257,9 +282,12 @@ def bundle(top_package: str = "khibernate") -> tuple[list[PyFile], dict[str, str
     for so in dynload_modules():
         out.append(PyFile(f"{GUEST_PREFIX}/lib/python{VERSION}/lib-dynload/{so.name}", so.read_bytes(), 0o755, so))
     site = site_files(top_package)
-    py = [(rel, src) for rel, src in site if rel.endswith(".py")]
-    pycs = dict(zip([rel for rel, _ in py], compile_many([(src, f"{GUEST_SITE}/{rel}") for rel, src in py]),
-                    strict=True))
+    pycs: dict[str, bytes | None] = {}
+    # two batches, so that editing top_package does not recompile its (cached) dependencies
+    for own in (True, False):
+        py = [(rel, src) for rel, src in site if rel.endswith(".py") and rel.startswith(top_package + "/") == own]
+        pycs.update(zip([rel for rel, _ in py], compile_many([(src, f"{GUEST_SITE}/{rel}") for rel, src in py]),
+                        strict=True))
     for rel, src in site:
         guest = f"{GUEST_SITE}/{rel}"
         if src.as_posix().endswith("/" + rel):

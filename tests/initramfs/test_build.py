@@ -9,13 +9,18 @@ from click.testing import CliRunner
 
 from khibernate.cli import cli
 from khibernate.initramfs import build, cpio
+from khibernate.initramfs import python as pybundle
 
 
-def test_two_builds_byte_identical(tmp_path):
+def test_two_builds_byte_identical(tmp_path, monkeypatch):
     extra = tmp_path / "hello.sh"
     extra.write_text("#!/bin/sh\necho hello\n")
+    # separate .pyc caches: both builds really compile (the cache must not hide non-determinism)
+    monkeypatch.setattr(pybundle, "PYC_CACHE", tmp_path / "pyc-a")
     a = build.build(tmp_path / "a.img", [(extra, "/usr/bin/hello")], compression="gzip")
+    monkeypatch.setattr(pybundle, "PYC_CACHE", tmp_path / "pyc-b")
     b = build.build(tmp_path / "b.img", [(extra, "/usr/bin/hello")], compression="gzip")
+    assert (tmp_path / "pyc-b").is_dir()
     assert a.output.read_bytes() == b.output.read_bytes()
     assert a.compressed_bytes < a.uncompressed_bytes
     got = {e.path: e for e in cpio.read(a.output.read_bytes())}
