@@ -142,7 +142,7 @@ class VM:
     def __init__(self, kernel: TestKernel, append: str = "", memory_mb: int = 1024, smp: int = 1,
                  extra_files: Iterable[tuple[Path | str, str]] = (), disk_mb: int = 0, timeout: float = 120,
                  name: str = "vm", accel: str | None = None, qemu_args: Iterable[str] = (),
-                 initrd: Path | None = None):
+                 initrd: Path | None = None, cpu: str | None = None):
         self.kernel = kernel
         self.append = f"{BASE_APPEND} {append}".strip()
         self.memory_mb = memory_mb
@@ -152,6 +152,9 @@ class VM:
         self.timeout = timeout
         self.name = name
         self.accel = accel or os.environ.get("KHIBERNATE_VMTEST_ACCEL", "tcg")
+        # TCG's default qemu64 CPU lacks SSE4.2/POPCNT: numpy >= 2 wheels (x86-64-v2 baseline) die with SIGILL.
+        # Nehalem has them and, like qemu64, no 1 GiB pages (pdpe1gb), which the kexec-jump findings depend on.
+        self.cpu = cpu or os.environ.get("KHIBERNATE_VMTEST_CPU") or ("host" if self.accel == "kvm" else "Nehalem")
         self.qemu_args = list(qemu_args)
         self.log_dir = LOG_ROOT / name
         self._initrd = initrd
@@ -214,14 +217,13 @@ class VM:
         self._sockdir = tempfile.mkdtemp(prefix="khb-vm-")
         agent_path = os.path.join(self._sockdir, "agent")
         qmp_path = os.path.join(self._sockdir, "qmp")
-        cmd = ["qemu-system-x86_64", "-accel", self.accel, "-m", str(self.memory_mb), "-smp", str(self.smp),
+        cmd = ["qemu-system-x86_64", "-accel", self.accel, "-cpu", self.cpu, "-m", str(self.memory_mb),
+               "-smp", str(self.smp),
                "-nodefaults", "-display", "none", "-no-reboot",
                "-kernel", str(self.kernel.bzimage), "-initrd", str(initrd), "-append", self.append,
                "-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console",
                "-chardev", f"socket,id=agent,path={agent_path},server=on,wait=on", "-serial", "chardev:agent",
                "-qmp", f"unix:{qmp_path},server=on,wait=off", "-device", "vmcoreinfo"]
-        if self.accel == "kvm":
-            cmd += ["-cpu", "host"]
         if self.disk_mb:
             with open(self.disk, "wb") as f:
                 f.truncate(self.disk_mb << 20)
@@ -244,7 +246,7 @@ class VM:
         self._qmp_file = self._qmp_sock.makefile("rwb")
         self._qmp_read(10)
         self.qmp("qmp_capabilities")
-        self._log(f"QEMU pid {self._proc.pid}, {self.memory_mb} MiB, {self.accel}, append {self.append!r}")
+        self._log(f"QEMU pid {self._proc.pid}, {self.memory_mb} MiB, {self.accel} {self.cpu}, append {self.append!r}")
         self._wait_ready(self.timeout)
         self.boot_seconds = time.monotonic() - t0
         self._log(f"guest ready in {self.boot_seconds:.1f} s (kernel {self.release})")

@@ -205,7 +205,7 @@ def _dist_files(dist: importlib.metadata.Distribution) -> Iterator[tuple[str, Pa
         rel = f.as_posix()
         if rel.startswith("..") or rel.startswith("/") or "__pycache__" in rel or rel.endswith(".pyc"):
             continue
-        if rel.split("/")[0].endswith(".data") or SITE_DROP.match(rel):
+        if rel.split("/")[0].endswith(".data") or SITE_DROP.search(rel):
             continue
         src = Path(dist.locate_file(f))
         if src.is_file():
