@@ -110,15 +110,27 @@ class JumpResult:
                 f"{self.monotonic_s:.2f} s of it on CLOCK_MONOTONIC")
 
 
+def kmsg(text: str) -> None:
+    """Best effort: one line in the kernel log (dmesg shows when khibernate left and re-entered this kernel)."""
+    try:
+        with open("/dev/kmsg", "w") as f:
+            f.write(f"khibernate: {text}\n")
+    except OSError:
+        pass
+
+
 def execute() -> JumpResult:
     """reboot(LINUX_REBOOT_CMD_KEXEC); for a jump image this returns when the peer jumps back."""
     if not state().loaded:
         raise KexecSyscallError("no kexec image is loaded: run `khibernate kexec load`, `jump load` or `jump back` "
                                 "first")
     os.sync()
+    kmsg(f"reboot(LINUX_REBOOT_CMD_KEXEC) from pid {os.getpid()} (ppid {os.getppid()})")
     b0, m0 = time.clock_gettime(time.CLOCK_BOOTTIME), time.clock_gettime(time.CLOCK_MONOTONIC)
     syscalls.reboot_kexec()
     b1, m1 = time.clock_gettime(time.CLOCK_BOOTTIME), time.clock_gettime(time.CLOCK_MONOTONIC)
+    kmsg(f"back in this kernel (pid {os.getpid()}), away {b1 - b0:.2f} s CLOCK_BOOTTIME, {m1 - m0:.2f} s "
+         "CLOCK_MONOTONIC")
     return JumpResult(b1 - b0, m1 - m0)
 
 
@@ -185,6 +197,7 @@ def prepare_jump_back(entry: int | None = None) -> tuple[int, bool]:
     this_boot = saved.get("boot_id") == _boot_id()
     loaded = state().loaded
     if this_boot and saved.get("entry") == entry and loaded:
+        kmsg(f"jump-back image for entry {entry:#x} reused")
         return entry, True
     if this_boot and saved.get("returned"):
         raise JumpBackEntryError(
@@ -197,6 +210,7 @@ def prepare_jump_back(entry: int | None = None) -> tuple[int, bool]:
     plan = loader.plan_jump_back(entry, read_phys_page(entry))
     load_plan(plan)
     _save_state({"boot_id": _boot_id(), "entry": entry, "returned": False})
+    kmsg(f"jump-back image for entry {entry:#x} loaded")
     return entry, False
 
 
