@@ -104,6 +104,11 @@ class PageLayout:
     offline: int | None
     unaccepted: int | None
     max_order: int
+    pg_head_mask: int | None = None
+    pg_hugetlb: int | None = None  # 6.6-6.8: flag in the first tail page's flags
+    folio_dtor: int | None = None  # 6.3-6.5: offset of folio._folio_dtor from the head struct page
+    compound_dtor: int | None = None  # before 6.3: offset of page.compound_dtor in the first tail page
+    hugetlb_dtor: int | None = None  # NUMBER(HUGETLB_PAGE_DTOR)
 
     @classmethod
     def from_vmcoreinfo(cls, v: Vmcoreinfo) -> PageLayout:
@@ -133,6 +138,11 @@ class PageLayout:
             offline=v.number_or("PAGE_OFFLINE_MAPCOUNT_VALUE", None),
             unaccepted=v.number_or("PAGE_UNACCEPTED_MAPCOUNT_VALUE", None),
             max_order=(v.length("zone.free_area") if v.has("LENGTH(zone.free_area)") else 11),
+            pg_head_mask=v.number_or("PG_head_mask", None),
+            pg_hugetlb=v.number_or("PG_hugetlb", None),
+            folio_dtor=v.offset_or("folio._folio_dtor", None),
+            compound_dtor=v.offset_or("page.compound_dtor", None),
+            hugetlb_dtor=v.number_or("HUGETLB_PAGE_DTOR", None),
         )
 
     def dtype(self) -> np.dtype:
@@ -162,6 +172,30 @@ def _is_type(mapcount: np.ndarray, value: int | None) -> np.ndarray:
     return mapcount.view(np.uint32) == np.uint32(v)
 
 
+def _old_hugetlb(pages: np.ndarray, lay: PageLayout) -> np.ndarray:
+    """hugetlb heads on kernels before 6.9 (no page type): PG_hugetlb in the first tail's flags (6.6-6.8), the
+    folio destructor byte (6.3-6.5) or page.compound_dtor of the first tail (older)."""
+    out = np.zeros(len(pages), dtype=bool)
+    if lay.pg_head_mask is None:
+        return out
+    heads = np.flatnonzero((pages["flags"] & np.uint64(lay.pg_head_mask)) != 0)
+    heads = heads[heads + 1 < len(pages)]
+    if not len(heads):
+        return out
+    if lay.pg_hugetlb is not None:
+        out[heads] = _bit(pages["flags"][heads + 1], lay.pg_hugetlb)
+        return out
+    off = lay.folio_dtor if lay.folio_dtor is not None else (
+        lay.size + lay.compound_dtor if lay.compound_dtor is not None else None)
+    if off is None or lay.hugetlb_dtor is None:
+        return out
+    raw = pages.view(np.uint8).reshape(len(pages), lay.size)
+    rows = heads + off // lay.size
+    ok = rows < len(pages)
+    out[heads[ok]] = raw[rows[ok], off % lay.size] == lay.hugetlb_dtor
+    return out
+
+
 def classify(pages: np.ndarray, lay: PageLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(class per page, free-block page counts at buddy heads (0 elsewhere), tail mask) for a struct page array."""
     flags, mapping, mc = pages["flags"], pages["mapping"], pages["mapcount"]
@@ -169,7 +203,7 @@ def classify(pages: np.ndarray, lay: PageLayout) -> tuple[np.ndarray, np.ndarray
     buddy = _is_type(mc, lay.buddy) & ~slab
     unaccepted = _is_type(mc, lay.unaccepted)
     anon = ((mapping & np.uint64(1)) != 0) & ~slab
-    hugetlb = _is_type(mc, lay.hugetlb)
+    hugetlb = _is_type(mc, lay.hugetlb) if lay.hugetlb is not None else _old_hugetlb(pages, lay)
     lru = _bit(flags, lay.pg_lru)
     swapcache = _bit(flags, lay.pg_swapcache)
     if lay.pg_swapbacked is not None:

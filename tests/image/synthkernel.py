@@ -94,8 +94,23 @@ def _map(mem: bytearray, alloc: _Alloc, pgd: int, va: int, pa: int, level_size: 
         table = entry & 0x000FFFFFFFFFF000
 
 
-def build(seed: int = 1, *, l5: bool = False, extreme: bool = True) -> SynthKernel:
-    """Build the synthetic kernel memory (``l5``: 5-level paging; ``extreme``: SPARSEMEM_EXTREME)."""
+OLD_TYPES = {"buddy": -129, "offline": -257}  # before 6.12 page types were bits cleared in _mapcount
+PG_SLAB_OLD, PG_HUGETLB_66, HUGETLB_PAGE_DTOR = 9, 23, 2
+
+
+def build(seed: int = 1, *, l5: bool = False, extreme: bool = True, variant: str = "6.12") -> SynthKernel:
+    """Build the synthetic kernel memory (``l5``: 5-level paging; ``extreme``: SPARSEMEM_EXTREME; ``variant``:
+    how the kernel marks page types - "6.12" (type byte), "6.6" (PG_hugetlb), "6.3" (folio dtor), "6.1"
+    (compound_dtor, PG_slab, bit-cleared buddy/offline values))."""
+    old = variant != "6.12"
+
+    def mc(kind: str) -> int:
+        if variant == "6.1" and kind in OLD_TYPES:
+            return OLD_TYPES[kind]
+        if old and kind in ("slab", "hugetlb") and (variant == "6.1" or kind == "hugetlb"):
+            return -1  # these kernels mark them elsewhere
+        return _signed32(TYPE[kind] << 24)
+
     page_offset = PAGE_OFFSET_L5 if l5 else PAGE_OFFSET
     vmemmap = VMEMMAP_L5 if l5 else VMEMMAP
     physmem_bits = 52 if l5 else 46
@@ -134,7 +149,7 @@ def build(seed: int = 1, *, l5: bool = False, extreme: bool = True) -> SynthKern
         pages[pfn] = [flags, 0, 0, mapping, 0, private, mapcount, 1, 0]
 
     def buddy(pfn: int, order: int) -> None:
-        pages[pfn] = [0, 0, 0, 0, 0, order, _signed32(TYPE["buddy"] << 24), 0, 0]
+        pages[pfn] = [0, 0, 0, 0, 0, order, mc("buddy"), 0, 0]
         for p in range(pfn + 1, pfn + (1 << order)):
             pages[p] = [0, 0, 0, 0, 0, 0, -1, 0, 0]
         expected[pfn:pfn + (1 << order)] = PageClass.FREE
@@ -173,15 +188,19 @@ def build(seed: int = 1, *, l5: bool = False, extreme: bool = True) -> SynthKern
         expected[pfn] = PageClass.CACHE
     # slab with an odd 'mapping' alias must not count as anon (the 6.2 regression)
     for pfn in range(1460, 1470):
-        normal(pfn, mapping=0x11, mapcount=_signed32(TYPE["slab"] << 24))
+        normal(pfn, mapping=0x11, mapcount=mc("slab"), flags=(1 << PG_SLAB_OLD) if variant == "6.1" else 0)
     # THP (anon, order 9), page-cache large folio (order 2), hugetlb (order 9)
     compound(5120, 9, PageClass.USER, flags=1 << PG["lru"], mapping=anon_map)
     compound(5632, 2, PageClass.CACHE, flags=1 << PG["lru"], mapping=file_map)
-    compound(6144, 9, PageClass.USER, mapcount=_signed32(TYPE["hugetlb"] << 24), mapping=file_map)
+    compound(6144, 9, PageClass.USER, mapcount=mc("hugetlb"), mapping=file_map)
+    if variant == "6.6":
+        pages[6145][0] |= 1 << PG_HUGETLB_66
+    elif old:
+        pages[6145][2] = HUGETLB_PAGE_DTOR  # byte 16 of the first tail: folio._folio_dtor / page.compound_dtor
     # hwpoison and offline
     normal(7000, flags=1 << PG["hwpoison"])
     expected[7000] = PageClass.UNUSABLE
-    normal(7001, mapcount=_signed32(TYPE["offline"] << 24))
+    normal(7001, mapcount=mc("offline"))
     expected[7001] = PageClass.UNUSABLE
     # free pages on per-cpu lists: refcount 0, no type -> not free (like /proc/kpageflags)
     normal(7002)
@@ -199,7 +218,11 @@ def build(seed: int = 1, *, l5: bool = False, extreme: bool = True) -> SynthKern
     for pfn in range(npfn):
         if ram[pfn] and not any(mem[pfn * PS:(pfn + 1) * PS]):
             zero[pfn] = True
-    mapcount = {k: _signed32(v << 24) for k, v in TYPE.items()}
+    mapcount = {k: mc(k) for k in TYPE if not (old and k == "hugetlb") and not (variant == "6.1" and k == "slab")}
+    extra = {"6.6": [f"NUMBER(PG_hugetlb)={PG_HUGETLB_66}"],
+             "6.3": ["OFFSET(folio._folio_dtor)=80", f"NUMBER(HUGETLB_PAGE_DTOR)={HUGETLB_PAGE_DTOR}"],
+             "6.1": ["OFFSET(page.compound_dtor)=16", f"NUMBER(HUGETLB_PAGE_DTOR)={HUGETLB_PAGE_DTOR}",
+                     f"NUMBER(PG_slab)={PG_SLAB_OLD}"]}.get(variant, [])
     lines = [
         "OSRELEASE=6.12.0-synth", "BUILD-ID=0123456789abcdef0123456789abcdef01234567", "PAGESIZE=4096",
         f"SYMBOL(init_top_pgt)={KTEXT_VA:x}",
@@ -213,7 +236,7 @@ def build(seed: int = 1, *, l5: bool = False, extreme: bool = True) -> SynthKern
         "OFFSET(page.compound_head)=8", "LENGTH(zone.free_area)=11",
         *(f"NUMBER(PG_{k})={v}" for k, v in PG.items() if k != "head"),
         f"NUMBER(PG_head_mask)={1 << PG['head']}",
-        *(f"NUMBER(PAGE_{k.upper()}_MAPCOUNT_VALUE)={v}" for k, v in mapcount.items()),
+        *(f"NUMBER(PAGE_{k.upper()}_MAPCOUNT_VALUE)={v}" for k, v in mapcount.items()), *extra,
         f"NUMBER(phys_base)={PHYS_BASE}", f"NUMBER(pgtable_l5_enabled)={int(l5)}", "KERNELOFFSET=0",
         "NUMBER(KERNEL_IMAGE_SIZE)=1073741824", "CRASHTIME=1795318107",
     ]

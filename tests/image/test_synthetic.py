@@ -99,3 +99,15 @@ def test_filter_paging_and_memory_models(tmp_path: Path, l5: bool, extreme: bool
         got = np.concatenate([c for _, c in PageFilter(src, v).classes(700)])
     ram = k.expected != PageClass.NO_PAGE
     assert np.array_equal(got[ram], k.expected[ram])
+
+
+@pytest.mark.parametrize("variant", ["6.6", "6.3", "6.1"])
+def test_filter_older_page_type_schemes(tmp_path: Path, variant: str) -> None:
+    """hugetlb via PG_hugetlb (6.6-6.8), folio dtor (6.3-6.5), compound_dtor + PG_slab + bit-cleared types (older)."""
+    k = sk.build(variant=variant)
+    core = tmp_path / "core"
+    k.write_elf(core)
+    with open_source(core) as src:
+        got = np.concatenate([c for _, c in PageFilter(src, vmcoreinfo.from_source(src)).classes(900)])
+    ram = k.expected != PageClass.NO_PAGE
+    assert np.array_equal(got[ram], k.expected[ram]), np.flatnonzero(got[ram] != k.expected[ram])[:10]
