@@ -204,8 +204,8 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
     head = header.pack()
     out.write(head)
     pos = len(head)
-    stored = np.zeros(-(-max_pfn // 8) * 8, dtype=bool)
-    zero = np.zeros(len(stored), dtype=bool)
+    stored_bits = np.zeros(-(-max_pfn // 8), dtype=np.uint8)  # one bit per pfn, filled chunk by chunk
+    zero_bits = np.zeros(len(stored_bits), dtype=np.uint8)
     stats = SaveStats()
     index: list[BlockEntry] = []
     local = threading.local()
@@ -249,6 +249,10 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
 
         for ch in chunks:
             pfn, cls, ram, keep = ch.pfn, ch.classes, ch.ram, ch.keep
+            if pfn % 8:
+                raise AssertionError(f"plan chunk at pfn {pfn} is not byte aligned")
+            stored = np.zeros(len(keep), dtype=bool)
+            zero = np.zeros(len(keep), dtype=bool)
             counts = np.bincount(cls, minlength=len(PageClass))
             for i in range(len(PageClass)):
                 stats.class_counts[i] += int(counts[i])
@@ -260,11 +264,11 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
                     take = min(b - s, block_pages - fill)
                     dst = cur[fill * ps:(fill + take) * ps]
                     source.readinto((pfn + s) * ps, memoryview(dst))
-                    idx = np.arange(pfn + s, pfn + s + take)
+                    idx = np.arange(s, s + take)  # relative to the chunk
                     if level & DL_ZERO:
                         z = zero_pages(dst, ps)
                         if z.any():
-                            zero[pfn + s:pfn + s + take] = z
+                            zero[s:s + take] = z
                             nz = ~z
                             idx = idx[nz]
                             pages = dst.reshape(take, ps)
@@ -272,26 +276,28 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
                     if len(idx):
                         stored[idx] = True
                         if fill == 0:
-                            first = int(idx[0])
-                        last = int(idx[-1])
+                            first = pfn + int(idx[0])
+                        last = pfn + int(idx[-1])
                         fill += len(idx)
                     s += take
                     if fill == block_pages:
                         flush()
                     while pending and pending[0][0].done():
                         drain(len(pending) - 1)
+            packed = np.packbits(stored, bitorder="little")
+            stored_bits[pfn // 8:pfn // 8 + len(packed)] = packed[:len(stored_bits) - pfn // 8]
+            packed = np.packbits(zero, bitorder="little")
+            zero_bits[pfn // 8:pfn // 8 + len(packed)] = packed[:len(zero_bits) - pfn // 8]
+            stats.pages_stored += int(stored.sum())
+            stats.pages_zero += int(zero.sum())
             if progress:
                 progress(nram * ps)
         flush()
         drain(0)
-    stats.pages_stored = int(stored.sum())
-    stats.pages_zero = int(zero.sum())
     stats.pages_excluded = stats.pages_ram - stats.pages_stored
-    stored_bits = np.packbits(stored, bitorder="little").tobytes()
-    zero_bits = np.packbits(zero, bitorder="little").tobytes()
     table = b"".join(INDEX.pack(e.first_pfn, e.end_pfn, e.offset, e.csize, e.usize, e.npages, e.crc32)
                      for e in index)
-    tables = stored_bits + zero_bits + table
+    tables = stored_bits.tobytes() + zero_bits.tobytes() + table
     out.write(tables)
     trailer = Trailer(pos, pos + len(stored_bits), len(stored_bits), pos + 2 * len(stored_bits), len(index),
                       stats.pages_stored, stats.pages_zero, tuple(stats.class_counts), zlib.crc32(tables))

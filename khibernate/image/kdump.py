@@ -372,9 +372,10 @@ def write_kdump(out: BinaryIO, source: MemorySource, keep: np.ndarray, ram: np.n
         def reads() -> Iterable[tuple[np.ndarray, bytes]]:
             for i in range(0, len(kept_pfns), batch):
                 pfns = kept_pfns[i:i + batch]
-                parts = []
-                for a, b in runs(np.isin(np.arange(pfns[0], pfns[-1] + 1), pfns)):
-                    parts.append(bytes(source.view(int(pfns[0] + a) * bs, (b - a) * bs)))
+                breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
+                starts, ends = np.concatenate(([0], breaks)), np.concatenate((breaks, [len(pfns)]))
+                parts = [bytes(source.view(int(pfns[a]) * bs, int(b - a) * bs)) for a, b in zip(starts, ends,
+                                                                                              strict=True)]
                 yield pfns, b"".join(parts)
 
         pending = []
