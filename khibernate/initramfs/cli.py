@@ -7,8 +7,7 @@ from pathlib import Path
 
 import click
 
-from khibernate.initramfs import build as builder
-from khibernate.initramfs import cpio
+from khibernate.initramfs import cpio  # cheap: the builder (pyelftools, subprocesses) is imported by the command
 
 
 @click.group("initramfs")
@@ -25,6 +24,8 @@ def initramfs_group() -> None:
 @click.option("--no-python", is_flag=True, help="Leave out Python and khibernate (busybox, kexec and /init only).")
 def build_command(output: Path, adds: tuple[str, ...], compression: str, no_python: bool) -> None:
     """Build a deterministic initramfs: busybox, /init, kexec, Python + khibernate, and added files."""
+    from khibernate.initramfs import build as builder
+
     extra = [builder.parse_add(a) for a in adds]
     report = builder.build(output, extra, compression=compression, python=not no_python)
     click.echo(report.summary())

@@ -14,8 +14,6 @@ import stat
 import zlib
 from collections.abc import Iterable, Iterator
 
-import zstandard
-
 from khibernate.errors import KhibernateError
 
 MAGIC = b"070701"
@@ -142,6 +140,8 @@ def compress(data: bytes, method: str, level: int | None = None) -> bytes:
     if method == "gzip":
         return gzip.compress(data, compresslevel=level or 6, mtime=0)
     if method == "zstd":
+        import zstandard
+
         params = zstandard.ZstdCompressionParameters.from_level(level or 9, window_log=ZSTD_WINDOW_LOG,
                                                                 write_content_size=True, write_checksum=True)
         return zstandard.ZstdCompressor(compression_params=params).compress(data)
@@ -157,6 +157,8 @@ def _decompress_segment(buf: bytes, pos: int) -> tuple[bytes, int]:
             raise CpioError(f"truncated gzip segment at offset {pos}")
         return data, len(buf) - len(d.unused_data)
     if buf[pos:pos + 4] == ZSTD_MAGIC:
+        import zstandard
+
         d = zstandard.ZstdDecompressor().decompressobj()
         data = d.decompress(buf[pos:])
         if not d.eof:
