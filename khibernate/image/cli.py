@@ -6,6 +6,7 @@ import json
 import os
 import resource
 import sys
+import time
 from typing import Any
 
 import click
@@ -233,9 +234,10 @@ def read_cmd(source: str, paddr: str, size: str, raw: bool, vmcoreinfo_file: str
 @click.option("-d", "--dump-level", "level", type=int, default=None,
               help="Drop more pages while exporting (same bits as save); default: keep what SOURCE has.")
 @with_source_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")
 def export_cmd(source: str, dest: str, fmt: str, compress: str, flat: bool, elf32: bool, level: int | None,
                vmcoreinfo_file: str | None, vmcoreinfo_at: str | None, ranges: str | None,
-               elfcorehdr: str | None) -> None:
+               elfcorehdr: str | None, as_json: bool) -> None:
     """Write SOURCE as an ELF vmcore or a makedumpfile-compatible kdump-compressed file."""
     from khibernate.image.export import export
 
@@ -244,9 +246,14 @@ def export_cmd(source: str, dest: str, fmt: str, compress: str, flat: bool, elf3
     with _open(source, ranges, elfcorehdr) as src:
         vmci = _vmcoreinfo(src, vmcoreinfo_file, vmcoreinfo_at, required=bool((level or 0) & ~1))
         total = sum(r.size for r in src.ranges)
+        t0 = time.monotonic()
         with Progress("export", total) as prog:
-            export(src, dest, fmt=fmt, compress=compress, flat=flat, elf32=elf32, level=level or 0, vmci=vmci,
-                   progress=prog.update)
+            size = export(src, dest, fmt=fmt, compress=compress, flat=flat, elf32=elf32, level=level or 0,
+                          vmci=vmci, progress=prog.update)
+    if dest != "-":
+        data = {"dest": dest, "format": fmt, "compress": compress if fmt == "kdump" else None, "flat": flat,
+                "bytes": size, "seconds": round(time.monotonic() - t0, 3)}
+        _emit(as_json, data, f"{dest}: {fmt} {size / 1e6:.1f} MB in {data['seconds']:.2f}s")
 
 
 @image_group.command("dmesg")
