@@ -35,6 +35,17 @@ def _hash_tree(h: hashlib._Hash, root: Path) -> None:
             h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
 
 
+def _builder_hash() -> str:
+    """Hash of the builder's own modules: the code that is running must be the code the cache key describes."""
+    h = hashlib.sha256()
+    for p in sorted(Path(builder.__file__).resolve().parent.glob("*.py")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+BUILDER_AT_IMPORT = _builder_hash()
+
+
 def payload_key(python: bool = True) -> str:
     """Hash of everything the payload is made of (khibernate sources by content, host binaries by stat)."""
     import khibernate
@@ -43,7 +54,7 @@ def payload_key(python: bool = True) -> str:
     _hash_tree(h, Path(khibernate.__file__).resolve().parent)
     _hash_tree(h, builder.CONTENT_DIR.resolve())
     exe = os.path.realpath(sys.executable)
-    h.update(f"{exe}\0{sys.version}\0{sys.path}".encode())
+    h.update(f"{exe}\0{sys.version}\0{khibernate.__file__}".encode())
     for p in (exe, *builder.BUSYBOX_CANDIDATES, *builder.KEXEC_CANDIDATES):
         if os.path.exists(p):
             st = os.stat(p)
@@ -62,13 +73,17 @@ def payload(log=print, python: bool = True) -> Path:
     """The cached compressed payload initramfs (built on first use, ~20 s with Python)."""
     key = payload_key(python)
     path = CACHE / f"payload-{key}.cpio.{COMPRESSION}"
-    if path.is_file():
+    if _builder_hash() != BUILDER_AT_IMPORT:
+        # the builder was edited after this process imported it: build, but never cache, with the old code
+        path = CACHE / f"uncached-{os.getpid()}-{key}.cpio.{COMPRESSION}"
+        log("[vmtest] khibernate/initramfs changed since this process started: building an uncached payload")
+    elif path.is_file():
         return path
     CACHE.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     report = builder.build(path, compression=COMPRESSION, python=python)
     log(f"[vmtest] built guest initramfs in {time.monotonic() - t0:.1f} s: {report.summary()}")
-    for old in CACHE.glob(f"payload-*.cpio.{COMPRESSION}"):
+    for old in CACHE.glob(f"*-*.cpio.{COMPRESSION}"):
         if old != path and time.time() - old.stat().st_mtime > 3600:
             old.unlink(missing_ok=True)
     return path

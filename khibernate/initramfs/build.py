@@ -247,7 +247,7 @@ def build(output: Path, extra: Iterable[tuple[Path, str]] = (), compression: str
     tree = build_tree(extra, python=python, kexec=kexec)
     data = tree.archive(compression)
     output = Path(output)
-    tmp = output.with_name(output.name + ".tmp")
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     tmp.replace(output)
     return BuildReport(output, len(data), tree.total_bytes(), len(tree.entries), compression)

@@ -1,16 +1,19 @@
 """Bundle the running Python interpreter, a trimmed zipped standard library and khibernate with its dependencies.
 
-Guest layout (``PYTHONHOME=/usr``):
+Guest layout, mirroring the host's base installation (PREFIX = ``sys.base_prefix``, e.g. /usr for Debian's python3):
   <host realpath of the interpreter>         the binary (its ``$ORIGIN`` RUNPATH still works); /usr/bin/python3 -> it
-  /usr/lib/python3XY.zip                     the stdlib as legacy-layout .pyc (unchecked hash: mtimes do not matter)
-  /usr/lib/python3.X/lib-dynload/*.so        the C extension modules that are .so files in this build
-  /usr/lib/khibernate/python/                khibernate and its dependencies (PYTHONPATH), .py plus __pycache__ .pyc
-Everything is read from ``sys`` / ``sysconfig`` / ``importlib``; no installation path is hard-coded.
+  PREFIX/lib/python3XY.zip                   the stdlib as legacy-layout .pyc (unchecked hash: mtimes do not matter)
+  PREFIX/lib/python3.X/os.py                 the landmark by which the interpreter finds PREFIX by itself
+  PREFIX/lib/python3.X/lib-dynload/*.so      the C extension modules that are .so files in this build
+  <first site-packages dir for PREFIX>       khibernate and its dependencies, .py plus __pycache__ .pyc
+so ``python3`` works without any environment variable (``env -i``, subprocesses); /etc/khibernate/python.env sets
+PYTHONHOME=PREFIX anyway.  Everything is read from ``sys`` / ``sysconfig`` / ``site``; no path is hard-coded.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -30,8 +33,8 @@ from pathlib import Path
 
 from khibernate.errors import KhibernateError
 
-GUEST_PREFIX = "/usr"
-GUEST_SITE = "/usr/lib/khibernate/python"
+GUEST_PREFIX = sys.base_prefix
+GUEST_LIB = f"{GUEST_PREFIX}/{sys.platlibdir}"
 VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 VERSION_NODOT = f"{sys.version_info.major}{sys.version_info.minor}"
 
@@ -66,6 +69,17 @@ class PyFile:
     data: bytes
     perm: int = 0o644
     elf_source: Path | None = None
+
+
+@functools.cache
+def guest_site() -> str:
+    """The first site-packages dir the base interpreter adds by itself (Debian: /usr/local/lib/python3.X/...)."""
+    base = getattr(sys, "_base_executable", None) or sys.executable
+    r = subprocess.run([base, "-I", "-c", "import site; print(site.getsitepackages()[0])"], capture_output=True,
+                       text=True)
+    if r.returncode or not r.stdout.strip().startswith("/"):
+        raise PythonBundleError(f"cannot ask {base} for its site-packages directory: {r.stderr.strip()[-500:]}")
+    return r.stdout.strip()
 
 
 def interpreter() -> Path:
@@ -154,7 +168,7 @@ def stdlib_zip() -> bytes:
     if not (root / "os.py").is_file():
         raise PythonBundleError(f"no os.py in {root}: the standard library of {sys.executable} is not where sysconfig"
                                 " says; bundle from an interpreter with an intact installation")
-    zip_guest = f"{GUEST_PREFIX}/lib/python{VERSION_NODOT}.zip"
+    zip_guest = f"{GUEST_LIB}/python{VERSION_NODOT}.zip"
     sources = sorted(_walk_stdlib(root))
     rels = [p.relative_to(root).as_posix() for p in sources]
     pycs = compile_many([(p, f"{zip_guest}/{rel}") for p, rel in zip(sources, rels, strict=True)])
@@ -250,7 +264,7 @@ def top_requirements(top_package: str) -> list[str]:
 
 
 def site_files(top_package: str = "khibernate") -> list[tuple[str, Path]]:
-    """(relative path under GUEST_SITE, host file) for top_package (from where it imports) and its dependencies."""
+    """(relative path under guest_site(), host file) for top_package (from where it imports) and its dependencies."""
     files: dict[str, Path] = dict(_package_files(top_package))
     todo = top_requirements(top_package)
     done: set[str] = set()
@@ -278,20 +292,21 @@ def bundle(top_package: str = "khibernate") -> tuple[list[PyFile], dict[str, str
     dir_map: dict[str, str] = {}
     exe = interpreter()
     out.append(PyFile(str(exe), exe.read_bytes(), 0o755, exe))
-    out.append(PyFile(f"{GUEST_PREFIX}/lib/python{VERSION_NODOT}.zip", stdlib_zip()))
+    out.append(PyFile(f"{GUEST_LIB}/python{VERSION_NODOT}.zip", stdlib_zip()))
+    out.append(PyFile(f"{GUEST_LIB}/python{VERSION}/os.py", (stdlib_dir() / "os.py").read_bytes()))
     for so in dynload_modules():
-        out.append(PyFile(f"{GUEST_PREFIX}/lib/python{VERSION}/lib-dynload/{so.name}", so.read_bytes(), 0o755, so))
+        out.append(PyFile(f"{GUEST_LIB}/python{VERSION}/lib-dynload/{so.name}", so.read_bytes(), 0o755, so))
     site = site_files(top_package)
     pycs: dict[str, bytes | None] = {}
     # two batches, so that editing top_package does not recompile its (cached) dependencies
     for own in (True, False):
         py = [(rel, src) for rel, src in site if rel.endswith(".py") and rel.startswith(top_package + "/") == own]
-        pycs.update(zip([rel for rel, _ in py], compile_many([(src, f"{GUEST_SITE}/{rel}") for rel, src in py]),
+        pycs.update(zip([rel for rel, _ in py], compile_many([(src, f"{guest_site()}/{rel}") for rel, src in py]),
                         strict=True))
     for rel, src in site:
-        guest = f"{GUEST_SITE}/{rel}"
+        guest = f"{guest_site()}/{rel}"
         if src.as_posix().endswith("/" + rel):
-            dir_map[os.path.realpath(src.as_posix()[:-len(rel) - 1])] = GUEST_SITE
+            dir_map[os.path.realpath(src.as_posix()[:-len(rel) - 1])] = guest_site()
         data = src.read_bytes()
         is_so = src.name.endswith(".so") or ".so." in src.name
         out.append(PyFile(guest, data, 0o755 if is_so else 0o644, src if is_so else None))
@@ -299,13 +314,13 @@ def bundle(top_package: str = "khibernate") -> tuple[list[PyFile], dict[str, str
         if pyc is not None:
             parent, _, stem = rel[:-3].rpartition("/")
             cache = f"{parent}/__pycache__" if parent else "__pycache__"
-            out.append(PyFile(f"{GUEST_SITE}/{cache}/{stem}.{sys.implementation.cache_tag}.pyc", pyc))
+            out.append(PyFile(f"{guest_site()}/{cache}/{stem}.{sys.implementation.cache_tag}.pyc", pyc))
     return out, dir_map
 
 
 def environment() -> dict[str, str]:
     """Environment variables the guest needs to run the bundled interpreter."""
-    return {"PYTHONHOME": GUEST_PREFIX, "PYTHONPATH": GUEST_SITE, "PYTHONDONTWRITEBYTECODE": "1",
+    return {"PYTHONHOME": GUEST_PREFIX, "PYTHONPATH": guest_site(), "PYTHONDONTWRITEBYTECODE": "1",
             "PYTHONNOUSERSITE": "1"}
 
 

@@ -30,13 +30,16 @@ def test_two_builds_byte_identical(tmp_path, monkeypatch):
     assert got["dev/console"].kind == "chardev" and got["dev/console"].rdev == (5, 1)
     assert got["usr/sbin/kexec"].data.startswith(b"\x7fELF")
     assert any(p.endswith("libc.so.6") for p in got)
-    v = f"{sys.version_info.major}{sys.version_info.minor}"
-    assert f"usr/lib/python{v}.zip" in got
-    assert "usr/lib/khibernate/python/khibernate/cli.py" in got
-    assert any(p.startswith("usr/lib/khibernate/python/_cffi_backend") for p in got)
-    assert "usr/lib/khibernate/python/zstandard/__init__.py" in got
-    assert "usr/lib/khibernate/python/elftools/__init__.py" in got
-    assert "usr/lib/khibernate/python/click/__init__.py" in got
+    assert f"{pybundle.GUEST_LIB.lstrip('/')}/python{sys.version_info.major}{sys.version_info.minor}.zip" in got
+    v = f"{sys.version_info.major}.{sys.version_info.minor}"
+    site = pybundle.guest_site().lstrip("/")
+    assert f"{site}/khibernate/cli.py" in got
+    assert any(p.startswith(f"{site}/_cffi_backend") for p in got)
+    assert f"{site}/zstandard/__init__.py" in got
+    assert f"{site}/elftools/__init__.py" in got
+    assert f"{site}/click/__init__.py" in got
+    lib = pybundle.GUEST_LIB.lstrip("/")
+    assert f"{lib}/python{v}/os.py" in got and f"{lib}/python{v}/lib-dynload" in got
     assert got["usr/bin/khibernate"].perm == 0o755
 
 

@@ -137,3 +137,5 @@ def test_doctor_in_guest_says_jump_possible(test_kernel):
         out = vm.run("python3 -c 'import numpy, zstandard, _cffi_backend, elftools, click, khibernate.cli;"
                      " print(int(numpy.arange(10).sum()), zstandard.backend)'", timeout=180)
         assert out.split() == ["45", "cext"], out
+        # the interpreter finds its stdlib and site-packages by itself, without PYTHONHOME/PYTHONPATH
+        assert vm.run("env -i /usr/bin/python3 -c 'import khibernate.cli, numpy; print(1)'", timeout=180) == "1\n"
