@@ -154,6 +154,9 @@ def parse_header(read: Callable[[int, int], bytes]) -> KdumpHeader:
     if block_size < 4096 or block_size > 262144 or block_size & (block_size - 1):
         raise CorruptImageError(f"kdump block_size {block_size} is not a page size; the file is corrupt")
     sub = SUB_HEADER.unpack(read(block_size, SUB_HEADER.size).ljust(SUB_HEADER.size, b"\0"))
+    if version >= 2 and sub[2]:
+        raise UnsupportedError("this is one file of a makedumpfile --split set; join them first with "
+                               "'makedumpfile --reassemble FILE1 FILE2 ... OUT'")
     names = tuple(uts[i * 65:(i + 1) * 65].split(b"\0")[0].decode("ascii", "replace") for i in range(6))
     max_mapnr = sub[13] if version >= 6 and sub[13] else f[9]
     return KdumpHeader(version, names, f[3], f[5], block_size, f[7], f[8], f[14], sub[0], sub[1],

@@ -169,3 +169,16 @@ def test_no_partial_dest_on_failure(synth_elf: Path, tmp_path: Path) -> None:
         save_file(src, dest, vmci=None, level=31)
     assert not dest.exists() and not Path(str(dest) + ".partial").exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith("x.khi")]
+
+
+def test_split_kdump_is_refused(khi17: Path, tmp_path: Path) -> None:
+    import struct
+
+    out = tmp_path / "k.kdump"
+    with KhiSource(khi17) as img:
+        export(img, str(out), fmt="kdump", compress="zlib", vmci=img.vmcoreinfo())
+    data = bytearray(out.read_bytes())
+    struct.pack_into("<i", data, 4096 + 12, 1)  # kdump_sub_header.split
+    (tmp_path / "s.kdump").write_bytes(bytes(data))
+    with pytest.raises(UnsupportedError, match="reassemble"):
+        open_source(tmp_path / "s.kdump")
