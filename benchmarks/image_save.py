@@ -57,7 +57,7 @@ def elf_input(path: Path, work: Path) -> Path:
 
 def bench(vmcore: Path, work: Path, runs: int) -> list[tuple[str, float, int, int]]:
     py = sys.executable
-    khi = [py, "-m", "khibernate.cli", "image", "save"]
+    khi = [py, "-m", "khibernate.image", "save"]  # the image commands alone, as a capture environment runs them
     cases: list[tuple[str, list[str], Path | None, Path | None]] = [
         ("cat > /dev/null", ["cat", str(vmcore)], None, None),
         ("khibernate save --restorable (-d 17)", [*khi, str(vmcore), str(work / "r.khi")], work / "r.khi", None),

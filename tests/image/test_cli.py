@@ -66,3 +66,12 @@ def test_os_errors_are_one_line(synth_elf: Path, tmp_path: Path) -> None:
     locked.chmod(0)
     code, _, err = run("info", str(locked))
     assert code == 1 and err.startswith("error: ")
+
+
+def test_python_m_khibernate_image(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "khibernate.image", "info", str(tmp_path / "missing")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
