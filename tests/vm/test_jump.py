@@ -6,6 +6,7 @@ Never skipped: without root, qemu or the test kernel these tests fail and say wh
 from __future__ import annotations
 
 import re
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +41,27 @@ def tiny_initrd(path: Path, marker: str) -> Path:
     return path
 
 
+def debian_vmlinuz(tmp: Path) -> Path:
+    """A Debian distribution bzImage (built without CONFIG_KEXEC_JUMP, with KASLR): /boot or the linux-image .deb."""
+    found = sorted(Path("/boot").glob("vmlinuz-*"))
+    if found:
+        return found[-1]
+    debs = Path.home() / ".cache/khibernate/debs"
+    cached = sorted(debs.glob("linux-image-*-amd64_*.deb.vmlinuz"))
+    if cached:
+        return cached[-1]
+    debs.mkdir(parents=True, exist_ok=True)
+    dep = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], capture_output=True, text=True).stdout
+    pkg = next(line.split()[-1] for line in dep.splitlines() if "Depends: linux-image-" in line)
+    subprocess.run(["apt-get", "download", pkg], cwd=debs, check=True, capture_output=True)
+    deb = sorted(debs.glob("linux-image-*-amd64_*.deb"))[-1]
+    subprocess.run(f"dpkg-deb --fsys-tarfile {deb} | tar -x -C {tmp} --wildcards './boot/vmlinuz-*'", shell=True,
+                   check=True)
+    out = Path(str(deb) + ".vmlinuz")
+    out.write_bytes(next((tmp / "boot").glob("vmlinuz-*")).read_bytes())
+    return out
+
+
 @pytest.fixture(scope="module")
 def kernel():
     from vmtest.kernel import ensure_kernel
@@ -49,10 +71,10 @@ def kernel():
     return ensure_kernel()
 
 
-def _vm(kernel, name, append="crashkernel=256M", smp=1, extra=(), **kw):
+def _vm(kernel, name, append="crashkernel=256M", smp=1, extra=(), memory_mb=1024, **kw):
     from vmtest.vm import VM
 
-    return VM(kernel=kernel, append=append, memory_mb=1024, smp=smp, extra_files=[GUEST_HELPER, *extra], name=name,
+    return VM(kernel=kernel, append=append, memory_mb=memory_mb, smp=smp, extra_files=[GUEST_HELPER, *extra], name=name,
               timeout=300, **kw)
 
 
@@ -273,3 +295,27 @@ def test_kdump_load_crash(kernel):
         assert "khb.role=KDUMP" in cmdline and "elfcorehdr=" in cmdline
         b_info = vm.run(f"python3 {GUEST_HELPER[1]} vmcore", timeout=120)
         assert b_info.startswith(a_info) and "CRASHTIME=" in b_info
+
+
+def test_jump_into_kernel_without_kexec_jump(kernel):
+    """A distribution kernel (Debian, no CONFIG_KEXEC_JUMP, KASLR) as the jump target: it boots in the crash region
+    with the first kernel's VMCOREINFO in /proc/vmcore, and its `jump back` is refused with a clear error."""
+    vmlinuz = debian_vmlinuz(Path(tempfile.mkdtemp(prefix="khb-deb-")))
+    # the distribution kernel needs more than 256 MiB to unpack the Python initramfs
+    with _vm(kernel, "jump-debian", append="crashkernel=512M", memory_mb=1536,
+             extra=[(vmlinuz, "/khb/vmlinuz-debian")]) as vm:
+        a_info = grun(vm, f"python3 {GUEST_HELPER[1]} kcore")
+        out = vm.run(f"{K} jump load /khb/vmlinuz-debian --initrd /boot/initrd.img --append '{B_APPEND}'",
+                     timeout=120)
+        assert "loaded jump image" in out
+        vm.send(f"{K} jump exec")
+        vm.wait_for_shell(timeout=300, new_boot=True)
+        resync(vm)
+        release = grun(vm, "uname -r").strip()
+        assert release != "6.12.117" and release.endswith("-amd64"), release
+        assert "kexec_jump_back_entry=0x" in grun(vm, "cat /proc/cmdline")
+        b_info = grun(vm, f"python3 {GUEST_HELPER[1]} vmcore")
+        assert b_info[:b_info.index("PT_LOAD ")] == a_info
+        status, out = vm.run_status(f"{K} jump back", timeout=120)
+        assert status == 1 and "CONFIG_KEXEC_JUMP" in out and "Traceback" not in out, out
+        print(f"\n[debian {release}] `jump back` refused: {out.strip()[:160]}")
