@@ -51,3 +51,14 @@ def test_generated_cffi_module_matches(tmp_path):
     out = tmp_path / "gen.py"
     syscalls.generate(out)
     assert out.read_text() == syscalls.GENERATED.read_text()
+
+
+def test_reuse_cmdline(monkeypatch, tmp_path):
+    from khibernate.jump import cli as jcli
+
+    fake = tmp_path / "cmdline"
+    fake.write_text("BOOT_IMAGE=/vmlinuz root=/dev/vda crashkernel=256M quiet kexec_jump_back_entry=0x1\n")
+    real_path = jcli.Path
+    monkeypatch.setattr(jcli, "Path", lambda p: fake if p == "/proc/cmdline" else real_path(p))
+    assert jcli._cmdline("console=ttyS0", None, True) == "root=/dev/vda quiet console=ttyS0"
+    assert jcli._cmdline(None, "a b", False) == "a b"

@@ -255,6 +255,8 @@ def test_refusals_then_kexec_chain(kernel):
         status, out = vm.run_status(f"{K} jump exec")
         assert status == 1 and "no kexec image is loaded" in out, out
         assert vm.run("cat /sys/kernel/kexec_loaded").strip() == "0"
+        # the same groups are registered in the `khibernate` command
+        assert "kexec image loaded:         no" in vm.run("khibernate kexec status", timeout=120)
 
         first = boot_id(vm)
         out = vm.run(f"{K} kexec load /boot/bzImage --initrd /boot/initrd.img "
