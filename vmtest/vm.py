@@ -315,11 +315,14 @@ class VM:
     # ------------------------------------------------------------------ console
 
     def wait_for(self, pattern: str, timeout: float = 60) -> re.Match[str]:
-        """Wait for regex pattern on the kernel console after the current position; the position moves past it."""
+        """Wait for regex pattern (MULTILINE: ^/$ match at line ends) on the kernel console after the current
+        position; the position moves past the match, which is returned (as text)."""
         assert self.console is not None
-        m = self.console.search(re.compile(pattern.encode()), timeout, self._alive, repr(pattern))
-        text = m.group(0).decode(errors="replace")
-        sm = re.search(pattern, text)
+        m = self.console.search(re.compile(pattern.encode(), re.MULTILINE), timeout, self._alive, repr(pattern))
+        # the same match on text: decode the console up to the match end as latin-1 (byte offsets == char offsets)
+        with self.console.cond:
+            text = bytes(self.console.buf[:m.end()]).decode("latin-1")
+        sm = re.compile(pattern, re.MULTILINE).search(text, m.start())
         assert sm is not None
         return sm
 
