@@ -32,6 +32,8 @@ LOG_ROOT = Path(os.environ.get("KHIBERNATE_VMTEST_LOGS", "/tmp/khibernate-vmtest
 BASE_APPEND = "console=ttyS0 khibernate.agent=1 panic=-1 rootfstype=ramfs"
 READY = re.compile(rb"@@KHB-READY (\S+) (\S+)@@")
 CHUNK = 512
+# Multiplies every timeout (slow or busy hosts: several TCG guests on 2 cores run 2-3x slower).
+TIMEOUT_SCALE = float(os.environ.get("KHIBERNATE_VMTEST_TIMEOUT_SCALE", "1"))
 
 
 class VMError(RuntimeError):
@@ -100,6 +102,7 @@ class _Stream:
     def search(self, pattern: re.Pattern[bytes], timeout: float, alive, describe: str,
                fail: re.Pattern[bytes] | None = None) -> re.Match[bytes]:
         """Wait until pattern matches after pos; advance pos past the match.  fail matching first -> VMError."""
+        timeout *= TIMEOUT_SCALE
         deadline = time.monotonic() + timeout
         with self.cond:
             while True:
@@ -114,7 +117,7 @@ class _Stream:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise VMError(f"timed out after {timeout:.0f} s waiting for {describe} on {self.name}"
-                                  f" ({self.log_path})")
+                                  f" ({self.log_path}); on a slow or busy host set KHIBERNATE_VMTEST_TIMEOUT_SCALE=2")
                 if self.eof or not alive():
                     raise VMError(f"QEMU exited while waiting for {describe} on {self.name} ({self.log_path})")
                 self.cond.wait(min(left, 0.5))
