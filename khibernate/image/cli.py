@@ -21,6 +21,7 @@ from khibernate.image.vmcoreinfo import Vmcoreinfo
 
 
 def _int(text: str) -> int:
+    """Integer from decimal or 0x-hex text; UsageErrorImage otherwise."""
     try:
         return int(text, 0)
     except ValueError:
@@ -28,6 +29,7 @@ def _int(text: str) -> int:
 
 
 def _open(source: str, ranges: str | None, elfcorehdr: str | None) -> MemorySource:
+    """The source: raw memory when --ranges/--elfcorehdr are given, else sniffed by magic."""
     if ranges or elfcorehdr:
         from khibernate.image.sources.raw import RawSource, parse_ranges
 
@@ -39,6 +41,7 @@ def _open(source: str, ranges: str | None, elfcorehdr: str | None) -> MemorySour
 
 
 def _vmcoreinfo(src: MemorySource, path: str | None, at: str | None, required: bool) -> Vmcoreinfo | None:
+    """VMCOREINFO from --vmcoreinfo, --vmcoreinfo-at or the source's note (None if optional and absent)."""
     if path:
         return vmci_mod.from_file(path)
     if at:
@@ -53,6 +56,7 @@ def _vmcoreinfo(src: MemorySource, path: str | None, at: str | None, required: b
 
 
 def _emit(as_json: bool, data: dict[str, Any], text: str) -> None:
+    """Print ``data`` as JSON or ``text`` as is."""
     click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else text)
 
 

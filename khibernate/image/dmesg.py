@@ -30,6 +30,7 @@ class Record:
 
 
 def _u(data: bytes, off: int, size: int) -> int:
+    """Little-endian unsigned integer of ``size`` bytes at ``off``."""
     return int.from_bytes(data[off:off + size], "little")
 
 

@@ -73,6 +73,7 @@ class ElfHeaders:
 
 
 def _align4(n: int) -> int:
+    """``n`` rounded up to a multiple of 4 (ELF note padding)."""
     return (n + 3) & ~3
 
 

@@ -381,6 +381,7 @@ class KhiSource(MemorySource):
         return self.header.max_pfn
 
     def _bit(self, bits: np.ndarray, pfn: int) -> bool:
+        """Bit ``pfn`` of a little-endian bitmap (False beyond max_pfn)."""
         return bool(bits[pfn >> 3] >> (pfn & 7) & 1) if pfn < self.header.max_pfn else False
 
     def block_pfns(self, e: BlockEntry) -> np.ndarray:
@@ -407,6 +408,7 @@ class KhiSource(MemorySource):
         return data
 
     def _block(self, i: int) -> tuple[np.ndarray, bytes]:
+        """(pfns, data) of block ``i``, decompressed and verified, from a small LRU cache."""
         hit = self._cache.get(i)
         if hit is not None:
             self._cache.move_to_end(i)

@@ -84,6 +84,7 @@ def bitmap_bytes(max_mapnr: int, block_size: int) -> int:
 
 
 class _Plain:
+    """Positioned reads of a plain kdump file."""
     def __init__(self, fd: int):
         self.fd = fd
 
@@ -395,6 +396,7 @@ def write_kdump(out: BinaryIO, source: MemorySource, keep: np.ndarray, ram: np.n
 
 def _emit(w: _Out, item: tuple, pos: int, desc_off: int, desc_i: int, zero_desc: bytes | None, compress: str,
           progress: Callable[[int], None] | None, bs: int) -> tuple[int, int]:
+    """Write one compressed batch's data and descriptors; returns the new data and descriptor positions."""
     pfns, fut = item
     descs = bytearray()
     blob = bytearray()

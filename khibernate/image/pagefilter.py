@@ -157,6 +157,7 @@ class PageLayout:
 
 
 def _bit(flags: np.ndarray, bit: int | None) -> np.ndarray:
+    """Per-page bool: bit ``bit`` of ``flags`` (all False when the kernel does not export it)."""
     if bit is None:
         return np.zeros(flags.shape, dtype=bool)
     return ((flags >> np.uint64(bit)) & np.uint64(1)).astype(bool)
@@ -256,6 +257,7 @@ class PageFilter:
         self._head_cache: dict[int, int] = {}
 
     def _sections(self) -> Iterator[Section]:
+        """Present SPARSEMEM sections below max_pfn, from mem_section (EXTREME or static)."""
         v, kx = self.vmci, self.kx
         for key in ("SYMBOL(mem_section)", "SIZE(mem_section)", "OFFSET(mem_section.section_mem_map)"):
             if not v.has(key):
@@ -284,6 +286,7 @@ class PageFilter:
             yield Section(start, per_section, ((coded & SECTION_MAP_MASK) + start * self.layout.size) & U64)
 
     def _struct_pages(self, sec: Section, first: int, count: int) -> np.ndarray:
+        """struct pages of pfns first..first+count of ``sec`` as a numpy structured array."""
         va = sec.mem_map + (first - sec.start_pfn) * self.layout.size
         data = self.kx.read(va, count * self.layout.size)
         return np.frombuffer(data, dtype=self.dtype)
@@ -303,6 +306,7 @@ class PageFilter:
         return cls
 
     def _pfn_of_page_va(self, va: np.ndarray) -> np.ndarray:
+        """pfn described by each struct page VA (vmemmap base, or a search of the sections)."""
         if self.vmemmap is not None:
             return ((va - np.uint64(self.vmemmap)) // np.uint64(self.layout.size)).astype(np.int64)
         out = np.full(len(va), -1, dtype=np.int64)

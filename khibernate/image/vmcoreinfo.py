@@ -36,6 +36,7 @@ class Vmcoreinfo:
         return self.entries.get(key)
 
     def _need(self, key: str) -> str:
+        """Value of ``key``; MissingVmcoreinfoError naming it when absent."""
         v = self.entries.get(key)
         if v is None:
             raise MissingVmcoreinfoError(

@@ -45,6 +45,7 @@ class X86_64:
         return va - START_KERNEL_MAP + self.phys_base
 
     def _table(self, paddr: int) -> bytes:
+        """One 4 KiB page-table page, cached."""
         t = self._table_cache.get(paddr)
         if t is None:
             if len(self._table_cache) > 4096:
