@@ -40,3 +40,10 @@ def kdump_1g():  # noqa: ANN201 - RealDump: /proc/vmcore of a kdump kernel (cras
     from tests.image.vmcores import workload_dump
 
     return workload_dump("kd1g", method="kdump")
+
+
+@pytest.fixture(scope="session")
+def workload_1g_linux73():  # noqa: ANN201 - RealDump: the same 1 GiB workload on the 7.3 kernel line
+    from tests.image.vmcores import workload_dump
+
+    return workload_dump("wl1g-7.3", line="7.3")

@@ -45,17 +45,18 @@ KDUMP_SNAPSHOT_MB = 1400  # where the kpageflags snapshot goes on the disk in kd
 
 
 def workload_dump(name: str, *, memory_mb: int = 1024, smp: int = 1, anon_mb: int = 160, tmpfs_mb: int = 100,
-                  bdev_mb: int = 48, method: str = "qmp") -> RealDump:
+                  bdev_mb: int = 48, method: str = "qmp", line: str = "6.12") -> RealDump:
     """Make (or reuse from the cache) a workload vmcore with its kpageflags oracle.
 
     ``method`` "qmp": QMP stop + dump-guest-memory (a QEMU ELF); "kdump": the guest panics into a kdump kernel
     (crashkernel=256M) that copies /proc/vmcore to the disk (the ELF the kernel itself makes).
+    ``line`` is the test kernel line (vmtest.kernel.LINES).
     """
     from vmtest.kernel import ensure_kernel
     from vmtest.vm import check_host
 
     check_host()
-    kernel = ensure_kernel()
+    kernel = ensure_kernel(line)
     params = dict(memory_mb=memory_mb, smp=smp, anon_mb=anon_mb, tmpfs_mb=tmpfs_mb, bdev_mb=bdev_mb, method=method)
     out = CACHE / f"{name}-{_key(kernel.directory, **params)}"
     vmcore, kpf, meta_p = out / "vmcore", out / "kpageflags", out / "meta.json"
