@@ -15,7 +15,7 @@ from tests.image.vmcores import RealDump
 pytestmark = pytest.mark.vm
 
 
-@pytest.mark.parametrize("dump", ["workload_1g", "workload_2g_smp2", "kdump_1g"])
+@pytest.mark.parametrize("dump", ["workload_1g", "workload_2g_smp2", "kdump_1g", "workload_1g_linux73"])
 def test_filter_agrees_with_kpageflags(dump: str, request: pytest.FixtureRequest) -> None:
     real: RealDump = request.getfixturevalue(dump)
     with open_source(real.vmcore) as src:
