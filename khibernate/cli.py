@@ -5,26 +5,13 @@ Each part of khibernate registers its own click group or command here; only comm
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from khibernate import __version__
-from khibernate.errors import KhibernateError
+from khibernate.clickutil import ErrorReportingGroup
 
 
-class Main(click.Group):
-    """Turns KhibernateError into one 'error: ...' line and its exit code (no traceback)."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except KhibernateError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(e.exit_code)
-
-
-@click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ErrorReportingGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="khibernate")
 def cli() -> None:
     """kexec-jump based hibernation and checkpointing for Linux.

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from khibernate.errors import KhibernateError
+from khibernate.clickutil import ErrorReportingGroup
 from khibernate.image import vmcoreinfo as vmci_mod
 from khibernate.image.errors import FileAccessError, ImageError, MissingVmcoreinfoError, UsageErrorImage
 from khibernate.image.levels import RESTORABLE_LEVEL, PageClass
@@ -78,21 +78,10 @@ def with_source_options(f: Any) -> Any:
     return f
 
 
-class _ImageGroup(click.Group):
-    """One 'error: ...' line and the error's exit code for any KhibernateError or OSError, also when run alone
-    (``python3 -m khibernate.image``, which skips loading the other command groups)."""
+class _ImageGroup(ErrorReportingGroup):
+    """Reports errors also when run alone (``python3 -m khibernate.image`` skips the other command groups)."""
 
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            try:
-                return super().invoke(ctx)
-            except OSError as e:
-                what = f"{e.filename}: " if e.filename else ""
-                hint = {13: " (run as root?)", 28: " (free some space or choose another DEST)"}.get(e.errno or 0, "")
-                raise FileAccessError(f"{what}{e.strerror or e}{hint}") from None
-        except KhibernateError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(e.exit_code)
+    os_error_class = FileAccessError
 
 
 @click.group("image", cls=_ImageGroup)
