@@ -16,10 +16,10 @@ from typing import BinaryIO
 from khibernate.image.errors import NotAVmcoreError, TruncatedError, UnsupportedError
 from khibernate.image.sources.base import (
     FileSegment,
-    MemorySource,
     MemRange,
     Note,
     SegmentedFile,
+    SegmentedFileSource,
     merge_ranges,
 )
 
@@ -172,7 +172,7 @@ def ram_segments(loads: Sequence[Phdr], page_size: int = 4096) -> list[FileSegme
     return padded
 
 
-class ElfSource(MemorySource):
+class ElfSource(SegmentedFileSource):
     """A vmcore / QEMU dump / ELF32 core file (or /proc/vmcore) read through mmap."""
 
     def __init__(self, path: str | os.PathLike[str]):
@@ -199,25 +199,6 @@ class ElfSource(MemorySource):
         self.file = SegmentedFile(self.path, ram_segments(self.headers.loads))
         self._ranges = merge_ranges([MemRange(s.paddr, s.paddr + s.memsz) for s in self.file.segments])
 
-    @property
-    def ranges(self) -> tuple[MemRange, ...]:
-        return self._ranges
-
-    @property
-    def notes(self) -> tuple[Note, ...]:
-        return self._notes
-
-    def read(self, paddr: int, size: int) -> bytes:
-        return self.file.read(paddr, size)
-
-    def view(self, paddr: int, size: int) -> memoryview:
-        return self.file.view(paddr, size)
-
-    def readinto(self, paddr: int, buf: memoryview) -> None:
-        self.file.readinto(paddr, buf)
-
-    def close(self) -> None:
-        self.file.close()
 
 
 # ------------------------------------------------------------------------------------------------ writer

@@ -210,3 +210,31 @@ class SegmentedFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class SegmentedFileSource(MemorySource):
+    """A MemorySource whose memory is a SegmentedFile: subclasses set ``file``, ``_ranges`` and ``_notes``."""
+
+    file: SegmentedFile
+    _ranges: tuple[MemRange, ...]
+    _notes: tuple[Note, ...]
+
+    @property
+    def ranges(self) -> tuple[MemRange, ...]:
+        return self._ranges
+
+    @property
+    def notes(self) -> tuple[Note, ...]:
+        return self._notes
+
+    def read(self, paddr: int, size: int) -> bytes:
+        return self.file.read(paddr, size)
+
+    def view(self, paddr: int, size: int) -> memoryview:
+        return self.file.view(paddr, size)
+
+    def readinto(self, paddr: int, buf: memoryview) -> None:
+        self.file.readinto(paddr, buf)
+
+    def close(self) -> None:
+        self.file.close()

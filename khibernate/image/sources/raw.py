@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from khibernate.image.elf import parse_headers, parse_notes
 from khibernate.image.errors import NotAVmcoreError
-from khibernate.image.sources.base import FileSegment, MemorySource, MemRange, Note, SegmentedFile, merge_ranges
+from khibernate.image.sources.base import FileSegment, MemRange, Note, SegmentedFile, SegmentedFileSource, merge_ranges
 
 
 def ranges_from_elfcorehdr(blob: bytes) -> tuple[tuple[MemRange, ...], list[tuple[int, int]]]:
@@ -30,7 +30,7 @@ def parse_ranges(text: str) -> tuple[MemRange, ...]:
     return merge_ranges(out)
 
 
-class RawSource(MemorySource):
+class RawSource(SegmentedFileSource):
     """Memory read from a raw physical-memory file at offset == paddr."""
 
     def __init__(self, path: str | os.PathLike[str], ranges: Sequence[MemRange], *,
@@ -50,22 +50,3 @@ class RawSource(MemorySource):
         ranges, notes = ranges_from_elfcorehdr(elfcorehdr)
         return cls(path, ranges, note_locations=notes)
 
-    @property
-    def ranges(self) -> tuple[MemRange, ...]:
-        return self._ranges
-
-    @property
-    def notes(self) -> tuple[Note, ...]:
-        return self._notes
-
-    def read(self, paddr: int, size: int) -> bytes:
-        return self.file.read(paddr, size)
-
-    def view(self, paddr: int, size: int) -> memoryview:
-        return self.file.view(paddr, size)
-
-    def readinto(self, paddr: int, buf: memoryview) -> None:
-        self.file.readinto(paddr, buf)
-
-    def close(self) -> None:
-        self.file.close()
