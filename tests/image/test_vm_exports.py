@@ -162,3 +162,31 @@ def test_we_read_makedumpfile_output(exports: dict[str, Path], tmp_path: Path, f
                 assert theirs.read(pfn * 4096, 4096) == ours.read(pfn * 4096, 4096), pfn
                 checked += 1
         assert checked > 1000
+
+
+@pytest.mark.parametrize("name", ["zstd", "zlib"])
+def test_libkdumpfile_reads_every_page(exports: dict[str, Path], workload_1g: RealDump, name: str,
+                                       tmp_path: Path) -> None:
+    """libkdumpfile (Debian's python3-libkdumpfile) reads every page of our kdump export equal to the source."""
+    import hashlib
+
+    import numpy as np
+
+    system_python = "/usr/bin/python3"
+    probe = subprocess.run([system_python, "-c", "import kdumpfile"], capture_output=True, text=True)
+    if probe.returncode:
+        pytest.fail(f"libkdumpfile's Python binding is missing: apt-get install python3-libkdumpfile\n{probe.stderr}")
+    with open_source(exports[name]) as exp:
+        mask = exp.page_present_mask(0, exp.max_pfn)
+        assert mask is not None
+        pfns = np.flatnonzero(np.frombuffer(mask, dtype=np.uint8)).astype("<u8")
+    assert len(pfns) > 10000
+    (tmp_path / "pfns").write_bytes(pfns.tobytes())
+    h = hashlib.sha256()
+    with open_source(workload_1g.vmcore) as src:
+        for pfn in pfns.tolist():
+            h.update(src.read(pfn * 4096, 4096))
+    r = subprocess.run([system_python, str(Path(__file__).with_name("kdumpfile_digest.py")), str(exports[name]),
+                        str(tmp_path / "pfns")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(len(pfns)), h.hexdigest()]
