@@ -24,9 +24,14 @@ def test_filter_agrees_with_kpageflags(dump: str, request: pytest.FixtureRequest
         ram = np.concatenate([ch.ram for ch in plan(src, None, 0)])  # pfns the dump holds (kdump omits its own)
     oracle = kpageflags_classes(real.flags())
     n = min(len(ours), len(oracle))
-    keep = ram[:n]
+    stable = real.stable()[:n]
+    # pages whose state changed while the dump was taken (before/after snapshots differ) have no single truth
+    unstable = int((ram[:n] & ~stable).sum())
+    assert unstable <= 0.01 * n, f"{unstable} of {n} pfns changed state around the dump: the oracle is too noisy"
+    keep = ram[:n] & stable
     matrix, table = confusion(ours[:n][keep], oracle[:n][keep])
-    print(f"\nfilter vs /proc/kpageflags ({dump}, pfns):\n" + table)
+    print(f"\nfilter vs /proc/kpageflags ({dump}, pfns; {unstable} left out: changed state around the dump):\n"
+          + table)
     for c in PageClass:
         total = matrix[c].sum()
         if total:

@@ -32,6 +32,17 @@ class RealDump:
         """The kpageflags snapshot as uint64 per pfn."""
         return np.fromfile(self.kpageflags, dtype="<u8")
 
+    def stable(self) -> np.ndarray:
+        """Per pfn: True where a second snapshot, taken right after the dump, shows the same flags (QMP dumps).
+
+        A kdump dump has no second snapshot (the kernel panics right after the first, in the same process): all True.
+        """
+        after = self.kpageflags.with_name("kpageflags-after")
+        before = self.flags()
+        if not after.exists():
+            return np.ones(len(before), dtype=bool)
+        return before == np.fromfile(after, dtype="<u8")
+
 
 def _key(kernel_dir: Path, **params: object) -> str:
     h = hashlib.sha256(str(kernel_dir.name).encode())
@@ -99,6 +110,7 @@ def _qmp(kernel, name, tmp, files, memory_mb, smp, anon_mb, tmpfs_mb, bdev_mb): 
         with open(vm.disk, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             (tmp / "kpageflags").write_bytes(f.read(n))
+            (tmp / "kpageflags-after").write_bytes(f.read(n))
         return meminfo, dmesg_before, vm.release
 
 
