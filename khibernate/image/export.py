@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from typing import BinaryIO
 
 import numpy as np
 
+from khibernate.image.atomic import atomic_output
 from khibernate.image.elf import LoadSpec, write_elf
 from khibernate.image.errors import AddressError, ImageError, UsageErrorImage
 from khibernate.image.format import KhiSource, default_notes
@@ -154,15 +154,5 @@ def export(source: MemorySource, dest: str, *, fmt: str, compress: str = "zstd",
         if sys.stdout.isatty():
             raise UsageErrorImage("refusing to write a dump to a terminal; redirect stdout or give a file name")
         return run(sys.stdout.buffer)
-    tmp = dest + ".partial"
-    try:
-        with open(tmp, "wb") as f:
-            n = run(f)
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return n
+    with atomic_output(dest) as f:
+        return run(f)

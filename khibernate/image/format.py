@@ -24,6 +24,7 @@ from typing import BinaryIO
 import numpy as np
 import zstandard
 
+from khibernate.image.atomic import atomic_output
 from khibernate.image.elf import pack_notes, parse_notes
 from khibernate.image.errors import (
     AddressError,
@@ -36,7 +37,7 @@ from khibernate.image.errors import (
 )
 from khibernate.image.pagefilter import DL_ZERO, PageClass, check_level, zero_pages
 from khibernate.image.plan import plan, runs
-from khibernate.image.sources.base import VMCOREINFO_NOTE, MemorySource, MemRange, Note
+from khibernate.image.sources.base import VMCOREINFO_NOTE, MemorySource, MemRange, Note, PagedSource
 from khibernate.image.vmcoreinfo import Vmcoreinfo
 
 MAGIC = b"KHIMG\x00\r\n"
@@ -310,28 +311,14 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
 def save_file(source: MemorySource, dest: str | os.PathLike[str], *, sync: bool = True, **kw: object) -> SaveStats:
     """save() into ``dest`` via ``dest.partial`` (+ fsync unless ``sync`` is False) + rename, so an interrupted
     save never looks complete."""
-    dest = os.fspath(dest)
-    tmp = dest + ".partial"
-    try:
-        with open(tmp, "wb") as f:
-            stats = save(source, f, **kw)  # type: ignore[arg-type]
-            f.flush()
-            if sync:
-                os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return stats
+    with atomic_output(dest, sync=sync) as f:
+        return save(source, f, **kw)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------------ reader
 
 
-class KhiSource(MemorySource):
+class KhiSource(PagedSource):
     """A khibernate image as a MemorySource: stored pages decompressed on demand, zero pages read as zeros."""
 
     def __init__(self, path: str | os.PathLike[str], *, cache_blocks: int = 4):
@@ -435,17 +422,6 @@ class KhiSource(MemorySource):
             return bytes(ps)
         raise AddressError(f"physical page {pfn * ps:#x} was excluded from the image (dump level "
                            f"{self.header.dump_level}) or is not RAM")
-
-    def read(self, paddr: int, size: int) -> bytes:
-        ps = self.page_size
-        out = bytearray()
-        end = paddr + size
-        while paddr < end:
-            pfn, off = divmod(paddr, ps)
-            n = min(ps - off, end - paddr)
-            out += self.read_page(pfn)[off:off + n]
-            paddr += n
-        return bytes(out)
 
     def page_present_mask(self, pfn: int, count: int) -> np.ndarray:
         """Stored or zero pages of pfn..pfn+count."""

@@ -31,7 +31,7 @@ from khibernate.image.errors import (
 )
 from khibernate.image.pagefilter import DL_ZERO
 from khibernate.image.plan import runs
-from khibernate.image.sources.base import VMCOREINFO_NOTE, MemorySource, MemRange, Note, merge_ranges
+from khibernate.image.sources.base import VMCOREINFO_NOTE, MemorySource, MemRange, Note, PagedSource, merge_ranges
 
 SIGNATURE = b"KDUMP   "
 HEADER_VERSION = 6
@@ -165,7 +165,7 @@ def parse_header(read: Callable[[int, int], bytes]) -> KdumpHeader:
                        sub[7] if version >= 4 else 0, sub[8] if version >= 4 else 0, max_mapnr)
 
 
-class KdumpSource(MemorySource):
+class KdumpSource(PagedSource):
     """A makedumpfile kdump-compressed file (plain or flattened) as a MemorySource."""
 
     def __init__(self, path: str | os.PathLike[str]):
@@ -254,17 +254,6 @@ class KdumpSource(MemorySource):
         if len(data) != bs:
             raise CorruptImageError(f"page {pfn:#x} decompresses to {len(data)} bytes, not {bs}")
         return data
-
-    def read(self, paddr: int, size: int) -> bytes:
-        bs = self.page_size
-        out = bytearray()
-        end = paddr + size
-        while paddr < end:
-            pfn, off = divmod(paddr, bs)
-            n = min(bs - off, end - paddr)
-            out += self.read_page(pfn)[off:off + n]
-            paddr += n
-        return bytes(out)
 
     def close(self) -> None:
         if self.fd >= 0:

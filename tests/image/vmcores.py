@@ -7,6 +7,7 @@ before QMP ``stop`` + ``dump-guest-memory``, and returns the vmcore with the sna
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -70,6 +71,15 @@ def workload_dump(name: str, *, memory_mb: int = 1024, smp: int = 1, anon_mb: in
     kernel = ensure_kernel(line)
     params = dict(memory_mb=memory_mb, smp=smp, anon_mb=anon_mb, tmpfs_mb=tmpfs_mb, bdev_mb=bdev_mb, method=method)
     out = CACHE / f"{name}-{_key(kernel.directory, **params)}"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two test runs never make the same dump into one directory
+        return _make_or_reuse(name, kernel, params, out)
+
+
+def _make_or_reuse(name: str, kernel, params: dict, out: Path) -> RealDump:  # noqa: ANN001 - TestKernel
+    memory_mb, smp, anon_mb, tmpfs_mb, bdev_mb, method = (params[k] for k in (
+        "memory_mb", "smp", "anon_mb", "tmpfs_mb", "bdev_mb", "method"))
     vmcore, kpf, meta_p = out / "vmcore", out / "kpageflags", out / "meta.json"
     if meta_p.exists():
         return RealDump(vmcore, kpf, kernel.directory, json.loads(meta_p.read_text()))

@@ -238,3 +238,24 @@ class SegmentedFileSource(MemorySource):
 
     def close(self) -> None:
         self.file.close()
+
+
+class PagedSource(MemorySource):
+    """A MemorySource that stores whole pages: subclasses give ``page_size`` and ``read_page(pfn)``."""
+
+    page_size: int
+
+    @abstractmethod
+    def read_page(self, pfn: int) -> bytes:
+        """The page's bytes; raises AddressError when the page is not in the source."""
+
+    def read(self, paddr: int, size: int) -> bytes:
+        ps = self.page_size
+        out = bytearray()
+        end = paddr + size
+        while paddr < end:
+            pfn, off = divmod(paddr, ps)
+            n = min(ps - off, end - paddr)
+            out += self.read_page(pfn)[off:off + n]
+            paddr += n
+        return bytes(out)
