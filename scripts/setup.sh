@@ -12,10 +12,11 @@ fi
 
 PKGS="qemu-system-x86 kexec-tools busybox-static makedumpfile crash build-essential flex bison bc libelf-dev
       libssl-dev python3 python3-venv python3-dev python3-libkdumpfile zstd xz-utils"
-missing=$(dpkg-query -W -f='${Package} ${Status}\n' $PKGS 2>/dev/null | awk '$NF!="installed"{print $1}' || true)
-# dpkg-query prints nothing for packages it has never heard of: count those too
-for p in $PKGS; do dpkg-query -W -f='${Status}' "$p" >/dev/null 2>&1 || missing="$missing $p"; done
-if [ -n "$(echo $missing)" ]; then
+missing=""
+for p in $PKGS; do
+  [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
   echo "[setup] installing Debian packages:" $missing
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null

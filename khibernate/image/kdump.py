@@ -31,7 +31,15 @@ from khibernate.image.errors import (
 )
 from khibernate.image.pagefilter import DL_ZERO
 from khibernate.image.plan import runs
-from khibernate.image.sources.base import VMCOREINFO_NOTE, MemorySource, MemRange, Note, PagedSource, merge_ranges
+from khibernate.image.sources.base import (
+    VMCOREINFO_NOTE,
+    MemorySource,
+    MemRange,
+    Note,
+    PagedSource,
+    StoredSource,
+    merge_ranges,
+)
 
 SIGNATURE = b"KDUMP   "
 HEADER_VERSION = 6
@@ -165,7 +173,7 @@ def parse_header(read: Callable[[int, int], bytes]) -> KdumpHeader:
                        sub[7] if version >= 4 else 0, sub[8] if version >= 4 else 0, max_mapnr)
 
 
-class KdumpSource(PagedSource):
+class KdumpSource(PagedSource, StoredSource):
     """A makedumpfile kdump-compressed file (plain or flattened) as a MemorySource."""
 
     def __init__(self, path: str | os.PathLike[str]):
@@ -203,14 +211,6 @@ class KdumpSource(PagedSource):
         ram = np.unpackbits(self.bitmap1, bitorder="little")[:h.max_mapnr].astype(bool)
         self._ranges = merge_ranges([MemRange(a * bs, b * bs) for a, b in runs(ram)])
         self._dctx = zstandard.ZstdDecompressor()
-
-    @property
-    def ranges(self) -> tuple[MemRange, ...]:
-        return self._ranges
-
-    @property
-    def notes(self) -> tuple[Note, ...]:
-        return self._notes
 
     @property
     def max_pfn(self) -> int:

@@ -212,10 +212,9 @@ class SegmentedFile:
             self.fd = -1
 
 
-class SegmentedFileSource(MemorySource):
-    """A MemorySource whose memory is a SegmentedFile: subclasses set ``file``, ``_ranges`` and ``_notes``."""
+class StoredSource(MemorySource):
+    """A MemorySource whose ranges and notes were read once at open: subclasses set ``_ranges`` and ``_notes``."""
 
-    file: SegmentedFile
     _ranges: tuple[MemRange, ...]
     _notes: tuple[Note, ...]
 
@@ -226,6 +225,12 @@ class SegmentedFileSource(MemorySource):
     @property
     def notes(self) -> tuple[Note, ...]:
         return self._notes
+
+
+class SegmentedFileSource(StoredSource):
+    """A MemorySource whose memory is a SegmentedFile: subclasses set ``file``, ``_ranges`` and ``_notes``."""
+
+    file: SegmentedFile
 
     def read(self, paddr: int, size: int) -> bytes:
         return self.file.read(paddr, size)
