@@ -34,6 +34,9 @@ def _register() -> None:
     from khibernate.initramfs.cli import initramfs_group
 
     cli.add_command(initramfs_group)
+    from khibernate.store.cli import target_group
+
+    cli.add_command(target_group)
 
 
 _register()

@@ -1,0 +1,118 @@
+"""The store's I/O edge: superblock copies, slot regions, fsync and page-cache dropping on a device or file."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import stat
+import zlib
+from collections.abc import Iterator
+
+from khibernate.store.errors import SlotFullError, StoreError
+from khibernate.store.superblock import BLOCK, COPY_OFFSETS, Superblock, copy_to_write, newest
+
+BLKFLSBUF = 0x1261
+CHUNK = 1 << 20
+
+
+def open_device(path: str, write: bool = False) -> int:
+    """An fd on the target; StoreError saying what to do when it is missing, read-only or not a device/file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise StoreError(f"target {path} does not exist: give the partition or disk (e.g. /dev/vdb)") from None
+    if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        raise StoreError(f"target {path} is neither a block device nor a regular file")
+    try:
+        return os.open(path, (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC)
+    except OSError as e:
+        hint = " (is it read-only? run as root)" if e.errno in (13, 30) else ""
+        raise StoreError(f"cannot open target {path} for {'writing' if write else 'reading'}: {e.strerror}{hint}") \
+            from None
+
+
+def size(fd: int) -> int:
+    """Size of the device or file in bytes."""
+    return os.lseek(fd, 0, os.SEEK_END)
+
+
+def drop_cache(fd: int) -> None:
+    """Write back and forget this kernel's cached blocks of fd, so the next read sees what the other kernel wrote."""
+    with contextlib.suppress(OSError):
+        os.fsync(fd)
+    if stat.S_ISBLK(os.fstat(fd).st_mode):
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(fd, BLKFLSBUF)
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def read_superblock(fd: int) -> Superblock:
+    """The newest valid superblock copy (cache dropped first)."""
+    drop_cache(fd)
+    return newest([os.pread(fd, BLOCK, off) for off in COPY_OFFSETS])
+
+
+def write_superblock(fd: int, current: Superblock, new: Superblock) -> Superblock:
+    """Write ``new`` into the copy not holding ``current`` and fsync; returns it as read back."""
+    idx = copy_to_write(current)
+    data = new.pack(idx)
+    if os.pwrite(fd, data, COPY_OFFSETS[idx]) != len(data):
+        raise StoreError("short write of the superblock; the device may be failing")
+    os.fsync(fd)
+    return Superblock.unpack(data)
+
+
+def write_both(fd: int, sb: Superblock) -> None:
+    """Write ``sb`` to both copies (store creation only) and fsync."""
+    for idx, off in enumerate(COPY_OFFSETS):
+        os.pwrite(fd, sb.pack(idx), off)
+    os.fsync(fd)
+
+
+class RegionWriter:
+    """A write-only file object over [offset, offset + capacity) of fd that counts bytes and their CRC32.
+
+    A write past the end raises SlotFullError (nothing beyond the slot is touched); ``sync()`` fsyncs.
+    """
+
+    def __init__(self, fd: int, offset: int, capacity: int):
+        self.fd, self.offset, self.capacity = fd, offset, capacity
+        self.length = 0
+        self.crc32 = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Append data at the current position; SlotFullError if it would leave the region."""
+        view = memoryview(data).cast("B")
+        n = len(view)
+        if self.length + n > self.capacity:
+            raise SlotFullError(f"the image outgrew its slot ({self.capacity / 2**20:.0f} MiB): use a bigger target "
+                                "or a higher dump level")
+        done = 0
+        while done < n:
+            done += os.pwrite(self.fd, view[done:], self.offset + self.length + done)
+        self.crc32 = zlib.crc32(view, self.crc32)
+        self.length += n
+        return n
+
+    def flush(self) -> None:
+        """Nothing is buffered here."""
+
+    def sync(self) -> None:
+        """fsync: every byte written so far is on the device."""
+        os.fsync(self.fd)
+
+    def tell(self) -> int:
+        return self.length
+
+
+def read_region(fd: int, offset: int, length: int, chunk: int = CHUNK) -> Iterator[bytes]:
+    """The bytes of [offset, offset + length) in chunks; StoreError if the device ends early."""
+    pos = 0
+    while pos < length:
+        data = os.pread(fd, min(chunk, length - pos), offset + pos)
+        if not data:
+            raise StoreError(f"the target ends at {offset + pos:#x}, inside a slot; it was truncated")
+        yield data
+        pos += len(data)
