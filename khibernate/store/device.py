@@ -74,13 +74,17 @@ def write_both(fd: int, sb: Superblock) -> None:
 class RegionWriter:
     """A write-only file object over [offset, offset + capacity) of fd that counts bytes and their CRC32.
 
-    A write past the end raises SlotFullError (nothing beyond the slot is touched); ``sync()`` fsyncs.
+    A write past the end raises SlotFullError (nothing beyond the slot is touched); ``sync()`` fsyncs.  With
+    ``sync_every`` the written bytes are fsynced and dropped from the page cache every that many bytes, so a
+    kernel with little RAM never holds much of the image in its cache.
     """
 
-    def __init__(self, fd: int, offset: int, capacity: int):
+    def __init__(self, fd: int, offset: int, capacity: int, sync_every: int = 0):
         self.fd, self.offset, self.capacity = fd, offset, capacity
         self.length = 0
         self.crc32 = 0
+        self.sync_every = sync_every
+        self._synced = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Append data at the current position; SlotFullError if it would leave the region."""
@@ -94,14 +98,20 @@ class RegionWriter:
             done += os.pwrite(self.fd, view[done:], self.offset + self.length + done)
         self.crc32 = zlib.crc32(view, self.crc32)
         self.length += n
+        if self.sync_every and self.length - self._synced >= self.sync_every:
+            self.sync()
         return n
 
     def flush(self) -> None:
         """Nothing is buffered here."""
 
     def sync(self) -> None:
-        """fsync: every byte written so far is on the device."""
+        """fsync: every byte written so far is on the device (and no longer in this kernel's cache)."""
         os.fsync(self.fd)
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self.fd, self.offset + self._synced, self.length - self._synced,
+                             os.POSIX_FADV_DONTNEED)
+        self._synced = self.length
 
     def tell(self) -> int:
         return self.length

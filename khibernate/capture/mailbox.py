@@ -1,0 +1,142 @@
+"""The mailbox: one locked page of the first kernel that the capture kernel fills with a checksummed status record.
+
+Why a page of memory and not a status block in the store: the result must come back also when the store is the
+thing that failed (missing in the capture kernel, read-only, full, I/O errors), and the first kernel then trusts
+nothing but memory it allocated itself.  The first kernel writes a *request* (magic, image id) into an mlocked
+anonymous page and hands its physical address (from /proc/self/pagemap) on the capture kernel's command line; the
+capture kernel overwrites the page through /dev/mem only if it finds that very request there, so a page that moved
+or a stale address is never scribbled on.  The record is small JSON behind a fixed header with a CRC32.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import mmap
+import os
+import struct
+import uuid as uuidlib
+import zlib
+from typing import Any
+
+from khibernate.errors import KhibernateError
+
+PAGE = 4096
+MAGIC = b"KHMBOX\x00\x01"
+# magic, kind, image uuid, body length, crc32 of (header with crc 0 + body)
+HEAD = struct.Struct("<8sI16sII")
+REQUEST, RESULT = 1, 2
+LOW_MEMORY = 1 << 20  # the capture kernel owns low memory while it runs: a mailbox there is unreachable
+
+
+class MailboxError(KhibernateError):
+    """The mailbox page cannot be set up, or holds no valid record."""
+
+
+def pack(kind: int, image_uuid: bytes, body: dict[str, Any]) -> bytes:
+    """A record of ``kind`` for image ``image_uuid`` carrying ``body`` as JSON, padded to a page."""
+    data = json.dumps(body, sort_keys=True).encode()
+    if HEAD.size + len(data) > PAGE:
+        data = json.dumps({**{k: body[k] for k in ("ok",) if k in body},
+                           "message": str(body.get("message", ""))[:1500], "truncated": True}).encode()
+    crc = zlib.crc32(HEAD.pack(MAGIC, kind, image_uuid, len(data), 0) + data)
+    return (HEAD.pack(MAGIC, kind, image_uuid, len(data), crc) + data).ljust(PAGE, b"\0")
+
+
+def unpack(page: bytes) -> tuple[int, bytes, dict[str, Any]]:
+    """(kind, image uuid, body) of a record; MailboxError when the page holds none or it is damaged."""
+    if len(page) < HEAD.size or page[:8] != MAGIC:
+        raise MailboxError("the mailbox page holds no khibernate record")
+    _, kind, image_uuid, n, crc = HEAD.unpack_from(page)
+    if HEAD.size + n > len(page):
+        raise MailboxError("the mailbox record is longer than its page; it is damaged")
+    data = page[HEAD.size:HEAD.size + n]
+    if zlib.crc32(HEAD.pack(MAGIC, kind, image_uuid, n, 0) + data) != crc:
+        raise MailboxError("the mailbox record's checksum does not match; it is damaged")
+    try:
+        body = json.loads(data)
+    except ValueError:
+        raise MailboxError("the mailbox record is not valid JSON; it is damaged") from None
+    return kind, image_uuid, body
+
+
+def physical_address(vaddr: int, pagemap: str = "/proc/self/pagemap") -> int:
+    """Physical address of this process's resident page at vaddr (needs CAP_SYS_ADMIN to see PFNs)."""
+    with open(pagemap, "rb") as f:
+        f.seek((vaddr // PAGE) * 8)
+        (entry,) = struct.unpack("<Q", f.read(8))
+    if not entry >> 63 & 1:
+        raise MailboxError("the mailbox page is not resident")
+    pfn: int = entry & ((1 << 55) - 1)
+    if pfn == 0:
+        raise MailboxError("/proc/self/pagemap hides physical addresses: run as root (CAP_SYS_ADMIN)")
+    return pfn * PAGE
+
+
+def _mlock(buf: mmap.mmap) -> None:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    if libc.mlock(ctypes.c_void_p(addr), ctypes.c_size_t(PAGE)) != 0:
+        err = ctypes.get_errno()
+        raise MailboxError(f"mlock of the mailbox page failed: {os.strerror(err)} (run as root or raise "
+                           "RLIMIT_MEMLOCK)")
+
+
+class Mailbox:
+    """A locked page of this process, outside low memory, holding a request for image ``image_uuid``."""
+
+    def __init__(self, image_uuid: bytes):
+        self.image_uuid = image_uuid
+        spare: list[mmap.mmap] = []
+        for _ in range(64):
+            buf = mmap.mmap(-1, PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            buf[:] = pack(REQUEST, image_uuid, {"request": "snapshot"})
+            _mlock(buf)
+            paddr = physical_address(ctypes.addressof(ctypes.c_char.from_buffer(buf)))
+            if paddr >= LOW_MEMORY:
+                self.buf, self.paddr = buf, paddr
+                break
+            spare.append(buf)  # keep it allocated so the next try gets another page
+        else:
+            raise MailboxError("could not get a mailbox page above 1 MiB")
+        for b in spare:
+            b.close()
+
+    def vaddr(self) -> int:
+        return ctypes.addressof(ctypes.c_char.from_buffer(self.buf))
+
+    def still_at(self) -> bool:
+        """Whether the page is still at the physical address handed out (it is locked; migration would move it)."""
+        return physical_address(self.vaddr()) == self.paddr
+
+    def result(self) -> dict[str, Any]:
+        """The capture job's result; MailboxError if it never wrote one (hung, killed, crashed, or page moved)."""
+        kind, image_uuid, body = unpack(bytes(self.buf[:]))
+        if image_uuid != self.image_uuid:
+            raise MailboxError("the mailbox holds a record for another image")
+        if kind != RESULT:
+            moved = "" if self.still_at() else " (the mailbox page moved in physical memory during the jump)"
+            raise MailboxError("the capture job left no result in the mailbox: it did not run, hung past the "
+                               f"watchdog, or could not reach the page{moved}; see the console log")
+        return body
+
+
+def post(paddr: int, image_uuid: bytes, body: dict[str, Any], devmem: str = "/dev/mem") -> None:
+    """Capture side: write a RESULT record into the first kernel's mailbox page at paddr, if it holds our request."""
+    if paddr % PAGE:
+        raise MailboxError(f"mailbox address {paddr:#x} is not page aligned")
+    fd = os.open(devmem, os.O_RDWR | os.O_SYNC)
+    try:
+        with mmap.mmap(fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=paddr) as m:
+            try:
+                _, found, _ = unpack(bytes(m[:]))
+            except MailboxError as e:
+                raise MailboxError(f"no mailbox at {paddr:#x} ({e}); nothing written") from None
+            if found != image_uuid:
+                raise MailboxError(f"the mailbox at {paddr:#x} belongs to image {uuidlib.UUID(bytes=found)}, not "
+                                   "this job's; nothing written")
+            m[:] = pack(RESULT, image_uuid, body)
+            m.flush()
+    finally:
+        os.close(fd)

@@ -1,0 +1,181 @@
+"""`khibernate snapshot`: save the running kernel into a store slot through a kexec jump, and continue.
+
+read → plan → check, then the writes: slot reserved (superblock, `writing`), fresh jump load, jump; back here:
+mailbox read, slot read back and checked, superblock switched to `complete` last.  Any failure after the
+reservation marks the slot `bad`; the last good image is never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+import uuid as uuidlib
+from pathlib import Path
+from typing import Any
+
+from khibernate.errors import KhibernateError
+from khibernate.store.superblock import SlotRecord, SlotState
+
+DEFAULT_DEADLINE = 600.0
+
+
+class SnapshotError(KhibernateError):
+    """The snapshot was refused before the jump, or failed in the capture kernel."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What the user asked for."""
+
+    target: str
+    level: int = 17
+    kernel: str | None = None
+    capture_initrd: str | None = None
+    keep: int | None = None
+    deadline: float = DEFAULT_DEADLINE
+    append: str = ""
+
+
+def _boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def _console_args(cmdline: str) -> list[str]:
+    return [w for w in cmdline.split() if w.startswith(("console=", "earlycon", "loglevel="))]
+
+
+def default_kernel() -> str:
+    """This kernel's image in /boot; SnapshotError saying to give --kernel when there is none."""
+    rel = os.uname().release
+    for p in (f"/boot/vmlinuz-{rel}", f"/boot/bzImage-{rel}", "/boot/vmlinuz", "/boot/bzImage"):
+        if Path(p).is_file():
+            return p
+    raise SnapshotError(f"no kernel image for {rel} in /boot: give the capture kernel with --kernel FILE")
+
+
+def preflight(opts: Options) -> tuple[Any, SlotRecord, Any]:
+    """Every check that needs no write: doctor, target, slot, size; returns (superblock, slot, estimate)."""
+    from khibernate.doctor import diagnose
+    from khibernate.image.pagefilter import check_level
+    from khibernate.store import api as store
+    from khibernate.store import device
+    from khibernate.store import plan as splan
+    from khibernate.system import SystemRoot
+
+    d = diagnose(SystemRoot(), os.geteuid())
+    if d.possible("jump") is False:
+        why = "; ".join(f.message for f in d.findings if "jump" in f.blocks)
+        raise SnapshotError(f"this machine cannot kexec jump: {why} (`khibernate doctor` says more)")
+    check_level(opts.level, False)  # above -d 17 the image is for analysis only (not restorable)
+    sb = store.read(opts.target)
+    os.close(device.open_device(opts.target, write=True))  # read-only targets fail here, before anything is written
+    slot = splan.choose_slot(sb)
+    est = splan.estimate(sb, splan.parse_meminfo(Path("/proc/meminfo").read_text()))
+    splan.check_fits(slot, est)
+    if opts.keep is not None and opts.keep < 1:
+        raise SnapshotError("--keep must be at least 1")
+    return sb, slot, est
+
+
+def run(opts: Options, say: Any = print) -> dict[str, Any]:
+    """Take one snapshot; returns the report (raises SnapshotError with the reason on failure)."""
+    from khibernate.capture import initrd as capture_initrd
+    from khibernate.capture.job import Job
+    from khibernate.capture.mailbox import Mailbox, MailboxError
+    from khibernate.jump import api as jump
+    from khibernate.store import api as store
+    from khibernate.store import plan as splan
+
+    t_start = time.monotonic()
+    sb, slot, est = preflight(opts)
+    kernel = opts.kernel or default_kernel()
+    if opts.capture_initrd:
+        initrd, reused = opts.capture_initrd, True
+    else:
+        path, reused = capture_initrd.ensure()
+        initrd = str(path)
+    say(f"snapshot: slot {slot.index} of {opts.target} ({slot.capacity / 2**20:.0f} MiB), {est.describe()}; "
+        f"capture kernel {kernel}, initramfs {initrd}{' (cached)' if reused else ' (built)'}")
+    image = uuidlib.uuid4()
+    boot_id = _boot_id()
+    box = Mailbox(image.bytes)
+    cmdline = Path("/proc/cmdline").read_text()
+    # the deadline counts from the capture kernel's boot: the jump itself is excluded
+    job = Job("snapshot", opts.target, sb.uuid_str, slot.index, slot.offset, slot.capacity, opts.level, str(image),
+              boot_id, opts.deadline, box.paddr)
+    append = " ".join([*_console_args(cmdline), opts.append, *job.args()]).strip()
+    plan = jump.plan_jump(kernel, initrd, append)
+    # ---- writes start here: reserve the slot (the last good image stays untouched), load, jump
+    reserved = dataclasses.replace(slot, state=SlotState.WRITING, seq=sb.next_seq(), length=0, crc32=0,
+                                   dump_level=opts.level, image_uuid=image.bytes, created_ns=time.time_ns(),
+                                   pages_stored=0, pages_excluded=0, boot_id=uuidlib.UUID(boot_id).bytes,
+                                   osrelease=os.uname().release)
+    store.set_slot(opts.target, reserved, sb.uuid)
+
+    def fail(msg: str) -> SnapshotError:
+        with contextlib.suppress(KhibernateError, OSError):
+            store.set_slot(opts.target, dataclasses.replace(reserved, state=SlotState.BAD), sb.uuid)
+        return SnapshotError(f"{msg}; slot {slot.index} is marked bad, earlier images are untouched")
+
+    try:
+        jump.load_plan(plan)
+    except KhibernateError as e:
+        raise fail(f"loading the capture kernel failed: {e}") from None
+    if not box.still_at():
+        with contextlib.suppress(KhibernateError, OSError):
+            jump.unload()
+        raise fail("the mailbox page moved before the jump (memory compaction); run snapshot again")
+    say("snapshot: jumping to the capture kernel (this system pauses now)")
+    result = jump.execute()
+    with contextlib.suppress(KhibernateError, OSError):
+        jump.unload()  # the loaded image is the capture kernel's saved state: a fresh load serves the next snapshot
+    try:
+        body = box.result()
+    except MailboxError as e:
+        raise fail(str(e)) from None
+    if not body.get("ok"):
+        raise fail(f"the capture job failed: {body.get('message')}")
+    try:
+        chk = store.verify_bytes(opts.target, reserved, int(body["length"]), int(body["crc32"]))
+    except KhibernateError as e:
+        raise fail(f"the image read back from the target is wrong: {e}") from None
+    done = dataclasses.replace(reserved, state=SlotState.COMPLETE, length=chk.length, crc32=chk.crc32,
+                               pages_stored=int(body["pages_stored"]), pages_excluded=int(body["pages_excluded"]))
+
+    freed: list[int] = []
+
+    def switch(cur: Any) -> Any:
+        nonlocal freed
+        if cur.uuid != sb.uuid:
+            raise SnapshotError(f"{opts.target} now holds another store; nothing written")
+        new, freed = splan.retire(cur.with_slot(done), opts.keep, protect=done.index)
+        return new
+
+    store.update(opts.target, switch)
+    from khibernate.image.levels import PageClass
+
+    classes = {c.name.lower(): int(body["class_counts"][c]) for c in PageClass}
+    return {"slot": done.index, "seq": done.seq, "image": str(image), "target": opts.target, "dump_level": opts.level,
+            "bytes": chk.length, "pages_ram": body["pages_ram"], "pages_stored": body["pages_stored"],
+            "pages_zero": body["pages_zero"], "pages_excluded": body["pages_excluded"], "classes": classes,
+            "pause_seconds": round(result.boottime_s, 3), "save_seconds": body.get("save_seconds"),
+            "throughput_mb_s": round(chk.length / 1e6 / body["save_seconds"], 1) if body.get("save_seconds") else None,
+            "capture_job_started_uptime": body.get("job_started_uptime"),
+            "capture_peak_used_bytes": body.get("peak_used_bytes"), "capture_peak_rss_kib": body.get("peak_rss_kib"),
+            "capture_mem_available_start": body.get("mem_available_start"), "retired_slots": freed,
+            "capture_initrd": initrd, "capture_initrd_bytes": os.path.getsize(initrd), "kernel": kernel,
+            "total_seconds": round(time.monotonic() - t_start, 3), "verified": True}
+
+
+def describe(r: dict[str, Any]) -> str:
+    """The report for a human."""
+    c = r["classes"]
+    cls = ", ".join(f"{k} {v}" for k, v in c.items() if v)
+    return (f"snapshot #{r['seq']} saved to slot {r['slot']} of {r['target']} and verified: image {r['image']}\n"
+            f"  {r['pages_stored']} of {r['pages_ram']} pages stored ({r['pages_zero']} zero, "
+            f"{r['pages_excluded'] - r['pages_zero']} free dropped at -d {r['dump_level']}); classes: {cls}\n"
+            f"  {r['bytes'] / 1e6:.1f} MB, saved in {r['save_seconds']} s ({r['throughput_mb_s']} MB/s)\n"
+            f"  the system was paused {r['pause_seconds']:.2f} s (freeze -> thaw)"
+            + (f"; retired slots {r['retired_slots']}" if r["retired_slots"] else ""))

@@ -1,0 +1,77 @@
+"""Pure parts of the capture side: the job on the command line, mailbox records, the annotated source."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from khibernate.capture import mailbox
+from khibernate.capture.job import Job, JobError, parse
+from khibernate.capture.source import AnnotatedSource
+from khibernate.image.sources.base import MemorySource, MemRange, Note
+
+JOB = Job("snapshot", "/dev/vdb", str(uuid.uuid4()), 1, 0x100000, 0x4000000, 17, str(uuid.uuid4()),
+          str(uuid.uuid4()), 120.0, 0x1234000)
+
+
+def test_job_round_trips_through_a_command_line_with_trailing_init_args() -> None:
+    line = "console=ttyS0 nokaslr " + " ".join(JOB.args()) + " -- elfcorehdr=0x3f000000 kexec_jump_back_entry=0x1"
+    assert parse(line) == JOB
+    assert parse("console=ttyS0 root=/dev/sda") is None
+
+
+def test_malformed_job_is_refused() -> None:
+    with pytest.raises(JobError, match="malformed"):
+        parse("khibernate.job=snapshot khibernate.slot=x")
+
+
+def test_mailbox_record_round_trip_and_checksum() -> None:
+    img = uuid.uuid4().bytes
+    page = mailbox.pack(mailbox.RESULT, img, {"ok": True, "length": 5})
+    assert len(page) == mailbox.PAGE
+    assert mailbox.unpack(page) == (mailbox.RESULT, img, {"ok": True, "length": 5})
+    bad = bytearray(page)
+    bad[mailbox.HEAD.size + 2] ^= 1
+    with pytest.raises(mailbox.MailboxError, match="checksum"):
+        mailbox.unpack(bytes(bad))
+    with pytest.raises(mailbox.MailboxError, match="no khibernate record"):
+        mailbox.unpack(bytes(4096))
+
+
+def test_oversized_result_is_truncated_not_lost() -> None:
+    page = mailbox.pack(mailbox.RESULT, bytes(16), {"ok": False, "message": "x" * 10000})
+    _, _, body = mailbox.unpack(page)
+    assert body["ok"] is False and body["truncated"] and len(body["message"]) == 1500
+
+
+def test_post_refuses_a_page_without_our_request(tmp_path) -> None:  # noqa: ANN001
+    mem = tmp_path / "mem"
+    img = uuid.uuid4().bytes
+    mem.write_bytes(bytes(4096) + mailbox.pack(mailbox.REQUEST, img, {"request": "snapshot"}))
+    with pytest.raises(mailbox.MailboxError, match="nothing written"):
+        mailbox.post(0, img, {"ok": True}, devmem=str(mem))
+    with pytest.raises(mailbox.MailboxError, match="another|belongs"):
+        mailbox.post(4096, uuid.uuid4().bytes, {"ok": True}, devmem=str(mem))
+    mailbox.post(4096, img, {"ok": True}, devmem=str(mem))
+    assert mailbox.unpack(mem.read_bytes()[4096:]) == (mailbox.RESULT, img, {"ok": True})
+    assert mem.read_bytes()[:4096] == bytes(4096)
+
+
+class _Mem(MemorySource):
+    @property
+    def ranges(self) -> tuple[MemRange, ...]:
+        return (MemRange(0, 8192),)
+
+    def read(self, paddr: int, size: int) -> bytes:
+        return bytes([paddr & 0xFF]) * size
+
+    @property
+    def notes(self) -> tuple[Note, ...]:
+        return (Note("VMCOREINFO", 0, b"OSRELEASE=x\n"),)
+
+
+def test_annotated_source_adds_a_note_and_reads_through() -> None:
+    src = AnnotatedSource(_Mem(), "KHIBERNATE", b"{}")
+    assert [n.name for n in src.notes] == ["VMCOREINFO", "KHIBERNATE"]
+    assert src.read(5, 3) == b"\x05\x05\x05" and src.max_pfn == 2 and src.vmcoreinfo_text == "OSRELEASE=x\n"
