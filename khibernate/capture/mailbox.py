@@ -136,7 +136,6 @@ def post(paddr: int, image_uuid: bytes, body: dict[str, Any], devmem: str = "/de
             if found != image_uuid:
                 raise MailboxError(f"the mailbox at {paddr:#x} belongs to image {uuidlib.UUID(bytes=found)}, not "
                                    "this job's; nothing written")
-            m[:] = pack(RESULT, image_uuid, body)
-            m.flush()
+            m[:] = pack(RESULT, image_uuid, body)  # a shared /dev/mem mapping is the memory itself: no msync
     finally:
         os.close(fd)

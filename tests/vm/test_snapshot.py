@@ -1,0 +1,143 @@
+"""`khibernate snapshot` in QEMU on the test kernel: the guest saves itself into a store on its disk and continues.
+
+One booted guest (6.12, 1 GiB, crashkernel=256M) for the module: a refused snapshot (target too small: nothing
+jumps, the first kernel is unchanged), then real snapshots; the host exports each image from the guest's disk
+file and checks it against what the guest reported (pattern at its physical addresses, VMCOREINFO).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.vm
+
+HERE = Path(__file__).parent
+HELPERS = [(HERE / "snapshot_guest.py", "/usr/libexec/khibernate/snapshot_guest.py"),
+           (HERE / "jump_guest_vmcoreinfo.py", "/usr/libexec/khibernate/vmcoreinfo.py")]
+PATTERN_PAGES = 256
+SNAP = "khibernate snapshot --target /dev/vda --kernel /boot/bzImage --capture-initrd /boot/initrd.img --json"
+COUNTER = ("sh -c 'i=0; while :; do i=$((i+1)); echo \"$$ $i\" > /tmp/cnt; sleep 1; done' "
+           ">/dev/null 2>&1 </dev/null &")
+
+
+@pytest.fixture(scope="module")
+def guest():
+    from vmtest.kernel import ensure_kernel
+    from vmtest.vm import VM, check_host
+
+    check_host()
+    kernel = ensure_kernel()
+    with VM(kernel=kernel, append="crashkernel=256M", memory_mb=1024, extra_files=HELPERS, disk_mb=640,
+            name="snapshot-6.12", timeout=300) as vm:
+        vm.run("dd if=/dev/zero of=/dev/vda bs=1M count=2 2>/dev/null; sync")
+        vm.run(COUNTER)
+        vm.run(f"python3 {HELPERS[0][1]} pattern {PATTERN_PAGES} >/dev/null 2>&1 </dev/null &")
+        vm.run("dd if=/dev/urandom of=/dev/shm/blob bs=1M count=20 2>/dev/null; sha256sum /dev/shm/blob "
+               "> /tmp/blob.sha")
+        for _ in range(60):
+            if vm.run_status("test -s /tmp/pattern.ok")[0] == 0:
+                break
+            time.sleep(1)
+        yield vm
+
+
+def counter(vm) -> tuple[int, int]:
+    pid, n = vm.run("cat /tmp/cnt").split()
+    return int(pid), int(n)
+
+
+def test_refused_before_any_jump(guest) -> None:
+    """Missing target, no store, and a store too small: non-zero exit with the reason, no jump, nothing changed."""
+    vm = guest
+    boot = vm.run("cat /proc/sys/kernel/random/boot_id").strip()
+    mark = vm.mark()
+    st, out = vm.run_status(SNAP.replace("/dev/vda", "/dev/nonexistent"), timeout=120)
+    assert st != 0 and "does not exist" in out, out
+    st, out = vm.run_status(SNAP, timeout=120)
+    assert st != 0 and "target init" in out, out  # no store yet
+    # a store whose slots are far smaller than this kernel's kept RAM (partition-sized file on tmpfs)
+    vm.run("dd if=/dev/zero of=/tmp/small.img bs=1M count=20 2>/dev/null && khibernate target init /tmp/small.img")
+    st, out = vm.run_status(SNAP.replace("/dev/vda", "/tmp/small.img"), timeout=120)
+    assert st != 0 and "bigger target" in out, out
+    assert "Freezing user space" not in vm.console_since(mark)
+    assert vm.run("cat /sys/kernel/kexec_loaded").strip() == "0"
+    assert vm.run("cat /proc/sys/kernel/random/boot_id").strip() == boot
+    assert "free" in vm.run("khibernate target list /tmp/small.img")
+
+
+def _snapshot(vm, report: dict) -> dict:
+    pid0, n0 = counter(vm)
+    t0 = time.monotonic()
+    st, out = vm.run_status(SNAP, timeout=900)
+    wall = time.monotonic() - t0
+    assert st == 0, out
+    r = json.loads(out[out.index("{"):])
+    r["wall_seconds"] = round(wall, 1)
+    time.sleep(2.5)
+    pid1, n1 = counter(vm)
+    assert pid1 == pid0 and n1 > n0, (n0, n1)  # the same counter process counts on
+    assert vm.run("test -e /tmp/pattern.bad || echo intact").strip() == "intact"
+    assert vm.run("sha256sum -c /tmp/blob.sha").strip().endswith("OK")
+    report.setdefault("runs", []).append(r)
+    return r
+
+
+def _check_image(vm, tmp_path: Path, r: dict, addrs: list[int], vmci_a: str) -> dict:
+    from khibernate.image.format import KhiSource
+    from khibernate.store import api as store
+
+    out = tmp_path / f"slot{r['slot']}-{r['seq']}.khi"
+    assert store.export(str(vm.disk), r["slot"], str(out)) == r["bytes"]
+    src = KhiSource(out)
+    try:
+        counts = src.verify()
+        assert counts["pages_stored"] == r["pages_stored"]
+        assert src.header.dump_level == 17 and src.header.flags & 1  # restorable
+        for i, pa in enumerate(addrs):
+            unit = f"KHB-PATTERN-{i:06d}-".encode()
+            assert src.read(pa, 4096) == (unit * 300)[:4096], f"pattern page {i} at {pa:#x}"
+        img = dict(line.split("=", 1) for line in (src.vmcoreinfo_text or "").splitlines() if "=" in line)
+        a = dict(line.split("=", 1) for line in vmci_a.splitlines() if "=" in line)
+        for key in ("OSRELEASE", "BUILD-ID", "PAGESIZE", "SYMBOL(swapper_pg_dir)", "SYMBOL(_stext)",
+                    "NUMBER(phys_base)"):
+            if key in a:
+                assert img.get(key) == a[key], key
+        note = next(n for n in src.notes if n.name == "KHIBERNATE")
+        meta = json.loads(note.desc)
+        assert meta["boot_id"] == vm.run("cat /proc/sys/kernel/random/boot_id").strip()
+        assert meta["jump_back_entry"] and meta["restorable"] is True
+        return {"verified_pages": counts["pages_stored"], "osrelease": img.get("OSRELEASE")}
+    finally:
+        src.close()
+
+
+def test_snapshots_continue_and_images_hold_the_guest(guest, tmp_path) -> None:
+    """Three snapshots in a row: each exits 0, the guest runs on; each image verifies on the host."""
+    vm = guest
+    vm.run("khibernate target init /dev/vda --slots 2")
+    addrs = json.loads(vm.run("cat /tmp/pattern.json"))
+    assert len(addrs) == PATTERN_PAGES and all(addrs)
+    vmci_a = vm.run("python3 /usr/libexec/khibernate/vmcoreinfo.py kcore")
+    report: dict = {}
+    slots_seen = []
+    for _ in range(3):
+        r = _snapshot(vm, report)
+        slots_seen.append(r["slot"])
+        # pagemap again: the pattern pages are mlocked and must not have moved
+        assert json.loads(vm.run("cat /tmp/pattern.json")) == addrs
+        r["check"] = _check_image(vm, tmp_path, r, addrs, vmci_a)
+        listing = vm.run("khibernate target list /dev/vda")
+        assert re.search(rf"slot {r['slot']}: complete\s+#{r['seq']}", listing), listing
+    assert slots_seen == [0, 1, 0]  # the newest good image is never the one overwritten
+    for r in report["runs"]:
+        print(f"\n[snapshot 6.12 1 GiB] slot {r['slot']} #{r['seq']}: pause {r['pause_seconds']:.2f} s, "
+              f"image {r['bytes'] / 1e6:.1f} MB ({r['pages_stored']} of {r['pages_ram']} pages), save "
+              f"{r['save_seconds']} s, capture job started at uptime {r['capture_job_started_uptime']} s, "
+              f"capture peak used {r['capture_peak_used_bytes'] / 2**20:.1f} MiB (MemAvailable at start "
+              f"{r['capture_mem_available_start'] / 2**20:.0f} MiB, ru_maxrss {r['capture_peak_rss_kib']} KiB), "
+              f"initramfs {r['capture_initrd_bytes'] / 2**20:.1f} MiB, command {r['wall_seconds']} s")
