@@ -141,3 +141,25 @@ def test_snapshots_continue_and_images_hold_the_guest(guest, tmp_path) -> None:
               f"capture peak used {r['capture_peak_used_bytes'] / 2**20:.1f} MiB (MemAvailable at start "
               f"{r['capture_mem_available_start'] / 2**20:.0f} MiB, ru_maxrss {r['capture_peak_rss_kib']} KiB), "
               f"initramfs {r['capture_initrd_bytes'] / 2**20:.1f} MiB, command {r['wall_seconds']} s")
+
+
+def test_failing_capture_job_jumps_back_and_keeps_the_last_good_image(guest, tmp_path) -> None:
+    """The capture job fails (its deadline has passed when it starts saving): it still jumps back, snapshot exits
+    non-zero with the reason, the slot it used is marked bad, and the newest good image still verifies."""
+    from khibernate.store import api as store
+    from khibernate.store.superblock import SlotState
+
+    vm = guest
+    before = store.read(str(vm.disk))
+    good = max((s for s in before.slots if s.state == SlotState.COMPLETE), key=lambda s: s.seq)
+    pid0, n0 = counter(vm)
+    st, out = vm.run_status(SNAP + " --deadline 1", timeout=900)
+    assert st != 0 and "deadline" in out and "marked bad" in out, out
+    time.sleep(2.5)
+    pid1, n1 = counter(vm)
+    assert pid1 == pid0 and n1 > n0
+    assert vm.run("test -e /tmp/pattern.bad || echo intact").strip() == "intact"
+    after = store.read(str(vm.disk))
+    assert after.slot(good.index) == good
+    assert [s.state for s in after.slots if s.index != good.index] == [SlotState.BAD]
+    assert store.verify_slot(str(vm.disk), good.index).pages_stored == good.pages_stored
