@@ -163,3 +163,32 @@ def test_failing_capture_job_jumps_back_and_keeps_the_last_good_image(guest, tmp
     assert after.slot(good.index) == good
     assert [s.state for s in after.slots if s.index != good.index] == [SlotState.BAD]
     assert store.verify_slot(str(vm.disk), good.index).pages_stored == good.pages_stored
+
+
+def test_snapshot_on_7_3_with_two_cpus(tmp_path) -> None:
+    """The other kernel line and SMP in one guest: one snapshot, both CPUs back online, the image holds the pattern."""
+    from vmtest.kernel import ensure_kernel
+    from vmtest.vm import VM, check_host
+
+    check_host()
+    with VM(kernel=ensure_kernel("7.3"), append="crashkernel=256M", memory_mb=1024, smp=2, extra_files=HELPERS,
+            disk_mb=640, name="snapshot-7.3-smp2", timeout=300) as vm:
+        assert vm.run("cat /sys/devices/system/cpu/online").strip() == "0-1"
+        vm.run(COUNTER)
+        vm.run(f"python3 {HELPERS[0][1]} pattern {PATTERN_PAGES} >/dev/null 2>&1 </dev/null &")
+        vm.run("dd if=/dev/urandom of=/dev/shm/blob bs=1M count=20 2>/dev/null; sha256sum /dev/shm/blob "
+               "> /tmp/blob.sha")
+        for _ in range(60):
+            if vm.run_status("test -s /tmp/pattern.ok")[0] == 0:
+                break
+            time.sleep(1)
+        vm.run("khibernate target init /dev/vda")
+        addrs = json.loads(vm.run("cat /tmp/pattern.json"))
+        vmci_a = vm.run("python3 /usr/libexec/khibernate/vmcoreinfo.py kcore")
+        report: dict = {}
+        r = _snapshot(vm, report)
+        assert vm.run("cat /sys/devices/system/cpu/online").strip() == "0-1"
+        check = _check_image(vm, tmp_path, r, addrs, vmci_a)
+        assert check["osrelease"].startswith("7.3")
+        print(f"\n[snapshot 7.3 1 GiB 2 CPUs] pause {r['pause_seconds']:.2f} s, image {r['bytes'] / 1e6:.1f} MB, "
+              f"save {r['save_seconds']} s, capture peak used {r['capture_peak_used_bytes'] / 2**20:.1f} MiB")
