@@ -30,3 +30,38 @@ class ErrorReportingGroup(click.Group):
             err = e
         click.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
+
+
+_SUFFIX = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
+
+
+def parse_number(text: str) -> int:
+    """``0x``-hex or decimal (leading zeros stay decimal), with an optional K/M/G/T (binary) suffix; ValueError else."""
+    import re
+
+    m = re.fullmatch(r"(0[xX][0-9a-fA-F]+|\d+)\s*([KkMmGgTt]?)(?:i?[Bb])?", text.strip())
+    if not m:
+        raise ValueError(text)
+    digits = m.group(1)
+    value = int(digits, 16) if digits[:2].lower() == "0x" else int(digits, 10)
+    return value << _SUFFIX[m.group(2).upper()]
+
+
+class Number(click.ParamType):
+    """A non-negative address or size: 0x-hex, decimal, or with a K/M/G/T suffix (1M = 0x100000)."""
+
+    def __init__(self, name: str, example: str):
+        self.name = name
+        self.example = example
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_number(str(value))
+        except ValueError:
+            self.fail(f"{value!r} is not a {self.name.lower()} (e.g. {self.example})", param, ctx)
+
+
+ADDRESS = Number("ADDRESS", "0x3c000000, 960M")
+SIZE = Number("SIZE", "4096, 0x1000, 1M")
