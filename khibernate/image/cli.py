@@ -137,7 +137,7 @@ def save_cmd(source: str, dest: str, level: int | None, restorable: bool, thread
     if level is None:
         level, restorable = RESTORABLE_LEVEL, True
     with _open(source, ranges, elfcorehdr) as src:
-        level = check_source_level(src, level, restorable)
+        recorded = check_source_level(src, level, restorable)
         vmci = _vmcoreinfo(src, vmcoreinfo_file, vmcoreinfo_at, required=bool(level & ~1))
         total = sum(r.size for r in src.ranges)
         with Progress("save", total) as prog:
@@ -145,7 +145,7 @@ def save_cmd(source: str, dest: str, level: int | None, restorable: bool, thread
                               zstd_level=zlevel, block_pages=block_pages, progress=prog.update,
                               sync=not no_sync)
     counts = {c.name.lower(): stats.class_counts[c] for c in PageClass}
-    data = {"dest": dest, "dump_level": level, "restorable": restorable, "pages_ram": stats.pages_ram,
+    data = {"dest": dest, "dump_level": recorded, "restorable": restorable, "pages_ram": stats.pages_ram,
             "pages_stored": stats.pages_stored, "pages_zero": stats.pages_zero,
             "pages_excluded": stats.pages_excluded, "classes": counts, "bytes": stats.bytes_written,
             "seconds": round(stats.seconds, 3),

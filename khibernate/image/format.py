@@ -243,13 +243,13 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
     """Filter ``source`` at dump ``level`` and stream a khibernate image to ``out`` (trailer last)."""
     t0 = time.monotonic()
     check_level(level, restorable)
-    level = check_source_level(source, level, restorable)
+    recorded = check_source_level(source, level, restorable)  # what the image holds: the source's loss included
     if threads < 1 or not 1 <= block_pages <= 1 << 16:
         raise UsageErrorImage("--threads must be >= 1 and --block-pages 1..65536")
     chunks = plan(source, vmci, level, restorable=restorable)
     ps = source.page_size
     max_pfn = source.max_pfn
-    header = Header(page_size=ps, dump_level=level, flags=FLAG_RESTORABLE if restorable else 0,
+    header = Header(page_size=ps, dump_level=recorded, flags=FLAG_RESTORABLE if restorable else 0,
                     block_pages=block_pages, uuid=uuidlib.uuid4().bytes, created_ns=time.time_ns(),
                     max_pfn=max_pfn, ranges=source.ranges, notes=default_notes(source, vmci),
                     osrelease=vmci.osrelease if vmci else "", build_id=vmci.build_id if vmci else "",
