@@ -292,12 +292,14 @@ class PageFilter:
         return np.frombuffer(data, dtype=self.dtype)
 
     def _head_class(self, head_pfn: int) -> int:
-        """Class of a compound head outside the current chunk (gigantic pages), cached."""
+        """Class of a compound head outside the current chunk (a large folio crossing a chunk), cached."""
         cls = self._head_cache.get(head_pfn)
         if cls is None:
             for sec in self.sections:
                 if sec.start_pfn <= head_pfn < sec.start_pfn + sec.nr_pages:
-                    c, span, _ = classify(self._struct_pages(sec, head_pfn, 1), self.layout)
+                    # the head and its first tail: kernels before 6.9 mark hugetlb in the first tail
+                    n = min(2, sec.start_pfn + sec.nr_pages - head_pfn)
+                    c, span, _ = classify(self._struct_pages(sec, head_pfn, n), self.layout)
                     cls = int(PageClass.FREE if span[0] else c[0])
                     break
             else:

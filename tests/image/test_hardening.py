@@ -12,6 +12,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -422,3 +423,23 @@ def test_cli_numbers_and_help(base: dict[str, Path]) -> None:
     assert "--threads" in out and "Debian 12" in " ".join(out.split())
     code, out, _ = run("save", "--help")
     assert "--zstd-level" in out and "--level" not in out.replace("--zstd-level", "")
+
+
+@pytest.mark.parametrize("fmt", ["kdump", "elf"])
+def test_filtered_export_reopens(synth_elf: Path, synth: object, tmp_path: Path, fmt: str) -> None:
+    """export -d 31 keeps the kernel's own pages, so the export can be inspected, saved and verified again."""
+    from khibernate.image.pagefilter import PageClass
+
+    out = tmp_path / f"d31.{fmt}"
+    assert run("export", str(synth_elf), str(out), "--format", fmt, "-d", "31")[0] == 0
+    code, text, err = run("info", str(out), "--json")
+    assert code == 0 and json.loads(text)["osrelease"] == "6.12.0-synth", err
+    code, text, err = run("save", str(out), str(tmp_path / "again.khi"), "-d", "31", "--json")
+    assert code == 0, err
+    assert json.loads(text)["classes"]["user"] == 0 and json.loads(text)["classes"]["free"] == 0
+    assert run("verify", str(tmp_path / "again.khi"))[0] == 0
+    assert run("verify", str(out))[0] == 0
+    mem, expected = synth.mem, synth.expected  # type: ignore[attr-defined]
+    with KhiSource(tmp_path / "again.khi") as img:
+        for pfn in np.flatnonzero(expected == PageClass.OTHER)[::97]:
+            assert img.read(int(pfn) * PS, PS) == bytes(mem[pfn * PS:(pfn + 1) * PS])
