@@ -47,7 +47,7 @@ def parse_number(text: str) -> int:
     return value << _SUFFIX[m.group(2).upper()]
 
 
-class Number(click.ParamType):
+class Number(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click stubs
     """A non-negative address or size: 0x-hex, decimal, or with a K/M/G/T suffix (1M = 0x100000)."""
 
     def __init__(self, name: str, example: str):

@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 
 import numpy as np
+import numpy.typing as npt
 import zstandard
 
 from khibernate.image.atomic import atomic_output
@@ -199,7 +200,7 @@ class Trailer:
         f = TRAILER.unpack(bytes(data))
         if zlib.crc32(bytes(data[:-4])) != f[-1]:
             raise CorruptImageError("khibernate image trailer checksum mismatch; the file is corrupt")
-        return cls(*f[1:8], tuple(f[8:15]), f[15])
+        return cls(f[1], f[2], f[3], f[4], f[5], f[6], f[7], tuple(f[8:15]), f[15])
 
 
 # ------------------------------------------------------------------------------------------------ writer
@@ -270,7 +271,7 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
         c = getattr(local, "c", None)
         if c is None:
             c = local.c = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True, write_content_size=True)
-        return c.compress(memoryview(buf)[:nbytes])
+        return c.compress(buf.data[:nbytes])
 
     Pending = tuple[Future[bytes], np.ndarray, int, int, int]
     pending: collections.deque[Pending] = collections.deque()
@@ -316,7 +317,7 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
                 while s < b:
                     take = min(b - s, block_pages - fill)
                     dst = cur[fill * ps:(fill + take) * ps]
-                    source.readinto((pfn + s) * ps, memoryview(dst))
+                    source.readinto((pfn + s) * ps, dst.data)
                     idx = np.arange(s, s + take)  # relative to the chunk
                     if level & DL_ZERO:
                         z = zero_pages(dst, ps)
@@ -523,7 +524,7 @@ class KhiSource(PagedSource):
         raise AddressError(f"physical page {pfn * ps:#x} was excluded from the image (dump level "
                            f"{self.header.dump_level}) or is not RAM")
 
-    def page_present_mask(self, pfn: int, count: int) -> np.ndarray:
+    def page_present_mask(self, pfn: int, count: int) -> npt.NDArray[np.bool_]:
         """Stored or zero pages of pfn..pfn+count."""
         lo = pfn >> 3
         hi = -(-(pfn + count) // 8)

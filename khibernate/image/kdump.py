@@ -13,10 +13,11 @@ import struct
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 
 import numpy as np
+import numpy.typing as npt
 import zstandard
 
 from khibernate.image.elf import pack_notes, parse_notes
@@ -275,7 +276,7 @@ class KdumpSource(PagedSource, StoredSource):
     def _dumpable(self, pfn: int) -> bool:
         return pfn < self.header.max_mapnr and bool(self.bitmap2[pfn >> 3] >> (pfn & 7) & 1)
 
-    def page_present_mask(self, pfn: int, count: int) -> np.ndarray:
+    def page_present_mask(self, pfn: int, count: int) -> npt.NDArray[np.bool_]:
         lo, hi = pfn >> 3, -(-(pfn + count) // 8)
         bits = np.unpackbits(self.bitmap2[lo:hi], bitorder="little").astype(bool)[pfn - lo * 8:]
         out = np.zeros(count, dtype=bool)
@@ -336,7 +337,7 @@ class _Out:
         if flat:
             f.write(FLAT_HEADER.pack(FLAT_SIGNATURE, 1, 1).ljust(FLAT_HEADER_SIZE, b"\0"))
 
-    def write_at(self, off: int, data: bytes | memoryview) -> None:
+    def write_at(self, off: int, data: bytes | bytearray | memoryview) -> None:
         if not len(data):
             return
         if self.flat:
@@ -413,6 +414,7 @@ def write_kdump(out: BinaryIO, source: MemorySource, keep: np.ndarray, ram: np.n
                 if compress == "zlib":
                     comp = zlib.compress(page, 1)
                 elif compress == "zstd":
+                    assert c is not None
                     comp = c.compress(page)
                 else:
                     comp = page
@@ -447,7 +449,10 @@ def write_kdump(out: BinaryIO, source: MemorySource, keep: np.ndarray, ram: np.n
     return pos
 
 
-def _emit(w: _Out, item: tuple, pos: int, desc_off: int, desc_i: int, zero_desc: bytes | None, compress: str,
+Batch = tuple[np.ndarray, Future[list[bytes | None]]]
+
+
+def _emit(w: _Out, item: Batch, pos: int, desc_off: int, desc_i: int, zero_desc: bytes | None, compress: str,
           progress: Callable[[int], None] | None, bs: int) -> tuple[int, int]:
     """Write one compressed batch's data and descriptors; returns the new data and descriptor positions."""
     pfns, fut = item

@@ -14,16 +14,14 @@ from collections.abc import Iterator
 import numpy as np
 
 from khibernate.image.errors import MissingVmcoreinfoError, UsageErrorImage
-from khibernate.image.levels import (  # noqa: F401 - re-exported
-    DL_CACHE,
-    DL_CACHE_PRI,
-    DL_FREE,
-    DL_USER,
-    DL_ZERO,
-    MAX_DUMP_LEVEL,
-    RESTORABLE_LEVEL,
-    PageClass,
-)
+from khibernate.image.levels import DL_CACHE as DL_CACHE
+from khibernate.image.levels import DL_CACHE_PRI as DL_CACHE_PRI
+from khibernate.image.levels import DL_FREE as DL_FREE
+from khibernate.image.levels import DL_USER as DL_USER
+from khibernate.image.levels import DL_ZERO as DL_ZERO
+from khibernate.image.levels import MAX_DUMP_LEVEL as MAX_DUMP_LEVEL
+from khibernate.image.levels import RESTORABLE_LEVEL as RESTORABLE_LEVEL
+from khibernate.image.levels import PageClass as PageClass
 from khibernate.image.sources.base import MemorySource
 from khibernate.image.vmcoreinfo import Vmcoreinfo
 from khibernate.image.x86_64 import X86_64
@@ -67,10 +65,10 @@ def needs_struct_page(level: int) -> bool:
     return bool(level & ~DL_ZERO)
 
 
-def zero_pages(data: bytes | memoryview, page_size: int = 4096) -> np.ndarray:
+def zero_pages(data: bytes | memoryview | np.ndarray, page_size: int = 4096) -> np.ndarray:
     """Per-page bool: True where the page is all zero bytes (``data`` is a whole number of pages)."""
     a = np.frombuffer(data, dtype=np.uint64).reshape(-1, page_size // 8)
-    return ~a.any(axis=1)
+    return np.asarray(~a.any(axis=1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,8 +167,8 @@ def _is_type(mapcount: np.ndarray, value: int | None) -> np.ndarray:
         return np.zeros(mapcount.shape, dtype=bool)
     v = value & 0xFFFFFFFF
     if v & 0xFFFFFF == 0 and v >> 24 != 0xFF:
-        return (mapcount.view(np.uint32) >> np.uint32(24)) == np.uint32(v >> 24)
-    return mapcount.view(np.uint32) == np.uint32(v)
+        return np.asarray((mapcount.view(np.uint32) >> np.uint32(24)) == np.uint32(v >> 24))
+    return np.asarray(mapcount.view(np.uint32) == np.uint32(v))
 
 
 def _old_hugetlb(pages: np.ndarray, lay: PageLayout) -> np.ndarray:

@@ -8,8 +8,13 @@ import mmap
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from khibernate.image.errors import AddressError, TruncatedError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 PAGE_SIZE = 4096
 
@@ -130,8 +135,8 @@ class MemorySource(ABC):
         i = bisect.bisect_right([r.start for r in self.ranges], paddr) - 1
         return i >= 0 and self.ranges[i].end >= paddr + size
 
-    def page_present_mask(self, pfn: int, count: int) -> bytes | None:
-        """Per-pfn 0/1 bytes saying which of pfn..pfn+count hold data; None means 'all inside ranges'."""
+    def page_present_mask(self, pfn: int, count: int) -> npt.NDArray[np.bool_] | None:
+        """Per-pfn bools saying which of pfn..pfn+count hold data; None means 'all inside ranges'."""
         return None
 
     def close(self) -> None:
