@@ -6,6 +6,7 @@ Read → decide → open: ``boot_side`` is pure over /proc/cmdline's text; ``ope
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import re
 
@@ -54,6 +55,13 @@ def read_elfcorehdr(mem: str, paddr: int) -> bytes:
             raise NoPreviousKernelError(f"{mem}: cannot read the elfcorehdr at {paddr:#x}")
         phoff, phnum = EHDR64.unpack(head)[5], EHDR64.unpack(head)[10]
         blob = os.pread(fd, phoff + phnum * PHDR64.size, paddr)
+    except OSError as e:
+        if e.errno == errno.EACCES:
+            raise
+        raise NoPreviousKernelError(
+            f"{mem} refuses the elfcorehdr page at {paddr:#x} ({e.strerror}): /dev/mem reads only below the "
+            "running kernel's own end of RAM (high_memory) and, under STRICT_DEVMEM, nothing the running kernel "
+            "owns; boot the jump target with CONFIG_PROC_VMCORE to see all of the first kernel") from None
     finally:
         os.close(fd)
     parse_headers(blob)  # raises a clear error when it is not an ELF core header
