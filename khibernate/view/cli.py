@@ -14,10 +14,13 @@ from khibernate.image.vmcoreinfo import Vmcoreinfo
 from khibernate.view.previous import open_previous
 
 SOURCE_HELP = """SOURCE is any file `khibernate image` reads (a khibernate image, /proc/vmcore or an ELF vmcore, a QEMU
-dump, a makedumpfile kdump or flattened file). Without SOURCE: the previous kernel of the side we run on - in a
-kdump or kexec-jump target (elfcorehdr= on /proc/cmdline) the first kernel, through /proc/vmcore or, without it,
-/dev/mem plus the elfcorehdr. That needs root; kernel lockdown (integrity) forbids /dev/mem. Back in the first
-kernel after a jump back, the view of the frozen jump target is not implemented yet: give SOURCE."""
+dump, a makedumpfile kdump or flattened file). Without SOURCE: the previous kernel of the side we run on.
+In a kdump or kexec-jump target (elfcorehdr= on /proc/cmdline): the first kernel, through /proc/vmcore or,
+without it, /dev/mem plus the elfcorehdr (x86 /dev/mem reaches only below this kernel's own end of RAM).
+In the first kernel after a jump back: the frozen jump target - the crash region through /proc/kcore plus the
+pages the loaded jump image swapped back (its kimage page list); before the first jump that is the image as
+loaded. Both sides need root (/proc/vmcore, /dev/mem, /proc/kallsyms addresses, /proc/kcore). Kernel lockdown
+forbids /dev/mem (integrity mode) and /proc/kcore (confidentiality mode); /proc/vmcore stays readable."""
 
 
 class _ViewGroup(ErrorReportingGroup):

@@ -70,14 +70,20 @@ def read_elfcorehdr(mem: str, paddr: int) -> bytes:
 
 def open_running_side(cmdline_path: str = "/proc/cmdline", vmcore: str = "/proc/vmcore",
                       mem: str = "/dev/mem") -> MemorySource:
-    """The previous kernel seen from the one running: /proc/vmcore, else /dev/mem + elfcorehdr (root)."""
+    """The previous kernel seen from the one running: in a capture kernel /proc/vmcore, else /dev/mem +
+    elfcorehdr; in a first kernel with a kexec-jump image loaded, the frozen jump target (root)."""
     with open(cmdline_path) as f:
         side = boot_side(f.read())
     if not side.is_capture_kernel:
-        raise NoPreviousKernelError(
-            "this kernel was not started by kdump or kexec jump (no elfcorehdr= on /proc/cmdline), so there is no "
-            "previous kernel to show from here; viewing the frozen jump target after a jump back is not "
-            "implemented yet: give SOURCE (a khibernate image, a vmcore or a dump file)")
+        from khibernate.view.frozen import open_frozen
+
+        try:
+            return open_frozen()
+        except NoPreviousKernelError as e:
+            raise NoPreviousKernelError(
+                "this kernel was not started by kdump or kexec jump (no elfcorehdr= on /proc/cmdline) and it has "
+                f"no frozen jump target to show ({e}); give SOURCE (a khibernate image, a vmcore or a dump "
+                "file)") from None
     assert side.elfcorehdr is not None
     if os.path.exists(vmcore):
         try:
@@ -97,7 +103,7 @@ def open_running_side(cmdline_path: str = "/proc/cmdline", vmcore: str = "/proc/
 
 def open_previous(path: str | os.PathLike[str] | None = None) -> MemorySource:
     """The previous kernel's memory as a MemorySource: the file at ``path`` (any format image/ reads), or with
-    no path the kernel that started the running one (kdump or kexec-jump target)."""
+    no path the other side of the jump (see open_running_side)."""
     if path is not None:
         return open_source(path)
     return open_running_side()

@@ -28,9 +28,15 @@ def test_boot_side(cmdline: str, hdr: int | None, jump: int | None) -> None:
     assert side.is_capture_kernel == (hdr is not None)
 
 
-def test_first_kernel_without_jump_refuses_with_what_to_do(tmp_path: Path) -> None:
+def test_first_kernel_without_jump_refuses_with_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from khibernate.view import frozen
+
+    def nothing_loaded() -> None:
+        raise NoPreviousKernelError("no kexec jump image is loaded")
+
+    monkeypatch.setattr(frozen, "open_frozen", nothing_loaded)
     (tmp_path / "cmdline").write_text("console=ttyS0 root=/dev/vda\n")
-    with pytest.raises(NoPreviousKernelError, match="give SOURCE"):
+    with pytest.raises(NoPreviousKernelError, match="no elfcorehdr=.*no kexec jump image is loaded.*give SOURCE"):
         open_running_side(str(tmp_path / "cmdline"), str(tmp_path / "vmcore"), str(tmp_path / "mem"))
 
 

@@ -1,6 +1,7 @@
-"""``khibernate view`` inside a kexec-jump target on the test kernel: the first kernel's memory through /dev/mem +
-elfcorehdr equals /proc/vmcore page for page on a sample across all ranges; the CLI shows the first kernel's
-release and log; the first kernel itself (no elfcorehdr=) and a mount without FUSE are refused with one error.
+"""``khibernate view`` on both sides of a kexec jump on the test kernel: inside the jump target the first kernel's
+memory (open_previous() and /dev/mem) equals /proc/vmcore page for page on a sample across all ranges and the CLI
+shows its release and log; back in the first kernel, the view is the frozen jump target (its release and its own
+log); the first kernel with nothing loaded and a mount without FUSE are refused with one error.
 
 Never skipped: without root, qemu or the test kernel these tests fail and say what is missing.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.test_jump import JUMP_LOAD, K, _vm, grun, resync
+from tests.vm.test_jump import BACK, JUMP_LOAD, K, _vm, grun, resync
 
 pytestmark = pytest.mark.vm
 
@@ -67,3 +68,19 @@ def test_view_of_the_first_kernel_from_the_jump_target(kernel, smp: int) -> None
         status, out = vm.run_status(f"{V} mount /tmp/m", timeout=120)
         assert status != 0 and "no FUSE" in out and out.count("error:") == 1, out  # CONFIG_FUSE_FS is off
         assert "/tmp/m" not in vm.run("cat /proc/mounts")
+
+        # back in the first kernel: the view is the frozen jump target (crash region + the kimage's swapped pages)
+        vm.run("echo KHB-VIEW-MARK-IN-B > /dev/kmsg")
+        vm.mark()
+        vm.send(f"{K} jump back")
+        vm.wait_for(BACK, timeout=180)
+        vm.wait_for_shell(timeout=60, new_boot=False)
+        resync(vm)
+        assert "elfcorehdr=" not in grun(vm, "cat /proc/cmdline")
+        info = json.loads(vm.run(f"{V} info --json", timeout=300))
+        assert info["format"] == "frozen" and info["osrelease"] == a_release, info
+        crash = re.search(r"([0-9a-f]+)-([0-9a-f]+) : Crash kernel", grun(vm, "cat /proc/iomem"))
+        assert crash and [hex(int(crash.group(1), 16)), hex(int(crash.group(2), 16) + 1)] in info["ranges"], info
+        log = vm.run(f"{V} dmesg", timeout=300)
+        assert "KHB-VIEW-MARK-IN-B" in log and "khb.role=B" in log and "elfcorehdr=" in log
+        assert "KHB-VIEW-MARK-IN-A" not in log  # the target's own log, not the first kernel's
