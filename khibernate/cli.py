@@ -41,6 +41,9 @@ def _register() -> None:
 
     cli.add_command(snapshot_command)
     cli.add_command(capture_group)
+    from khibernate.view.cli import view_group
+
+    cli.add_command(view_group)
 
 
 _register()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
+import numpy.typing as npt
+
 from khibernate.image.sources.base import MemorySource, MemRange, Note
 
 
@@ -37,7 +40,7 @@ class AnnotatedSource(MemorySource):
     def present(self, paddr: int, size: int) -> bool:
         return self.inner.present(paddr, size)
 
-    def page_present_mask(self, pfn: int, count: int) -> bytes | None:
+    def page_present_mask(self, pfn: int, count: int) -> npt.NDArray[np.bool_] | None:
         return self.inner.page_present_mask(pfn, count)
 
     def close(self) -> None:
