@@ -75,3 +75,9 @@ def test_annotated_source_adds_a_note_and_reads_through() -> None:
     src = AnnotatedSource(_Mem(), "KHIBERNATE", b"{}")
     assert [n.name for n in src.notes] == ["VMCOREINFO", "KHIBERNATE"]
     assert src.read(5, 3) == b"\x05\x05\x05" and src.max_pfn == 2 and src.vmcoreinfo_text == "OSRELEASE=x\n"
+
+
+def test_capture_initrd_cache_key_is_stable() -> None:
+    from khibernate.capture.initrd import cache_key
+
+    assert cache_key() == cache_key() and len(cache_key()) == 16
