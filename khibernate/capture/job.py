@@ -200,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     back_error: KhibernateError | None = None
     if argv[:1] == ["--timeout"]:
-        body: dict[str, Any] = {"ok": False, "message": f"the capture job hung and was killed by the watchdog "
-                                f"({job.deadline:g} s after the capture kernel booted); the image is incomplete"}
+        body: dict[str, Any] = {"ok": False, "message": f"the capture job was still running at its deadline "
+                                f"({job.deadline:g} s after the capture kernel booted, + 20 s grace) and was killed by "
+                                "the watchdog; the image is incomplete"}
     else:
         if "--then-jump-back" in argv:
             try:
