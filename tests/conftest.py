@@ -6,18 +6,30 @@ KHIBERNATE_RUN_VM_TESTS=1 (what scripts/test.sh and .ci/run set), so CI never sk
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
-from tests.tiers import unavailable, vm_host_problem
+from tests.tiers import RUN_VM_TESTS, unavailable, vm_host_problem
 
-_problem: list[str | None] = []
+problem = functools.cache(vm_host_problem)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Fast tier: mark every ``vm`` test skipped, with the reason, when this host cannot run it."""
+    if RUN_VM_TESTS or not any(item.get_closest_marker("vm") for item in items):
+        return
+    reason = problem()
+    if reason:
+        skip = pytest.mark.skip(reason=f"{reason}; set KHIBERNATE_RUN_VM_TESTS=1 to make this a failure")
+        for item in items:
+            if item.get_closest_marker("vm"):
+                item.add_marker(skip)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Skip or fail a ``vm`` test before its fixtures start anything, if this host cannot run it."""
-    if item.get_closest_marker("vm") is None:
-        return
-    if not _problem:
-        _problem.append(vm_host_problem())
-    if _problem[0]:
-        unavailable(_problem[0])
+    """CI tier: a ``vm`` test that cannot run here fails before its fixtures start anything."""
+    if RUN_VM_TESTS and item.get_closest_marker("vm"):
+        reason = problem()
+        if reason:
+            unavailable(reason)

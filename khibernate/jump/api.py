@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from khibernate.jump import loader, syscalls
+from khibernate.jump.bzimage import parse_bzimage
 from khibernate.jump.errors import JumpBackEntryError, KexecSyscallError
 from khibernate.jump.loader import Plan, SystemFacts
 
@@ -67,6 +68,7 @@ def plan_jump(kernel: str, initrd: str | None, append: str, mem_min: int | None 
               mem_max: int | None = None) -> Plan:
     """The jump image for this machine (reads /proc/iomem, sysfs; needs root for real addresses)."""
     kdata = loader.read_file(kernel, "kernel")
+    parse_bzimage(kdata, Path(kernel).name)  # a bad kernel file is reported before the system is read
     idata = loader.read_file(initrd, "initrd") if initrd else None
     return loader.plan_jump(kdata, idata, append, SystemFacts.read(), mem_min, mem_max, Path(kernel).name)
 
@@ -74,6 +76,7 @@ def plan_jump(kernel: str, initrd: str | None, append: str, mem_min: int | None 
 def plan_kexec(kernel: str, initrd: str | None, cmdline: str) -> Plan:
     """A plain kexec_load image for this machine."""
     kdata = loader.read_file(kernel, "kernel")
+    parse_bzimage(kdata, Path(kernel).name)
     idata = loader.read_file(initrd, "initrd") if initrd else None
     return loader.plan_kexec(kdata, idata, cmdline, SystemFacts.read(with_notes=False), Path(kernel).name)
 
