@@ -41,7 +41,7 @@ class Diagnosis:
             return None
         return True
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, object]:
         return {
             "release": self.release,
             "possible": {f: self.possible(f) for f in FEATURES},

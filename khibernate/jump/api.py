@@ -11,6 +11,7 @@ import mmap
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from khibernate.jump import loader, syscalls
 from khibernate.jump.bzimage import parse_bzimage
@@ -176,14 +177,15 @@ def entry_from_cmdline() -> int:
     return entry
 
 
-def _load_state() -> dict:
+def _load_state() -> dict[str, Any]:
     try:
-        return json.loads(_state_path().read_text())
+        data = json.loads(_state_path().read_text())
+        return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
 
 
-def _save_state(data: dict) -> None:
+def _save_state(data: dict[str, Any]) -> None:
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     _state_path().write_text(json.dumps(data))
 

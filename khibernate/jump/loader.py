@@ -87,8 +87,8 @@ class Plan:
             lines.append(f"command line: {self.cmdline}")
         if self.e820:
             lines.append("e820 for the new kernel:")
-            names = {1: "usable", 2: "reserved", 3: "ACPI data", 4: "ACPI NVS", 5: "unusable"}
-            lines += [f"  {r.start:#018x}-{r.end - 1:#018x} {names.get(r.type, r.type)}" for r in self.e820]
+            types = {1: "usable", 2: "reserved", 3: "ACPI data", 4: "ACPI NVS", 5: "unusable"}
+            lines += [f"  {r.start:#018x}-{r.end - 1:#018x} {types.get(r.type, r.type)}" for r in self.e820]
         return "\n".join(lines)
 
 
@@ -228,8 +228,8 @@ def plan_jump(kernel_data: bytes, initrd: bytes | None, append: str, facts: Syst
     pg = purgatory.build(kaddr + kernel.entry64_offset, bp_addr, digits)
     segs = [Segment(low.start, low.size, None, "low RAM swap (first kernel's <640K parked here)"),
             Segment(kaddr, kernel.memsz, kernel.payload, f"kernel {kernel_name} (bzImage {kernel.version_str})")]
-    if initrd_pair:
-        segs.append(Segment(iaddr, page_up(len(initrd)), initrd, "initrd"))
+    if initrd is not None and initrd_pair is not None:
+        segs.append(Segment(initrd_pair[0], page_up(len(initrd)), initrd, "initrd"))
     segs += [Segment(bp_addr, page_up(len(zp)), zp, "boot_params + command line"),
              Segment(pg_addr, page_up(purgatory.SIZE), pg, "purgatory"),
              Segment(hdr_addr, page_up(len(hdr)), hdr, f"elfcorehdr ({len(notes)} notes, {len(old_ram)} RAM ranges)")]
@@ -265,8 +265,8 @@ def plan_kexec(kernel_data: bytes, initrd: bytes | None, cmdline: str, facts: Sy
     initrd_pair = (iaddr, len(initrd)) if initrd and iaddr is not None else None
     zp, _ = _zero_page_segment(kernel, bp_addr, cmdline, e820, initrd_pair, facts)
     segs = [Segment(kaddr, kernel.memsz, kernel.payload, f"kernel {kernel_name} (bzImage {kernel.version_str})")]
-    if initrd_pair:
-        segs.append(Segment(iaddr, page_up(len(initrd)), initrd, "initrd"))
+    if initrd is not None and initrd_pair is not None:
+        segs.append(Segment(initrd_pair[0], page_up(len(initrd)), initrd, "initrd"))
     segs += [Segment(bp_addr, page_up(len(zp)), zp, "boot_params + command line"),
              Segment(pg_addr, page_up(purgatory.SIZE), purgatory.build(kaddr + kernel.entry64_offset, bp_addr, 0),
                      "purgatory")]
@@ -304,7 +304,7 @@ def total_ram_bytes(meminfo: str) -> int | None:
     return int(m.group(1)) * 1024 if m else None
 
 
-def read_file(path: str | os.PathLike, what: str) -> bytes:
+def read_file(path: str | os.PathLike[str], what: str) -> bytes:
     """A file's bytes, or a UsageError-like KhibernateError saying which file could not be read."""
     try:
         return Path(path).read_bytes()

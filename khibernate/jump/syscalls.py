@@ -11,6 +11,7 @@ import errno as E
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from khibernate.jump.errors import KexecSyscallError, NotRoot
 
@@ -32,10 +33,10 @@ struct kexec_segment { const void *buf; size_t bufsz; const void *mem; size_t me
 long syscall(long number, ...);
 """
 GENERATED = Path(__file__).with_name("_kexec_cffi.py")
-_lib = None
+_lib: Any = None
 
 
-def _libc():
+def _libc() -> tuple[Any, Any]:
     """(ffi, libc) from the generated out-of-line ABI module (no C compiler or pycparser needed at run time)."""
     global _lib
     from khibernate.jump._kexec_cffi import ffi
@@ -173,7 +174,7 @@ def kexec_unload(crash: bool = False) -> None:
     kexec_load(0, [], flags)
 
 
-def kexec_file_load(kernel: str | os.PathLike | None, initrd: str | os.PathLike | None, cmdline: str,
+def kexec_file_load(kernel: str | os.PathLike[str] | None, initrd: str | os.PathLike[str] | None, cmdline: str,
                     flags: int) -> None:
     """kexec_file_load(kernel_fd, initrd_fd, cmdline, flags); with KEXEC_FILE_UNLOAD no files are needed."""
     ffi, lib = _libc()
