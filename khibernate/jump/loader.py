@@ -16,19 +16,17 @@ from khibernate.jump import bootparams, elfcorehdr, purgatory
 from khibernate.jump.bzimage import BzImage, parse_bzimage
 from khibernate.jump.errors import CommandLineError, JumpBackEntryError, MemoryMapError, PlacementError
 from khibernate.jump.memmap import (
-    E820_RAM,
     PAGE,
     Placer,
-    Range,
     e820_from_iomem,
     load_window,
     low_ram,
     page_up,
     read_firmware_memmap,
     read_iomem,
-    subtract,
     system_ram,
 )
+from khibernate.ranges import E820_RAM, Range, subtract
 from khibernate.system import IomemRegion
 
 KEXEC_ON_CRASH = 0x1
@@ -199,8 +197,7 @@ def plan_jump(kernel_data: bytes, initrd: bytes | None, append: str, facts: Syst
     """
     kernel = parse_bzimage(kernel_data, kernel_name)
     window = load_window(facts.iomem, mem_min, mem_max)
-    crash = next((Range(r.start, r.end + 1) for r in facts.iomem if r.name == "Crash kernel"
-                  and r.start <= window.start and window.end <= r.end + 1), None)
+    crash = next((Range(r.start, r.end) for r in facts.iomem if r.name == "Crash kernel" and r.covers(window)), None)
     low = low_ram(facts.firmware)
     if low is None:
         raise MemoryMapError("no usable RAM below 640 KiB in the firmware memory map: the new kernel needs some "
