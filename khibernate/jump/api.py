@@ -16,7 +16,9 @@ from typing import Any
 from khibernate.jump import loader, syscalls
 from khibernate.jump.bzimage import parse_bzimage
 from khibernate.jump.errors import JumpBackEntryError, KexecSyscallError
+from khibernate.jump.kexec_abi import KEXEC_FILE_ON_CRASH, KEXEC_FILE_UNLOAD
 from khibernate.jump.loader import Plan, SystemFacts
+from khibernate.system import SystemRoot
 
 RUN_DIR = Path(os.environ.get("KHIBERNATE_RUN_DIR", "/run/khibernate"))
 JUMP_BACK_STATE = "jump-back.json"
@@ -38,17 +40,12 @@ class LoadedState:
                 f"crash region size:          {size}")
 
 
-def _read_int(path: str) -> int | None:
-    try:
-        return int(Path(path).read_text().strip(), 0)
-    except (OSError, ValueError):
-        return None
-
-
 def state() -> LoadedState:
     """What the running kernel has loaded."""
-    return LoadedState(_read_int("/sys/kernel/kexec_loaded") == 1, _read_int("/sys/kernel/kexec_crash_loaded") == 1,
-                       _read_int("/sys/kernel/kexec_crash_size"))
+    root = SystemRoot()
+    return LoadedState(root.read_int("/sys/kernel/kexec_loaded") == 1,
+                       root.read_int("/sys/kernel/kexec_crash_loaded") == 1,
+                       root.read_int("/sys/kernel/kexec_crash_size"))
 
 
 def _total_ram() -> int | None:
@@ -85,15 +82,15 @@ def plan_kexec(kernel: str, initrd: str | None, cmdline: str) -> Plan:
 def file_load(kernel: str, initrd: str | None, cmdline: str, crash: bool = False) -> None:
     """kexec_file_load of kernel (+ initrd) with cmdline; crash=True loads the kdump image."""
     loader.read_file(kernel, "kernel")
-    flags = syscalls.KEXEC_FILE_ON_CRASH if crash else 0
+    flags = KEXEC_FILE_ON_CRASH if crash else 0
     syscalls.kexec_file_load(kernel, initrd, cmdline, flags)
 
 
 def unload(crash: bool = False) -> None:
     """Unload the kexec (or kdump) image, whichever syscall loaded it."""
     try:
-        syscalls.kexec_file_load(None, None, "", syscalls.KEXEC_FILE_UNLOAD
-                                 | (syscalls.KEXEC_FILE_ON_CRASH if crash else 0))
+        syscalls.kexec_file_load(None, None, "", KEXEC_FILE_UNLOAD
+                                 | (KEXEC_FILE_ON_CRASH if crash else 0))
     except KexecSyscallError as e:
         if e.errno not in (38, 22, 2):  # ENOSYS, EINVAL, ENOENT: fall back to kexec_load's unload
             raise

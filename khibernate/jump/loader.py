@@ -15,6 +15,12 @@ from pathlib import Path
 from khibernate.jump import bootparams, elfcorehdr, purgatory
 from khibernate.jump.bzimage import BzImage, parse_bzimage
 from khibernate.jump.errors import CommandLineError, JumpBackEntryError, MemoryMapError, PlacementError
+from khibernate.jump.kexec_abi import (
+    KEXEC_ARCH_X86_64,
+    KEXEC_PRESERVE_CONTEXT,
+    KEXEC_SEGMENT_MAX,
+    describe_kexec_flags,
+)
 from khibernate.jump.memmap import (
     PAGE,
     Placer,
@@ -29,10 +35,6 @@ from khibernate.jump.memmap import (
 from khibernate.ranges import E820_RAM, Range, subtract
 from khibernate.system import IomemRegion
 
-KEXEC_ON_CRASH = 0x1
-KEXEC_PRESERVE_CONTEXT = 0x2
-KEXEC_ARCH_X86_64 = 62 << 16
-KEXEC_SEGMENT_MAX = 16
 JUMP_EXTRA_PARAMS = ("nokaslr", "iomem=relaxed")
 
 
@@ -70,10 +72,8 @@ class Plan:
 
     def describe(self) -> str:
         """The segment table, entry, flags, command line and e820 as text (what --dry-run prints)."""
-        names = [n for bit, n in ((KEXEC_ON_CRASH, "KEXEC_ON_CRASH"), (KEXEC_PRESERVE_CONTEXT,
-                 "KEXEC_PRESERVE_CONTEXT")) if self.flags & bit]
         lines = [f"{self.kind} image: entry {self.entry:#x}, flags {self.flags:#x} "
-                 f"({' | '.join(names + ['KEXEC_ARCH_X86_64'])}), {len(self.segments)} segments"]
+                 f"({describe_kexec_flags(self.flags)}), {len(self.segments)} segments"]
         if self.window:
             lines.append(f"load window {self.window} ({self.window.size / 2**20:.0f} MiB)")
         lines.append(f"  {'destination':>37}  {'memsz':>10}  {'bufsz':>10}  holds")

@@ -5,7 +5,8 @@ from click.testing import CliRunner
 from khibernate.cli import cli
 from khibernate.jump import syscalls
 from khibernate.jump.errors import NotRoot
-from khibernate.jump.syscalls import KEXEC_PRESERVE_CONTEXT, Context, explain
+from khibernate.jump.kexec_abi import KEXEC_PRESERVE_CONTEXT
+from khibernate.jump.syscalls import Context, explain
 
 
 def test_explain():
