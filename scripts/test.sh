@@ -12,6 +12,7 @@ echo "[test] ruff"
 echo "[test] mypy"
 .venv/bin/mypy
 echo "[test] pytest"
+export KHIBERNATE_FUZZ_PROFILE=ci  # the longer hypothesis profile of tests/image/test_fuzz.py
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?
