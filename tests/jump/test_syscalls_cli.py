@@ -98,3 +98,13 @@ def test_load_commands_take_the_same_command_line_options(monkeypatch, tmp_path)
         seen.clear()
         CliRunner().invoke(cli, [*cmd, str(k), "--command-line", "console=ttyS0"])
         assert seen == ["console=ttyS0"], cmd
+
+
+def test_address_options_take_sizes_and_refuse_octal_cleanly(tmp_path):
+    k = tmp_path / "k"
+    k.write_bytes(b"x")
+    r = CliRunner().invoke(cli, ["jump", "load", str(k), "--mem-min", "010M", "--mem-max", "0x3effffff"])
+    assert r.exit_code == 2 and "Invalid value for '--mem-min'" in r.output and "leading zero" in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+    r = CliRunner().invoke(cli, ["jump", "back", "--load-only", "--entry", "1.5G"])
+    assert r.exit_code == 2 and "not a number" in r.output
