@@ -279,3 +279,16 @@ def write_elf(out: BinaryIO, loads: Sequence[LoadSpec], notes: Sequence[Note],
             if progress:
                 progress(n)
     return total
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+def probe(head: bytes) -> bool:
+    """True if the file's first bytes are an ELF file (the reader then checks it is a core)."""
+    return head.startswith(ELFMAG)
+
+
+def open(path: str | os.PathLike[str]) -> ElfSource:  # noqa: A001 - the registry's name for "open this format"
+    """The ELF reader for ``path``."""
+    return ElfSource(path)

@@ -588,3 +588,16 @@ class KhiSource(PagedSource):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+def probe(head: bytes) -> bool:
+    """True if the file starts with the .khi magic."""
+    return head.startswith(MAGIC)
+
+
+def open(path: str | os.PathLike[str]) -> KhiSource:  # noqa: A001 - the registry's name for "open this format"
+    """The .khi reader for ``path``."""
+    return KhiSource(path)

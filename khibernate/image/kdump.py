@@ -471,3 +471,16 @@ def _emit(w: _Out, item: Batch, pos: int, desc_off: int, desc_i: int, zero_desc:
     if progress:
         progress(len(pfns) * bs)
     return pos + len(blob), desc_i + len(pfns)
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+def probe(head: bytes) -> bool:
+    """True for a kdump-compressed file (``KDUMP   ``/``DISKDUMP``) or a makedumpfile flattened stream."""
+    return head[:8] in (SIGNATURE, b"DISKDUMP") or head.startswith(FLAT_SIGNATURE + b"\0")
+
+
+def open(path: str | os.PathLike[str]) -> KdumpSource:  # noqa: A001 - the registry's name for "open this format"
+    """The kdump reader for ``path``."""
+    return KdumpSource(path)

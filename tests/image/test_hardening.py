@@ -443,3 +443,11 @@ def test_filtered_export_reopens(synth_elf: Path, synth: object, tmp_path: Path,
     with KhiSource(tmp_path / "again.khi") as img:
         for pfn in np.flatnonzero(expected == PageClass.OTHER)[::97]:
             assert img.read(int(pfn) * PS, PS) == bytes(mem[pfn * PS:(pfn + 1) * PS])
+
+
+def test_registry_detects_every_format(base: dict[str, Path]) -> None:
+    from khibernate.image.sources.detect import READERS, reader_for
+
+    names = {fmt: open_source(base[fmt]).format_name for fmt in ("khi", "kdump-zlib", "kdump-flat", "elf64")}
+    assert names == {"khi": "khi", "kdump-zlib": "kdump", "kdump-flat": "kdump-flat", "elf64": "elf"}
+    assert reader_for(b"junk" * 16) is None and len(READERS) == 3
