@@ -19,6 +19,12 @@ class LayoutError(KhibernateError):
     """A buffer is shorter than the layout read from it (the default error of :meth:`Layout.unpack`)."""
 
 
+def _repeat(code: str) -> int:
+    """Values a field code unpacks to: 1 for "16s" or "Q", 7 for "7Q"."""
+    digits = code[:-1]
+    return int(digits) if digits and code[-1] not in "sx" else 1
+
+
 class Layout:
     """A fixed-size record: fields by name, ``pack``/``unpack`` by name, sizes and offsets known."""
 
@@ -34,7 +40,10 @@ class Layout:
         for n, code in self.fields:
             self.offsets[n] = off
             off += struct.calcsize(byte_order + code)
-        self._defaults = tuple(b"" if code.endswith("s") else 0 for n, code in self.fields if n in self.names)
+        # values per named field: a repeated number ("7Q") is one field holding a tuple
+        self._counts = tuple(_repeat(code) for n, code in self.fields if not code.endswith("x"))
+        self._defaults = tuple(b"" if code.endswith("s") else (0,) * _repeat(code) if _repeat(code) > 1 else 0
+                               for n, code in self.fields if not code.endswith("x"))
 
     def pack(self, *args: Any, **values: Any) -> bytes:
         """Bytes of the record from positional values in field order and/or by name (absent fields are 0)."""
@@ -45,7 +54,14 @@ class Layout:
         unknown = set(values) - set(self.names)
         if unknown:
             raise TypeError(f"{self.name} has no field {sorted(unknown)[0]!r}")
-        return self.struct.pack(*(values.get(n, d) for n, d in zip(self.names, self._defaults, strict=True)))
+        flat: list[Any] = []
+        for n, d, c in zip(self.names, self._defaults, self._counts, strict=True):
+            v = values.get(n, d)
+            if c > 1:
+                flat.extend(v)
+            else:
+                flat.append(v)
+        return self.struct.pack(*flat)
 
     def pack_into(self, buf: bytearray, offset: int, **values: Any) -> None:
         """Write the record into ``buf`` at ``offset``."""
@@ -57,7 +73,13 @@ class Layout:
         if offset < 0 or len(data) - offset < self.size:
             raise error(f"{what or self.name} cut short: {self.size} bytes needed at offset {offset}, "
                         f"{max(0, len(data) - offset)} there; the file is truncated or corrupt")
-        return dict(zip(self.names, self.struct.unpack_from(data, offset), strict=True))
+        raw = self.struct.unpack_from(data, offset)
+        out: dict[str, Any] = {}
+        i = 0
+        for n, c in zip(self.names, self._counts, strict=True):
+            out[n] = raw[i] if c == 1 else tuple(raw[i:i + c])
+            i += c
+        return out
 
     def unpack_from(self, data: bytes | bytearray | memoryview, offset: int = 0) -> tuple[Any, ...]:
         """The raw value tuple (struct.Struct compatible); callers that check bounds themselves."""
