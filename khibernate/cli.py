@@ -34,6 +34,9 @@ def _register() -> None:
     from khibernate.initramfs.cli import initramfs_group
 
     cli.add_command(initramfs_group)
+    from khibernate.view.cli import view_group
+
+    cli.add_command(view_group)
 
 
 _register()

@@ -1,0 +1,140 @@
+"""``khibernate view``: the previous kernel's memory, printed or mounted (click only; logic in the modules)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from khibernate.clickutil import ErrorReportingGroup
+from khibernate.image.errors import FileAccessError, UsageErrorImage
+from khibernate.image.sources import MemorySource
+from khibernate.image.vmcoreinfo import Vmcoreinfo
+from khibernate.view.previous import open_previous
+
+SOURCE_HELP = """SOURCE is any file `khibernate image` reads (a khibernate image, /proc/vmcore or an ELF vmcore, a QEMU
+dump, a makedumpfile kdump or flattened file). Without SOURCE: the previous kernel of the side we run on.
+In a kdump or kexec-jump target (elfcorehdr= on /proc/cmdline): the first kernel, through /proc/vmcore or,
+without it, /dev/mem plus the elfcorehdr (x86 /dev/mem reaches only below this kernel's own end of RAM).
+In the first kernel after a jump back: the frozen jump target - the crash region through /proc/kcore plus the
+pages the loaded jump image swapped back (its kimage page list); before the first jump that is the image as
+loaded. Both sides need root (/proc/vmcore, /dev/mem, /proc/kallsyms addresses, /proc/kcore). Kernel lockdown
+forbids /dev/mem (integrity mode) and /proc/kcore (confidentiality mode); /proc/vmcore stays readable."""
+
+
+class _ViewGroup(ErrorReportingGroup):
+    os_error_class = FileAccessError
+
+
+def _open(source: str | None) -> MemorySource:
+    return open_previous(source)
+
+
+def _vmci(src: MemorySource, path: str | None) -> Vmcoreinfo | None:
+    from khibernate.image import vmcoreinfo as vmci_mod
+
+    return vmci_mod.from_file(path) if path else None
+
+
+vmcoreinfo_option = click.option("--vmcoreinfo", "vmcoreinfo_file", metavar="FILE",
+                                 help="VMCOREINFO text for a source without the note (makedumpfile -g format).")
+
+
+@click.group("view", cls=_ViewGroup, help=f"""One /proc/vmcore-style view of the previously booted kernel.
+
+\b
+{SOURCE_HELP}""")
+def view_group() -> None:
+    pass
+
+
+@view_group.command("info")
+@click.argument("source", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def info_cmd(source: str | None, as_json: bool) -> None:
+    """Format, RAM ranges, kernel release and notes of the previous kernel (or SOURCE)."""
+    from khibernate.view.files import describe
+
+    with _open(source) as src:
+        d = describe(src)
+    if as_json:
+        click.echo(json.dumps(d, indent=2, sort_keys=True))
+        return
+    for k, v in d.items():
+        if k != "ranges":
+            click.echo(f"{k}: {v}")
+    click.echo("ranges: " + " ".join(f"{a}-{b}" for a, b in d["ranges"]))
+
+
+@view_group.command("read")
+@click.argument("source", required=False)
+@click.option("--paddr", required=True, help="Physical address (decimal or 0x-hex).")
+@click.option("--size", default="0x1000", show_default=True, help="Bytes to read.")
+@click.option("--raw", is_flag=True, help="Write the bytes to stdout instead of a hex dump.")
+@click.option("--zero-fill", is_flag=True, help="Read holes and excluded pages as zeros (as oldmem does) "
+              "instead of failing.")
+def read_cmd(source: str | None, paddr: str, size: str, raw: bool, zero_fill: bool) -> None:
+    """Read physical memory of the previous kernel (or SOURCE)."""
+    try:
+        a, n = int(paddr, 0), int(size, 0)
+    except ValueError:
+        raise UsageErrorImage("--paddr and --size take decimal or 0x-hex numbers") from None
+    with _open(source) as src:
+        if zero_fill:
+            from khibernate.view.physical import read_filled
+
+            data = read_filled(src, a, n)
+        else:
+            data = src.read(a, n)
+    if raw:
+        sys.stdout.buffer.write(data)
+        return
+    for off in range(0, len(data), 16):
+        row = data[off:off + 16]
+        text = "".join(chr(b) if 32 <= b < 127 else "." for b in row)
+        click.echo(f"{a + off:016x}  {row.hex(' '):<47}  {text}")
+
+
+@view_group.command("dmesg")
+@click.argument("source", required=False)
+@vmcoreinfo_option
+def dmesg_cmd(source: str | None, vmcoreinfo_file: str | None) -> None:
+    """The previous kernel's log (like makedumpfile --dump-dmesg)."""
+    from khibernate.image.dmesg import kernel_log
+    from khibernate.image.vmcoreinfo import from_source
+
+    with _open(source) as src:
+        vmci = _vmci(src, vmcoreinfo_file) or from_source(src)
+        click.echo(kernel_log(src, vmci), nl=False)
+
+
+@view_group.command("mount")
+@click.argument("directory", metavar="DIR")
+@click.argument("source", required=False)
+@vmcoreinfo_option
+@click.option("--allow-other", is_flag=True, help="Let other users read the mount (root, or user_allow_other "
+              "in /etc/fuse.conf).")
+def mount_cmd(directory: str, source: str | None, vmcoreinfo_file: str | None, allow_other: bool) -> None:
+    """Mount the view read-only at DIR with FUSE, in the foreground, until Ctrl-C, SIGTERM or `umount DIR`.
+
+    \b
+    DIR/vmcore      ELF64 core built on the fly (gdb, crash, drgn open it); holes and filtered pages read as 0
+    DIR/oldmem      raw physical memory, dd-able at physical offsets like /dev/oldmem; size = end of the last
+                    RAM range; holes and filtered pages read as zeros (a filtered image's dropped pages too)
+    DIR/vmcoreinfo  the VMCOREINFO text (when known)
+    DIR/dmesg       the kernel log (when VMCOREINFO is known)
+    DIR/info.json   what `khibernate view info --json` prints, plus the vmcore's PT_LOADs
+
+    Mounting needs root or fusermount3 (Debian: fuse3).
+    """
+    from khibernate.view.files import build_files
+    from khibernate.view.mount import check_mountpoint, serve
+
+    check_mountpoint(directory)
+    with _open(source) as src:
+        files = build_files(src, _vmci(src, vmcoreinfo_file))
+        serve(directory, files, allow_other=allow_other,
+              on_mount=lambda: click.echo(f"khibernate view: mounted at {directory}; Ctrl-C or umount to end",
+                                          err=True))
+    click.echo(f"khibernate view: unmounted {directory}", err=True)
