@@ -19,6 +19,20 @@ class LayoutError(KhibernateError):
     """A buffer is shorter than the layout read from it (the default error of :meth:`Layout.unpack`)."""
 
 
+class Record(dict[str, Any]):
+    """Fields by name; an integer index gives the raw value at that position, as ``struct.Struct.unpack`` would
+    (for callers written against the struct it replaced)."""
+
+    def __init__(self, fields: dict[str, Any], raw: tuple[Any, ...]):
+        super().__init__(fields)
+        self.raw = raw
+
+    def __getitem__(self, key: str | int) -> Any:
+        if isinstance(key, int):
+            return self.raw[key]
+        return super().__getitem__(key)
+
+
 def _repeat(code: str) -> int:
     """Values a field code unpacks to: 1 for "16s" or "Q", 7 for "7Q"."""
     digits = code[:-1]
@@ -68,7 +82,7 @@ class Layout:
         buf[offset:offset + self.size] = self.pack(**values)
 
     def unpack(self, data: bytes | bytearray | memoryview, offset: int = 0, *,
-               error: type[Exception] = LayoutError, what: str = "") -> dict[str, Any]:
+               error: type[Exception] = LayoutError, what: str = "") -> Record:
         """The fields at ``offset`` by name; ``error`` (with ``what`` in its message) if ``data`` is too short."""
         if offset < 0 or len(data) - offset < self.size:
             raise error(f"{what or self.name} cut short: {self.size} bytes needed at offset {offset}, "
@@ -79,7 +93,7 @@ class Layout:
         for n, c in zip(self.names, self._counts, strict=True):
             out[n] = raw[i] if c == 1 else tuple(raw[i:i + c])
             i += c
-        return out
+        return Record(out, raw)
 
     def unpack_from(self, data: bytes | bytearray | memoryview, offset: int = 0) -> tuple[Any, ...]:
         """The raw value tuple (struct.Struct compatible); callers that check bounds themselves."""

@@ -34,3 +34,9 @@ def test_one_elf_vocabulary() -> None:
     assert [(p.type, p.paddr) for p in h.phdrs] == [(elfcore.PT_NOTE, 0x1000), (elfcore.PT_LOAD, 0x100000)]
     notes = [elf.Note("CORE", 1, b"\1" * 5), elf.Note("VMCOREINFO", 0, b"OSRELEASE=x\n")]
     assert elf.parse_notes(elf.pack_notes(notes)) == notes
+
+
+def test_records_index_like_the_struct_they_replaced() -> None:
+    raw = elfcore.EHDR64.pack(e_phoff=64, e_phnum=3)
+    rec = elfcore.EHDR64.unpack(raw)
+    assert rec["e_phoff"] == rec[5] == 64 and rec[10] == rec["e_phnum"] == 3
