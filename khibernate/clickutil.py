@@ -1,7 +1,8 @@
-"""The click group class every khibernate entry point uses, so errors look the same everywhere."""
+"""What every khibernate command line shares: the error-reporting group and the number/address/size types."""
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
@@ -30,3 +31,63 @@ class ErrorReportingGroup(click.Group):
             err = e
         click.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
+
+
+SUFFIXES = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
+_NUMBER = re.compile(r"(?P<num>0[xX][0-9a-fA-F]+|[0-9]+)(?P<suffix>[KkMmGgTt]?)(?:[iI]?[bB])?")
+
+
+def parse_number(text: str) -> int:
+    """A non-negative integer from 0x-hex or decimal with an optional K/M/G/T suffix (kexec-tools' memparse).
+
+    ``0x3c000000``, ``1006632960``, ``960M``, ``256K``, ``2G`` and ``2GiB`` are accepted; a decimal with a leading
+    zero (``010M``) is refused because C tools read it as octal: ValueError with a message saying what to write.
+    """
+    s = text.strip().replace("_", "")
+    m = _NUMBER.fullmatch(s)
+    if not m:
+        raise ValueError(f"{text!r} is not a number: write 0x-hex or decimal, optionally with K, M, G or T "
+                         "(e.g. 0x3c000000, 960M)")
+    num = m.group("num")
+    if len(num) > 1 and num[0] == "0" and num[1] not in "xX":
+        raise ValueError(f"{text!r} has a leading zero (octal in C tools such as kexec): write {num.lstrip('0') or '0'}"
+                         f"{m.group('suffix')} for decimal or 0x{num.lstrip('0') or '0'}{m.group('suffix')} for hex")
+    return int(num, 0) << SUFFIXES[m.group("suffix").upper()]
+
+
+class Number(click.ParamType):
+    """A click type for addresses, sizes and counts: everything :func:`parse_number` accepts; bad input is a usage
+    error naming the option, never a traceback."""
+
+    def __init__(self, name: str = "NUMBER") -> None:
+        self.name = name
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 0:
+                self.fail(f"{value} is negative", param, ctx)
+            return value
+        try:
+            return parse_number(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+class NumberRange(click.ParamType):
+    """``START[:SIZE]`` as two numbers (SIZE None when left out), e.g. ``0x1e3c000:4096`` or ``0x1e3c000``."""
+
+    name = "ADDR[:SIZE]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, int | None]:
+        if isinstance(value, tuple):
+            return value
+        start, sep, size = str(value).partition(":")
+        try:
+            return parse_number(start), (parse_number(size) if sep else None)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+ADDRESS = Number("ADDRESS")
+SIZE = Number("SIZE")
+NUMBER = Number("NUMBER")

@@ -8,6 +8,7 @@ scripts/setup.sh
 echo "[test] ruff"
 .venv/bin/ruff check .
 echo "[test] pytest"
+export KHIBERNATE_FUZZ_PROFILE=ci  # the longer hypothesis profile of tests/image/test_fuzz.py
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

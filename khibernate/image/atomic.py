@@ -1,26 +1,66 @@
-"""Writing a file so that an interrupted write never leaves DEST looking complete."""
+"""Writing a file so that an interrupted or concurrent write never leaves DEST looking complete or wrong.
+
+The temporary file is created exclusively (``mkstemp``: O_CREAT|O_EXCL, mode 0600, no link followed) in DEST's
+directory; DEST must be absent or a regular file (a device, FIFO or directory is refused, never replaced); the
+rename is atomic and the directory is fsync'd after it, so a crash leaves either the old DEST or the new one.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
+import tempfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
+from khibernate.image.errors import FileAccessError
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of ``path`` (not following a symlink), None if absent; refuses non-regular files."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        raise FileAccessError(f"{path} is a symbolic link; give the file it points to, or another DEST")
+    if not stat.S_ISREG(st.st_mode):
+        raise FileAccessError(f"{path} exists and is not a regular file (a device, FIFO or directory); "
+                              "khibernate does not replace it - give a file name")
+    return st.st_dev, st.st_ino
+
+
+def fsync_dir(path: str) -> None:
+    """fsync the directory ``path`` so a rename inside it survives a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 @contextlib.contextmanager
-def atomic_output(dest: str | os.PathLike[str], *, sync: bool = False) -> Iterator[BinaryIO]:
-    """Yield ``DEST.partial`` open for writing; on success (fsync if ``sync``) rename it to DEST, else remove it."""
+def atomic_output(dest: str | os.PathLike[str], *, sync: bool = True) -> Iterator[BinaryIO]:
+    """Yield a new temporary file beside DEST; on success fsync it (if ``sync``), rename it to DEST and fsync the
+    directory; on failure remove it.  Refuses a DEST that is not a regular file, or that changed meanwhile."""
     dest = os.fspath(dest)
-    tmp = dest + ".partial"
+    before = _identity(dest)
+    d = os.path.dirname(os.path.abspath(dest))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(dest) + ".", suffix=".partial", dir=d)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             if sync:
                 os.fsync(f.fileno())
+        if _identity(dest) != before:
+            raise FileAccessError(f"{dest} was created or replaced by someone else while this write ran "
+                                  "(two writers to one DEST?); nothing was renamed - check it and run again")
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    if sync:
+        fsync_dir(d)

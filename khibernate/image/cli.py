@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from khibernate.clickutil import ErrorReportingGroup
+from khibernate.clickutil import ADDRESS, SIZE, ErrorReportingGroup, parse_number
 from khibernate.image import vmcoreinfo as vmci_mod
 from khibernate.image.errors import FileAccessError, ImageError, MissingVmcoreinfoError, UsageErrorImage
 from khibernate.image.levels import RESTORABLE_LEVEL, PageClass
@@ -21,11 +21,11 @@ from khibernate.image.vmcoreinfo import Vmcoreinfo
 
 
 def _int(text: str) -> int:
-    """Integer from decimal or 0x-hex text; UsageErrorImage otherwise."""
+    """Integer from decimal, 0x-hex or K/M/G text; UsageErrorImage otherwise."""
     try:
-        return int(text, 0)
+        return parse_number(text)
     except ValueError:
-        raise UsageErrorImage(f"{text!r} is not a number (use decimal or 0x-hex)") from None
+        raise UsageErrorImage(f"{text!r} is not a number (use decimal, 0x-hex, or a K/M/G suffix)") from None
 
 
 def _open(source: str, ranges: str | None, elfcorehdr: str | None) -> MemorySource:
@@ -34,8 +34,14 @@ def _open(source: str, ranges: str | None, elfcorehdr: str | None) -> MemorySour
         from khibernate.image.sources.raw import RawSource, parse_ranges
 
         if elfcorehdr:
-            with open(elfcorehdr, "rb") as f:
-                return RawSource.with_elfcorehdr(source, f.read())
+            from khibernate.image.inputfile import open_input
+
+            fd = open_input(elfcorehdr)
+            try:
+                blob = os.read(fd, 1 << 20)
+            finally:
+                os.close(fd)
+            return RawSource.with_elfcorehdr(source, blob)
         return RawSource(source, parse_ranges(ranges or ""))
     return open_source(source)
 
@@ -78,6 +84,16 @@ def with_source_options(f: Any) -> Any:
     return f
 
 
+def with_raw_options(f: Any) -> Any:
+    """Decorate a command with the options that describe a raw-memory source (no VMCOREINFO needed)."""
+    for opt in reversed(source_options[2:]):
+        f = opt(f)
+    return f
+
+
+DUMP_LEVEL = click.IntRange(0, 31)
+
+
 class _ImageGroup(ErrorReportingGroup):
     """Reports errors also when run alone (``python3 -m khibernate.image`` skips the other command groups)."""
 
@@ -96,28 +112,32 @@ def image_group() -> None:
 @image_group.command("save")
 @click.argument("source")
 @click.argument("dest", type=click.Path(dir_okay=False))
-@click.option("-d", "--dump-level", "level", type=int, default=None,
-              help="makedumpfile dump level, a bitmask: 1 zero, 2 cache without private, 4 all cache, 8 user, "
+@click.option("-d", "--dump-level", "level", type=DUMP_LEVEL, default=None,
+              help="makedumpfile dump level 0-31, a bitmask: 1 zero, 2 cache without private, 4 all cache, 8 user, "
                    f"16 free. Default: {RESTORABLE_LEVEL} (restorable).")
 @click.option("--restorable", is_flag=True,
               help="Keep everything a resumed kernel needs: only zero and free pages may be dropped (-d 17 at "
                    "most). The default when no -d is given; use it for any image that will be restored.")
-@click.option("--threads", type=int, default=min(4, os.cpu_count() or 1), show_default=True,
+@click.option("--threads", type=click.IntRange(1, 256), default=min(4, os.cpu_count() or 1), show_default=True,
               help="Compression threads.")
-@click.option("--level", "zlevel", type=int, default=1, show_default=True, help="zstd level.")
-@click.option("--block-pages", type=int, default=256, show_default=True, help="Pages per zstd block.")
+@click.option("--zstd-level", "zlevel", type=click.IntRange(-7, 22), default=1, show_default=True,
+              help="zstd compression level (negative: faster, larger).")
+@click.option("--block-pages", type=click.IntRange(1, 65536), default=256, show_default=True,
+              help="Pages per zstd block.")
 @click.option("--no-sync", is_flag=True, help="Skip the fsync before the final rename (faster, not crash-safe).")
 @with_source_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")
 def save_cmd(source: str, dest: str, level: int | None, restorable: bool, threads: int, zlevel: int,
              block_pages: int, no_sync: bool, vmcoreinfo_file: str | None, vmcoreinfo_at: str | None,
              ranges: str | None, elfcorehdr: str | None, as_json: bool) -> None:
-    """Filter SOURCE and save it as a khibernate image DEST (written as DEST.partial, renamed when complete)."""
-    from khibernate.image.format import save_file
+    """Filter SOURCE and save it as a khibernate image DEST (written to a temporary file beside DEST, fsync'd and
+    renamed when complete). The image is restorable only if SOURCE itself lost no more than zero and free pages."""
+    from khibernate.image.format import check_source_level, save_file
 
     if level is None:
         level, restorable = RESTORABLE_LEVEL, True
     with _open(source, ranges, elfcorehdr) as src:
+        recorded = check_source_level(src, level, restorable)
         vmci = _vmcoreinfo(src, vmcoreinfo_file, vmcoreinfo_at, required=bool(level & ~1))
         total = sum(r.size for r in src.ranges)
         with Progress("save", total) as prog:
@@ -125,7 +145,7 @@ def save_cmd(source: str, dest: str, level: int | None, restorable: bool, thread
                               zstd_level=zlevel, block_pages=block_pages, progress=prog.update,
                               sync=not no_sync)
     counts = {c.name.lower(): stats.class_counts[c] for c in PageClass}
-    data = {"dest": dest, "dump_level": level, "restorable": restorable, "pages_ram": stats.pages_ram,
+    data = {"dest": dest, "dump_level": recorded, "restorable": restorable, "pages_ram": stats.pages_ram,
             "pages_stored": stats.pages_stored, "pages_zero": stats.pages_zero,
             "pages_excluded": stats.pages_excluded, "classes": counts, "bytes": stats.bytes_written,
             "seconds": round(stats.seconds, 3),
@@ -135,33 +155,18 @@ def save_cmd(source: str, dest: str, level: int | None, restorable: bool, thread
           f"{stats.bytes_written / 1e6:.1f} MB in {stats.seconds:.2f}s")
 
 
-def describe(src: MemorySource) -> dict[str, Any]:
-    """Facts about any source for ``info``."""
-    from khibernate.image.format import KhiSource
-
-    d: dict[str, Any] = {"format": type(src).__name__.removesuffix("Source").lower(),
+def describe(src: MemorySource, vmci: Vmcoreinfo | None) -> dict[str, Any]:
+    """Facts about any source for ``info``: common ones, VMCOREINFO's, then the reader's own (src.describe())."""
+    d: dict[str, Any] = {"format": src.format_name,
                          "ranges": [[hex(r.start), hex(r.end)] for r in src.ranges],
                          "ram_bytes": sum(r.size for r in src.ranges),
                          "notes": [f"{n.name}/{n.type}" for n in src.notes],
-                         "cpus": sum(1 for n in src.notes if n.name == "CORE" and n.type == 1)}
-    text = src.vmcoreinfo_text
-    if text:
-        v = Vmcoreinfo.parse(text)
-        d.update(osrelease=v.osrelease, build_id=v.build_id, page_size=v.page_size,
-                 kerneloffset=hex(v.kerneloffset), crashtime=v.crashtime)
-    from khibernate.image.kdump import KdumpSource
-
-    if isinstance(src, KdumpSource):
-        d.update(header_version=src.header.version, dump_level=src.header.dump_level, status=src.header.status,
-                 utsname=list(src.header.utsname))
-    if isinstance(src, KhiSource):
-        h, t = src.header, src.trailer
-        import uuid
-
-        d.update(version=h.version, dump_level=h.dump_level, restorable=bool(h.flags & 1), uuid=str(uuid.UUID(
-            bytes=h.uuid)), created_ns=h.created_ns, blocks=t.index_count, pages_stored=t.pages_stored,
-            pages_zero=t.pages_zero, classes={c.name.lower(): t.class_counts[c] for c in PageClass},
-            zstd_level=h.compression_level)
+                         "cpus": sum(1 for n in src.notes if n.name == "CORE" and n.type == 1),
+                         "dump_level": src.dump_level}
+    if vmci is not None:
+        d.update(osrelease=vmci.osrelease, build_id=vmci.build_id, page_size=vmci.page_size,
+                 kerneloffset=hex(vmci.kerneloffset), crashtime=vmci.crashtime)
+    d.update(src.describe())
     return d
 
 
@@ -173,7 +178,7 @@ def info_cmd(source: str, vmcoreinfo_file: str | None, vmcoreinfo_at: str | None
              elfcorehdr: str | None, as_json: bool) -> None:
     """Show what SOURCE holds: format, memory ranges, kernel release, and for images the filter counts."""
     with _open(source, ranges, elfcorehdr) as src:
-        d = describe(src)
+        d = describe(src, _vmcoreinfo(src, vmcoreinfo_file, vmcoreinfo_at, required=False))
     lines = [f"{k}: {v}" for k, v in d.items() if k != "ranges"]
     lines.append("ranges: " + " ".join(f"{a}-{b}" for a, b in d["ranges"]))
     _emit(as_json, d, "\n".join(lines))
@@ -181,38 +186,29 @@ def info_cmd(source: str, vmcoreinfo_file: str | None, vmcoreinfo_at: str | None
 
 @image_group.command("verify")
 @click.argument("image")
+@with_raw_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def verify_cmd(image: str, as_json: bool) -> None:
-    """Check every checksum of a khibernate image (or read every page of any other source)."""
-    from khibernate.image.format import KhiSource
-
-    with open_source(image) as src:
-        if isinstance(src, KhiSource):
-            total = sum(e.usize for e in src.index)
-            with Progress("verify", total) as prog:
-                res = src.verify(progress=prog.update)
-        else:
-            n = 0
-            for r in src.ranges:
-                for a in range(r.start, r.end, 4 << 20):
-                    src.read(a, min(4 << 20, r.end - a))
-                    n += 1
-            res = {"chunks_read": n}
+def verify_cmd(image: str, ranges: str | None, elfcorehdr: str | None, as_json: bool) -> None:
+    """Check every checksum and table of a khibernate image (or read every stored page of any other source)."""
+    with _open(image, ranges, elfcorehdr) as src:
+        with Progress("verify", sum(r.size for r in src.ranges)) as prog:
+            res = src.verify(progress=prog.update)
     _emit(as_json, {"ok": True, **res}, f"{image}: OK " + ", ".join(f"{k} {v}" for k, v in res.items()))
 
 
 @image_group.command("read")
 @click.argument("source")
-@click.option("--paddr", required=True, help="Physical address.")
-@click.option("--size", required=True, help="Bytes to read.")
+@click.option("--paddr", required=True, type=ADDRESS, help="Physical address (0x-hex, decimal, or 1M-style).")
+@click.option("--size", required=True, type=SIZE, help="Bytes to read (e.g. 64, 0x1000, 4K; at most 1G).")
 @click.option("--raw", is_flag=True, help="Write the bytes to stdout instead of a hex dump.")
-@with_source_options
-def read_cmd(source: str, paddr: str, size: str, raw: bool, vmcoreinfo_file: str | None,
-             vmcoreinfo_at: str | None, ranges: str | None, elfcorehdr: str | None) -> None:
+@with_raw_options
+def read_cmd(source: str, paddr: int, size: int, raw: bool, ranges: str | None, elfcorehdr: str | None) -> None:
     """Read physical memory from SOURCE (hex dump, or --raw bytes)."""
-    a, n = _int(paddr), _int(size)
+    if size > 1 << 30:
+        raise UsageErrorImage(f"--size {size} is more than 1G; read in pieces or use 'image export'")
+    a = paddr
     with _open(source, ranges, elfcorehdr) as src:
-        data = src.read(a, n)
+        data = src.read(a, size)
     if raw:
         sys.stdout.buffer.write(data)
         return
@@ -227,17 +223,24 @@ def read_cmd(source: str, paddr: str, size: str, raw: bool, vmcoreinfo_file: str
 @click.argument("dest", type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("--format", "fmt", type=click.Choice(["elf", "kdump"]), required=True, help="Output format.")
 @click.option("--compress", type=click.Choice(["zstd", "zlib", "none"]), default="zstd", show_default=True,
-              help="kdump per-page compression (Debian's makedumpfile reads zlib and none, not zstd).")
+              help="kdump per-page compression. Debian 12's makedumpfile and crash are built without zstd and "
+                   "cannot read a zstd kdump export: use zlib for them.")
 @click.option("--flat", is_flag=True, help="makedumpfile flattened stream (for pipes; DEST may be -).")
 @click.option("--elf32", is_flag=True, help="ELF32 headers (memory below 4 GiB only).")
-@click.option("-d", "--dump-level", "level", type=int, default=None,
-              help="Drop more pages while exporting (same bits as save); default: keep what SOURCE has.")
+@click.option("-d", "--dump-level", "level", type=DUMP_LEVEL, default=None,
+              help="Drop more pages while exporting (0-31, same bits as save); default: keep what SOURCE has.")
+@click.option("--threads", type=click.IntRange(1, 256), default=min(4, os.cpu_count() or 1), show_default=True,
+              help="Compression threads (kdump).")
+@click.option("--no-sync", is_flag=True, help="Skip the fsync before the final rename (faster, not crash-safe).")
 @with_source_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")
 def export_cmd(source: str, dest: str, fmt: str, compress: str, flat: bool, elf32: bool, level: int | None,
-               vmcoreinfo_file: str | None, vmcoreinfo_at: str | None, ranges: str | None,
+               threads: int, no_sync: bool, vmcoreinfo_file: str | None, vmcoreinfo_at: str | None, ranges: str | None,
                elfcorehdr: str | None, as_json: bool) -> None:
-    """Write SOURCE as an ELF vmcore or a makedumpfile-compatible kdump-compressed file."""
+    """Write SOURCE as an ELF vmcore or a makedumpfile-compatible kdump-compressed file.
+
+    A zstd kdump file needs makedumpfile/crash built with zstd (Debian 12's are not: export with --compress zlib
+    for them)."""
     from khibernate.image.export import export
 
     if flat and fmt != "kdump":
@@ -248,7 +251,7 @@ def export_cmd(source: str, dest: str, fmt: str, compress: str, flat: bool, elf3
         t0 = time.monotonic()
         with Progress("export", total) as prog:
             size = export(src, dest, fmt=fmt, compress=compress, flat=flat, elf32=elf32, level=level or 0,
-                          vmci=vmci, progress=prog.update)
+                          vmci=vmci, threads=threads, sync=not no_sync, progress=prog.update)
     if dest != "-":
         data = {"dest": dest, "format": fmt, "compress": compress if fmt == "kdump" else None, "flat": flat,
                 "bytes": size, "seconds": round(time.monotonic() - t0, 3)}
@@ -269,8 +272,10 @@ def dmesg_cmd(source: str, output: str | None, vmcoreinfo_file: str | None, vmco
         assert vmci is not None
         text = kernel_log(src, vmci)
     if output:
-        with open(output, "w") as f:
-            f.write(text)
+        from khibernate.image.atomic import atomic_output
+
+        with atomic_output(output) as f:
+            f.write(text.encode())
     else:
         click.echo(text, nl=False)
 

@@ -13,7 +13,8 @@ import struct
 from collections.abc import Callable, Iterable, Sequence
 from typing import BinaryIO
 
-from khibernate.image.errors import NotAVmcoreError, TruncatedError, UnsupportedError
+from khibernate.image.errors import CorruptImageError, NotAVmcoreError, TruncatedError, UnsupportedError
+from khibernate.image.inputfile import MAX_PHYS_ADDR, check_span, input_size, open_input, pread_exact
 from khibernate.image.sources.base import (
     FileSegment,
     MemRange,
@@ -98,7 +99,11 @@ def parse_headers(head: bytes, read_at: Callable[[int, int], bytes] | None = Non
         raise NotAVmcoreError(f"ELF type {e_type} is not a core file (ET_CORE); give a vmcore, not a program")
     if e_phentsize != phdr_s.size:
         raise NotAVmcoreError(f"ELF program header size {e_phentsize} != {phdr_s.size}; the file is corrupt")
+    if e_phnum == 0xFFFF:
+        raise UnsupportedError("ELF core with more than 65534 program headers (PN_XNUM) is not supported")
     need = e_phoff + e_phnum * phdr_s.size
+    if e_phoff < ehdr.size and e_phnum:
+        raise NotAVmcoreError(f"ELF e_phoff {e_phoff} points into the ELF header; the file is corrupt")
     table = head[e_phoff:need] if len(head) >= need else (read_at(e_phoff, need - e_phoff) if read_at else b"")
     if len(table) != need - e_phoff:
         raise TruncatedError("ELF program headers cut short; the file is truncated")
@@ -121,6 +126,8 @@ def parse_notes(data: bytes) -> list[Note]:
         if namesz == 0 and descsz == 0:
             break
         off += NHDR.size
+        if off + namesz > len(data):
+            raise TruncatedError(f"ELF note name ({namesz} bytes) runs past its PT_NOTE; the file is corrupt")
         name = data[off:off + namesz].rstrip(b"\0").decode("ascii", "replace")
         off += _align4(namesz)
         desc = data[off:off + descsz]
@@ -175,30 +182,41 @@ def ram_segments(loads: Sequence[Phdr], page_size: int = 4096) -> list[FileSegme
 class ElfSource(SegmentedFileSource):
     """A vmcore / QEMU dump / ELF32 core file (or /proc/vmcore) read through mmap."""
 
+    format_name = "elf"
+
+    def describe(self) -> dict[str, object]:
+        return {"elf_class": 64 if self.headers.elfclass == ELFCLASS64 else 32, "machine": self.headers.machine,
+                "pt_load": len(self.headers.loads)}
+
     def __init__(self, path: str | os.PathLike[str]):
         self.path = os.fspath(path)
-        with open(self.path, "rb") as f:
-            head = f.read(65536)
+        fd = open_input(self.path)
+        try:
+            size = input_size(fd)
+            head = os.pread(fd, 65536, 0)
 
             def read_at(off: int, n: int) -> bytes:
-                f.seek(off)
-                return f.read(n)
+                return pread_exact(fd, off, n, size, f"{self.path}: ELF program headers")
 
             self.headers = parse_headers(head, read_at)
             if not self.headers.loads:
                 raise NotAVmcoreError(f"{self.path}: ELF core without PT_LOAD segments holds no memory")
-            blobs = []
-            for p in self.headers.note_phdrs:
-                blob = read_at(p.offset, p.filesz)
-                if len(blob) != p.filesz:
-                    raise TruncatedError(f"{self.path}: PT_NOTE cut short; the dump is truncated")
-                blobs.append(blob)
-        if self.headers.machine not in (EM_X86_64, EM_386):
-            raise UnsupportedError(f"{self.path}: ELF machine {self.headers.machine} is not x86; only x86 is handled")
-        self._notes = tuple(n for b in blobs for n in parse_notes(b))
+            if self.headers.machine not in (EM_X86_64, EM_386):
+                raise UnsupportedError(f"{self.path}: ELF machine {self.headers.machine} is not x86; only x86 is "
+                                       "handled")
+            for p in self.headers.loads:
+                if p.paddr + p.memsz > MAX_PHYS_ADDR:
+                    raise CorruptImageError(f"{self.path}: PT_LOAD at paddr {p.paddr:#x} size {p.memsz:#x} reaches "
+                                            f"beyond {MAX_PHYS_ADDR >> 40} TiB of physical memory; the file is "
+                                            "corrupt")
+                check_span(f"{self.path}: PT_LOAD at paddr {p.paddr:#x}", p.offset, min(p.filesz, p.memsz), size)
+            blobs = [pread_exact(fd, p.offset, p.filesz, size, f"{self.path}: PT_NOTE")
+                     for p in self.headers.note_phdrs]
+            self._notes = tuple(n for b in blobs for n in parse_notes(b))
+        finally:
+            os.close(fd)
         self.file = SegmentedFile(self.path, ram_segments(self.headers.loads))
         self._ranges = merge_ranges([MemRange(s.paddr, s.paddr + s.memsz) for s in self.file.segments])
-
 
 
 # ------------------------------------------------------------------------------------------------ writer

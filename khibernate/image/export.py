@@ -11,8 +11,8 @@ import numpy as np
 from khibernate.image.atomic import atomic_output
 from khibernate.image.elf import LoadSpec, write_elf
 from khibernate.image.errors import AddressError, ImageError, UsageErrorImage
-from khibernate.image.format import KhiSource, default_notes
-from khibernate.image.kdump import KdumpSource, write_kdump
+from khibernate.image.format import check_source_level, default_notes
+from khibernate.image.kdump import write_kdump
 from khibernate.image.pagefilter import PageFilter
 from khibernate.image.plan import plan, read_kept, runs
 from khibernate.image.sources.base import MemorySource
@@ -20,15 +20,6 @@ from khibernate.image.vmcoreinfo import Vmcoreinfo
 from khibernate.image.x86_64 import X86_64
 
 ELF_GAP_PAGES = 16  # excluded gaps shorter than this are written as zeros instead of splitting the PT_LOAD
-
-
-def source_dump_level(source: MemorySource) -> int:
-    """The dump level already applied to a filtered source (0 for raw dumps)."""
-    if isinstance(source, KhiSource):
-        return source.header.dump_level
-    if isinstance(source, KdumpSource):
-        return source.header.dump_level
-    return 0
 
 
 def utsname(source: MemorySource, vmci: Vmcoreinfo | None) -> list[str]:
@@ -119,9 +110,10 @@ def elf_loads(keep: np.ndarray, page_size: int, vaddr_base: int) -> list[LoadSpe
 
 def export(source: MemorySource, dest: str, *, fmt: str, compress: str = "zstd", flat: bool = False,
            elf32: bool = False, level: int = 0, vmci: Vmcoreinfo | None = None, threads: int = 2,
-           progress: Callable[[int], None] | None = None) -> int:
-    """Write ``source`` to ``dest`` ('-' = stdout) as ELF or kdump; a file is written as DEST.partial then renamed."""
-    eff = level | source_dump_level(source)
+           sync: bool = True, progress: Callable[[int], None] | None = None) -> int:
+    """Write ``source`` to ``dest`` ('-' = stdout) as ELF or kdump; a file goes to a temporary beside DEST, is
+    fsync'd (unless ``sync`` is False) and renamed, and the directory fsync'd."""
+    eff = check_source_level(source, level, False)
     ram, keep = keep_arrays(source, vmci, level)
     ps = source.page_size
 
@@ -154,5 +146,5 @@ def export(source: MemorySource, dest: str, *, fmt: str, compress: str = "zstd",
         if sys.stdout.isatty():
             raise UsageErrorImage("refusing to write a dump to a terminal; redirect stdout or give a file name")
         return run(sys.stdout.buffer)
-    with atomic_output(dest) as f:
+    with atomic_output(dest, sync=sync) as f:
         return run(f)

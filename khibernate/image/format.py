@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 
 import numpy as np
+import numpy.typing as npt
 import zstandard
 
 from khibernate.image.atomic import atomic_output
@@ -35,6 +36,8 @@ from khibernate.image.errors import (
     UnsupportedError,
     UsageErrorImage,
 )
+from khibernate.image.inputfile import MAX_PHYS_ADDR, input_size, open_input
+from khibernate.image.levels import RESTORABLE_LEVEL
 from khibernate.image.pagefilter import DL_ZERO, PageClass, check_level, zero_pages
 from khibernate.image.plan import plan, runs
 from khibernate.image.sources.base import VMCOREINFO_NOTE, MemorySource, MemRange, Note, PagedSource
@@ -42,7 +45,8 @@ from khibernate.image.vmcoreinfo import Vmcoreinfo
 
 MAGIC = b"KHIMG\x00\r\n"
 TRAILER_MAGIC = b"KHIEND\x00\x00"
-VERSION = 1
+VERSION = 2  # 2: each block's CRC is seeded with its index fields (binds a frame to its pfn range)
+READ_VERSIONS = (1, 2)
 FLAG_RESTORABLE = 1
 COMPRESS_ZSTD = 1
 HEADER_ALIGN = 4096
@@ -55,7 +59,26 @@ INDEX = struct.Struct("<QQQIIII")  # first_pfn end_pfn offset csize usize npages
 # magic, stored_bitmap_off, zero_bitmap_off, bitmap_size, index_off, index_count, pages_stored, pages_zero,
 # class counts x7, tables_crc, trailer_crc
 TRAILER = struct.Struct("<8sQQQQQQQ7QII")
+BLOCK_BIND = struct.Struct("<QQII")  # first_pfn end_pfn usize npages: the seed of a version-2 block CRC
 assert HEADER.size == 256 and TRAILER.size == 128 and INDEX.size == 40
+MAX_BLOCK_PAGES = 1 << 16
+
+
+def block_crc(version: int, first_pfn: int, end_pfn: int, usize: int, npages: int, frame: bytes) -> int:
+    """The CRC-32 an index entry stores: of the frame alone (v1), or seeded with the entry's pfn range (v2)."""
+    if version < 2:
+        return zlib.crc32(frame)
+    return zlib.crc32(frame, zlib.crc32(BLOCK_BIND.pack(first_pfn, end_pfn, usize, npages)))
+
+
+def _ascii(text: str) -> bytes:
+    """At most 64 ASCII bytes of ``text`` (others become '?'), so the reader reads back what the writer wrote."""
+    return text.encode("ascii", "replace")[:64]
+
+
+def _text(raw: bytes) -> str:
+    """A NUL-padded header string field."""
+    return raw.split(b"\0")[0].decode("ascii", "replace")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +107,7 @@ class Header:
         size = -(-(HEADER.size + len(body)) // HEADER_ALIGN) * HEADER_ALIGN
         fixed = HEADER.pack(MAGIC, self.version, size, self.page_size, self.dump_level, self.flags, self.block_pages,
                             self.uuid, self.created_ns, self.max_pfn, len(self.ranges), len(notes),
-                            self.osrelease.encode()[:64], self.build_id.encode()[:64], self.compression,
+                            _ascii(self.osrelease), _ascii(self.build_id), self.compression,
                             self.compression_level, b"", 0)
         raw = bytearray(fixed + body + bytes(size - HEADER.size - len(body)))
         struct.pack_into("<I", raw, HEADER.size - 4, zlib.crc32(raw))
@@ -97,24 +120,42 @@ class Header:
             raise NotAVmcoreError("not a khibernate image (bad magic)")
         f = HEADER.unpack_from(data)
         version, size = f[1], f[2]
-        if version != VERSION:
+        if version not in READ_VERSIONS:
             raise UnsupportedError(f"khibernate image version {version} is not supported (this khibernate reads "
-                                   f"version {VERSION}); use the khibernate that wrote it")
+                                   f"versions {', '.join(map(str, READ_VERSIONS))}); use the khibernate that wrote it")
         if size < HEADER.size or size > len(data):
             raise TruncatedError("khibernate image header is cut short; the file is truncated")
         raw = bytearray(data[:size])
         struct.pack_into("<I", raw, HEADER.size - 4, 0)
         if zlib.crc32(raw) != f[-1]:
             raise CorruptImageError("khibernate image header checksum mismatch; the file is corrupt")
-        nr_ranges, notes_size = f[10], f[11]
+        page_size, block_pages, max_pfn, nr_ranges, notes_size, compression = f[3], f[6], f[9], f[10], f[11], f[14]
+        bad = ""
+        if page_size < 512 or page_size > 1 << 20 or page_size & (page_size - 1):
+            bad = f"page_size {page_size} is not a page size"
+        elif not 1 <= block_pages <= MAX_BLOCK_PAGES:
+            bad = f"block_pages {block_pages} is outside 1..{MAX_BLOCK_PAGES}"
+        elif max_pfn * page_size > MAX_PHYS_ADDR:
+            bad = f"max_pfn {max_pfn} is beyond {MAX_PHYS_ADDR >> 40} TiB"
+        elif HEADER.size + nr_ranges * RANGE.size + notes_size > size:
+            bad = f"{nr_ranges} ranges and {notes_size} note bytes do not fit in a {size}-byte header"
+        elif compression != COMPRESS_ZSTD:
+            bad = f"compression id {compression} is unknown (1 = zstd)"
+        if bad:
+            raise CorruptImageError(f"khibernate image header: {bad}; the file is corrupt")
         off = HEADER.size
         ranges = tuple(MemRange(*RANGE.unpack_from(data, off + i * RANGE.size)) for i in range(nr_ranges))
+        prev = 0
+        for r in ranges:
+            if r.start >= r.end or r.start < prev or -(-r.end // page_size) > max_pfn:
+                raise CorruptImageError(f"khibernate image range {r.start:#x}-{r.end:#x} is empty, unsorted or "
+                                        "beyond max_pfn; the file is corrupt")
+            prev = r.end
         off += nr_ranges * RANGE.size
         notes = tuple(parse_notes(bytes(data[off:off + notes_size])))
-        return cls(page_size=f[3], dump_level=f[4], flags=f[5], block_pages=f[6], uuid=f[7], created_ns=f[8],
-                   max_pfn=f[9], ranges=ranges, notes=notes, osrelease=f[12].rstrip(b"\0").decode(),
-                   build_id=f[13].rstrip(b"\0").decode(), compression=f[14], compression_level=f[15],
-                   version=version), size
+        return cls(page_size=page_size, dump_level=f[4], flags=f[5], block_pages=block_pages, uuid=f[7],
+                   created_ns=f[8], max_pfn=max_pfn, ranges=ranges, notes=notes, osrelease=_text(f[12]),
+                   build_id=_text(f[13]), compression=compression, compression_level=f[15], version=version), size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +200,7 @@ class Trailer:
         f = TRAILER.unpack(bytes(data))
         if zlib.crc32(bytes(data[:-4])) != f[-1]:
             raise CorruptImageError("khibernate image trailer checksum mismatch; the file is corrupt")
-        return cls(*f[1:8], tuple(f[8:15]), f[15])
+        return cls(f[1], f[2], f[3], f[4], f[5], f[6], f[7], tuple(f[8:15]), f[15])
 
 
 # ------------------------------------------------------------------------------------------------ writer
@@ -186,18 +227,30 @@ def default_notes(source: MemorySource, vmci: Vmcoreinfo | None) -> tuple[Note, 
     return notes
 
 
+def check_source_level(source: MemorySource, level: int, restorable: bool) -> int:
+    """The dump level an output of ``source`` filtered at ``level`` has (the source's own level included);
+    UsageErrorImage when ``restorable`` is asked of a source that already lost more than zero and free pages."""
+    eff = level | source.dump_level
+    if restorable and eff & ~RESTORABLE_LEVEL:
+        raise UsageErrorImage(f"the source was already filtered at dump level {source.dump_level}, which drops "
+                              "cache or user pages: no image of it can be restored; pass -d "
+                              f"{eff} to save it anyway (not restorable)")
+    return eff
+
+
 def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level: int, restorable: bool = False,
          threads: int = 2, zstd_level: int = 1, block_pages: int = 256,
          progress: Callable[[int], None] | None = None) -> SaveStats:
     """Filter ``source`` at dump ``level`` and stream a khibernate image to ``out`` (trailer last)."""
     t0 = time.monotonic()
     check_level(level, restorable)
+    recorded = check_source_level(source, level, restorable)  # what the image holds: the source's loss included
     if threads < 1 or not 1 <= block_pages <= 1 << 16:
         raise UsageErrorImage("--threads must be >= 1 and --block-pages 1..65536")
     chunks = plan(source, vmci, level, restorable=restorable)
     ps = source.page_size
     max_pfn = source.max_pfn
-    header = Header(page_size=ps, dump_level=level, flags=FLAG_RESTORABLE if restorable else 0,
+    header = Header(page_size=ps, dump_level=recorded, flags=FLAG_RESTORABLE if restorable else 0,
                     block_pages=block_pages, uuid=uuidlib.uuid4().bytes, created_ns=time.time_ns(),
                     max_pfn=max_pfn, ranges=source.ranges, notes=default_notes(source, vmci),
                     osrelease=vmci.osrelease if vmci else "", build_id=vmci.build_id if vmci else "",
@@ -214,22 +267,22 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
     # buffers: one being filled plus two per thread in flight; memory stays bounded whatever the dump size
     free = [np.empty(block_pages * ps, dtype=np.uint8) for _ in range(2 * nthreads + 1)]
 
-    def compress(buf: np.ndarray, nbytes: int) -> tuple[bytes, int]:
+    def compress(buf: np.ndarray, nbytes: int) -> bytes:
         c = getattr(local, "c", None)
         if c is None:
             c = local.c = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True, write_content_size=True)
-        frame = c.compress(memoryview(buf)[:nbytes])
-        return frame, zlib.crc32(frame)
+        return c.compress(buf.data[:nbytes])
 
-    Pending = tuple[Future[tuple[bytes, int]], np.ndarray, int, int, int]
+    Pending = tuple[Future[bytes], np.ndarray, int, int, int]
     pending: collections.deque[Pending] = collections.deque()
 
     def drain(limit: int) -> None:
         nonlocal pos
         while len(pending) > limit:
             fut, buf, first, end, npages = pending.popleft()
-            frame, crc = fut.result()
+            frame = fut.result()
             out.write(frame)
+            crc = block_crc(VERSION, first, end, npages * ps, npages, frame)
             index.append(BlockEntry(first, end, pos, len(frame), npages * ps, npages, crc))
             pos += len(frame)
             free.append(buf)
@@ -264,7 +317,7 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
                 while s < b:
                     take = min(b - s, block_pages - fill)
                     dst = cur[fill * ps:(fill + take) * ps]
-                    source.readinto((pfn + s) * ps, memoryview(dst))
+                    source.readinto((pfn + s) * ps, dst.data)
                     idx = np.arange(s, s + take)  # relative to the chunk
                     if level & DL_ZERO:
                         z = zero_pages(dst, ps)
@@ -323,37 +376,69 @@ class KhiSource(PagedSource):
 
     def __init__(self, path: str | os.PathLike[str], *, cache_blocks: int = 4):
         self.path = os.fspath(path)
-        self.fd = os.open(self.path, os.O_RDONLY)
-        size = os.fstat(self.fd).st_size
-        if size < HEADER.size + TRAILER.size:
-            os.close(self.fd)
-            raise TruncatedError(f"{self.path}: too short for a khibernate image; the file is truncated")
+        self.fd = open_input(self.path)
         try:
-            head = os.pread(self.fd, HEADER_ALIGN, 0)
-            size_field = HEADER.unpack_from(head)[2] if len(head) >= HEADER.size and head[:8] == MAGIC else 0
-            if size_field > len(head):
-                head = os.pread(self.fd, min(size_field, size), 0)
-            self.header, self.header_size = Header.unpack(head)
-            self.trailer = Trailer.unpack(os.pread(self.fd, TRAILER.size, size - TRAILER.size))
-            t = self.trailer
-            tables_end = t.index_offset + t.index_count * INDEX.size
-            if tables_end != size - TRAILER.size or t.stored_bitmap_offset < self.header_size:
-                raise CorruptImageError(f"{self.path}: trailer points outside the file; the image is corrupt")
-            tables = os.pread(self.fd, tables_end - t.stored_bitmap_offset, t.stored_bitmap_offset)
-            if zlib.crc32(tables) != t.tables_crc:
-                raise CorruptImageError(f"{self.path}: bitmap/index checksum mismatch; the image is corrupt")
+            self._open(cache_blocks)
         except BaseException:
             os.close(self.fd)
             raise
-        self.stored_bits = np.frombuffer(tables, dtype=np.uint8, count=t.bitmap_size, offset=0)
-        self.zero_bits = np.frombuffer(tables, dtype=np.uint8, count=t.bitmap_size, offset=t.bitmap_size)
-        base = t.index_offset - t.stored_bitmap_offset
-        self.index = [BlockEntry(*INDEX.unpack_from(tables, base + i * INDEX.size)) for i in range(t.index_count)]
+
+    def _open(self, cache_blocks: int) -> None:
+        """Read and check header, trailer, bitmaps and index (everything but the blocks' contents)."""
+        size = input_size(self.fd)
+        if size < HEADER.size + TRAILER.size:
+            raise TruncatedError(f"{self.path}: too short for a khibernate image; the file is truncated")
+        head = os.pread(self.fd, HEADER_ALIGN, 0)
+        size_field = HEADER.unpack_from(head)[2] if len(head) >= HEADER.size and head[:8] == MAGIC else 0
+        if size_field > size - TRAILER.size:
+            raise TruncatedError(f"{self.path}: header size {size_field} is beyond the file; it is truncated")
+        if size_field > len(head):
+            head = os.pread(self.fd, size_field, 0)
+        self.header, self.header_size = Header.unpack(head)
+        self.page_size = self.header.page_size
+        self.trailer = t = Trailer.unpack(os.pread(self.fd, TRAILER.size, size - TRAILER.size))
+        tables_end = size - TRAILER.size
+        bmp = -(-self.header.max_pfn // 8)
+        if (t.bitmap_size != bmp or t.stored_bitmap_offset < self.header_size
+                or t.zero_bitmap_offset < t.stored_bitmap_offset + t.bitmap_size
+                or t.index_offset < t.zero_bitmap_offset + t.bitmap_size
+                or t.index_offset + t.index_count * INDEX.size != tables_end):
+            raise CorruptImageError(f"{self.path}: trailer's bitmap/index offsets or sizes disagree with the header "
+                                    "and the file size; the image is corrupt")
+        tables = os.pread(self.fd, tables_end - t.stored_bitmap_offset, t.stored_bitmap_offset)
+        if len(tables) != tables_end - t.stored_bitmap_offset:
+            raise TruncatedError(f"{self.path}: tables cut short; the image is truncated")
+        if zlib.crc32(tables) != t.tables_crc:
+            raise CorruptImageError(f"{self.path}: bitmap/index checksum mismatch; the image is corrupt")
+        base = t.stored_bitmap_offset
+        self.stored_bits = np.frombuffer(tables, dtype=np.uint8, count=bmp, offset=0)
+        self.zero_bits = np.frombuffer(tables, dtype=np.uint8, count=bmp, offset=t.zero_bitmap_offset - base)
+        ib = t.index_offset - base
+        self.index = [BlockEntry(*INDEX.unpack_from(tables, ib + i * INDEX.size)) for i in range(t.index_count)]
+        self._check_index()
         self._firsts = [e.first_pfn for e in self.index]
         self._cache: collections.OrderedDict[int, tuple[np.ndarray, bytes]] = collections.OrderedDict()
         self._cache_blocks = cache_blocks
         self._dctx = zstandard.ZstdDecompressor()
-        self.page_size = self.header.page_size
+
+    def _check_index(self) -> None:
+        """Index entries: sorted disjoint pfn ranges inside max_pfn, frames in file order between header and tables,
+        sizes within the format's limits."""
+        h, t = self.header, self.trailer
+        prev_pfn, prev_end = 0, self.header_size
+        for i, e in enumerate(self.index):
+            bad = ""
+            if not prev_pfn <= e.first_pfn < e.end_pfn <= h.max_pfn:
+                bad = f"pfn range {e.first_pfn:#x}-{e.end_pfn:#x} is empty, unsorted or beyond max_pfn"
+            elif not 1 <= e.npages <= min(h.block_pages, e.end_pfn - e.first_pfn):
+                bad = f"{e.npages} pages do not fit its pfn range or block_pages {h.block_pages}"
+            elif e.usize != e.npages * h.page_size:
+                bad = f"usize {e.usize} != npages x page_size"
+            elif e.offset < prev_end or e.offset + e.csize > t.stored_bitmap_offset or e.csize == 0:
+                bad = f"frame at {e.offset} (+{e.csize}) overlaps another or lies outside the block area"
+            if bad:
+                raise CorruptImageError(f"{self.path}: block {i}: {bad}; the image is corrupt")
+            prev_pfn, prev_end = e.end_pfn, e.offset + e.csize
 
     @property
     def ranges(self) -> tuple[MemRange, ...]:
@@ -366,6 +451,19 @@ class KhiSource(PagedSource):
     @property
     def max_pfn(self) -> int:
         return self.header.max_pfn
+
+    format_name = "khi"
+
+    @property
+    def dump_level(self) -> int:
+        return self.header.dump_level
+
+    def describe(self) -> dict[str, object]:
+        h, t = self.header, self.trailer
+        return {"version": h.version, "dump_level": h.dump_level, "restorable": bool(h.flags & FLAG_RESTORABLE),
+                "uuid": str(uuidlib.UUID(bytes=h.uuid)), "created_ns": h.created_ns, "blocks": t.index_count,
+                "pages_stored": t.pages_stored, "pages_zero": t.pages_zero,
+                "classes": {c.name.lower(): t.class_counts[c] for c in PageClass}, "zstd_level": h.compression_level}
 
     def _bit(self, bits: np.ndarray, pfn: int) -> bool:
         """Bit ``pfn`` of a little-endian bitmap (False beyond max_pfn)."""
@@ -383,7 +481,7 @@ class KhiSource(PagedSource):
         frame = os.pread(self.fd, e.csize, e.offset)
         if len(frame) != e.csize:
             raise TruncatedError(f"{self.path}: block at {e.offset} cut short; the image is truncated")
-        if zlib.crc32(frame) != e.crc32:
+        if block_crc(self.header.version, e.first_pfn, e.end_pfn, e.usize, e.npages, frame) != e.crc32:
             raise CorruptImageError(f"{self.path}: block at offset {e.offset} (pfn {e.first_pfn:#x}) checksum "
                                     "mismatch; the image is corrupt")
         try:
@@ -415,6 +513,9 @@ class KhiSource(PagedSource):
         ps = self.page_size
         if self._bit(self.stored_bits, pfn):
             i = bisect.bisect_right(self._firsts, pfn) - 1
+            if i < 0 or pfn >= self.index[i].end_pfn:
+                raise CorruptImageError(f"{self.path}: page {pfn:#x} is marked stored but no block holds it; the "
+                                        "image is corrupt")
             pfns, data = self._block(i)
             k = int(np.searchsorted(pfns, pfn))
             return data[k * ps:(k + 1) * ps]
@@ -423,7 +524,7 @@ class KhiSource(PagedSource):
         raise AddressError(f"physical page {pfn * ps:#x} was excluded from the image (dump level "
                            f"{self.header.dump_level}) or is not RAM")
 
-    def page_present_mask(self, pfn: int, count: int) -> np.ndarray:
+    def page_present_mask(self, pfn: int, count: int) -> npt.NDArray[np.bool_]:
         """Stored or zero pages of pfn..pfn+count."""
         lo = pfn >> 3
         hi = -(-(pfn + count) // 8)
@@ -443,17 +544,39 @@ class KhiSource(PagedSource):
             yield pfns, self.decompress(e)
 
     def verify(self, progress: Callable[[int], None] | None = None) -> dict[str, int]:
-        """Check every checksum and count; returns counts; raises CorruptImageError on the first problem."""
+        """Check every checksum and count, and that bitmaps, index and trailer agree; CorruptImageError if not."""
         n = 0
         for pfns, data in self.iter_blocks():
             n += len(pfns)
             if progress:
                 progress(len(data))
-        total = int(np.unpackbits(self.stored_bits).sum())
+        stored = np.unpackbits(self.stored_bits, bitorder="little")[:self.header.max_pfn].astype(bool)
+        zero = np.unpackbits(self.zero_bits, bitorder="little")[:self.header.max_pfn].astype(bool)
+        total, nzero = int(stored.sum()), int(zero.sum())
         if n != total or total != self.trailer.pages_stored:
             raise CorruptImageError(f"{self.path}: {n} pages in blocks, {total} in the bitmap, "
                                     f"{self.trailer.pages_stored} in the trailer; the image is corrupt")
+        if nzero != self.trailer.pages_zero:
+            raise CorruptImageError(f"{self.path}: {nzero} zero pages in the bitmap, {self.trailer.pages_zero} in "
+                                    "the trailer; the image is corrupt")
+        both = int((stored & zero).sum())
+        if both:
+            raise CorruptImageError(f"{self.path}: {both} pages are marked both stored and zero; the image is corrupt")
+        ram = np.zeros(self.header.max_pfn, dtype=bool)
+        for r in self.header.ranges:
+            ram[r.start // self.page_size:-(-r.end // self.page_size)] = True
+        outside = int(((stored | zero) & ~ram).sum())
+        if outside:
+            raise CorruptImageError(f"{self.path}: {outside} pages are marked present outside the memory ranges; "
+                                    "the image is corrupt")
+        if (self.bitmap_tail(self.stored_bits) | self.bitmap_tail(self.zero_bits)) and self.header.max_pfn % 8:
+            raise CorruptImageError(f"{self.path}: bitmap bits set beyond max_pfn; the image is corrupt")
         return {"blocks": len(self.index), "pages_stored": n, "pages_zero": self.trailer.pages_zero}
+
+    def bitmap_tail(self, bits: np.ndarray) -> int:
+        """The bits of the last bitmap byte that lie beyond max_pfn (0 in a well-formed image)."""
+        rem = self.header.max_pfn % 8
+        return int(bits[-1]) >> rem if rem and len(bits) else 0
 
     def vmcoreinfo(self) -> Vmcoreinfo | None:
         """VMCOREINFO kept in the header, if any."""

@@ -13,10 +13,11 @@ import struct
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 
 import numpy as np
+import numpy.typing as npt
 import zstandard
 
 from khibernate.image.elf import pack_notes, parse_notes
@@ -29,6 +30,7 @@ from khibernate.image.errors import (
     TruncatedError,
     UnsupportedError,
 )
+from khibernate.image.inputfile import MAX_PHYS_ADDR, input_size, open_input
 from khibernate.image.pagefilter import DL_ZERO
 from khibernate.image.plan import runs
 from khibernate.image.sources.base import (
@@ -92,12 +94,20 @@ def bitmap_bytes(max_mapnr: int, block_size: int) -> int:
 
 
 class _Plain:
-    """Positioned reads of a plain kdump file."""
+    """Positioned reads of a plain kdump file, clamped to the file's end (a short result means truncation)."""
+
     def __init__(self, fd: int):
         self.fd = fd
+        self.size = input_size(fd)
 
     def pread(self, off: int, n: int) -> bytes:
-        return os.pread(self.fd, n, off)
+        if off < 0 or n < 0:
+            raise CorruptImageError(f"kdump offset {off} or size {n} is negative; the file is corrupt")
+        if self.size:
+            n = max(0, min(n, self.size - off))
+        elif n > 1 << 30:
+            raise CorruptImageError(f"kdump read of {n} bytes is beyond any header's size; the file is corrupt")
+        return os.pread(self.fd, n, off) if n else b""
 
 
 class _Flat:
@@ -105,13 +115,15 @@ class _Flat:
 
     def __init__(self, fd: int):
         self.fd = fd
+        self.phys_size = size = input_size(fd)
         head = os.pread(fd, FLAT_HEADER_SIZE, 0)
+        if len(head) < FLAT_HEADER_SIZE:
+            raise TruncatedError("flattened stream shorter than its 4096-byte header; the file is truncated")
         sig, typ, ver = FLAT_HEADER.unpack_from(head)
         if not sig.startswith(FLAT_SIGNATURE + b"\0") or typ != 1:
             raise NotAVmcoreError("not a makedumpfile flattened stream (bad signature or type)")
         starts, ends, poss = [], [], []
         pos = FLAT_HEADER_SIZE
-        size = os.fstat(fd).st_size
         while True:
             rec = os.pread(fd, FLAT_RECORD.size, pos)
             if len(rec) < FLAT_RECORD.size:
@@ -121,7 +133,7 @@ class _Flat:
             pos += FLAT_RECORD.size
             if off == -1 and n == -1:
                 break
-            if off < 0 or n < 0 or pos + n > size:
+            if off < 0 or n < 0 or pos + n > size or off + n > MAX_PHYS_ADDR:
                 raise TruncatedError("flattened stream record runs past the end of the file; it is truncated")
             starts.append(off)
             ends.append(off + n)
@@ -133,8 +145,14 @@ class _Flat:
         self.poss = [poss[i] for i in order]
         self.seq = order
         self.maxlen = max((e - s for s, e in zip(starts, ends, strict=True)), default=0)
+        self.size = max(ends, default=0)  # the logical (unflattened) file size
 
     def pread(self, off: int, n: int) -> bytes:
+        if off < 0 or n < 0:
+            raise CorruptImageError(f"kdump offset {off} or size {n} is negative; the file is corrupt")
+        n = max(0, min(n, self.size - off))
+        if n > self.phys_size:
+            raise CorruptImageError(f"kdump read of {n} bytes is larger than the whole stream; the file is corrupt")
         out = bytearray(n)
         lo = bisect.bisect_left(self.starts, off - self.maxlen)
         hi = bisect.bisect_left(self.starts, off + n)
@@ -162,12 +180,21 @@ def parse_header(read: Callable[[int, int], bytes]) -> KdumpHeader:
     block_size = f[6]
     if block_size < 4096 or block_size > 262144 or block_size & (block_size - 1):
         raise CorruptImageError(f"kdump block_size {block_size} is not a page size; the file is corrupt")
-    sub = SUB_HEADER.unpack(read(block_size, SUB_HEADER.size).ljust(SUB_HEADER.size, b"\0"))
+    if f[7] < 1 or f[8] < 1:
+        raise CorruptImageError(f"kdump sub_hdr_size {f[7]} / bitmap_blocks {f[8]} must be at least 1; the file "
+                                "is corrupt")
+    raw_sub = read(block_size, SUB_HEADER.size)
+    if len(raw_sub) < SUB_HEADER.size:
+        raise TruncatedError("kdump sub-header cut short; the file is truncated")
+    sub = SUB_HEADER.unpack(raw_sub)
     if version >= 2 and sub[2]:
         raise UnsupportedError("this is one file of a makedumpfile --split set; join them first with "
                                "'makedumpfile --reassemble FILE1 FILE2 ... OUT'")
     names = tuple(uts[i * 65:(i + 1) * 65].split(b"\0")[0].decode("ascii", "replace") for i in range(6))
     max_mapnr = sub[13] if version >= 6 and sub[13] else f[9]
+    if max_mapnr < 1 or max_mapnr * block_size > MAX_PHYS_ADDR:
+        raise CorruptImageError(f"kdump max_mapnr {max_mapnr} describes no memory or more than "
+                                f"{MAX_PHYS_ADDR >> 40} TiB; the file is corrupt")
     return KdumpHeader(version, names, f[3], f[5], block_size, f[7], f[8], f[14], sub[0], sub[1],
                        sub[5] if version >= 3 else 0, sub[6] if version >= 3 else 0,
                        sub[7] if version >= 4 else 0, sub[8] if version >= 4 else 0, max_mapnr)
@@ -178,7 +205,7 @@ class KdumpSource(PagedSource, StoredSource):
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = os.fspath(path)
-        self.fd = os.open(self.path, os.O_RDONLY)
+        self.fd = open_input(self.path)
         try:
             magic = os.pread(self.fd, 16, 0)
             self.io: _Plain | _Flat = _Flat(self.fd) if magic.startswith(FLAT_SIGNATURE + b"\0") else _Plain(self.fd)
@@ -190,24 +217,41 @@ class KdumpSource(PagedSource, StoredSource):
     def _init(self) -> None:
         h = self.header = parse_header(self.io.pread)
         bs = self.page_size = h.block_size
+        size = self.io.size
+        self.incomplete = bool(h.status & DUMP_DH_COMPRESSED_INCOMPLETE)
+
+        def blob(what: str, off: int, n: int) -> bytes:
+            if off < 0 or n < 0 or (size and off + n > size) or n > 1 << 30:
+                raise CorruptImageError(f"{self.path}: kdump {what} at {off} size {n} lies outside the file; "
+                                        "the file is corrupt")
+            data = self.io.pread(off, n)
+            if len(data) != n:
+                raise TruncatedError(f"{self.path}: kdump {what} cut short; the file is truncated")
+            return data
+
         notes: list[Note] = []
         if h.offset_note and h.size_note:
-            notes = parse_notes(self.io.pread(h.offset_note, h.size_note))
+            notes = parse_notes(blob("ELF notes", h.offset_note, h.size_note))
         elif h.offset_vmcoreinfo and h.size_vmcoreinfo:
-            notes = [Note(VMCOREINFO_NOTE, 0, self.io.pread(h.offset_vmcoreinfo, h.size_vmcoreinfo))]
+            notes = [Note(VMCOREINFO_NOTE, 0, blob("VMCOREINFO", h.offset_vmcoreinfo, h.size_vmcoreinfo))]
         self._notes = tuple(notes)
         per = bitmap_bytes(h.max_mapnr, bs)
         bitmap_off = (1 + h.sub_hdr_size) * bs
         total = h.bitmap_blocks * bs
-        raw = self.io.pread(bitmap_off, total)
-        if len(raw) != total:
-            raise TruncatedError(f"{self.path}: bitmaps cut short; the file is truncated")
+        if total < per:
+            raise CorruptImageError(f"{self.path}: kdump bitmaps ({total} bytes) cannot cover max_mapnr "
+                                    f"{h.max_mapnr} ({per} bytes each); the file is corrupt")
+        raw = blob("bitmaps", bitmap_off, total)
         two = total >= 2 * per
         self.bitmap1 = np.frombuffer(raw[:per], dtype=np.uint8)
         self.bitmap2 = np.frombuffer(raw[per:2 * per] if two else raw[:per], dtype=np.uint8)
         self.desc_offset = bitmap_off + total
         pop = np.unpackbits(self.bitmap2, bitorder="little").reshape(-1, 8).sum(axis=1, dtype=np.int64)
         self._rank = np.concatenate(([0], np.cumsum(pop)))  # dumpable pages before byte i of bitmap2
+        ndesc = int(self._rank[-1])
+        if size and self.desc_offset + ndesc * PAGE_DESC.size > size and not self.incomplete:
+            raise TruncatedError(f"{self.path}: {ndesc} page descriptors do not fit in the file; it is truncated "
+                                 "(makedumpfile was interrupted?) - take the dump again")
         ram = np.unpackbits(self.bitmap1, bitorder="little")[:h.max_mapnr].astype(bool)
         self._ranges = merge_ranges([MemRange(a * bs, b * bs) for a, b in runs(ram)])
         self._dctx = zstandard.ZstdDecompressor()
@@ -216,10 +260,23 @@ class KdumpSource(PagedSource, StoredSource):
     def max_pfn(self) -> int:
         return self.header.max_mapnr
 
+    @property
+    def format_name(self) -> str:  # type: ignore[override]
+        return "kdump-flat" if isinstance(self.io, _Flat) else "kdump"
+
+    @property
+    def dump_level(self) -> int:
+        return self.header.dump_level
+
+    def describe(self) -> dict[str, object]:
+        h = self.header
+        return {"header_version": h.version, "dump_level": h.dump_level, "status": h.status,
+                "utsname": list(h.utsname), "incomplete": self.incomplete}
+
     def _dumpable(self, pfn: int) -> bool:
         return pfn < self.header.max_mapnr and bool(self.bitmap2[pfn >> 3] >> (pfn & 7) & 1)
 
-    def page_present_mask(self, pfn: int, count: int) -> np.ndarray:
+    def page_present_mask(self, pfn: int, count: int) -> npt.NDArray[np.bool_]:
         lo, hi = pfn >> 3, -(-(pfn + count) // 8)
         bits = np.unpackbits(self.bitmap2[lo:hi], bitorder="little").astype(bool)[pfn - lo * 8:]
         out = np.zeros(count, dtype=bool)
@@ -233,14 +290,22 @@ class KdumpSource(PagedSource, StoredSource):
             raise AddressError(f"physical page {pfn * bs:#x} is not in the dump (excluded or not RAM)")
         byte = pfn >> 3
         below = int(self._rank[byte]) + bin(int(self.bitmap2[byte]) & ((1 << (pfn & 7)) - 1)).count("1")
-        off, size, flags, _ = PAGE_DESC.unpack(self.io.pread(self.desc_offset + below * PAGE_DESC.size,
-                                                              PAGE_DESC.size))
+        desc = self.io.pread(self.desc_offset + below * PAGE_DESC.size, PAGE_DESC.size)
+        if len(desc) != PAGE_DESC.size:
+            if self.incomplete:
+                raise IncompleteImageError(f"page {pfn:#x} was never written: makedumpfile marked the dump "
+                                           "incomplete (its disk filled up); take it again with more space")
+            raise TruncatedError(f"page {pfn:#x} descriptor cut short; the file is truncated")
+        off, size, flags, _ = PAGE_DESC.unpack(desc)
         if off == 0:
             raise IncompleteImageError(f"page {pfn:#x} was never written: the dump is incomplete")
-        if size > bs:
+        if off < 0 or size < 0 or size > bs:
             raise CorruptImageError(f"page {pfn:#x} descriptor size {size} > block size; the file is corrupt")
         data = self.io.pread(off, size)
         if len(data) != size:
+            if self.incomplete:
+                raise IncompleteImageError(f"page {pfn:#x} was never written: makedumpfile marked the dump "
+                                           "incomplete (its disk filled up); take it again with more space")
             raise TruncatedError(f"page {pfn:#x} data cut short; the file is truncated")
         try:
             if flags & DUMP_DH_COMPRESSED_ZLIB:
@@ -272,7 +337,7 @@ class _Out:
         if flat:
             f.write(FLAT_HEADER.pack(FLAT_SIGNATURE, 1, 1).ljust(FLAT_HEADER_SIZE, b"\0"))
 
-    def write_at(self, off: int, data: bytes | memoryview) -> None:
+    def write_at(self, off: int, data: bytes | bytearray | memoryview) -> None:
         if not len(data):
             return
         if self.flat:
@@ -339,7 +404,7 @@ def write_kdump(out: BinaryIO, source: MemorySource, keep: np.ndarray, ram: np.n
         if compress == "zstd":
             c = getattr(local, "c", None)
             if c is None:
-                c = local.c = zstandard.ZstdCompressor(level=1, write_content_size=True, write_checksum=False)
+                c = local.c = zstandard.ZstdCompressor(level=1, write_content_size=True, write_checksum=True)
         for i in range(0, len(data), bs):
             page = data[i:i + bs]
             if zero_desc is not None and page.count(0) == bs:
@@ -349,6 +414,7 @@ def write_kdump(out: BinaryIO, source: MemorySource, keep: np.ndarray, ram: np.n
                 if compress == "zlib":
                     comp = zlib.compress(page, 1)
                 elif compress == "zstd":
+                    assert c is not None
                     comp = c.compress(page)
                 else:
                     comp = page
@@ -383,7 +449,10 @@ def write_kdump(out: BinaryIO, source: MemorySource, keep: np.ndarray, ram: np.n
     return pos
 
 
-def _emit(w: _Out, item: tuple, pos: int, desc_off: int, desc_i: int, zero_desc: bytes | None, compress: str,
+Batch = tuple[np.ndarray, Future[list[bytes | None]]]
+
+
+def _emit(w: _Out, item: Batch, pos: int, desc_off: int, desc_i: int, zero_desc: bytes | None, compress: str,
           progress: Callable[[int], None] | None, bs: int) -> tuple[int, int]:
     """Write one compressed batch's data and descriptors; returns the new data and descriptor positions."""
     pfns, fut = item

@@ -14,16 +14,14 @@ from collections.abc import Iterator
 import numpy as np
 
 from khibernate.image.errors import MissingVmcoreinfoError, UsageErrorImage
-from khibernate.image.levels import (  # noqa: F401 - re-exported
-    DL_CACHE,
-    DL_CACHE_PRI,
-    DL_FREE,
-    DL_USER,
-    DL_ZERO,
-    MAX_DUMP_LEVEL,
-    RESTORABLE_LEVEL,
-    PageClass,
-)
+from khibernate.image.levels import DL_CACHE as DL_CACHE
+from khibernate.image.levels import DL_CACHE_PRI as DL_CACHE_PRI
+from khibernate.image.levels import DL_FREE as DL_FREE
+from khibernate.image.levels import DL_USER as DL_USER
+from khibernate.image.levels import DL_ZERO as DL_ZERO
+from khibernate.image.levels import MAX_DUMP_LEVEL as MAX_DUMP_LEVEL
+from khibernate.image.levels import RESTORABLE_LEVEL as RESTORABLE_LEVEL
+from khibernate.image.levels import PageClass as PageClass
 from khibernate.image.sources.base import MemorySource
 from khibernate.image.vmcoreinfo import Vmcoreinfo
 from khibernate.image.x86_64 import X86_64
@@ -67,10 +65,10 @@ def needs_struct_page(level: int) -> bool:
     return bool(level & ~DL_ZERO)
 
 
-def zero_pages(data: bytes | memoryview, page_size: int = 4096) -> np.ndarray:
+def zero_pages(data: bytes | memoryview | np.ndarray, page_size: int = 4096) -> np.ndarray:
     """Per-page bool: True where the page is all zero bytes (``data`` is a whole number of pages)."""
     a = np.frombuffer(data, dtype=np.uint64).reshape(-1, page_size // 8)
-    return ~a.any(axis=1)
+    return np.asarray(~a.any(axis=1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,8 +167,8 @@ def _is_type(mapcount: np.ndarray, value: int | None) -> np.ndarray:
         return np.zeros(mapcount.shape, dtype=bool)
     v = value & 0xFFFFFFFF
     if v & 0xFFFFFF == 0 and v >> 24 != 0xFF:
-        return (mapcount.view(np.uint32) >> np.uint32(24)) == np.uint32(v >> 24)
-    return mapcount.view(np.uint32) == np.uint32(v)
+        return np.asarray((mapcount.view(np.uint32) >> np.uint32(24)) == np.uint32(v >> 24))
+    return np.asarray(mapcount.view(np.uint32) == np.uint32(v))
 
 
 def _old_hugetlb(pages: np.ndarray, lay: PageLayout) -> np.ndarray:
@@ -292,12 +290,14 @@ class PageFilter:
         return np.frombuffer(data, dtype=self.dtype)
 
     def _head_class(self, head_pfn: int) -> int:
-        """Class of a compound head outside the current chunk (gigantic pages), cached."""
+        """Class of a compound head outside the current chunk (a large folio crossing a chunk), cached."""
         cls = self._head_cache.get(head_pfn)
         if cls is None:
             for sec in self.sections:
                 if sec.start_pfn <= head_pfn < sec.start_pfn + sec.nr_pages:
-                    c, span, _ = classify(self._struct_pages(sec, head_pfn, 1), self.layout)
+                    # the head and its first tail: kernels before 6.9 mark hugetlb in the first tail
+                    n = min(2, sec.start_pfn + sec.nr_pages - head_pfn)
+                    c, span, _ = classify(self._struct_pages(sec, head_pfn, n), self.layout)
                     cls = int(PageClass.FREE if span[0] else c[0])
                     break
             else:

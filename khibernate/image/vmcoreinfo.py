@@ -6,7 +6,7 @@ import dataclasses
 import os
 import re
 
-from khibernate.image.errors import MissingVmcoreinfoError, NotAVmcoreError
+from khibernate.image.errors import CorruptImageError, MissingVmcoreinfoError, NotAVmcoreError
 from khibernate.image.sources.base import VMCOREINFO_NOTE, MemorySource
 
 _KEYED = re.compile(r"(SYMBOL|SIZE|OFFSET|LENGTH|NUMBER)\((.+)\)")
@@ -45,39 +45,47 @@ class Vmcoreinfo:
             )
         return v
 
+    def _int(self, key: str, value: str, base: int = 0) -> int:
+        """``value`` of ``key`` as an integer; CorruptImageError naming the key when it is not a number."""
+        try:
+            return int(value, base)
+        except ValueError:
+            raise CorruptImageError(f"VMCOREINFO {key}={value[:40]!r} is not a number; the dump's VMCOREINFO is "
+                                    "corrupt - give a good copy with --vmcoreinfo FILE") from None
+
     def has(self, key: str) -> bool:
         """True if ``key`` is present."""
         return key in self.entries
 
     def symbol(self, name: str) -> int:
         """``SYMBOL(name)`` (hex address)."""
-        return int(self._need(f"SYMBOL({name})"), 16)
+        return self._int(f"SYMBOL({name})", self._need(f"SYMBOL({name})"), 16)
 
     def size(self, name: str) -> int:
         """``SIZE(name)``."""
-        return int(self._need(f"SIZE({name})"), 0)
+        return self._int(f"SIZE({name})", self._need(f"SIZE({name})"), 0)
 
     def offset(self, member: str) -> int:
         """``OFFSET(struct.member)``."""
-        return int(self._need(f"OFFSET({member})"), 0)
+        return self._int(f"OFFSET({member})", self._need(f"OFFSET({member})"), 0)
 
     def length(self, name: str) -> int:
         """``LENGTH(name)``."""
-        return int(self._need(f"LENGTH({name})"), 0)
+        return self._int(f"LENGTH({name})", self._need(f"LENGTH({name})"), 0)
 
     def number(self, name: str) -> int:
         """``NUMBER(name)`` (decimal, or hex with 0x)."""
-        return int(self._need(f"NUMBER({name})"), 0)
+        return self._int(f"NUMBER({name})", self._need(f"NUMBER({name})"), 0)
 
     def number_or(self, name: str, default: int | None) -> int | None:
         """``NUMBER(name)`` or ``default``."""
         v = self.entries.get(f"NUMBER({name})")
-        return int(v, 0) if v is not None else default
+        return self._int(f"NUMBER({name})", v) if v is not None else default
 
     def offset_or(self, member: str, default: int | None) -> int | None:
         """``OFFSET(member)`` or ``default``."""
         v = self.entries.get(f"OFFSET({member})")
-        return int(v, 0) if v is not None else default
+        return self._int(f"OFFSET({member})", v) if v is not None else default
 
     @property
     def osrelease(self) -> str:
@@ -92,17 +100,20 @@ class Vmcoreinfo:
     @property
     def page_size(self) -> int:
         """Kernel page size."""
-        return int(self.entries.get("PAGESIZE", "4096"))
+        v = self._int("PAGESIZE", self.entries.get("PAGESIZE", "4096"), 10)
+        if v < 512 or v > 1 << 20 or v & (v - 1):
+            raise CorruptImageError(f"VMCOREINFO PAGESIZE={v} is not a page size; the VMCOREINFO is corrupt")
+        return v
 
     @property
     def kerneloffset(self) -> int:
         """KASLR offset of the kernel image (0 when not randomised)."""
-        return int(self.entries.get("KERNELOFFSET", "0"), 16)
+        return self._int("KERNELOFFSET", self.entries.get("KERNELOFFSET", "0"), 16)
 
     @property
     def crashtime(self) -> int:
         """CRASHTIME (seconds since the epoch) or 0."""
-        return int(self.entries.get("CRASHTIME", "0"))
+        return self._int("CRASHTIME", self.entries.get("CRASHTIME", "0"), 10)
 
 
 def from_source(source: MemorySource) -> Vmcoreinfo:
@@ -133,13 +144,21 @@ def sysfs_location(path: str = "/sys/kernel/vmcoreinfo") -> tuple[int, int]:
             a, b = f.read().split()[:2]
     except OSError as e:
         raise MissingVmcoreinfoError(f"cannot read {path} ({e.strerror}); is CONFIG_VMCORE_INFO set?") from None
-    return int(a, 16), int(b, 16)
+    try:
+        return int(a, 16), int(b, 16)
+    except ValueError:
+        raise MissingVmcoreinfoError(f"{path} does not hold 'PADDR SIZE' in hex; is it the vmcoreinfo file?") from None
 
 
 def from_file(path: str | os.PathLike[str]) -> Vmcoreinfo:
     """VMCOREINFO from a text file (``makedumpfile -g`` output or a copy of the note)."""
-    with open(path, "rb") as f:
-        data = f.read()
+    from khibernate.image.inputfile import open_input
+
+    fd = open_input(path)
+    try:
+        data = os.read(fd, 1 << 20)
+    finally:
+        os.close(fd)
     if data.startswith(b"\x7fELF") or data[:4] == bytes(4):
         raise NotAVmcoreError(f"{os.fspath(path)}: expected VMCOREINFO text, got binary data")
     return Vmcoreinfo.parse(data.decode("ascii", "replace"))

@@ -104,11 +104,11 @@ class X86_64:
 
     def read_u64(self, va: int) -> int:
         """Unsigned 64-bit value at ``va``."""
-        return _U64.unpack(self.read(va, 8))[0]
+        return int(_U64.unpack(self.read(va, 8))[0])
 
     def read_u32(self, va: int) -> int:
         """Unsigned 32-bit value at ``va``."""
-        return struct.unpack("<I", self.read(va, 4))[0]
+        return int(struct.unpack("<I", self.read(va, 4))[0])
 
     def page_offset(self) -> int | None:
         """Base of the direct map (KASLR randomises it in 1 GiB steps): the lowest kernel VA that maps PA 0."""

@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import click
 
+from khibernate.clickutil import ADDRESS
 from khibernate.errors import UsageError
 from khibernate.jump import api
 
 DROP_ON_REUSE = ("BOOT_IMAGE=", "initrd=", "kexec_jump_back_entry=", "elfcorehdr=", "crashkernel=")
 
 
-class Address(click.ParamType):
-    """A physical address: 0x-hex, decimal, or with K/M/G suffix."""
-
-    name = "ADDRESS"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
-        m = re.fullmatch(r"(0x[0-9a-fA-F]+|\d+)([KMG]?)", value.strip())
-        if not m:
-            self.fail(f"{value!r} is not an address (e.g. 0x3c000000, 960M)", param, ctx)
-        return int(m.group(1), 0) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2)]
-
-
-ADDRESS = Address()
 
 
 def _cmdline(append: str | None, command_line: str | None, reuse: bool) -> str:

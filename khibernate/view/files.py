@@ -35,11 +35,16 @@ class ViewFile:
         return self._read(offset, size) if size > 0 and offset >= 0 else b""
 
 
-def describe(source: MemorySource) -> dict[str, Any]:
-    """info.json / ``view info``: image's description of the source."""
+def describe(source: MemorySource, vmci: Vmcoreinfo | None = None) -> dict[str, Any]:
+    """info.json / ``view info``: image's description of the source (VMCOREINFO from its note unless given)."""
     from khibernate.image.cli import describe as image_describe
 
-    return image_describe(source)
+    if vmci is None:
+        try:
+            vmci = from_source(source)
+        except MissingVmcoreinfoError:
+            vmci = None
+    return image_describe(source, vmci)
 
 
 def build_files(source: MemorySource, vmci: Vmcoreinfo | None = None) -> dict[str, ViewFile]:
@@ -60,7 +65,7 @@ def build_files(source: MemorySource, vmci: Vmcoreinfo | None = None) -> dict[st
 
     files = {"vmcore": ViewFile(layout.size, lambda off, n: layout.read(off, n, phys)),
              "oldmem": ViewFile(end, phys)}
-    info = describe(source)
+    info = describe(source, vmci)
     if vmci is not None:
         files["vmcoreinfo"] = ViewFile.of_bytes(vmci.text.encode())
         from khibernate.image.dmesg import kernel_log

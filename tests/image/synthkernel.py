@@ -29,6 +29,7 @@ VMEMMAP_L5 = 0xFFD4000000000000 + 2 * (1 << 30)
 PHYS_BASE = 0x400000
 KTEXT_VA = 0xFFFFFFFF81000000
 SECTION_BITS = 24
+THP_PFN, FOLIO_PFN, HUGETLB_PFN = 2048, 2560, 1536  # compound pages, clear of the kernel's own structures
 PG = {"lru": 5, "head": 6, "swapcache": 10, "reserved": 12, "private": 13, "swapbacked": 19, "hwpoison": 22}
 TYPE = {"buddy": 0xF0, "offline": 0xF1, "hugetlb": 0xF4, "slab": 0xF5, "unaccepted": 0xF7}
 PAGE = struct.Struct("<QQQQQQiiQ")  # flags, lru.next(compound_head), lru.prev, mapping, index, private, mapcount,
@@ -189,14 +190,15 @@ def build(seed: int = 1, *, l5: bool = False, extreme: bool = True, variant: str
     # slab with an odd 'mapping' alias must not count as anon (the 6.2 regression)
     for pfn in range(1460, 1470):
         normal(pfn, mapping=0x11, mapcount=mc("slab"), flags=(1 << PG_SLAB_OLD) if variant == "6.1" else 0)
-    # THP (anon, order 9), page-cache large folio (order 2), hugetlb (order 9)
-    compound(5120, 9, PageClass.USER, flags=1 << PG["lru"], mapping=anon_map)
-    compound(5632, 2, PageClass.CACHE, flags=1 << PG["lru"], mapping=file_map)
-    compound(6144, 9, PageClass.USER, mapcount=mc("hugetlb"), mapping=file_map)
+    # THP (anon, order 9), page-cache large folio (order 2), hugetlb (order 9): away from the kernel image, page
+    # tables, memmap and mem_section (pfns 5120..6145), which a filtered dump must keep
+    compound(THP_PFN, 9, PageClass.USER, flags=1 << PG["lru"], mapping=anon_map)
+    compound(FOLIO_PFN, 2, PageClass.CACHE, flags=1 << PG["lru"], mapping=file_map)
+    compound(HUGETLB_PFN, 9, PageClass.USER, mapcount=mc("hugetlb"), mapping=file_map)
     if variant == "6.6":
-        pages[6145][0] |= 1 << PG_HUGETLB_66
+        pages[HUGETLB_PFN + 1][0] |= 1 << PG_HUGETLB_66
     elif old:
-        pages[6145][2] = HUGETLB_PAGE_DTOR  # byte 16 of the first tail: folio._folio_dtor / page.compound_dtor
+        pages[HUGETLB_PFN + 1][2] = HUGETLB_PAGE_DTOR  # byte 16 of the first tail: folio._folio_dtor
     # hwpoison and offline
     normal(7000, flags=1 << PG["hwpoison"])
     expected[7000] = PageClass.UNUSABLE
@@ -207,6 +209,10 @@ def build(seed: int = 1, *, l5: bool = False, extreme: bool = True, variant: str
     # zero-filled kernel pages
     for pfn in range(7100, 7164):
         mem[pfn * PS:(pfn + 1) * PS] = bytes(PS)
+    kernel_pages = {pgd // PS, *range(0x1600000 // PS, alloc.next // PS), *range(memmap_pa // PS, (memmap_pa + npfn
+                    * 64) // PS), roots_pa // PS, root_pa // PS}
+    wrong = sorted(p for p in kernel_pages if expected[p] != PageClass.OTHER)
+    assert not wrong, f"synthetic kernel structures lie in pages classed as droppable: pfns {wrong[:8]}"
     for pfn, f in enumerate(pages):
         PAGE.pack_into(mem, memmap_pa + pfn * 64, *[x & ((1 << 64) - 1) if i != 6 and i != 7 else x
                                                        for i, x in enumerate(f)])

@@ -7,9 +7,14 @@ import dataclasses
 import mmap
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from khibernate.image.errors import AddressError, TruncatedError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 PAGE_SIZE = 4096
 
@@ -55,6 +60,40 @@ class MemorySource(ABC):
     """Read-only view of a physical address space; subclasses supply ranges and ``read``."""
 
     page_size: int = PAGE_SIZE
+    format_name: str = "memory"  # what ``image info`` calls the format
+
+    @property
+    def dump_level(self) -> int:
+        """makedumpfile dump level already applied to this source (0: nothing was filtered out)."""
+        return 0
+
+    def describe(self) -> dict[str, object]:
+        """Format-specific facts for ``image info`` (header fields, counts); empty by default."""
+        return {}
+
+    def verify(self, progress: Callable[[int], None] | None = None) -> dict[str, int]:
+        """Read every page the source holds (excluded pages skipped); raises the reader's error on the first bad one."""
+        import numpy as np  # not at module level: the CLI starts without numpy
+
+        chunk = 1024
+        pages = 0
+        for r in self.ranges:
+            lo, hi = r.start // self.page_size, -(-r.end // self.page_size)
+            for pfn in range(lo, hi, chunk):
+                n = min(chunk, hi - pfn)
+                mask = self.page_present_mask(pfn, n)
+                start, end = max(r.start, pfn * self.page_size), min(r.end, (pfn + n) * self.page_size)
+                if mask is None:
+                    self.read(start, end - start)
+                    pages += n
+                else:
+                    for i in (int(x) for x in np.flatnonzero(mask)):
+                        a = max(start, (pfn + i) * self.page_size)
+                        self.read(a, min(end, (pfn + i + 1) * self.page_size) - a)
+                    pages += int(np.count_nonzero(mask))
+                if progress:
+                    progress(end - start)
+        return {"pages_read": pages}
 
     @property
     @abstractmethod
@@ -96,8 +135,8 @@ class MemorySource(ABC):
         i = bisect.bisect_right([r.start for r in self.ranges], paddr) - 1
         return i >= 0 and self.ranges[i].end >= paddr + size
 
-    def page_present_mask(self, pfn: int, count: int) -> bytes | None:
-        """Per-pfn 0/1 bytes saying which of pfn..pfn+count hold data; None means 'all inside ranges'."""
+    def page_present_mask(self, pfn: int, count: int) -> npt.NDArray[np.bool_] | None:
+        """Per-pfn bools saying which of pfn..pfn+count hold data; None means 'all inside ranges'."""
         return None
 
     def close(self) -> None:
@@ -125,26 +164,40 @@ class SegmentedFile:
     """Physical reads over a file made of segments (ELF cores, /dev/mem) by pread (bounded RSS); mmap on request."""
 
     def __init__(self, path: str | os.PathLike[str], segments: Sequence[FileSegment], *, use_mmap: bool = False):
-        self.fd = os.open(path, os.O_RDONLY)
-        self.size = os.fstat(self.fd).st_size
-        self.segments = sorted(segments)
-        self._starts = [s.paddr for s in self.segments]
-        self.mm: mmap.mmap | None = None
-        if use_mmap and self.size > 0:
-            try:
-                self.mm = mmap.mmap(self.fd, 0, prot=mmap.PROT_READ)
-                self.mm.madvise(mmap.MADV_SEQUENTIAL)
-            except (OSError, ValueError):
-                self.mm = None
+        from khibernate.image.inputfile import input_size, open_input
+
+        self.fd = open_input(path)
+        try:
+            self.size = input_size(self.fd)
+            self.segments = sorted(segments)
+            self._starts = [s.paddr for s in self.segments]
+            self.mm: mmap.mmap | None = None
+            for s in self.segments:
+                if s.offset < 0 or s.filesz < 0 or (self.size and s.offset + s.filesz > self.size):
+                    raise TruncatedError(
+                        f"{os.fspath(path)}: segment at paddr {s.paddr:#x} needs file bytes up to "
+                        f"{s.offset + s.filesz}, file has {self.size}; the dump was cut short, take it again"
+                    )
+            if use_mmap and self.size > 0:
+                try:
+                    self.mm = mmap.mmap(self.fd, 0, prot=mmap.PROT_READ)
+                    self.mm.madvise(mmap.MADV_SEQUENTIAL)
+                except (OSError, ValueError):
+                    self.mm = None
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def file_backed(self) -> Iterator[tuple[int, int]]:
+        """(paddr, length) of every piece whose bytes come from the file (zero fill left out)."""
         for s in self.segments:
-            if self.size and s.offset + s.filesz > self.size:
-                raise TruncatedError(
-                    f"{os.fspath(path)}: segment at paddr {s.paddr:#x} needs file bytes up to "
-                    f"{s.offset + s.filesz}, file has {self.size}; the dump was cut short, take it again"
-                )
+            if s.filesz:
+                yield s.paddr, min(s.filesz, s.memsz)
 
     def chunks(self, paddr: int, size: int) -> Iterator[tuple[int, int, int | None]]:
         """(paddr, length, file offset or None for zero fill) pieces covering the request; AddressError on holes."""
+        if paddr < 0 or size < 0:
+            raise AddressError(f"physical address {paddr:#x} size {size} is negative")
         end = paddr + size
         while paddr < end:
             i = bisect.bisect_right(self._starts, paddr) - 1
@@ -244,6 +297,18 @@ class SegmentedFileSource(StoredSource):
     def close(self) -> None:
         self.file.close()
 
+    def verify(self, progress: Callable[[int], None] | None = None) -> dict[str, int]:
+        """Read every byte the file holds (zero-filled tails need no reading, so a huge p_memsz cannot hang)."""
+        nbytes = 0
+        for paddr, n in self.file.file_backed():
+            for a in range(paddr, paddr + n, 4 << 20):
+                m = min(4 << 20, paddr + n - a)
+                self.file.read(a, m)
+                nbytes += m
+                if progress:
+                    progress(m)
+        return {"bytes_read": nbytes}
+
 
 class PagedSource(MemorySource):
     """A MemorySource that stores whole pages: subclasses give ``page_size`` and ``read_page(pfn)``."""
@@ -255,6 +320,8 @@ class PagedSource(MemorySource):
         """The page's bytes; raises AddressError when the page is not in the source."""
 
     def read(self, paddr: int, size: int) -> bytes:
+        if paddr < 0 or size < 0:
+            raise AddressError(f"physical address {paddr:#x} size {size} is negative")
         ps = self.page_size
         out = bytearray()
         end = paddr + size

@@ -10,14 +10,14 @@ from khibernate.image.sources.base import MemorySource
 
 def open_source(path: str | os.PathLike[str]) -> MemorySource:
     """Open ``path`` with the reader its magic names (ELF, kdump, flattened, khibernate image)."""
+    from khibernate.image.inputfile import open_input
+
     p = os.fspath(path)
+    fd = open_input(p)
     try:
-        with open(p, "rb") as f:
-            magic = f.read(16)
-    except FileNotFoundError:
-        raise NotAVmcoreError(f"{p}: no such file") from None
-    except IsADirectoryError:
-        raise NotAVmcoreError(f"{p} is a directory; give a vmcore file") from None
+        magic = os.pread(fd, 16, 0)
+    finally:
+        os.close(fd)
     if magic.startswith(b"\x7fELF"):
         from khibernate.image.elf import ElfSource
 

@@ -7,13 +7,16 @@ import os
 from collections.abc import Sequence
 
 from khibernate.image.elf import parse_headers, parse_notes
-from khibernate.image.errors import NotAVmcoreError
+from khibernate.image.errors import CorruptImageError, NotAVmcoreError, UsageErrorImage
+from khibernate.image.inputfile import MAX_PHYS_ADDR
 from khibernate.image.sources.base import FileSegment, MemRange, Note, SegmentedFile, SegmentedFileSource, merge_ranges
 
 
 def ranges_from_elfcorehdr(blob: bytes) -> tuple[tuple[MemRange, ...], list[tuple[int, int]]]:
     """(RAM ranges, [(note paddr, size)]) described by an elfcorehdr; its PT_NOTE p_offset is a physical address."""
     h = parse_headers(blob)
+    if any(p.paddr + p.memsz > MAX_PHYS_ADDR for p in h.loads):
+        raise CorruptImageError(f"the elfcorehdr describes memory beyond {MAX_PHYS_ADDR >> 40} TiB; it is corrupt")
     ranges = merge_ranges([MemRange(p.paddr, p.paddr + p.memsz) for p in h.loads])
     if not ranges:
         raise NotAVmcoreError("the elfcorehdr has no PT_LOAD: it describes no memory")
@@ -26,12 +29,20 @@ def parse_ranges(text: str) -> tuple[MemRange, ...]:
     for part in text.replace(" ", "").split(","):
         if part:
             a, _, b = part.partition("-")
-            out.append(MemRange(int(a, 16), int(b, 16)))
+            try:
+                r = MemRange(int(a, 16), int(b, 16))
+            except ValueError:
+                raise UsageErrorImage(f"--ranges {part!r} is not START-END in hex (e.g. 100000-7fffffff)") from None
+            if r.start >= r.end:
+                raise UsageErrorImage(f"--ranges {part!r}: END must be above START (END is exclusive)")
+            out.append(r)
     return merge_ranges(out)
 
 
 class RawSource(SegmentedFileSource):
     """Memory read from a raw physical-memory file at offset == paddr."""
+
+    format_name = "raw"
 
     def __init__(self, path: str | os.PathLike[str], ranges: Sequence[MemRange], *,
                  note_locations: Sequence[tuple[int, int]] = (), use_mmap: bool = False):
@@ -40,8 +51,15 @@ class RawSource(SegmentedFileSource):
         segs = [FileSegment(r.start, r.size, r.start, r.size) for r in self._ranges]
         self.file = SegmentedFile(self.path, segs, use_mmap=use_mmap)
         notes: list[Note] = []
-        for paddr, size in note_locations:
-            notes += parse_notes(self.file.read(paddr, size))
+        try:
+            for paddr, size in note_locations:
+                if size > 1 << 24:
+                    raise CorruptImageError(f"{self.path}: a {size}-byte note buffer is not a note; the elfcorehdr "
+                                            "is corrupt")
+                notes += parse_notes(self.file.read(paddr, size))
+        except BaseException:
+            self.file.close()
+            raise
         self._notes = tuple(notes)
 
     @classmethod

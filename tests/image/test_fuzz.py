@@ -1,0 +1,95 @@
+"""Fuzzing every reader with mutations of small real files: any truncation or corruption gives a khibernate
+ImageError with a message (never another exception), allocates boundedly, finishes quickly; any changed byte of a
+.khi (all of which are checksummed) is refused.
+
+Profiles (python-zstandard's fuzzing tests are the model): ``fast`` for a plain ``pytest``, ``ci`` (many more
+examples) when KHIBERNATE_FUZZ_PROFILE=ci, as scripts/test.sh sets it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.image import basefiles
+from tests.image.fuzzing import INTERESTING, Mutation, run_contract
+
+settings.register_profile("fast", max_examples=30, deadline=2000, derandomize=False,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=500, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
+PROFILE = os.environ.get("KHIBERNATE_FUZZ_PROFILE", "fast")
+MEMORY_BOUND = 64 << 20  # bytes Python may allocate while reading a ~300 KiB input
+
+FORMATS = ["khi", "kdump-zlib", "kdump-zstd", "kdump-flat", "elf64", "elf32", "raw"]
+
+
+@pytest.fixture(scope="module")
+def base() -> Iterator[dict[str, Path]]:
+    with tempfile.TemporaryDirectory() as d:
+        yield basefiles.build(Path(d))
+
+
+def mutations(size: int) -> st.SearchStrategy[list[Mutation]]:
+    """1-3 mutations, offsets biased to the headers at both ends of the file."""
+    offset = st.one_of(st.integers(0, min(size, 8192)), st.integers(max(0, size - 512), size),
+                       st.integers(0, size))
+    one = st.one_of(
+        st.builds(Mutation, st.just("truncate"), offset),
+        st.builds(Mutation, st.just("flip"), offset, st.integers(0, 254)),
+        st.builds(Mutation, st.just("set"), offset, st.sampled_from(INTERESTING) | st.integers(0, (1 << 64) - 1),
+                  st.sampled_from([1, 2, 4, 8])),
+    )
+    return st.lists(one, min_size=1, max_size=3)
+
+
+def _mutated(base: dict[str, Path], fmt: str, muts: list[Mutation], out: Path) -> tuple[Path, Path | None, bool]:
+    """(input, elfcorehdr or None, changed?) after applying ``muts`` to the format's parsed file."""
+    target = base["elfcorehdr"] if fmt == "raw" else base[fmt]
+    orig = target.read_bytes()
+    data = orig
+    for m in muts:
+        data = m.apply(data)
+    out.write_bytes(data)
+    if fmt == "raw":
+        return base["raw"], out, data != orig
+    return out, None, data != orig
+
+
+def _check(base: dict[str, Path], fmt: str, muts: list[Mutation]) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        path, hdr, changed = _mutated(base, fmt, muts, Path(d) / "input")
+        tracemalloc.start()
+        try:
+            outcome, _ = run_contract(path, hdr)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < MEMORY_BOUND, f"{fmt}: {peak} bytes allocated for {muts}"
+    if fmt == "khi" and changed:
+        assert outcome == "error", f"a .khi changed by {muts} passed verify"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fuzz_reader(base: dict[str, Path], fmt: str) -> None:
+    size = (base["elfcorehdr"] if fmt == "raw" else base[fmt]).stat().st_size
+
+    @settings(settings.get_profile(PROFILE))
+    @given(mutations(size))
+    def run(muts: list[Mutation]) -> None:
+        _check(base, fmt, muts)
+
+    run()
+
+
+def test_base_files_read_back(base: dict[str, Path]) -> None:
+    """The unmutated inputs read fully (else the fuzz tests would test nothing)."""
+    for fmt in FORMATS:
+        outcome, seen = run_contract(base[fmt], base["elfcorehdr"] if fmt == "raw" else None)
+        assert outcome == "ok", (fmt, seen)
