@@ -159,11 +159,11 @@ def _decompress_segment(buf: bytes, pos: int) -> tuple[bytes, int]:
     if buf[pos:pos + 4] == ZSTD_MAGIC:
         import zstandard
 
-        d = zstandard.ZstdDecompressor().decompressobj()
-        data = d.decompress(buf[pos:])
-        if not d.eof:
+        zd = zstandard.ZstdDecompressor().decompressobj()
+        data = zd.decompress(buf[pos:])
+        if not zd.eof:
             raise CpioError(f"truncated zstd segment at offset {pos}")
-        return data, len(buf) - len(d.unused_data)
+        return data, len(buf) - len(zd.unused_data)
     raise CpioError(f"unknown data {buf[pos:pos + 8]!r} at offset {pos}: not newc cpio, gzip or zstd")
 
 

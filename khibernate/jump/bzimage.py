@@ -64,15 +64,18 @@ def _u8(b: bytes, off: int) -> int:
 
 
 def _u16(b: bytes, off: int) -> int:
-    return struct.unpack_from("<H", b, off)[0]
+    value: int = struct.unpack_from("<H", b, off)[0]
+    return value
 
 
 def _u32(b: bytes, off: int) -> int:
-    return struct.unpack_from("<I", b, off)[0]
+    value: int = struct.unpack_from("<I", b, off)[0]
+    return value
 
 
 def _u64(b: bytes, off: int) -> int:
-    return struct.unpack_from("<Q", b, off)[0]
+    value: int = struct.unpack_from("<Q", b, off)[0]
+    return value
 
 
 def parse_bzimage(data: bytes, name: str = "kernel") -> BzImage:
