@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.image.conftest import synth, synth_elf  # noqa: F401  (the view mount tests mount the synthetic core)
 from tests.vm.vmcores import RealDump, workload_dump
 from vmtest.kernel import TestKernel, ensure_kernel
 from vmtest.vm import VMError, check_host

@@ -15,7 +15,7 @@ import pytest
 from khibernate.image.elf import parse_headers
 from khibernate.image.sources import open_source
 from tests.image.synthkernel import SynthKernel
-from tests.view.mounting import MOUNT, mounted
+from tests.vm.view_mounting import MOUNT, mounted
 
 pytestmark = pytest.mark.vm
 
