@@ -25,7 +25,7 @@ from khibernate.elfcore import (
 )
 from khibernate.elfcore import ident as elf_ident
 from khibernate.jump.errors import MemoryMapError
-from khibernate.jump.memmap import Range
+from khibernate.ranges import Range
 
 EHDR, PHDR = EHDR64, PHDR64  # the layouts of khibernate/elfcore.py, shared with the image readers
 PAGE_OFFSET = 0xFFFF888000000000  # x86_64 direct map base without KASLR (VMCOREINFO has the real one)

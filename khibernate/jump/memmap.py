@@ -11,8 +11,7 @@ import dataclasses
 from pathlib import Path
 
 from khibernate.jump.errors import MemoryMapError, NoCrashRegion, PlacementError
-from khibernate.ranges import E820_NAMES, E820_NONE, E820_RAM, E820_RESERVED
-from khibernate.ranges import Range as Range  # re-exported: jump/elfcorehdr.py imports it from here
+from khibernate.ranges import E820_NAMES, E820_NONE, E820_RAM, E820_RESERVED, Range
 from khibernate.system import IomemRegion, addresses_hidden, parse_iomem
 
 PAGE = 0x1000
