@@ -120,7 +120,7 @@ def main() -> None:
         raise SystemExit("makedumpfile is not installed: apt-get install makedumpfile")
     vmcores = args.vmcores
     if not vmcores:
-        from tests.image.vmcores import workload_dump
+        from tests.vm.vmcores import workload_dump
 
         vmcores = [workload_dump("wl1g").vmcore,
                    workload_dump("wl2g", memory_mb=2048, smp=2, anon_mb=320, tmpfs_mb=200, bdev_mb=48).vmcore]

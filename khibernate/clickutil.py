@@ -55,7 +55,7 @@ def parse_number(text: str) -> int:
     return int(num, 0) << SUFFIXES[m.group("suffix").upper()]
 
 
-class Number(click.ParamType):
+class Number(click.ParamType):  # type: ignore[type-arg,unused-ignore]
     """A click type for addresses, sizes and counts: everything :func:`parse_number` accepts; bad input is a usage
     error naming the option, never a traceback."""
 
@@ -73,7 +73,7 @@ class Number(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
-class NumberRange(click.ParamType):
+class NumberRange(click.ParamType):  # type: ignore[type-arg,unused-ignore]
     """``START[:SIZE]`` as two numbers (SIZE None when left out), e.g. ``0x1e3c000:4096`` or ``0x1e3c000``."""
 
     name = "ADDR[:SIZE]"

@@ -12,7 +12,7 @@ import os
 
 import click
 
-from khibernate.system import SystemRoot, crash_regions
+from khibernate.system import SystemRoot, addresses_hidden, crash_regions
 
 FEATURES = ("kexec", "kdump", "jump")
 
@@ -41,7 +41,7 @@ class Diagnosis:
             return None
         return True
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, object]:
         return {
             "release": self.release,
             "possible": {f: self.possible(f) for f in FEATURES},
@@ -110,13 +110,13 @@ def diagnose(root: SystemRoot, euid: int) -> Diagnosis:
     f.extend(_config_findings(root))
 
     regions = root.iomem()
-    if regions and all(r.start == 0 and r.end == 0 for r in regions):
+    if addresses_hidden(regions):
         f.append(Finding("crash region", False, "/proc/iomem shows no addresses (not root): cannot see the "
                                                 "crashkernel= region", unknown=("kdump", "jump")))
     else:
         crash = crash_regions(regions)
         if crash:
-            desc = ", ".join(f"{r.start:#x}-{r.end:#x} ({r.size >> 20} MiB)" for r in crash)
+            desc = ", ".join(f"{r.start:#x}-{r.last:#x} ({r.size >> 20} MiB)" for r in crash)
             f.append(Finding("crash region", True, f"crashkernel= region reserved: {desc}"))
         else:
             f.append(Finding("crash region", False,

@@ -10,31 +10,38 @@ import dataclasses
 import gzip
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
+from khibernate.ranges import E820_NAMES, E820_NONE, Range
 
-@dataclasses.dataclass(frozen=True)
-class IomemRegion:
-    """One line of /proc/iomem: [start, end] inclusive, its name and nesting depth."""
 
-    start: int
-    end: int
-    name: str
-    depth: int
+@dataclasses.dataclass(frozen=True, order=True)
+class IomemRegion(Range):
+    """One line of /proc/iomem: a Range [start, end) (the file prints the inclusive end), its name and depth.
 
-    @property
-    def size(self) -> int:
-        return self.end - self.start + 1
+    ``type`` is the e820 type its name stands for, E820_NONE for other resources ("PCI Bus", "Kernel code").
+    """
+
+    name: str = ""
+    depth: int = 0
 
 
 def parse_iomem(text: str) -> list[IomemRegion]:
-    """Parse /proc/iomem text; addresses are all zero when read without CAP_SYS_ADMIN."""
+    """Parse /proc/iomem text; addresses are all zero when read without CAP_SYS_ADMIN (see addresses_hidden)."""
     regions = []
     for line in text.splitlines():
         m = re.fullmatch(r"( *)([0-9a-fA-F]+)-([0-9a-fA-F]+) : (.*)", line.rstrip())
         if m:
-            regions.append(IomemRegion(int(m.group(2), 16), int(m.group(3), 16), m.group(4), len(m.group(1)) // 2))
+            name = m.group(4)
+            regions.append(IomemRegion(int(m.group(2), 16), int(m.group(3), 16) + 1, E820_NAMES.get(name, E820_NONE),
+                                       name, len(m.group(1)) // 2))
     return regions
+
+
+def addresses_hidden(regions: Sequence[Range]) -> bool:
+    """True when /proc/iomem was read without CAP_SYS_ADMIN: every line shows 00000000-00000000."""
+    return bool(regions) and all(r.start == 0 and r.last == 0 for r in regions)
 
 
 def parse_kernel_config(text: str) -> dict[str, str]:
@@ -70,6 +77,7 @@ class SystemRoot:
             return None
 
     def read_int(self, rel: str) -> int | None:
+        """The file's text as an integer (0x-hex or decimal), or None if absent, unreadable or not a number."""
         text = self.read(rel)
         try:
             return int(text.strip(), 0) if text is not None else None
@@ -77,13 +85,16 @@ class SystemRoot:
             return None
 
     def release(self) -> str:
+        """The running kernel's release (uname -r)."""
         text = self.read("/proc/sys/kernel/osrelease")
         return text.strip() if text else os.uname().release
 
     def iomem(self) -> list[IomemRegion]:
+        """Parsed /proc/iomem (empty if unreadable)."""
         return parse_iomem(self.read("/proc/iomem") or "")
 
     def cmdline(self) -> str:
+        """/proc/cmdline without the trailing newline."""
         return (self.read("/proc/cmdline") or "").strip()
 
     def kernel_config(self) -> tuple[dict[str, str] | None, str | None]:
@@ -100,6 +111,7 @@ class SystemRoot:
         return None, None
 
     def lockdown(self) -> str | None:
+        """The active kernel lockdown mode, or None when the kernel has no lockdown LSM."""
         text = self.read("/sys/kernel/security/lockdown")
         return parse_lockdown(text) if text is not None else None
 

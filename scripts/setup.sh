@@ -30,6 +30,9 @@ fi
 echo "[setup] installing khibernate into .venv"
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
 
+echo "[setup] a Debian distribution kernel for the tests (linux-image .deb cached in ~/.cache/khibernate/debs)"
+.venv/bin/python -m vmtest.debian
+
 echo "[setup] test kernels (built once from Debian's linux-source-6.12 and -7.3, then cached in ~/.cache/khibernate)"
 .venv/bin/python -m vmtest.kernel 6.12
 .venv/bin/python -m vmtest.kernel 7.3

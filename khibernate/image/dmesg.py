@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from khibernate.image.errors import UnsupportedError
+from khibernate.image.errors import CorruptImageError, UnsupportedError
 from khibernate.image.sources.base import MemorySource
 from khibernate.image.vmcoreinfo import Vmcoreinfo
 from khibernate.image.x86_64 import X86_64
@@ -34,23 +34,42 @@ def _u(data: bytes, off: int, size: int) -> int:
     return int.from_bytes(data[off:off + size], "little")
 
 
+MAX_COUNT_BITS, MAX_SIZE_BITS = 24, 31  # the kernel's CONFIG_LOG_BUF_SHIFT is at most 25 (descriptors: 2 fewer)
+MAX_STRUCT = 4096  # bytes of any printk struct the reader copies
+
+
+def _bits(value: int, limit: int, what: str) -> int:
+    """``1 << value`` when ``value`` is a plausible ring size exponent; CorruptImageError otherwise."""
+    if value > limit:
+        raise CorruptImageError(f"printk ring buffer {what} is 2^{value}, beyond any kernel's 2^{limit}; the dump "
+                                "or its VMCOREINFO is corrupt")
+    return 1 << value
+
+
 def records(source: MemorySource, vmci: Vmcoreinfo) -> list[Record]:
     """All committed/finalized records from tail to head, oldest first."""
     if not vmci.has("SYMBOL(prb)"):
         raise UnsupportedError("VMCOREINFO has no SYMBOL(prb): kernels before 5.10 (log_buf) are not supported")
     kx = X86_64(source, vmci)
-    o, s = vmci.offset, vmci.size
+    o = vmci.offset
+
+    def s(name: str) -> int:
+        v = vmci.size(name)
+        if not 0 < v <= MAX_STRUCT:
+            raise CorruptImageError(f"VMCOREINFO SIZE({name})={v} is not a struct size; the VMCOREINFO is corrupt")
+        return v
+
     counter = vmci.offset_or("atomic_long_t.counter", 0) or 0
     prb_addr = kx.read_u64(vmci.symbol("prb"))
     prb = kx.read(prb_addr, s("printk_ringbuffer"))
     ring = o("printk_ringbuffer.desc_ring")
-    count = 1 << _u(prb, ring + o("prb_desc_ring.count_bits"), 4)
+    count = _bits(_u(prb, ring + o("prb_desc_ring.count_bits"), 4), MAX_COUNT_BITS, "descriptor count")
     descs = kx.read(_u(prb, ring + o("prb_desc_ring.descs"), 8), count * s("prb_desc"))
     infos = kx.read(_u(prb, ring + o("prb_desc_ring.infos"), 8), count * s("printk_info"))
     head = _u(prb, ring + o("prb_desc_ring.head_id") + counter, 8)
     tail = _u(prb, ring + o("prb_desc_ring.tail_id") + counter, 8)
     tdr = o("printk_ringbuffer.text_data_ring")
-    size = 1 << _u(prb, tdr + o("prb_data_ring.size_bits"), 4)
+    size = _bits(_u(prb, tdr + o("prb_data_ring.size_bits"), 4), MAX_SIZE_BITS, "text size")
     text_data = kx.read(_u(prb, tdr + o("prb_data_ring.data"), 8), size)
     d_size, i_size = s("prb_desc"), s("printk_info")
     off_sv = o("prb_desc.state_var") + counter

@@ -9,10 +9,32 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import struct
 from collections.abc import Callable, Iterable, Sequence
 from typing import BinaryIO
 
+from khibernate.elfcore import (  # the shared ELF core vocabulary (jump/ uses it too), re-exported
+    EHDR32,
+    EHDR64,
+    ELFCLASS32,
+    ELFCLASS64,
+    ELFDATA2LSB,
+    ELFMAG,
+    EM_386,
+    EM_X86_64,
+    ET_CORE,
+    NHDR,
+    PF_R,
+    PF_W,
+    PF_X,
+    PHDR32,
+    PHDR64,
+    PN_XNUM,
+    PT_LOAD,
+    PT_NOTE,
+    ident,
+    iter_notes,
+    pack_note,
+)
 from khibernate.image.errors import CorruptImageError, NotAVmcoreError, TruncatedError, UnsupportedError
 from khibernate.image.inputfile import MAX_PHYS_ADDR, check_span, input_size, open_input, pread_exact
 from khibernate.image.sources.base import (
@@ -24,19 +46,9 @@ from khibernate.image.sources.base import (
     merge_ranges,
 )
 
-ELFMAG = b"\x7fELF"
-ELFCLASS32, ELFCLASS64 = 1, 2
-ELFDATA2LSB = 1
-ET_CORE = 4
-EM_386, EM_X86_64 = 3, 62
-PT_LOAD, PT_NOTE = 1, 4
-PF_R, PF_W, PF_X = 4, 2, 1
-
-EHDR64 = struct.Struct("<16sHHIQQQIHHHHHH")  # 64 bytes
-PHDR64 = struct.Struct("<IIQQQQQQ")  # type flags offset vaddr paddr filesz memsz align
-EHDR32 = struct.Struct("<16sHHIIIIIHHHHHH")  # 52 bytes
-PHDR32 = struct.Struct("<IIIIIIII")  # type offset vaddr paddr filesz memsz flags align
-NHDR = struct.Struct("<III")  # namesz descsz type
+__all__ = ["EHDR32", "EHDR64", "ELFCLASS32", "ELFCLASS64", "ELFDATA2LSB", "ELFMAG", "EM_386", "EM_X86_64", "ET_CORE",
+           "NHDR", "PF_R", "PF_W", "PF_X", "PHDR32", "PHDR64", "PT_LOAD", "PT_NOTE", "ElfSource", "LoadSpec", "Phdr",
+           "elf_layout", "pack_notes", "parse_headers", "parse_notes", "write_elf"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,11 +85,6 @@ class ElfHeaders:
         return [p for p in self.phdrs if p.type == PT_NOTE]
 
 
-def _align4(n: int) -> int:
-    """``n`` rounded up to a multiple of 4 (ELF note padding)."""
-    return (n + 3) & ~3
-
-
 def parse_headers(head: bytes, read_at: Callable[[int, int], bytes] | None = None) -> ElfHeaders:
     """Parse an ELF core's file header and program headers; ``read_at(off, n)`` fetches phdrs beyond ``head``."""
     if len(head) < 16 or head[:4] != ELFMAG:
@@ -86,22 +93,20 @@ def parse_headers(head: bytes, read_at: Callable[[int, int], bytes] | None = Non
     if data != ELFDATA2LSB:
         raise UnsupportedError("big-endian ELF cores are not supported; convert on the producing machine")
     if cls == ELFCLASS64:
-        ehdr, phdr_s = EHDR64, PHDR64
+        ehdr, phdr_l = EHDR64, PHDR64
     elif cls == ELFCLASS32:
-        ehdr, phdr_s = EHDR32, PHDR32
+        ehdr, phdr_l = EHDR32, PHDR32
     else:
         raise NotAVmcoreError(f"unknown ELF class {cls}; the file is corrupt")
-    if len(head) < ehdr.size:
-        raise TruncatedError("ELF header cut short; the file is truncated")
-    f = ehdr.unpack_from(head)
-    e_type, e_machine, e_phoff, e_flags, e_phentsize, e_phnum = f[1], f[2], f[5], f[7], f[9], f[10]
-    if e_type != ET_CORE:
-        raise NotAVmcoreError(f"ELF type {e_type} is not a core file (ET_CORE); give a vmcore, not a program")
-    if e_phentsize != phdr_s.size:
-        raise NotAVmcoreError(f"ELF program header size {e_phentsize} != {phdr_s.size}; the file is corrupt")
-    if e_phnum == 0xFFFF:
+    e = ehdr.unpack(head, error=TruncatedError, what="ELF header")
+    if e["e_type"] != ET_CORE:
+        raise NotAVmcoreError(f"ELF type {e['e_type']} is not a core file (ET_CORE); give a vmcore, not a program")
+    if e["e_phentsize"] != phdr_l.size:
+        raise NotAVmcoreError(f"ELF program header size {e['e_phentsize']} != {phdr_l.size}; the file is corrupt")
+    e_phoff, e_phnum = e["e_phoff"], e["e_phnum"]
+    if e_phnum == PN_XNUM:
         raise UnsupportedError("ELF core with more than 65534 program headers (PN_XNUM) is not supported")
-    need = e_phoff + e_phnum * phdr_s.size
+    need = e_phoff + e_phnum * phdr_l.size
     if e_phoff < ehdr.size and e_phnum:
         raise NotAVmcoreError(f"ELF e_phoff {e_phoff} points into the ELF header; the file is corrupt")
     table = head[e_phoff:need] if len(head) >= need else (read_at(e_phoff, need - e_phoff) if read_at else b"")
@@ -109,44 +114,20 @@ def parse_headers(head: bytes, read_at: Callable[[int, int], bytes] | None = Non
         raise TruncatedError("ELF program headers cut short; the file is truncated")
     phdrs = []
     for i in range(e_phnum):
-        v = phdr_s.unpack_from(table, i * phdr_s.size)
-        if cls == ELFCLASS64:
-            phdrs.append(Phdr(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]))
-        else:
-            phdrs.append(Phdr(v[0], v[6], v[1], v[2], v[3], v[4], v[5], v[7]))
-    return ElfHeaders(cls, e_machine, tuple(phdrs), e_flags)
+        p = phdr_l.unpack(table, i * phdr_l.size)
+        phdrs.append(Phdr(p["p_type"], p["p_flags"], p["p_offset"], p["p_vaddr"], p["p_paddr"], p["p_filesz"],
+                          p["p_memsz"], p["p_align"]))
+    return ElfHeaders(cls, e["e_machine"], tuple(phdrs), e["e_flags"])
 
 
 def parse_notes(data: bytes) -> list[Note]:
     """Notes in a PT_NOTE blob (4-byte aligned names and descriptors); stops at a zero terminator or the end."""
-    notes = []
-    off = 0
-    while off + NHDR.size <= len(data):
-        namesz, descsz, ntype = NHDR.unpack_from(data, off)
-        if namesz == 0 and descsz == 0:
-            break
-        off += NHDR.size
-        if off + namesz > len(data):
-            raise TruncatedError(f"ELF note name ({namesz} bytes) runs past its PT_NOTE; the file is corrupt")
-        name = data[off:off + namesz].rstrip(b"\0").decode("ascii", "replace")
-        off += _align4(namesz)
-        desc = data[off:off + descsz]
-        if len(desc) != descsz:
-            raise TruncatedError(f"ELF note {name!r} cut short; the file is truncated or corrupt")
-        off += _align4(descsz)
-        notes.append(Note(name, ntype, bytes(desc)))
-    return notes
+    return [Note(n.name.decode("ascii", "replace"), n.type, n.desc) for n in iter_notes(data, error=TruncatedError)]
 
 
 def pack_notes(notes: Iterable[Note]) -> bytes:
     """PT_NOTE bytes for ``notes`` (inverse of parse_notes)."""
-    out = bytearray()
-    for n in notes:
-        name = n.name.encode() + b"\0"
-        out += NHDR.pack(len(name), len(n.desc), n.type)
-        out += name + bytes(_align4(len(name)) - len(name))
-        out += n.desc + bytes(_align4(len(n.desc)) - len(n.desc))
-    return bytes(out)
+    return b"".join(pack_note(n.name, n.type, n.desc) for n in notes)
 
 
 def ram_segments(loads: Sequence[Phdr], page_size: int = 4096) -> list[FileSegment]:
@@ -246,17 +227,15 @@ def elf_layout(loads: Sequence[LoadSpec], notes: bytes, *, elf32: bool = False) 
     if elf32 and (off >= 1 << 32 or any(ld.paddr + ld.size > 1 << 32 for ld in loads)):
         raise UnsupportedError("ELF32 cannot describe memory or files above 4 GiB; export as ELF64")
     out = bytearray()
-    ident = ELFMAG + bytes([ELFCLASS32 if elf32 else ELFCLASS64, ELFDATA2LSB, 1]) + bytes(9)
-    machine = EM_386 if elf32 else EM_X86_64
-    out += ehdr.pack(ident, ET_CORE, machine, 1, 0, ehdr.size, 0, 0, ehdr.size, phdr.size, phnum, 0, 0, 0)
+    out += ehdr.pack(e_ident=ident(ELFCLASS32 if elf32 else ELFCLASS64), e_type=ET_CORE,
+                     e_machine=EM_386 if elf32 else EM_X86_64, e_version=1, e_phoff=ehdr.size, e_ehsize=ehdr.size,
+                     e_phentsize=phdr.size, e_phnum=phnum)
     rows = [(PT_NOTE, 0, note_off, 0, 0, len(notes), len(notes), 0)]
     rows += [(PT_LOAD, ld.flags, o, ld.vaddr, ld.paddr, ld.size, ld.size, 0)
              for ld, o in zip(loads, offsets, strict=True)]
     for t, fl, o, va, pa, fs, ms, al in rows:
-        if elf32:
-            out += PHDR32.pack(t, o, va & 0xFFFFFFFF, pa, fs, ms, fl, al)
-        else:
-            out += PHDR64.pack(t, fl, o, va, pa, fs, ms, al)
+        out += phdr.pack(p_type=t, p_flags=fl, p_offset=o, p_vaddr=va & 0xFFFFFFFF if elf32 else va, p_paddr=pa,
+                         p_filesz=fs, p_memsz=ms, p_align=al)
     out += notes
     out += bytes(data_off - len(out))
     return bytes(out), offsets
@@ -279,3 +258,16 @@ def write_elf(out: BinaryIO, loads: Sequence[LoadSpec], notes: Sequence[Note],
             if progress:
                 progress(n)
     return total
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+def probe(head: bytes) -> bool:
+    """True if the file's first bytes are an ELF file (the reader then checks it is a core)."""
+    return head.startswith(ELFMAG)
+
+
+def open(path: str | os.PathLike[str]) -> ElfSource:  # noqa: A001 - the registry's name for "open this format"
+    """The ELF reader for ``path``."""
+    return ElfSource(path)

@@ -42,6 +42,7 @@ from khibernate.image.pagefilter import DL_ZERO, PageClass, check_level, zero_pa
 from khibernate.image.plan import plan, runs
 from khibernate.image.sources.base import VMCOREINFO_NOTE, MemorySource, MemRange, Note, PagedSource
 from khibernate.image.vmcoreinfo import Vmcoreinfo
+from khibernate.layout import Layout
 
 MAGIC = b"KHIMG\x00\r\n"
 TRAILER_MAGIC = b"KHIEND\x00\x00"
@@ -51,15 +52,20 @@ FLAG_RESTORABLE = 1
 COMPRESS_ZSTD = 1
 HEADER_ALIGN = 4096
 
-# magic, version, header_size, page_size, dump_level, flags, block_pages, uuid, created_ns, max_pfn, nr_ranges,
-# notes_size, osrelease, build_id, compression, compression_level, reserved, header_crc
-HEADER = struct.Struct("<8sIIIIII16sQQII65s65s2xIi40sI")
-RANGE = struct.Struct("<QQ")
-INDEX = struct.Struct("<QQQIIII")  # first_pfn end_pfn offset csize usize npages crc32(compressed)
-# magic, stored_bitmap_off, zero_bitmap_off, bitmap_size, index_off, index_count, pages_stored, pages_zero,
-# class counts x7, tables_crc, trailer_crc
-TRAILER = struct.Struct("<8sQQQQQQQ7QII")
-BLOCK_BIND = struct.Struct("<QQII")  # first_pfn end_pfn usize npages: the seed of a version-2 block CRC
+HEADER = Layout("khi_header", "<", [
+    ("magic", "8s"), ("version", "I"), ("header_size", "I"), ("page_size", "I"), ("dump_level", "I"), ("flags", "I"),
+    ("block_pages", "I"), ("uuid", "16s"), ("created_ns", "Q"), ("max_pfn", "Q"), ("nr_ranges", "I"),
+    ("notes_size", "I"), ("osrelease", "65s"), ("build_id", "65s"), ("pad", "2x"), ("compression", "I"),
+    ("compression_level", "i"), ("reserved", "40s"), ("header_crc32", "I")])
+RANGE = Layout("khi_range", "<", [("start", "Q"), ("end", "Q")])
+INDEX = Layout("khi_index_entry", "<", [("first_pfn", "Q"), ("end_pfn", "Q"), ("offset", "Q"), ("csize", "I"),
+                                        ("usize", "I"), ("npages", "I"), ("crc32", "I")])
+TRAILER = Layout("khi_trailer", "<", [
+    ("magic", "8s"), ("stored_bitmap_offset", "Q"), ("zero_bitmap_offset", "Q"), ("bitmap_size", "Q"),
+    ("index_offset", "Q"), ("index_count", "Q"), ("pages_stored", "Q"), ("pages_zero", "Q"), ("class_counts", "7Q"),
+    ("tables_crc32", "I"), ("trailer_crc32", "I")])
+BLOCK_BIND = Layout("khi_block_bind", "<", [("first_pfn", "Q"), ("end_pfn", "Q"), ("usize", "I"), ("npages", "I")])
+HEADER_CRC_OFFSET = HEADER.offsets["header_crc32"]
 assert HEADER.size == 256 and TRAILER.size == 128 and INDEX.size == 40
 MAX_BLOCK_PAGES = 1 << 16
 
@@ -68,7 +74,8 @@ def block_crc(version: int, first_pfn: int, end_pfn: int, usize: int, npages: in
     """The CRC-32 an index entry stores: of the frame alone (v1), or seeded with the entry's pfn range (v2)."""
     if version < 2:
         return zlib.crc32(frame)
-    return zlib.crc32(frame, zlib.crc32(BLOCK_BIND.pack(first_pfn, end_pfn, usize, npages)))
+    return zlib.crc32(frame, zlib.crc32(BLOCK_BIND.pack(first_pfn=first_pfn, end_pfn=end_pfn, usize=usize,
+                                                        npages=npages)))
 
 
 def _ascii(text: str) -> bytes:
@@ -103,14 +110,16 @@ class Header:
     def pack(self) -> bytes:
         """Header bytes, padded to HEADER_ALIGN, with its CRC filled in."""
         notes = pack_notes(self.notes)
-        body = b"".join(RANGE.pack(r.start, r.end) for r in self.ranges) + notes
+        body = b"".join(RANGE.pack(start=r.start, end=r.end) for r in self.ranges) + notes
         size = -(-(HEADER.size + len(body)) // HEADER_ALIGN) * HEADER_ALIGN
-        fixed = HEADER.pack(MAGIC, self.version, size, self.page_size, self.dump_level, self.flags, self.block_pages,
-                            self.uuid, self.created_ns, self.max_pfn, len(self.ranges), len(notes),
-                            _ascii(self.osrelease), _ascii(self.build_id), self.compression,
-                            self.compression_level, b"", 0)
+        fixed = HEADER.pack(magic=MAGIC, version=self.version, header_size=size, page_size=self.page_size,
+                            dump_level=self.dump_level, flags=self.flags, block_pages=self.block_pages,
+                            uuid=self.uuid, created_ns=self.created_ns, max_pfn=self.max_pfn,
+                            nr_ranges=len(self.ranges), notes_size=len(notes), osrelease=_ascii(self.osrelease),
+                            build_id=_ascii(self.build_id), compression=self.compression,
+                            compression_level=self.compression_level)
         raw = bytearray(fixed + body + bytes(size - HEADER.size - len(body)))
-        struct.pack_into("<I", raw, HEADER.size - 4, zlib.crc32(raw))
+        struct.pack_into("<I", raw, HEADER_CRC_OFFSET, zlib.crc32(raw))
         return bytes(raw)
 
     @classmethod
@@ -118,18 +127,19 @@ class Header:
         """(Header, its size in bytes) from the start of an image; errors name what is wrong."""
         if len(data) < HEADER.size or bytes(data[:8]) != MAGIC:
             raise NotAVmcoreError("not a khibernate image (bad magic)")
-        f = HEADER.unpack_from(data)
-        version, size = f[1], f[2]
+        f = HEADER.unpack(data)
+        version, size = f["version"], f["header_size"]
         if version not in READ_VERSIONS:
             raise UnsupportedError(f"khibernate image version {version} is not supported (this khibernate reads "
                                    f"versions {', '.join(map(str, READ_VERSIONS))}); use the khibernate that wrote it")
         if size < HEADER.size or size > len(data):
             raise TruncatedError("khibernate image header is cut short; the file is truncated")
         raw = bytearray(data[:size])
-        struct.pack_into("<I", raw, HEADER.size - 4, 0)
-        if zlib.crc32(raw) != f[-1]:
+        struct.pack_into("<I", raw, HEADER_CRC_OFFSET, 0)
+        if zlib.crc32(raw) != f["header_crc32"]:
             raise CorruptImageError("khibernate image header checksum mismatch; the file is corrupt")
-        page_size, block_pages, max_pfn, nr_ranges, notes_size, compression = f[3], f[6], f[9], f[10], f[11], f[14]
+        page_size, block_pages, max_pfn = f["page_size"], f["block_pages"], f["max_pfn"]
+        nr_ranges, notes_size, compression = f["nr_ranges"], f["notes_size"], f["compression"]
         bad = ""
         if page_size < 512 or page_size > 1 << 20 or page_size & (page_size - 1):
             bad = f"page_size {page_size} is not a page size"
@@ -144,7 +154,7 @@ class Header:
         if bad:
             raise CorruptImageError(f"khibernate image header: {bad}; the file is corrupt")
         off = HEADER.size
-        ranges = tuple(MemRange(*RANGE.unpack_from(data, off + i * RANGE.size)) for i in range(nr_ranges))
+        ranges = tuple(MemRange(**RANGE.unpack(data, off + i * RANGE.size)) for i in range(nr_ranges))
         prev = 0
         for r in ranges:
             if r.start >= r.end or r.start < prev or -(-r.end // page_size) > max_pfn:
@@ -153,9 +163,10 @@ class Header:
             prev = r.end
         off += nr_ranges * RANGE.size
         notes = tuple(parse_notes(bytes(data[off:off + notes_size])))
-        return cls(page_size=page_size, dump_level=f[4], flags=f[5], block_pages=block_pages, uuid=f[7],
-                   created_ns=f[8], max_pfn=max_pfn, ranges=ranges, notes=notes, osrelease=_text(f[12]),
-                   build_id=_text(f[13]), compression=compression, compression_level=f[15], version=version), size
+        return cls(page_size=page_size, dump_level=f["dump_level"], flags=f["flags"], block_pages=block_pages,
+                   uuid=f["uuid"], created_ns=f["created_ns"], max_pfn=max_pfn, ranges=ranges, notes=notes,
+                   osrelease=_text(f["osrelease"]), build_id=_text(f["build_id"]), compression=compression,
+                   compression_level=f["compression_level"], version=version), size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,9 +198,11 @@ class Trailer:
 
     def pack(self) -> bytes:
         """Trailer bytes with its own CRC."""
-        raw = TRAILER.pack(TRAILER_MAGIC, self.stored_bitmap_offset, self.zero_bitmap_offset, self.bitmap_size,
-                           self.index_offset, self.index_count, self.pages_stored, self.pages_zero,
-                           *self.class_counts, self.tables_crc, 0)
+        raw = TRAILER.pack(magic=TRAILER_MAGIC, stored_bitmap_offset=self.stored_bitmap_offset,
+                           zero_bitmap_offset=self.zero_bitmap_offset, bitmap_size=self.bitmap_size,
+                           index_offset=self.index_offset, index_count=self.index_count,
+                           pages_stored=self.pages_stored, pages_zero=self.pages_zero,
+                           class_counts=self.class_counts, tables_crc32=self.tables_crc)
         return raw[:-4] + struct.pack("<I", zlib.crc32(raw[:-4]))
 
     @classmethod
@@ -198,9 +211,10 @@ class Trailer:
         if len(data) != TRAILER.size or bytes(data[:8]) != TRAILER_MAGIC:
             raise IncompleteImageError("khibernate image has no trailer: the save was interrupted; save it again")
         f = TRAILER.unpack(bytes(data))
-        if zlib.crc32(bytes(data[:-4])) != f[-1]:
+        if zlib.crc32(bytes(data[:-4])) != f["trailer_crc32"]:
             raise CorruptImageError("khibernate image trailer checksum mismatch; the file is corrupt")
-        return cls(f[1], f[2], f[3], f[4], f[5], f[6], f[7], tuple(f[8:15]), f[15])
+        return cls(f["stored_bitmap_offset"], f["zero_bitmap_offset"], f["bitmap_size"], f["index_offset"],
+                   f["index_count"], f["pages_stored"], f["pages_zero"], f["class_counts"], f["tables_crc32"])
 
 
 # ------------------------------------------------------------------------------------------------ writer
@@ -349,8 +363,7 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
         flush()
         drain(0)
     stats.pages_excluded = stats.pages_ram - stats.pages_stored
-    table = b"".join(INDEX.pack(e.first_pfn, e.end_pfn, e.offset, e.csize, e.usize, e.npages, e.crc32)
-                     for e in index)
+    table = b"".join(INDEX.pack(**dataclasses.asdict(e)) for e in index)
     tables = stored_bits.tobytes() + zero_bits.tobytes() + table
     out.write(tables)
     trailer = Trailer(pos, pos + len(stored_bits), len(stored_bits), pos + 2 * len(stored_bits), len(index),
@@ -389,7 +402,7 @@ class KhiSource(PagedSource):
         if size < HEADER.size + TRAILER.size:
             raise TruncatedError(f"{self.path}: too short for a khibernate image; the file is truncated")
         head = os.pread(self.fd, HEADER_ALIGN, 0)
-        size_field = HEADER.unpack_from(head)[2] if len(head) >= HEADER.size and head[:8] == MAGIC else 0
+        size_field = HEADER.unpack(head)["header_size"] if len(head) >= HEADER.size and head[:8] == MAGIC else 0
         if size_field > size - TRAILER.size:
             raise TruncatedError(f"{self.path}: header size {size_field} is beyond the file; it is truncated")
         if size_field > len(head):
@@ -414,7 +427,7 @@ class KhiSource(PagedSource):
         self.stored_bits = np.frombuffer(tables, dtype=np.uint8, count=bmp, offset=0)
         self.zero_bits = np.frombuffer(tables, dtype=np.uint8, count=bmp, offset=t.zero_bitmap_offset - base)
         ib = t.index_offset - base
-        self.index = [BlockEntry(*INDEX.unpack_from(tables, ib + i * INDEX.size)) for i in range(t.index_count)]
+        self.index = [BlockEntry(**INDEX.unpack(tables, ib + i * INDEX.size)) for i in range(t.index_count)]
         self._check_index()
         self._firsts = [e.first_pfn for e in self.index]
         self._cache: collections.OrderedDict[int, tuple[np.ndarray, bytes]] = collections.OrderedDict()
@@ -588,3 +601,16 @@ class KhiSource(PagedSource):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+def probe(head: bytes) -> bool:
+    """True if the file starts with the .khi magic."""
+    return head.startswith(MAGIC)
+
+
+def open(path: str | os.PathLike[str]) -> KhiSource:  # noqa: A001 - the registry's name for "open this format"
+    """The .khi reader for ``path``."""
+    return KhiSource(path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import os
-import struct
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -42,16 +41,23 @@ from khibernate.image.sources.base import (
     StoredSource,
     merge_ranges,
 )
+from khibernate.layout import Layout
 
 SIGNATURE = b"KDUMP   "
 HEADER_VERSION = 6
-# signature, header_version, utsname (6 x 65), pad, timestamp (sec, usec), status, block_size, sub_hdr_size,
-# bitmap_blocks, max_mapnr, total_ram_blocks, device_blocks, written_blocks, current_cpu, nr_cpus
-DISK_DUMP_HEADER = struct.Struct("<8si390s6xqqIiiIIIIIIi")
-# phys_base, dump_level, split, start_pfn, end_pfn, offset_vmcoreinfo, size_vmcoreinfo, offset_note, size_note,
-# offset_eraseinfo, size_eraseinfo, start_pfn_64, end_pfn_64, max_mapnr_64
-SUB_HEADER = struct.Struct("<QiiQQqQqQqQQQQ")
-PAGE_DESC = struct.Struct("<qIIQ")  # offset, size, flags, page_flags
+# struct disk_dump_header (makedumpfile diskdump_mod.h), 464 bytes
+DISK_DUMP_HEADER = Layout("disk_dump_header", "<", [
+    ("signature", "8s"), ("header_version", "i"), ("utsname", "390s"), ("pad", "6x"), ("timestamp_sec", "q"),
+    ("timestamp_usec", "q"), ("status", "I"), ("block_size", "i"), ("sub_hdr_size", "i"), ("bitmap_blocks", "I"),
+    ("max_mapnr", "I"), ("total_ram_blocks", "I"), ("device_blocks", "I"), ("written_blocks", "I"),
+    ("current_cpu", "I"), ("nr_cpus", "i")])
+# struct kdump_sub_header, 104 bytes (fields after "split" exist from header_version 3, 4 and 6 on)
+SUB_HEADER = Layout("kdump_sub_header", "<", [
+    ("phys_base", "Q"), ("dump_level", "i"), ("split", "i"), ("start_pfn", "Q"), ("end_pfn", "Q"),
+    ("offset_vmcoreinfo", "q"), ("size_vmcoreinfo", "Q"), ("offset_note", "q"), ("size_note", "Q"),
+    ("offset_eraseinfo", "q"), ("size_eraseinfo", "Q"), ("start_pfn_64", "Q"), ("end_pfn_64", "Q"),
+    ("max_mapnr_64", "Q")])
+PAGE_DESC = Layout("page_desc", "<", [("offset", "q"), ("size", "I"), ("flags", "I"), ("page_flags", "Q")])
 assert DISK_DUMP_HEADER.size == 464 and SUB_HEADER.size == 104 and PAGE_DESC.size == 24
 
 DUMP_DH_COMPRESSED_ZLIB, DUMP_DH_COMPRESSED_LZO, DUMP_DH_COMPRESSED_SNAPPY = 0x1, 0x2, 0x4
@@ -59,8 +65,10 @@ DUMP_DH_COMPRESSED_INCOMPLETE, DUMP_DH_EXCLUDED_VMEMMAP, DUMP_DH_COMPRESSED_ZSTD
 COMPRESS_FLAGS = {"zlib": DUMP_DH_COMPRESSED_ZLIB, "zstd": DUMP_DH_COMPRESSED_ZSTD, "none": 0}
 
 FLAT_SIGNATURE = b"makedumpfile"
-FLAT_HEADER = struct.Struct(">16sqq")  # signature (NUL padded), type=1, version=1; padded to 4096 bytes
-FLAT_RECORD = struct.Struct(">qq")  # offset, size; payload follows; (-1, -1) ends the stream
+# struct makedumpfile_header (signature NUL padded, type 1, version 1), padded to 4096 bytes; big-endian
+FLAT_HEADER = Layout("makedumpfile_header", ">", [("signature", "16s"), ("type", "q"), ("version", "q")])
+# struct makedumpfile_data_header: the payload follows; (-1, -1) ends the stream
+FLAT_RECORD = Layout("makedumpfile_data_header", ">", [("offset", "q"), ("buf_size", "q")])
 FLAT_HEADER_SIZE = 4096
 
 
@@ -119,8 +127,8 @@ class _Flat:
         head = os.pread(fd, FLAT_HEADER_SIZE, 0)
         if len(head) < FLAT_HEADER_SIZE:
             raise TruncatedError("flattened stream shorter than its 4096-byte header; the file is truncated")
-        sig, typ, ver = FLAT_HEADER.unpack_from(head)
-        if not sig.startswith(FLAT_SIGNATURE + b"\0") or typ != 1:
+        fh = FLAT_HEADER.unpack(head)
+        if not fh["signature"].startswith(FLAT_SIGNATURE + b"\0") or fh["type"] != 1:
             raise NotAVmcoreError("not a makedumpfile flattened stream (bad signature or type)")
         starts, ends, poss = [], [], []
         pos = FLAT_HEADER_SIZE
@@ -129,7 +137,8 @@ class _Flat:
             if len(rec) < FLAT_RECORD.size:
                 raise IncompleteImageError("flattened stream ends without its end marker: the transfer was cut; "
                                            "send it again")
-            off, n = FLAT_RECORD.unpack(rec)
+            r = FLAT_RECORD.unpack(rec)
+            off, n = r["offset"], r["buf_size"]
             pos += FLAT_RECORD.size
             if off == -1 and n == -1:
                 break
@@ -168,36 +177,32 @@ class _Flat:
 
 def parse_header(read: Callable[[int, int], bytes]) -> KdumpHeader:
     """Both headers of a kdump-compressed file; errors say what is wrong."""
-    raw = read(0, DISK_DUMP_HEADER.size)
-    if len(raw) < DISK_DUMP_HEADER.size:
-        raise TruncatedError("kdump header cut short; the file is truncated")
-    f = DISK_DUMP_HEADER.unpack(raw)
-    if f[0] not in (SIGNATURE, b"DISKDUMP"):
+    f = DISK_DUMP_HEADER.unpack(read(0, DISK_DUMP_HEADER.size), error=TruncatedError, what="kdump header")
+    if f["signature"] not in (SIGNATURE, b"DISKDUMP"):
         raise NotAVmcoreError("not a kdump-compressed file (signature is not 'KDUMP   ')")
-    version, uts = f[1], f[2]
+    version, uts = f["header_version"], f["utsname"]
     if version < 1 or version > HEADER_VERSION:
         raise UnsupportedError(f"kdump header_version {version} is not supported (1..{HEADER_VERSION})")
-    block_size = f[6]
+    block_size = f["block_size"]
     if block_size < 4096 or block_size > 262144 or block_size & (block_size - 1):
         raise CorruptImageError(f"kdump block_size {block_size} is not a page size; the file is corrupt")
-    if f[7] < 1 or f[8] < 1:
-        raise CorruptImageError(f"kdump sub_hdr_size {f[7]} / bitmap_blocks {f[8]} must be at least 1; the file "
-                                "is corrupt")
-    raw_sub = read(block_size, SUB_HEADER.size)
-    if len(raw_sub) < SUB_HEADER.size:
-        raise TruncatedError("kdump sub-header cut short; the file is truncated")
-    sub = SUB_HEADER.unpack(raw_sub)
-    if version >= 2 and sub[2]:
+    if f["sub_hdr_size"] < 1 or f["bitmap_blocks"] < 1:
+        raise CorruptImageError(f"kdump sub_hdr_size {f['sub_hdr_size']} / bitmap_blocks {f['bitmap_blocks']} must "
+                                "be at least 1; the file is corrupt")
+    sub = SUB_HEADER.unpack(read(block_size, SUB_HEADER.size), error=TruncatedError, what="kdump sub-header")
+    if version >= 2 and sub["split"]:
         raise UnsupportedError("this is one file of a makedumpfile --split set; join them first with "
                                "'makedumpfile --reassemble FILE1 FILE2 ... OUT'")
     names = tuple(uts[i * 65:(i + 1) * 65].split(b"\0")[0].decode("ascii", "replace") for i in range(6))
-    max_mapnr = sub[13] if version >= 6 and sub[13] else f[9]
+    max_mapnr = sub["max_mapnr_64"] if version >= 6 and sub["max_mapnr_64"] else f["max_mapnr"]
     if max_mapnr < 1 or max_mapnr * block_size > MAX_PHYS_ADDR:
         raise CorruptImageError(f"kdump max_mapnr {max_mapnr} describes no memory or more than "
                                 f"{MAX_PHYS_ADDR >> 40} TiB; the file is corrupt")
-    return KdumpHeader(version, names, f[3], f[5], block_size, f[7], f[8], f[14], sub[0], sub[1],
-                       sub[5] if version >= 3 else 0, sub[6] if version >= 3 else 0,
-                       sub[7] if version >= 4 else 0, sub[8] if version >= 4 else 0, max_mapnr)
+    v3, v4 = version >= 3, version >= 4
+    return KdumpHeader(version, names, f["timestamp_sec"], f["status"], block_size, f["sub_hdr_size"],
+                       f["bitmap_blocks"], f["nr_cpus"], sub["phys_base"], sub["dump_level"],
+                       sub["offset_vmcoreinfo"] if v3 else 0, sub["size_vmcoreinfo"] if v3 else 0,
+                       sub["offset_note"] if v4 else 0, sub["size_note"] if v4 else 0, max_mapnr)
 
 
 class KdumpSource(PagedSource, StoredSource):
@@ -296,7 +301,8 @@ class KdumpSource(PagedSource, StoredSource):
                 raise IncompleteImageError(f"page {pfn:#x} was never written: makedumpfile marked the dump "
                                            "incomplete (its disk filled up); take it again with more space")
             raise TruncatedError(f"page {pfn:#x} descriptor cut short; the file is truncated")
-        off, size, flags, _ = PAGE_DESC.unpack(desc)
+        d = PAGE_DESC.unpack(desc)
+        off, size, flags = d["offset"], d["size"], d["flags"]
         if off == 0:
             raise IncompleteImageError(f"page {pfn:#x} was never written: the dump is incomplete")
         if off < 0 or size < 0 or size > bs:
@@ -335,20 +341,20 @@ class _Out:
     def __init__(self, f: BinaryIO, flat: bool):
         self.f, self.flat = f, flat
         if flat:
-            f.write(FLAT_HEADER.pack(FLAT_SIGNATURE, 1, 1).ljust(FLAT_HEADER_SIZE, b"\0"))
+            f.write(FLAT_HEADER.pack(signature=FLAT_SIGNATURE, type=1, version=1).ljust(FLAT_HEADER_SIZE, b"\0"))
 
     def write_at(self, off: int, data: bytes | bytearray | memoryview) -> None:
         if not len(data):
             return
         if self.flat:
-            self.f.write(FLAT_RECORD.pack(off, len(data)))
+            self.f.write(FLAT_RECORD.pack(offset=off, buf_size=len(data)))
         else:
             self.f.seek(off)
         self.f.write(data)
 
     def end(self, total: int) -> None:
         if self.flat:
-            self.f.write(FLAT_RECORD.pack(-1, -1))
+            self.f.write(FLAT_RECORD.pack(offset=-1, buf_size=-1))
         else:
             self.f.truncate(total)
 
@@ -382,11 +388,13 @@ def write_kdump(out: BinaryIO, source: MemorySource, keep: np.ndarray, ram: np.n
     status = COMPRESS_FLAGS[compress]
     nr_cpus = sum(1 for n in parse_notes(note_blob) if n.name == "CORE" and n.type == 1)
     w = _Out(out, flat)
-    head = DISK_DUMP_HEADER.pack(SIGNATURE, HEADER_VERSION, utsname_bytes(utsname), crashtime, 0, status, bs,
-                                 sub_hdr_size, bitmap_blocks, min(max_mapnr, 0xFFFFFFFF), 0, 0, 0, 0, nr_cpus)
+    head = DISK_DUMP_HEADER.pack(signature=SIGNATURE, header_version=HEADER_VERSION, utsname=utsname_bytes(utsname),
+                                 timestamp_sec=crashtime, status=status, block_size=bs, sub_hdr_size=sub_hdr_size,
+                                 bitmap_blocks=bitmap_blocks, max_mapnr=min(max_mapnr, 0xFFFFFFFF), nr_cpus=nr_cpus)
     w.write_at(0, head.ljust(bs, b"\0"))
-    sub = SUB_HEADER.pack(phys_base, dump_level, 0, 0, 0, vmci_off, vmci_size, bs + SUB_HEADER.size,
-                          len(note_blob), 0, 0, 0, 0, max_mapnr)
+    sub = SUB_HEADER.pack(phys_base=phys_base, dump_level=dump_level, offset_vmcoreinfo=vmci_off,
+                          size_vmcoreinfo=vmci_size, offset_note=bs + SUB_HEADER.size, size_note=len(note_blob),
+                          max_mapnr_64=max_mapnr)
     w.write_at(bs, (sub + note_blob).ljust(sub_hdr_size * bs, b"\0"))
     w.write_at((1 + sub_hdr_size) * bs, np.packbits(ram, bitorder="little").tobytes().ljust(per, b"\0"))
     w.write_at((1 + sub_hdr_size) * bs + per, np.packbits(keep, bitorder="little").tobytes().ljust(per, b"\0"))
@@ -394,7 +402,7 @@ def write_kdump(out: BinaryIO, source: MemorySource, keep: np.ndarray, ram: np.n
     zero_desc = None
     if dump_level & DL_ZERO:
         w.write_at(pos, bytes(bs))
-        zero_desc = PAGE_DESC.pack(pos, bs, 0, 0)
+        zero_desc = PAGE_DESC.pack(offset=pos, size=bs)
         pos += bs
     local = threading.local()
 
@@ -464,10 +472,23 @@ def _emit(w: _Out, item: Batch, pos: int, desc_off: int, desc_i: int, zero_desc:
             assert zero_desc is not None
             descs += zero_desc
             continue
-        descs += PAGE_DESC.pack(pos + len(blob), len(comp), flag if len(comp) < bs else 0, 0)
+        descs += PAGE_DESC.pack(offset=pos + len(blob), size=len(comp), flags=flag if len(comp) < bs else 0)
         blob += comp
     w.write_at(pos, blob)
     w.write_at(desc_off + desc_i * PAGE_DESC.size, descs)
     if progress:
         progress(len(pfns) * bs)
     return pos + len(blob), desc_i + len(pfns)
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+def probe(head: bytes) -> bool:
+    """True for a kdump-compressed file (``KDUMP   ``/``DISKDUMP``) or a makedumpfile flattened stream."""
+    return head[:8] in (SIGNATURE, b"DISKDUMP") or head.startswith(FLAT_SIGNATURE + b"\0")
+
+
+def open(path: str | os.PathLike[str]) -> KdumpSource:  # noqa: A001 - the registry's name for "open this format"
+    """The kdump reader for ``path``."""
+    return KdumpSource(path)

@@ -20,7 +20,8 @@ def initramfs_group() -> None:
               help="Where to write the initramfs.")
 @click.option("--add", "adds", multiple=True, metavar="SRC:DST",
               help="Also put host file or directory SRC at guest path DST (repeatable).")
-@click.option("--compress", "compression", type=click.Choice(cpio.COMPRESSIONS), default="zstd", show_default=True)
+@click.option("--compress", "compression", type=click.Choice(cpio.COMPRESSIONS), default="zstd", show_default=True,
+              help="Compression of the cpio archive (the kernel needs the matching CONFIG_RD_* option).")
 @click.option("--no-python", is_flag=True, help="Leave out Python and khibernate (busybox, kexec and /init only).")
 def build_command(output: Path, adds: tuple[str, ...], compression: str, no_python: bool) -> None:
     """Build a deterministic initramfs: busybox, /init, kexec, Python + khibernate, and added files."""

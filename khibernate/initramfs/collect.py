@@ -70,7 +70,7 @@ def elf_info(path: Path) -> ElfInfo:
             interp = None
             for seg in elf.iter_segments():
                 if seg["p_type"] == "PT_INTERP":
-                    interp = seg.get_interp_name()
+                    interp = seg.get_interp_name()  # type: ignore[attr-defined]
             needed: list[str] = []
             rpath: list[str] = []
             runpath: list[str] = []
@@ -79,11 +79,11 @@ def elf_info(path: Path) -> ElfInfo:
                     continue
                 for tag in sec.iter_tags():
                     if tag.entry.d_tag == "DT_NEEDED":
-                        needed.append(tag.needed)
+                        needed.append(tag.needed)  # type: ignore[attr-defined]
                     elif tag.entry.d_tag == "DT_RPATH":
-                        rpath += _expand(tag.rpath, real.parent)
+                        rpath += _expand(tag.rpath, real.parent)  # type: ignore[attr-defined]
                     elif tag.entry.d_tag == "DT_RUNPATH":
-                        runpath += _expand(tag.runpath, real.parent)
+                        runpath += _expand(tag.runpath, real.parent)  # type: ignore[attr-defined]
             return ElfInfo(path, elf.elfclass, elf["e_machine"], interp, tuple(needed), tuple(rpath), tuple(runpath))
     except (ELFError, OSError) as e:
         raise DependencyError(f"cannot read ELF file {path}: {e}") from e

@@ -114,7 +114,12 @@ def _parse_one(buf: bytes, pos: int) -> tuple[list[Entry], int]:
         except ValueError as e:
             raise CpioError(f"corrupt cpio header at offset {pos}: {e}") from e
         npos = pos + HEADER_LEN
-        name = buf[npos:npos + f["namesize"] - 1].decode()
+        if f["namesize"] < 1 or npos + f["namesize"] > len(buf):
+            raise CpioError(f"corrupt cpio header at offset {pos}: name size {f['namesize']} does not fit the archive")
+        try:
+            name = buf[npos:npos + f["namesize"] - 1].decode()
+        except UnicodeDecodeError:
+            raise CpioError(f"corrupt cpio member name at offset {pos}: not UTF-8") from None
         dpos = npos + f["namesize"]
         dpos += _pad4(dpos)
         data = bytes(buf[dpos:dpos + f["filesize"]])
@@ -152,18 +157,24 @@ def _decompress_segment(buf: bytes, pos: int) -> tuple[bytes, int]:
     """Decompress the gzip member or zstd frame at pos; return (data, offset after it)."""
     if buf[pos:pos + 2] == GZIP_MAGIC:
         d = zlib.decompressobj(wbits=31)
-        data = d.decompress(buf[pos:])
+        try:
+            data = d.decompress(buf[pos:])
+        except zlib.error as e:
+            raise CpioError(f"corrupt gzip segment at offset {pos}: {e}") from None
         if not d.eof:
             raise CpioError(f"truncated gzip segment at offset {pos}")
         return data, len(buf) - len(d.unused_data)
     if buf[pos:pos + 4] == ZSTD_MAGIC:
         import zstandard
 
-        d = zstandard.ZstdDecompressor().decompressobj()
-        data = d.decompress(buf[pos:])
-        if not d.eof:
+        zd = zstandard.ZstdDecompressor().decompressobj()
+        try:
+            data = zd.decompress(buf[pos:])
+        except zstandard.ZstdError as e:
+            raise CpioError(f"corrupt zstd segment at offset {pos}: {e}") from None
+        if not zd.eof:
             raise CpioError(f"truncated zstd segment at offset {pos}")
-        return data, len(buf) - len(d.unused_data)
+        return data, len(buf) - len(zd.unused_data)
     raise CpioError(f"unknown data {buf[pos:pos + 8]!r} at offset {pos}: not newc cpio, gzip or zstd")
 
 

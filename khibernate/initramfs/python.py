@@ -221,7 +221,7 @@ def _dist_files(dist: importlib.metadata.Distribution) -> Iterator[tuple[str, Pa
             continue
         if rel.split("/")[0].endswith(".data") or SITE_DROP.search(rel):
             continue
-        src = Path(dist.locate_file(f))
+        src = Path(str(dist.locate_file(f)))
         if src.is_file():
             yield rel, src
 

@@ -11,10 +11,14 @@ import mmap
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from khibernate.jump import loader, syscalls
+from khibernate.jump.bzimage import parse_bzimage
 from khibernate.jump.errors import JumpBackEntryError, KexecSyscallError
+from khibernate.jump.kexec_abi import KEXEC_FILE_ON_CRASH, KEXEC_FILE_UNLOAD
 from khibernate.jump.loader import Plan, SystemFacts
+from khibernate.system import SystemRoot
 
 RUN_DIR = Path(os.environ.get("KHIBERNATE_RUN_DIR", "/run/khibernate"))
 JUMP_BACK_STATE = "jump-back.json"
@@ -36,17 +40,12 @@ class LoadedState:
                 f"crash region size:          {size}")
 
 
-def _read_int(path: str) -> int | None:
-    try:
-        return int(Path(path).read_text().strip(), 0)
-    except (OSError, ValueError):
-        return None
-
-
 def state() -> LoadedState:
     """What the running kernel has loaded."""
-    return LoadedState(_read_int("/sys/kernel/kexec_loaded") == 1, _read_int("/sys/kernel/kexec_crash_loaded") == 1,
-                       _read_int("/sys/kernel/kexec_crash_size"))
+    root = SystemRoot()
+    return LoadedState(root.read_int("/sys/kernel/kexec_loaded") == 1,
+                       root.read_int("/sys/kernel/kexec_crash_loaded") == 1,
+                       root.read_int("/sys/kernel/kexec_crash_size"))
 
 
 def _total_ram() -> int | None:
@@ -67,6 +66,7 @@ def plan_jump(kernel: str, initrd: str | None, append: str, mem_min: int | None 
               mem_max: int | None = None) -> Plan:
     """The jump image for this machine (reads /proc/iomem, sysfs; needs root for real addresses)."""
     kdata = loader.read_file(kernel, "kernel")
+    parse_bzimage(kdata, Path(kernel).name)  # a bad kernel file is reported before the system is read
     idata = loader.read_file(initrd, "initrd") if initrd else None
     return loader.plan_jump(kdata, idata, append, SystemFacts.read(), mem_min, mem_max, Path(kernel).name)
 
@@ -74,6 +74,7 @@ def plan_jump(kernel: str, initrd: str | None, append: str, mem_min: int | None 
 def plan_kexec(kernel: str, initrd: str | None, cmdline: str) -> Plan:
     """A plain kexec_load image for this machine."""
     kdata = loader.read_file(kernel, "kernel")
+    parse_bzimage(kdata, Path(kernel).name)
     idata = loader.read_file(initrd, "initrd") if initrd else None
     return loader.plan_kexec(kdata, idata, cmdline, SystemFacts.read(with_notes=False), Path(kernel).name)
 
@@ -81,15 +82,15 @@ def plan_kexec(kernel: str, initrd: str | None, cmdline: str) -> Plan:
 def file_load(kernel: str, initrd: str | None, cmdline: str, crash: bool = False) -> None:
     """kexec_file_load of kernel (+ initrd) with cmdline; crash=True loads the kdump image."""
     loader.read_file(kernel, "kernel")
-    flags = syscalls.KEXEC_FILE_ON_CRASH if crash else 0
+    flags = KEXEC_FILE_ON_CRASH if crash else 0
     syscalls.kexec_file_load(kernel, initrd, cmdline, flags)
 
 
 def unload(crash: bool = False) -> None:
     """Unload the kexec (or kdump) image, whichever syscall loaded it."""
     try:
-        syscalls.kexec_file_load(None, None, "", syscalls.KEXEC_FILE_UNLOAD
-                                 | (syscalls.KEXEC_FILE_ON_CRASH if crash else 0))
+        syscalls.kexec_file_load(None, None, "", KEXEC_FILE_UNLOAD
+                                 | (KEXEC_FILE_ON_CRASH if crash else 0))
     except KexecSyscallError as e:
         if e.errno not in (38, 22, 2):  # ENOSYS, EINVAL, ENOENT: fall back to kexec_load's unload
             raise
@@ -173,14 +174,15 @@ def entry_from_cmdline() -> int:
     return entry
 
 
-def _load_state() -> dict:
+def _load_state() -> dict[str, Any]:
     try:
-        return json.loads(_state_path().read_text())
+        data = json.loads(_state_path().read_text())
+        return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
 
 
-def _save_state(data: dict) -> None:
+def _save_state(data: dict[str, Any]) -> None:
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     _state_path().write_text(json.dumps(data))
 

@@ -9,7 +9,7 @@ import struct
 
 from khibernate.jump.bzimage import SETUP_HEADER_OFFSET, BzImage
 from khibernate.jump.errors import CommandLineError, MemoryMapError
-from khibernate.jump.memmap import E820_RAM, E820_RESERVED, Range, subtract
+from khibernate.ranges import E820_RAM, E820_RESERVED, Range, subtract
 
 ZERO_PAGE_SIZE = 0x1000
 SCREEN_INFO_SIZE = 0x40

@@ -18,6 +18,7 @@ XLF_KERNEL_64 = 1 << 0
 XLF_CAN_BE_LOADED_ABOVE_4G = 1 << 1
 XLF_5LEVEL = 1 << 5
 ENTRY64_OFFSET = 0x200
+MAX_KERNEL_SIZE = 1 << 30  # no bzImage needs more than 1 GiB to decompress, or an alignment above it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,15 +65,18 @@ def _u8(b: bytes, off: int) -> int:
 
 
 def _u16(b: bytes, off: int) -> int:
-    return struct.unpack_from("<H", b, off)[0]
+    value: int = struct.unpack_from("<H", b, off)[0]
+    return value
 
 
 def _u32(b: bytes, off: int) -> int:
-    return struct.unpack_from("<I", b, off)[0]
+    value: int = struct.unpack_from("<I", b, off)[0]
+    return value
 
 
 def _u64(b: bytes, off: int) -> int:
-    return struct.unpack_from("<Q", b, off)[0]
+    value: int = struct.unpack_from("<Q", b, off)[0]
+    return value
 
 
 def parse_bzimage(data: bytes, name: str = "kernel") -> BzImage:
@@ -103,18 +107,27 @@ def parse_bzimage(data: bytes, name: str = "kernel") -> BzImage:
     loadflags = _u8(data, 0x211)
     if not loadflags & LOADED_HIGH:
         raise NotABzImage(f"{name}: zImage (LOADED_HIGH not set): only bzImage is supported")
+    kernel_alignment, min_shift, init_size = _u32(data, 0x230), _u8(data, 0x235), _u32(data, 0x260)
+    if kernel_alignment == 0 or kernel_alignment & (kernel_alignment - 1) or kernel_alignment > MAX_KERNEL_SIZE:
+        raise NotABzImage(f"{name}: kernel_alignment {kernel_alignment:#x} is not a power of two up to 1 GiB; "
+                          "the setup header is corrupt")
+    if 1 << min_shift > kernel_alignment:
+        raise NotABzImage(f"{name}: min_alignment 2^{min_shift} is above kernel_alignment {kernel_alignment:#x}; "
+                          "the setup header is corrupt")
+    if init_size > MAX_KERNEL_SIZE:
+        raise NotABzImage(f"{name}: init_size {init_size:#x} is over 1 GiB; the setup header is corrupt")
     return BzImage(
         version=version,
         setup_sects=setup_sects,
         loadflags=loadflags,
         xloadflags=xloadflags,
         relocatable=relocatable,
-        kernel_alignment=_u32(data, 0x230),
-        min_alignment=1 << _u8(data, 0x235),
+        kernel_alignment=kernel_alignment,
+        min_alignment=1 << min_shift,
         initrd_addr_max=_u32(data, 0x22C),
         cmdline_size=_u32(data, 0x238),
         pref_address=_u64(data, 0x258),
-        init_size=_u32(data, 0x260),
+        init_size=init_size,
         setup_header=bytes(data[SETUP_HEADER_OFFSET:hdr_end]),
         payload=bytes(data[setup_size:]),
     )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
@@ -10,12 +12,15 @@ from khibernate.clickutil import ADDRESS
 from khibernate.errors import UsageError
 from khibernate.jump import api
 
+F = TypeVar("F", bound=Callable[..., Any])
+
 DROP_ON_REUSE = ("BOOT_IMAGE=", "initrd=", "kexec_jump_back_entry=", "elfcorehdr=", "crashkernel=")
 
 
 
 
 def _cmdline(append: str | None, command_line: str | None, reuse: bool) -> str:
+    """The new kernel's command line from --append/--command-line (one of them) and --reuse-cmdline."""
     if append is not None and command_line is not None:
         raise UsageError("give --append or --command-line, not both (they are the same thing, as in kexec-tools)")
     words = []
@@ -28,11 +33,13 @@ def _cmdline(append: str | None, command_line: str | None, reuse: bool) -> str:
     return " ".join(words)
 
 
-def _common_load_options(f):
+def _common_load_options(f: F) -> F:
+    """KERNEL, --initrd, --append/--command-line and --reuse-cmdline, the same for every load command."""
     f = click.option("--reuse-cmdline", is_flag=True, help="Start from this kernel's /proc/cmdline "
                      "(without BOOT_IMAGE=, initrd=, crashkernel=, elfcorehdr=, kexec_jump_back_entry=).")(f)
-    f = click.option("--command-line", "command_line", metavar="S", help="Same as --append.")(f)
-    f = click.option("--append", metavar="S", help="Kernel command line of the new kernel.")(f)
+    f = click.option("--command-line", "command_line", metavar="S", help="Same as --append (kexec-tools' name).")(f)
+    f = click.option("--append", metavar="S", help="Kernel command line of the new kernel (added after "
+                     "--reuse-cmdline's words).")(f)
     f = click.option("--initrd", "--ramdisk", "initrd", metavar="FILE", type=click.Path(dir_okay=False),
                      help="Initial ramdisk for the new kernel.")(f)
     f = click.argument("kernel", type=click.Path(dir_okay=False))(f)
@@ -56,7 +63,8 @@ def kexec_group() -> None:
               help="kexec_file_load (the kernel parses the bzImage; works under lockdown with a signed kernel) or "
                    "kexec_load (khibernate builds the segments: boot_params, purgatory).")
 @click.option("--dry-run", is_flag=True, help="With --syscall load: print the segments, load nothing.")
-def kexec_load_cmd(kernel, initrd, append, command_line, reuse_cmdline, syscall, dry_run) -> None:
+def kexec_load_cmd(kernel: str, initrd: str | None, append: str | None, command_line: str | None,
+                   reuse_cmdline: bool, syscall: str, dry_run: bool) -> None:
     """Load KERNEL to be booted by `khibernate kexec exec` (like `kexec -l`)."""
     cmdline = _cmdline(append, command_line, reuse_cmdline)
     if syscall == "file":
@@ -108,7 +116,8 @@ def kdump_group() -> None:
 
 @kdump_group.command("load")
 @_common_load_options
-def kdump_load_cmd(kernel, initrd, append, command_line, reuse_cmdline) -> None:
+def kdump_load_cmd(kernel: str, initrd: str | None, append: str | None, command_line: str | None,
+                   reuse_cmdline: bool) -> None:
     """Load KERNEL into the crash region with kexec_file_load (like `kexec -p`); the kernel adds elfcorehdr=."""
     cmdline = _cmdline(append, command_line, reuse_cmdline)
     api.file_load(kernel, initrd, cmdline, crash=True)
@@ -149,23 +158,20 @@ def jump_group() -> None:
 
 
 @jump_group.command("load")
-@click.argument("kernel", type=click.Path(dir_okay=False))
-@click.option("--initrd", "--ramdisk", "initrd", metavar="FILE", type=click.Path(dir_okay=False),
-              help="Initial ramdisk for the second kernel.")
-@click.option("--append", "--command-line", "append", metavar="S", default="",
-              help="Command line of the second kernel; khibernate adds nokaslr, iomem=relaxed, elfcorehdr= and "
-                   "kexec_jump_back_entry= (before a '--' if there is one).")
+@_common_load_options
 @click.option("--mem-min", type=ADDRESS, help="Lowest address of the load window (default: the crash region).")
 @click.option("--mem-max", type=ADDRESS, help="Highest address of the load window, inclusive.")
 @click.option("--dry-run", is_flag=True, help="Print the segment table, command line and e820; load nothing.")
-def jump_load_cmd(kernel, initrd, append, mem_min, mem_max, dry_run) -> None:
+def jump_load_cmd(kernel: str, initrd: str | None, append: str | None, command_line: str | None,
+                  reuse_cmdline: bool, mem_min: int | None, mem_max: int | None, dry_run: bool) -> None:
     """Load KERNEL as a jump image (like `kexec --load-preserve-context`).
 
     The second kernel gets RAM only in the load window (the crashkernel= region by default) and in low memory
     below 640 KiB, which is swapped with the first kernel's on every jump; its /proc/vmcore describes the first
-    kernel's RAM, with VMCOREINFO.
+    kernel's RAM, with VMCOREINFO. khibernate adds nokaslr, iomem=relaxed, elfcorehdr= and kexec_jump_back_entry=
+    to the command line (before a '--' if there is one).
     """
-    plan = api.plan_jump(kernel, initrd, append, mem_min, mem_max)
+    plan = api.plan_jump(kernel, initrd, _cmdline(append, command_line, reuse_cmdline), mem_min, mem_max)
     if dry_run:
         click.echo(plan.describe())
         return
@@ -185,7 +191,7 @@ def jump_exec_cmd() -> None:
 @click.option("--entry", type=ADDRESS, help="The peer's jump-back entry (default: kexec_jump_back_entry= of "
               "/proc/cmdline).")
 @click.option("--load-only", is_flag=True, help="Load the jump-back image, do not jump (then `jump exec`).")
-def jump_back_cmd(entry, load_only) -> None:
+def jump_back_cmd(entry: int | None, load_only: bool) -> None:
     """Jump back to the kernel that jumped here (like `kexec --load-jump-back-helper --entry=E; kexec -e`).
 
     The image is ONE 4 KiB segment holding a copy of the peer's kexec control page, loaded once per boot and

@@ -8,20 +8,26 @@ whose p_offset is a physical address), then one PT_LOAD per range of the first k
 from __future__ import annotations
 
 import dataclasses
-import struct
 from pathlib import Path
 
+from khibernate.elfcore import (
+    EHDR64,
+    ELFCLASS64,
+    EM_X86_64,
+    ET_CORE,
+    EV_CURRENT,
+    PF_R,
+    PF_W,
+    PF_X,
+    PHDR64,
+    PT_LOAD,
+    PT_NOTE,
+)
+from khibernate.elfcore import ident as elf_ident
 from khibernate.jump.errors import MemoryMapError
-from khibernate.jump.memmap import Range
+from khibernate.ranges import Range
 
-EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
-PHDR = struct.Struct("<IIQQQQQQ")
-ET_CORE = 4
-EM_X86_64 = 62
-EV_CURRENT = 1
-PT_LOAD = 1
-PT_NOTE = 4
-PF_X, PF_W, PF_R = 1, 2, 4
+EHDR, PHDR = EHDR64, PHDR64  # the layouts of khibernate/elfcore.py, shared with the image readers
 PAGE_OFFSET = 0xFFFF888000000000  # x86_64 direct map base without KASLR (VMCOREINFO has the real one)
 
 
@@ -39,28 +45,29 @@ def build(ram: list[Range], notes: list[Note], page_offset: int = PAGE_OFFSET) -
     if not ram:
         raise MemoryMapError("no RAM ranges of the first kernel to describe in the ELF core header")
     phnum = len(notes) + len(ram)
-    ident = b"\x7fELF" + bytes([2, 1, EV_CURRENT, 0]) + bytes(8)
-    out = bytearray(EHDR.pack(ident, ET_CORE, EM_X86_64, EV_CURRENT, 0, EHDR.size, 0, 0, EHDR.size, PHDR.size,
-                              phnum, 0, 0, 0))
+    out = bytearray(EHDR.pack(e_ident=elf_ident(ELFCLASS64), e_type=ET_CORE, e_machine=EM_X86_64,
+                              e_version=EV_CURRENT, e_phoff=EHDR.size, e_ehsize=EHDR.size, e_phentsize=PHDR.size,
+                              e_phnum=phnum))
     for n in notes:
-        out += PHDR.pack(PT_NOTE, 0, n.paddr, 0, n.paddr, n.size, n.size, 0)
+        out += PHDR.pack(p_type=PT_NOTE, p_offset=n.paddr, p_paddr=n.paddr, p_filesz=n.size, p_memsz=n.size)
     for r in ram:
-        out += PHDR.pack(PT_LOAD, PF_R | PF_W | PF_X, r.start, page_offset + r.start, r.start, r.size, r.size, 0)
+        out += PHDR.pack(p_type=PT_LOAD, p_flags=PF_R | PF_W | PF_X, p_offset=r.start, p_vaddr=page_offset + r.start,
+                         p_paddr=r.start, p_filesz=r.size, p_memsz=r.size)
     return bytes(out)
 
 
 def parse(data: bytes) -> tuple[list[Note], list[Range]]:
     """(notes, RAM ranges) of a header made by ``build`` (tests, --dry-run)."""
-    ident, etype, machine, _, _, phoff, _, _, _, phentsize, phnum, _, _, _ = EHDR.unpack_from(data, 0)
-    if ident[:4] != b"\x7fELF" or etype != ET_CORE or machine != EM_X86_64:
+    e = EHDR.unpack(data, error=MemoryMapError, what="ELF core header")
+    if e["e_ident"][:4] != b"\x7fELF" or e["e_type"] != ET_CORE or e["e_machine"] != EM_X86_64:
         raise MemoryMapError("not an x86_64 ELF core header")
     notes, ram = [], []
-    for i in range(phnum):
-        ptype, _, off, _, paddr, filesz, _, _ = PHDR.unpack_from(data, phoff + i * phentsize)
-        if ptype == PT_NOTE:
-            notes.append(Note(off, filesz, "note"))
-        elif ptype == PT_LOAD:
-            ram.append(Range(paddr, paddr + filesz))
+    for i in range(e["e_phnum"]):
+        p = PHDR.unpack(data, e["e_phoff"] + i * e["e_phentsize"], error=MemoryMapError, what="program header")
+        if p["p_type"] == PT_NOTE:
+            notes.append(Note(p["p_offset"], p["p_filesz"], "note"))
+        elif p["p_type"] == PT_LOAD:
+            ram.append(Range(p["p_paddr"], p["p_paddr"] + p["p_filesz"]))
     return notes, ram
 
 

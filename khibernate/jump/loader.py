@@ -15,26 +15,26 @@ from pathlib import Path
 from khibernate.jump import bootparams, elfcorehdr, purgatory
 from khibernate.jump.bzimage import BzImage, parse_bzimage
 from khibernate.jump.errors import CommandLineError, JumpBackEntryError, MemoryMapError, PlacementError
+from khibernate.jump.kexec_abi import (
+    KEXEC_ARCH_X86_64,
+    KEXEC_PRESERVE_CONTEXT,
+    KEXEC_SEGMENT_MAX,
+    describe_kexec_flags,
+)
 from khibernate.jump.memmap import (
-    E820_RAM,
     PAGE,
     Placer,
-    Range,
     e820_from_iomem,
     load_window,
     low_ram,
     page_up,
     read_firmware_memmap,
     read_iomem,
-    subtract,
     system_ram,
 )
+from khibernate.ranges import E820_RAM, Range, subtract
 from khibernate.system import IomemRegion
 
-KEXEC_ON_CRASH = 0x1
-KEXEC_PRESERVE_CONTEXT = 0x2
-KEXEC_ARCH_X86_64 = 62 << 16
-KEXEC_SEGMENT_MAX = 16
 JUMP_EXTRA_PARAMS = ("nokaslr", "iomem=relaxed")
 
 
@@ -72,10 +72,8 @@ class Plan:
 
     def describe(self) -> str:
         """The segment table, entry, flags, command line and e820 as text (what --dry-run prints)."""
-        names = [n for bit, n in ((KEXEC_ON_CRASH, "KEXEC_ON_CRASH"), (KEXEC_PRESERVE_CONTEXT,
-                 "KEXEC_PRESERVE_CONTEXT")) if self.flags & bit]
         lines = [f"{self.kind} image: entry {self.entry:#x}, flags {self.flags:#x} "
-                 f"({' | '.join(names + ['KEXEC_ARCH_X86_64'])}), {len(self.segments)} segments"]
+                 f"({describe_kexec_flags(self.flags)}), {len(self.segments)} segments"]
         if self.window:
             lines.append(f"load window {self.window} ({self.window.size / 2**20:.0f} MiB)")
         lines.append(f"  {'destination':>37}  {'memsz':>10}  {'bufsz':>10}  holds")
@@ -87,8 +85,8 @@ class Plan:
             lines.append(f"command line: {self.cmdline}")
         if self.e820:
             lines.append("e820 for the new kernel:")
-            names = {1: "usable", 2: "reserved", 3: "ACPI data", 4: "ACPI NVS", 5: "unusable"}
-            lines += [f"  {r.start:#018x}-{r.end - 1:#018x} {names.get(r.type, r.type)}" for r in self.e820]
+            types = {1: "usable", 2: "reserved", 3: "ACPI data", 4: "ACPI NVS", 5: "unusable"}
+            lines += [f"  {r.start:#018x}-{r.end - 1:#018x} {types.get(r.type, r.type)}" for r in self.e820]
         return "\n".join(lines)
 
 
@@ -199,8 +197,7 @@ def plan_jump(kernel_data: bytes, initrd: bytes | None, append: str, facts: Syst
     """
     kernel = parse_bzimage(kernel_data, kernel_name)
     window = load_window(facts.iomem, mem_min, mem_max)
-    crash = next((Range(r.start, r.end + 1) for r in facts.iomem if r.name == "Crash kernel"
-                  and r.start <= window.start and window.end <= r.end + 1), None)
+    crash = next((Range(r.start, r.end) for r in facts.iomem if r.name == "Crash kernel" and r.covers(window)), None)
     low = low_ram(facts.firmware)
     if low is None:
         raise MemoryMapError("no usable RAM below 640 KiB in the firmware memory map: the new kernel needs some "
@@ -228,8 +225,8 @@ def plan_jump(kernel_data: bytes, initrd: bytes | None, append: str, facts: Syst
     pg = purgatory.build(kaddr + kernel.entry64_offset, bp_addr, digits)
     segs = [Segment(low.start, low.size, None, "low RAM swap (first kernel's <640K parked here)"),
             Segment(kaddr, kernel.memsz, kernel.payload, f"kernel {kernel_name} (bzImage {kernel.version_str})")]
-    if initrd_pair:
-        segs.append(Segment(iaddr, page_up(len(initrd)), initrd, "initrd"))
+    if initrd is not None and initrd_pair is not None:
+        segs.append(Segment(initrd_pair[0], page_up(len(initrd)), initrd, "initrd"))
     segs += [Segment(bp_addr, page_up(len(zp)), zp, "boot_params + command line"),
              Segment(pg_addr, page_up(purgatory.SIZE), pg, "purgatory"),
              Segment(hdr_addr, page_up(len(hdr)), hdr, f"elfcorehdr ({len(notes)} notes, {len(old_ram)} RAM ranges)")]
@@ -265,8 +262,8 @@ def plan_kexec(kernel_data: bytes, initrd: bytes | None, cmdline: str, facts: Sy
     initrd_pair = (iaddr, len(initrd)) if initrd and iaddr is not None else None
     zp, _ = _zero_page_segment(kernel, bp_addr, cmdline, e820, initrd_pair, facts)
     segs = [Segment(kaddr, kernel.memsz, kernel.payload, f"kernel {kernel_name} (bzImage {kernel.version_str})")]
-    if initrd_pair:
-        segs.append(Segment(iaddr, page_up(len(initrd)), initrd, "initrd"))
+    if initrd is not None and initrd_pair is not None:
+        segs.append(Segment(initrd_pair[0], page_up(len(initrd)), initrd, "initrd"))
     segs += [Segment(bp_addr, page_up(len(zp)), zp, "boot_params + command line"),
              Segment(pg_addr, page_up(purgatory.SIZE), purgatory.build(kaddr + kernel.entry64_offset, bp_addr, 0),
                      "purgatory")]
@@ -304,7 +301,7 @@ def total_ram_bytes(meminfo: str) -> int | None:
     return int(m.group(1)) * 1024 if m else None
 
 
-def read_file(path: str | os.PathLike, what: str) -> bytes:
+def read_file(path: str | os.PathLike[str], what: str) -> bytes:
     """A file's bytes, or a UsageError-like KhibernateError saying which file could not be read."""
     try:
         return Path(path).read_bytes()

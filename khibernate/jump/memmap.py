@@ -1,7 +1,8 @@
 """Physical memory maps: the firmware map, /proc/iomem System RAM, the crash region, and segment placement.
 
 Pure functions over text and numbers; the ``read_*`` helpers are the only ones that open files.
-Ranges are half-open ``[start, end)`` here, unlike /proc/iomem which prints inclusive ends.
+Ranges are khibernate.ranges.Range, half-open ``[start, end)`` (/proc/iomem's inclusive ends are converted by
+khibernate.system.parse_iomem).
 """
 
 from __future__ import annotations
@@ -10,49 +11,11 @@ import dataclasses
 from pathlib import Path
 
 from khibernate.jump.errors import MemoryMapError, NoCrashRegion, PlacementError
-from khibernate.system import IomemRegion, parse_iomem
+from khibernate.ranges import E820_NAMES, E820_NONE, E820_RAM, E820_RESERVED, Range
+from khibernate.system import IomemRegion, addresses_hidden, parse_iomem
 
 PAGE = 0x1000
 LOW_MEMORY_END = 0xA0000  # 640 KiB: conventional memory the real-mode trampoline must live in
-
-E820_RAM = 1
-E820_RESERVED = 2
-E820_ACPI = 3
-E820_NVS = 4
-E820_UNUSABLE = 5
-E820_PMEM = 7
-E820_PRAM = 12
-E820_SOFT_RESERVED = 0xEFFFFFFF
-
-E820_NAMES = {
-    "System RAM": E820_RAM,
-    "Reserved": E820_RESERVED,
-    "reserved": E820_RESERVED,
-    "ACPI Tables": E820_ACPI,
-    "ACPI Non-volatile Storage": E820_NVS,
-    "Unusable memory": E820_UNUSABLE,
-    "Persistent Memory (legacy)": E820_PRAM,
-    "Persistent Memory": E820_PMEM,
-    "Soft Reserved": E820_SOFT_RESERVED,
-}
-
-
-@dataclasses.dataclass(frozen=True, order=True)
-class Range:
-    """A physical range [start, end) with an e820 type."""
-
-    start: int
-    end: int
-    type: int = E820_RAM
-
-    @property
-    def size(self) -> int:
-        """Length in bytes."""
-        return self.end - self.start
-
-    def __str__(self) -> str:
-        return f"[{self.start:#x}-{self.end - 1:#x}]"
-
 
 def page_up(x: int) -> int:
     """Round up to a 4 KiB page."""
@@ -74,21 +37,21 @@ def parse_firmware_memmap(entries: list[tuple[str, str, str]]) -> list[Range]:
     out = []
     for start, end, typ in entries:
         name = typ.strip()
-        out.append(Range(int(start, 16), int(end, 16) + 1, E820_NAMES.get(name, E820_RESERVED)))
+        out.append(Range.inclusive(int(start, 16), int(end, 16), E820_NAMES.get(name, E820_RESERVED)))
     return sorted(out)
 
 
 def e820_from_iomem(regions: list[IomemRegion]) -> list[Range]:
     """The e820-like map from the top level of /proc/iomem (fallback when /sys/firmware/memmap is absent)."""
-    out = [Range(r.start, r.end + 1, E820_NAMES[r.name]) for r in regions if r.depth == 0 and r.name in E820_NAMES]
-    if out and all(r.start == 0 and r.end == 1 for r in out):
+    out = [Range(r.start, r.end, r.type) for r in regions if r.depth == 0 and r.type != E820_NONE]
+    if addresses_hidden(out):
         raise MemoryMapError("/proc/iomem shows only zero addresses: run as root (CAP_SYS_ADMIN)")
     return sorted(out)
 
 
 def system_ram(regions: list[IomemRegion]) -> list[Range]:
     """Top-level 'System RAM' ranges of /proc/iomem."""
-    return sorted(Range(r.start, r.end + 1) for r in regions if r.depth == 0 and r.name == "System RAM")
+    return sorted(Range(r.start, r.end) for r in regions if r.depth == 0 and r.name == "System RAM")
 
 
 def crash_region(regions: list[IomemRegion]) -> Range | None:
@@ -97,26 +60,9 @@ def crash_region(regions: list[IomemRegion]) -> Range | None:
     if not crash:
         return None
     r = max(crash, key=lambda r: r.size)
-    if r.start == 0 and r.end == 0:
+    if addresses_hidden([r]):
         raise MemoryMapError("/proc/iomem shows zero addresses: run as root (CAP_SYS_ADMIN)")
-    return Range(r.start, r.end + 1)
-
-
-def subtract(ranges: list[Range], holes: list[Range]) -> list[Range]:
-    """Ranges with every hole cut out (types kept), sorted."""
-    out = sorted(ranges)
-    for h in holes:
-        nxt = []
-        for r in out:
-            if h.end <= r.start or h.start >= r.end:
-                nxt.append(r)
-                continue
-            if r.start < h.start:
-                nxt.append(Range(r.start, h.start, r.type))
-            if h.end < r.end:
-                nxt.append(Range(h.end, r.end, r.type))
-        out = nxt
-    return sorted(out)
+    return Range(r.start, r.end)
 
 
 def low_ram(e820: list[Range]) -> Range | None:
@@ -137,7 +83,7 @@ def load_window(regions: list[IomemRegion], mem_min: int | None, mem_max: int | 
             raise NoCrashRegion("give both --mem-min and --mem-max (or neither, to use the crashkernel= region)")
         if mem_max <= mem_min:
             raise PlacementError(f"--mem-max {mem_max:#x} is not above --mem-min {mem_min:#x}")
-        start, end = page_up(mem_min), page_down(mem_max + 1)
+        start, end = page_up(mem_min), page_down(Range.inclusive(mem_min, mem_max).end)
         if end <= start:
             raise PlacementError(f"[{mem_min:#x}, {mem_max:#x}] holds no whole page")
         return Range(start, end)
@@ -193,6 +139,6 @@ def read_iomem(path: Path = Path("/proc/iomem")) -> list[IomemRegion]:
         regions = parse_iomem(path.read_text())
     except OSError as e:
         raise MemoryMapError(f"cannot read {path}: {e}") from e
-    if regions and all(r.start == 0 and r.end == 0 for r in regions):
+    if addresses_hidden(regions):
         raise MemoryMapError(f"{path} shows only zero addresses: run as root")
     return regions

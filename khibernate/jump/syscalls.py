@@ -11,31 +11,33 @@ import errno as E
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from khibernate.jump.errors import KexecSyscallError, NotRoot
-
-SYS_KEXEC_LOAD = 246
-SYS_REBOOT = 169
-SYS_KEXEC_FILE_LOAD = 320
-KEXEC_ON_CRASH = 0x1
-KEXEC_PRESERVE_CONTEXT = 0x2
-KEXEC_ARCH_X86_64 = 62 << 16
-KEXEC_FILE_UNLOAD = 0x1
-KEXEC_FILE_ON_CRASH = 0x2
-KEXEC_FILE_NO_INITRAMFS = 0x4
-LINUX_REBOOT_MAGIC1 = 0xFEE1DEAD
-LINUX_REBOOT_MAGIC2 = 672274793
-LINUX_REBOOT_CMD_KEXEC = 0x45584543
+from khibernate.jump.kexec_abi import (
+    KEXEC_ARCH_X86_64,
+    KEXEC_FILE_NO_INITRAMFS,
+    KEXEC_FILE_UNLOAD,
+    KEXEC_ON_CRASH,
+    KEXEC_PRESERVE_CONTEXT,
+    LINUX_REBOOT_CMD_KEXEC,
+    LINUX_REBOOT_MAGIC1,
+    LINUX_REBOOT_MAGIC2,
+    SYS_KEXEC_FILE_LOAD,
+    SYS_KEXEC_LOAD,
+    SYS_REBOOT,
+)
+from khibernate.system import SystemRoot
 
 CDEF = """
 struct kexec_segment { const void *buf; size_t bufsz; const void *mem; size_t memsz; };
 long syscall(long number, ...);
 """
 GENERATED = Path(__file__).with_name("_kexec_cffi.py")
-_lib = None
+_lib: Any = None
 
 
-def _libc():
+def _libc() -> tuple[Any, Any]:
     """(ffi, libc) from the generated out-of-line ABI module (no C compiler or pycparser needed at run time)."""
     global _lib
     from khibernate.jump._kexec_cffi import ffi
@@ -71,17 +73,8 @@ class Context:
 
 def current_context(segments: tuple[str, ...] = ()) -> Context:
     """The Context of this process and kernel."""
-    lock = None
-    try:
-        text = Path("/sys/kernel/security/lockdown").read_text()
-        lock = text[text.index("[") + 1:text.index("]")] if "[" in text else None
-    except (OSError, ValueError):
-        pass
-    try:
-        disabled = Path("/proc/sys/kernel/kexec_load_disabled").read_text().strip() == "1"
-    except OSError:
-        disabled = False
-    return Context(os.geteuid(), lock, disabled, segments)
+    root = SystemRoot()
+    return Context(os.geteuid(), root.lockdown(), root.read_int("/proc/sys/kernel/kexec_load_disabled") == 1, segments)
 
 
 def explain(call: str, err: int, flags: int, ctx: Context) -> KexecSyscallError:
@@ -173,7 +166,7 @@ def kexec_unload(crash: bool = False) -> None:
     kexec_load(0, [], flags)
 
 
-def kexec_file_load(kernel: str | os.PathLike | None, initrd: str | os.PathLike | None, cmdline: str,
+def kexec_file_load(kernel: str | os.PathLike[str] | None, initrd: str | os.PathLike[str] | None, cmdline: str,
                     flags: int) -> None:
     """kexec_file_load(kernel_fd, initrd_fd, cmdline, flags); with KEXEC_FILE_UNLOAD no files are needed."""
     ffi, lib = _libc()

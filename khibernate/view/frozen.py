@@ -122,6 +122,8 @@ def pick_vmcoreinfo(candidates: Iterable[str], ranges: tuple[MemRange, ...]) -> 
 class FrozenSource(StoredSource):
     """The jump target's memory as it was when it jumped back, read from the first kernel."""
 
+    format_name = "frozen"
+
     def __init__(self, kcore: Kcore, crash: list[MemRange], swaps: dict[int, int]):
         self.kcore = kcore
         self.swaps = swaps
@@ -143,6 +145,10 @@ class FrozenSource(StoredSource):
             out += self.kcore.read_phys(src + pos - page, n)
             pos += n
         return bytes(out)
+
+    def describe(self) -> dict[str, object]:
+        """How the view was put together: the crash region and the pages the jump image swapped back."""
+        return {"swapped_pages": len(self.swaps), "moved_pages": sum(1 for d, s in self.swaps.items() if d != s)}
 
     def _scan_vmcoreinfo(self) -> list[str]:
         """Every VMCOREINFO note text in the target's memory."""

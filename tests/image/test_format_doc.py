@@ -47,3 +47,20 @@ def test_version_and_constants() -> None:
     assert all(f"- **{v}**" in DOC for v in khi.READ_VERSIONS)
     magic = " ".join(f"{b:02X}" for b in khi.MAGIC)
     assert magic in DOC
+
+
+def section_names(title: str) -> list[str]:
+    """The first `name` of each table row after the heading ``title`` ('—' rows are padding)."""
+    text = DOC[DOC.index("## " + title):]
+    text = text[:text.index("\n## ", 4)]
+    out = []
+    for row in re.findall(r"^\| \d+ \| \d+ \|(.*)$", text, re.M):
+        m = re.search(r"`([a-z_0-9]+)`", row)
+        out.append(m.group(1) if m else "—")
+    return out
+
+
+def test_field_names_match() -> None:
+    for title, lay in (("Header", khi.HEADER), ("Block index", khi.INDEX)):
+        want = ["—" if code.endswith("x") else name for name, code in lay.fields]
+        assert section_names(title) == want, title

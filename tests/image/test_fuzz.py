@@ -93,3 +93,32 @@ def test_base_files_read_back(base: dict[str, Path]) -> None:
     for fmt in FORMATS:
         outcome, seen = run_contract(base[fmt], base["elfcorehdr"] if fmt == "raw" else None)
         assert outcome == "ok", (fmt, seen)
+
+
+def test_fuzz_vmcoreinfo_text() -> None:
+    """Any VMCOREINFO text: parse and every typed getter give a value or an ImageError."""
+    from khibernate.image.errors import ImageError
+    from khibernate.image.vmcoreinfo import Vmcoreinfo
+
+    keys = ["OSRELEASE", "PAGESIZE", "KERNELOFFSET", "CRASHTIME", "SYMBOL(prb)", "NUMBER(phys_base)",
+            "OFFSET(page.flags)", "SIZE(page)", "LENGTH(mem_section)", "BUILD-ID"]
+    line = st.tuples(st.sampled_from(keys) | st.text(max_size=12), st.sampled_from(["=", "", "=="]),
+                     st.text(max_size=20) | st.sampled_from(["4096", "0x10", "abc", "-1", "99999999999999999999"]))
+
+    @settings(settings.get_profile(PROFILE))
+    @given(st.lists(line, max_size=12))
+    def run(lines: list[tuple[str, str, str]]) -> None:
+        text = "\n".join(k + s + v for k, s, v in lines)
+        try:
+            v = Vmcoreinfo.parse(text)
+        except ImageError:
+            return
+        for get in (lambda: v.page_size, lambda: v.kerneloffset, lambda: v.crashtime, lambda: v.symbol("prb"),
+                    lambda: v.number("phys_base"), lambda: v.offset("page.flags"), lambda: v.size("page"),
+                    lambda: v.length("mem_section"), lambda: v.number_or("phys_base", 0), lambda: v.osrelease):
+            try:
+                get()
+            except ImageError as e:
+                assert str(e)
+
+    run()

@@ -443,3 +443,37 @@ def test_filtered_export_reopens(synth_elf: Path, synth: object, tmp_path: Path,
     with KhiSource(tmp_path / "again.khi") as img:
         for pfn in np.flatnonzero(expected == PageClass.OTHER)[::97]:
             assert img.read(int(pfn) * PS, PS) == bytes(mem[pfn * PS:(pfn + 1) * PS])
+
+
+def test_registry_detects_every_format(base: dict[str, Path]) -> None:
+    from khibernate.image.sources.detect import READERS, reader_for
+
+    names = {fmt: open_source(base[fmt]).format_name for fmt in ("khi", "kdump-zlib", "kdump-flat", "elf64")}
+    assert names == {"khi": "khi", "kdump-zlib": "kdump", "kdump-flat": "kdump-flat", "elf64": "elf"}
+    assert reader_for(b"junk" * 16) is None and len(READERS) == 3
+
+
+def test_khi_stored_page_before_every_block_is_corrupt_not_the_last_block(base: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    with KhiSource(base["khi"]) as k:
+        first = k.index[0].first_pfn
+
+    def shift(es: list[BlockEntry]) -> list[BlockEntry]:
+        e = es[0]
+        return [BlockEntry(e.first_pfn + 1, e.end_pfn, e.offset, e.csize, e.usize, e.npages, e.crc32), *es[1:]]
+
+    with KhiSource(rewrite_khi(base["khi"], tmp_path / "s", index=shift)) as k:
+        with pytest.raises(CorruptImageError, match="no block holds it"):
+            k.read(first * PS, PS)
+
+
+def test_raw_source_closes_its_fd_when_notes_are_bad(base: dict[str, Path], tmp_path: Path) -> None:
+    from khibernate.image.sources.raw import RawSource
+
+    hdr = bytearray(base["elfcorehdr"].read_bytes())
+    struct.pack_into("<Q", hdr, EHDR64.size + 32, 1 << 30)  # the PT_NOTE's p_filesz
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        with pytest.raises(ImageError):
+            RawSource.with_elfcorehdr(base["raw"], bytes(hdr))
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -5,7 +5,8 @@ import pytest
 from khibernate.jump import bootparams
 from khibernate.jump.bzimage import parse_bzimage
 from khibernate.jump.errors import CommandLineError
-from khibernate.jump.memmap import E820_RAM, E820_RESERVED, Range, e820_from_iomem
+from khibernate.jump.memmap import e820_from_iomem
+from khibernate.ranges import E820_RAM, E820_RESERVED, Range
 
 
 def test_jump_e820(qemu_iomem):

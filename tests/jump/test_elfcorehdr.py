@@ -4,7 +4,7 @@ from elftools.elf.elffile import ELFFile
 
 from khibernate.jump import elfcorehdr
 from khibernate.jump.elfcorehdr import Note
-from khibernate.jump.memmap import Range
+from khibernate.ranges import Range
 
 
 def test_round_trip_pyelftools():

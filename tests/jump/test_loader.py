@@ -16,7 +16,7 @@ from khibernate.jump.loader import (
     plan_jump_back,
     plan_kexec,
 )
-from khibernate.jump.memmap import Range
+from khibernate.ranges import Range
 from khibernate.system import parse_iomem
 
 INITRD = b"\x1f\x8b" + bytes(5 * 2**20)

@@ -2,19 +2,15 @@ import pytest
 
 from khibernate.jump.errors import NoCrashRegion, PlacementError
 from khibernate.jump.memmap import (
-    E820_ACPI,
-    E820_RAM,
-    E820_RESERVED,
     Placer,
-    Range,
     crash_region,
     e820_from_iomem,
     load_window,
     low_ram,
     parse_firmware_memmap,
-    subtract,
     system_ram,
 )
+from khibernate.ranges import E820_ACPI, E820_RAM, E820_RESERVED, Range, subtract
 from khibernate.system import parse_iomem
 
 

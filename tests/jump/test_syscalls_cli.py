@@ -5,7 +5,8 @@ from click.testing import CliRunner
 from khibernate.cli import cli
 from khibernate.jump import syscalls
 from khibernate.jump.errors import NotRoot
-from khibernate.jump.syscalls import KEXEC_PRESERVE_CONTEXT, Context, explain
+from khibernate.jump.kexec_abi import KEXEC_PRESERVE_CONTEXT
+from khibernate.jump.syscalls import Context, explain
 
 
 def test_explain():
@@ -62,3 +63,48 @@ def test_reuse_cmdline(monkeypatch, tmp_path):
     monkeypatch.setattr(jcli, "Path", lambda p: fake if p == "/proc/cmdline" else real_path(p))
     assert jcli._cmdline("console=ttyS0", None, True) == "root=/dev/vda quiet console=ttyS0"
     assert jcli._cmdline(None, "a b", False) == "a b"
+
+
+def test_every_option_has_help():
+    import click
+
+    def options(cmd: click.Command, path: str):
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                yield from options(sub, f"{path} {name}")
+        for p in cmd.params:
+            if isinstance(p, click.Option):
+                yield path, p
+
+    missing = [f"{path} {'/'.join(p.opts)}" for path, p in options(cli, "khibernate") if not p.help]
+    assert missing == []
+
+
+def test_load_commands_take_the_same_command_line_options(monkeypatch, tmp_path):
+    """kexec load, kdump load and jump load: --append or --command-line (not both), and --reuse-cmdline."""
+    from khibernate.jump import api
+
+    seen = []
+    monkeypatch.setattr(api, "plan_jump", lambda kernel, initrd, cmdline, *a: seen.append(cmdline) or 1 / 0)
+    monkeypatch.setattr(api, "plan_kexec", lambda kernel, initrd, cmdline: seen.append(cmdline) or 1 / 0)
+    monkeypatch.setattr(api, "file_load", lambda kernel, initrd, cmdline, crash=False: seen.append(cmdline) or 1 / 0)
+    k = tmp_path / "k"
+    k.write_bytes(b"x")
+    for cmd in (["kexec", "load", "--syscall", "load"], ["kexec", "load"], ["kdump", "load"], ["jump", "load"]):
+        names = {o for p in cli.get_command(None, cmd[0]).get_command(None, "load").params for o in p.opts}
+        assert {"--append", "--command-line", "--reuse-cmdline", "--initrd"} <= names, cmd
+        r = CliRunner().invoke(cli, [*cmd, str(k), "--append", "a", "--command-line", "b"])
+        assert r.exit_code == 2 and "not both" in r.output, (cmd, r.output)
+        seen.clear()
+        CliRunner().invoke(cli, [*cmd, str(k), "--command-line", "console=ttyS0"])
+        assert seen == ["console=ttyS0"], cmd
+
+
+def test_address_options_take_sizes_and_refuse_octal_cleanly(tmp_path):
+    k = tmp_path / "k"
+    k.write_bytes(b"x")
+    r = CliRunner().invoke(cli, ["jump", "load", str(k), "--mem-min", "010M", "--mem-max", "0x3effffff"])
+    assert r.exit_code == 2 and "Invalid value for '--mem-min'" in r.output and "leading zero" in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+    r = CliRunner().invoke(cli, ["jump", "back", "--load-only", "--entry", "1.5G"])
+    assert r.exit_code == 2 and "not a number" in r.output

@@ -1,17 +1,18 @@
 """kexec, kdump and kexec jump driven only by khibernate, in QEMU on the test kernel (no kexec-tools used).
 
-Never skipped: without root, qemu or the test kernel these tests fail and say what is missing.
+Without root, qemu or the test kernels they skip with a reason (fail under KHIBERNATE_RUN_VM_TESTS=1).
 """
 
 from __future__ import annotations
 
 import re
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.tiers import debian_vmlinuz
 
 pytestmark = pytest.mark.vm
 
@@ -39,27 +40,6 @@ def tiny_initrd(path: Path, marker: str) -> Path:
         out += b"\0" * (-len(out) % 4)
     path.write_bytes(bytes(out))
     return path
-
-
-def debian_vmlinuz(tmp: Path) -> Path:
-    """A Debian distribution bzImage (built without CONFIG_KEXEC_JUMP, with KASLR): /boot or the linux-image .deb."""
-    found = sorted(Path("/boot").glob("vmlinuz-*"))
-    if found:
-        return found[-1]
-    debs = Path.home() / ".cache/khibernate/debs"
-    cached = sorted(debs.glob("linux-image-*-amd64_*.deb.vmlinuz"))
-    if cached:
-        return cached[-1]
-    debs.mkdir(parents=True, exist_ok=True)
-    dep = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], capture_output=True, text=True).stdout
-    pkg = next(line.split()[-1] for line in dep.splitlines() if "Depends: linux-image-" in line)
-    subprocess.run(["apt-get", "download", pkg], cwd=debs, check=True, capture_output=True)
-    deb = sorted(debs.glob("linux-image-*-amd64_*.deb"))[-1]
-    subprocess.run(f"dpkg-deb --fsys-tarfile {deb} | tar -x -C {tmp} --wildcards './boot/vmlinuz-*'", shell=True,
-                   check=True)
-    out = Path(str(deb) + ".vmlinuz")
-    out.write_bytes(next((tmp / "boot").glob("vmlinuz-*")).read_bytes())
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +293,7 @@ def test_kdump_load_crash(kernel):
 def test_jump_into_kernel_without_kexec_jump(kernel):
     """A distribution kernel (Debian, no CONFIG_KEXEC_JUMP, KASLR) as the jump target: it boots in the crash region
     with the first kernel's VMCOREINFO in /proc/vmcore, and its `jump back` is refused with a clear error."""
-    vmlinuz = debian_vmlinuz(Path(tempfile.mkdtemp(prefix="khb-deb-")))
+    vmlinuz = debian_vmlinuz()
     # the distribution kernel needs more than 256 MiB to unpack the Python initramfs
     with _vm(kernel, "jump-debian", append="crashkernel=512M", memory_mb=1536,
              extra=[(vmlinuz, "/khb/vmlinuz-debian")]) as vm:

@@ -22,18 +22,20 @@ COMPARE = (Path(__file__).resolve().parents[1] / "view" / "guest_compare.py", "/
 V = "python3 -m khibernate.cli view"
 
 
-@pytest.fixture(scope="module")
-def kernel():  # noqa: ANN201 - vmtest.kernel.TestKernel
+KERNEL_CODE_SHA = ("python3 -c \"import hashlib, re; from khibernate.view.frozen import Kcore; "
+                   "a = int(re.search(r'([0-9a-f]+)-[0-9a-f]+ : Kernel code', open('/proc/iomem').read())[1], 16); "
+                   "print(hex(a), hashlib.sha256(Kcore().read_phys(a, 1 << 20)).hexdigest())\"")
+
+
+@pytest.mark.parametrize(("line", "smp"), [("6.12", 1), ("6.12", 2), ("7.3", 1)],
+                         ids=["6.12-smp1", "6.12-smp2", "7.3-smp1"])
+def test_view_from_both_sides_of_a_jump(line: str, smp: int) -> None:
     from vmtest.kernel import ensure_kernel
     from vmtest.vm import check_host
 
     check_host()
-    return ensure_kernel()
-
-
-@pytest.mark.parametrize("smp", [1, 2], ids=["smp1", "smp2"])
-def test_view_of_the_first_kernel_from_the_jump_target(kernel, smp: int) -> None:  # noqa: ANN001
-    with _vm(kernel, f"view-smp{smp}", smp=smp, extra=[COMPARE]) as vm:
+    kernel = ensure_kernel(line)
+    with _vm(kernel, f"view-{line}-smp{smp}", smp=smp, extra=[COMPARE]) as vm:
         a_release = vm.release
         status, out = vm.run_status(f"{V} info")
         assert status != 0 and "no elfcorehdr=" in out and "give SOURCE" in out, out
@@ -71,6 +73,7 @@ def test_view_of_the_first_kernel_from_the_jump_target(kernel, smp: int) -> None
 
         # back in the first kernel: the view is the frozen jump target (crash region + the kimage's swapped pages)
         vm.run("echo KHB-VIEW-MARK-IN-B > /dev/kmsg")
+        code_at, code_sha = grun(vm, KERNEL_CODE_SHA).split()  # the target's own kernel text, read by itself
         vm.mark()
         vm.send(f"{K} jump back")
         vm.wait_for(BACK, timeout=180)
@@ -84,3 +87,6 @@ def test_view_of_the_first_kernel_from_the_jump_target(kernel, smp: int) -> None
         log = vm.run(f"{V} dmesg", timeout=300)
         assert "KHB-VIEW-MARK-IN-B" in log and "khb.role=B" in log and "elfcorehdr=" in log
         assert "KHB-VIEW-MARK-IN-A" not in log  # the target's own log, not the first kernel's
+        # its kernel text sits in a segment destination: the first kernel reads it from the swapped-back page
+        viewed = vm.run(f"{V} read --paddr {code_at} --size 0x100000 --raw | sha256sum", timeout=300).split()[0]
+        assert viewed == code_sha, (code_at, viewed, code_sha)

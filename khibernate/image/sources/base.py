@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from khibernate.image.errors import AddressError, TruncatedError
+from khibernate.ranges import Range, merge
 
 if TYPE_CHECKING:
     import numpy as np
@@ -19,17 +20,8 @@ if TYPE_CHECKING:
 PAGE_SIZE = 4096
 
 
-@dataclasses.dataclass(frozen=True, order=True)
-class MemRange:
-    """Physical memory [start, end) that the old kernel used as RAM."""
-
-    start: int
-    end: int
-
-    @property
-    def size(self) -> int:
-        """Length in bytes."""
-        return self.end - self.start
+# The image side's name for khibernate's one Range type (half-open, e820 type left at RAM).
+MemRange = Range
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,14 +38,8 @@ VMCOREINFO_NOTE = "VMCOREINFO"
 
 
 def merge_ranges(ranges: Sequence[MemRange]) -> tuple[MemRange, ...]:
-    """Sorted, coalesced ranges (overlapping or touching ranges become one)."""
-    out: list[MemRange] = []
-    for r in sorted(x for x in ranges if x.end > x.start):
-        if out and r.start <= out[-1].end:
-            out[-1] = MemRange(out[-1].start, max(out[-1].end, r.end))
-        else:
-            out.append(r)
-    return tuple(out)
+    """Sorted, coalesced ranges (overlapping or touching ranges become one): :func:`khibernate.ranges.merge`."""
+    return merge(ranges)
 
 
 class MemorySource(ABC):

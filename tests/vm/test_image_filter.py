@@ -9,8 +9,8 @@ from khibernate.image import vmcoreinfo
 from khibernate.image.pagefilter import PageClass, PageFilter
 from khibernate.image.plan import plan
 from khibernate.image.sources import open_source
-from tests.image.oracle import confusion, kpageflags_classes
-from tests.image.vmcores import RealDump
+from tests.vm.oracle import confusion, kpageflags_classes
+from tests.vm.vmcores import RealDump
 
 pytestmark = pytest.mark.vm
 

@@ -13,7 +13,7 @@ from khibernate.image.dmesg import kernel_log
 from khibernate.image.export import export
 from khibernate.image.format import KhiSource, save_file
 from khibernate.image.sources import open_source
-from tests.image.vmcores import RealDump
+from tests.vm.vmcores import RealDump
 
 pytestmark = pytest.mark.vm
 
