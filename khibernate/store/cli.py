@@ -64,7 +64,10 @@ def show_cmd(device: str, slot: int, verify: bool) -> None:
 @click.argument("device")
 @click.argument("slot", type=int)
 @click.argument("dest", type=click.Path(dir_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["khi", "kdump", "elf"]), default="khi", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["khi", "kdump", "elf"]), default="khi", show_default=True,
+              help="khi: the image as stored; kdump: makedumpfile's compressed format with zstd pages (drgn, "
+                   "libkdumpfile; Debian 12's makedumpfile has no zstd: export the khi and use `image export "
+                   "--compress zlib`); elf: an ELF vmcore (gdb, drgn).")
 def export_cmd(device: str, slot: int, dest: str, fmt: str) -> None:
     """Copy SLOT's image out of the store into DEST (checked first)."""
     n = api.export(device, slot, dest, fmt)
