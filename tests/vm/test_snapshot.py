@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from vmtest.vm import TIMEOUT_SCALE
+
 pytestmark = pytest.mark.vm
 
 HERE = Path(__file__).parent
@@ -87,8 +89,11 @@ def _snapshot(vm, report: dict) -> dict:
     return r
 
 
-def _check_image(vm, tmp_path: Path, r: dict, addrs: list[int], vmci_a: str) -> dict:
+def _check_image(vm, tmp_path: Path, r: dict, addrs: list[int], vmci_a: str, marker: str) -> dict:
+    """The slot's image on the host: verifies, holds the pattern, VMCOREINFO, the log up to the jump, our note."""
+    from khibernate.image.dmesg import kernel_log
     from khibernate.image.format import KhiSource
+    from khibernate.image.vmcoreinfo import from_source
     from khibernate.store import api as store
 
     out = tmp_path / f"slot{r['slot']}-{r['seq']}.khi"
@@ -107,6 +112,8 @@ def _check_image(vm, tmp_path: Path, r: dict, addrs: list[int], vmci_a: str) -> 
                     "NUMBER(phys_base)"):
             if key in a:
                 assert img.get(key) == a[key], key
+        log = kernel_log(src, from_source(src))
+        assert marker in log, f"{marker} not in the image's kernel log (its tail: {log[-2000:]})"
         note = next(n for n in src.notes if n.name == "KHIBERNATE")
         meta = json.loads(note.desc)
         assert meta["boot_id"] == vm.run("cat /proc/sys/kernel/random/boot_id").strip()
@@ -116,24 +123,57 @@ def _check_image(vm, tmp_path: Path, r: dict, addrs: list[int], vmci_a: str) -> 
         src.close()
 
 
+def _drgn_lists_the_workload(vm, tmp_path: Path, r: dict) -> None:
+    """drgn with the test kernel's vmlinux on the last slot's kdump export lists the guest's workload processes."""
+    import drgn
+    from drgn.helpers.linux.pid import for_each_task
+
+    from khibernate.store import api as store
+
+    counter_pid, _ = counter(vm)
+    pattern_pid = int(vm.run("for p in /proc/[0-9]*; do grep -q snapshot_guest $p/cmdline 2>/dev/null && "
+                             "echo ${p#/proc/}; done").split()[0])
+    out = tmp_path / "last.kdump"
+    store.export(str(vm.disk), r["slot"], str(out), "kdump")
+    prog = drgn.Program()
+    prog.set_core_dump(str(out))
+    prog.load_debug_info([str(vm.kernel.vmlinux)])
+    tasks = {t.pid.value_(): t.comm.string_().decode() for t in for_each_task(prog)}
+    assert tasks.get(counter_pid) == "sh", (counter_pid, tasks)
+    assert tasks.get(pattern_pid) == "python3", (pattern_pid, tasks)
+    assert tasks.get(1) == "init" or 1 in tasks
+
+
 def test_snapshots_continue_and_images_hold_the_guest(guest, tmp_path) -> None:
-    """Three snapshots in a row: each exits 0, the guest runs on; each image verifies on the host."""
+    """A read-only target refused; then three snapshots in a row: each exits 0, the guest runs on; each image
+    verifies on the host and holds the log up to the jump; drgn lists the workload's processes in the last one."""
     vm = guest
     vm.run("khibernate target init /dev/vda --slots 2")
+    # a read-only target is refused before anything is frozen, loaded or written
+    vm.run("busybox blockdev --setro /dev/vda")
+    mark = vm.mark()
+    st, out = vm.run_status(SNAP, timeout=120)
+    vm.run("busybox blockdev --setrw /dev/vda")
+    assert st != 0 and "read-only" in out, out
+    assert "Freezing user space" not in vm.console_since(mark)
+    assert vm.run("cat /sys/kernel/kexec_loaded").strip() == "0"
     addrs = json.loads(vm.run("cat /tmp/pattern.json"))
     assert len(addrs) == PATTERN_PAGES and all(addrs)
     vmci_a = vm.run("python3 /usr/libexec/khibernate/vmcoreinfo.py kcore")
     report: dict = {}
     slots_seen = []
-    for _ in range(3):
+    for i in range(3):
+        marker = f"KHB-SNAPSHOT-MARK-{i}-{time.time_ns()}"
+        vm.run(f"echo {marker} > /dev/kmsg")  # the image's kernel log must hold the log up to the jump
         r = _snapshot(vm, report)
         slots_seen.append(r["slot"])
         # pagemap again: the pattern pages are mlocked and must not have moved
         assert json.loads(vm.run("cat /tmp/pattern.json")) == addrs
-        r["check"] = _check_image(vm, tmp_path, r, addrs, vmci_a)
+        r["check"] = _check_image(vm, tmp_path, r, addrs, vmci_a, marker)
         listing = vm.run("khibernate target list /dev/vda")
         assert re.search(rf"slot {r['slot']}: complete\s+#{r['seq']}", listing), listing
     assert slots_seen == [0, 1, 0]  # the newest good image is never the one overwritten
+    _drgn_lists_the_workload(vm, tmp_path, report["runs"][-1])
     for r in report["runs"]:
         print(f"\n[snapshot 6.12 1 GiB] slot {r['slot']} #{r['seq']}: pause {r['pause_seconds']:.2f} s, "
               f"image {r['bytes'] / 1e6:.1f} MB ({r['pages_stored']} of {r['pages_ram']} pages), save "
@@ -207,9 +247,26 @@ def test_snapshot_on_7_3_with_two_cpus(tmp_path) -> None:
         addrs = json.loads(vm.run("cat /tmp/pattern.json"))
         vmci_a = vm.run("python3 /usr/libexec/khibernate/vmcoreinfo.py kcore")
         report: dict = {}
+        marker = f"KHB-SNAPSHOT-MARK-7.3-{time.time_ns()}"
+        vm.run(f"echo {marker} > /dev/kmsg")
         r = _snapshot(vm, report)
         assert vm.run("cat /sys/devices/system/cpu/online").strip() == "0-1"
-        check = _check_image(vm, tmp_path, r, addrs, vmci_a)
+        check = _check_image(vm, tmp_path, r, addrs, vmci_a, marker)
         assert check["osrelease"].startswith("7.3")
         print(f"\n[snapshot 7.3 1 GiB 2 CPUs] pause {r['pause_seconds']:.2f} s, image {r['bytes'] / 1e6:.1f} MB, "
               f"save {r['save_seconds']} s, capture peak used {r['capture_peak_used_bytes'] / 2**20:.1f} MiB")
+        # For scale, the peer: in-kernel hibernation (swsusp, LZO) of the same guest to a swap device on the same
+        # disk, from the command to QEMU's exit (freeze + snapshot + write + ACPI S4 power-off).
+        vm.run("mkswap /dev/vda >/dev/null && swapon /dev/vda")
+        mark = vm.mark()
+        t0 = time.monotonic()
+        vm.send("echo disk > /sys/power/state")
+        assert vm.wait_exit(timeout=600 * TIMEOUT_SCALE) == 0
+        hib = time.monotonic() - t0
+        with open(vm.disk, "rb") as disk:  # swsusp's signature replaces SWAPSPACE2 once the image is written
+            assert disk.read(4096)[4086:4095] == b"S1SUSPEND"
+        wrote = re.search(r"Wrote (\d+) kbytes in ([\d.]+) seconds", vm.console_since(mark))
+        detail = (f", snapshot of {int(wrote.group(1)) / 1e3:.1f} MB written in {wrote.group(2)} s"
+                  if wrote else " (its 'Wrote' line did not reach the console)")
+        print(f"[swsusp 7.3 1 GiB 2 CPUs, same guest, LZO] echo disk -> QEMU exit {hib:.1f} s{detail}; "
+              f"khibernate snapshot pause {r['pause_seconds']:.1f} s for {r['bytes'] / 1e6:.1f} MB (zstd, -d 17)")
