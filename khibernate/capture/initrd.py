@@ -10,35 +10,17 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import sys
 from pathlib import Path
 
 CACHE = Path(os.environ.get("KHIBERNATE_CACHE", Path.home() / ".cache" / "khibernate")) / "capture"
 
 
-def _hash_tree(h: hashlib._Hash, root: Path) -> None:
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(n for n in dirnames if n != "__pycache__")
-        for n in sorted(filenames):
-            if not n.endswith(".pyc"):
-                p = Path(dirpath) / n
-                h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
-
-
 def cache_key() -> str:
     """Hash of what the capture initramfs would contain."""
-    import khibernate
     from khibernate.initramfs import build as builder
 
     h = hashlib.sha256(b"capture-initrd-v1\0")
-    _hash_tree(h, Path(khibernate.__file__).resolve().parent)
-    _hash_tree(h, builder.CONTENT_DIR.resolve())
-    exe = os.path.realpath(sys.executable)
-    h.update(f"{exe}\0{sys.version}".encode())
-    for p in (exe, *builder.BUSYBOX_CANDIDATES, *builder.KEXEC_CANDIDATES):
-        if os.path.exists(p):
-            st = os.stat(p)
-            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    builder.hash_inputs(h)
     return h.hexdigest()[:16]
 
 
