@@ -247,8 +247,10 @@ def parse_add(spec: str) -> tuple[Path, str]:
     return Path(src), dst
 
 
-def build_tree(extra: Iterable[tuple[Path, str]] = (), python: bool = True, kexec: bool = True) -> Tree:
-    """The full capture-environment tree (libraries are resolved when it is archived)."""
+def build_tree(extra: Iterable[tuple[Path, str]] = (), python: bool = True, kexec: bool = True,
+               modules: tuple[str, Iterable[str]] | None = None) -> Tree:
+    """The full capture-environment tree (libraries are resolved when it is archived); ``modules`` is (kernel
+    release, module names) for a modular capture kernel: those and their dependencies go in for /init to load."""
     tree = Tree()
     add_skeleton(tree)
     add_busybox(tree)
@@ -259,6 +261,10 @@ def build_tree(extra: Iterable[tuple[Path, str]] = (), python: bool = True, kexe
     add_content(tree)
     for src, dst in extra:
         tree.add_file(src, dst)
+    if modules is not None:
+        from khibernate.initramfs.modules import add_modules
+
+        add_modules(tree, modules[0], modules[1])
     return tree
 
 
@@ -278,9 +284,9 @@ class BuildReport:
 
 
 def build(output: Path, extra: Iterable[tuple[Path, str]] = (), compression: str = "zstd", python: bool = True,
-          kexec: bool = True) -> BuildReport:
+          kexec: bool = True, modules: tuple[str, Iterable[str]] | None = None) -> BuildReport:
     """Build the initramfs into output and report its size."""
-    tree = build_tree(extra, python=python, kexec=kexec)
+    tree = build_tree(extra, python=python, kexec=kexec, modules=modules)
     data = tree.archive(compression)
     output = Path(output)
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
