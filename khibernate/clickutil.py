@@ -91,3 +91,11 @@ class NumberRange(click.ParamType):  # type: ignore[type-arg,unused-ignore]
 ADDRESS = Number("ADDRESS")
 SIZE = Number("SIZE")
 NUMBER = Number("NUMBER")
+
+
+def echo_hexdump(address: int, data: bytes) -> None:
+    """Print ``data`` as 16-byte rows (address, hex bytes, printable ASCII), as ``image read`` and ``view read`` do."""
+    for off in range(0, len(data), 16):
+        row = data[off:off + 16]
+        text = "".join(chr(b) if 32 <= b < 127 else "." for b in row)
+        click.echo(f"{address + off:016x}  {row.hex(' '):<47}  {text}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,16 +22,6 @@ from khibernate.initramfs import cpio
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("KHIBERNATE_CACHE", Path.home() / ".cache" / "khibernate")) / "initramfs"
 COMPRESSION = "zstd"
-
-
-def _hash_tree(h: hashlib._Hash, root: Path) -> None:
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(n for n in dirnames if n != "__pycache__")
-        for n in sorted(filenames):
-            if n.endswith(".pyc"):
-                continue
-            p = Path(dirpath) / n
-            h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
 
 
 def _builder_hash() -> str:
@@ -48,24 +37,8 @@ BUILDER_AT_IMPORT = _builder_hash()
 
 def payload_key(python: bool = True) -> str:
     """Hash of everything the payload is made of (khibernate sources by content, host binaries by stat)."""
-    import khibernate
-
     h = hashlib.sha256(b"payload-v1\0" + COMPRESSION.encode() + (b"py" if python else b"nopy"))
-    _hash_tree(h, Path(khibernate.__file__).resolve().parent)
-    _hash_tree(h, builder.CONTENT_DIR.resolve())
-    exe = os.path.realpath(sys.executable)
-    h.update(f"{exe}\0{sys.version}\0{khibernate.__file__}".encode())
-    for p in (exe, *builder.BUSYBOX_CANDIDATES, *builder.KEXEC_CANDIDATES):
-        if os.path.exists(p):
-            st = os.stat(p)
-            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}".encode())
-    import importlib.metadata as md
-
-    for dist in ("pyelftools", "zstandard", "cffi", "click", "pycparser"):
-        try:
-            h.update(f"{dist}={md.version(dist)}".encode())
-        except md.PackageNotFoundError:
-            pass
+    builder.hash_inputs(h)
     return h.hexdigest()[:16]
 
 

@@ -48,11 +48,19 @@ def capture_group() -> None:
 @capture_group.command("build")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Also copy the initramfs here (it is cached in ~/.cache/khibernate/capture either way).")
-def build_cmd(output: Path | None) -> None:
-    """Build (or reuse, by content) the capture initramfs: busybox, /init, Python + khibernate."""
+@click.option("--target", metavar="DEV",
+              help="The snapshot target: when its drivers are modules (Debian's kernels), they and their "
+                   "dependencies from modules.dep go in, and /init loads them before the job.")
+@click.option("--kernel", metavar="BZIMAGE",
+              help="The capture kernel whose modules to take (default: the running kernel's release).")
+def build_cmd(output: Path | None, target: str | None, kernel: str | None) -> None:
+    """Build (or reuse, by content) the capture initramfs: busybox, /init, Python + khibernate, and the target's
+    driver modules for a modular capture kernel."""
     from khibernate.capture import initrd
+    from khibernate.jump.bzimage import kernel_release
 
-    path, reused = initrd.ensure(output)
+    release = kernel_release(Path(kernel).read_bytes()) if kernel else None
+    path, reused = initrd.ensure(output, target=target, kernel_release=release)
     click.echo(f"{path}: {path.stat().st_size / 2**20:.1f} MiB ({'cached' if reused else 'built'})")
 
 

@@ -10,47 +10,45 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import sys
 from pathlib import Path
 
 CACHE = Path(os.environ.get("KHIBERNATE_CACHE", Path.home() / ".cache" / "khibernate")) / "capture"
 
 
-def _hash_tree(h: hashlib._Hash, root: Path) -> None:
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(n for n in dirnames if n != "__pycache__")
-        for n in sorted(filenames):
-            if not n.endswith(".pyc"):
-                p = Path(dirpath) / n
-                h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
-
-
-def cache_key() -> str:
-    """Hash of what the capture initramfs would contain."""
-    import khibernate
+def cache_key(modules: tuple[str, list[str]] | None = None) -> str:
+    """Hash of what the capture initramfs would contain (``modules``: kernel release and the modules it carries)."""
     from khibernate.initramfs import build as builder
 
     h = hashlib.sha256(b"capture-initrd-v1\0")
-    _hash_tree(h, Path(khibernate.__file__).resolve().parent)
-    _hash_tree(h, builder.CONTENT_DIR.resolve())
-    exe = os.path.realpath(sys.executable)
-    h.update(f"{exe}\0{sys.version}".encode())
-    for p in (exe, *builder.BUSYBOX_CANDIDATES, *builder.KEXEC_CANDIDATES):
-        if os.path.exists(p):
-            st = os.stat(p)
-            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    builder.hash_inputs(h)
+    if modules is not None:
+        h.update(f"modules\0{modules[0]}\0{','.join(modules[1])}".encode())
     return h.hexdigest()[:16]
 
 
-def ensure(output: Path | None = None, log: object = None) -> tuple[Path, bool]:
-    """(path, reused): the cached capture initramfs, built first if absent; copied to ``output`` if given."""
+def needed_modules(target: str | None, kernel_release: str | None) -> tuple[str, list[str]] | None:
+    """(release, names) of the modules the capture kernel needs to write ``target``; None when the drivers are
+    built in, or the release is unknown and nothing is modular here."""
+    from khibernate.initramfs.modules import device_modules
+
+    names = device_modules(target) if target else []
+    if not names:
+        return None
+    return (kernel_release or os.uname().release), names
+
+
+def ensure(output: Path | None = None, log: object = None, target: str | None = None,
+           kernel_release: str | None = None) -> tuple[Path, bool]:
+    """(path, reused): the cached capture initramfs, built first if absent; copied to ``output`` if given.  With a
+    ``target`` whose drivers are modules, those (for ``kernel_release``, default the running kernel's) go in too."""
     from khibernate.initramfs import build as builder
 
-    path = CACHE / f"capture-{cache_key()}.cpio.zst"
+    modules = needed_modules(target, kernel_release)
+    path = CACHE / f"capture-{cache_key(modules)}.cpio.zst"
     reused = path.is_file()
     if not reused:
         CACHE.mkdir(parents=True, exist_ok=True)
-        builder.build(path, compression="zstd")
+        builder.build(path, compression="zstd", modules=modules)
     if output is not None:
         tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
         shutil.copyfile(path, tmp)

@@ -94,7 +94,10 @@ def run(opts: Options, say: Any = print) -> dict[str, Any]:
     if opts.capture_initrd:
         initrd, reused = opts.capture_initrd, True
     else:
-        path, reused = capture_initrd.ensure()
+        from khibernate.jump.bzimage import kernel_release
+
+        path, reused = capture_initrd.ensure(target=opts.target,
+                                             kernel_release=kernel_release(Path(kernel).read_bytes()))
         initrd = str(path)
     say(f"snapshot: slot {slot.index} of {opts.target} ({slot.capacity / 2**20:.0f} MiB), {est.describe()}; "
         f"capture kernel {kernel}, initramfs {initrd}{' (cached)' if reused else ' (built)'}")

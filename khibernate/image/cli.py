@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from khibernate.clickutil import ADDRESS, SIZE, ErrorReportingGroup, parse_number
+from khibernate.clickutil import ADDRESS, SIZE, ErrorReportingGroup, echo_hexdump, parse_number
 from khibernate.image import vmcoreinfo as vmci_mod
 from khibernate.image.errors import FileAccessError, ImageError, MissingVmcoreinfoError, UsageErrorImage
 from khibernate.image.levels import RESTORABLE_LEVEL, PageClass
@@ -212,10 +212,7 @@ def read_cmd(source: str, paddr: int, size: int, raw: bool, ranges: str | None, 
     if raw:
         sys.stdout.buffer.write(data)
         return
-    for off in range(0, len(data), 16):
-        row = data[off:off + 16]
-        text = "".join(chr(b) if 32 <= b < 127 else "." for b in row)
-        click.echo(f"{a + off:016x}  {row.hex(' '):<47}  {text}")
+    echo_hexdump(a, data)
 
 
 @image_group.command("export")

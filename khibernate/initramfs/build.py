@@ -8,6 +8,7 @@ when the archive is made.  The content of ``/init`` and its helpers lives in the
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import os
 import shutil
@@ -26,6 +27,41 @@ from khibernate.initramfs import python as pybundle
 CONTENT_DIR = Path(__file__).resolve().parent / "content"
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 KEXEC_CANDIDATES = ("/usr/sbin/kexec", "/sbin/kexec")
+
+
+def hash_tree(h: hashlib._Hash, root: Path) -> None:
+    """Feed ``h`` with every file below ``root`` (relative path + content, sorted; caches and .pyc left out)."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(n for n in dirnames if n != "__pycache__")
+        for n in sorted(filenames):
+            if not n.endswith(".pyc"):
+                p = Path(dirpath) / n
+                h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
+
+
+def hash_inputs(h: hashlib._Hash) -> None:
+    """Feed ``h`` with what a Python initramfs is built from: khibernate's sources and initramfs/ by content, the
+    interpreter and the host's busybox and kexec by path, size and mtime, the bundled packages by version (a cache
+    key for a built initramfs)."""
+    import sys
+
+    import khibernate
+
+    hash_tree(h, Path(khibernate.__file__).resolve().parent)
+    hash_tree(h, CONTENT_DIR.resolve())
+    exe = os.path.realpath(sys.executable)
+    h.update(f"{exe}\0{sys.version}\0{khibernate.__file__}".encode())
+    for p in (exe, *BUSYBOX_CANDIDATES, *KEXEC_CANDIDATES):
+        if os.path.exists(p):
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    import importlib.metadata as md
+
+    for dist in ("pyelftools", "zstandard", "cffi", "click", "pycparser", "numpy", "mfusepy"):
+        try:
+            h.update(f"{dist}={md.version(dist)}".encode())
+        except md.PackageNotFoundError:
+            pass
 SKELETON_DIRS = ("dev", "proc", "sys", "tmp", "run", "root", "mnt", "etc", "var/tmp", "boot")
 
 
@@ -211,8 +247,10 @@ def parse_add(spec: str) -> tuple[Path, str]:
     return Path(src), dst
 
 
-def build_tree(extra: Iterable[tuple[Path, str]] = (), python: bool = True, kexec: bool = True) -> Tree:
-    """The full capture-environment tree (libraries are resolved when it is archived)."""
+def build_tree(extra: Iterable[tuple[Path, str]] = (), python: bool = True, kexec: bool = True,
+               modules: tuple[str, Iterable[str]] | None = None) -> Tree:
+    """The full capture-environment tree (libraries are resolved when it is archived); ``modules`` is (kernel
+    release, module names) for a modular capture kernel: those and their dependencies go in for /init to load."""
     tree = Tree()
     add_skeleton(tree)
     add_busybox(tree)
@@ -223,6 +261,10 @@ def build_tree(extra: Iterable[tuple[Path, str]] = (), python: bool = True, kexe
     add_content(tree)
     for src, dst in extra:
         tree.add_file(src, dst)
+    if modules is not None:
+        from khibernate.initramfs.modules import add_modules
+
+        add_modules(tree, modules[0], modules[1])
     return tree
 
 
@@ -242,9 +284,9 @@ class BuildReport:
 
 
 def build(output: Path, extra: Iterable[tuple[Path, str]] = (), compression: str = "zstd", python: bool = True,
-          kexec: bool = True) -> BuildReport:
+          kexec: bool = True, modules: tuple[str, Iterable[str]] | None = None) -> BuildReport:
     """Build the initramfs into output and report its size."""
-    tree = build_tree(extra, python=python, kexec=kexec)
+    tree = build_tree(extra, python=python, kexec=kexec, modules=modules)
     data = tree.archive(compression)
     output = Path(output)
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")

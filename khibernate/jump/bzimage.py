@@ -131,3 +131,19 @@ def parse_bzimage(data: bytes, name: str = "kernel") -> BzImage:
         setup_header=bytes(data[SETUP_HEADER_OFFSET:hdr_end]),
         payload=bytes(data[setup_size:]),
     )
+
+
+def kernel_release(data: bytes) -> str | None:
+    """The release (``uname -r``) in the setup header's kernel_version string (protocol >= 2.00: a pointer at 0x20e
+    to a NUL-terminated string at +0x200, e.g. "6.1.0-28-amd64 (debian-kernel@...) #1 SMP ..."); None if absent."""
+    if len(data) < 0x210 or data[0x202:0x206] != b"HdrS":
+        return None
+    ptr = _u16(data, 0x20E)
+    if not ptr:
+        return None
+    start = ptr + 0x200
+    end = data.find(b"\0", start, start + 256)
+    if start >= len(data) or end < 0:
+        return None
+    words = data[start:end].decode("ascii", "replace").split()
+    return words[0] if words else None

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from khibernate.clickutil import ErrorReportingGroup
+from khibernate.clickutil import ADDRESS, SIZE, ErrorReportingGroup, echo_hexdump
 from khibernate.image.errors import FileAccessError, UsageErrorImage
 from khibernate.image.sources import MemorySource
 from khibernate.image.vmcoreinfo import Vmcoreinfo
@@ -69,17 +69,17 @@ def info_cmd(source: str | None, as_json: bool) -> None:
 
 @view_group.command("read")
 @click.argument("source", required=False)
-@click.option("--paddr", required=True, help="Physical address (decimal or 0x-hex).")
-@click.option("--size", default="0x1000", show_default=True, help="Bytes to read.")
+@click.option("--paddr", required=True, type=ADDRESS, help="Physical address (0x-hex, decimal, or 1M-style).")
+@click.option("--size", default="0x1000", show_default=True, type=SIZE,
+              help="Bytes to read (e.g. 64, 0x1000, 4K; at most 1G).")
 @click.option("--raw", is_flag=True, help="Write the bytes to stdout instead of a hex dump.")
 @click.option("--zero-fill", is_flag=True, help="Read holes and excluded pages as zeros (as oldmem does) "
               "instead of failing.")
-def read_cmd(source: str | None, paddr: str, size: str, raw: bool, zero_fill: bool) -> None:
+def read_cmd(source: str | None, paddr: int, size: int, raw: bool, zero_fill: bool) -> None:
     """Read physical memory of the previous kernel (or SOURCE)."""
-    try:
-        a, n = int(paddr, 0), int(size, 0)
-    except ValueError:
-        raise UsageErrorImage("--paddr and --size take decimal or 0x-hex numbers") from None
+    if size > 1 << 30:
+        raise UsageErrorImage(f"--size {size} is more than 1G; read in pieces or use 'view mount' and dd")
+    a, n = paddr, size
     with _open(source) as src:
         if zero_fill:
             from khibernate.view.physical import read_filled
@@ -90,10 +90,7 @@ def read_cmd(source: str | None, paddr: str, size: str, raw: bool, zero_fill: bo
     if raw:
         sys.stdout.buffer.write(data)
         return
-    for off in range(0, len(data), 16):
-        row = data[off:off + 16]
-        text = "".join(chr(b) if 32 <= b < 127 else "." for b in row)
-        click.echo(f"{a + off:016x}  {row.hex(' '):<47}  {text}")
+    echo_hexdump(a, data)
 
 
 @view_group.command("dmesg")
