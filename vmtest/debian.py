@@ -54,5 +54,30 @@ def fetch() -> Path:
     return out
 
 
+def modules_tree(dest: Path, wanted_dirs: tuple[str, ...] = ("kernel/drivers/virtio", "kernel/drivers/block")) -> str:
+    """Extract the cached .deb's modules under ``wanted_dirs`` into ``dest``/lib/modules/KVER, run depmod there
+    (kmod, from setup) as the package's postinst would, and return KVER."""
+    debs = sorted(DEBS.glob("linux-image-*-amd64_*.deb"))
+    if not debs:
+        raise RuntimeError(f"no linux-image .deb in {DEBS}: run `python3 -m vmtest.debian` (scripts/setup.sh does)")
+    data = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(debs[-1])], capture_output=True, check=True).stdout
+    kver = ""
+    with tempfile.TemporaryDirectory() as tmp:
+        tar = Path(tmp) / "data.tar"
+        tar.write_bytes(data)
+        with tarfile.open(tar) as t:
+            for m in t.getmembers():
+                parts = m.name.split("/")  # ./lib/modules/KVER/kernel/...
+                if m.isfile() and len(parts) > 5 and parts[1:3] == ["lib", "modules"] and \
+                        any("/".join(parts[4:]).startswith(d + "/") for d in wanted_dirs):
+                    kver = parts[3]
+                    t.extract(m, dest, filter="data")
+    if not kver:
+        raise RuntimeError(f"{debs[-1].name} has no modules under {', '.join(wanted_dirs)}")
+    depmod = next((p for p in ("/sbin/depmod", "/usr/sbin/depmod") if Path(p).exists()), "depmod")
+    subprocess.run([depmod, "-b", str(dest), kver], check=True, capture_output=True)
+    return kver
+
+
 if __name__ == "__main__":
     print(f"[setup] Debian kernel: {fetch()}", file=sys.stderr)

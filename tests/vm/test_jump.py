@@ -293,22 +293,39 @@ def test_kdump_load_crash(kernel):
 def test_jump_into_kernel_without_kexec_jump(kernel):
     """A distribution kernel (Debian, no CONFIG_KEXEC_JUMP, KASLR) as the jump target: it boots in the crash region
     with the first kernel's VMCOREINFO in /proc/vmcore, and its `jump back` is refused with a clear error."""
+    from khibernate.initramfs import build as builder
+    from khibernate.initramfs import cpio
+    from khibernate.initramfs.modules import add_modules
+    from vmtest import debian
+
     vmlinuz = debian_vmlinuz()
-    # the distribution kernel needs more than 256 MiB to unpack the Python initramfs
-    with _vm(kernel, "jump-debian", append="crashkernel=512M", memory_mb=1536,
-             extra=[(vmlinuz, "/khb/vmlinuz-debian")]) as vm:
-        a_info = grun(vm, f"python3 {GUEST_HELPER[1]} kcore")
-        out = vm.run(f"{K} jump load /khb/vmlinuz-debian --initrd /boot/initrd.img --append '{B_APPEND}'",
-                     timeout=120)
-        assert "loaded jump image" in out
-        vm.send(f"{K} jump exec")
-        vm.wait_for_shell(timeout=300, new_boot=True)
-        resync(vm)
-        release = grun(vm, "uname -r").strip()
-        assert release != "6.12.117" and release.endswith("-amd64"), release
-        assert "kexec_jump_back_entry=0x" in grun(vm, "cat /proc/cmdline")
-        b_info = grun(vm, f"python3 {GUEST_HELPER[1]} vmcore")
-        assert b_info[:b_info.index("PT_LOAD ")] == a_info
-        status, out = vm.run_status(f"{K} jump back", timeout=120)
-        assert status == 1 and "CONFIG_KEXEC_JUMP" in out and "Traceback" not in out, out
-        print(f"\n[debian {release}] `jump back` refused: {out.strip()[:160]}")
+    # Debian's virtio drivers are modules: the capture environment carries them from modules.dep (the product's
+    # add_modules, on the package's own modules and depmod) and its /init loads them, so B sees the disk.
+    with tempfile.TemporaryDirectory() as tmp:
+        kver = debian.modules_tree(Path(tmp))
+        tree = builder.Tree()
+        loaded = add_modules(tree, kver, ["virtio_blk", "virtio_pci"], modules_root=Path(tmp) / "lib/modules")
+        mods = Path(tmp) / "modules.cpio"
+        mods.write_bytes(cpio.write(tree.entries.values()))
+        # the distribution kernel needs more than 256 MiB to unpack the Python initramfs
+        with _vm(kernel, "jump-debian", append="crashkernel=512M", memory_mb=1536, disk_mb=16,
+                 extra=[(vmlinuz, "/khb/vmlinuz-debian"), (mods, "/khb/modules.cpio")]) as vm:
+            vm.run("cat /khb/modules.cpio /boot/initrd.img > /tmp/initrd-debian.img")
+            a_info = grun(vm, f"python3 {GUEST_HELPER[1]} kcore")
+            out = vm.run(f"{K} jump load /khb/vmlinuz-debian --initrd /tmp/initrd-debian.img --append '{B_APPEND}'",
+                         timeout=120)
+            assert "loaded jump image" in out
+            vm.send(f"{K} jump exec")
+            vm.wait_for_shell(timeout=300, new_boot=True)
+            resync(vm)
+            release = grun(vm, "uname -r").strip()
+            assert release != "6.12.117" and release.endswith("-amd64"), release
+            assert "kexec_jump_back_entry=0x" in grun(vm, "cat /proc/cmdline")
+            b_info = grun(vm, f"python3 {GUEST_HELPER[1]} vmcore")
+            assert b_info[:b_info.index("PT_LOAD ")] == a_info
+            in_b = grun(vm, "cut -d' ' -f1 /proc/modules; ls /sys/block").split()
+            assert set(loaded) <= set(in_b) and "vda" in in_b, (loaded, in_b)
+            status, out = vm.run_status(f"{K} jump back", timeout=120)
+            assert status == 1 and "CONFIG_KEXEC_JUMP" in out and "Traceback" not in out, out
+            print(f"\n[debian {release}] modules loaded by /init: {' '.join(loaded)}; `jump back` refused: "
+                  f"{out.strip()[:160]}")
