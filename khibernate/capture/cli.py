@@ -18,7 +18,9 @@ import click
 @click.option("--keep", type=int, metavar="N", help="Keep only the N newest complete images (older slots freed).")
 @click.option("--deadline", type=float, default=600, show_default=True, metavar="S",
               help="Seconds after the capture kernel's boot when its watchdog gives up and jumps back.")
-@click.option("--append", default="", metavar="S", help="Extra capture-kernel command line words.")
+@click.option("--append", default="", metavar="S",
+              help="Extra capture-kernel command line words; `khibernate.fault=raise` or `=hang` makes the capture "
+                   "job fail or hang on purpose (tests that it still jumps back and keeps the last good image).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 def snapshot_command(target: str, level: int, kernel: str | None, capture_initrd: str | None, keep: int | None,
                      deadline: float, append: str, as_json: bool) -> None:

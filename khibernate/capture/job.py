@@ -130,6 +130,22 @@ def khibernate_note(job: Job, cmdline: str) -> bytes:
                        "capture_ram": crash, "restorable": job.level & ~17 == 0}).encode()
 
 
+def inject_fault(cmdline: str) -> None:
+    """``khibernate.fault=raise|hang`` (``snapshot --append``): fail on purpose, after the slot is reserved, to test
+    that a failing or hung capture job still jumps back and leaves the last good image alone (like LKDTM for kdump)."""
+    faults = [w.partition("=")[2] for w in cmdline.split() if w.startswith(f"{PREFIX}fault=")]
+    if not faults:
+        return
+    if faults[-1] == "raise":
+        raise RuntimeError("khibernate.fault=raise: the capture job raised on purpose")
+    if faults[-1] == "hang":
+        print("khibernate-capture: khibernate.fault=hang: hanging on purpose until the watchdog", file=sys.stderr,
+              flush=True)
+        while True:
+            time.sleep(3600)
+    raise JobError(f"unknown khibernate.fault={faults[-1]!r} (raise or hang)")
+
+
 def run_snapshot(job: Job, cmdline: str, vmcore: str = "/proc/vmcore") -> dict[str, Any]:
     """Save ``vmcore`` into the job's slot, streaming; returns the result body for the mailbox (raises on failure)."""
     from khibernate.capture.source import AnnotatedSource
@@ -150,6 +166,7 @@ def run_snapshot(job: Job, cmdline: str, vmcore: str = "/proc/vmcore") -> dict[s
         if rec.state != SlotState.WRITING or rec.image_uuid != job.image_uuid or rec.offset != job.offset \
                 or rec.capacity != job.capacity:
             raise JobError(f"slot {job.slot} of {job.target} is not reserved for image {job.image}; nothing written")
+        inject_fault(cmdline)
         writer = device.RegionWriter(fd, job.offset, job.capacity, sync_every=32 << 20)
         last = [time.monotonic(), 0]
         total = [0]

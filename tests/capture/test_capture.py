@@ -81,3 +81,15 @@ def test_capture_initrd_cache_key_is_stable() -> None:
     from khibernate.capture.initrd import cache_key
 
     assert cache_key() == cache_key() and len(cache_key()) == 16
+
+
+def test_fault_injection_words() -> None:
+    import pytest
+
+    from khibernate.capture.job import JobError, inject_fault
+
+    inject_fault("console=ttyS0 khibernate.job=snapshot")  # no fault word: nothing happens
+    with pytest.raises(RuntimeError, match="raised on purpose"):
+        inject_fault("khibernate.job=snapshot -- khibernate.fault=raise")
+    with pytest.raises(JobError, match="raise or hang"):
+        inject_fault("khibernate.fault=explode")

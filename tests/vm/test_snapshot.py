@@ -206,6 +206,28 @@ def test_failing_capture_job_jumps_back_and_keeps_the_last_good_image(guest, tmp
     assert store.verify_slot(str(vm.disk), good.index).pages_stored == good.pages_stored
 
 
+@pytest.mark.parametrize("fault,deadline,expect", [("raise", 600, "raised on purpose"),
+                                                    ("hang", 5, "killed by the watchdog")])
+def test_raising_or_hung_capture_job_jumps_back(guest, fault: str, deadline: int, expect: str) -> None:
+    """The capture job raises (an unexpected exception), or hangs until /init's watchdog kills it at deadline + 20 s:
+    either way the capture kernel jumps back, snapshot says why, the slot is bad, and the newest good image verifies."""
+    from khibernate.store import api as store
+    from khibernate.store.superblock import SlotState
+
+    vm = guest
+    before = store.read(str(vm.disk))
+    good = max((s for s in before.slots if s.state == SlotState.COMPLETE), key=lambda s: s.seq)
+    pid0, n0 = counter(vm)
+    st, out = vm.run_status(SNAP + f" --deadline {deadline} --append khibernate.fault={fault}", timeout=900)
+    assert st != 0 and expect in out and "marked bad" in out, out
+    time.sleep(2.5)
+    pid1, n1 = counter(vm)
+    assert pid1 == pid0 and n1 > n0
+    after = store.read(str(vm.disk))
+    assert after.slot(good.index) == good
+    assert store.verify_slot(str(vm.disk), good.index).pages_stored == good.pages_stored
+
+
 def test_qemu_killed_during_the_save_leaves_the_last_good_image(guest) -> None:
     """QEMU killed while the capture kernel writes: the disk's store still lists the newest good image complete
     (and it verifies), the interrupted slot as `writing`, i.e. incomplete. Runs last on the shared guest."""
