@@ -249,12 +249,13 @@ def test_qemu_killed_during_the_save_leaves_the_last_good_image(guest) -> None:
 
 
 def test_snapshot_on_7_3_with_two_cpus(tmp_path) -> None:
-    """The other kernel line and SMP in one guest: one snapshot, both CPUs back online, the image holds the pattern."""
+    """The other kernel line, SMP and 2 GiB in one guest: one snapshot, both CPUs back online, the image holds the
+    pattern (the capture job's peak memory while saving 2 GiB is printed); then swsusp of the same guest."""
     from vmtest.kernel import ensure_kernel
     from vmtest.vm import VM, check_host
 
     check_host()
-    with VM(kernel=ensure_kernel("7.3"), append="crashkernel=256M", memory_mb=1024, smp=2, extra_files=HELPERS,
+    with VM(kernel=ensure_kernel("7.3"), append="crashkernel=256M", memory_mb=2048, smp=2, extra_files=HELPERS,
             disk_mb=640, name="snapshot-7.3-smp2", timeout=300) as vm:
         assert vm.run("cat /sys/devices/system/cpu/online").strip() == "0-1"
         vm.run(COUNTER)
@@ -275,7 +276,7 @@ def test_snapshot_on_7_3_with_two_cpus(tmp_path) -> None:
         assert vm.run("cat /sys/devices/system/cpu/online").strip() == "0-1"
         check = _check_image(vm, tmp_path, r, addrs, vmci_a, marker)
         assert check["osrelease"].startswith("7.3")
-        print(f"\n[snapshot 7.3 1 GiB 2 CPUs] pause {r['pause_seconds']:.2f} s, image {r['bytes'] / 1e6:.1f} MB, "
+        print(f"\n[snapshot 7.3 2 GiB 2 CPUs] pause {r['pause_seconds']:.2f} s, image {r['bytes'] / 1e6:.1f} MB, "
               f"save {r['save_seconds']} s, capture peak used {r['capture_peak_used_bytes'] / 2**20:.1f} MiB")
         # For scale, the peer: in-kernel hibernation (swsusp, LZO) of the same guest to a swap device on the same
         # disk, from the command to QEMU's exit (freeze + snapshot + write + ACPI S4 power-off).
@@ -290,5 +291,5 @@ def test_snapshot_on_7_3_with_two_cpus(tmp_path) -> None:
         wrote = re.search(r"Wrote (\d+) kbytes in ([\d.]+) seconds", vm.console_since(mark))
         detail = (f", snapshot of {int(wrote.group(1)) / 1e3:.1f} MB written in {wrote.group(2)} s"
                   if wrote else " (its 'Wrote' line did not reach the console)")
-        print(f"[swsusp 7.3 1 GiB 2 CPUs, same guest, LZO] echo disk -> QEMU exit {hib:.1f} s{detail}; "
+        print(f"[swsusp 7.3 2 GiB 2 CPUs, same guest, LZO] echo disk -> QEMU exit {hib:.1f} s{detail}; "
               f"khibernate snapshot pause {r['pause_seconds']:.1f} s for {r['bytes'] / 1e6:.1f} MB (zstd, -d 17)")
