@@ -70,7 +70,7 @@ def preflight(opts: Options) -> tuple[Any, SlotRecord, Any]:
         raise SnapshotError(f"this machine cannot kexec jump: {why} (`khibernate doctor` says more)")
     check_level(opts.level, False)  # above -d 17 the image is for analysis only (not restorable)
     sb = store.read(opts.target)
-    os.close(device.open_device(opts.target, write=True))  # read-only targets fail here, before anything is written
+    device.check_writable(opts.target)  # read-only targets are refused here, before anything is written
     slot = splan.choose_slot(sb)
     est = splan.estimate(sb, splan.parse_meminfo(Path("/proc/meminfo").read_text()))
     splan.check_fits(slot, est)

@@ -37,6 +37,7 @@ def _check_unused(path: str) -> None:
 def init(path: str, nr_slots: int = 2, force: bool = False) -> Superblock:
     """Create a store on ``path`` (erasing what the superblock area held); refuses to replace a store unless force."""
     _check_unused(path)
+    device.check_writable(path)
     fd = device.open_device(path, write=True)
     try:
         if not force:

@@ -13,6 +13,7 @@ from khibernate.store.errors import SlotFullError, StoreError
 from khibernate.store.superblock import BLOCK, COPY_OFFSETS, Superblock, copy_to_write, newest
 
 BLKFLSBUF = 0x1261
+BLKROGET = 0x125E  # int: 1 when the block device is read-only (blockdev --setro, a write-protected disk)
 CHUNK = 1 << 20
 
 
@@ -30,6 +31,26 @@ def open_device(path: str, write: bool = False) -> int:
         hint = " (is it read-only? run as root)" if e.errno in (13, 30) else ""
         raise StoreError(f"cannot open target {path} for {'writing' if write else 'reading'}: {e.strerror}{hint}") \
             from None
+
+
+def check_writable(path: str) -> None:
+    """StoreError unless writes to the target can succeed: a read-only block device opens for writing as root and
+    fails only at the first write (EPERM), a file on a read-only mount the same way, so ask before anything is done."""
+    fd = open_device(path, write=False)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISBLK(st.st_mode):
+            ro = bytearray(4)
+            fcntl.ioctl(fd, BLKROGET, ro)
+            if int.from_bytes(ro, "little"):
+                raise StoreError(f"target {path} is read-only (write-protected, or `blockdev --setro`); make it "
+                                 f"writable (`blockdev --setrw {path}`) or give another target")
+        elif os.fstatvfs(fd).f_flag & os.ST_RDONLY:
+            raise StoreError(f"target {path} lies on a read-only filesystem; remount it read-write or give another "
+                             "target")
+    finally:
+        os.close(fd)
+    os.close(open_device(path, write=True))
 
 
 def size(fd: int) -> int:

@@ -217,3 +217,17 @@ def test_cli_init_list_show_drop(dev: str) -> None:
     assert res.exit_code != 0 and "already free" in res.output
     res = r.invoke(cli, ["target", "show", dev, "7"])
     assert res.exit_code != 0 and "slots 0..2" in res.output
+
+
+def test_read_only_target_is_refused_before_anything_is_written(tmp_path) -> None:
+    """A writable file passes, a missing one is refused (read-only block devices: tests/vm/test_snapshot.py)."""
+    import pytest
+
+    from khibernate.store import device
+    from khibernate.store.errors import StoreError
+
+    f = tmp_path / "store.img"
+    f.write_bytes(bytes(1 << 20))
+    device.check_writable(str(f))  # writable: no error
+    with pytest.raises(StoreError, match="does not exist"):
+        device.check_writable(str(tmp_path / "absent"))
