@@ -132,7 +132,7 @@ def _drgn_lists_the_workload(vm, tmp_path: Path, r: dict) -> None:
 
     counter_pid, _ = counter(vm)
     pattern_pid = int(vm.run("for p in /proc/[0-9]*; do grep -q snapshot_guest $p/cmdline 2>/dev/null && "
-                             "echo ${p#/proc/}; done").split()[0])
+                             "echo ${p#/proc/}; done; true").split()[0])
     out = tmp_path / "last.kdump"
     store.export(str(vm.disk), r["slot"], str(out), "kdump")
     prog = drgn.Program()
