@@ -16,11 +16,12 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from khibernate.cache import cache_root
 from khibernate.initramfs import build as builder
 from khibernate.initramfs import cpio
 
 REPO = Path(__file__).resolve().parent.parent
-CACHE = Path(os.environ.get("KHIBERNATE_CACHE", Path.home() / ".cache" / "khibernate")) / "initramfs"
+CACHE = cache_root() / "initramfs"
 COMPRESSION = "zstd"
 
 

@@ -12,7 +12,9 @@ import os
 import shutil
 from pathlib import Path
 
-CACHE = Path(os.environ.get("KHIBERNATE_CACHE", Path.home() / ".cache" / "khibernate")) / "capture"
+from khibernate.cache import cache_root
+
+CACHE = cache_root() / "capture"
 
 
 def cache_key(modules: tuple[str, list[str]] | None = None) -> str:

@@ -13,7 +13,7 @@ import click
 
 from khibernate.clickutil import ADDRESS, SIZE, ErrorReportingGroup, echo_hexdump, parse_number
 from khibernate.image import vmcoreinfo as vmci_mod
-from khibernate.image.errors import FileAccessError, ImageError, MissingVmcoreinfoError, UsageErrorImage
+from khibernate.image.errors import FileAccessError, ImageError, UsageErrorImage
 from khibernate.image.levels import RESTORABLE_LEVEL, PageClass
 from khibernate.image.progress import Progress
 from khibernate.image.sources import MemorySource, open_source
@@ -53,12 +53,7 @@ def _vmcoreinfo(src: MemorySource, path: str | None, at: str | None, required: b
     if at:
         a, _, n = at.partition(":")
         return vmci_mod.from_memory(src, _int(a), _int(n or "0x1000"))
-    try:
-        return vmci_mod.from_source(src)
-    except MissingVmcoreinfoError:
-        if required:
-            raise
-        return None
+    return vmci_mod.from_source(src) if required else vmci_mod.find_in_source(src)
 
 
 def _emit(as_json: bool, data: dict[str, Any], text: str) -> None:

@@ -127,6 +127,14 @@ def from_source(source: MemorySource) -> Vmcoreinfo:
     return Vmcoreinfo.parse(text)
 
 
+def find_in_source(source: MemorySource) -> Vmcoreinfo | None:
+    """The source's own VMCOREINFO note, or None when it has none (a malformed note still raises)."""
+    try:
+        return from_source(source)
+    except MissingVmcoreinfoError:
+        return None
+
+
 def from_memory(source: MemorySource, paddr: int, size: int) -> Vmcoreinfo:
     """VMCOREINFO from the ELF note at ``paddr`` in the source's memory (what /sys/kernel/vmcoreinfo points at)."""
     from khibernate.image.elf import parse_notes

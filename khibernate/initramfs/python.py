@@ -31,6 +31,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from khibernate.cache import cache_root
 from khibernate.errors import KhibernateError
 
 GUEST_PREFIX = sys.base_prefix
@@ -119,7 +120,7 @@ out.close()
 """
 
 
-PYC_CACHE = Path(os.environ.get("KHIBERNATE_CACHE", Path.home() / ".cache" / "khibernate")) / "pyc"
+PYC_CACHE = cache_root() / "pyc"
 
 
 def compile_many(items: list[tuple[Path, str]]) -> list[bytes | None]:

@@ -9,10 +9,10 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from khibernate.image.errors import ImageError, MissingVmcoreinfoError
+from khibernate.image.errors import ImageError
 from khibernate.image.format import default_notes
 from khibernate.image.sources.base import MemorySource
-from khibernate.image.vmcoreinfo import Vmcoreinfo, from_source
+from khibernate.image.vmcoreinfo import Vmcoreinfo, find_in_source
 from khibernate.view.elfcore import VmcoreLayout, loads_for
 from khibernate.view.physical import read_filled
 
@@ -40,10 +40,7 @@ def describe(source: MemorySource, vmci: Vmcoreinfo | None = None) -> dict[str, 
     from khibernate.image.cli import describe as image_describe
 
     if vmci is None:
-        try:
-            vmci = from_source(source)
-        except MissingVmcoreinfoError:
-            vmci = None
+        vmci = find_in_source(source)
     return image_describe(source, vmci)
 
 
@@ -52,10 +49,7 @@ def build_files(source: MemorySource, vmci: Vmcoreinfo | None = None) -> dict[st
     from khibernate.image.export import kernel_text_load, page_offset
 
     if vmci is None:
-        try:
-            vmci = from_source(source)
-        except MissingVmcoreinfoError:
-            vmci = None
+        vmci = find_in_source(source)
     layout = VmcoreLayout(loads_for(source.ranges, page_offset=page_offset(source, vmci),
                                     kernel_text=kernel_text_load(source, vmci)), default_notes(source, vmci))
     end = source.ranges[-1].end if source.ranges else 0

@@ -10,14 +10,15 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
+from khibernate.cache import cache_root
+
 HERE = Path(__file__).resolve().parent
-CACHE = Path(os.environ.get("KHIBERNATE_CACHE", Path.home() / ".cache" / "khibernate")) / "vmcores"
+CACHE = cache_root() / "vmcores"
 
 
 @dataclasses.dataclass(frozen=True)

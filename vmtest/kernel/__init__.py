@@ -20,8 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+from khibernate.cache import cache_root
+
 HERE = Path(__file__).resolve().parent
-CACHE = Path(os.environ.get("KHIBERNATE_CACHE", Path.home() / ".cache" / "khibernate"))
+CACHE = cache_root()
 
 
 @dataclasses.dataclass(frozen=True)
