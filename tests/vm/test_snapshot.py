@@ -27,6 +27,17 @@ COUNTER = ("sh -c 'i=0; while :; do i=$((i+1)); echo \"$$ $i\" > /tmp/cnt; sleep
            ">/dev/null 2>&1 </dev/null &")
 
 
+def start_workload(vm) -> None:
+    """The counter, the mlocked pattern process (until its first good check), 20 MiB of random data in /dev/shm."""
+    vm.run(COUNTER)
+    vm.run(f"python3 {HELPERS[0][1]} pattern {PATTERN_PAGES} >/dev/null 2>&1 </dev/null &")
+    vm.run("dd if=/dev/urandom of=/dev/shm/blob bs=1M count=20 2>/dev/null; sha256sum /dev/shm/blob > /tmp/blob.sha")
+    for _ in range(60):
+        if vm.run_status("test -s /tmp/pattern.ok")[0] == 0:
+            break
+        time.sleep(1)
+
+
 @pytest.fixture(scope="module")
 def guest():
     from vmtest.kernel import ensure_kernel
@@ -37,14 +48,7 @@ def guest():
     with VM(kernel=kernel, append="crashkernel=256M", memory_mb=1024, extra_files=HELPERS, disk_mb=640,
             name="snapshot-6.12", timeout=300) as vm:
         vm.run("dd if=/dev/zero of=/dev/vda bs=1M count=2 2>/dev/null; sync")
-        vm.run(COUNTER)
-        vm.run(f"python3 {HELPERS[0][1]} pattern {PATTERN_PAGES} >/dev/null 2>&1 </dev/null &")
-        vm.run("dd if=/dev/urandom of=/dev/shm/blob bs=1M count=20 2>/dev/null; sha256sum /dev/shm/blob "
-               "> /tmp/blob.sha")
-        for _ in range(60):
-            if vm.run_status("test -s /tmp/pattern.ok")[0] == 0:
-                break
-            time.sleep(1)
+        start_workload(vm)
         yield vm
 
 
@@ -258,14 +262,7 @@ def test_snapshot_on_7_3_with_two_cpus(tmp_path) -> None:
     with VM(kernel=ensure_kernel("7.3"), append="crashkernel=256M", memory_mb=2048, smp=2, extra_files=HELPERS,
             disk_mb=640, name="snapshot-7.3-smp2", timeout=300) as vm:
         assert vm.run("cat /sys/devices/system/cpu/online").strip() == "0-1"
-        vm.run(COUNTER)
-        vm.run(f"python3 {HELPERS[0][1]} pattern {PATTERN_PAGES} >/dev/null 2>&1 </dev/null &")
-        vm.run("dd if=/dev/urandom of=/dev/shm/blob bs=1M count=20 2>/dev/null; sha256sum /dev/shm/blob "
-               "> /tmp/blob.sha")
-        for _ in range(60):
-            if vm.run_status("test -s /tmp/pattern.ok")[0] == 0:
-                break
-            time.sleep(1)
+        start_workload(vm)
         vm.run("khibernate target init /dev/vda")
         addrs = json.loads(vm.run("cat /tmp/pattern.json"))
         vmci_a = vm.run("python3 /usr/libexec/khibernate/vmcoreinfo.py kcore")
