@@ -42,6 +42,41 @@ def snapshot_command(target: str, level: int, kernel: str | None, capture_initrd
     click.echo(json.dumps(report, indent=2) if as_json else snap.describe(report))
 
 
+@click.command("hibernate")
+@click.option("--target", required=True, metavar="DEV", help="The store (`khibernate target init DEV` first).")
+@click.option("-d", "--dump-level", "level", type=click.IntRange(0, 17), default=17, show_default=True,
+              help="0, 1, 16 or 17: zero pages (1) and free pages (16) may be dropped; nothing else may be.")
+@click.option("--kernel", metavar="FILE", help="Capture kernel bzImage (default: /boot/vmlinuz-$(uname -r)).")
+@click.option("--capture-initrd", metavar="FILE", help="Capture initramfs (default: `capture build`, cached).")
+@click.option("--deadline", type=float, default=600, show_default=True, metavar="S",
+              help="Seconds after the capture kernel's boot when its watchdog gives up and jumps back.")
+@click.option("--append", default="", metavar="S", help="Extra capture-kernel command line words.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report (printed after the resume).")
+def hibernate_command(target: str, level: int, kernel: str | None, capture_initrd: str | None, deadline: float,
+                      append: str, as_json: bool) -> None:
+    """Save this running kernel into a store slot and power the machine off; `khibernate resume` at the next
+    boot brings it back exactly where it stopped (same processes, same boot_id).
+
+    \b
+    Filesystems are synced first (as swsusp does); the capture kernel writes the image, reads it back, marks it
+    the one to resume, and powers off. If anything fails before that it jumps back and this system runs on
+    (exit status 1, the slot marked bad, earlier images untouched). This command returns after the resume,
+    reporting it. Until then, do not mount the hibernated system's filesystems read-write from another boot:
+    resuming after the disks changed corrupts them.
+      khibernate target init /dev/vdb
+      khibernate hibernate --target /dev/vdb        # ... power on ... khibernate resume --target /dev/vdb
+    """
+    from khibernate.capture import snapshot as snap
+
+    opts = snap.Options(target=target, level=level, kernel=kernel, capture_initrd=capture_initrd, deadline=deadline,
+                        append=append, kind="hibernate")
+    report = snap.run(opts, say=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps(report, indent=2) if as_json else
+               f"resumed from slot {report['slot']} of {target} after {report['away_seconds']:.1f} s away; "
+               f"restore wrote {report['restore'].get('bytes_written', 0) / 1e6:.0f} MB at "
+               f"{report['restore'].get('throughput_mb_s', 0)} MB/s")
+
+
 @click.group("capture")
 def capture_group() -> None:
     """The capture environment: the initramfs the jumped-to kernel runs, and its job."""

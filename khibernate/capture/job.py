@@ -49,6 +49,8 @@ class Job:
     boot_id: str
     deadline: float
     mailbox: int
+    zero_free: bool = False  # the saved kernel zeroes freed pages (init_on_free): a restore zeroes dropped ones
+    again: bool = False  # restore: resume an image already resumed once (`khibernate resume --again`)
 
     def args(self) -> list[str]:
         """The ``khibernate.KEY=VALUE`` words for the command line."""
@@ -56,7 +58,8 @@ class Job:
                 f"{PREFIX}slot={self.slot}", f"{PREFIX}offset={self.offset:#x}",
                 f"{PREFIX}capacity={self.capacity:#x}", f"{PREFIX}level={self.level}", f"{PREFIX}image={self.image}",
                 f"{PREFIX}boot_id={self.boot_id}", f"{PREFIX}deadline={self.deadline:g}",
-                f"{PREFIX}mailbox={self.mailbox:#x}"]
+                f"{PREFIX}mailbox={self.mailbox:#x}"] + ([f"{PREFIX}zero_free=1"] if self.zero_free else []) \
+            + ([f"{PREFIX}again=1"] if self.again else [])
 
     @property
     def image_uuid(self) -> bytes:
@@ -76,7 +79,7 @@ def parse(cmdline: str) -> Job | None:
         return Job(kind=kv["job"], target=kv["target"], store_uuid=kv["store"], slot=int(kv["slot"]),
                    offset=int(kv["offset"], 0), capacity=int(kv["capacity"], 0), level=int(kv["level"]),
                    image=str(uuidlib.UUID(kv["image"])), boot_id=kv["boot_id"], deadline=float(kv["deadline"]),
-                   mailbox=int(kv["mailbox"], 0))
+                   mailbox=int(kv["mailbox"], 0), zero_free=kv.get("zero_free") == "1", again=kv.get("again") == "1")
     except (KeyError, ValueError) as e:
         raise JobError(f"malformed khibernate job on the command line ({e!r})") from None
 
@@ -118,16 +121,21 @@ def khibernate_note(job: Job, cmdline: str) -> bytes:
     from khibernate.jump.loader import parse_jump_back_entry
 
     entry = parse_jump_back_entry(cmdline)
-    crash = []
-    try:
-        from khibernate.system import SystemRoot, crash_regions
-
-        crash = [[r.start, r.end] for r in crash_regions(SystemRoot().iomem())]
-    except OSError:
-        pass
     return json.dumps({"kind": job.kind, "boot_id": job.boot_id, "jump_back_entry": entry, "image": job.image,
                        "capture_cmdline": cmdline.strip(), "capture_release": os.uname().release,
-                       "capture_ram": crash, "restorable": job.level & ~17 == 0}).encode()
+                       "capture_ram": [[r.start, r.end] for r in capture_ram()], "mailbox": job.mailbox,
+                       "zero_free": job.zero_free, "restorable": job.level & ~17 == 0}).encode()
+
+
+def capture_ram() -> list[Any]:
+    """This (capture) kernel's own System RAM: the crash region and the low RAM it borrowed ([] if unreadable)."""
+    from khibernate.jump.memmap import system_ram
+    from khibernate.system import SystemRoot
+
+    try:
+        return system_ram(SystemRoot().iomem())
+    except (OSError, KhibernateError):
+        return []
 
 
 def inject_fault(cmdline: str) -> None:
@@ -200,6 +208,26 @@ def run_snapshot(job: Job, cmdline: str, vmcore: str = "/proc/vmcore") -> dict[s
             "save_seconds": round(t2 - t1, 3), "open_seconds": round(t1 - t0, 3)}
 
 
+def run_hibernate(job: Job, cmdline: str) -> dict[str, Any]:
+    """Save like a snapshot, read the slot back and mark it complete as the image to resume (the first kernel does
+    not run again before a resume), then power the machine off; returns only on failure (raises)."""
+    from khibernate.jump import syscalls
+    from khibernate.store import api as store
+    from khibernate.store.superblock import FLAG_HIBERNATE
+
+    body = run_snapshot(job, cmdline)
+    sb = store.read(job.target)
+    reserved = sb.slot(job.slot)
+    done, chk, _ = store.complete(job.target, reserved, int(body["length"]), int(body["crc32"]),
+                                  pages_stored=int(body["pages_stored"]), pages_excluded=int(body["pages_excluded"]),
+                                  flags=FLAG_HIBERNATE)
+    print(f"khibernate-capture: hibernation image complete in slot {done.index} of {job.target} "
+          f"({chk.length / 1e6:.1f} MB, read back and verified, saved in {body['save_seconds']} s); powering off at "
+          f"{uptime():.2f} s", file=sys.stderr, flush=True)
+    syscalls.reboot_power_off()
+    raise JobError("power off returned")  # not reached
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of /init: run the job named on /proc/cmdline, post the result to the mailbox; 0 if it posted.
 
@@ -221,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                                 f"({job.deadline:g} s after the capture kernel booted, + 20 s grace) and was killed by "
                                 "the watchdog; the image is incomplete"}
     else:
-        if "--then-jump-back" in argv:
+        if "--then-jump-back" in argv and job.kind != "restore":  # a restore decides itself where it jumps
             try:
                 jump.prepare_jump_back()
             except KhibernateError as e:
@@ -231,12 +259,23 @@ def main(argv: list[str] | None = None) -> int:
               f"-d {job.level}, deadline {job.deadline:g} s, up {uptime():.2f} s", file=sys.stderr, flush=True)
         watch = MemoryWatch()
         try:
-            if job.kind != "snapshot":
+            if job.kind == "snapshot":
+                body = run_snapshot(job, cmdline)
+            elif job.kind == "hibernate":
+                body = run_hibernate(job, cmdline)
+            elif job.kind == "restore":
+                from khibernate.restore import run as restore_run
+
+                body = restore_run.run_restore(job)  # returns only when refused before any write
+            else:
                 raise JobError(f"unknown job {job.kind!r}")
-            body = run_snapshot(job, cmdline)
         except Exception as e:  # noqa: BLE001 - every failure must reach the first kernel
             if not isinstance(e, KhibernateError):
                 traceback.print_exc()
+            if job.kind == "restore":
+                from khibernate.restore import run as restore_run
+
+                restore_run.power_off_if_touched(e)
             body = {"ok": False, "message": str(e) or type(e).__name__, "error": type(e).__name__}
         body.update(watch.stop())
         body["peak_rss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -250,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"khibernate-capture: cannot post the result: {e}", file=sys.stderr, flush=True)
         status = 1
     if "--then-jump-back" in argv and not back_error:
+        if job.kind == "restore":  # refused before any write: back to the kernel that asked, which boots on
+            try:
+                jump.prepare_jump_back()
+            except KhibernateError as e:
+                print(f"khibernate-capture: cannot load the jump-back image: {e}", file=sys.stderr, flush=True)
+                return 1
         print(f"khibernate-capture: jumping back at {uptime():.2f} s", file=sys.stderr, flush=True)
         jump.execute()
     return status

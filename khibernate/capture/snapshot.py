@@ -36,6 +36,7 @@ class Options:
     keep: int | None = None
     deadline: float = DEFAULT_DEADLINE
     append: str = ""
+    kind: str = "snapshot"  # or "hibernate": the capture kernel powers off instead of jumping back
 
 
 def _boot_id() -> str:
@@ -69,6 +70,9 @@ def preflight(opts: Options) -> tuple[Any, SlotRecord, Any]:
         why = "; ".join(f.message for f in d.findings if "jump" in f.blocks)
         raise SnapshotError(f"this machine cannot kexec jump: {why} (`khibernate doctor` says more)")
     check_level(opts.level, False)  # above -d 17 the image is for analysis only (not restorable)
+    if opts.kind == "hibernate" and opts.level & ~17:
+        raise SnapshotError(f"hibernate needs a restorable image: dump level {opts.level} drops pages the kernel "
+                            "needs (use 0, 1, 16 or 17)")
     sb = store.read(opts.target)
     device.check_writable(opts.target)  # read-only targets are refused here, before anything is written
     slot = splan.choose_slot(sb)
@@ -86,8 +90,6 @@ def run(opts: Options, say: Any = print) -> dict[str, Any]:
     from khibernate.capture.mailbox import Mailbox, MailboxError
     from khibernate.jump import api as jump
     from khibernate.store import api as store
-    from khibernate.store import plan as splan
-
     t_start = time.monotonic()
     sb, slot, est = preflight(opts)
     kernel = opts.kernel or default_kernel()
@@ -99,22 +101,22 @@ def run(opts: Options, say: Any = print) -> dict[str, Any]:
         path, reused = capture_initrd.ensure(target=opts.target,
                                              kernel_release=kernel_release(Path(kernel).read_bytes()))
         initrd = str(path)
-    say(f"snapshot: slot {slot.index} of {opts.target} ({slot.capacity / 2**20:.0f} MiB), {est.describe()}; "
+    say(f"{opts.kind}: slot {slot.index} of {opts.target} ({slot.capacity / 2**20:.0f} MiB), {est.describe()}; "
         f"capture kernel {kernel}, initramfs {initrd}{' (cached)' if reused else ' (built)'}")
     image = uuidlib.uuid4()
     boot_id = _boot_id()
     box = Mailbox(image.bytes)
     cmdline = Path("/proc/cmdline").read_text()
     # the deadline counts from the capture kernel's boot: the jump itself is excluded
-    job = Job("snapshot", opts.target, sb.uuid_str, slot.index, slot.offset, slot.capacity, opts.level, str(image),
-              boot_id, opts.deadline, box.paddr)
+    job = Job(opts.kind, opts.target, sb.uuid_str, slot.index, slot.offset, slot.capacity, opts.level, str(image),
+              boot_id, opts.deadline, box.paddr, zero_free=zeroes_freed_pages(cmdline))
     append = " ".join([*_console_args(cmdline), opts.append, *job.args()]).strip()
     plan = jump.plan_jump(kernel, initrd, append)
     # ---- writes start here: reserve the slot (the last good image stays untouched), load, jump
     reserved = dataclasses.replace(slot, state=SlotState.WRITING, seq=sb.next_seq(), length=0, crc32=0,
                                    dump_level=opts.level, image_uuid=image.bytes, created_ns=time.time_ns(),
                                    pages_stored=0, pages_excluded=0, boot_id=uuidlib.UUID(boot_id).bytes,
-                                   osrelease=os.uname().release)
+                                   osrelease=os.uname().release, flags=0)
     store.set_slot(opts.target, reserved, sb.uuid)
 
     def fail(msg: str) -> SnapshotError:
@@ -130,7 +132,12 @@ def run(opts: Options, say: Any = print) -> dict[str, Any]:
         with contextlib.suppress(KhibernateError, OSError):
             jump.unload()
         raise fail("the mailbox page moved before the jump (memory compaction); run snapshot again")
-    say("snapshot: jumping to the capture kernel (this system pauses now)")
+    if opts.kind == "hibernate":
+        say("hibernate: syncing filesystems, then jumping to the capture kernel; it saves this system and powers "
+            "the machine off (`khibernate resume` at the next boot brings it back)")
+        os.sync()
+    else:
+        say("snapshot: jumping to the capture kernel (this system pauses now)")
     result = jump.execute()
     with contextlib.suppress(KhibernateError, OSError):
         jump.unload()  # the loaded image is the capture kernel's saved state: a fresh load serves the next snapshot
@@ -140,23 +147,16 @@ def run(opts: Options, say: Any = print) -> dict[str, Any]:
         raise fail(str(e)) from None
     if not body.get("ok"):
         raise fail(f"the capture job failed: {body.get('message')}")
+    if opts.kind == "hibernate":
+        if not body.get("resumed"):
+            raise fail(f"the capture kernel came back without powering off ({body.get('message') or body})")
+        return resumed_report(opts, reserved, body, result.boottime_s, t_start)
     try:
-        chk = store.verify_bytes(opts.target, reserved, int(body["length"]), int(body["crc32"]))
+        done, chk, freed = store.complete(opts.target, reserved, int(body["length"]), int(body["crc32"]),
+                                          pages_stored=int(body["pages_stored"]),
+                                          pages_excluded=int(body["pages_excluded"]), keep=opts.keep)
     except KhibernateError as e:
         raise fail(f"the image read back from the target is wrong: {e}") from None
-    done = dataclasses.replace(reserved, state=SlotState.COMPLETE, length=chk.length, crc32=chk.crc32,
-                               pages_stored=int(body["pages_stored"]), pages_excluded=int(body["pages_excluded"]))
-
-    freed: list[int] = []
-
-    def switch(cur: Any) -> Any:
-        nonlocal freed
-        if cur.uuid != sb.uuid:
-            raise SnapshotError(f"{opts.target} now holds another store; nothing written")
-        new, freed = splan.retire(cur.with_slot(done), opts.keep, protect=done.index)
-        return new
-
-    store.update(opts.target, switch)
     from khibernate.image.levels import PageClass
 
     classes = {c.name.lower(): int(body["class_counts"][c]) for c in PageClass}
@@ -170,6 +170,23 @@ def run(opts: Options, say: Any = print) -> dict[str, Any]:
             "capture_mem_available_start": body.get("mem_available_start"), "retired_slots": freed,
             "capture_initrd": initrd, "capture_initrd_bytes": os.path.getsize(initrd), "kernel": kernel,
             "total_seconds": round(time.monotonic() - t_start, 3), "verified": True}
+
+
+def zeroes_freed_pages(cmdline: str) -> bool:
+    """Whether this kernel zeroes pages when they are freed (init_on_free=1 on its command line), so a restore must
+    zero the free pages the image dropped rather than leave another boot's bytes in them."""
+    words = [w for w in cmdline.split() if w.startswith("init_on_free=")]
+    return bool(words) and words[-1].split("=", 1)[1] in ("1", "on", "y")
+
+
+def resumed_report(opts: Options, reserved: SlotRecord, body: dict[str, Any], away: float,
+                   t_start: float) -> dict[str, Any]:
+    """Back in this kernel after `hibernate`: the capture kernel powered off, a later boot restored this kernel
+    and entered it (krestore posted that into the mailbox)."""
+    return {"resumed": True, "slot": reserved.index, "image": str(uuidlib.UUID(bytes=reserved.image_uuid)),
+            "target": opts.target, "away_seconds": round(away, 3), "restore": body.get("restore", {}),
+            "resume_boot_id": body.get("resume_boot_id"), "again": body.get("again", False),
+            "total_seconds": round(time.monotonic() - t_start, 3)}
 
 
 def describe(r: dict[str, Any]) -> str:

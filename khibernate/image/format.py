@@ -387,8 +387,12 @@ def save_file(source: MemorySource, dest: str | os.PathLike[str], *, sync: bool 
 class KhiSource(PagedSource):
     """A khibernate image as a MemorySource: stored pages decompressed on demand, zero pages read as zeros."""
 
-    def __init__(self, path: str | os.PathLike[str], *, cache_blocks: int = 4):
+    def __init__(self, path: str | os.PathLike[str], *, cache_blocks: int = 4, base: int = 0,
+                 length: int | None = None):
+        """``base``/``length``: the image is that region of the file or device (a store slot), not all of it."""
         self.path = os.fspath(path)
+        self.base = base
+        self._length = length
         self.fd = open_input(self.path)
         try:
             self._open(cache_blocks)
@@ -398,18 +402,18 @@ class KhiSource(PagedSource):
 
     def _open(self, cache_blocks: int) -> None:
         """Read and check header, trailer, bitmaps and index (everything but the blocks' contents)."""
-        size = input_size(self.fd)
+        size = input_size(self.fd) - self.base if self._length is None else self._length
         if size < HEADER.size + TRAILER.size:
             raise TruncatedError(f"{self.path}: too short for a khibernate image; the file is truncated")
-        head = os.pread(self.fd, HEADER_ALIGN, 0)
+        head = self._pread(HEADER_ALIGN, 0)
         size_field = HEADER.unpack(head)["header_size"] if len(head) >= HEADER.size and head[:8] == MAGIC else 0
         if size_field > size - TRAILER.size:
             raise TruncatedError(f"{self.path}: header size {size_field} is beyond the file; it is truncated")
         if size_field > len(head):
-            head = os.pread(self.fd, size_field, 0)
+            head = self._pread(size_field, 0)
         self.header, self.header_size = Header.unpack(head)
         self.page_size = self.header.page_size
-        self.trailer = t = Trailer.unpack(os.pread(self.fd, TRAILER.size, size - TRAILER.size))
+        self.trailer = t = Trailer.unpack(self._pread(TRAILER.size, size - TRAILER.size))
         tables_end = size - TRAILER.size
         bmp = -(-self.header.max_pfn // 8)
         if (t.bitmap_size != bmp or t.stored_bitmap_offset < self.header_size
@@ -418,7 +422,7 @@ class KhiSource(PagedSource):
                 or t.index_offset + t.index_count * INDEX.size != tables_end):
             raise CorruptImageError(f"{self.path}: trailer's bitmap/index offsets or sizes disagree with the header "
                                     "and the file size; the image is corrupt")
-        tables = os.pread(self.fd, tables_end - t.stored_bitmap_offset, t.stored_bitmap_offset)
+        tables = self._pread(tables_end - t.stored_bitmap_offset, t.stored_bitmap_offset)
         if len(tables) != tables_end - t.stored_bitmap_offset:
             raise TruncatedError(f"{self.path}: tables cut short; the image is truncated")
         if zlib.crc32(tables) != t.tables_crc:
@@ -433,6 +437,10 @@ class KhiSource(PagedSource):
         self._cache: collections.OrderedDict[int, tuple[np.ndarray, bytes]] = collections.OrderedDict()
         self._cache_blocks = cache_blocks
         self._dctx = zstandard.ZstdDecompressor()
+
+    def _pread(self, size: int, offset: int) -> bytes:
+        """Bytes of the image (offsets relative to its start, inside the region)."""
+        return os.pread(self.fd, size, self.base + offset)
 
     def _check_index(self) -> None:
         """Index entries: sorted disjoint pfn ranges inside max_pfn, frames in file order between header and tables,
@@ -491,7 +499,7 @@ class KhiSource(PagedSource):
 
     def decompress(self, e: BlockEntry) -> bytes:
         """Verified uncompressed bytes of block ``e``."""
-        frame = os.pread(self.fd, e.csize, e.offset)
+        frame = self._pread(e.csize, e.offset)
         if len(frame) != e.csize:
             raise TruncatedError(f"{self.path}: block at {e.offset} cut short; the image is truncated")
         if block_crc(self.header.version, e.first_pfn, e.end_pfn, e.usize, e.npages, frame) != e.crc32:
@@ -548,6 +556,20 @@ class KhiSource(PagedSource):
         out[:len(got)] = got
         return out
 
+    def check_frames(self, progress: Callable[[int], None] | None = None) -> int:
+        """Every block's CRC over its compressed frame (no decompression): what a restore checks before its first
+        write; returns the number of blocks, CorruptImageError/TruncatedError naming the first bad one."""
+        for e in self.index:
+            frame = self._pread(e.csize, e.offset)
+            if len(frame) != e.csize:
+                raise TruncatedError(f"{self.path}: block at {e.offset} cut short; the image is truncated")
+            if block_crc(self.header.version, e.first_pfn, e.end_pfn, e.usize, e.npages, frame) != e.crc32:
+                raise CorruptImageError(f"{self.path}: block at offset {e.offset} (pfn {e.first_pfn:#x}) checksum "
+                                        "mismatch; the image is corrupt")
+            if progress:
+                progress(e.csize)
+        return len(self.index)
+
     def iter_blocks(self) -> Iterator[tuple[np.ndarray, bytes]]:
         """(pfns, data) of every block in order, each verified."""
         for e in self.index:
@@ -556,13 +578,21 @@ class KhiSource(PagedSource):
                 raise CorruptImageError(f"{self.path}: block at {e.offset} page count disagrees with the bitmap")
             yield pfns, self.decompress(e)
 
-    def verify(self, progress: Callable[[int], None] | None = None) -> dict[str, int]:
-        """Check every checksum and count, and that bitmaps, index and trailer agree; CorruptImageError if not."""
+    def verify(self, progress: Callable[[int], None] | None = None, decompress: bool = True) -> dict[str, int]:
+        """Check every checksum and count, and that bitmaps, index and trailer agree; CorruptImageError if not.
+        ``decompress=False`` checks the frames' CRCs without decompressing them (progress counts frame bytes)."""
         n = 0
-        for pfns, data in self.iter_blocks():
-            n += len(pfns)
-            if progress:
-                progress(len(data))
+        if decompress:
+            for pfns, data in self.iter_blocks():
+                n += len(pfns)
+                if progress:
+                    progress(len(data))
+        else:
+            self.check_frames(progress)
+            for e in self.index:
+                if len(self.block_pfns(e)) != e.npages:
+                    raise CorruptImageError(f"{self.path}: block at {e.offset} page count disagrees with the bitmap")
+                n += e.npages
         stored = np.unpackbits(self.stored_bits, bitorder="little")[:self.header.max_pfn].astype(bool)
         zero = np.unpackbits(self.zero_bits, bitorder="little")[:self.header.max_pfn].astype(bool)
         total, nzero = int(stored.sum()), int(zero.sum())

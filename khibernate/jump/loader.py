@@ -187,6 +187,23 @@ def _zero_page_segment(kernel: BzImage, bp_addr: int, cmdline: str, e820: list[R
     return zp + raw + b"\0", cmd_addr
 
 
+def first_kernel_ram(iomem: list[IomemRegion], window: Range, low: Range) -> list[Range]:
+    """The first kernel's RAM that a jump's elfcorehdr describes: System RAM outside the load window and the low
+    RAM the second kernel borrows (what a snapshot saves and a restore writes back)."""
+    ram = system_ram(iomem)
+    if not ram:
+        raise MemoryMapError("no 'System RAM' in /proc/iomem: run as root")
+    return subtract(ram, [window, low])
+
+
+def jump_ram(facts: SystemFacts, mem_min: int | None = None, mem_max: int | None = None) -> list[Range]:
+    """first_kernel_ram for the window and low RAM that plan_jump would use on this system."""
+    low = low_ram(facts.firmware)
+    if low is None:
+        raise MemoryMapError("no usable RAM below 640 KiB in the firmware memory map")
+    return first_kernel_ram(facts.iomem, load_window(facts.iomem, mem_min, mem_max), low)
+
+
 def plan_jump(kernel_data: bytes, initrd: bytes | None, append: str, facts: SystemFacts,
               mem_min: int | None = None, mem_max: int | None = None, kernel_name: str = "kernel") -> Plan:
     """A KEXEC_PRESERVE_CONTEXT image: kernel, initrd, zero page + cmdline, purgatory, elfcorehdr, low-RAM swap.
@@ -204,10 +221,7 @@ def plan_jump(kernel_data: bytes, initrd: bytes | None, append: str, facts: Syst
                              "for its real-mode trampoline")
     if window.start < 0x100000:
         raise PlacementError(f"load window {window} starts below 1 MiB; give a window above 1 MiB")
-    ram = system_ram(facts.iomem)
-    if not ram:
-        raise MemoryMapError("no 'System RAM' in /proc/iomem: run as root")
-    old_ram = subtract(ram, [window, low])
+    old_ram = first_kernel_ram(facts.iomem, window, low)
     notes = facts.notes
     hdr = elfcorehdr.build(old_ram, notes)
     hdr_addr = window.end - page_up(len(hdr))

@@ -21,6 +21,7 @@ from khibernate.jump.kexec_abi import (
     KEXEC_ON_CRASH,
     KEXEC_PRESERVE_CONTEXT,
     LINUX_REBOOT_CMD_KEXEC,
+    LINUX_REBOOT_CMD_POWER_OFF,
     LINUX_REBOOT_MAGIC1,
     LINUX_REBOOT_MAGIC2,
     SYS_KEXEC_FILE_LOAD,
@@ -201,3 +202,13 @@ def reboot_kexec() -> None:
                      ffi.NULL)
     if rc != 0:
         raise _fail("reboot", 0)
+
+
+def reboot_power_off() -> None:
+    """reboot(LINUX_REBOOT_CMD_POWER_OFF) after sync(): does not return (raises if the kernel refuses)."""
+    os.sync()
+    ffi, lib = _libc()
+    lib.syscall(ffi.cast("long", SYS_REBOOT), ffi.cast("unsigned int", LINUX_REBOOT_MAGIC1),
+                ffi.cast("unsigned int", LINUX_REBOOT_MAGIC2), ffi.cast("unsigned int", LINUX_REBOOT_CMD_POWER_OFF),
+                ffi.NULL)
+    raise _fail("reboot", 0)

@@ -143,12 +143,48 @@ def verify_bytes(path: str, rec: SlotRecord, length: int, crc32: int) -> SlotChe
         os.close(fd)
 
 
+def complete(path: str, reserved: SlotRecord, length: int, crc32: int, *, pages_stored: int, pages_excluded: int,
+             flags: int = 0, keep: int | None = None) -> tuple[SlotRecord, SlotCheck, list[int]]:
+    """Read a freshly written slot back (verify_bytes), then mark it complete in one superblock write (older slots
+    beyond ``keep`` freed); returns (record, check, freed slots).  The store must still be the one reserved in."""
+    from khibernate.store import plan as splan
+
+    chk = verify_bytes(path, reserved, length, crc32)
+    done = dataclasses.replace(reserved, state=SlotState.COMPLETE, length=chk.length, crc32=chk.crc32,
+                               pages_stored=pages_stored, pages_excluded=pages_excluded, flags=flags)
+    freed: list[int] = []
+    store_uuid = read(path).uuid
+
+    def switch(cur: Superblock) -> Superblock:
+        nonlocal freed
+        if cur.uuid != store_uuid or cur.slot(reserved.index).image_uuid != reserved.image_uuid:
+            raise StoreError(f"{path} no longer holds the slot reserved for this image; nothing written")
+        new, freed = splan.retire(cur.with_slot(done), keep, protect=done.index)
+        return new
+
+    update(path, switch)
+    return done, chk, freed
+
+
 def verify_slot(path: str, index: int) -> SlotCheck:
     """verify_bytes for a complete slot, against the length and CRC its record holds."""
     rec = read(path).slot(index)
     if rec.state not in (SlotState.COMPLETE, SlotState.RESUMED):
         raise SlotError(f"slot {index} is {rec.state.name.lower()}, it holds no complete image")
     return verify_bytes(path, rec, rec.length, rec.crc32)
+
+
+def open_slot(path: str, rec: SlotRecord) -> Any:
+    """The slot's image as a KhiSource reading the device in place (header, trailer and tables checked)."""
+    from khibernate.image.errors import ImageError
+    from khibernate.image.format import KhiSource
+
+    if rec.state not in (SlotState.COMPLETE, SlotState.RESUMED) or rec.length == 0:
+        raise SlotError(f"slot {rec.index} is {rec.state.name.lower()}, it holds no complete image")
+    try:
+        return KhiSource(path, base=rec.offset, length=rec.length)
+    except ImageError as e:
+        raise StoreCorruptError(f"slot {rec.index}: {e}") from None
 
 
 def export(path: str, index: int, dest: str, fmt: str = "khi") -> int:

@@ -36,6 +36,10 @@ assert HEADER.size == 128 and SLOT.size == 168
 assert HEADER.size + MAX_SLOTS * SLOT.size + CRC.size <= BLOCK
 
 
+# SlotRecord.flags
+FLAG_HIBERNATE = 1  # written by `khibernate hibernate`: the image `khibernate resume` takes (newest first)
+
+
 class SlotState(enum.IntEnum):
     """What a slot holds: nothing, an image being written, a good image, an image already resumed, a failed one."""
 
@@ -88,8 +92,9 @@ class SlotRecord:
         """One line for `target list`."""
         if self.state == SlotState.FREE:
             return f"slot {self.index}: free ({self.capacity / 2**20:.0f} MiB)"
+        kind = " hibernation" if self.flags & FLAG_HIBERNATE else ""
         return (f"slot {self.index}: {self.state.name.lower():8s} #{self.seq} {self.length / 1e6:8.1f} MB "
-                f"of {self.capacity / 2**20:.0f} MiB, {self.osrelease or '?'} -d {self.dump_level}, "
+                f"of {self.capacity / 2**20:.0f} MiB, {self.osrelease or '?'} -d {self.dump_level},{kind} "
                 f"image {uuidlib.UUID(bytes=self.image_uuid)}")
 
 

@@ -1,0 +1,99 @@
+"""`khibernate resume` (early boot, the hibernated kernel's fresh boot) and `khibernate restore` (capture kernel)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+AGAIN_WARNING = ("--again resumes an image that was resumed before: the same kernel state runs a second time — "
+                 "the same random-number generator state, the same TCP connections and sequence numbers, the same "
+                 "half-done writes replayed against disks that have moved on. Use it for checkpoints you mean to "
+                 "re-run, on machines whose disks are copies made at hibernate time.")
+
+
+@click.command("resume", epilog=AGAIN_WARNING)
+@click.option("--target", required=True, metavar="DEV", help="The store `khibernate hibernate --target` wrote.")
+@click.option("--again", is_flag=True, help="Resume an image already resumed once (see the warning below).")
+@click.option("--kernel", metavar="FILE", help="Capture kernel bzImage (default: /boot/vmlinuz-$(uname -r)).")
+@click.option("--capture-initrd", metavar="FILE", help="Capture initramfs (default: `capture build`, cached).")
+@click.option("--deadline", type=float, default=600, show_default=True, metavar="S",
+              help="Seconds after the capture kernel's boot when its watchdog gives up.")
+@click.option("--append", default="", metavar="S", help="Extra capture-kernel command line words.")
+@click.option("--check", is_flag=True, help="Only say whether there is an image this boot would resume.")
+def resume_command(target: str, again: bool, kernel: str | None, capture_initrd: str | None, deadline: float,
+                   append: str, check: bool) -> None:
+    """Resume the kernel that `khibernate hibernate` saved in DEV, like swsusp's resume=: run it at early boot,
+    BEFORE any filesystem is mounted read-write (the initramfs-tools hook and systemd unit in initramfs/ do).
+
+    \b
+    On success this boot ends: a capture kernel writes the image back into memory and the saved kernel runs on,
+    and the slot is marked resumed before the first write, so the image is never resumed twice by accident.
+    Exit status 0: there was nothing to resume; 1: the image was refused (it is for another kernel build, memory
+    size or crash region, it is damaged, or it was resumed already) — nothing was written, boot on normally.
+    """
+    from khibernate.errors import KhibernateError
+    from khibernate.restore import resume as rs
+
+    opts = rs.Options(target=target, kernel=kernel, capture_initrd=capture_initrd, again=again, deadline=deadline,
+                      append=append)
+    try:
+        if check:
+            _, rec, img = rs.preflight(opts)
+            click.echo(f"resume: slot {rec.index} of {target} would be resumed ({img.osrelease}, "
+                       f"{rec.length / 1e6:.1f} MB)")
+            return
+        rs.run(opts, say=lambda m: click.echo(m, err=True))
+    except rs.NothingToResume as e:
+        click.echo(f"resume: {e}; booting normally", err=True)
+        return
+    except KhibernateError as e:
+        click.echo(f"resume: {e}; booting normally", err=True)
+        sys.exit(1)
+
+
+@click.command("restore", epilog=AGAIN_WARNING)
+@click.argument("what", metavar="SLOT|IMAGE")
+@click.option("--target", metavar="DEV", help="The store holding SLOT (a slot number).")
+@click.option("--again", is_flag=True, help="Restore a slot already resumed once (see the warning below).")
+@click.option("--vmcore", default="/proc/vmcore", show_default=True,
+              help="How this (capture) kernel sees the first kernel's memory layout.")
+@click.option("--devmem", metavar="PATH", help="Memory device (default /dev/oldmem if present, else /dev/mem).")
+@click.option("--dry-run", is_flag=True, help="Every check, nothing written.")
+@click.option("--no-jump", is_flag=True, help="Write and verify, but do not enter the saved kernel.")
+def restore_command(what: str, target: str | None, again: bool, vmcore: str, devmem: str | None, dry_run: bool,
+                    no_jump: bool) -> None:
+    """krestore: write a saved image back into the first kernel's memory and enter the saved kernel. Runs in a
+    capture kernel that the hibernated kernel's fresh boot jumped to (`khibernate resume` does all of this).
+
+    \b
+    Everything is checked before the first write: the whole slot's CRC, every block's checksum, the tables, and
+    that the image belongs here (page size, memory ranges, crash region, kernel release and BUILD-ID of the kernel
+    whose memory is overwritten, restorable, not resumed before). Any difference: refused, nothing touched.
+    Then the slot is marked resumed, every stored page written and every zero page zeroed through /dev/mem mmap
+    (the capture kernel needs iomem=relaxed; `jump load` adds it), each block read back and compared. After the
+    first write a failure powers the machine off instead of returning into half-overwritten memory.
+    """
+    from khibernate.errors import UsageError
+    from khibernate.restore import run as rr
+
+    if what.isdigit():
+        if not target:
+            raise UsageError("a slot number needs --target DEV (or give an image file)")
+        p = rr.prepare_slot(target, int(what), again=again, vmcore=vmcore)
+    else:
+        p = rr.prepare_file(what, vmcore=vmcore)
+    click.echo(f"restore: {what} fits this boot ({p.image.osrelease}, entry {p.image.jump_back_entry:#x}); "
+               f"checked in {p.verify_seconds:.2f} s", err=True)
+    if dry_run:
+        return
+    try:
+        stats = rr.write_back(p, target if what.isdigit() else None, devmem=devmem)
+        if no_jump:
+            click.echo(f"restore: written and verified, {stats['throughput_mb_s']} MB/s; not entering the saved "
+                       "kernel (--no-jump): this kernel must not jump back to the overwritten one")
+            return
+        rr.enter_saved_kernel(p, {"ok": True, "resumed": True, "restore": stats, "again": again})
+    except Exception as e:
+        rr.power_off_if_touched(e)
+        raise

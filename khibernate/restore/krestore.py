@@ -1,0 +1,145 @@
+"""krestore: write a saved image back into the first kernel's memory, read it back, and enter the saved kernel.
+
+Order, and why: (1) everything is checked with nothing written — the image's tables and every block's checksum,
+and that the image belongs to this boot (:mod:`khibernate.restore.checks`); (2) the caller marks the slot resumed
+(a stale image is never resumed twice by accident); (3) every stored page is written, every page the image
+records as zero is zeroed, dropped free pages are left alone unless the saved kernel zeroes freed memory
+(``init_on_free``); each block is read back and compared by CRC; (4) the caller jumps to the saved entry.
+After the first write the memory belongs to the saved kernel: any failure from there on must power off, never
+return into the kernel whose memory was overwritten.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from khibernate.errors import KhibernateError
+from khibernate.ranges import Range
+from khibernate.restore.oldmem import OldMemory
+
+ZERO_CHUNK = 1 << 20
+
+
+class RestoreError(KhibernateError):
+    """Writing the image back failed; after the first write the system must power off."""
+
+
+@dataclasses.dataclass
+class RestoreStats:
+    """What a restore wrote and how fast."""
+
+    pages_written: int = 0
+    pages_zeroed: int = 0
+    pages_free_zeroed: int = 0
+    bytes_written: int = 0
+    blocks: int = 0
+    verify_seconds: float = 0.0
+    write_seconds: float = 0.0
+
+    @property
+    def throughput_mb_s(self) -> float:
+        return self.bytes_written / 1e6 / self.write_seconds if self.write_seconds else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "throughput_mb_s": round(self.throughput_mb_s, 1)}
+
+
+def runs(pfns: np.ndarray) -> Iterator[tuple[int, int, int]]:
+    """(first pfn, page count, index of its first page in ``pfns``) for each run of consecutive pfns."""
+    if len(pfns) == 0:
+        return
+    breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(pfns)]))
+    for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+        yield int(pfns[s]), e - s, s
+
+
+def clip(ranges: Sequence[Range], starts: Sequence[int], start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The parts of [start, end) inside ``ranges`` (sorted, disjoint; ``starts`` their start addresses)."""
+    i = max(bisect.bisect_right(starts, start) - 1, 0)
+    while i < len(ranges) and ranges[i].start < end:
+        a, b = max(start, ranges[i].start), min(end, ranges[i].end)
+        if a < b:
+            yield a, b
+        i += 1
+
+
+def mask(bits: np.ndarray, max_pfn: int) -> np.ndarray:
+    """A bitmap (little-endian bit order) as booleans over pfns 0..max_pfn."""
+    return np.unpackbits(bits, bitorder="little")[:max_pfn].astype(bool)
+
+
+def ram_mask(ranges: Sequence[Range], page_size: int, max_pfn: int) -> np.ndarray:
+    """Pfns that lie (at least partly) in ``ranges``."""
+    ram = np.zeros(max_pfn, dtype=bool)
+    for r in ranges:
+        ram[r.start // page_size:-(-r.end // page_size)] = True
+    return ram
+
+
+def write_image(src: Any, mem: OldMemory, *, ram: Sequence[Range] | None = None, zero_free: bool = False,
+                progress: Callable[[int], None] | None = None, on_first_write: Callable[[], None] | None = None,
+                verify: bool = True) -> RestoreStats:
+    """Write every stored page of ``src`` (a checked KhiSource) into ``mem``, zero its zero pages (and, with
+    ``zero_free``, the pages it dropped as free), nothing outside ``ram`` (default: the image's ranges); each
+    block read back and compared.  RestoreError on a mismatch."""
+    ps = src.page_size
+    ranges = sorted(Range(r.start, r.end) for r in (ram if ram is not None else src.ranges))
+    starts = [r.start for r in ranges]
+    st = RestoreStats()
+    t0 = time.monotonic()
+    first = [True]
+
+    def put(addr: int, data: memoryview) -> int:
+        """Write data at addr clipped to the RAM ranges; CRC-compare what reads back; bytes written."""
+        n = 0
+        for a, b in clip(ranges, starts, addr, addr + len(data)):
+            if first[0] and on_first_write is not None:
+                on_first_write()
+            first[0] = False
+            part = data[a - addr:b - addr]
+            mem.write(a, part)
+            if verify and zlib.crc32(mem.read(a, b - a)) != zlib.crc32(part):
+                raise RestoreError(f"memory at {a:#x}-{b:#x} reads back differently from what was written")
+            n += b - a
+        return n
+
+    for pfns, data in src.iter_blocks():
+        mv = memoryview(data)
+        for pfn, count, k in runs(pfns):
+            st.bytes_written += put(pfn * ps, mv[k * ps:(k + count) * ps])
+        st.pages_written += len(pfns)
+        st.blocks += 1
+        if progress:
+            progress(len(data))
+    max_pfn = src.max_pfn
+    zero = mask(src.zero_bits, max_pfn)
+    todo = [(zero, "zero")]
+    if zero_free:
+        dropped = ram_mask(ranges, ps, max_pfn) & ~zero & ~mask(src.stored_bits, max_pfn)
+        todo.append((dropped, "free"))
+    zeros = memoryview(bytes(ZERO_CHUNK))
+    for m, what in todo:
+        pfns = np.flatnonzero(m)
+        for pfn, count, _ in runs(pfns):
+            addr, end = pfn * ps, (pfn + count) * ps
+            while addr < end:
+                n = min(end - addr, ZERO_CHUNK)
+                st.bytes_written += put(addr, zeros[:n])
+                addr += n
+        if what == "zero":
+            st.pages_zeroed = len(pfns)
+        else:
+            st.pages_free_zeroed = len(pfns)
+        if progress:
+            progress(len(pfns) * ps)
+    st.write_seconds = time.monotonic() - t0
+    return st

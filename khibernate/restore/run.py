@@ -1,0 +1,185 @@
+"""The capture kernel's side of a resume: read → check → mark resumed → write → post → jump to the saved kernel.
+
+Runs in the capture kernel that a fresh boot of the hibernated kernel jumped to (``khibernate.job=restore``), or
+by hand (``khibernate restore``).  Until the first write to memory every failure is a refusal: the caller jumps
+back and that boot carries on normally.  From the first write on, the first kernel's memory is the saved kernel's
+and half of it may be written: a failure then powers the machine off (:func:`power_off_if_touched`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from khibernate.errors import KhibernateError
+from khibernate.restore.checks import RestoreRefused, SavedImage, ThisBoot, check
+
+TOUCHED = Path("/run/khibernate/oldmem-written")  # exists once the first byte of old memory was written
+
+
+def say(msg: str) -> None:
+    print(f"khibernate-restore: {msg}", file=sys.stderr, flush=True)
+
+
+def this_boot(vmcore: str = "/proc/vmcore") -> ThisBoot:
+    """What this capture kernel sees of the first kernel (/proc/vmcore) and of itself (/proc/iomem)."""
+    from khibernate.capture.job import capture_ram
+    from khibernate.image.sources import open_source
+    from khibernate.image.vmcoreinfo import from_source
+    from khibernate.ranges import Range, merge
+
+    with open_source(vmcore) as src:
+        vmci = from_source(src)
+        headers = getattr(src, "headers", None)
+        loads = [Range(p.paddr, p.paddr + p.memsz) for p in getattr(headers, "loads", ()) if p.memsz]
+        return ThisBoot(page_size=src.page_size, ranges=tuple(src.ranges),
+                        osrelease=vmci.osrelease if vmci else "", build_id=(vmci.build_id if vmci else "").lower(),
+                        capture_ram=tuple(capture_ram()), exact=tuple(merge(loads)) if loads else tuple(src.ranges))
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A checked image, ready to be written: nothing has been written yet."""
+
+    source: Any  # KhiSource
+    image: SavedImage
+    here: ThisBoot
+    slot: Any = None  # SlotRecord, when the image is a store slot
+    verify_seconds: float = 0.0
+
+
+def prepare_slot(target: str, index: int, *, again: bool = False, image_uuid: bytes | None = None,
+                 vmcore: str = "/proc/vmcore") -> Prepared:
+    """Store slot ``index`` of ``target``, every check done (RestoreRefused / store errors); nothing written."""
+    from khibernate.store import api as store
+    from khibernate.store import device
+    from khibernate.store.superblock import SlotState
+
+    sb = store.read(target)
+    rec = sb.slot(index)
+    if image_uuid is not None and rec.image_uuid != image_uuid:
+        raise RestoreRefused([f"slot {index} of {target} now holds another image than the one asked for"])
+    if rec.state == SlotState.RESUMED and not again:
+        raise RestoreRefused([f"slot {index} was already resumed once: resuming it again runs the same kernel state "
+                              "a second time (give --again to do that on purpose)"])
+    if rec.state not in (SlotState.COMPLETE, SlotState.RESUMED):
+        raise RestoreRefused([f"slot {index} is {rec.state.name.lower()}: it holds no complete image"])
+    device.check_writable(target)  # the slot is marked resumed before the first write to memory
+    t0 = time.monotonic()
+    store.verify_bytes(target, rec, rec.length, rec.crc32)  # every byte of the slot against its record's CRC
+    src = store.open_slot(target, rec)
+    try:
+        src.verify(decompress=False)  # every block's checksum, bitmaps, index and trailer
+        p = Prepared(src, SavedImage.from_source(src), this_boot(vmcore), rec, time.monotonic() - t0)
+        check(p.image, p.here)
+        return p
+    except BaseException:
+        src.close()
+        raise
+
+
+def prepare_file(path: str, vmcore: str = "/proc/vmcore") -> Prepared:
+    """An image file, every check done; nothing written."""
+    from khibernate.image.format import KhiSource
+
+    t0 = time.monotonic()
+    src = KhiSource(path)
+    try:
+        src.verify(decompress=False)
+        p = Prepared(src, SavedImage.from_source(src), this_boot(vmcore), None, time.monotonic() - t0)
+        check(p.image, p.here)
+        return p
+    except BaseException:
+        src.close()
+        raise
+
+
+def write_back(p: Prepared, target: str | None = None, devmem: str | None = None) -> dict[str, Any]:
+    """Mark the slot resumed, then write the image into the first kernel's memory and read it back; the stats."""
+    import dataclasses as dc
+
+    from khibernate.restore.krestore import write_image
+    from khibernate.restore.oldmem import OldMemory
+    from khibernate.store import api as store
+    from khibernate.store.superblock import SlotState
+
+    if p.slot is not None and target is not None:
+        store.set_slot(target, dc.replace(p.slot, state=SlotState.RESUMED))  # before the first write to memory
+    last = [time.monotonic(), 0]
+    total = [0]
+
+    def progress(n: int) -> None:
+        total[0] += n
+        now = time.monotonic()
+        if now - last[0] >= 2:
+            say(f"{total[0] >> 20} MiB written back ({(total[0] - last[1]) / (now - last[0]) / 1e6:.0f} MB/s)")
+            last[:] = [now, total[0]]
+
+    def touched() -> None:
+        TOUCHED.parent.mkdir(parents=True, exist_ok=True)
+        TOUCHED.write_text("the first kernel's memory is being overwritten\n")
+
+    ram = p.here.exact or p.image.ranges
+    with OldMemory(ram, path=devmem) as mem:
+        stats = write_image(p.source, mem, ram=ram, zero_free=p.image.zero_free, progress=progress,
+                            on_first_write=touched)
+    out = stats.as_dict()
+    out["verify_seconds"] = round(p.verify_seconds, 3)
+    say(f"{stats.pages_written} pages written, {stats.pages_zeroed} zeroed"
+        + (f", {stats.pages_free_zeroed} free pages zeroed (init_on_free)" if stats.pages_free_zeroed else "")
+        + f", all read back equal: {stats.bytes_written / 1e6:.0f} MB in {stats.write_seconds:.2f} s "
+        f"({stats.throughput_mb_s:.0f} MB/s); image checked in {p.verify_seconds:.2f} s")
+    return out
+
+
+def enter_saved_kernel(p: Prepared, body: dict[str, Any]) -> None:
+    """Tell the saved kernel it was resumed (its mailbox page), then jump to its saved entry; does not return
+    unless the jump fails (then raises, and the caller powers off: memory is no longer the booted kernel's)."""
+    from khibernate.capture import mailbox
+    from khibernate.jump import api as jump
+
+    entry = p.image.jump_back_entry
+    if entry is None:
+        raise RestoreRefused(["the image records no saved kernel entry"])
+    if p.image.mailbox:
+        try:
+            mailbox.post(p.image.mailbox, p.image.image_uuid, body)
+        except (OSError, KhibernateError) as e:
+            say(f"warning: the saved kernel's mailbox could not be written ({e}); it will not know it was resumed")
+    jump.prepare_jump_back(entry)
+    say(f"entering the saved kernel at {entry:#x}")
+    jump.execute()
+    raise KhibernateError("the saved kernel returned into the restore kernel")  # it never jumps back here
+
+
+def run_restore(job: Any) -> dict[str, Any]:
+    """The ``restore`` capture job: refusals return a result for the asking kernel's mailbox; success never
+    returns (the saved kernel runs)."""
+    from khibernate.capture.job import uptime
+
+    say(f"restore slot {job.slot} of {job.target} (image {job.image}){' again' if job.again else ''}, up "
+        f"{uptime():.2f} s")
+    try:
+        p = prepare_slot(job.target, job.slot, again=job.again, image_uuid=job.image_uuid)
+    except KhibernateError as e:
+        return {"ok": False, "refused": True, "message": str(e), "error": type(e).__name__}
+    say(f"image checked ({p.verify_seconds:.2f} s): {p.image.osrelease}, {len(p.image.ranges)} RAM ranges, entry "
+        f"{p.image.jump_back_entry:#x}; writing it back")
+    stats = write_back(p, job.target)
+    enter_saved_kernel(p, {"ok": True, "resumed": True, "restore": stats, "resume_boot_id": job.boot_id,
+                           "slot": job.slot, "again": job.again, "restore_uptime": round(uptime(), 3)})
+    return {}  # not reached
+
+
+def power_off_if_touched(error: BaseException) -> None:
+    """After the first write to the first kernel's memory, a failure must not return into it: power off."""
+    if not TOUCHED.exists():
+        return
+    say(f"FAILED after the first write to memory ({error}); the saved kernel is half restored and the booted one "
+        "overwritten: powering off (the image is kept; `khibernate resume --again` retries)")
+    from khibernate.jump import syscalls
+
+    syscalls.reboot_power_off()

@@ -1,0 +1,3 @@
+"""The synthetic kernel fixtures of tests/image, for restore tests."""
+
+from tests.image.conftest import synth, synth_elf  # noqa: F401 - pytest fixtures
