@@ -1,4 +1,5 @@
-"""``python -m vmtest.demo``: boot the test kernel in QEMU and show kexec, kdump and a kexec jump out, step by step.
+"""``python -m vmtest.demo [hibernate|kexec|kdump|jump ...]``: the test kernel in QEMU, step by step — by default
+the product (hibernate a running guest, power off, resume it in a new QEMU); kexec, kdump and a kexec jump by name.
 
 Each demo boots its own VM (logs under /tmp/khibernate-vmtest/demo-*) and prints what happened and how long it took.
 """
@@ -102,9 +103,59 @@ def demo_jump(kernel: TestKernel) -> None:
         say("[second] (jumping back to the first kernel is the jump issue's: see khibernate jump)")
 
 
+COUNTER = ("sh -c 'i=0; while :; do i=$((i+1)); echo \"$$ $i\" > /tmp/cnt; sleep 1; done' "
+           ">/dev/null 2>&1 </dev/null &")
+HIBERNATE = "khibernate hibernate --target /dev/vda --kernel /boot/bzImage --capture-initrd /boot/initrd.img"
+
+
+def demo_hibernate(kernel: TestKernel) -> None:
+    """The product: hibernate a running guest, power off, boot a NEW QEMU, resume — the same kernel runs on."""
+    say("\n== hibernate / resume across a cold boot, with khibernate's own commands only ==")
+    with VM(kernel=kernel, append="crashkernel=256M", name="demo-hibernate", disk_mb=640, timeout=300) as vm:
+        say(f"[QEMU #1] kernel {vm.release} up in {vm.boot_seconds:.1f} s, boot_id {vm.boot_id}")
+        vm.run("khibernate target init /dev/vda")
+        say("[guest]  khibernate target init /dev/vda")
+        vm.run(COUNTER)
+        vm.run("echo 'a line typed before hibernating' > /dev/shm/note")
+        time.sleep(3)
+        before = vm.run("cat /tmp/cnt").split()
+        say(f"[guest]  counter process {before[0]} at {before[1]}; /dev/shm/note written")
+        t = time.monotonic()
+        cid = vm.send(HIBERNATE)
+        say(f"[guest]  {HIBERNATE}")
+        vm.wait_exit(timeout=900)
+        say(f"[QEMU #1] exited {time.monotonic() - t:.1f} s later: the capture kernel saved the guest and powered off")
+        for line in _lines(vm.console_text(), r"hibernation image complete")[:1]:
+            say(f"         console: {line}")
+        disk, boot_id = vm.disk, vm.boot_id
+    vm2 = VM(kernel=kernel, append="crashkernel=256M khibernate.resume=/dev/vda", name="demo-resume",
+             disks=[disk], timeout=300, wait_ready=False)
+    t = time.monotonic()
+    vm2.start()
+    try:
+        say("[QEMU #2] a new QEMU process boots the same kernel with khibernate.resume=/dev/vda (its /init runs "
+            "`khibernate resume --target /dev/vda` before anything else)")
+        status, out = vm2.result_elsewhere(cid, timeout=900)
+        say(f"[QEMU #2] the hibernated kernel runs again {time.monotonic() - t:.1f} s after power-on; its "
+            f"`khibernate hibernate` returned {status}: {out.strip().splitlines()[-1] if out.strip() else ''}")
+        for line in _lines(vm2.console_text(), r"khibernate-restore: \d+ pages written|entering the saved")[:2]:
+            say(f"         console: {line}")
+        vm2.wait_for_shell(timeout=60, new_boot=False)
+        same = vm2.run("cat /proc/sys/kernel/random/boot_id").strip()
+        time.sleep(2)
+        after = vm2.run("cat /tmp/cnt").split()
+        say(f"[guest]  boot_id {same} ({'the same kernel' if same == boot_id else 'A DIFFERENT KERNEL'}); counter "
+            f"process {after[0]} at {after[1]} (was {before[1]}); /dev/shm/note: "
+            f"{vm2.run('cat /dev/shm/note').strip()!r}")
+        if same != boot_id or after[0] != before[0]:
+            raise VMError("the resumed kernel is not the one that hibernated")
+    finally:
+        vm2.close()
+
+
 def main(argv: list[str]) -> int:
-    names = argv or ["kexec", "kdump", "jump"]
-    demos = {"kexec": demo_kexec, "kdump": demo_kdump, "jump": demo_jump}
+    names = argv or ["hibernate"]
+    demos = {"hibernate": demo_hibernate, "kexec": demo_kexec, "kdump": demo_kdump, "jump": demo_jump}
     unknown = [n for n in names if n not in demos]
     if unknown:
         print(f"unknown demo(s) {unknown}; choose from {', '.join(demos)}", file=sys.stderr)

@@ -145,7 +145,8 @@ class VM:
     def __init__(self, kernel: TestKernel, append: str = "", memory_mb: int = 1024, smp: int = 1,
                  extra_files: Iterable[tuple[Path | str, str]] = (), disk_mb: int = 0, timeout: float = 120,
                  name: str = "vm", accel: str | None = None, qemu_args: Iterable[str] = (),
-                 initrd: Path | None = None, cpu: str | None = None):
+                 initrd: Path | None = None, cpu: str | None = None, disks: Iterable[Path] = (),
+                 wait_ready: bool = True):
         self.kernel = kernel
         self.append = f"{BASE_APPEND} {append}".strip()
         self.memory_mb = memory_mb
@@ -159,6 +160,8 @@ class VM:
         # Nehalem has them and, like qemu64, no 1 GiB pages (pdpe1gb), which the kexec-jump findings depend on.
         self.cpu = cpu or os.environ.get("KHIBERNATE_VMTEST_CPU") or ("host" if self.accel == "kvm" else "Nehalem")
         self.qemu_args = list(qemu_args)
+        self.disks = [Path(d) for d in disks]  # existing raw disk files, attached after disk_mb's fresh one
+        self.wait_ready = wait_ready  # False: a boot that is not expected to reach its own agent (a resume)
         self.log_dir = LOG_ROOT / name
         self._initrd = initrd
         self._proc: subprocess.Popen | None = None
@@ -231,6 +234,8 @@ class VM:
             with open(self.disk, "wb") as f:
                 f.truncate(self.disk_mb << 20)
             cmd += ["-drive", f"file={self.disk},if=virtio,format=raw,cache=unsafe"]
+        for d in self.disks:
+            cmd += ["-drive", f"file={d},if=virtio,format=raw,cache=unsafe"]
         cmd += self.qemu_args
         (self.log_dir / "qemu-cmdline.txt").write_text(" ".join(cmd) + "\n")
         self.console = _Stream("console (ttyS0)", self.serial_log)
@@ -250,6 +255,8 @@ class VM:
         self._qmp_read(10)
         self.qmp("qmp_capabilities")
         self._log(f"QEMU pid {self._proc.pid}, {self.memory_mb} MiB, {self.accel} {self.cpu}, append {self.append!r}")
+        if not self.wait_ready:
+            return
         self._wait_ready(self.timeout)
         self.boot_seconds = time.monotonic() - t0
         self._log(f"guest ready in {self.boot_seconds:.1f} s (kernel {self.release})")
@@ -375,6 +382,16 @@ class VM:
         self._pending.pop(cid, None)
         with self.agent.cond:
             raw = bytes(self.agent.buf[begin.end():end.start()])
+        return int(end.group(1)), raw.decode(errors="replace").replace("\r\n", "\n")
+
+    def result_elsewhere(self, cid: str, timeout: float = 60) -> tuple[int, str]:
+        """(exit status, output since this QEMU started) of a command another VM object sent: a hibernated kernel
+        resumed in this QEMU finishes the command it was running when it hibernated."""
+        assert self.agent is not None
+        end = self.agent.search(re.compile(rb"\r?\n@@KHB-END " + cid.encode() + rb" (-?\d+)@@"), timeout,
+                                self._alive, f"end of command {cid} started before the hibernation")
+        with self.agent.cond:
+            raw = bytes(self.agent.buf[:end.start()])
         return int(end.group(1)), raw.decode(errors="replace").replace("\r\n", "\n")
 
     def run_status(self, command: str, timeout: float = 60) -> tuple[int, str]:

@@ -25,6 +25,7 @@ from khibernate.initramfs import collect, cpio
 from khibernate.initramfs import python as pybundle
 
 CONTENT_DIR = Path(__file__).resolve().parent / "content"
+HOST_INTEGRATION = ("initramfs-tools", "systemd")  # initramfs/ files for the host's own boot, not for the guest
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 KEXEC_CANDIDATES = ("/usr/sbin/kexec", "/sbin/kexec")
 
@@ -211,7 +212,7 @@ def add_content(tree: Tree, content: Path = CONTENT_DIR) -> None:
         raise InitramfsError(f"{content}/init is missing: the khibernate installation is incomplete; reinstall it"
                              " (pip install --force-reinstall khibernate) or run from a source checkout")
     for p in sorted(content.iterdir()):
-        if p.name.startswith(".") or p.name in ("README.md", "__pycache__"):
+        if p.name.startswith(".") or p.name in ("README.md", "__pycache__", *HOST_INTEGRATION):
             continue
         tree.add_file(p, p.name)
 

@@ -1,0 +1,311 @@
+"""`khibernate hibernate` and `khibernate resume` across a cold boot: the saved kernel runs on in a NEW QEMU process.
+
+Per round trip: a workload guest (counter, mlocked pattern, tmpfs data, a file on a read-write ext4 disk) runs
+`khibernate hibernate`; QEMU exits (the capture kernel powered it off); a new QEMU boots the same kernel with
+`khibernate.resume=/dev/vda` on its command line (the test VM's /init runs `khibernate resume` before anything else,
+like swsusp's resume=); the capture kernel restores the image and enters the saved kernel, whose `hibernate` command
+finishes with a "resumed" report.  Then the original kernel must be the one running: the same boot_id, the counter
+process counting on from where it stopped, the pattern and tmpfs data intact, the ext4 file readable, a new write
+going through, and after a clean shutdown `e2fsck -fn` on the host finds the filesystem clean.
+
+Also here: the same image refused the second time (normal boot), resumed again with --again; every refusal before
+a write (flipped byte, truncated slot, another kernel build, another memory size, another crash region) boots on
+normally and leaves the slot as it was; and swsusp of the same guest for the README's figures.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.vm.test_snapshot import HELPERS, counter, start_workload
+from vmtest.vm import TIMEOUT_SCALE
+
+pytestmark = pytest.mark.vm
+
+HIB = "khibernate hibernate --target /dev/vda --kernel /boot/bzImage --capture-initrd /boot/initrd.img --json"
+STORE_MB = 640
+EXT4_MB = 64
+FIGURES: dict[str, dict] = {}
+
+
+def _ext4(path: Path) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(EXT4_MB << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(path)], check=True)
+    return path
+
+
+def _slot_state(disk: Path, index: int) -> str:
+    from khibernate.store import api as store
+
+    return store.read(str(disk)).slot(index).state.name.lower()
+
+
+def hibernate(kernel, name: str, tmp: Path, smp: int = 1, memory_mb: int = 1024) -> dict:
+    """Boot a workload guest, hibernate it; returns what the resume must find (QEMU has exited)."""
+    from vmtest.vm import VM
+
+    ext4 = _ext4(tmp / f"{name}-ext4.img")
+    with VM(kernel=kernel, append="crashkernel=256M", memory_mb=memory_mb, smp=smp, extra_files=HELPERS,
+            disk_mb=STORE_MB, disks=[ext4], name=f"{name}-hib", timeout=300) as vm:
+        vm.run("khibernate target init /dev/vda")
+        start_workload(vm)
+        vm.run("mkdir -p /mnt && mount -t ext4 /dev/vdb /mnt && cp /tmp/blob.sha /mnt/blob.sha && "
+               "echo written-just-before-hibernate > /mnt/before")  # no sync here: hibernate syncs first
+        boot_id = vm.run("cat /proc/sys/kernel/random/boot_id").strip()
+        pid, n = counter(vm)
+        t0 = time.monotonic()
+        cid = vm.send(HIB)
+        assert vm.wait_exit(timeout=900 * TIMEOUT_SCALE) == 0, "the capture kernel should power the machine off"
+        hib_s = time.monotonic() - t0
+        console = vm.console_text()
+        store_disk = vm.disk
+    assert "hibernation image complete in slot" in console, console[-3000:]
+    pristine = tmp / f"{name}-store-pristine.img"
+    shutil.copyfile(store_disk, pristine)
+    from khibernate.store import api as store
+
+    sb = store.read(str(store_disk))
+    rec = next(s for s in sb.slots if s.state.name == "COMPLETE")
+    return {"kernel": kernel, "name": name, "smp": smp, "memory_mb": memory_mb, "store": store_disk, "ext4": ext4,
+            "pristine": pristine, "cid": cid, "boot_id": boot_id, "counter": (pid, n), "hibernate_seconds": hib_s,
+            "slot": rec.index, "image_bytes": rec.length}
+
+
+def resume(h: dict, name: str, append: str = "", disks: list[Path] | None = None):
+    """A new QEMU on the hibernated guest's disks with resume on its command line; returns (vm, report, seconds)
+    with the VM still running (the caller closes it)."""
+    from vmtest.vm import VM
+
+    vm = VM(kernel=h["kernel"], append=f"crashkernel=256M khibernate.resume=/dev/vda {append}".strip(),
+            memory_mb=h["memory_mb"], smp=h["smp"], disks=disks or [h["store"], h["ext4"]], name=name,
+            timeout=300, wait_ready=False)
+    t0 = time.monotonic()
+    vm.start()
+    try:
+        st, out = vm.result_elsewhere(h["cid"], timeout=900 * TIMEOUT_SCALE)
+        seconds = time.monotonic() - t0
+        assert st == 0, out
+        report = json.loads(out[out.index("{"):])
+        vm.wait_for_shell(timeout=60 * TIMEOUT_SCALE, new_boot=False)
+    except BaseException:
+        vm.close()
+        vm._report_logs()
+        raise
+    return vm, report, seconds
+
+
+def check_original_runs_on(vm, h: dict, report: dict) -> None:
+    """The kernel running is the one that hibernated, and its data survived."""
+    assert report["resumed"] is True and report["slot"] == h["slot"], report
+    assert vm.run("cat /proc/sys/kernel/random/boot_id").strip() == h["boot_id"]
+    pid0, n0 = h["counter"]
+    time.sleep(2.5)
+    pid1, n1 = counter(vm)
+    assert pid1 == pid0 and n1 > n0, ((pid0, n0), (pid1, n1))
+    assert vm.run("test -e /tmp/pattern.bad || echo intact").strip() == "intact"
+    assert vm.run("sha256sum -c /tmp/blob.sha").strip().endswith("OK")
+    assert vm.run("cat /mnt/before").strip() == "written-just-before-hibernate"
+    assert vm.run("cd /dev/shm && sha256sum -c /mnt/blob.sha").strip().endswith("OK")
+    assert vm.run("echo written-after-resume > /mnt/after && sync && cat /mnt/after").strip() == "written-after-resume"
+    assert vm.run("dd if=/dev/vda bs=4096 count=1 2>/dev/null | head -c 8").startswith("KHSTORE")
+    assert vm.run("cat /sys/kernel/kexec_loaded").strip() == "0"  # the stale capture image was unloaded
+    assert vm.run("echo shell answers").strip() == "shell answers"
+    text = vm.console_text()
+    assert "khibernate-restore: entering the saved kernel" in text
+    assert "all read back equal" in text
+
+
+def shutdown_clean(vm, h: dict) -> None:
+    """Unmount, power off, and let e2fsck on the host judge the ext4 filesystem."""
+    vm.send("umount /mnt && sync && poweroff -f")
+    assert vm.wait_exit(timeout=120 * TIMEOUT_SCALE) == 0
+    vm.close()
+    r = subprocess.run(["e2fsck", "-fn", str(h["ext4"])], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _figures(h: dict, report: dict, resume_s: float, key: str) -> None:
+    restore = report["restore"]
+    FIGURES[key] = {"hibernate_s": round(h["hibernate_seconds"], 1), "resume_s": round(resume_s, 1),
+                    "image_mb": round(h["image_bytes"] / 1e6, 1), "restore_mb_s": restore["throughput_mb_s"],
+                    "restore_write_s": round(restore["write_seconds"], 2),
+                    "verify_s": restore.get("verify_seconds")}
+    print(f"\n[hibernate {key}] hibernate (command -> power off) {h['hibernate_seconds']:.1f} s, resume (new QEMU "
+          f"start -> saved kernel's command finished) {resume_s:.1f} s, image {h['image_bytes'] / 1e6:.1f} MB, "
+          f"restore {restore['bytes_written'] / 1e6:.0f} MB at {restore['throughput_mb_s']} MB/s "
+          f"(write+read-back {restore['write_seconds']:.2f} s, image checks {restore.get('verify_seconds')} s)")
+
+
+@pytest.fixture(scope="module")
+def hibernated_612(tmp_path_factory):
+    from vmtest.kernel import ensure_kernel
+    from vmtest.vm import check_host
+
+    check_host()
+    return hibernate(ensure_kernel("6.12"), "hib-6.12", tmp_path_factory.mktemp("hib"))
+
+
+def test_resume_refused_twice_then_again_and_swsusp(hibernated_612, tmp_path) -> None:
+    """6.12, 1 CPU: resume, clean ext4; the second resume is refused (normal boot); --again resumes again;
+    then swsusp of the same (resumed) guest to a swap disk and its resume=, for the figures."""
+    from vmtest.vm import VM
+
+    h = hibernated_612
+    vm, report, resume_s = resume(h, "hib-6.12-resume")
+    try:
+        check_original_runs_on(vm, h, report)
+        _figures(h, report, resume_s, "6.12 1 GiB 1 CPU")
+        shutdown_clean(vm, h)
+    finally:
+        vm.close()
+    assert _slot_state(h["store"], h["slot"]) == "resumed"
+    # the same image a second time: refused before anything is touched, this boot goes on
+    with VM(kernel=h["kernel"], append="crashkernel=256M khibernate.resume=/dev/vda", memory_mb=1024,
+            disks=[h["store"], h["ext4"]], name="hib-6.12-twice", timeout=300) as vm:
+        assert vm.boot_id != h["boot_id"]
+        text = vm.console_text()
+        assert "no hibernation image to resume" in text and "--again" in text and "booting normally" in text, text
+        assert "Freezing user space" not in text
+    # --again: the checkpoint runs once more (the ext4 disk is the one that moved on: not checked after this)
+    vm, report, resume_s = resume(h, "hib-6.12-again", append="khibernate.resume_again=1")
+    try:
+        assert report["resumed"] and report["again"] is True
+        assert vm.run("cat /proc/sys/kernel/random/boot_id").strip() == h["boot_id"]
+        pid1, n1 = counter(vm)
+        assert pid1 == h["counter"][0] and n1 >= h["counter"][1]
+    finally:
+        vm.close()
+    # the peer for the figures: in-kernel hibernation of the same guest to a swap disk, then its resume=
+    swap = tmp_path / "swap.img"
+    with open(swap, "wb") as f:
+        f.truncate(640 << 20)
+    _swsusp(h, swap)
+
+
+def _swsusp(h: dict, swap: Path) -> None:
+    """swsusp on a fresh boot of the same guest (same kernel, memory, workload), then resume= in a new QEMU."""
+    from vmtest.vm import VM
+
+    ext4 = _ext4(swap.parent / "swsusp-ext4.img")
+    with VM(kernel=h["kernel"], append="crashkernel=256M", memory_mb=h["memory_mb"], smp=h["smp"],
+            extra_files=HELPERS, disks=[swap, ext4], name="hib-6.12-swsusp", timeout=300) as vm:
+        start_workload(vm)
+        vm.run("mkdir -p /mnt && mount -t ext4 /dev/vdb /mnt && echo swsusp > /mnt/before")
+        vm.run("mkswap /dev/vda >/dev/null && swapon /dev/vda")
+        boot_id = vm.run("cat /proc/sys/kernel/random/boot_id").strip()
+        mark = vm.mark()
+        t0 = time.monotonic()
+        cid = vm.send("echo disk > /sys/power/state")
+        assert vm.wait_exit(timeout=600 * TIMEOUT_SCALE) == 0
+        hib_s = time.monotonic() - t0
+        wrote = re.search(r"Wrote (\d+) kbytes in ([\d.]+) seconds", vm.console_since(mark))
+    vm2 = VM(kernel=h["kernel"], append="crashkernel=256M resume=/dev/vda", memory_mb=h["memory_mb"], smp=h["smp"],
+             disks=[swap, ext4], name="hib-6.12-swsusp-resume", timeout=300, wait_ready=False)
+    t0 = time.monotonic()
+    vm2.start()
+    try:
+        st, _ = vm2.result_elsewhere(cid, timeout=600 * TIMEOUT_SCALE)
+        res_s = time.monotonic() - t0
+        assert st == 0
+        vm2.wait_for_shell(timeout=60 * TIMEOUT_SCALE, new_boot=False)
+        assert vm2.run("cat /proc/sys/kernel/random/boot_id").strip() == boot_id
+    finally:
+        vm2.close()
+    size = f"{int(wrote.group(1)) / 1e3:.1f} MB written in {wrote.group(2)} s" if wrote else "size not on console"
+    k = next(iter(FIGURES.values()), {})
+    FIGURES["swsusp"] = {"hibernate_s": round(hib_s, 1), "resume_s": round(res_s, 1), "image": size}
+    print(f"\n[swsusp 6.12 1 GiB 1 CPU, same guest, LZO to a swap disk] hibernate (echo disk -> power off) "
+          f"{hib_s:.1f} s ({size}), resume (new QEMU start -> resumed command finished) {res_s:.1f} s; khibernate: "
+          f"hibernate {k.get('hibernate_s')} s, resume {k.get('resume_s')} s, image {k.get('image_mb')} MB")
+
+
+def _refused(h: dict, name: str, store: Path, expect: str, kernel=None, memory_mb: int | None = None,
+             crash: str = "crashkernel=256M", tmp: Path | None = None) -> str:
+    """Boot with resume on a (damaged or foreign) image: the reason on the console, a normal boot, slot untouched."""
+    from vmtest.vm import VM
+
+    before = _slot_state(store, h["slot"])
+    with VM(kernel=kernel or h["kernel"], append=f"{crash} khibernate.resume=/dev/vda",
+            memory_mb=memory_mb or h["memory_mb"], disks=[store], name=name, timeout=300) as vm:
+        text = vm.console_text()
+        assert vm.boot_id != h["boot_id"]
+        assert "booting normally" in text and re.search(expect, text), text[-4000:]
+        assert vm.run("echo normal boot").strip() == "normal boot"
+    assert _slot_state(store, h["slot"]) == before == "complete"
+    return text
+
+
+def test_resume_refusals_touch_nothing(hibernated_612, tmp_path) -> None:
+    """Flipped byte in a block, truncated slot, another kernel build, another -m, another crash region: each is
+    refused before any write (the flipped byte by the capture kernel, which jumps back), and the boot goes on."""
+    from khibernate.store import api as store
+    from vmtest.kernel import ensure_kernel
+
+    h = hibernated_612
+    rec = store.read(str(h["pristine"])).slot(h["slot"])
+
+    def copy(name: str) -> Path:
+        p = tmp_path / f"{name}.img"
+        shutil.copyfile(h["pristine"], p)
+        return p
+
+    flipped = copy("flipped")
+    src = store.open_slot(str(flipped), rec)
+    entry = src.index[len(src.index) // 2]
+    src.close()
+    with open(flipped, "r+b") as f:
+        f.seek(rec.offset + entry.offset + entry.csize // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x40]))
+    text = _refused(h, "hib-refuse-flipped", flipped, r"refused the image: .*(crc32|checksum)")
+    assert "Freezing user space" in text  # this one went through the capture kernel, which jumped back
+    truncated = copy("truncated")
+    with open(truncated, "r+b") as f:
+        f.seek(rec.offset + rec.length - 65536)
+        f.write(bytes(65536))
+    _refused(h, "hib-refuse-truncated", truncated, r"resume: .*(trailer|truncated|corrupt)")
+    _refused(h, "hib-refuse-build", copy("build"), r"kernel release: image 6\.12.*7\.3", kernel=ensure_kernel("7.3"))
+    _refused(h, "hib-refuse-mem", copy("mem"), r"memory ranges differ", memory_mb=1152)
+    _refused(h, "hib-refuse-crash", copy("crash"), r"memory ranges differ", crash="crashkernel=256M@0x10000000")
+
+
+def test_hibernate_resume_two_cpus(tmp_path) -> None:
+    """6.12 with 2 CPUs: secondary CPUs restart through the saved kernel's real-mode trampoline in low memory."""
+    from vmtest.kernel import ensure_kernel
+    from vmtest.vm import check_host
+
+    check_host()
+    h = hibernate(ensure_kernel("6.12"), "hib-6.12-smp2", tmp_path, smp=2)
+    vm, report, resume_s = resume(h, "hib-6.12-smp2-resume")
+    try:
+        check_original_runs_on(vm, h, report)
+        assert vm.run("cat /sys/devices/system/cpu/online").strip() == "0-1"
+        _figures(h, report, resume_s, "6.12 1 GiB 2 CPUs")
+        shutdown_clean(vm, h)
+    finally:
+        vm.close()
+
+
+def test_hibernate_resume_7_3(tmp_path) -> None:
+    """The 7.x kexec-jump ABI: the same round trip on 7.3."""
+    from vmtest.kernel import ensure_kernel
+    from vmtest.vm import check_host
+
+    check_host()
+    h = hibernate(ensure_kernel("7.3"), "hib-7.3", tmp_path)
+    vm, report, resume_s = resume(h, "hib-7.3-resume")
+    try:
+        check_original_runs_on(vm, h, report)
+        _figures(h, report, resume_s, "7.3 1 GiB 1 CPU")
+        shutdown_clean(vm, h)
+    finally:
+        vm.close()
