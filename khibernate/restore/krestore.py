@@ -99,7 +99,7 @@ def write_image(src: Any, mem: OldMemory, *, ram: Sequence[Range] | None = None,
     first = [True]
 
     def put(addr: int, data: memoryview) -> int:
-        """Write data at addr clipped to the RAM ranges; CRC-compare what reads back; bytes written."""
+        """Write data at addr clipped to the RAM ranges; CRC-compare what reads back (in place); bytes written."""
         n = 0
         for a, b in clip(ranges, starts, addr, addr + len(data)):
             if first[0] and on_first_write is not None:
@@ -107,7 +107,7 @@ def write_image(src: Any, mem: OldMemory, *, ram: Sequence[Range] | None = None,
             first[0] = False
             part = data[a - addr:b - addr]
             mem.write(a, part)
-            if verify and zlib.crc32(mem.read(a, b - a)) != zlib.crc32(part):
+            if verify and mem.crc32(a, b - a) != zlib.crc32(part):
                 raise RestoreError(f"memory at {a:#x}-{b:#x} reads back differently from what was written")
             n += b - a
         return n

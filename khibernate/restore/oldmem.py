@@ -106,6 +106,25 @@ class OldMemory:
         self.bytes_read += size
         return bytes(out)
 
+    def crc32(self, paddr: int, size: int, crc: int = 0) -> int:
+        """zlib.crc32 of ``size`` bytes at ``paddr`` (continuing ``crc``), read in place without copying them."""
+        import zlib
+
+        done = 0
+        while done < size:
+            a = paddr + done
+            n = min(size - done, WINDOW - (a % WINDOW) or WINDOW)
+            self._range_of(a, n)
+            if self.pwrite_device:
+                crc = zlib.crc32(os.pread(self.fd, n, a), crc)
+            else:
+                v = self._view(a, n)
+                crc = zlib.crc32(v, crc)
+                v.release()
+            done += n
+        self.bytes_read += size
+        return crc
+
     def close(self) -> None:
         if self._win is not None:
             self._win[2].close()

@@ -69,10 +69,9 @@ def prepare_slot(target: str, index: int, *, again: bool = False, image_uuid: by
         raise RestoreRefused([f"slot {index} is {rec.state.name.lower()}: it holds no complete image"])
     device.check_writable(target)  # the slot is marked resumed before the first write to memory
     t0 = time.monotonic()
-    store.verify_bytes(target, rec, rec.length, rec.crc32)  # every byte of the slot against its record's CRC
-    src = store.open_slot(target, rec)
+    src = store.open_slot(target, rec)  # header, trailer and tables, each against its own CRC
     try:
-        src.verify(decompress=False)  # every block's checksum, bitmaps, index and trailer
+        src.verify(decompress=False)  # every block's frame against its CRC; bitmaps, index, trailer agree
         p = Prepared(src, SavedImage.from_source(src), this_boot(vmcore), rec, time.monotonic() - t0)
         check(p.image, p.here)
         return p
