@@ -30,7 +30,8 @@ fi
 echo "[setup] installing khibernate into .venv"
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
 
-echo "[setup] a Debian distribution kernel for the tests (linux-image .deb cached in ~/.cache/khibernate/debs)"
+# the -dbg package is ~860 MB (about 25 s from a Debian mirror); only its 630 MB vmlinux is kept
+echo "[setup] a Debian distribution kernel for the tests and its debug vmlinux (for crash), in ~/.cache/khibernate/debs"
 .venv/bin/python -m vmtest.debian
 
 echo "[setup] test kernels (built once from Debian's linux-source-6.12 and -7.3, then cached in ~/.cache/khibernate)"

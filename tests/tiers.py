@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import pytest
+
+if TYPE_CHECKING:
+    from vmtest.debian import CachedKernel
 
 RUN_VM_TESTS = os.environ.get("KHIBERNATE_RUN_VM_TESTS", "") == "1"
 HINT = "run scripts/setup.sh as root"
@@ -63,3 +66,13 @@ def debian_vmlinuz() -> Path:
     if found is None:
         unavailable(f"no Debian kernel in /boot or {debian.DEBS} ({HINT} or `python3 -m vmtest.debian`)")
     return found
+
+
+def debian_kernel_with_dbg() -> CachedKernel:
+    """The cached Debian kernel package whose debug vmlinux setup extracted (never downloaded during a test)."""
+    from vmtest import debian
+
+    k = debian.cached_kernel()
+    if k is None or not k.vmlinux.exists():
+        unavailable(f"no Debian kernel with its debug vmlinux in {debian.DEBS} ({HINT} or `python3 -m vmtest.debian`)")
+    return k

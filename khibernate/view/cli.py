@@ -16,7 +16,8 @@ from khibernate.view.previous import open_previous
 SOURCE_HELP = """SOURCE is any file `khibernate image` reads (a khibernate image, /proc/vmcore or an ELF vmcore, a QEMU
 dump, a makedumpfile kdump or flattened file). Without SOURCE: the previous kernel of the side we run on.
 In a kdump or kexec-jump target (elfcorehdr= on /proc/cmdline): the first kernel, through /proc/vmcore or,
-without it, /dev/mem plus the elfcorehdr (x86 /dev/mem reaches only below this kernel's own end of RAM).
+without it, /dev/mem plus the elfcorehdr, read by mmap (read() of x86 /dev/mem stops at this kernel's own end
+of RAM; mmap reaches all of the first kernel's; STRICT_DEVMEM refuses only this kernel's own RAM).
 In the first kernel after a jump back: the frozen jump target - the crash region through /proc/kcore plus the
 pages the loaded jump image swapped back (its kimage page list); before the first jump that is the image as
 loaded. Both sides need root (/proc/vmcore, /dev/mem, /proc/kallsyms addresses, /proc/kcore). Kernel lockdown

@@ -6,13 +6,12 @@ Read → decide → open: ``boot_side`` is pure over /proc/cmdline's text; ``ope
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 import re
 
-from khibernate.image.elf import EHDR64, PHDR64, parse_headers
 from khibernate.image.errors import ImageError
 from khibernate.image.sources import MemorySource, open_source
+from khibernate.image.sources.raw import ranges_from_elfcorehdr
 from khibernate.view.errors import NoPreviousKernelError
 
 _SIZE = r"(?:0x[0-9a-fA-F]+|\d+)[KMG]?"
@@ -47,25 +46,19 @@ def boot_side(cmdline: str) -> BootSide:
 
 
 def read_elfcorehdr(mem: str, paddr: int) -> bytes:
-    """The ELF core header bytes at physical ``paddr`` of ``mem`` (/dev/mem): file header plus program headers."""
-    fd = os.open(mem, os.O_RDONLY)
+    """The ELF core header bytes at physical ``paddr`` of ``mem`` (/dev/mem, read by mmap): file header plus
+    program headers. NoPreviousKernelError when /dev/mem refuses the page; PermissionError without root."""
+    from khibernate.view.devmem import MappingRefusedError, PhysWindows
+    from khibernate.view.devmem import read_elfcorehdr as read_header
+
+    windows = PhysWindows(mem)
     try:
-        head = os.pread(fd, EHDR64.size, paddr)
-        if len(head) < EHDR64.size:
-            raise NoPreviousKernelError(f"{mem}: cannot read the elfcorehdr at {paddr:#x}")
-        phoff, phnum = EHDR64.unpack(head)[5], EHDR64.unpack(head)[10]
-        blob = os.pread(fd, phoff + phnum * PHDR64.size, paddr)
-    except OSError as e:
-        if e.errno == errno.EACCES:
-            raise
-        raise NoPreviousKernelError(
-            f"{mem} refuses the elfcorehdr page at {paddr:#x} ({e.strerror}): /dev/mem reads only below the "
-            "running kernel's own end of RAM (high_memory) and, under STRICT_DEVMEM, nothing the running kernel "
-            "owns; boot the jump target with CONFIG_PROC_VMCORE to see all of the first kernel") from None
+        return read_header(windows, paddr)
+    except MappingRefusedError as e:
+        raise NoPreviousKernelError(f"{mem} refuses the elfcorehdr page at {paddr:#x} ({e}); boot the jump target "
+                                    "with CONFIG_PROC_VMCORE to see all of the first kernel") from None
     finally:
-        os.close(fd)
-    parse_headers(blob)  # raises a clear error when it is not an ELF core header
-    return blob
+        windows.close()
 
 
 def open_running_side(cmdline_path: str = "/proc/cmdline", vmcore: str = "/proc/vmcore",
@@ -90,10 +83,12 @@ def open_running_side(cmdline_path: str = "/proc/cmdline", vmcore: str = "/proc/
             return open_source(vmcore)
         except PermissionError:
             raise NoPreviousKernelError(f"{vmcore}: permission denied; run as root") from None
-    from khibernate.image.sources.raw import RawSource
+    from khibernate.view.devmem import DevMemSource
 
     try:
-        return RawSource.with_elfcorehdr(mem, read_elfcorehdr(mem, side.elfcorehdr))
+        blob = read_elfcorehdr(mem, side.elfcorehdr)
+        ranges, notes = ranges_from_elfcorehdr(blob)
+        return DevMemSource(mem, ranges, note_locations=notes)
     except PermissionError:
         raise NoPreviousKernelError(f"{mem}: permission denied; run as root") from None
     except ImageError as e:

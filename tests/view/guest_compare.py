@@ -1,6 +1,7 @@
 """Guest helper for tests/vm/test_view.py, run inside the jump target: the first kernel's memory through
 open_previous() and through /dev/mem (the data path of the fallback without /proc/vmcore) against /proc/vmcore,
-page by page on a sample across every range; also what the full fallback (elfcorehdr via /dev/mem) says.
+page by page on a sample across every range (above this kernel's high_memory too: the fallback maps /dev/mem);
+also what the full fallback (elfcorehdr via /dev/mem) says.
 Prints one JSON line."""
 
 import hashlib
@@ -8,8 +9,8 @@ import json
 import sys
 
 from khibernate.image.sources import open_source
-from khibernate.image.sources.raw import RawSource
 from khibernate.view import NoPreviousKernelError, open_previous
+from khibernate.view.devmem import DevMemSource, MappingRefusedError
 from khibernate.view.previous import open_running_side
 
 PER_RANGE = int(sys.argv[1]) if len(sys.argv) > 1 else 48
@@ -17,20 +18,28 @@ PER_RANGE = int(sys.argv[1]) if len(sys.argv) > 1 else 48
 
 def main() -> None:
     out = {}
+    fallback = None
     try:  # the fallback without /proc/vmcore: /dev/mem plus the elfcorehdr read through /dev/mem
-        open_running_side(vmcore="/nonexistent").close()
+        fallback = open_running_side(vmcore="/nonexistent")
         out["fallback"] = "ok"
     except NoPreviousKernelError as e:
         out["fallback"] = str(e)
     with open_source("/proc/vmcore") as ref, open_previous() as default:
-        devmem = RawSource("/dev/mem", ref.ranges)  # the fallback's data path over the same ranges
+        devmem = DevMemSource("/dev/mem", ref.ranges)  # the fallback's data path (mmap windows) over the same ranges
         out["default"] = type(default).__name__
         out["ranges_ref"] = [[r.start, r.end] for r in ref.ranges]
         out["ranges_devmem"] = [[r.start, r.end] for r in devmem.ranges]
         out["vmcoreinfo_equal"] = ref.vmcoreinfo_text is not None and ref.vmcoreinfo_text == default.vmcoreinfo_text
+        if fallback is not None:
+            out["ranges_fallback"] = [[r.start, r.end] for r in fallback.ranges]
+            out["vmcoreinfo_fallback_equal"] = fallback.vmcoreinfo_text == ref.vmcoreinfo_text
         out["osrelease"] = next((line.split("=", 1)[1] for line in (ref.vmcoreinfo_text or "").splitlines()
                                  if line.startswith("OSRELEASE=")), None)
-        compared, differ, nonzero, refused = 0, [], 0, []
+        # x86 /dev/mem read() stops at the running kernel's high_memory (valid_phys_addr_range): the end of its RAM;
+        # the fallback maps /dev/mem instead, which reaches above it
+        high = max(int(line.split("-")[1].split()[0], 16) + 1 for line in open("/proc/iomem")
+                   if line.strip().endswith(": System RAM"))
+        compared, differ, nonzero, refused, above_high = 0, [], 0, [], 0
         loads = sorted((p.paddr, p.paddr + p.memsz) for p in ref.headers.loads if p.vaddr < 0xFFFFFFFF80000000)
         for r in ref.ranges:
             first, last = r.start // 4096, (r.end - 1) // 4096
@@ -43,21 +52,23 @@ def main() -> None:
                 a = ref.read(lo, n)
                 try:
                     b = devmem.read(lo, n)
-                except OSError as e:  # /dev/mem refuses a page the running kernel owns (STRICT_DEVMEM)
+                except MappingRefusedError as e:  # /dev/mem refuses a page the running kernel owns (STRICT_DEVMEM)
                     refused.append([hex(lo), e.errno])
                     continue
                 c = default.read(lo, n)
+                if fallback is not None and fallback.read(lo, n) != a:
+                    differ.append([hex(lo), "fallback"])
                 compared += 1
+                above_high += lo >= high
                 nonzero += any(a)
                 if not a == b == c:
                     differ.append([hex(pfn * 4096), hashlib.sha1(a).hexdigest()[:8], hashlib.sha1(b).hexdigest()[:8]])
-        # x86 /dev/mem stops at the running kernel's high_memory (valid_phys_addr_range): the end of its RAM
-        high = max(int(line.split("-")[1].split()[0], 16) + 1 for line in open("/proc/iomem")
-                   if line.strip().endswith(": System RAM"))
         out["high_memory"] = high
-        out["refused_below_high"] = [r for r in refused if int(r[0], 16) < high]
-        out["refused"] = len(refused)
+        out["refused"] = refused[:20]
+        out["compared_above_high"] = above_high
         out.update(compared=compared, nonzero=nonzero, differ=differ[:20], n_differ=len(differ))
+    if fallback is not None:
+        fallback.close()
     print("VIEW-COMPARE " + json.dumps(out))
 
 

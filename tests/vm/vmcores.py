@@ -149,3 +149,54 @@ def _kdump(kernel, name, tmp, files, memory_mb, smp, anon_mb, tmpfs_mb, bdev_mb)
         n = int.from_bytes(f.read(8), "little")
         (tmp / "kpageflags").write_bytes(f.read(n))
     return meminfo, dmesg_before, release
+
+
+@dataclasses.dataclass(frozen=True)
+class DebianDump:
+    """A QEMU dump of Debian's own kernel (the cached linux-image .deb, KASLR on) and that build's debug vmlinux."""
+
+    vmcore: Path
+    vmlinux: Path
+    meta: dict  # release, the kernel-log marker, the pid of a named sleeper the dump must show
+
+
+DEBIAN_MARK = "KHB-DEBIAN-DUMP-MARK"
+DEBIAN_SLEEP = 31337  # `sleep 31337`: a process crash's `ps` must list
+
+
+def debian_dump(memory_mb: int = 1024) -> DebianDump:
+    """Make (or reuse from the cache) a QMP dump of a running Debian 6.1 guest: the guest initramfs on Debian's
+    vmlinuz, ``qemu_fw_cfg`` loaded from the .deb so the kernel hands QEMU its VMCOREINFO (the dump then carries
+    KERNELOFFSET for KASLR), a marker in the kernel log and a ``sleep`` process, then QMP stop + dump-guest-memory."""
+    from tests.tiers import debian_kernel_with_dbg
+    from vmtest import debian
+    from vmtest.vm import VM, check_host
+
+    check_host()
+    k = debian_kernel_with_dbg()
+    out = CACHE / f"debian-{k.kver}-{_key(k.deb, memory_mb=memory_mb, mark=DEBIAN_MARK)}"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        meta_p = out / "meta.json"
+        if meta_p.exists():
+            return DebianDump(out / "vmcore", k.vmlinux, json.loads(meta_p.read_text()))
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        debian.modules_tree(tmp / "mods", ("kernel/drivers/firmware",))
+        ko = tmp / "mods/lib/modules" / k.kver / "kernel/drivers/firmware/qemu_fw_cfg.ko"
+        with VM(k, memory_mb=memory_mb, extra_files=[(ko, "/khb/qemu_fw_cfg.ko")], name="debian-dump",
+                timeout=300) as vm:
+            vm.run("insmod /khb/qemu_fw_cfg.ko && test -e /sys/firmware/qemu_fw_cfg/by_name/etc/vmcoreinfo")
+            vm.run(f"echo {DEBIAN_MARK} > /dev/kmsg")
+            pid = int(vm.run(f"sleep {DEBIAN_SLEEP} </dev/null >/dev/null 2>&1 & p=$!; "
+                             "while [ \"$(cat /proc/$p/comm)\" != sleep ]; do :; done; echo $p").split()[-1])
+            vm.qmp("stop")
+            vm.qmp("dump-guest-memory", paging=False, protocol=f"file:{tmp / 'vmcore'}")
+            meta = {"release": vm.release, "mark": DEBIAN_MARK, "sleep_pid": pid, "memory_mb": memory_mb}
+        shutil.rmtree(tmp / "mods")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        return DebianDump(out / "vmcore", k.vmlinux, meta)
