@@ -37,9 +37,10 @@ def _register() -> None:
     from khibernate.store.cli import target_group
 
     cli.add_command(target_group)
-    from khibernate.capture.cli import capture_group, snapshot_command
+    from khibernate.capture.cli import capture_group, snapshot_command, watch_command
 
     cli.add_command(snapshot_command)
+    cli.add_command(watch_command)
     cli.add_command(capture_group)
     from khibernate.view.cli import view_group
 

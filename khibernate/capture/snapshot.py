@@ -36,6 +36,8 @@ class Options:
     keep: int | None = None
     deadline: float = DEFAULT_DEADLINE
     append: str = ""
+    mem_min: int | None = None  # the capture kernel's window (default: the whole crashkernel= region)
+    mem_max: int | None = None
 
 
 def _boot_id() -> str:
@@ -55,6 +57,17 @@ def default_kernel() -> str:
     raise SnapshotError(f"no kernel image for {rel} in /boot: give the capture kernel with --kernel FILE")
 
 
+def check_kdump_sharing(opts: Options, kdump_loaded: bool) -> None:
+    """Refuse to jump into the whole crash region while a kdump image lies in it: the capture kernel would take the
+    region as RAM and overwrite the loaded kdump kernel, leaving the next panic without a dump."""
+    if kdump_loaded and opts.mem_min is None and opts.mem_max is None:
+        raise SnapshotError(
+            "a kdump capture kernel is loaded in the crashkernel= region, and the capture kernel would use the whole "
+            "region as RAM and overwrite it: load kdump into one part of the region (kexec -p -c "
+            "--mem-min=... --mem-max=...) and give snapshot the other part (--mem-min/--mem-max), or unload kdump "
+            "first (`khibernate kdump unload`)")
+
+
 def preflight(opts: Options) -> tuple[Any, SlotRecord, Any]:
     """Every check that needs no write: doctor, target, slot, size; returns (superblock, slot, estimate)."""
     from khibernate.doctor import diagnose
@@ -69,6 +82,7 @@ def preflight(opts: Options) -> tuple[Any, SlotRecord, Any]:
         why = "; ".join(f.message for f in d.findings if "jump" in f.blocks)
         raise SnapshotError(f"this machine cannot kexec jump: {why} (`khibernate doctor` says more)")
     check_level(opts.level, False)  # above -d 17 the image is for analysis only (not restorable)
+    check_kdump_sharing(opts, SystemRoot().read_int("/sys/kernel/kexec_crash_loaded") == 1)
     sb = store.read(opts.target)
     device.check_writable(opts.target)  # read-only targets are refused here, before anything is written
     slot = splan.choose_slot(sb)
@@ -109,7 +123,7 @@ def run(opts: Options, say: Any = print) -> dict[str, Any]:
     job = Job("snapshot", opts.target, sb.uuid_str, slot.index, slot.offset, slot.capacity, opts.level, str(image),
               boot_id, opts.deadline, box.paddr)
     append = " ".join([*_console_args(cmdline), opts.append, *job.args()]).strip()
-    plan = jump.plan_jump(kernel, initrd, append)
+    plan = jump.plan_jump(kernel, initrd, append, opts.mem_min, opts.mem_max)
     # ---- writes start here: reserve the slot (the last good image stays untouched), load, jump
     reserved = dataclasses.replace(slot, state=SlotState.WRITING, seq=sb.next_seq(), length=0, crc32=0,
                                    dump_level=opts.level, image_uuid=image.bytes, created_ns=time.time_ns(),
