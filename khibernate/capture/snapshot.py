@@ -192,7 +192,8 @@ def describe(r: dict[str, Any]) -> str:
     cls = ", ".join(f"{k} {v}" for k, v in c.items() if v)
     return (f"snapshot #{r['seq']} saved to slot {r['slot']} of {r['target']} and verified: image {r['image']}\n"
             f"  {r['pages_stored']} of {r['pages_ram']} pages stored ({r['pages_zero']} zero, "
-            f"{r['pages_excluded'] - r['pages_zero']} free dropped at -d {r['dump_level']}); classes: {cls}\n"
+            f"{r['pages_excluded'] - r['pages_zero']} {'free ' if r['dump_level'] & ~17 == 0 else ''}dropped at "
+            f"-d {r['dump_level']}); classes: {cls}\n"
             f"  {r['bytes'] / 1e6:.1f} MB, saved in {r['save_seconds']} s ({r['throughput_mb_s']} MB/s)\n"
             f"  the system was paused {r['pause_seconds']:.2f} s (freeze -> thaw)"
             + (f"; retired slots {r['retired_slots']}" if r["retired_slots"] else ""))

@@ -1,9 +1,10 @@
 """`khibernate watch` in QEMU on the 6.12 test kernel: LKDTM provokes a WARNING, an Oops and a burst of WARNINGs;
 the watcher takes one analysis snapshot (-d 31) per event within its limits and the guest runs on.
 
-One booted guest (1 GiB, crashkernel=256M, the snapshot tests' workload, a store on /dev/vda, debugfs mounted) for
-the module; each test starts its own watcher (its options differ) and waits until it has stopped.  The host reads
-the images straight from the guest's disk file: the kernel log in the image, and drgn on the kdump export.
+One booted guest (1 GiB, crashkernel=384M: 128 MiB of it for a kdump kernel in the last test; the snapshot tests'
+workload, a store on /dev/vda, debugfs mounted) for the module; each test starts its own watcher (its options
+differ) and waits until it has stopped.  The host reads the images straight from the guest's disk file: the kernel
+log in the image, and drgn on the kdump export.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def guest():
     from vmtest.vm import VM, check_host
 
     check_host()
-    with VM(kernel=ensure_kernel("6.12"), append="crashkernel=256M", memory_mb=1024, extra_files=HELPERS,
+    with VM(kernel=ensure_kernel("6.12"), append="crashkernel=384M", memory_mb=1024, extra_files=HELPERS,
             disk_mb=640, name="watch-6.12", timeout=300) as vm:
         vm.run("mountpoint -q /sys/kernel/debug || mount -t debugfs debugfs /sys/kernel/debug")
         assert vm.run_status(f"test -w {DIRECT}")[0] == 0, "no LKDTM in the test kernel (CONFIG_LKDTM, DEBUG_FS)"
@@ -203,21 +204,48 @@ def test_burst_of_warnings_is_rate_limited_and_max_is_respected(guest) -> None:
         figures("burst", e["snapshot"])
 
 
-def test_panic_on_warn_is_said_and_not_claimed(guest) -> None:
-    """panic_on_warn=1: `--on warn` refuses to start (nothing it could capture), `--on oops,warn` says at start
-    that WARNINGs panic and are left to kdump, and claims only Oopses."""
+def test_panic_on_warn_is_left_to_kdump_sharing_the_crash_region(guest) -> None:
+    """panic_on_warn=1: `--on warn` refuses to start (nothing it could capture); with a kdump kernel loaded into the
+    bottom 128 MiB of the crash region, `--on oops,warn` says at start that WARNINGs panic and are left to kdump, and
+    captures an Oops with its capture kernel in the rest of the region; the kdump image survives that capture, and a
+    WARNING then panics into it (no capture by the watcher). Runs last: the guest ends in the kdump kernel."""
+    from vmtest import guest as guestinfo
+    from vmtest.vm import BASE_APPEND
+
     vm = guest
+    start, end = guestinfo.crash_region(vm.run("cat /proc/iomem"))
+    mid = start + (128 << 20)
     vm.run("echo 1 > /proc/sys/kernel/panic_on_warn")
-    try:
-        st, out = vm.run_status(f"{WATCH} --on warn --max 1", timeout=180)
-        assert st != 0 and "kernel.panic_on_warn=1" in out and "nothing for `watch` to capture" in out, out
-        pid = start_watch(vm, "--on oops,warn --max 1 --no-export", "/tmp/watch4.log")
-        log = vm.run("cat /tmp/watch4.log")
-        assert "capturing on oops" in log and "capturing on oops,warn" not in log, log
-        assert re.search(r"warn events panic this kernel \(kernel.panic_on_warn=1\).*not claimed.*kdump", log), log
-        doctor = vm.run_status("khibernate doctor")[1]
-        assert "kernel.panic_on_warn=1: WARNINGs panic this kernel" in doctor and "watch : possible" in doctor
-        vm.run(f"kill {pid}")
-        wait_exit(vm, pid)
-    finally:
-        vm.run("echo 0 > /proc/sys/kernel/panic_on_warn")
+    st, out = vm.run_status(f"{WATCH} --on warn --max 1", timeout=180)
+    assert st != 0 and "kernel.panic_on_warn=1" in out and "nothing for `watch` to capture" in out, out
+    doctor = vm.run_status("khibernate doctor")[1]
+    assert "kernel.panic_on_warn=1: WARNINGs panic this kernel" in doctor and "watch : possible" in doctor, doctor
+    # kdump (kexec_load, so kexec-tools places it: --mem-max keeps every segment and, the kernel allocating them
+    # from the region's start up, its control pages in the bottom part)
+    vm.run(f"kexec -p -c --mem-max={mid - 1:#x} /boot/bzImage --initrd=/boot/initrd-nopy.img --append='{BASE_APPEND} "
+           "khibernate.role=kdump-to-disk nr_cpus=1 reset_devices'", timeout=200)
+    assert vm.run("cat /sys/kernel/kexec_crash_loaded").strip() == "1"
+    st, out = vm.run_status(f"{WATCH} --on oops --max 1", timeout=180)  # the whole region would overwrite kdump
+    assert st != 0 and "a kdump capture kernel is loaded" in out, out
+    before = set(events(vm))
+    log_path = "/tmp/watch4.log"
+    pid = start_watch(vm, f"--on oops,warn --max 2 --min-interval 0 --no-export --mem-min={mid:#x} "
+                      f"--mem-max={end:#x}", log_path)
+    log = vm.run(f"cat {log_path}")
+    assert "capturing on oops" in log and "capturing on oops,warn" not in log, log
+    assert re.search(r"warn events panic this kernel \(kernel.panic_on_warn=1\).*not claimed.*kdump capture "
+                     r"kernel loaded", log), log
+    vm.run(f"sh -c 'sleep 1; echo EXCEPTION > {DIRECT}' >/dev/null 2>&1 </dev/null &")
+    wait_log(vm, log_path, "recorded in")
+    ((name, ev),) = events(vm, before).items()
+    assert ev["ok"] and ev["event"]["kind"] == "oops", ev
+    assert vm.run("cat /sys/kernel/kexec_crash_loaded").strip() == "1"
+    assert vm.run_status(f"test -d /proc/{pid}")[0] == 0  # still watching (--max 2) when the WARNING comes
+    figures("Oops, kdump loaded, 256 MiB window", ev["snapshot"])
+    mark = vm.mark()
+    vm.send(f"echo WARNING > {DIRECT}")
+    vm.wait_for(r"Kernel panic - not syncing: kernel: panic_on_warn set", timeout=120)
+    before_panic = vm.console_since(mark)
+    vm.wait_for(r"Command line: .*elfcorehdr=", timeout=180)
+    vm.wait_for(r"kdump-to-disk: copying /proc/vmcore \(\d+ bytes\)", timeout=300)
+    assert "Freezing user space" not in before_panic.split("Kernel panic")[0]  # the watcher did not jump
