@@ -255,3 +255,29 @@ def test_snapshot_refuses_the_whole_crash_region_while_kdump_is_loaded() -> None
         check_kdump_sharing(Options("/dev/vda"), True)
     check_kdump_sharing(Options("/dev/vda", mem_min=0x38000000, mem_max=0x3fffffff), True)
     check_kdump_sharing(Options("/dev/vda"), False)
+
+
+def test_snapshot_for_analysis_defaults_to_level_31_and_waits_for_no_other_capture(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from khibernate.capture import snapshot
+    from khibernate.cli import cli
+    from khibernate.jump import api
+
+    monkeypatch.setattr(api, "RUN_DIR", tmp_path)
+    seen = []
+
+    def fake_run(opts, say=print):
+        seen.append(opts)
+        return {"slot": 0, "level": opts.level}
+
+    monkeypatch.setattr(snapshot, "run", fake_run)
+    for args, level in ((["--for-analysis"], 31), ([], 17), (["--for-analysis", "-d", "19"], 19)):
+        r = CliRunner().invoke(cli, ["snapshot", "--target", "/dev/vda", "--json", *args])
+        assert r.exit_code == 0, r.output
+        assert seen[-1].level == level
+    with watch.capture_lock(tmp_path) as got:
+        assert got
+        r = CliRunner().invoke(cli, ["snapshot", "--target", "/dev/vda", "--for-analysis"])
+    assert r.exit_code != 0 and "another capture is running" in r.output and len(seen) == 3
