@@ -277,7 +277,18 @@ def test_snapshot_for_analysis_defaults_to_level_31_and_waits_for_no_other_captu
         r = CliRunner().invoke(cli, ["snapshot", "--target", "/dev/vda", "--json", *args])
         assert r.exit_code == 0, r.output
         assert seen[-1].level == level
+    from khibernate.capture import analysis
+
+    exported = []
+    monkeypatch.setattr(analysis, "export_folder", lambda t, slot, folder: exported.append((t, slot, folder)) or {
+        "folder": str(folder), "vmcore_bytes": 10e6, "dmesg_lines": 300, "export_seconds": 8.0})
+    monkeypatch.setattr(snapshot, "describe", lambda r: "described")
+    r = CliRunner().invoke(cli, ["snapshot", "--target", "/dev/vda", "--for-analysis", "--export-dir",
+                                 str(tmp_path / "crash")])
+    assert r.exit_code == 0 and "exported to" in r.output and "10.0 MB (kdump-compressed)" in r.output, r.output
+    (t, slot, folder), = exported
+    assert t == "/dev/vda" and slot == 0 and folder.parent == tmp_path / "crash"
     with watch.capture_lock(tmp_path) as got:
         assert got
         r = CliRunner().invoke(cli, ["snapshot", "--target", "/dev/vda", "--for-analysis"])
-    assert r.exit_code != 0 and "another capture is running" in r.output and len(seen) == 3
+    assert r.exit_code != 0 and "another capture is running" in r.output and len(seen) == 4
