@@ -137,7 +137,9 @@ class ReportCollector:
         kind = classify(rec.text)
         if self._open is not None:
             if kind is not None and not _continues(self._open.kind, self._open.records, kind):
+                cut = self._open.records.pop() if self._open.records[-1].text == _CUT_HERE else None
                 done.append(self._close(False))
+                self._before = cut  # "cut here" opens the next report, not the end of this one
             else:
                 self._open.records.append(rec)
                 self._last = now
