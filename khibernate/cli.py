@@ -37,10 +37,11 @@ def _register() -> None:
     from khibernate.store.cli import target_group
 
     cli.add_command(target_group)
-    from khibernate.capture.cli import capture_group, hibernate_command, snapshot_command
+    from khibernate.capture.cli import capture_group, hibernate_command, snapshot_command, watch_command
 
     cli.add_command(snapshot_command)
     cli.add_command(hibernate_command)
+    cli.add_command(watch_command)
     from khibernate.restore.cli import restore_command, resume_command
 
     cli.add_command(resume_command)

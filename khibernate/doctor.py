@@ -1,4 +1,4 @@
-"""`khibernate doctor`: what stops this machine from kexec, kdump and kexec jump, in plain words.
+"""`khibernate doctor`: what stops this machine from kexec, kdump, kexec jump and live capture, in plain words.
 
 ``diagnose()`` is pure over a ``SystemRoot`` and an effective uid; the command only prints its findings.
 Exit status 0 means a kexec jump is possible here; 1 means it is not (or cannot be confirmed).
@@ -14,7 +14,8 @@ import click
 
 from khibernate.system import SystemRoot, addresses_hidden, crash_regions
 
-FEATURES = ("kexec", "kdump", "jump")
+FEATURES = ("kexec", "kdump", "jump", "watch")
+DEPENDS = {"watch": "jump"}  # live capture (`khibernate watch`) is a kexec jump: whatever blocks jump blocks it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,9 @@ class Diagnosis:
 
     def possible(self, feature: str) -> bool | None:
         """True / False, or None when a needed fact could not be read."""
+        base = DEPENDS.get(feature)
+        if base is not None and self.possible(base) is not True:
+            return self.possible(base)
         if any(feature in f.blocks for f in self.findings):
             return False
         if any(feature in f.unknown for f in self.findings):
@@ -71,6 +75,41 @@ def _config_findings(root: SystemRoot) -> list[Finding]:
                                            "boot a kernel built with it", blocks=feats))
     if config.get("CONFIG_KEXEC_FILE") == "y":
         out.append(Finding("CONFIG_KEXEC_FILE", True, f"CONFIG_KEXEC_FILE=y in {where}: kexec_file_load(2) works"))
+    return out
+
+
+# sysctl -> (what it turns into a panic, the watch kinds it takes away)
+PANIC_SYSCTLS = {"panic_on_oops": ("Oopses and BUGs", ("oops", "bug")), "panic_on_warn": ("WARNINGs", ("warn",)),
+                 "softlockup_panic": ("soft lockups", ("softlockup",)),
+                 "hung_task_panic": ("hung tasks", ("hung-task",))}
+
+
+def _watch_findings(root: SystemRoot) -> list[Finding]:
+    """Live capture: which events reach user space (the panic sysctls) and which detectors report at all."""
+    out = []
+    lost: set[str] = set()
+    for name, (what, kinds) in PANIC_SYSCTLS.items():
+        val = root.read_int(f"/proc/sys/kernel/{name}")
+        if val:
+            lost.update(kinds)
+            out.append(Finding(name, False, f"kernel.{name}={val}: {what} panic this kernel, so `watch` cannot "
+                                            f"capture them live (kdump can, if loaded); `sysctl -w kernel.{name}=0` "
+                                            "to capture them and run on"))
+    if len(lost) == 5:
+        out.append(Finding("live capture", False, "every event `watch` knows panics here: nothing to capture live",
+                           blocks=("watch",)))
+    elif not lost:
+        out.append(Finding("live capture", True, "no panic_on_oops/panic_on_warn/softlockup_panic/hung_task_panic: "
+                                                 "Oopses, WARNINGs, BUGs, hung tasks and soft lockups reach `watch`"))
+    timeout = root.read_int("/proc/sys/kernel/hung_task_timeout_secs")
+    if not timeout:
+        out.append(Finding("hung task detector", False, "no hung task reports (CONFIG_DETECT_HUNG_TASK is off or "
+                                                        "kernel.hung_task_timeout_secs=0): `watch --on hung-task` "
+                                                        "will see none; set kernel.hung_task_timeout_secs=120"))
+    if root.read_int("/proc/sys/kernel/soft_watchdog") != 1:
+        out.append(Finding("soft lockup detector", False, "no soft lockup reports (CONFIG_SOFTLOCKUP_DETECTOR is off "
+                                                          "or kernel.soft_watchdog=0): `watch --on softlockup` will "
+                                                          "see none; set kernel.soft_watchdog=1"))
     return out
 
 
@@ -136,18 +175,21 @@ def diagnose(root: SystemRoot, euid: int) -> Diagnosis:
         state.append(f"kexec_crash_size: {crash_size} bytes")
     if state:
         f.append(Finding("loaded", True, "; ".join(state)))
+    f.extend(_watch_findings(root))
     return Diagnosis(f, root.release())
 
 
 def render(d: Diagnosis) -> str:
     lines = [f"khibernate doctor: Linux {d.release}"]
     for fi in d.findings:
-        mark = "ok  " if fi.ok else ("FAIL" if fi.blocks else "??  ")
+        mark = "ok  " if fi.ok else ("FAIL" if fi.blocks else ("??  " if fi.unknown else "note"))
         lines.append(f"  [{mark}] {fi.message}")
     for feat in FEATURES:
         p = d.possible(feat)
         word = {True: "possible", False: "NOT possible", None: "unknown"}[p]
-        why = [fi.name for fi in d.findings if feat in fi.blocks or (p is None and feat in fi.unknown)]
+        base = DEPENDS.get(feat)
+        why = [fi.name for fi in d.findings if feat in fi.blocks or (p is None and feat in fi.unknown)
+               or (base is not None and p is not True and (base in fi.blocks or base in fi.unknown))]
         lines.append(f"  {feat:6s}: {word}" + (f" (see: {', '.join(why)})" if why else ""))
     return "\n".join(lines)
 
@@ -157,11 +199,12 @@ def render(d: Diagnosis) -> str:
 @click.option("--root", type=click.Path(exists=True, file_okay=False), default="/", show_default=True,
               help="Read /proc, /sys and /boot below this directory (for inspecting a copied tree).")
 def doctor_command(as_json: bool, root: str) -> None:
-    """Say what stops this machine from kexec, kdump and kexec jump.
+    """Say what stops this machine from kexec, kdump, kexec jump and live crash capture (`watch`).
 
     Checks root, kernel.kexec_load_disabled, kernel lockdown (blocks kexec_load, which jump needs),
     CONFIG_KEXEC / CONFIG_CRASH_DUMP / CONFIG_KEXEC_JUMP (from /proc/config.gz or /boot/config-*),
-    the crashkernel= region in /proc/iomem, and what is loaded now.
+    the crashkernel= region in /proc/iomem, what is loaded now, and for `watch` which events reach user space
+    (kernel.panic_on_oops, panic_on_warn, softlockup_panic, hung_task_panic) and which detectors report.
 
     Exit status: 0 when a kexec jump is possible here, 1 otherwise.
     """

@@ -103,3 +103,35 @@ def test_doctor_on_this_machine_is_truthful():
     config, _ = SystemRoot().kernel_config()
     if config is not None and config.get("CONFIG_KEXEC_JUMP") != "y":
         assert d.possible("jump") is False
+
+
+def _sysctls(root: SystemRoot, **values: int) -> SystemRoot:
+    for name, val in values.items():
+        (root.path / "proc/sys/kernel" / name).write_text(f"{val}\n")
+    return root
+
+
+def test_watch_needs_jump_and_names_what_panics(tmp_path):
+    root = _sysctls(make_tree(tmp_path), panic_on_warn=1, panic_on_oops=0, hung_task_timeout_secs=120,
+                    soft_watchdog=1)
+    d = diagnose(root, euid=0)
+    assert d.possible("watch") is True
+    text = " ".join(f.message for f in d.findings)
+    assert "kernel.panic_on_warn=1: WARNINGs panic this kernel" in text and "sysctl -w kernel.panic_on_warn=0" in text
+    assert "hung task" not in text and "soft lockup reports" not in text
+    from khibernate.doctor import render
+
+    assert "[note] kernel.panic_on_warn=1" in render(d) and "watch : possible" in render(d)
+
+
+def test_watch_not_possible_when_everything_panics_or_jump_is_not(tmp_path):
+    root = _sysctls(make_tree(tmp_path / "a"), panic_on_warn=1, panic_on_oops=1, softlockup_panic=1,
+                    hung_task_panic=1)
+    assert diagnose(root, euid=0).possible("watch") is False
+    d = diagnose(make_tree(tmp_path / "b", config="CONFIG_KEXEC=y\nCONFIG_CRASH_DUMP=y\n"), euid=0)
+    assert d.possible("watch") is False
+    from khibernate.doctor import render
+
+    assert "watch : NOT possible (see: CONFIG_KEXEC_JUMP" in render(d)
+    text = " ".join(f.message for f in d.findings)  # no detectors in the copied tree: said, not blocking
+    assert "kernel.hung_task_timeout_secs=120" in text and "kernel.soft_watchdog=1" in text

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import click
+
+from khibernate.clickutil import ADDRESS
 
 
 @click.command("snapshot")
 @click.option("--target", required=True, metavar="DEV", help="The store (`khibernate target init DEV` first).")
-@click.option("-d", "--dump-level", "level", type=int, default=17, show_default=True,
-              help="makedumpfile dump level; 17 (zero + free dropped) is the most a restorable image may drop.")
+@click.option("-d", "--dump-level", "level", type=int, default=None,
+              help="makedumpfile dump level [default: 17, 31 with --for-analysis]; 17 (zero + free dropped) is the "
+                   "most a restorable image may drop.")
+@click.option("--for-analysis", is_flag=True,
+              help="An image for crash/drgn, not for restore: -d 31 unless -d is given (kernel memory only).")
+@click.option("--export-dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Also write DIR/<UTC date-time>/vmcore (kdump-compressed) and dmesg.txt, as kdump-tools does.")
 @click.option("--kernel", metavar="FILE", help="Capture kernel bzImage (default: /boot/vmlinuz-$(uname -r)).")
 @click.option("--capture-initrd", metavar="FILE", help="Capture initramfs (default: `capture build`, cached).")
 @click.option("--keep", type=int, metavar="N", help="Keep only the N newest complete images (older slots freed).")
@@ -21,9 +30,13 @@ import click
 @click.option("--append", default="", metavar="S",
               help="Extra capture-kernel command line words; `khibernate.fault=raise` or `=hang` makes the capture "
                    "job fail or hang on purpose (tests that it still jumps back and keeps the last good image).")
+@click.option("--mem-min", type=ADDRESS, help="Lowest address of the capture kernel's window inside the crash "
+              "region (default: all of it); with --mem-max, leaves the rest to a kdump kernel loaded there.")
+@click.option("--mem-max", type=ADDRESS, help="Highest address of the capture kernel's window, inclusive.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
-def snapshot_command(target: str, level: int, kernel: str | None, capture_initrd: str | None, keep: int | None,
-                     deadline: float, append: str, as_json: bool) -> None:
+def snapshot_command(target: str, level: int | None, for_analysis: bool, export_dir: Path | None, kernel: str | None,
+                     capture_initrd: str | None, keep: int | None, deadline: float, append: str,
+                     mem_min: int | None, mem_max: int | None, as_json: bool) -> None:
     """Save this running kernel's memory into a store slot and continue (a kexec jump there and back).
 
     \b
@@ -34,12 +47,27 @@ def snapshot_command(target: str, level: int, kernel: str | None, capture_initrd
       khibernate snapshot --target /dev/vdb
       khibernate target export /dev/vdb 0 snap.khi
     """
+    from khibernate.capture import analysis
     from khibernate.capture import snapshot as snap
+    from khibernate.capture.watch import capture_lock
+    from khibernate.jump.api import RUN_DIR
 
+    if level is None:
+        level = analysis.ANALYSIS_LEVEL if for_analysis else 17
     opts = snap.Options(target=target, level=level, kernel=kernel, capture_initrd=capture_initrd, keep=keep,
-                        deadline=deadline, append=append)
-    report = snap.run(opts, say=lambda m: click.echo(m, err=True))
+                        deadline=deadline, append=append, mem_min=mem_min, mem_max=mem_max)
+    with capture_lock(RUN_DIR) as got:
+        if not got:
+            raise click.ClickException(f"another capture is running (`snapshot` or `watch` holds "
+                                       f"{RUN_DIR}/capture.lock): wait for it to finish, then run snapshot again")
+        report = snap.run(opts, say=lambda m: click.echo(m, err=True))
+    if export_dir is not None:
+        report["export"] = analysis.export_folder(target, report["slot"], analysis.dated_folder(export_dir))
     click.echo(json.dumps(report, indent=2) if as_json else snap.describe(report))
+    if export_dir is not None and not as_json:
+        e = report["export"]
+        click.echo(f"  exported to {e['folder']}: vmcore {e['vmcore_bytes'] / 1e6:.1f} MB (kdump-compressed), "
+                   f"dmesg.txt {e['dmesg_lines']} lines, in {e['export_seconds']} s")
 
 
 @click.command("hibernate")
@@ -108,3 +136,81 @@ def job_cmd(timeout: bool) -> None:
     from khibernate.capture.job import main
 
     sys.exit(main(["--timeout"] if timeout else []))
+
+
+@click.command("watch")
+@click.option("--target", required=True, metavar="DEV", help="The store the captures go to (`target init DEV`).")
+@click.option("--on", "kinds", default="oops,warn,bug,hung-task,softlockup", show_default=True, metavar="KINDS",
+              help="Comma-separated event kinds that trigger a capture: oops, warn, bug, hung-task, softlockup.")
+@click.option("--min-interval", type=float, default=300, show_default=True, metavar="S",
+              help="Seconds from the end of one capture before the next may start; events in between are logged.")
+@click.option("--max", "max_captures", type=int, metavar="N", help="Stop after N captures (default: never stop).")
+@click.option("--dir", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("/var/crash/khibernate"), show_default=True,
+              help="Each capture's folder DIR/<UTC date-time>-<kind>/: event.json (the triggering report and the "
+                   "snapshot's report), vmcore (kdump-compressed) and dmesg.txt.")
+@click.option("--no-export", is_flag=True, help="Write only event.json; the image stays in the store slot.")
+@click.option("-d", "--dump-level", "level", type=int, default=31, show_default=True,
+              help="makedumpfile dump level of the captures (31: kernel memory only, what kdump users keep).")
+@click.option("--kernel", metavar="FILE", help="Capture kernel bzImage (default: /boot/vmlinuz-$(uname -r)).")
+@click.option("--capture-initrd", metavar="FILE", help="Capture initramfs (default: `capture build`, cached).")
+@click.option("--keep", type=int, metavar="N", help="Keep only the N newest complete images in the store.")
+@click.option("--deadline", type=float, default=600, show_default=True, metavar="S",
+              help="Seconds after the capture kernel's boot when its watchdog gives up and jumps back.")
+@click.option("--mem-min", type=ADDRESS, help="Lowest address of the capture kernel's window inside the crash "
+              "region (default: all of it); with --mem-max, leaves the rest to a kdump kernel loaded there.")
+@click.option("--mem-max", type=ADDRESS, help="Highest address of the capture kernel's window, inclusive.")
+def watch_command(target: str, kinds: str, min_interval: float, max_captures: int | None, out_dir: Path,
+                  no_export: bool, level: int, kernel: str | None, capture_initrd: str | None, keep: int | None,
+                  deadline: float, mem_min: int | None, mem_max: int | None) -> None:
+    """Follow the kernel log; on an Oops, WARNING, BUG, hung task or soft lockup take an analysis snapshot and run on.
+
+    \b
+    The system pauses for each capture (a kexec jump to a capture kernel and back), then continues: unlike kdump,
+    for events the kernel survives. Events that kernel.panic_on_oops / panic_on_warn / softlockup_panic /
+    hung_task_panic turn into panics never reach user space: the watcher says so at start and leaves them to kdump.
+    One capture at a time, at most one per --min-interval, and it stops after --max.
+      khibernate target init /dev/vdb
+      khibernate watch --target /dev/vdb --on oops,warn --min-interval 600 --max 5
+    """
+    from khibernate.capture import analysis, watch
+    from khibernate.capture import snapshot as snap
+    from khibernate.jump import api as jump
+    from khibernate.system import SystemRoot
+
+    if max_captures is not None and max_captures < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--max")
+    if min_interval < 0:
+        raise click.BadParameter("must not be negative", param_hint="--min-interval")
+    root = SystemRoot()
+    plan = watch.plan_start(watch.parse_kinds(kinds), watch.panic_policy(root.read_int),
+                            root.read_int("/sys/kernel/kexec_crash_loaded") == 1)
+    opts = snap.Options(target=target, level=level, kernel=kernel, capture_initrd=capture_initrd, keep=keep,
+                        deadline=deadline, mem_min=mem_min, mem_max=mem_max)
+    snap.preflight(opts)  # a target that cannot take a capture is refused now, not at the first Oops
+
+    def say(m: str) -> None:
+        click.echo(f"{time.strftime('%H:%M:%S')} {m}", err=True)
+
+    def busy() -> str | None:
+        if jump.state().loaded:
+            return "a kexec image is loaded (a jump or kexec is pending; `khibernate kexec unload` if it is stale)"
+        return None
+
+    def capture(ev: watch.Event) -> dict[str, Any]:
+        return snap.run(opts, say=say)
+
+    def export(report: dict[str, Any], folder: Path) -> dict[str, Any]:
+        return analysis.export_folder(target, int(report["slot"]), folder)
+
+    for line in plan.describe():
+        say(line)
+    say(f"watch: {target}, -d {level}, --min-interval {min_interval:g} s"
+        + (f", --max {max_captures}" if max_captures else "") + f"; records in {out_dir}; following /dev/kmsg")
+    w = watch.Watcher(plan, watch.RateLimiter(min_interval, max_captures), capture, out_dir, jump.RUN_DIR, say, busy,
+                      None if no_export else export)
+    try:
+        n = w.run(watch.follow_kmsg(), watch.ReportCollector())
+    except KeyboardInterrupt:
+        n = w.limiter.captures
+    say(f"watch: stopped after {n} capture(s)")

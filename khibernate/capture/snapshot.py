@@ -37,6 +37,8 @@ class Options:
     deadline: float = DEFAULT_DEADLINE
     append: str = ""
     kind: str = "snapshot"  # or "hibernate": the capture kernel powers off instead of jumping back
+    mem_min: int | None = None  # the capture kernel's window (default: the whole crashkernel= region)
+    mem_max: int | None = None
 
 
 def _boot_id() -> str:
@@ -56,6 +58,17 @@ def default_kernel() -> str:
     raise SnapshotError(f"no kernel image for {rel} in /boot: give the capture kernel with --kernel FILE")
 
 
+def check_kdump_sharing(opts: Options, kdump_loaded: bool) -> None:
+    """Refuse to jump into the whole crash region while a kdump image lies in it: the capture kernel would take the
+    region as RAM and overwrite the loaded kdump kernel, leaving the next panic without a dump."""
+    if kdump_loaded and opts.mem_min is None and opts.mem_max is None:
+        raise SnapshotError(
+            "a kdump capture kernel is loaded in the crashkernel= region, and the capture kernel would use the whole "
+            "region as RAM and overwrite it: load kdump into one part of the region (kexec -p -c "
+            "--mem-min=... --mem-max=...) and give snapshot the other part (--mem-min/--mem-max), or unload kdump "
+            "first (`khibernate kdump unload`)")
+
+
 def preflight(opts: Options) -> tuple[Any, SlotRecord, Any]:
     """Every check that needs no write: doctor, target, slot, size; returns (superblock, slot, estimate)."""
     from khibernate.doctor import diagnose
@@ -73,6 +86,7 @@ def preflight(opts: Options) -> tuple[Any, SlotRecord, Any]:
     if opts.kind == "hibernate" and opts.level & ~17:
         raise SnapshotError(f"hibernate needs a restorable image: dump level {opts.level} drops pages the kernel "
                             "needs (use 0, 1, 16 or 17)")
+    check_kdump_sharing(opts, SystemRoot().read_int("/sys/kernel/kexec_crash_loaded") == 1)
     sb = store.read(opts.target)
     device.check_writable(opts.target)  # read-only targets are refused here, before anything is written
     slot = splan.choose_slot(sb)
@@ -111,7 +125,7 @@ def run(opts: Options, say: Any = print) -> dict[str, Any]:
     job = Job(opts.kind, opts.target, sb.uuid_str, slot.index, slot.offset, slot.capacity, opts.level, str(image),
               boot_id, opts.deadline, box.paddr, zero_free=zeroes_freed_pages(cmdline))
     append = " ".join([*_console_args(cmdline), opts.append, *job.args()]).strip()
-    plan = jump.plan_jump(kernel, initrd, append)
+    plan = jump.plan_jump(kernel, initrd, append, opts.mem_min, opts.mem_max)
     # ---- writes start here: reserve the slot (the last good image stays untouched), load, jump
     reserved = dataclasses.replace(slot, state=SlotState.WRITING, seq=sb.next_seq(), length=0, crc32=0,
                                    dump_level=opts.level, image_uuid=image.bytes, created_ns=time.time_ns(),
@@ -195,7 +209,8 @@ def describe(r: dict[str, Any]) -> str:
     cls = ", ".join(f"{k} {v}" for k, v in c.items() if v)
     return (f"snapshot #{r['seq']} saved to slot {r['slot']} of {r['target']} and verified: image {r['image']}\n"
             f"  {r['pages_stored']} of {r['pages_ram']} pages stored ({r['pages_zero']} zero, "
-            f"{r['pages_excluded'] - r['pages_zero']} free dropped at -d {r['dump_level']}); classes: {cls}\n"
+            f"{r['pages_excluded'] - r['pages_zero']} {'free ' if r['dump_level'] & ~17 == 0 else ''}dropped at "
+            f"-d {r['dump_level']}); classes: {cls}\n"
             f"  {r['bytes'] / 1e6:.1f} MB, saved in {r['save_seconds']} s ({r['throughput_mb_s']} MB/s)\n"
             f"  the system was paused {r['pause_seconds']:.2f} s (freeze -> thaw)"
             + (f"; retired slots {r['retired_slots']}" if r["retired_slots"] else ""))
