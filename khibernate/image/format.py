@@ -497,14 +497,19 @@ class KhiSource(PagedSource):
         pfns = np.flatnonzero(bits) + lo * 8
         return pfns[(pfns >= e.first_pfn) & (pfns < e.end_pfn)]
 
-    def decompress(self, e: BlockEntry) -> bytes:
-        """Verified uncompressed bytes of block ``e``."""
+    def frame(self, e: BlockEntry) -> bytes:
+        """The compressed frame of block ``e``, checked against its index entry's CRC."""
         frame = self._pread(e.csize, e.offset)
         if len(frame) != e.csize:
             raise TruncatedError(f"{self.path}: block at {e.offset} cut short; the image is truncated")
         if block_crc(self.header.version, e.first_pfn, e.end_pfn, e.usize, e.npages, frame) != e.crc32:
             raise CorruptImageError(f"{self.path}: block at offset {e.offset} (pfn {e.first_pfn:#x}) checksum "
                                     "mismatch; the image is corrupt")
+        return frame
+
+    def decompress(self, e: BlockEntry) -> bytes:
+        """Verified uncompressed bytes of block ``e``."""
+        frame = self.frame(e)
         try:
             data = self._dctx.decompress(frame, max_output_size=e.usize)
         except zstandard.ZstdError as exc:
@@ -560,12 +565,7 @@ class KhiSource(PagedSource):
         """Every block's CRC over its compressed frame (no decompression): what a restore checks before its first
         write; returns the number of blocks, CorruptImageError/TruncatedError naming the first bad one."""
         for e in self.index:
-            frame = self._pread(e.csize, e.offset)
-            if len(frame) != e.csize:
-                raise TruncatedError(f"{self.path}: block at {e.offset} cut short; the image is truncated")
-            if block_crc(self.header.version, e.first_pfn, e.end_pfn, e.usize, e.npages, frame) != e.crc32:
-                raise CorruptImageError(f"{self.path}: block at offset {e.offset} (pfn {e.first_pfn:#x}) checksum "
-                                        "mismatch; the image is corrupt")
+            self.frame(e)
             if progress:
                 progress(e.csize)
         return len(self.index)
