@@ -18,7 +18,7 @@ import time
 import traceback
 import uuid as uuidlib
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from khibernate.errors import KhibernateError
 
@@ -208,7 +208,7 @@ def run_snapshot(job: Job, cmdline: str, vmcore: str = "/proc/vmcore") -> dict[s
             "save_seconds": round(t2 - t1, 3), "open_seconds": round(t1 - t0, 3)}
 
 
-def run_hibernate(job: Job, cmdline: str) -> dict[str, Any]:
+def run_hibernate(job: Job, cmdline: str) -> NoReturn:
     """Save like a snapshot, read the slot back and mark it complete as the image to resume (the first kernel does
     not run again before a resume), then power the machine off; returns only on failure (raises)."""
     from khibernate.jump import syscalls
@@ -216,16 +216,15 @@ def run_hibernate(job: Job, cmdline: str) -> dict[str, Any]:
     from khibernate.store.superblock import FLAG_HIBERNATE
 
     body = run_snapshot(job, cmdline)
-    sb = store.read(job.target)
-    reserved = sb.slot(job.slot)
-    done, chk, _ = store.complete(job.target, reserved, int(body["length"]), int(body["crc32"]),
+    reserved = store.read(job.target).slot(job.slot)
+    done, chk, _ = store.complete(job.target, uuidlib.UUID(job.store_uuid).bytes, reserved, int(body["length"]),
+                                  int(body["crc32"]),
                                   pages_stored=int(body["pages_stored"]), pages_excluded=int(body["pages_excluded"]),
                                   flags=FLAG_HIBERNATE)
     print(f"khibernate-capture: hibernation image complete in slot {done.index} of {job.target} "
           f"({chk.length / 1e6:.1f} MB, read back and verified, saved in {body['save_seconds']} s); powering off at "
           f"{uptime():.2f} s", file=sys.stderr, flush=True)
     syscalls.reboot_power_off()
-    raise JobError("power off returned")  # not reached
 
 
 def main(argv: list[str] | None = None) -> int:

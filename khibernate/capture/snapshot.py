@@ -45,8 +45,20 @@ def _boot_id() -> str:
     return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
-def _console_args(cmdline: str) -> list[str]:
+def console_args(cmdline: str) -> list[str]:
+    """The console words of this kernel's command line, for the capture kernel's."""
     return [w for w in cmdline.split() if w.startswith(("console=", "earlycon", "loglevel="))]
+
+
+def capture_initrd_for(kernel: str, target: str, given: str | None) -> tuple[str, bool]:
+    """(capture initramfs, reused): the one given, or `capture build`'s for that kernel and target (cached)."""
+    if given:
+        return given, True
+    from khibernate.capture import initrd
+    from khibernate.jump.bzimage import kernel_release
+
+    path, reused = initrd.ensure(target=target, kernel_release=kernel_release(Path(kernel).read_bytes()))
+    return str(path), reused
 
 
 def default_kernel() -> str:
@@ -99,22 +111,16 @@ def preflight(opts: Options) -> tuple[Any, SlotRecord, Any]:
 
 def run(opts: Options, say: Any = print) -> dict[str, Any]:
     """Take one snapshot; returns the report (raises SnapshotError with the reason on failure)."""
-    from khibernate.capture import initrd as capture_initrd
     from khibernate.capture.job import Job
     from khibernate.capture.mailbox import Mailbox, MailboxError
     from khibernate.jump import api as jump
     from khibernate.store import api as store
+    from khibernate.system import SystemRoot
+
     t_start = time.monotonic()
     sb, slot, est = preflight(opts)
     kernel = opts.kernel or default_kernel()
-    if opts.capture_initrd:
-        initrd, reused = opts.capture_initrd, True
-    else:
-        from khibernate.jump.bzimage import kernel_release
-
-        path, reused = capture_initrd.ensure(target=opts.target,
-                                             kernel_release=kernel_release(Path(kernel).read_bytes()))
-        initrd = str(path)
+    initrd, reused = capture_initrd_for(kernel, opts.target, opts.capture_initrd)
     say(f"{opts.kind}: slot {slot.index} of {opts.target} ({slot.capacity / 2**20:.0f} MiB), {est.describe()}; "
         f"capture kernel {kernel}, initramfs {initrd}{' (cached)' if reused else ' (built)'}")
     image = uuidlib.uuid4()
@@ -123,8 +129,9 @@ def run(opts: Options, say: Any = print) -> dict[str, Any]:
     cmdline = Path("/proc/cmdline").read_text()
     # the deadline counts from the capture kernel's boot: the jump itself is excluded
     job = Job(opts.kind, opts.target, sb.uuid_str, slot.index, slot.offset, slot.capacity, opts.level, str(image),
-              boot_id, opts.deadline, box.paddr, zero_free=zeroes_freed_pages(cmdline))
-    append = " ".join([*_console_args(cmdline), opts.append, *job.args()]).strip()
+              boot_id, opts.deadline, box.paddr,
+              zero_free=zeroes_freed_pages(cmdline, SystemRoot().kernel_config()[0]))
+    append = " ".join([*console_args(cmdline), opts.append, *job.args()]).strip()
     plan = jump.plan_jump(kernel, initrd, append, opts.mem_min, opts.mem_max)
     # ---- writes start here: reserve the slot (the last good image stays untouched), load, jump
     reserved = dataclasses.replace(slot, state=SlotState.WRITING, seq=sb.next_seq(), length=0, crc32=0,
@@ -166,7 +173,7 @@ def run(opts: Options, say: Any = print) -> dict[str, Any]:
             raise fail(f"the capture kernel came back without powering off ({body.get('message') or body})")
         return resumed_report(opts, reserved, body, result.boottime_s, t_start)
     try:
-        done, chk, freed = store.complete(opts.target, reserved, int(body["length"]), int(body["crc32"]),
+        done, chk, freed = store.complete(opts.target, sb.uuid, reserved, int(body["length"]), int(body["crc32"]),
                                           pages_stored=int(body["pages_stored"]),
                                           pages_excluded=int(body["pages_excluded"]), keep=opts.keep)
     except KhibernateError as e:
@@ -186,11 +193,14 @@ def run(opts: Options, say: Any = print) -> dict[str, Any]:
             "total_seconds": round(time.monotonic() - t_start, 3), "verified": True}
 
 
-def zeroes_freed_pages(cmdline: str) -> bool:
-    """Whether this kernel zeroes pages when they are freed (init_on_free=1 on its command line), so a restore must
-    zero the free pages the image dropped rather than leave another boot's bytes in them."""
-    words = [w for w in cmdline.split() if w.startswith("init_on_free=")]
-    return bool(words) and words[-1].split("=", 1)[1] in ("1", "on", "y")
+def zeroes_freed_pages(cmdline: str, config: dict[str, str] | None = None) -> bool:
+    """Whether this kernel zeroes pages when they are freed (init_on_free=1, or CONFIG_INIT_ON_FREE_DEFAULT_ON
+    without init_on_free=0), so a restore must zero the free pages the image dropped rather than leave another
+    boot's bytes in them."""
+    words = [w.split("=", 1)[1] for w in cmdline.split() if w.startswith("init_on_free=")]
+    if words:
+        return words[-1] in ("1", "on", "y")
+    return (config or {}).get("CONFIG_INIT_ON_FREE_DEFAULT_ON") == "y"
 
 
 def resumed_report(opts: Options, reserved: SlotRecord, body: dict[str, Any], away: float,

@@ -11,7 +11,7 @@ import errno as E
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from khibernate.jump.errors import KexecSyscallError, NotRoot
 from khibernate.jump.kexec_abi import (
@@ -204,7 +204,7 @@ def reboot_kexec() -> None:
         raise _fail("reboot", 0)
 
 
-def reboot_power_off() -> None:
+def reboot_power_off() -> NoReturn:
     """reboot(LINUX_REBOOT_CMD_POWER_OFF) after sync(): does not return (raises if the kernel refuses)."""
     os.sync()
     ffi, lib = _libc()

@@ -16,7 +16,7 @@ import os
 import time
 import uuid as uuidlib
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from khibernate.errors import KhibernateError
 from khibernate.restore.checks import SavedImage, ThisBoot, check
@@ -95,32 +95,25 @@ def preflight(opts: Options) -> tuple[Superblock, SlotRecord, SavedImage]:
     return sb, rec, img
 
 
-def run(opts: Options, say: Any = print) -> dict[str, Any]:
-    """Resume the saved kernel (does not return on success); returns nothing, raises ResumeError / NothingToResume
-    / RestoreRefused with the reason when this boot must carry on."""
+def run(opts: Options, say: Any = print) -> NoReturn:
+    """Resume the saved kernel: on success this boot ends inside; otherwise raises ResumeError / NothingToResume /
+    RestoreRefused with the reason, and this boot carries on."""
     from khibernate.capture.job import Job
     from khibernate.capture.mailbox import Mailbox, MailboxError
-    from khibernate.capture.snapshot import _console_args, default_kernel
+    from khibernate.capture.snapshot import capture_initrd_for, console_args, default_kernel
     from khibernate.jump import api as jump
 
     t0 = time.monotonic()
     sb, rec, img = preflight(opts)
     kernel = opts.kernel or default_kernel()
-    if opts.capture_initrd:
-        initrd = opts.capture_initrd
-    else:
-        from khibernate.capture import initrd as capture_initrd
-        from khibernate.jump.bzimage import kernel_release
-
-        initrd = str(capture_initrd.ensure(target=opts.target,
-                                           kernel_release=kernel_release(Path(kernel).read_bytes()))[0])
+    initrd, _ = capture_initrd_for(kernel, opts.target, opts.capture_initrd)
     boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     image = str(uuidlib.UUID(bytes=rec.image_uuid))
     box = Mailbox(rec.image_uuid)
     cmdline = Path("/proc/cmdline").read_text()
     job = Job("restore", opts.target, sb.uuid_str, rec.index, rec.offset, rec.capacity, rec.dump_level, image,
               boot_id, opts.deadline, box.paddr, again=opts.again)
-    plan = jump.plan_jump(kernel, initrd, " ".join([*_console_args(cmdline), opts.append, *job.args()]).strip())
+    plan = jump.plan_jump(kernel, initrd, " ".join([*console_args(cmdline), opts.append, *job.args()]).strip())
     say(f"resume: slot {rec.index} of {opts.target}: {rec.osrelease}, {rec.length / 1e6:.1f} MB, hibernated "
         f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(rec.created_ns / 1e9))} UTC"
         + (" (resumed before: --again)" if rec.state == SlotState.RESUMED else ""))

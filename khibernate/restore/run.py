@@ -69,15 +69,7 @@ def prepare_slot(target: str, index: int, *, again: bool = False, image_uuid: by
         raise RestoreRefused([f"slot {index} is {rec.state.name.lower()}: it holds no complete image"])
     device.check_writable(target)  # the slot is marked resumed before the first write to memory
     t0 = time.monotonic()
-    src = store.open_slot(target, rec)  # header, trailer and tables, each against its own CRC
-    try:
-        src.verify(decompress=False)  # every block's frame against its CRC; bitmaps, index, trailer agree
-        p = Prepared(src, SavedImage.from_source(src), this_boot(vmcore), rec, time.monotonic() - t0)
-        check(p.image, p.here)
-        return p
-    except BaseException:
-        src.close()
-        raise
+    return _checked(store.open_slot(target, rec), rec, t0, vmcore)  # header, trailer, tables: each its own CRC
 
 
 def prepare_file(path: str, vmcore: str = "/proc/vmcore") -> Prepared:
@@ -85,10 +77,15 @@ def prepare_file(path: str, vmcore: str = "/proc/vmcore") -> Prepared:
     from khibernate.image.format import KhiSource
 
     t0 = time.monotonic()
-    src = KhiSource(path)
+    return _checked(KhiSource(path), None, t0, vmcore)
+
+
+def _checked(src: Any, slot: Any, t0: float, vmcore: str) -> Prepared:
+    """Every block's frame against its CRC (bitmaps, index, trailer agreeing), then does the image belong to this
+    boot; the source is closed on any refusal."""
     try:
         src.verify(decompress=False)
-        p = Prepared(src, SavedImage.from_source(src), this_boot(vmcore), None, time.monotonic() - t0)
+        p = Prepared(src, SavedImage.from_source(src), this_boot(vmcore), slot, time.monotonic() - t0)
         check(p.image, p.here)
         return p
     except BaseException:
@@ -98,15 +95,13 @@ def prepare_file(path: str, vmcore: str = "/proc/vmcore") -> Prepared:
 
 def write_back(p: Prepared, target: str | None = None, devmem: str | None = None) -> dict[str, Any]:
     """Mark the slot resumed, then write the image into the first kernel's memory and read it back; the stats."""
-    import dataclasses as dc
-
     from khibernate.restore.krestore import write_image
     from khibernate.restore.oldmem import OldMemory
     from khibernate.store import api as store
     from khibernate.store.superblock import SlotState
 
     if p.slot is not None and target is not None:
-        store.set_slot(target, dc.replace(p.slot, state=SlotState.RESUMED))  # before the first write to memory
+        store.set_slot(target, dataclasses.replace(p.slot, state=SlotState.RESUMED))  # before the first write to memory
     last = [time.monotonic(), 0]
     total = [0]
 

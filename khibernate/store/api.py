@@ -143,17 +143,17 @@ def verify_bytes(path: str, rec: SlotRecord, length: int, crc32: int) -> SlotChe
         os.close(fd)
 
 
-def complete(path: str, reserved: SlotRecord, length: int, crc32: int, *, pages_stored: int, pages_excluded: int,
-             flags: int = 0, keep: int | None = None) -> tuple[SlotRecord, SlotCheck, list[int]]:
+def complete(path: str, store_uuid: bytes, reserved: SlotRecord, length: int, crc32: int, *, pages_stored: int,
+             pages_excluded: int, flags: int = 0, keep: int | None = None) -> tuple[SlotRecord, SlotCheck, list[int]]:
     """Read a freshly written slot back (verify_bytes), then mark it complete in one superblock write (older slots
-    beyond ``keep`` freed); returns (record, check, freed slots).  The store must still be the one reserved in."""
+    beyond ``keep`` freed); returns (record, check, freed slots).  The device must still hold store ``store_uuid``
+    with the slot reserved for this image."""
     from khibernate.store import plan as splan
 
     chk = verify_bytes(path, reserved, length, crc32)
     done = dataclasses.replace(reserved, state=SlotState.COMPLETE, length=chk.length, crc32=chk.crc32,
                                pages_stored=pages_stored, pages_excluded=pages_excluded, flags=flags)
     freed: list[int] = []
-    store_uuid = read(path).uuid
 
     def switch(cur: Superblock) -> Superblock:
         nonlocal freed

@@ -176,3 +176,12 @@ def test_build_id_from_kernel_notes() -> None:
     blob = pack_notes([Note("Xen", 1, b"1234"), Note("GNU", 3, bytes.fromhex("deadbeef00"))])
     assert build_id_from_notes(blob) == "deadbeef00"
     assert build_id_from_notes(b"") == ""
+
+
+def test_zeroes_freed_pages_from_cmdline_and_config() -> None:
+    from khibernate.capture.snapshot import zeroes_freed_pages
+
+    assert zeroes_freed_pages("ro init_on_free=1")
+    assert not zeroes_freed_pages("ro init_on_free=0", {"CONFIG_INIT_ON_FREE_DEFAULT_ON": "y"})
+    assert zeroes_freed_pages("ro", {"CONFIG_INIT_ON_FREE_DEFAULT_ON": "y"})
+    assert not zeroes_freed_pages("ro", None)
