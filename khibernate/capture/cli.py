@@ -13,6 +13,17 @@ import click
 from khibernate.clickutil import ADDRESS
 
 
+def capture_kernel_options(f: Any) -> Any:
+    """--kernel, --capture-initrd and --deadline: the capture kernel a jump loads (every command that jumps)."""
+    f = click.option("--deadline", type=float, default=600, show_default=True, metavar="S",
+                     help="Seconds after the capture kernel's boot when its watchdog gives up (and jumps back, "
+                          "unless memory was already being restored).")(f)
+    f = click.option("--capture-initrd", metavar="FILE",
+                     help="Capture initramfs (default: `capture build`, cached).")(f)
+    return click.option("--kernel", metavar="FILE",
+                        help="Capture kernel bzImage (default: /boot/vmlinuz-$(uname -r)).")(f)
+
+
 @click.command("snapshot")
 @click.option("--target", required=True, metavar="DEV", help="The store (`khibernate target init DEV` first).")
 @click.option("-d", "--dump-level", "level", type=int, default=None,
@@ -22,11 +33,8 @@ from khibernate.clickutil import ADDRESS
               help="An image for crash/drgn, not for restore: -d 31 unless -d is given (kernel memory only).")
 @click.option("--export-dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
               help="Also write DIR/<UTC date-time>/vmcore (kdump-compressed) and dmesg.txt, as kdump-tools does.")
-@click.option("--kernel", metavar="FILE", help="Capture kernel bzImage (default: /boot/vmlinuz-$(uname -r)).")
-@click.option("--capture-initrd", metavar="FILE", help="Capture initramfs (default: `capture build`, cached).")
+@capture_kernel_options
 @click.option("--keep", type=int, metavar="N", help="Keep only the N newest complete images (older slots freed).")
-@click.option("--deadline", type=float, default=600, show_default=True, metavar="S",
-              help="Seconds after the capture kernel's boot when its watchdog gives up and jumps back.")
 @click.option("--append", default="", metavar="S",
               help="Extra capture-kernel command line words; `khibernate.fault=raise` or `=hang` makes the capture "
                    "job fail or hang on purpose (tests that it still jumps back and keeps the last good image).")
@@ -74,10 +82,7 @@ def snapshot_command(target: str, level: int | None, for_analysis: bool, export_
 @click.option("--target", required=True, metavar="DEV", help="The store (`khibernate target init DEV` first).")
 @click.option("-d", "--dump-level", "level", type=click.IntRange(0, 17), default=17, show_default=True,
               help="0, 1, 16 or 17: zero pages (1) and free pages (16) may be dropped; nothing else may be.")
-@click.option("--kernel", metavar="FILE", help="Capture kernel bzImage (default: /boot/vmlinuz-$(uname -r)).")
-@click.option("--capture-initrd", metavar="FILE", help="Capture initramfs (default: `capture build`, cached).")
-@click.option("--deadline", type=float, default=600, show_default=True, metavar="S",
-              help="Seconds after the capture kernel's boot when its watchdog gives up and jumps back.")
+@capture_kernel_options
 @click.option("--append", default="", metavar="S", help="Extra capture-kernel command line words.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report (printed after the resume).")
 def hibernate_command(target: str, level: int, kernel: str | None, capture_initrd: str | None, deadline: float,
@@ -152,11 +157,8 @@ def job_cmd(timeout: bool) -> None:
 @click.option("--no-export", is_flag=True, help="Write only event.json; the image stays in the store slot.")
 @click.option("-d", "--dump-level", "level", type=int, default=31, show_default=True,
               help="makedumpfile dump level of the captures (31: kernel memory only, what kdump users keep).")
-@click.option("--kernel", metavar="FILE", help="Capture kernel bzImage (default: /boot/vmlinuz-$(uname -r)).")
-@click.option("--capture-initrd", metavar="FILE", help="Capture initramfs (default: `capture build`, cached).")
+@capture_kernel_options
 @click.option("--keep", type=int, metavar="N", help="Keep only the N newest complete images in the store.")
-@click.option("--deadline", type=float, default=600, show_default=True, metavar="S",
-              help="Seconds after the capture kernel's boot when its watchdog gives up and jumps back.")
 @click.option("--mem-min", type=ADDRESS, help="Lowest address of the capture kernel's window inside the crash "
               "region (default: all of it); with --mem-max, leaves the rest to a kdump kernel loaded there.")
 @click.option("--mem-max", type=ADDRESS, help="Highest address of the capture kernel's window, inclusive.")

@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from khibernate.capture.cli import capture_kernel_options
+
 AGAIN_WARNING = ("--again resumes an image that was resumed before: the same kernel state runs a second time — "
                  "the same random-number generator state, the same TCP connections and sequence numbers, the same "
                  "half-done writes replayed against disks that have moved on. Use it for checkpoints you mean to "
@@ -15,10 +17,7 @@ AGAIN_WARNING = ("--again resumes an image that was resumed before: the same ker
 @click.command("resume", epilog=AGAIN_WARNING)
 @click.option("--target", required=True, metavar="DEV", help="The store `khibernate hibernate --target` wrote.")
 @click.option("--again", is_flag=True, help="Resume an image already resumed once (see the warning below).")
-@click.option("--kernel", metavar="FILE", help="Capture kernel bzImage (default: /boot/vmlinuz-$(uname -r)).")
-@click.option("--capture-initrd", metavar="FILE", help="Capture initramfs (default: `capture build`, cached).")
-@click.option("--deadline", type=float, default=600, show_default=True, metavar="S",
-              help="Seconds after the capture kernel's boot when its watchdog gives up.")
+@capture_kernel_options
 @click.option("--append", default="", metavar="S", help="Extra capture-kernel command line words.")
 @click.option("--check", is_flag=True, help="Only say whether there is an image this boot would resume.")
 def resume_command(target: str, again: bool, kernel: str | None, capture_initrd: str | None, deadline: float,
