@@ -144,6 +144,19 @@ def _figures(h: dict, report: dict, resume_s: float, key: str) -> None:
           f"(write+read-back {restore['write_seconds']:.2f} s, image checks {restore.get('verify_seconds')} s)")
 
 
+def resume_and_check(h: dict, name: str, key: str, cpus: str | None = None) -> None:
+    """resume + check_original_runs_on (+ the CPUs online) + figures + clean shutdown with e2fsck."""
+    vm, report, resume_s = resume(h, name)
+    try:
+        check_original_runs_on(vm, h, report)
+        if cpus:
+            assert vm.run("cat /sys/devices/system/cpu/online").strip() == cpus
+        _figures(h, report, resume_s, key)
+        shutdown_clean(vm, h)
+    finally:
+        vm.close()
+
+
 @pytest.fixture(scope="module")
 def hibernated_612(tmp_path_factory):
     from vmtest.kernel import ensure_kernel
@@ -159,13 +172,7 @@ def test_resume_refused_twice_then_again_and_swsusp(hibernated_612, tmp_path) ->
     from vmtest.vm import VM
 
     h = hibernated_612
-    vm, report, resume_s = resume(h, "hib-6.12-resume")
-    try:
-        check_original_runs_on(vm, h, report)
-        _figures(h, report, resume_s, "6.12 1 GiB 1 CPU")
-        shutdown_clean(vm, h)
-    finally:
-        vm.close()
+    resume_and_check(h, "hib-6.12-resume", "6.12 1 GiB 1 CPU")
     assert _slot_state(h["store"], h["slot"]) == "resumed"
     # the same image a second time: refused before anything is touched, this boot goes on
     with VM(kernel=h["kernel"], append="crashkernel=256M khibernate.resume=/dev/vda", memory_mb=1024,
@@ -287,14 +294,7 @@ def test_hibernate_resume_two_cpus(tmp_path) -> None:
 
     check_host()
     h = hibernate(ensure_kernel("6.12"), "hib-6.12-smp2", tmp_path, smp=2)
-    vm, report, resume_s = resume(h, "hib-6.12-smp2-resume")
-    try:
-        check_original_runs_on(vm, h, report)
-        assert vm.run("cat /sys/devices/system/cpu/online").strip() == "0-1"
-        _figures(h, report, resume_s, "6.12 1 GiB 2 CPUs")
-        shutdown_clean(vm, h)
-    finally:
-        vm.close()
+    resume_and_check(h, "hib-6.12-smp2-resume", "6.12 1 GiB 2 CPUs", cpus="0-1")
 
 
 def test_hibernate_resume_7_3(tmp_path) -> None:
@@ -304,10 +304,4 @@ def test_hibernate_resume_7_3(tmp_path) -> None:
 
     check_host()
     h = hibernate(ensure_kernel("7.3"), "hib-7.3", tmp_path)
-    vm, report, resume_s = resume(h, "hib-7.3-resume")
-    try:
-        check_original_runs_on(vm, h, report)
-        _figures(h, report, resume_s, "7.3 1 GiB 1 CPU")
-        shutdown_clean(vm, h)
-    finally:
-        vm.close()
+    resume_and_check(h, "hib-7.3-resume", "7.3 1 GiB 1 CPU")
