@@ -159,7 +159,12 @@ def run(opts: Options, say: Any = print) -> dict[str, Any]:
         os.sync()
     else:
         say("snapshot: jumping to the capture kernel (this system pauses now)")
-    result = jump.execute()
+    try:
+        result = jump.execute()
+    except KhibernateError as e:  # e.g. the freezer gave up (a task in D state): the jump never happened
+        with contextlib.suppress(KhibernateError, OSError):
+            jump.unload()
+        raise fail(f"the jump did not happen: {e}") from None
     with contextlib.suppress(KhibernateError, OSError):
         jump.unload()  # the loaded image is the capture kernel's saved state: a fresh load serves the next snapshot
     try:
