@@ -47,13 +47,13 @@ def test_peers_open_the_mounted_vmcore(sources: dict[str, Path], workload_1g: Re
     with mounted(d, sources[name]):
         assert (d / "dmesg").read_text() == log
         info = json.loads((d / "info.json").read_text())
-        assert info["osrelease"] == "6.12.117"
+        assert info["osrelease"] == workload_1g.release
         prog = drgn.Program()
         prog.set_core_dump(str(d / "vmcore"))
         prog.load_debug_info([str(vmlinux)])
-        assert prog["init_uts_ns"].name.release.string_().decode() == "6.12.117"
+        assert prog["init_uts_ns"].name.release.string_().decode() == workload_1g.release
         texts = [r.text.decode(errors="replace") for r in get_printk_records(prog)]
-        assert any("Linux version 6.12.117" in t for t in texts)
+        assert any(f"Linux version {workload_1g.release} " in t for t in texts)
         free = prog["vm_zone_stat"][prog["NR_FREE_PAGES"]].counter.value_()
         ref = drgn.Program()  # drgn on the ELF the image was made from (drgn opens no .khi)
         ref.set_core_dump(str(sources["procvmcore" if name == "procvmcore" else "qemu"]))
@@ -63,7 +63,7 @@ def test_peers_open_the_mounted_vmcore(sources: dict[str, Path], workload_1g: Re
         assert gdb, "gdb is not installed: apt-get install gdb (scripts/setup.sh does)"
         r = subprocess.run([gdb, "-batch", "-nx", "-ex", "print init_uts_ns.name.release", str(vmlinux),
                             str(d / "vmcore")], capture_output=True, text=True, timeout=300)
-        assert '"6.12.117"' in r.stdout, r.stdout + r.stderr
+        assert f'"{workload_1g.release}"' in r.stdout, r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("name", ["qemu", "khi", "kdump"])

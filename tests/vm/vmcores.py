@@ -30,6 +30,11 @@ class RealDump:
     kernel_dir: Path
     meta: dict
 
+    @property
+    def release(self) -> str:
+        """`uname -r` as the guest reported it when it booted (not read from the dump)."""
+        return str(self.meta["release"])
+
     def flags(self) -> np.ndarray:
         """The kpageflags snapshot as uint64 per pfn."""
         return np.fromfile(self.kpageflags, dtype="<u8")
