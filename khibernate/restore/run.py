@@ -93,8 +93,11 @@ def _checked(src: Any, slot: Any, t0: float, vmcore: str) -> Prepared:
         raise
 
 
-def write_back(p: Prepared, target: str | None = None, devmem: str | None = None) -> dict[str, Any]:
-    """Mark the slot resumed, then write the image into the first kernel's memory and read it back; the stats."""
+def write_back(p: Prepared, target: str | None = None, devmem: str | None = None,
+               fail_after_first_block: bool = False) -> dict[str, Any]:
+    """Mark the slot resumed, then write the image into the first kernel's memory and read it back; the stats.
+    ``fail_after_first_block`` (``khibernate.fault=restore-raise``) raises once the first block is written, to
+    prove that a failure from there on powers the machine off."""
     from khibernate.restore.krestore import write_image
     from khibernate.restore.oldmem import OldMemory
     from khibernate.store import api as store
@@ -106,6 +109,8 @@ def write_back(p: Prepared, target: str | None = None, devmem: str | None = None
     total = [0]
 
     def progress(n: int) -> None:
+        if fail_after_first_block:
+            raise RuntimeError("khibernate.fault=restore-raise: failing on purpose after the first block was written")
         total[0] += n
         now = time.monotonic()
         if now - last[0] >= 2:
@@ -162,10 +167,15 @@ def run_restore(job: Any) -> dict[str, Any]:
         return {"ok": False, "refused": True, "message": str(e), "error": type(e).__name__}
     say(f"image checked ({p.verify_seconds:.2f} s): {p.image.osrelease}, {len(p.image.ranges)} RAM ranges, entry "
         f"{p.image.jump_back_entry:#x}; writing it back")
-    stats = write_back(p, job.target)
+    stats = write_back(p, job.target, fail_after_first_block=restore_fault(Path("/proc/cmdline").read_text()))
     enter_saved_kernel(p, {"ok": True, "resumed": True, "restore": stats, "resume_boot_id": job.boot_id,
                            "slot": job.slot, "again": job.again, "restore_uptime": round(uptime(), 3)})
     return {}  # not reached
+
+
+def restore_fault(cmdline: str) -> bool:
+    """``khibernate.fault=restore-raise`` on the capture kernel's command line (`resume --append`)."""
+    return "khibernate.fault=restore-raise" in cmdline.split()
 
 
 def power_off_if_touched(error: BaseException) -> None:

@@ -305,3 +305,25 @@ def test_hibernate_resume_7_3(tmp_path) -> None:
     check_host()
     h = hibernate(ensure_kernel("7.3"), "hib-7.3", tmp_path)
     resume_and_check(h, "hib-7.3-resume", "7.3 1 GiB 1 CPU")
+
+
+def test_failure_after_the_first_write_powers_off(hibernated_612, tmp_path) -> None:
+    """A restore failing once memory is being overwritten never returns into the half-overwritten boot: the capture
+    kernel powers the machine off (khibernate.fault=restore-raise), and the slot is already marked resumed."""
+    from vmtest.vm import VM
+
+    h = hibernated_612
+    store = tmp_path / "fault.img"
+    shutil.copyfile(h["pristine"], store)
+    vm = VM(kernel=h["kernel"], append="crashkernel=256M khibernate.resume=/dev/vda "
+            "khibernate.resume_append=khibernate.fault=restore-raise", memory_mb=h["memory_mb"],
+            disks=[store, h["ext4"]], name="hib-fault-after-write", timeout=300, wait_ready=False)
+    try:
+        vm.start()
+        assert vm.wait_exit(timeout=600 * TIMEOUT_SCALE) == 0
+        text = vm.console_text()
+    finally:
+        vm.close()
+    assert "FAILED after the first write to memory" in text and "powering off" in text, text[-3000:]
+    assert "entering the saved kernel" not in text and "jumping back" not in text
+    assert _slot_state(store, h["slot"]) == "resumed"
