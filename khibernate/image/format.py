@@ -13,18 +13,17 @@ import collections
 import dataclasses
 import os
 import struct
-import threading
 import time
 import uuid as uuidlib
 import zlib
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
 import zstandard
 
+from khibernate import native
 from khibernate.image.atomic import atomic_output
 from khibernate.image.elf import pack_notes, parse_notes
 from khibernate.image.errors import (
@@ -38,7 +37,8 @@ from khibernate.image.errors import (
 )
 from khibernate.image.inputfile import MAX_PHYS_ADDR, input_size, open_input
 from khibernate.image.levels import RESTORABLE_LEVEL
-from khibernate.image.pagefilter import DL_ZERO, PageClass, check_level, zero_pages
+from khibernate.image.pagefilter import DL_ZERO, PageClass, check_level
+from khibernate.image.pipeline import BufferPool, ZstdPerThread, ordered_map
 from khibernate.image.plan import plan, runs
 from khibernate.image.sources.base import VMCOREINFO_NOTE, MemorySource, MemRange, Note, PagedSource
 from khibernate.image.vmcoreinfo import Vmcoreinfo
@@ -233,6 +233,16 @@ class SaveStats:
     seconds: float = 0.0
 
 
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """A filled buffer of ``npages`` stored pages covering pfns [first, end), on its way to compression."""
+
+    buf: bytearray
+    npages: int
+    first: int
+    end: int
+
+
 def default_notes(source: MemorySource, vmci: Vmcoreinfo | None) -> tuple[Note, ...]:
     """The source's notes, plus a VMCOREINFO note when it came from elsewhere (-i FILE, sysfs)."""
     notes = tuple(source.notes)
@@ -272,99 +282,73 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
     head = header.pack()
     out.write(head)
     pos = len(head)
-    stored_bits = np.zeros(-(-max_pfn // 8), dtype=np.uint8)  # one bit per pfn, filled chunk by chunk
-    zero_bits = np.zeros(len(stored_bits), dtype=np.uint8)
+    stored_bits = bytearray(-(-max_pfn // 8))  # one bit per pfn, filled chunk by chunk
+    zero_bits = bytearray(len(stored_bits))
     stats = SaveStats()
     index: list[BlockEntry] = []
-    local = threading.local()
-    nthreads = max(1, threads)
-    # buffers: one being filled plus two per thread in flight; memory stays bounded whatever the dump size
-    free = [np.empty(block_pages * ps, dtype=np.uint8) for _ in range(2 * nthreads + 1)]
+    drop_zero = bool(level & DL_ZERO)
+    depth = 2 * threads
+    buffers = BufferPool(lambda: bytearray(block_pages * ps), depth + 2)
+    zstd = ZstdPerThread(zstd_level)
+    mapped = hasattr(source, "release")  # zero-copy reads: gather straight from the source's mapping
 
-    def compress(buf: np.ndarray, nbytes: int) -> bytes:
-        c = getattr(local, "c", None)
-        if c is None:
-            c = local.c = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True, write_content_size=True)
-        return c.compress(buf.data[:nbytes])
-
-    Pending = tuple[Future[bytes], np.ndarray, int, int, int]
-    pending: collections.deque[Pending] = collections.deque()
-
-    def drain(limit: int) -> None:
-        nonlocal pos
-        while len(pending) > limit:
-            fut, buf, first, end, npages = pending.popleft()
-            frame = fut.result()
-            out.write(frame)
-            crc = block_crc(VERSION, first, end, npages * ps, npages, frame)
-            index.append(BlockEntry(first, end, pos, len(frame), npages * ps, npages, crc))
-            pos += len(frame)
-            free.append(buf)
-
-    cur = free.pop()
-    fill = 0  # pages in cur
-    first = last = 0
-    with ThreadPoolExecutor(max_workers=nthreads) as pool:
-
-        def flush() -> None:
-            nonlocal cur, fill
-            if fill:
-                pending.append((pool.submit(compress, cur, fill * ps), cur, first, last + 1, fill))
-                fill = 0
-                if not free:
-                    drain(len(pending) - 1)
-                cur = free.pop()
-
+    def blocks() -> Iterator[Block]:
+        """Blocks of up to block_pages stored pages, in pfn order (bitmaps and stats filled as a side effect)."""
+        cur, fill, first, last = buffers.get(), 0, 0, 0
         for ch in chunks:
-            pfn, cls, ram, keep = ch.pfn, ch.classes, ch.ram, ch.keep
+            pfn, keep = ch.pfn, ch.keep
             if pfn % 8:
                 raise AssertionError(f"plan chunk at pfn {pfn} is not byte aligned")
-            stored = np.zeros(len(keep), dtype=bool)
-            zero = np.zeros(len(keep), dtype=bool)
-            counts = np.bincount(cls, minlength=len(PageClass))
-            for i in range(len(PageClass)):
-                stats.class_counts[i] += int(counts[i])
-            nram = int(ram.sum())
+            n = len(keep)
+            stored, zero = bytearray(n), bytearray(n)
+            for i, c in enumerate(native.histogram(ch.classes)[:len(PageClass)]):
+                stats.class_counts[i] += c
+            nram = ch.ram.count(1)
             stats.pages_ram += nram
             for a, b in runs(keep):
                 s = a
                 while s < b:
                     take = min(b - s, block_pages - fill)
-                    dst = cur[fill * ps:(fill + take) * ps]
-                    source.readinto((pfn + s) * ps, dst.data)
-                    idx = np.arange(s, s + take)  # relative to the chunk
-                    if level & DL_ZERO:
-                        z = zero_pages(dst, ps)
-                        if z.any():
-                            zero[s:s + take] = z
-                            nz = ~z
-                            idx = idx[nz]
-                            pages = dst.reshape(take, ps)
-                            pages[:len(idx)] = pages[nz]
-                    if len(idx):
-                        stored[idx] = True
+                    paddr = (pfn + s) * ps
+                    sv, zv = memoryview(stored)[s:s + take], memoryview(zero)[s:s + take]
+                    if mapped:
+                        got, _ = native.gather(source.view(paddr, take * ps), take, ps, drop_zero, cur, fill, take,
+                                               sv, zv)
+                        source.release(paddr, take * ps)  # type: ignore[attr-defined]
+                    else:  # read in place, then squeeze zero pages out
+                        region = memoryview(cur)[fill * ps:(fill + take) * ps]
+                        source.readinto(paddr, region)
+                        got, _ = native.gather(region, take, ps, drop_zero, cur, fill, take, sv, zv)
+                    if got:
                         if fill == 0:
-                            first = pfn + int(idx[0])
-                        last = pfn + int(idx[-1])
-                        fill += len(idx)
+                            first = pfn + stored.find(1, s, s + take)
+                        last = pfn + stored.rfind(1, s, s + take)
+                        fill += got
                     s += take
                     if fill == block_pages:
-                        flush()
-                    while pending and pending[0][0].done():
-                        drain(len(pending) - 1)
-            packed = np.packbits(stored, bitorder="little")
-            stored_bits[pfn // 8:pfn // 8 + len(packed)] = packed[:len(stored_bits) - pfn // 8]
-            packed = np.packbits(zero, bitorder="little")
-            zero_bits[pfn // 8:pfn // 8 + len(packed)] = packed[:len(zero_bits) - pfn // 8]
-            stats.pages_stored += int(stored.sum())
-            stats.pages_zero += int(zero.sum())
+                        yield Block(cur, fill, first, last + 1)
+                        cur, fill = buffers.get(), 0
+            stored_bits[pfn // 8:pfn // 8 + -(-n // 8)] = native.pack_bits(stored)[:len(stored_bits) - pfn // 8]
+            zero_bits[pfn // 8:pfn // 8 + -(-n // 8)] = native.pack_bits(zero)[:len(zero_bits) - pfn // 8]
+            stats.pages_stored += stored.count(1)
+            stats.pages_zero += zero.count(1)
             if progress:
                 progress(nram * ps)
-        flush()
-        drain(0)
+        if fill:
+            yield Block(cur, fill, first, last + 1)
+
+    def compress(b: Block) -> bytes:
+        return zstd.compress(memoryview(b.buf)[:b.npages * ps])
+
+    for blk, frame in ordered_map(blocks(), compress, threads, depth):
+        out.write(frame)
+        crc = block_crc(VERSION, blk.first, blk.end, blk.npages * ps, blk.npages, frame)
+        index.append(BlockEntry(blk.first, blk.end, pos, len(frame), blk.npages * ps, blk.npages, crc))
+        pos += len(frame)
+        buffers.put(blk.buf)
     stats.pages_excluded = stats.pages_ram - stats.pages_stored
     table = b"".join(INDEX.pack(**dataclasses.asdict(e)) for e in index)
-    tables = stored_bits.tobytes() + zero_bits.tobytes() + table
+    tables = bytes(stored_bits) + bytes(zero_bits) + table
     out.write(tables)
     trailer = Trailer(pos, pos + len(stored_bits), len(stored_bits), pos + 2 * len(stored_bits), len(index),
                       stats.pages_stored, stats.pages_zero, tuple(stats.class_counts), zlib.crc32(tables))

@@ -1,9 +1,9 @@
 """Which pages to keep: makedumpfile's dump levels, decided from ``struct page`` read out of the image itself.
 
 Dump level bits (makedumpfile's): 1 zero, 2 cache without private, 4 cache with private, 8 user, 16 free.
-Pages are classified in vectorised passes (numpy) over whole sections of ``struct page``, using only VMCOREINFO
-offsets and page-type values, so no vmlinux is needed and no per-page Python runs.  Zero pages are found later,
-from page contents, by the writer (:func:`zero_pages`).
+Pages are classified by the native kernel (khibernate/native/pages.c) over whole chunks of ``struct page``, using
+only VMCOREINFO offsets and page-type values, so no vmlinux is needed and no per-page Python runs.  Zero pages are
+found later, from page contents, by the writer (:func:`zero_pages`).
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
-import numpy as np
-
+from khibernate import native
 from khibernate.image.errors import MissingVmcoreinfoError, UsageErrorImage
 from khibernate.image.levels import DL_CACHE as DL_CACHE
 from khibernate.image.levels import DL_CACHE_PRI as DL_CACHE_PRI
@@ -51,13 +50,13 @@ def check_level(level: int, restorable: bool) -> int:
     return level
 
 
-def excluded_classes(level: int) -> np.ndarray:
-    """Lookup table class -> 1 if ``level`` drops that class (indexed by PageClass)."""
-    table = np.zeros(256, dtype=bool)
+def excluded_classes(level: int) -> bytes:
+    """Lookup table class -> 1 if ``level`` drops that class (indexed by PageClass, 256 entries: bytes.translate)."""
+    table = bytearray(256)
     if level:
         for cls, bits in CLASS_LEVEL_BITS.items():
-            table[cls] = bool(level & bits)
-    return table
+            table[cls] = 1 if level & bits else 0
+    return bytes(table)
 
 
 def needs_struct_page(level: int) -> bool:
@@ -65,10 +64,9 @@ def needs_struct_page(level: int) -> bool:
     return bool(level & ~DL_ZERO)
 
 
-def zero_pages(data: bytes | memoryview | np.ndarray, page_size: int = 4096) -> np.ndarray:
-    """Per-page bool: True where the page is all zero bytes (``data`` is a whole number of pages)."""
-    a = np.frombuffer(data, dtype=np.uint64).reshape(-1, page_size // 8)
-    return np.asarray(~a.any(axis=1))
+def zero_pages(data: bytes | bytearray | memoryview, page_size: int = 4096) -> bytearray:
+    """Per page 1 where the page is all zero bytes (``data`` is a whole number of pages)."""
+    return native.zero_pages(data, page_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,100 +141,25 @@ class PageLayout:
             hugetlb_dtor=v.number_or("HUGETLB_PAGE_DTOR", None),
         )
 
-    def dtype(self) -> np.dtype:
-        """numpy dtype viewing one ``struct page``."""
-        return np.dtype({
-            "names": ["flags", "mapping", "mapcount", "private", "compound_head"],
-            "formats": ["<u8", "<u8", "<i4", "<u8", "<u8"],
-            "offsets": [self.off_flags, self.off_mapping, self.off_mapcount, self.off_private,
-                        self.off_compound_head],
-            "itemsize": self.size,
-        })
+    def native(self) -> object:
+        """The ``struct kh_layout`` the native classifier reads (absent numbers as -1 / has_* = 0)."""
 
+        def opt(v: int | None) -> int:
+            return -1 if v is None else v
 
-def _bit(flags: np.ndarray, bit: int | None) -> np.ndarray:
-    """Per-page bool: bit ``bit`` of ``flags`` (all False when the kernel does not export it)."""
-    if bit is None:
-        return np.zeros(flags.shape, dtype=bool)
-    return ((flags >> np.uint64(bit)) & np.uint64(1)).astype(bool)
-
-
-def _is_type(mapcount: np.ndarray, value: int | None) -> np.ndarray:
-    """Page-type test: 6.12+ types are a value in the top byte (low 24 bits free), older ones a whole-word value."""
-    if value is None:
-        return np.zeros(mapcount.shape, dtype=bool)
-    v = value & 0xFFFFFFFF
-    if v & 0xFFFFFF == 0 and v >> 24 != 0xFF:
-        return np.asarray((mapcount.view(np.uint32) >> np.uint32(24)) == np.uint32(v >> 24))
-    return np.asarray(mapcount.view(np.uint32) == np.uint32(v))
-
-
-def _old_hugetlb(pages: np.ndarray, lay: PageLayout) -> np.ndarray:
-    """hugetlb heads on kernels before 6.9 (no page type): PG_hugetlb in the first tail's flags (6.6-6.8), the
-    folio destructor byte (6.3-6.5) or page.compound_dtor of the first tail (older)."""
-    out = np.zeros(len(pages), dtype=bool)
-    if lay.pg_head_mask is None:
-        return out
-    heads = np.flatnonzero((pages["flags"] & np.uint64(lay.pg_head_mask)) != 0)
-    heads = heads[heads + 1 < len(pages)]
-    if not len(heads):
-        return out
-    if lay.pg_hugetlb is not None:
-        out[heads] = _bit(pages["flags"][heads + 1], lay.pg_hugetlb)
-        return out
-    off = lay.folio_dtor if lay.folio_dtor is not None else (
-        lay.size + lay.compound_dtor if lay.compound_dtor is not None else None)
-    if off is None or lay.hugetlb_dtor is None:
-        return out
-    raw = pages.view(np.uint8).reshape(len(pages), lay.size)
-    rows = heads + off // lay.size
-    ok = rows < len(pages)
-    out[heads[ok]] = raw[rows[ok], off % lay.size] == lay.hugetlb_dtor
-    return out
-
-
-def classify(pages: np.ndarray, lay: PageLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(class per page, free-block page counts at buddy heads (0 elsewhere), tail mask) for a struct page array."""
-    flags, mapping, mc = pages["flags"], pages["mapping"], pages["mapcount"]
-    slab = _is_type(mc, lay.slab) | _bit(flags, lay.pg_slab)
-    buddy = _is_type(mc, lay.buddy) & ~slab
-    unaccepted = _is_type(mc, lay.unaccepted)
-    anon = ((mapping & np.uint64(1)) != 0) & ~slab
-    hugetlb = _is_type(mc, lay.hugetlb) if lay.hugetlb is not None else _old_hugetlb(pages, lay)
-    lru = _bit(flags, lay.pg_lru)
-    swapcache = _bit(flags, lay.pg_swapcache)
-    if lay.pg_swapbacked is not None:
-        swapcache &= _bit(flags, lay.pg_swapbacked)
-    cache = (lru | swapcache) & ~anon & ~slab
-    private = _bit(flags, lay.pg_private)
-    cls = np.zeros(len(pages), dtype=np.uint8)
-    cls[cache & ~private] = PageClass.CACHE
-    cls[cache & private] = PageClass.CACHE_PRIVATE
-    cls[anon | hugetlb] = PageClass.USER
-    cls[_bit(flags, lay.pg_hwpoison) | _is_type(mc, lay.offline)] = PageClass.UNUSABLE
-    order = pages["private"]
-    span = np.zeros(len(pages), dtype=np.int64)
-    ok = buddy & (order < np.uint64(lay.max_order))
-    span[ok] = np.left_shift(1, order[ok].astype(np.int64))
-    span[buddy & ~ok] = 1
-    span[unaccepted] = 1 << (lay.max_order - 1)
-    tail = (pages["compound_head"] & np.uint64(1)) != 0
-    return cls, span, tail
-
-
-def expand_spans(span: np.ndarray, carry: int) -> tuple[np.ndarray, int]:
-    """Mask of pages covered by blocks starting at nonzero ``span`` entries (+``carry`` pages from before)."""
-    n = len(span)
-    diff = np.zeros(n + 1, dtype=np.int32)
-    if carry:
-        diff[0] += 1
-        diff[min(carry, n)] -= 1
-    heads = np.flatnonzero(span)
-    ends = heads + span[heads]
-    np.add.at(diff, heads, 1)
-    np.add.at(diff, np.minimum(ends, n), -1)
-    rest = max(int(ends.max()) - n if len(ends) else 0, carry - n, 0)
-    return np.cumsum(diff[:n]) > 0, rest
+        dtor = self.folio_dtor if self.folio_dtor is not None else (
+            self.size + self.compound_dtor if self.compound_dtor is not None else None)
+        return native.layout(
+            size=self.size, off_flags=self.off_flags, off_mapping=self.off_mapping, off_mapcount=self.off_mapcount,
+            off_private=self.off_private, off_compound_head=self.off_compound_head, pg_lru=opt(self.pg_lru),
+            pg_private=opt(self.pg_private), pg_swapcache=opt(self.pg_swapcache),
+            pg_swapbacked=opt(self.pg_swapbacked), pg_slab=opt(self.pg_slab), pg_hwpoison=opt(self.pg_hwpoison),
+            pg_hugetlb=opt(self.pg_hugetlb), buddy=self.buddy or 0, slab=self.slab or 0, hugetlb=self.hugetlb or 0,
+            offline=self.offline or 0, unaccepted=self.unaccepted or 0, has_buddy=int(self.buddy is not None),
+            has_slab=int(self.slab is not None), has_hugetlb=int(self.hugetlb is not None),
+            has_offline=int(self.offline is not None), has_unaccepted=int(self.unaccepted is not None),
+            has_head_mask=int(self.pg_head_mask is not None), pg_head_mask=self.pg_head_mask or 0,
+            dtor_offset=opt(dtor), hugetlb_dtor=opt(self.hugetlb_dtor), max_order=self.max_order)
 
 
 class PageFilter:
@@ -248,7 +171,8 @@ class PageFilter:
         self.page_size = vmci.page_size
         self.kx = X86_64(source, vmci)
         self.layout = PageLayout.from_vmcoreinfo(vmci)
-        self.dtype = self.layout.dtype()
+        self._layout_c = self.layout.native()
+        self._classifier = native.Classifier(self._layout_c, 1 << 15)
         self.sections = list(self._sections())
         bases = {(s.mem_map - s.start_pfn * self.layout.size) & U64 for s in self.sections}
         self.vmemmap = bases.pop() if len(bases) == 1 else None
@@ -283,11 +207,10 @@ class PageFilter:
             start = nr * per_section
             yield Section(start, per_section, ((coded & SECTION_MAP_MASK) + start * self.layout.size) & U64)
 
-    def _struct_pages(self, sec: Section, first: int, count: int) -> np.ndarray:
-        """struct pages of pfns first..first+count of ``sec`` as a numpy structured array."""
+    def _struct_pages(self, sec: Section, first: int, count: int) -> bytes:
+        """Raw struct pages of pfns first..first+count of ``sec``."""
         va = sec.mem_map + (first - sec.start_pfn) * self.layout.size
-        data = self.kx.read(va, count * self.layout.size)
-        return np.frombuffer(data, dtype=self.dtype)
+        return self.kx.read(va, count * self.layout.size)
 
     def _head_class(self, head_pfn: int) -> int:
         """Class of a compound head outside the current chunk (a large folio crossing a chunk), cached."""
@@ -297,27 +220,30 @@ class PageFilter:
                 if sec.start_pfn <= head_pfn < sec.start_pfn + sec.nr_pages:
                     # the head and its first tail: kernels before 6.9 mark hugetlb in the first tail
                     n = min(2, sec.start_pfn + sec.nr_pages - head_pfn)
-                    c, span, _ = classify(self._struct_pages(sec, head_pfn, n), self.layout)
-                    cls = int(PageClass.FREE if span[0] else c[0])
+                    va = sec.mem_map + (head_pfn - sec.start_pfn) * self.layout.size
+                    self._classifier.classify(self._struct_pages(sec, head_pfn, n), n, va, 0)
+                    own = self._classifier.scratch[0]  # own class << 2, | 2 inside a free block
+                    cls = int(PageClass.FREE if own & 3 == 2 else own >> 2)
                     break
             else:
                 cls = int(PageClass.OTHER)
             self._head_cache[head_pfn] = cls
         return cls
 
-    def _pfn_of_page_va(self, va: np.ndarray) -> np.ndarray:
-        """pfn described by each struct page VA (vmemmap base, or a search of the sections)."""
+    def _pfn_of_page_va(self, va: int) -> int:
+        """pfn a struct page VA describes (vmemmap base, or a search of the sections); -1 if none."""
         if self.vmemmap is not None:
-            return ((va - np.uint64(self.vmemmap)) // np.uint64(self.layout.size)).astype(np.int64)
-        out = np.full(len(va), -1, dtype=np.int64)
+            return ((va - self.vmemmap) & U64) // self.layout.size
         for sec in self.sections:
             lo, hi = sec.mem_map, sec.mem_map + sec.nr_pages * self.layout.size
-            m = (va >= np.uint64(lo)) & (va < np.uint64(hi))
-            out[m] = sec.start_pfn + ((va[m] - np.uint64(lo)) // np.uint64(self.layout.size)).astype(np.int64)
-        return out
+            if lo <= va < hi:
+                return sec.start_pfn + (va - lo) // self.layout.size
+        return -1
 
-    def classes(self, chunk: int = 1 << 15) -> Iterator[tuple[int, np.ndarray]]:
+    def classes(self, chunk: int = 1 << 15) -> Iterator[tuple[int, bytearray]]:
         """(first pfn, class per pfn) for every pfn below max_pfn, in order; pfns without struct page are NO_PAGE."""
+        if chunk > self._classifier.chunk:
+            self._classifier = native.Classifier(self._layout_c, chunk)
         max_pfn = self.source.max_pfn
         carry = 0
         pfn = 0
@@ -328,29 +254,24 @@ class PageFilter:
                 sec = next(secs, None)
             if sec is None or sec.start_pfn > pfn:
                 stop = min(max_pfn, sec.start_pfn if sec else max_pfn)
-                out = np.full(stop - pfn, PageClass.NO_PAGE, dtype=np.uint8)
-                yield pfn, out
-                carry = max(0, carry - len(out))
+                yield pfn, bytearray([PageClass.NO_PAGE]) * (stop - pfn)
+                carry = max(0, carry - (stop - pfn))
                 pfn = stop
                 continue
             n = min(chunk, sec.start_pfn + sec.nr_pages - pfn, max_pfn - pfn)
-            pages = self._struct_pages(sec, pfn, n)
-            cls, span, tail = classify(pages, self.layout)
-            free, carry = expand_spans(span, carry)
-            tail &= ~free
-            if tail.any():
-                idx = np.flatnonzero(tail)
-                heads = self._pfn_of_page_va(pages["compound_head"][idx] - np.uint64(1))
-                inside = (heads >= pfn) & (heads < pfn + n)
-                cls[idx[inside]] = cls[heads[inside] - pfn]
-                for i, h in zip(idx[~inside], heads[~inside], strict=True):
-                    cls[i] = self._head_class(int(h)) if h >= 0 else PageClass.OTHER
-            cls[free] = PageClass.FREE
+            va = sec.mem_map + (pfn - sec.start_pfn) * self.layout.size
+            cls, carry, far = self._classifier.classify(self._struct_pages(sec, pfn, n), n, va, carry)
+            for i, head_va in far:
+                h = self._pfn_of_page_va(head_va)
+                if pfn <= h < pfn + n:  # inside after all (sections without one vmemmap): the head's own class
+                    cls[i] = self._classifier.scratch[h - pfn] >> 2
+                else:
+                    cls[i] = self._head_class(h) if h >= 0 else PageClass.OTHER
             yield pfn, cls
             pfn += n
 
 
-def class_counts(classes: np.ndarray) -> dict[str, int]:
+def class_counts(classes: bytes | bytearray) -> dict[str, int]:
     """Number of pages per class name."""
-    counts = np.bincount(classes, minlength=len(PageClass))
-    return {c.name.lower(): int(counts[c]) for c in PageClass}
+    counts = native.histogram(classes)
+    return {c.name.lower(): counts[c] for c in PageClass}

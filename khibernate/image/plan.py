@@ -5,8 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
-import numpy as np
-
+from khibernate import native
 from khibernate.image.errors import MissingVmcoreinfoError
 from khibernate.image.pagefilter import PageClass, PageFilter, check_level, excluded_classes, needs_struct_page
 from khibernate.image.sources.base import MemorySource, MemRange
@@ -15,31 +14,44 @@ from khibernate.image.vmcoreinfo import Vmcoreinfo
 
 @dataclasses.dataclass(frozen=True)
 class Chunk:
-    """pfns [pfn, pfn+len(keep)): RAM mask, class per pfn, and which pages the output keeps."""
+    """pfns [pfn, pfn+len(keep)): RAM mask, class per pfn, and which pages the output keeps (0/1 bytes each)."""
 
     pfn: int
-    ram: np.ndarray
-    classes: np.ndarray
-    keep: np.ndarray
+    ram: bytearray
+    classes: bytearray
+    keep: bytearray
 
 
-def ram_mask(ranges: tuple[MemRange, ...], pfn: int, n: int, page_size: int) -> np.ndarray:
-    """Per-pfn True where the page overlaps a RAM range."""
-    mask = np.zeros(n, dtype=bool)
+def ram_mask(ranges: tuple[MemRange, ...], pfn: int, n: int, page_size: int) -> bytearray:
+    """Per-pfn 1 where the page overlaps a RAM range."""
+    mask = bytearray(n)
     lo, hi = pfn * page_size, (pfn + n) * page_size
     for r in ranges:
         if r.end <= lo or r.start >= hi:
             continue
         a = max(r.start, lo) // page_size - pfn
         b = -(-min(r.end, hi) // page_size) - pfn
-        mask[a:b] = True
+        mask[a:b] = b"\1" * (b - a)
     return mask
 
 
-def runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """(start, stop) of each run of True in ``mask``."""
-    d = np.diff(np.concatenate(([0], mask.view(np.int8), [0])))
-    return list(zip(np.flatnonzero(d == 1).tolist(), np.flatnonzero(d == -1).tolist(), strict=True))
+def runs(mask: bytes | bytearray) -> list[tuple[int, int]]:
+    """(start, stop) of each run of 1 bytes in a 0/1 ``mask``."""
+    return native.runs(mask)
+
+
+def and_masks(a: bytearray, b: bytes | bytearray) -> bytearray:
+    """Bytewise AND of two 0/1 masks of equal length."""
+    n = len(a)
+    return bytearray((int.from_bytes(a, "little") & int.from_bytes(b, "little")).to_bytes(n, "little"))
+
+
+def where(mask: bytes | bytearray, a: bytes | bytearray, fill: int) -> bytearray:
+    """Per byte: ``a`` where the 0/1 ``mask`` is 1, else ``fill`` (bytes of equal length; big-int ops, no loop)."""
+    n = len(a)
+    m = int.from_bytes(mask, "little") * 0xFF
+    f = int.from_bytes(bytes([fill]) * n, "little")
+    return bytearray(((int.from_bytes(a, "little") & m) | (f & ~m)).to_bytes(n, "little"))
 
 
 def plan(source: MemorySource, vmci: Vmcoreinfo | None, level: int, *, restorable: bool = False,
@@ -52,30 +64,31 @@ def plan(source: MemorySource, vmci: Vmcoreinfo | None, level: int, *, restorabl
             raise MissingVmcoreinfoError(f"dump level {level} needs VMCOREINFO to read struct page; the source has "
                                          "none - give --vmcoreinfo FILE or use -d 1 / -d 0")
         pfilter = PageFilter(source, vmci)
-    dropped = excluded_classes(level)
+    kept = bytes(1 - d for d in excluded_classes(level))  # class -> 1 if kept
     ps = source.page_size
 
-    def chunks() -> Iterator[tuple[int, np.ndarray]]:
+    def chunks() -> Iterator[tuple[int, bytearray]]:
         if pfilter is not None:
             yield from pfilter.classes(chunk)
             return
         for pfn in range(0, source.max_pfn, chunk):
-            yield pfn, np.zeros(min(chunk, source.max_pfn - pfn), dtype=np.uint8)
+            yield pfn, bytearray(min(chunk, source.max_pfn - pfn))
 
     for pfn, cls in chunks():
         n = len(cls)
         ram = ram_mask(source.ranges, pfn, n, ps)
         present = source.page_present_mask(pfn, n)
         if present is not None:
-            ram &= present
-        cls = np.where(ram, cls, PageClass.NO_PAGE).astype(np.uint8)
-        yield Chunk(pfn, ram, cls, ram & ~dropped[cls])
+            ram = and_masks(ram, present)
+        if ram.count(1) != n:  # pages outside RAM are NO_PAGE whatever their struct page says
+            cls = where(ram, cls, PageClass.NO_PAGE)
+        yield Chunk(pfn, ram, cls, and_masks(ram, cls.translate(kept)))
 
 
-def read_kept(source: MemorySource, pfn: int, keep: np.ndarray) -> bytes:
+def read_kept(source: MemorySource, pfn: int, keep: bytes | bytearray) -> bytes:
     """Pages pfn..pfn+len(keep): kept pages' data, zeros for the others."""
     ps = source.page_size
-    if keep.all():
+    if keep.count(1) == len(keep):
         return bytes(source.view(pfn * ps, len(keep) * ps))
     out = bytearray(len(keep) * ps)
     for a, b in runs(keep):

@@ -11,7 +11,7 @@ from khibernate.image import vmcoreinfo
 from khibernate.image.elf import ElfSource
 from khibernate.image.errors import AddressError
 from khibernate.image.format import KhiSource, save_file
-from khibernate.image.pagefilter import PageClass, PageFilter, expand_spans
+from khibernate.image.pagefilter import PageClass, PageFilter
 from khibernate.image.sources import open_source
 from khibernate.image.x86_64 import X86_64
 from tests.image import synthkernel as sk
@@ -50,13 +50,6 @@ def test_filter_exact(synth_elf: Path, synth: sk.SynthKernel, chunk: int) -> Non
         got = np.concatenate([c for _, c in pf.classes(chunk)])
     ram = synth.expected != PageClass.NO_PAGE
     assert np.array_equal(got[ram], synth.expected[ram]), np.flatnonzero(got[ram] != synth.expected[ram])[:20]
-
-
-def test_expand_spans_carry() -> None:
-    span = np.zeros(10, dtype=np.int64)
-    span[8] = 4
-    mask, rest = expand_spans(span, 3)
-    assert mask.tolist() == [True] * 3 + [False] * 5 + [True] * 2 and rest == 2
 
 
 @pytest.mark.parametrize("level,restorable", [(0, False), (1, False), (17, True), (31, False), (16, False)])
