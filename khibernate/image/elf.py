@@ -196,7 +196,7 @@ class ElfSource(SegmentedFileSource):
             self._notes = tuple(n for b in blobs for n in parse_notes(b))
         finally:
             os.close(fd)
-        self.file = SegmentedFile(self.path, ram_segments(self.headers.loads))
+        self.file = SegmentedFile(self.path, ram_segments(self.headers.loads), use_mmap=True)
         self._ranges = merge_ranges([MemRange(s.paddr, s.paddr + s.memsz) for s in self.file.segments])
 
 

@@ -290,7 +290,6 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
     depth = 2 * threads
     buffers = BufferPool(lambda: bytearray(block_pages * ps), depth + 2)
     zstd = ZstdPerThread(zstd_level)
-    mapped = hasattr(source, "release")  # zero-copy reads: gather straight from the source's mapping
 
     def blocks() -> Iterator[Block]:
         """Blocks of up to block_pages stored pages, in pfn order (bitmaps and stats filled as a side effect)."""
@@ -311,10 +310,11 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
                     take = min(b - s, block_pages - fill)
                     paddr = (pfn + s) * ps
                     sv, zv = memoryview(stored)[s:s + take], memoryview(zero)[s:s + take]
-                    if mapped:
-                        got, _ = native.gather(source.view(paddr, take * ps), take, ps, drop_zero, cur, fill, take,
-                                               sv, zv)
-                        source.release(paddr, take * ps)  # type: ignore[attr-defined]
+                    mv = source.mapped_view(paddr, take * ps)  # zero-copy: gather straight from the mapping
+                    if mv is not None:
+                        got, _ = native.gather(mv, take, ps, drop_zero, cur, fill, take, sv, zv)
+                        mv.release()
+                        source.release(paddr, take * ps)
                     else:  # read in place, then squeeze zero pages out
                         region = memoryview(cur)[fill * ps:(fill + take) * ps]
                         source.readinto(paddr, region)

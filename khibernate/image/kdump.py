@@ -9,16 +9,15 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import os
-import threading
 import zlib
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
 import zstandard
 
+from khibernate import native
 from khibernate.image.elf import pack_notes, parse_notes
 from khibernate.image.errors import (
     AddressError,
@@ -31,6 +30,7 @@ from khibernate.image.errors import (
 )
 from khibernate.image.inputfile import MAX_PHYS_ADDR, input_size, open_input
 from khibernate.image.pagefilter import DL_ZERO
+from khibernate.image.pipeline import ZstdPerThread, ordered_map
 from khibernate.image.plan import runs
 from khibernate.image.sources.base import (
     VMCOREINFO_NOTE,
@@ -364,10 +364,11 @@ def utsname_bytes(fields: Sequence[str]) -> bytes:
     return b"".join(s.encode()[:64].ljust(65, b"\0") for s in (list(fields) + [""] * 6)[:6])
 
 
-def write_kdump(out: BinaryIO, source: MemorySource, keep: np.ndarray, ram: np.ndarray, *, notes: Iterable[Note],
-                utsname: Sequence[str], dump_level: int, phys_base: int, crashtime: int, compress: str = "zstd",
-                flat: bool = False, threads: int = 2, progress: Callable[[int], None] | None = None) -> int:
-    """Write a makedumpfile-compatible kdump file of the pages in ``keep`` (bool per pfn); returns its size."""
+def write_kdump(out: BinaryIO, source: MemorySource, keep: bytes | bytearray, ram: bytes | bytearray, *,
+                notes: Iterable[Note], utsname: Sequence[str], dump_level: int, phys_base: int, crashtime: int,
+                compress: str = "zstd", flat: bool = False, threads: int = 2,
+                progress: Callable[[int], None] | None = None) -> int:
+    """Write a makedumpfile-compatible kdump file of the pages in ``keep`` (0/1 byte per pfn); returns its size."""
     bs = source.page_size
     max_mapnr = len(keep)
     note_blob = pack_notes(notes)
@@ -383,7 +384,7 @@ def write_kdump(out: BinaryIO, source: MemorySource, keep: np.ndarray, ram: np.n
     per = bitmap_bytes(max_mapnr, bs)
     bitmap_blocks = 2 * per // bs
     desc_off = (1 + sub_hdr_size + bitmap_blocks) * bs
-    ndump = int(keep.sum())
+    ndump = keep.count(1)
     data_off = desc_off + ndump * PAGE_DESC.size
     status = COMPRESS_FLAGS[compress]
     nr_cpus = sum(1 for n in parse_notes(note_blob) if n.name == "CORE" and n.type == 1)
@@ -396,78 +397,68 @@ def write_kdump(out: BinaryIO, source: MemorySource, keep: np.ndarray, ram: np.n
                           size_vmcoreinfo=vmci_size, offset_note=bs + SUB_HEADER.size, size_note=len(note_blob),
                           max_mapnr_64=max_mapnr)
     w.write_at(bs, (sub + note_blob).ljust(sub_hdr_size * bs, b"\0"))
-    w.write_at((1 + sub_hdr_size) * bs, np.packbits(ram, bitorder="little").tobytes().ljust(per, b"\0"))
-    w.write_at((1 + sub_hdr_size) * bs + per, np.packbits(keep, bitorder="little").tobytes().ljust(per, b"\0"))
+    w.write_at((1 + sub_hdr_size) * bs, native.pack_bits(ram).ljust(per, b"\0"))
+    w.write_at((1 + sub_hdr_size) * bs + per, native.pack_bits(keep).ljust(per, b"\0"))
     pos = data_off
     zero_desc = None
     if dump_level & DL_ZERO:
         w.write_at(pos, bytes(bs))
         zero_desc = PAGE_DESC.pack(offset=pos, size=bs)
         pos += bs
-    local = threading.local()
+    zstd = ZstdPerThread(1)
 
     def pack_pages(data: bytes) -> list[bytes | None]:
-        """Per page: stored bytes with flag, or None for a zero page (when zero pages are shared)."""
+        """Per page: stored bytes, or None for a zero page (when zero pages are shared)."""
         out_pages: list[bytes | None] = []
-        if compress == "zstd":
-            c = getattr(local, "c", None)
-            if c is None:
-                c = local.c = zstandard.ZstdCompressor(level=1, write_content_size=True, write_checksum=True)
+        zero = native.zero_pages(data, bs) if zero_desc is not None else bytes(len(data) // bs)
+        view = memoryview(data)
         for i in range(0, len(data), bs):
-            page = data[i:i + bs]
-            if zero_desc is not None and page.count(0) == bs:
+            if zero[i // bs]:
                 out_pages.append(None)
                 continue
+            page = view[i:i + bs]
             try:
                 if compress == "zlib":
                     comp = zlib.compress(page, 1)
                 elif compress == "zstd":
-                    assert c is not None
-                    comp = c.compress(page)
+                    comp = zstd.compress(page)
                 else:
-                    comp = page
+                    comp = bytes(page)
             except (zlib.error, zstandard.ZstdError) as e:
                 raise CompressionError(f"page compression failed: {e}") from None
-            out_pages.append(comp if len(comp) < bs else page)
+            out_pages.append(comp if len(comp) < bs else bytes(page))
         return out_pages
 
-    batch = 1024
-    kept_pfns = np.flatnonzero(keep)
+    def batches(batch: int = 1024) -> Iterator[bytes]:
+        """The kept pages' bytes, ``batch`` pages at a time, in pfn order."""
+        parts: list[bytes] = []
+        have = 0
+        for a, b in runs(keep):
+            while a < b:
+                take = min(b - a, batch - have)
+                parts.append(bytes(source.view(a * bs, take * bs)))
+                have += take
+                a += take
+                if have == batch:
+                    yield b"".join(parts)
+                    parts, have = [], 0
+        if parts:
+            yield b"".join(parts)
+
     desc_i = 0
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-
-        def reads() -> Iterable[tuple[np.ndarray, bytes]]:
-            for i in range(0, len(kept_pfns), batch):
-                pfns = kept_pfns[i:i + batch]
-                breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
-                starts, ends = np.concatenate(([0], breaks)), np.concatenate((breaks, [len(pfns)]))
-                parts = [bytes(source.view(int(pfns[a]) * bs, int(b - a) * bs)) for a, b in zip(starts, ends,
-                                                                                              strict=True)]
-                yield pfns, b"".join(parts)
-
-        pending = []
-        for pfns, data in reads():
-            pending.append((pfns, pool.submit(pack_pages, data)))
-            if len(pending) < 2 * max(1, threads):
-                continue
-            pos, desc_i = _emit(w, pending.pop(0), pos, desc_off, desc_i, zero_desc, compress, progress, bs)
-        while pending:
-            pos, desc_i = _emit(w, pending.pop(0), pos, desc_off, desc_i, zero_desc, compress, progress, bs)
+    for data, packed in ordered_map(batches(), pack_pages, max(1, threads)):
+        pos, desc_i = _emit(w, len(data) // bs, packed, pos, desc_off, desc_i, zero_desc, compress, progress, bs)
     w.end(pos)
     return pos
 
 
-Batch = tuple[np.ndarray, Future[list[bytes | None]]]
-
-
-def _emit(w: _Out, item: Batch, pos: int, desc_off: int, desc_i: int, zero_desc: bytes | None, compress: str,
-          progress: Callable[[int], None] | None, bs: int) -> tuple[int, int]:
+def _emit(w: _Out, npages: int, packed: list[bytes | None], pos: int, desc_off: int, desc_i: int,
+          zero_desc: bytes | None, compress: str, progress: Callable[[int], None] | None, bs: int) -> tuple[int, int]:
     """Write one compressed batch's data and descriptors; returns the new data and descriptor positions."""
-    pfns, fut = item
     descs = bytearray()
     blob = bytearray()
     flag = COMPRESS_FLAGS[compress]
-    for comp in fut.result():
+    for comp in packed:
         if comp is None:
             assert zero_desc is not None
             descs += zero_desc
@@ -477,8 +468,8 @@ def _emit(w: _Out, item: Batch, pos: int, desc_off: int, desc_i: int, zero_desc:
     w.write_at(pos, blob)
     w.write_at(desc_off + desc_i * PAGE_DESC.size, descs)
     if progress:
-        progress(len(pfns) * bs)
-    return pos + len(blob), desc_i + len(pfns)
+        progress(npages * bs)
+    return pos + len(blob), desc_i + npages
 
 
 # ------------------------------------------------------------------------------------------------ registry

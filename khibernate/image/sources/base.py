@@ -116,6 +116,15 @@ class MemorySource(ABC):
         """Fill ``buf`` with the bytes at ``paddr`` (no allocation where the reader can avoid it)."""
         buf[:] = self.view(paddr, len(buf))
 
+    def mapped_view(self, paddr: int, size: int) -> memoryview | None:
+        """A zero-copy view of [paddr, paddr+size) straight from a mapping of the source, or None where the
+        reader has none for that range (then use readinto); give it back with :meth:`release` once copied."""
+        return None
+
+    def release(self, paddr: int, size: int) -> None:
+        """Done with [paddr, paddr+size) of a mapped_view(): drop those pages from this process (RSS stays flat)."""
+        return None
+
     def present(self, paddr: int, size: int) -> bool:
         """True if [paddr, paddr+size) holds data (inside ranges and not excluded)."""
         i = bisect.bisect_right([r.start for r in self.ranges], paddr) - 1
@@ -231,12 +240,29 @@ class SegmentedFile:
 
     def view(self, paddr: int, size: int) -> memoryview:
         """Zero-copy view when the request lies in one mmapped segment, else a copy."""
+        return self.mapped_view(paddr, size) or memoryview(self.read(paddr, size))
+
+    def mapped_view(self, paddr: int, size: int) -> memoryview | None:
+        """A view into the mapping when the request lies in one file-backed segment, else None."""
         if self.mm is not None:
             pieces = list(self.chunks(paddr, size))
             if len(pieces) == 1 and pieces[0][2] is not None:
                 off = pieces[0][2]
                 return memoryview(self.mm)[off:off + size]
-        return memoryview(self.read(paddr, size))
+        return None
+
+    def release(self, paddr: int, size: int) -> None:
+        """MADV_DONTNEED over the whole mapped pages of [paddr, paddr+size): they leave this process's RSS (the page
+        cache keeps them); a later access faults them back in."""
+        if self.mm is None:
+            return
+        for _, n, off in self.chunks(paddr, size):
+            if off is None:
+                continue
+            lo = -(-off // mmap.PAGESIZE) * mmap.PAGESIZE
+            hi = (off + n) // mmap.PAGESIZE * mmap.PAGESIZE
+            if hi > lo:
+                self.mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def close(self) -> None:
         """Unmap and close."""
@@ -276,6 +302,12 @@ class SegmentedFileSource(StoredSource):
 
     def view(self, paddr: int, size: int) -> memoryview:
         return self.file.view(paddr, size)
+
+    def mapped_view(self, paddr: int, size: int) -> memoryview | None:
+        return self.file.mapped_view(paddr, size)
+
+    def release(self, paddr: int, size: int) -> None:
+        self.file.release(paddr, size)
 
     def readinto(self, paddr: int, buf: memoryview) -> None:
         self.file.readinto(paddr, buf)
