@@ -21,7 +21,8 @@ def test_filter_agrees_with_kpageflags(dump: str, request: pytest.FixtureRequest
     with open_source(real.vmcore) as src:
         pf = PageFilter(src, vmcoreinfo.from_source(src))
         ours = np.concatenate([c for _, c in pf.classes()])
-        ram = np.concatenate([ch.ram for ch in plan(src, None, 0)])  # pfns the dump holds (kdump omits its own)
+        # pfns the dump holds (kdump omits its own)
+        ram = np.concatenate([np.frombuffer(ch.ram, dtype=bool) for ch in plan(src, None, 0)])
     oracle = kpageflags_classes(real.flags())
     n = min(len(ours), len(oracle))
     stable = real.stable()[:n]
@@ -56,7 +57,7 @@ def test_qemu_paging_dump_matches_plain_dump(tmp_path) -> None:  # noqa: ANN001
         with open_source(tmp_path / name) as src:
             v = vmcoreinfo.from_source(src)
             got[name] = (np.concatenate([c for _, c in PageFilter(src, v).classes()]),
-                         np.concatenate([ch.ram for ch in plan(src, None, 0)]))
+                         np.concatenate([np.frombuffer(ch.ram, dtype=bool) for ch in plan(src, None, 0)]))
             if name == "paging":
                 first = src.read(0x1000000, 4096)
             else:
