@@ -436,7 +436,13 @@ def write_kdump(out: BinaryIO, source: MemorySource, keep: bytes | bytearray, ra
         for a, b in runs(keep):
             while a < b:
                 take = min(b - a, batch - have)
-                parts.append(bytes(source.view(a * bs, take * bs)))
+                mv = source.mapped_view(a * bs, take * bs)
+                if mv is not None:
+                    parts.append(bytes(mv))
+                    mv.release()
+                    source.release(a * bs, take * bs)
+                else:
+                    parts.append(bytes(source.view(a * bs, take * bs)))
                 have += take
                 a += take
                 if have == batch:

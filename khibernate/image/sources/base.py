@@ -209,13 +209,12 @@ class SegmentedFile:
             paddr += n
 
     def read(self, paddr: int, size: int) -> bytes:
-        """Bytes of [paddr, paddr+size)."""
+        """Bytes of [paddr, paddr+size) by pread (never through the mapping: its pages would stay in this process's
+        RSS; a bulk reader uses mapped_view + release)."""
         parts = []
         for _, n, off in self.chunks(paddr, size):
             if off is None:
                 parts.append(bytes(n))
-            elif self.mm is not None:
-                parts.append(self.mm[off:off + n])
             else:
                 data = os.pread(self.fd, n, off)
                 if len(data) != n:
@@ -239,8 +238,8 @@ class SegmentedFile:
             pos += n
 
     def view(self, paddr: int, size: int) -> memoryview:
-        """Zero-copy view when the request lies in one mmapped segment, else a copy."""
-        return self.mapped_view(paddr, size) or memoryview(self.read(paddr, size))
+        """A copy by pread (see read); zero-copy access is mapped_view's."""
+        return memoryview(self.read(paddr, size))
 
     def mapped_view(self, paddr: int, size: int) -> memoryview | None:
         """A view into the mapping when the request lies in one file-backed segment, else None."""
