@@ -18,8 +18,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
-
+from khibernate import native
 from khibernate.errors import KhibernateError
 from khibernate.ranges import Range
 from khibernate.restore.oldmem import OldMemory
@@ -51,15 +50,16 @@ class RestoreStats:
         return {**dataclasses.asdict(self), "throughput_mb_s": round(self.throughput_mb_s, 1)}
 
 
-def runs(pfns: np.ndarray) -> Iterator[tuple[int, int, int]]:
-    """(first pfn, page count, index of its first page in ``pfns``) for each run of consecutive pfns."""
-    if len(pfns) == 0:
-        return
-    breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [len(pfns)]))
-    for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
-        yield int(pfns[s]), e - s, s
+def runs(pfns: Sequence[int]) -> Iterator[tuple[int, int, int]]:
+    """(first pfn, page count, index of its first page in ``pfns``) for each run of consecutive pfns; ``pfns``
+    strictly ascending (a block's).  pfns[i] - i never decreases and is constant along a run, so each run's end is
+    a bisection: O(log n) steps per run, not one per page."""
+    n = len(pfns)
+    s = 0
+    while s < n:
+        e = bisect.bisect_right(range(n), pfns[s] - s, lo=s, key=lambda i: pfns[i] - i)
+        yield pfns[s], e - s, s
+        s = e
 
 
 def clip(ranges: Sequence[Range], starts: Sequence[int], start: int, end: int) -> Iterator[tuple[int, int]]:
@@ -72,16 +72,17 @@ def clip(ranges: Sequence[Range], starts: Sequence[int], start: int, end: int) -
         i += 1
 
 
-def mask(bits: np.ndarray, max_pfn: int) -> np.ndarray:
-    """A bitmap (little-endian bit order) as booleans over pfns 0..max_pfn."""
-    return np.unpackbits(bits, bitorder="little")[:max_pfn].astype(bool)
+def mask(bits: bytes, max_pfn: int) -> bytearray:
+    """A bitmap (little-endian bit order) as a 0/1 byte per pfn 0..max_pfn."""
+    return native.unpack_bits(bits, 0, max_pfn)
 
 
-def ram_mask(ranges: Sequence[Range], page_size: int, max_pfn: int) -> np.ndarray:
-    """Pfns that lie (at least partly) in ``ranges``."""
-    ram = np.zeros(max_pfn, dtype=bool)
+def ram_mask(ranges: Sequence[Range], page_size: int, max_pfn: int) -> bytearray:
+    """1 per pfn of 0..max_pfn that lies (at least partly) in ``ranges``, 0 for the others."""
+    ram = bytearray(max_pfn)
     for r in ranges:
-        ram[r.start // page_size:-(-r.end // page_size)] = True
+        lo, hi = min(r.start // page_size, max_pfn), min(-(-r.end // page_size), max_pfn)
+        ram[lo:hi] = b"\1" * (hi - lo)
     return ram
 
 
@@ -124,22 +125,24 @@ def write_image(src: Any, mem: OldMemory, *, ram: Sequence[Range] | None = None,
     zero = mask(src.zero_bits, max_pfn)
     todo = [(zero, "zero")]
     if zero_free:
-        dropped = ram_mask(ranges, ps, max_pfn) & ~zero & ~mask(src.stored_bits, max_pfn)
-        todo.append((dropped, "free"))
+        # RAM & ~zero & ~stored on the 0/1 masks as big integers (no per-page loop)
+        held = int.from_bytes(zero, "little") | int.from_bytes(mask(src.stored_bits, max_pfn), "little")
+        dropped = int.from_bytes(ram_mask(ranges, ps, max_pfn), "little") & ~held
+        todo.append((bytearray(dropped.to_bytes(max_pfn, "little")), "free"))
     zeros = memoryview(bytes(ZERO_CHUNK))
     for m, what in todo:
-        pfns = np.flatnonzero(m)
-        for pfn, count, _ in runs(pfns):
-            addr, end = pfn * ps, (pfn + count) * ps
+        npages = m.count(1)
+        for a, b in native.runs(m):
+            addr, end = a * ps, b * ps
             while addr < end:
                 n = min(end - addr, ZERO_CHUNK)
                 st.bytes_written += put(addr, zeros[:n])
                 addr += n
         if what == "zero":
-            st.pages_zeroed = len(pfns)
+            st.pages_zeroed = npages
         else:
-            st.pages_free_zeroed = len(pfns)
+            st.pages_free_zeroed = npages
         if progress:
-            progress(len(pfns) * ps)
+            progress(npages * ps)
     st.write_seconds = time.monotonic() - t0
     return st
