@@ -67,7 +67,7 @@ def plan(source: MemorySource, vmci: Vmcoreinfo | None, level: int, *, restorabl
         ram = ram_mask(source.ranges, pfn, n, ps)
         present = source.page_present_mask(pfn, n)
         if present is not None:
-            ram &= present
+            ram &= np.frombuffer(present, dtype=bool)  # bridge: readers return 0/1 bytearrays now
         cls = np.where(ram, cls, PageClass.NO_PAGE).astype(np.uint8)
         yield Chunk(pfn, ram, cls, ram & ~dropped[cls])
 
