@@ -68,9 +68,10 @@ class MemorySource(ABC):
                     self.read(start, end - start)
                     pages += n
                 else:
-                    for i, j in native.runs(mask):  # a run of present pages at a time
-                        a = max(start, (pfn + i) * self.page_size)
-                        self.read(a, min(end, (pfn + j) * self.page_size) - a)
+                    for i, j in native.runs(mask):  # page by page: reading a whole run copies more
+                        for p in range(pfn + i, pfn + j):
+                            a = max(start, p * self.page_size)
+                            self.read(a, min(end, (p + 1) * self.page_size) - a)
                     pages += mask.count(1)
                 if progress:
                     progress(end - start)
