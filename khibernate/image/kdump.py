@@ -9,7 +9,9 @@ from __future__ import annotations
 import array
 import bisect
 import dataclasses
+import itertools
 import os
+import sys
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -58,7 +60,6 @@ SUB_HEADER = Layout("kdump_sub_header", "<", [
     ("offset_eraseinfo", "q"), ("size_eraseinfo", "Q"), ("start_pfn_64", "Q"), ("end_pfn_64", "Q"),
     ("max_mapnr_64", "Q")])
 PAGE_DESC = Layout("page_desc", "<", [("offset", "q"), ("size", "I"), ("flags", "I"), ("page_flags", "Q")])
-RANK_BYTES = 256  # KdumpSource keeps a running count of dumpable pages per this many bitmap bytes
 assert DISK_DUMP_HEADER.size == 464 and SUB_HEADER.size == 104 and PAGE_DESC.size == 24
 
 DUMP_DH_COMPRESSED_ZLIB, DUMP_DH_COMPRESSED_LZO, DUMP_DH_COMPRESSED_SNAPPY = 0x1, 0x2, 0x4
@@ -252,10 +253,12 @@ class KdumpSource(PagedSource, StoredSource):
         self.bitmap1 = raw[:per]
         self.bitmap2 = raw[per:2 * per] if two else raw[:per]
         self.desc_offset = bitmap_off + total
-        # dumpable pages before each RANK_BYTES-byte stretch of bitmap2 (read_page counts the rest of the way)
-        self._rank = array.array("q", [0])
-        for i in range(0, per, RANK_BYTES):
-            self._rank.append(self._rank[-1] + native.popcount(self.bitmap2[i:i + RANK_BYTES]))
+        # bitmap2 as 64-bit words (bit i of word w: pfn 64w+i) and the dumpable pages before each word: a page's
+        # descriptor index is one lookup and one popcount, whatever the dump's size
+        self._words = array.array("Q", self.bitmap2 + bytes(-len(self.bitmap2) % 8))
+        if sys.byteorder != "little":
+            self._words.byteswap()
+        self._rank = array.array("q", itertools.accumulate(map(int.bit_count, self._words), initial=0))
         ndesc = self._rank[-1]
         if size and self.desc_offset + ndesc * PAGE_DESC.size > size and not self.incomplete:
             raise TruncatedError(f"{self.path}: {ndesc} page descriptors do not fit in the file; it is truncated "
@@ -285,7 +288,7 @@ class KdumpSource(PagedSource, StoredSource):
                 "utsname": list(h.utsname), "incomplete": self.incomplete}
 
     def _dumpable(self, pfn: int) -> bool:
-        return 0 <= pfn < self.header.max_mapnr and bool(self.bitmap2[pfn >> 3] >> (pfn & 7) & 1)
+        return 0 <= pfn < self.header.max_mapnr and bool(self._words[pfn >> 6] >> (pfn & 63) & 1)
 
     def page_present_mask(self, pfn: int, count: int) -> bytearray:
         """1 per dumpable page of pfn..pfn+count (bitmap2), 0 for the others and beyond max_mapnr."""
@@ -299,10 +302,8 @@ class KdumpSource(PagedSource, StoredSource):
         bs = self.page_size
         if not self._dumpable(pfn):
             raise AddressError(f"physical page {pfn * bs:#x} is not in the dump (excluded or not RAM)")
-        byte = pfn >> 3
-        stretch = byte - byte % RANK_BYTES
-        below = (self._rank[stretch // RANK_BYTES] + native.popcount(self.bitmap2[stretch:byte])
-                 + (self.bitmap2[byte] & ((1 << (pfn & 7)) - 1)).bit_count())
+        w = pfn >> 6
+        below = self._rank[w] + (self._words[w] & ((1 << (pfn & 63)) - 1)).bit_count()
         desc = self.io.pread(self.desc_offset + below * PAGE_DESC.size, PAGE_DESC.size)
         if len(desc) != PAGE_DESC.size:
             if self.incomplete:
