@@ -606,11 +606,11 @@ class KhiSource(PagedSource):
         both = (stored & zero).bit_count()
         if both:
             raise CorruptImageError(f"{self.path}: {both} pages are marked both stored and zero; the image is corrupt")
-        ram = 0
+        ram = bytearray(self.header.max_pfn)  # per range O(its pages), however many ranges the header has
         for r in self.header.ranges:
             lo, hi = r.start // self.page_size, -(-r.end // self.page_size)
-            ram |= ((1 << (hi - lo)) - 1) << lo
-        outside = ((stored | zero) & ~ram).bit_count()
+            ram[lo:hi] = b"\1" * (hi - lo)  # Header.unpack keeps every range inside max_pfn
+        outside = ((stored | zero) & ~int.from_bytes(native.pack_bits(ram), "little")).bit_count()
         if outside:
             raise CorruptImageError(f"{self.path}: {outside} pages are marked present outside the memory ranges; "
                                     "the image is corrupt")
