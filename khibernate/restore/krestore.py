@@ -24,6 +24,7 @@ from khibernate.ranges import Range
 from khibernate.restore.oldmem import OldMemory
 
 ZERO_CHUNK = 1 << 20
+MASK_CHUNK = 1 << 20  # pfns unpacked from a bitmap at a time
 
 
 class RestoreError(KhibernateError):
@@ -72,9 +73,19 @@ def clip(ranges: Sequence[Range], starts: Sequence[int], start: int, end: int) -
         i += 1
 
 
-def mask(bits: bytes, max_pfn: int) -> bytearray:
-    """A bitmap (little-endian bit order) as a 0/1 byte per pfn 0..max_pfn."""
-    return native.unpack_bits(bits, 0, max_pfn)
+def bitmap_runs(bits: bytes, max_pfn: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) pfns of each run of set bits of a little-endian bitmap below ``max_pfn``, unpacked MASK_CHUNK
+    pfns at a time (memory stays O(bitmap), not O(pfns)); runs crossing a chunk boundary come out whole."""
+    start = stop = 0
+    for lo in range(0, max_pfn, MASK_CHUNK):
+        for a, b in native.runs(native.unpack_bits(bits, lo, min(MASK_CHUNK, max_pfn - lo))):
+            if lo + a != stop:
+                if stop > start:
+                    yield start, stop
+                start = lo + a
+            stop = lo + b
+    if stop > start:
+        yield start, stop
 
 
 def ram_mask(ranges: Sequence[Range], page_size: int, max_pfn: int) -> bytearray:
@@ -122,17 +133,18 @@ def write_image(src: Any, mem: OldMemory, *, ram: Sequence[Range] | None = None,
         if progress:
             progress(len(data))
     max_pfn = src.max_pfn
-    zero = mask(src.zero_bits, max_pfn)
-    todo = [(zero, "zero")]
+    todo = [(bytes(src.zero_bits), "zero")]
     if zero_free:
-        # RAM & ~zero & ~stored on the 0/1 masks as big integers (no per-page loop)
-        held = int.from_bytes(zero, "little") | int.from_bytes(mask(src.stored_bits, max_pfn), "little")
-        dropped = int.from_bytes(ram_mask(ranges, ps, max_pfn), "little") & ~held
-        todo.append((bytearray(dropped.to_bytes(max_pfn, "little")), "free"))
+        # RAM & ~zero & ~stored on the bitmaps as big integers (no per-page loop)
+        ram_bits = native.pack_bits(ram_mask(ranges, ps, max_pfn))
+        held = int.from_bytes(src.zero_bits, "little") | int.from_bytes(src.stored_bits, "little")
+        dropped = int.from_bytes(ram_bits, "little") & ~held
+        todo.append((dropped.to_bytes(len(ram_bits), "little"), "free"))
     zeros = memoryview(bytes(ZERO_CHUNK))
-    for m, what in todo:
-        npages = m.count(1)
-        for a, b in native.runs(m):
+    for bits, what in todo:
+        npages = 0
+        for a, b in bitmap_runs(bits, max_pfn):
+            npages += b - a
             addr, end = a * ps, b * ps
             while addr < end:
                 n = min(end - addr, ZERO_CHUNK)

@@ -191,3 +191,18 @@ def test_zeroes_freed_pages_from_cmdline_and_config() -> None:
     assert not zeroes_freed_pages("ro init_on_free=0", {"CONFIG_INIT_ON_FREE_DEFAULT_ON": "y"})
     assert zeroes_freed_pages("ro", {"CONFIG_INIT_ON_FREE_DEFAULT_ON": "y"})
     assert not zeroes_freed_pages("ro", None)
+
+
+def test_bitmap_runs_cross_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs of a bitmap come out whole across unpack chunks, cut at max_pfn."""
+    from khibernate import native
+    from khibernate.restore import krestore
+
+    monkeypatch.setattr(krestore, "MASK_CHUNK", 16)
+    m = bytearray(100)
+    for a, b in [(0, 3), (10, 40), (47, 48), (64, 65), (90, 100)]:
+        m[a:b] = b"\1" * (b - a)
+    bits = native.pack_bits(m)
+    assert list(krestore.bitmap_runs(bits, 100)) == [(0, 3), (10, 40), (47, 48), (64, 65), (90, 100)]
+    assert list(krestore.bitmap_runs(bits, 95)) == [(0, 3), (10, 40), (47, 48), (64, 65), (90, 95)]
+    assert list(krestore.bitmap_runs(bytes(13), 100)) == []
