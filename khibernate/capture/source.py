@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-import numpy.typing as npt
-
 from khibernate.image.sources.base import MemorySource, MemRange, Note
 
 
@@ -40,7 +37,7 @@ class AnnotatedSource(MemorySource):
     def present(self, paddr: int, size: int) -> bool:
         return self.inner.present(paddr, size)
 
-    def page_present_mask(self, pfn: int, count: int) -> npt.NDArray[np.bool_] | None:
+    def page_present_mask(self, pfn: int, count: int) -> bytearray | None:
         return self.inner.page_present_mask(pfn, count)
 
     def close(self) -> None:

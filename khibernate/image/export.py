@@ -6,15 +6,14 @@ import sys
 from collections.abc import Callable
 from typing import BinaryIO
 
-import numpy as np
-
+from khibernate import native
 from khibernate.image.atomic import atomic_output
 from khibernate.image.elf import LoadSpec, write_elf
 from khibernate.image.errors import AddressError, ImageError, UsageErrorImage
 from khibernate.image.format import check_source_level, default_notes
 from khibernate.image.kdump import write_kdump
 from khibernate.image.pagefilter import PageFilter
-from khibernate.image.plan import plan, read_kept, runs
+from khibernate.image.plan import plan, read_kept
 from khibernate.image.sources.base import MemorySource
 from khibernate.image.vmcoreinfo import Vmcoreinfo
 from khibernate.image.x86_64 import X86_64
@@ -65,41 +64,53 @@ def kernel_text_load(source: MemorySource, vmci: Vmcoreinfo | None) -> LoadSpec 
     return LoadSpec(pa0, va - start, start) if va > start else None
 
 
-def kernel_memmap(source: MemorySource, vmci: Vmcoreinfo | None) -> np.ndarray | None:
-    """Per pfn: True where the kernel has a struct page (its memory), None if that cannot be told."""
+def _set(mask: bytearray, start: int, stop: int) -> None:
+    """mask[start:stop] = 1, clipped to the mask (which never changes length)."""
+    start, stop = max(0, start), min(stop, len(mask))
+    if start < stop:
+        mask[start:stop] = b"\1" * (stop - start)
+
+
+def _and(a: bytearray, b: bytearray) -> bytearray:
+    """Bytewise AND of two equally long 0/1 masks (as two big integers: no per-page loop)."""
+    return bytearray((int.from_bytes(a, "little") & int.from_bytes(b, "little")).to_bytes(len(a), "little"))
+
+
+def kernel_memmap(source: MemorySource, vmci: Vmcoreinfo | None) -> bytearray | None:
+    """Per pfn 1 where the kernel has a struct page (its memory), 0 elsewhere; None if that cannot be told."""
     if vmci is None:
         return None
     try:
         sections = PageFilter(source, vmci).sections
     except ImageError:
         return None
-    cov = np.zeros(source.max_pfn, dtype=bool)
+    cov = bytearray(source.max_pfn)
     for sec in sections:
-        cov[sec.start_pfn:sec.start_pfn + sec.nr_pages] = True
-    return cov if cov.any() else None
+        _set(cov, sec.start_pfn, sec.start_pfn + sec.nr_pages)
+    return cov if 1 in cov else None
 
 
-def keep_arrays(source: MemorySource, vmci: Vmcoreinfo | None, level: int) -> tuple[np.ndarray, np.ndarray]:
-    """(RAM, keep) bool per pfn; memory the kernel has no struct page for (QEMU's BIOS ROM, VRAM) is left out, as
-    makedumpfile does, so max_mapnr ends with the kernel's memory."""
-    ram = np.zeros(source.max_pfn, dtype=bool)
-    keep = np.zeros(source.max_pfn, dtype=bool)
-    for ch in plan(source, vmci, level):
-        ram[ch.pfn:ch.pfn + len(ch.ram)] = ch.ram
-        keep[ch.pfn:ch.pfn + len(ch.keep)] = ch.keep
+def keep_arrays(source: MemorySource, vmci: Vmcoreinfo | None, level: int) -> tuple[bytearray, bytearray]:
+    """(RAM, keep) masks, one byte per pfn; memory the kernel has no struct page for (QEMU's BIOS ROM, VRAM) is
+    left out, as makedumpfile does, so max_mapnr (their length) ends with the kernel's memory."""
+    ram = bytearray(source.max_pfn)
+    keep = bytearray(source.max_pfn)
+    with memoryview(ram) as r, memoryview(keep) as k:  # memoryviews: a chunk cannot resize the masks
+        for ch in plan(source, vmci, level):
+            r[ch.pfn:ch.pfn + len(ch.ram)] = memoryview(ch.ram).cast("B")
+            k[ch.pfn:ch.pfn + len(ch.keep)] = memoryview(ch.keep).cast("B")
     cov = kernel_memmap(source, vmci)
     if cov is not None:
-        ram &= cov
-        keep &= cov
-    last = np.flatnonzero(ram)
-    end = int(last[-1]) + 1 if len(last) else 0
-    return ram[:end], keep[:end]
+        ram, keep = _and(ram, cov), _and(keep, cov)
+    end = ram.rfind(1) + 1
+    del ram[end:], keep[end:]
+    return ram, keep
 
 
-def elf_loads(keep: np.ndarray, page_size: int, vaddr_base: int) -> list[LoadSpec]:
-    """PT_LOADs over kept pages, bridging short excluded gaps."""
+def elf_loads(keep: bytearray, page_size: int, vaddr_base: int) -> list[LoadSpec]:
+    """PT_LOADs over kept pages (a 0/1 byte per pfn), bridging short excluded gaps."""
     loads: list[LoadSpec] = []
-    for a, b in runs(keep):
+    for a, b in native.runs(keep):
         if loads and a * page_size - (loads[-1].paddr + loads[-1].size) < ELF_GAP_PAGES * page_size:
             last = loads.pop()
             loads.append(LoadSpec(last.paddr, b * page_size - last.paddr, last.vaddr))
@@ -133,9 +144,8 @@ def export(source: MemorySource, dest: str, *, fmt: str, compress: str = "zstd",
         def read(paddr: int, n: int) -> bytes:
             pfn = paddr // ps
             try:
-                want = np.zeros(-(-n // ps), dtype=bool)
-                got = keep[pfn:pfn + len(want)]
-                want[:len(got)] = got
+                want = keep[pfn:pfn + -(-n // ps)]
+                want += bytes(-(-n // ps) - len(want))
                 return read_kept(source, pfn, want)[:n]
             except AddressError as e:
                 raise AddressError(f"{e} while exporting") from None

@@ -19,8 +19,6 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-import numpy as np
-import numpy.typing as npt
 import zstandard
 
 from khibernate import native
@@ -412,13 +410,14 @@ class KhiSource(PagedSource):
         if zlib.crc32(tables) != t.tables_crc:
             raise CorruptImageError(f"{self.path}: bitmap/index checksum mismatch; the image is corrupt")
         base = t.stored_bitmap_offset
-        self.stored_bits = np.frombuffer(tables, dtype=np.uint8, count=bmp, offset=0)
-        self.zero_bits = np.frombuffer(tables, dtype=np.uint8, count=bmp, offset=t.zero_bitmap_offset - base)
+        self.stored_bits = tables[:bmp]
+        self.zero_bits = tables[t.zero_bitmap_offset - base:t.zero_bitmap_offset - base + bmp]
+        self._present = self._or(self.stored_bits, self.zero_bits)  # stored or zero: what page_present_mask says
         ib = t.index_offset - base
         self.index = [BlockEntry(**INDEX.unpack(tables, ib + i * INDEX.size)) for i in range(t.index_count)]
         self._check_index()
         self._firsts = [e.first_pfn for e in self.index]
-        self._cache: collections.OrderedDict[int, tuple[np.ndarray, bytes]] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[int, tuple[list[int], bytes]] = collections.OrderedDict()
         self._cache_blocks = cache_blocks
         self._dctx = zstandard.ZstdDecompressor()
 
@@ -470,16 +469,18 @@ class KhiSource(PagedSource):
                 "pages_stored": t.pages_stored, "pages_zero": t.pages_zero,
                 "classes": {c.name.lower(): t.class_counts[c] for c in PageClass}, "zstd_level": h.compression_level}
 
-    def _bit(self, bits: np.ndarray, pfn: int) -> bool:
-        """Bit ``pfn`` of a little-endian bitmap (False beyond max_pfn)."""
-        return bool(bits[pfn >> 3] >> (pfn & 7) & 1) if pfn < self.header.max_pfn else False
+    @staticmethod
+    def _or(a: bytes, b: bytes) -> bytes:
+        """Bytewise OR of two equally long bitmaps."""
+        return (int.from_bytes(a, "little") | int.from_bytes(b, "little")).to_bytes(len(a), "little")
 
-    def block_pfns(self, e: BlockEntry) -> np.ndarray:
-        """Stored pfns of block ``e``, in order."""
-        lo, hi = e.first_pfn >> 3, -(-e.end_pfn // 8)
-        bits = np.unpackbits(self.stored_bits[lo:hi], bitorder="little").astype(bool)
-        pfns = np.flatnonzero(bits) + lo * 8
-        return pfns[(pfns >= e.first_pfn) & (pfns < e.end_pfn)]
+    def _bit(self, bits: bytes, pfn: int) -> bool:
+        """Bit ``pfn`` of a little-endian bitmap (False beyond max_pfn)."""
+        return 0 <= pfn < self.header.max_pfn and bool(bits[pfn >> 3] >> (pfn & 7) & 1)
+
+    def block_pfns(self, e: BlockEntry) -> list[int]:
+        """Stored pfns of block ``e``, ascending."""
+        return native.bits_to_pfns(self.stored_bits, e.first_pfn, e.end_pfn)
 
     def frame(self, e: BlockEntry) -> bytes:
         """The compressed frame of block ``e``, checked against its index entry's CRC."""
@@ -502,7 +503,7 @@ class KhiSource(PagedSource):
             raise CorruptImageError(f"{self.path}: block at offset {e.offset} has the wrong size; image corrupt")
         return data
 
-    def _block(self, i: int) -> tuple[np.ndarray, bytes]:
+    def _block(self, i: int) -> tuple[list[int], bytes]:
         """(pfns, data) of block ``i``, decompressed and verified, from a small LRU cache."""
         hit = self._cache.get(i)
         if hit is not None:
@@ -527,22 +528,18 @@ class KhiSource(PagedSource):
                 raise CorruptImageError(f"{self.path}: page {pfn:#x} is marked stored but no block holds it; the "
                                         "image is corrupt")
             pfns, data = self._block(i)
-            k = int(np.searchsorted(pfns, pfn))
+            k = bisect.bisect_left(pfns, pfn)
             return data[k * ps:(k + 1) * ps]
         if self._bit(self.zero_bits, pfn):
             return bytes(ps)
         raise AddressError(f"physical page {pfn * ps:#x} was excluded from the image (dump level "
                            f"{self.header.dump_level}) or is not RAM")
 
-    def page_present_mask(self, pfn: int, count: int) -> npt.NDArray[np.bool_]:
-        """Stored or zero pages of pfn..pfn+count."""
-        lo = pfn >> 3
-        hi = -(-(pfn + count) // 8)
-        bits = np.unpackbits(self.stored_bits[lo:hi] | self.zero_bits[lo:hi], bitorder="little").astype(bool)
-        start = pfn - lo * 8
-        out = np.zeros(count, dtype=bool)
-        got = bits[start:start + count]
-        out[:len(got)] = got
+    def page_present_mask(self, pfn: int, count: int) -> bytearray:
+        """1 per stored or zero page of pfn..pfn+count, 0 for the others (and beyond max_pfn)."""
+        n = max(0, min(count, self.header.max_pfn - pfn))
+        out = native.unpack_bits(self._present, pfn, n) if pfn >= 0 else bytearray(n)
+        out += bytes(count - n)
         return out
 
     def check_frames(self, progress: Callable[[int], None] | None = None) -> int:
@@ -554,8 +551,8 @@ class KhiSource(PagedSource):
                 progress(e.csize)
         return len(self.index)
 
-    def iter_blocks(self) -> Iterator[tuple[np.ndarray, bytes]]:
-        """(pfns, data) of every block in order, each verified."""
+    def iter_blocks(self) -> Iterator[tuple[list[int], bytes]]:
+        """(pfns ascending, data) of every block in order, each verified."""
         for e in self.index:
             pfns = self.block_pfns(e)
             if len(pfns) != e.npages:
@@ -574,25 +571,28 @@ class KhiSource(PagedSource):
         else:
             self.check_frames(progress)
             for e in self.index:
-                if len(self.block_pfns(e)) != e.npages:
+                if native.unpack_bits(self.stored_bits, e.first_pfn, e.end_pfn - e.first_pfn).count(1) != e.npages:
                     raise CorruptImageError(f"{self.path}: block at {e.offset} page count disagrees with the bitmap")
                 n += e.npages
-        stored = np.unpackbits(self.stored_bits, bitorder="little")[:self.header.max_pfn].astype(bool)
-        zero = np.unpackbits(self.zero_bits, bitorder="little")[:self.header.max_pfn].astype(bool)
-        total, nzero = int(stored.sum()), int(zero.sum())
+        # the bitmaps as integers cut to max_pfn (bit i = pfn i): whole-bitmap set algebra without a per-page loop
+        lim = (1 << self.header.max_pfn) - 1
+        stored = int.from_bytes(self.stored_bits, "little") & lim
+        zero = int.from_bytes(self.zero_bits, "little") & lim
+        total, nzero = stored.bit_count(), zero.bit_count()
         if n != total or total != self.trailer.pages_stored:
             raise CorruptImageError(f"{self.path}: {n} pages in blocks, {total} in the bitmap, "
                                     f"{self.trailer.pages_stored} in the trailer; the image is corrupt")
         if nzero != self.trailer.pages_zero:
             raise CorruptImageError(f"{self.path}: {nzero} zero pages in the bitmap, {self.trailer.pages_zero} in "
                                     "the trailer; the image is corrupt")
-        both = int((stored & zero).sum())
+        both = (stored & zero).bit_count()
         if both:
             raise CorruptImageError(f"{self.path}: {both} pages are marked both stored and zero; the image is corrupt")
-        ram = np.zeros(self.header.max_pfn, dtype=bool)
+        ram = bytearray(self.header.max_pfn)  # per range O(its pages), however many ranges the header has
         for r in self.header.ranges:
-            ram[r.start // self.page_size:-(-r.end // self.page_size)] = True
-        outside = int(((stored | zero) & ~ram).sum())
+            lo, hi = r.start // self.page_size, -(-r.end // self.page_size)
+            ram[lo:hi] = b"\1" * (hi - lo)  # Header.unpack keeps every range inside max_pfn
+        outside = ((stored | zero) & ~int.from_bytes(native.pack_bits(ram), "little")).bit_count()
         if outside:
             raise CorruptImageError(f"{self.path}: {outside} pages are marked present outside the memory ranges; "
                                     "the image is corrupt")
@@ -600,10 +600,10 @@ class KhiSource(PagedSource):
             raise CorruptImageError(f"{self.path}: bitmap bits set beyond max_pfn; the image is corrupt")
         return {"blocks": len(self.index), "pages_stored": n, "pages_zero": self.trailer.pages_zero}
 
-    def bitmap_tail(self, bits: np.ndarray) -> int:
+    def bitmap_tail(self, bits: bytes) -> int:
         """The bits of the last bitmap byte that lie beyond max_pfn (0 in a well-formed image)."""
         rem = self.header.max_pfn % 8
-        return int(bits[-1]) >> rem if rem and len(bits) else 0
+        return bits[-1] >> rem if rem and len(bits) else 0
 
     def vmcoreinfo(self) -> Vmcoreinfo | None:
         """VMCOREINFO kept in the header, if any."""

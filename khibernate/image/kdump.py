@@ -6,15 +6,16 @@ Native (little-endian, LP64) structs as makedumpfile 1.7.2 writes them; the flat
 
 from __future__ import annotations
 
+import array
 import bisect
 import dataclasses
+import itertools
 import os
+import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import BinaryIO
 
-import numpy as np
-import numpy.typing as npt
 import zstandard
 
 from khibernate import native
@@ -248,17 +249,24 @@ class KdumpSource(PagedSource, StoredSource):
                                     f"{h.max_mapnr} ({per} bytes each); the file is corrupt")
         raw = blob("bitmaps", bitmap_off, total)
         two = total >= 2 * per
-        self.bitmap1 = np.frombuffer(raw[:per], dtype=np.uint8)
-        self.bitmap2 = np.frombuffer(raw[per:2 * per] if two else raw[:per], dtype=np.uint8)
+        self.bitmap1 = raw[:per]
+        self.bitmap2 = raw[per:2 * per] if two else raw[:per]
         self.desc_offset = bitmap_off + total
-        pop = np.unpackbits(self.bitmap2, bitorder="little").reshape(-1, 8).sum(axis=1, dtype=np.int64)
-        self._rank = np.concatenate(([0], np.cumsum(pop)))  # dumpable pages before byte i of bitmap2
-        ndesc = int(self._rank[-1])
+        # bitmap2 as 64-bit words (bit i of word w: pfn 64w+i) and the dumpable pages before each word: a page's
+        # descriptor index is one lookup and one popcount, whatever the dump's size
+        self._words = array.array("Q", self.bitmap2 + bytes(-len(self.bitmap2) % 8))
+        if sys.byteorder != "little":
+            self._words.byteswap()
+        self._rank = array.array("q", itertools.accumulate(map(int.bit_count, self._words), initial=0))
+        ndesc = self._rank[-1]
         if size and self.desc_offset + ndesc * PAGE_DESC.size > size and not self.incomplete:
             raise TruncatedError(f"{self.path}: {ndesc} page descriptors do not fit in the file; it is truncated "
                                  "(makedumpfile was interrupted?) - take the dump again")
-        ram = np.unpackbits(self.bitmap1, bitorder="little")[:h.max_mapnr].astype(bool)
-        self._ranges = merge_ranges([MemRange(a * bs, b * bs) for a, b in runs(ram)])
+        ram: list[MemRange] = []  # bitmap1's runs, a chunk at a time (merge_ranges joins them across chunks)
+        for lo in range(0, h.max_mapnr, 1 << 20):
+            chunk = native.unpack_bits(self.bitmap1, lo, min(1 << 20, h.max_mapnr - lo))
+            ram += (MemRange((lo + a) * bs, (lo + b) * bs) for a, b in native.runs(chunk))
+        self._ranges = merge_ranges(ram)
         self._dctx = zstandard.ZstdDecompressor()
 
     @property
@@ -279,13 +287,13 @@ class KdumpSource(PagedSource, StoredSource):
                 "utsname": list(h.utsname), "incomplete": self.incomplete}
 
     def _dumpable(self, pfn: int) -> bool:
-        return pfn < self.header.max_mapnr and bool(self.bitmap2[pfn >> 3] >> (pfn & 7) & 1)
+        return 0 <= pfn < self.header.max_mapnr and bool(self._words[pfn >> 6] >> (pfn & 63) & 1)
 
-    def page_present_mask(self, pfn: int, count: int) -> npt.NDArray[np.bool_]:
-        lo, hi = pfn >> 3, -(-(pfn + count) // 8)
-        bits = np.unpackbits(self.bitmap2[lo:hi], bitorder="little").astype(bool)[pfn - lo * 8:]
-        out = np.zeros(count, dtype=bool)
-        out[:len(bits[:count])] = bits[:count]
+    def page_present_mask(self, pfn: int, count: int) -> bytearray:
+        """1 per dumpable page of pfn..pfn+count (bitmap2), 0 for the others and beyond max_mapnr."""
+        n = max(0, min(count, self.header.max_mapnr - pfn))
+        out = native.unpack_bits(self.bitmap2, pfn, n) if pfn >= 0 else bytearray(n)
+        out += bytes(count - n)
         return out
 
     def read_page(self, pfn: int) -> bytes:
@@ -293,8 +301,8 @@ class KdumpSource(PagedSource, StoredSource):
         bs = self.page_size
         if not self._dumpable(pfn):
             raise AddressError(f"physical page {pfn * bs:#x} is not in the dump (excluded or not RAM)")
-        byte = pfn >> 3
-        below = int(self._rank[byte]) + bin(int(self.bitmap2[byte]) & ((1 << (pfn & 7)) - 1)).count("1")
+        w = pfn >> 6
+        below = self._rank[w] + (self._words[w] & ((1 << (pfn & 63)) - 1)).bit_count()
         desc = self.io.pread(self.desc_offset + below * PAGE_DESC.size, PAGE_DESC.size)
         if len(desc) != PAGE_DESC.size:
             if self.incomplete:

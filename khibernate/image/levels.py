@@ -1,4 +1,4 @@
-"""Dump levels and page classes (no numpy, so the CLI loads fast)."""
+"""Dump levels and page classes (kept apart so the CLI imports them without the image code)."""
 
 from __future__ import annotations
 

@@ -18,13 +18,13 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
-
+from khibernate import native
 from khibernate.errors import KhibernateError
 from khibernate.ranges import Range
 from khibernate.restore.oldmem import OldMemory
 
 ZERO_CHUNK = 1 << 20
+MASK_CHUNK = 1 << 20  # pfns unpacked from a bitmap at a time
 
 
 class RestoreError(KhibernateError):
@@ -51,15 +51,16 @@ class RestoreStats:
         return {**dataclasses.asdict(self), "throughput_mb_s": round(self.throughput_mb_s, 1)}
 
 
-def runs(pfns: np.ndarray) -> Iterator[tuple[int, int, int]]:
-    """(first pfn, page count, index of its first page in ``pfns``) for each run of consecutive pfns."""
-    if len(pfns) == 0:
-        return
-    breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [len(pfns)]))
-    for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
-        yield int(pfns[s]), e - s, s
+def runs(pfns: Sequence[int]) -> Iterator[tuple[int, int, int]]:
+    """(first pfn, page count, index of its first page in ``pfns``) for each run of consecutive pfns; ``pfns``
+    strictly ascending (a block's).  pfns[i] - i never decreases and is constant along a run, so each run's end is
+    a bisection: O(log n) steps per run, not one per page."""
+    n = len(pfns)
+    s = 0
+    while s < n:
+        e = bisect.bisect_right(range(n), pfns[s] - s, lo=s, key=lambda i: pfns[i] - i)
+        yield pfns[s], e - s, s
+        s = e
 
 
 def clip(ranges: Sequence[Range], starts: Sequence[int], start: int, end: int) -> Iterator[tuple[int, int]]:
@@ -72,16 +73,27 @@ def clip(ranges: Sequence[Range], starts: Sequence[int], start: int, end: int) -
         i += 1
 
 
-def mask(bits: np.ndarray, max_pfn: int) -> np.ndarray:
-    """A bitmap (little-endian bit order) as booleans over pfns 0..max_pfn."""
-    return np.unpackbits(bits, bitorder="little")[:max_pfn].astype(bool)
+def bitmap_runs(bits: bytes, max_pfn: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) pfns of each run of set bits of a little-endian bitmap below ``max_pfn``, unpacked MASK_CHUNK
+    pfns at a time (memory stays O(bitmap), not O(pfns)); runs crossing a chunk boundary come out whole."""
+    start = stop = 0
+    for lo in range(0, max_pfn, MASK_CHUNK):
+        for a, b in native.runs(native.unpack_bits(bits, lo, min(MASK_CHUNK, max_pfn - lo))):
+            if lo + a != stop:
+                if stop > start:
+                    yield start, stop
+                start = lo + a
+            stop = lo + b
+    if stop > start:
+        yield start, stop
 
 
-def ram_mask(ranges: Sequence[Range], page_size: int, max_pfn: int) -> np.ndarray:
-    """Pfns that lie (at least partly) in ``ranges``."""
-    ram = np.zeros(max_pfn, dtype=bool)
+def ram_mask(ranges: Sequence[Range], page_size: int, max_pfn: int) -> bytearray:
+    """1 per pfn of 0..max_pfn that lies (at least partly) in ``ranges``, 0 for the others."""
+    ram = bytearray(max_pfn)
     for r in ranges:
-        ram[r.start // page_size:-(-r.end // page_size)] = True
+        lo, hi = min(r.start // page_size, max_pfn), min(-(-r.end // page_size), max_pfn)
+        ram[lo:hi] = b"\1" * (hi - lo)
     return ram
 
 
@@ -121,25 +133,28 @@ def write_image(src: Any, mem: OldMemory, *, ram: Sequence[Range] | None = None,
         if progress:
             progress(len(data))
     max_pfn = src.max_pfn
-    zero = mask(src.zero_bits, max_pfn)
-    todo = [(zero, "zero")]
+    todo = [(bytes(src.zero_bits), "zero")]
     if zero_free:
-        dropped = ram_mask(ranges, ps, max_pfn) & ~zero & ~mask(src.stored_bits, max_pfn)
-        todo.append((dropped, "free"))
+        # RAM & ~zero & ~stored on the bitmaps as big integers (no per-page loop)
+        ram_bits = native.pack_bits(ram_mask(ranges, ps, max_pfn))
+        held = int.from_bytes(src.zero_bits, "little") | int.from_bytes(src.stored_bits, "little")
+        dropped = int.from_bytes(ram_bits, "little") & ~held
+        todo.append((dropped.to_bytes(len(ram_bits), "little"), "free"))
     zeros = memoryview(bytes(ZERO_CHUNK))
-    for m, what in todo:
-        pfns = np.flatnonzero(m)
-        for pfn, count, _ in runs(pfns):
-            addr, end = pfn * ps, (pfn + count) * ps
+    for bits, what in todo:
+        npages = 0
+        for a, b in bitmap_runs(bits, max_pfn):
+            npages += b - a
+            addr, end = a * ps, b * ps
             while addr < end:
                 n = min(end - addr, ZERO_CHUNK)
                 st.bytes_written += put(addr, zeros[:n])
                 addr += n
         if what == "zero":
-            st.pages_zeroed = len(pfns)
+            st.pages_zeroed = npages
         else:
-            st.pages_free_zeroed = len(pfns)
+            st.pages_free_zeroed = npages
         if progress:
-            progress(len(pfns) * ps)
+            progress(npages * ps)
     st.write_seconds = time.monotonic() - t0
     return st

@@ -182,3 +182,32 @@ def test_split_kdump_is_refused(khi17: Path, tmp_path: Path) -> None:
     (tmp_path / "s.kdump").write_bytes(bytes(data))
     with pytest.raises(UnsupportedError, match="reassemble"):
         open_source(tmp_path / "s.kdump")
+
+
+@pytest.mark.parametrize("fmt", ["khi", "kdump"])
+def test_present_mask_is_a_byte_per_pfn(khi17: Path, tmp_path: Path, fmt: str) -> None:
+    """page_present_mask: a bytearray of 0/1 per pfn, 1 exactly where read_page succeeds, 0 beyond max_pfn; any
+    window (unaligned too) equals the same slice of the whole mask."""
+    path = khi17
+    if fmt == "kdump":
+        path = tmp_path / "a.kdump"
+        with KhiSource(khi17) as img:
+            export(img, str(path), fmt="kdump", vmci=img.vmcoreinfo())
+    with open_source(path) as src:
+        assert isinstance(src, KhiSource | KdumpSource)
+        whole = src.page_present_mask(0, src.max_pfn + 100)
+        assert type(whole) is bytearray and len(whole) == src.max_pfn + 100 and set(whole) == {0, 1}
+        assert not any(whole[src.max_pfn:])
+        for pfn in range(src.max_pfn):
+            try:
+                src.read_page(pfn)
+                readable = 1
+            except AddressError:
+                readable = 0
+            assert whole[pfn] == readable, pfn
+        for pfn in (0, 3, 13, 1001, src.max_pfn - 5):
+            assert src.page_present_mask(pfn, 77) == whole[pfn:pfn + 77], pfn
+        if isinstance(src, KhiSource):
+            pfns = [p for ps, _ in src.iter_blocks() for p in ps]
+            stored = [p for p in range(src.max_pfn) if src.stored_bits[p >> 3] >> (p & 7) & 1]
+            assert pfns == stored and all(type(p) is int for p in pfns[:10])

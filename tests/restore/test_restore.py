@@ -61,8 +61,8 @@ def test_write_back_restores_every_kept_page(synth: sk.SynthKernel, synth_elf: P
         st = write_image(src, om, ram=ram, zero_free=SavedImage.from_source(src).zero_free,
                          on_first_write=lambda: touched.append(1))
     out = mem.read_bytes()
-    stored = np.unpackbits(src.stored_bits, bitorder="little")[:src.max_pfn].astype(bool)
-    zero = np.unpackbits(src.zero_bits, bitorder="little")[:src.max_pfn].astype(bool)
+    stored = np.unpackbits(np.frombuffer(src.stored_bits, np.uint8), bitorder="little")[:src.max_pfn].astype(bool)
+    zero = np.unpackbits(np.frombuffer(src.zero_bits, np.uint8), bitorder="little")[:src.max_pfn].astype(bool)
     assert touched == [1] and st.pages_written == int(stored.sum()) and st.pages_zeroed == int(zero.sum())
     for pfn in np.flatnonzero(stored)[::7]:
         a = int(pfn) * 4096
@@ -107,8 +107,14 @@ def test_oldmemory_refuses_outside_its_ranges(tmp_path: Path) -> None:
 
 
 def test_runs_of_consecutive_pfns() -> None:
-    assert list(runs(np.array([1, 2, 3, 7, 9, 10]))) == [(1, 3, 0), (7, 1, 3), (9, 2, 4)]
-    assert list(runs(np.array([], dtype=np.int64))) == []
+    assert list(runs([1, 2, 3, 7, 9, 10])) == [(1, 3, 0), (7, 1, 3), (9, 2, 4)]
+    assert list(runs([])) == []
+    assert list(runs([5])) == [(5, 1, 0)]
+    assert list(runs(list(range(100, 356)))) == [(100, 256, 0)]
+    pfns = sorted({(i * 7919) % 5000 for i in range(3000)})
+    got = list(runs(pfns))
+    assert [p for first, n, _ in got for p in range(first, first + n)] == pfns
+    assert all(pfns[k] == first for first, _, k in got)
 
 
 def _here(img: SavedImage, **kw: object) -> ThisBoot:
@@ -185,3 +191,18 @@ def test_zeroes_freed_pages_from_cmdline_and_config() -> None:
     assert not zeroes_freed_pages("ro init_on_free=0", {"CONFIG_INIT_ON_FREE_DEFAULT_ON": "y"})
     assert zeroes_freed_pages("ro", {"CONFIG_INIT_ON_FREE_DEFAULT_ON": "y"})
     assert not zeroes_freed_pages("ro", None)
+
+
+def test_bitmap_runs_cross_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs of a bitmap come out whole across unpack chunks, cut at max_pfn."""
+    from khibernate import native
+    from khibernate.restore import krestore
+
+    monkeypatch.setattr(krestore, "MASK_CHUNK", 16)
+    m = bytearray(100)
+    for a, b in [(0, 3), (10, 40), (47, 48), (64, 65), (90, 100)]:
+        m[a:b] = b"\1" * (b - a)
+    bits = native.pack_bits(m)
+    assert list(krestore.bitmap_runs(bits, 100)) == [(0, 3), (10, 40), (47, 48), (64, 65), (90, 100)]
+    assert list(krestore.bitmap_runs(bits, 95)) == [(0, 3), (10, 40), (47, 48), (64, 65), (90, 95)]
+    assert list(krestore.bitmap_runs(bytes(13), 100)) == []

@@ -8,14 +8,9 @@ import mmap
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
 
 from khibernate.image.errors import AddressError, TruncatedError
 from khibernate.ranges import Range, merge
-
-if TYPE_CHECKING:
-    import numpy as np
-    import numpy.typing as npt
 
 PAGE_SIZE = 4096
 
@@ -59,7 +54,7 @@ class MemorySource(ABC):
 
     def verify(self, progress: Callable[[int], None] | None = None) -> dict[str, int]:
         """Read every page the source holds (excluded pages skipped); raises the reader's error on the first bad one."""
-        import numpy as np  # not at module level: the CLI starts without numpy
+        from khibernate import native  # not at module level: the CLI starts without loading the C kernel
 
         chunk = 1024
         pages = 0
@@ -73,10 +68,11 @@ class MemorySource(ABC):
                     self.read(start, end - start)
                     pages += n
                 else:
-                    for i in (int(x) for x in np.flatnonzero(mask)):
-                        a = max(start, (pfn + i) * self.page_size)
-                        self.read(a, min(end, (pfn + i + 1) * self.page_size) - a)
-                    pages += int(np.count_nonzero(mask))
+                    for i, j in native.runs(mask):  # page by page: reading a whole run copies more
+                        for p in range(pfn + i, pfn + j):
+                            a = max(start, p * self.page_size)
+                            self.read(a, min(end, (p + 1) * self.page_size) - a)
+                    pages += mask.count(1)
                 if progress:
                     progress(end - start)
         return {"pages_read": pages}
@@ -130,8 +126,8 @@ class MemorySource(ABC):
         i = bisect.bisect_right([r.start for r in self.ranges], paddr) - 1
         return i >= 0 and self.ranges[i].end >= paddr + size
 
-    def page_present_mask(self, pfn: int, count: int) -> npt.NDArray[np.bool_] | None:
-        """Per-pfn bools saying which of pfn..pfn+count hold data; None means 'all inside ranges'."""
+    def page_present_mask(self, pfn: int, count: int) -> bytearray | None:
+        """Per pfn of pfn..pfn+count one byte, 1 where it holds data, 0 where not; None means 'all inside ranges'."""
         return None
 
     def close(self) -> None:
