@@ -66,6 +66,8 @@ BLOCK_BIND = Layout("khi_block_bind", "<", [("first_pfn", "Q"), ("end_pfn", "Q")
 HEADER_CRC_OFFSET = HEADER.offsets["header_crc32"]
 assert HEADER.size == 256 and TRAILER.size == 128 and INDEX.size == 40
 MAX_BLOCK_PAGES = 1 << 16
+# pfns classified at a time: small enough that classifying the next chunk never starves the compressors
+PLAN_CHUNK = 1 << 14
 
 
 def block_crc(version: int, first_pfn: int, end_pfn: int, usize: int, npages: int, frame: bytes) -> int:
@@ -231,14 +233,36 @@ class SaveStats:
     seconds: float = 0.0
 
 
+@dataclasses.dataclass
+class _ChunkMasks:
+    """Per-pfn stored/zero marks of one plan chunk, filled by the workers; packed into the bitmaps once the chunk
+    is planned and its last block written."""
+
+    pfn: int
+    stored: bytearray
+    zero: bytearray
+    blocks_left: int = 0
+    planned: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """Kept pages [start, start+n) of a chunk in a block: a view of the source's mapping, or (view None) already
+    read into the block's buffer at page ``at``."""
+
+    chunk: _ChunkMasks
+    start: int
+    n: int
+    view: memoryview | None
+    at: int
+
+
 @dataclasses.dataclass(frozen=True)
 class Block:
-    """A filled buffer of ``npages`` stored pages covering pfns [first, end), on its way to compression."""
+    """block_pages kept source pages (fewer at the end) on their way to a worker, and the buffer they go into."""
 
     buf: bytearray
-    npages: int
-    first: int
-    end: int
+    segments: list[Segment]
 
 
 def default_notes(source: MemorySource, vmci: Vmcoreinfo | None) -> tuple[Note, ...]:
@@ -269,7 +293,7 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
     recorded = check_source_level(source, level, restorable)  # what the image holds: the source's loss included
     if threads < 1 or not 1 <= block_pages <= 1 << 16:
         raise UsageErrorImage("--threads must be >= 1 and --block-pages 1..65536")
-    chunks = plan(source, vmci, level, restorable=restorable)
+    chunks = plan(source, vmci, level, restorable=restorable, chunk=PLAN_CHUNK)
     ps = source.page_size
     max_pfn = source.max_pfn
     header = Header(page_size=ps, dump_level=recorded, flags=FLAG_RESTORABLE if restorable else 0,
@@ -285,19 +309,33 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
     stats = SaveStats()
     index: list[BlockEntry] = []
     drop_zero = bool(level & DL_ZERO)
-    depth = 2 * threads
+    depth = 4 * threads
     buffers = BufferPool(lambda: bytearray(block_pages * ps), depth + 2)
     zstd = ZstdPerThread(zstd_level)
 
+    open_chunks: collections.deque[_ChunkMasks] = collections.deque()
+
+    def pack_done() -> None:
+        """Bitmaps and counts of the oldest chunks whose blocks have all been written."""
+        while open_chunks and open_chunks[0].planned and open_chunks[0].blocks_left == 0:
+            c = open_chunks.popleft()
+            lo, nb = c.pfn // 8, -(-len(c.stored) // 8)
+            stored_bits[lo:lo + nb] = native.pack_bits(c.stored)[:len(stored_bits) - lo]
+            zero_bits[lo:lo + nb] = native.pack_bits(c.zero)[:len(zero_bits) - lo]
+            stats.pages_stored += c.stored.count(1)
+            stats.pages_zero += c.zero.count(1)
+
     def blocks() -> Iterator[Block]:
-        """Blocks of up to block_pages stored pages, in pfn order (bitmaps and stats filled as a side effect)."""
-        cur, fill, first, last = buffers.get(), 0, 0, 0
+        """Blocks of up to block_pages kept source pages, in pfn order: each a list of segments, either a view of
+        the source's mapping (gathered on the worker) or pages already read into the block's buffer."""
+        cur = Block(buffers.get(), [])
+        src_pages = 0  # source pages placed in cur
         for ch in chunks:
             pfn, keep = ch.pfn, ch.keep
             if pfn % 8:
                 raise AssertionError(f"plan chunk at pfn {pfn} is not byte aligned")
-            n = len(keep)
-            stored, zero = bytearray(n), bytearray(n)
+            masks = _ChunkMasks(pfn, bytearray(len(keep)), bytearray(len(keep)))
+            open_chunks.append(masks)
             for i, c in enumerate(native.histogram(ch.classes)[:len(PageClass)]):
                 stats.class_counts[i] += c
             nram = ch.ram.count(1)
@@ -305,47 +343,66 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
             for a, b in runs(keep):
                 s = a
                 while s < b:
-                    take = min(b - s, block_pages - fill)
+                    take = min(b - s, block_pages - src_pages)
                     paddr = (pfn + s) * ps
-                    sv, zv = memoryview(stored)[s:s + take], memoryview(zero)[s:s + take]
-                    mv = source.mapped_view(paddr, take * ps)  # zero-copy: gather straight from the mapping
-                    if mv is not None:
-                        got, _ = native.gather(mv, take, ps, drop_zero, cur, fill, take, sv, zv)
-                        mv.release()
-                        source.release(paddr, take * ps)
-                    else:  # read in place, then squeeze zero pages out
-                        region = memoryview(cur)[fill * ps:(fill + take) * ps]
-                        source.readinto(paddr, region)
-                        got, _ = native.gather(region, take, ps, drop_zero, cur, fill, take, sv, zv)
-                    if got:
-                        if fill == 0:
-                            first = pfn + stored.find(1, s, s + take)
-                        last = pfn + stored.rfind(1, s, s + take)
-                        fill += got
+                    view = source.mapped_view(paddr, take * ps)  # zero-copy: the worker gathers from the mapping
+                    if view is None:  # read here (readers are not thread-safe), squeezed on the worker
+                        source.readinto(paddr, memoryview(cur.buf)[src_pages * ps:(src_pages + take) * ps])
+                    if not cur.segments or cur.segments[-1].chunk is not masks:
+                        masks.blocks_left += 1
+                    cur.segments.append(Segment(masks, s, take, view, src_pages))
+                    src_pages += take
                     s += take
-                    if fill == block_pages:
-                        yield Block(cur, fill, first, last + 1)
-                        cur, fill = buffers.get(), 0
-            stored_bits[pfn // 8:pfn // 8 + -(-n // 8)] = native.pack_bits(stored)[:len(stored_bits) - pfn // 8]
-            zero_bits[pfn // 8:pfn // 8 + -(-n // 8)] = native.pack_bits(zero)[:len(zero_bits) - pfn // 8]
-            stats.pages_stored += stored.count(1)
-            stats.pages_zero += zero.count(1)
+                    if src_pages == block_pages:
+                        yield cur
+                        cur, src_pages = Block(buffers.get(), []), 0
+            masks.planned = True
             if progress:
                 progress(nram * ps)
-        if fill:
-            yield Block(cur, fill, first, last + 1)
+        if cur.segments:
+            yield cur
+        else:
+            buffers.put(cur.buf)
 
-    def compress(b: Block) -> bytes:
-        return zstd.compress(memoryview(b.buf)[:b.npages * ps])
+    def fill_and_compress(b: Block) -> tuple[int, int, int, bytes, int]:
+        """On a worker: gather the block's kept, non-zero pages into its buffer (marking the chunk masks), compress,
+        CRC.  Returns (pages stored, first pfn, end pfn, frame, CRC); 0 pages when all were zero."""
+        fill, first, last = 0, -1, -1
+        for seg in b.segments:
+            c = seg.chunk
+            sv, zv = memoryview(c.stored)[seg.start:seg.start + seg.n], memoryview(c.zero)[seg.start:seg.start + seg.n]
+            if seg.view is not None:
+                got, _ = native.gather(seg.view, seg.n, ps, drop_zero, b.buf, fill, seg.n, sv, zv)
+                seg.view.release()
+                source.release((c.pfn + seg.start) * ps, seg.n * ps)
+            else:
+                region = memoryview(b.buf)[seg.at * ps:(seg.at + seg.n) * ps]
+                got, _ = native.gather(region, seg.n, ps, drop_zero, b.buf, fill, seg.n, sv, zv)
+            if got:
+                if first < 0:
+                    first = c.pfn + c.stored.find(1, seg.start, seg.start + seg.n)
+                last = c.pfn + c.stored.rfind(1, seg.start, seg.start + seg.n)
+                fill += got
+        if not fill:
+            return 0, 0, 0, b"", 0
+        frame = zstd.compress(memoryview(b.buf)[:fill * ps])
+        return fill, first, last + 1, frame, block_crc(VERSION, first, last + 1, fill * ps, fill, frame)
 
-    for blk, frame in ordered_map(blocks(), compress, threads, depth):
-        out.write(frame)
-        crc = block_crc(VERSION, blk.first, blk.end, blk.npages * ps, blk.npages, frame)
-        index.append(BlockEntry(blk.first, blk.end, pos, len(frame), blk.npages * ps, blk.npages, crc))
-        pos += len(frame)
+    for blk, (npages, first, end, frame, crc) in ordered_map(blocks(), fill_and_compress, threads, depth):
+        if npages:
+            out.write(frame)
+            index.append(BlockEntry(first, end, pos, len(frame), npages * ps, npages, crc))
+            pos += len(frame)
         buffers.put(blk.buf)
+        for c in {id(seg.chunk): seg.chunk for seg in blk.segments}.values():
+            c.blocks_left -= 1
+        pack_done()
+    pack_done()
+    if open_chunks:
+        raise AssertionError("save: a chunk's blocks were never all written")
     stats.pages_excluded = stats.pages_ram - stats.pages_stored
-    table = b"".join(INDEX.pack(**dataclasses.asdict(e)) for e in index)
+    table = b"".join(INDEX.pack(first_pfn=e.first_pfn, end_pfn=e.end_pfn, offset=e.offset, csize=e.csize,
+                                usize=e.usize, npages=e.npages, crc32=e.crc32) for e in index)
     tables = bytes(stored_bits) + bytes(zero_bits) + table
     out.write(tables)
     trailer = Trailer(pos, pos + len(stored_bits), len(stored_bits), pos + 2 * len(stored_bits), len(index),
