@@ -156,8 +156,9 @@ class VM:
         self.timeout = timeout
         self.name = name
         self.accel = accel or os.environ.get("KHIBERNATE_VMTEST_ACCEL", "tcg")
-        # TCG's default qemu64 CPU lacks SSE4.2/POPCNT: numpy >= 2 wheels (x86-64-v2 baseline) die with SIGILL.
-        # Nehalem has them and, like qemu64, no 1 GiB pages (pdpe1gb), which the kexec-jump findings depend on.
+        # Nehalem (x86-64-v2) was chosen for numpy >= 2 wheels, which die with SIGILL on TCG's default qemu64;
+        # the guest bundle has no numpy now and runs on qemu64 too (KHIBERNATE_VMTEST_CPU=qemu64).  Nehalem stays
+        # so figures compare; like qemu64 it has no 1 GiB pages (pdpe1gb), which the kexec-jump findings need.
         self.cpu = cpu or os.environ.get("KHIBERNATE_VMTEST_CPU") or ("host" if self.accel == "kvm" else "Nehalem")
         self.qemu_args = list(qemu_args)
         self.disks = [Path(d) for d in disks]  # existing raw disk files, attached after disk_mb's fresh one

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.machinery
 import importlib.metadata
 import importlib.util
 import io
@@ -51,9 +52,14 @@ STDLIB_DROP = frozenset({
 DYNLOAD_DROP = re.compile(r"^(_test\w*|_ctypes_test|_xxtestfuzz|_xxsubinterpreters|xxlimited\w*|_tkinter|_curses\w*|"
                           r"readline|nis|spwd|ossaudiodev|_ssl|_hashlib|_sqlite3|_dbm|_gdbm|_crypt|audioop|_uuid)\.")
 # Files of dependencies never imported in the guest (zstandard's cffi backend duplicates its C backend).
-# Also test suites, type stubs, C headers and numpy's f2py, which nothing imports at run time.
-SITE_DROP = re.compile(r"^zstandard/(_cffi\.|backend_cffi)|(^|/)tests?/|\.(pyi|pxd|h|c|cpp)$"
-                       r"|^numpy/(f2py|_pyinstaller)/|/include/")
+# Also test suites, type stubs and C headers, which nothing imports at run time.
+SITE_DROP = re.compile(r"^zstandard/(_cffi\.|backend_cffi)|(^|/)tests?/|\.(pyi|pxd|h|c|cpp)$|/include/")
+# Build-time files of khibernate's own package: the native kernel's C sources, cffi's generated C and objects,
+# and its cffi builder (the compiled _pages extension is what the guest imports).
+OWN_DROP = re.compile(r"\.(c|h|o)$|^khibernate/native/build\.py$")
+# khibernate's C extension modules (cffi API mode, built by `pip install -e .` or khibernate/native/build.py): the
+# capture job cannot run without them, so a bundle without them is refused.
+NATIVE_EXTENSIONS = ("khibernate/native/_pages",)
 # Requirement markers we treat as never true in the guest.
 FOREIGN_MARKERS = re.compile(r"extra\s*==|Windows|win32|darwin|cygwin|PyPy\"\s*$")
 
@@ -265,8 +271,12 @@ def top_requirements(top_package: str) -> list[str]:
 
 
 def site_files(top_package: str = "khibernate") -> list[tuple[str, Path]]:
-    """(relative path under guest_site(), host file) for top_package (from where it imports) and its dependencies."""
+    """(relative path under guest_site(), host file) for top_package (from where it imports) and its dependencies;
+    for khibernate, its build-time files left out and its native extensions required (PythonBundleError if unbuilt)."""
     files: dict[str, Path] = dict(_package_files(top_package))
+    if top_package == "khibernate":
+        files = {rel: src for rel, src in files.items() if not OWN_DROP.search(rel)}
+        check_native(files)
     todo = top_requirements(top_package)
     done: set[str] = set()
     while todo:
@@ -284,6 +294,17 @@ def site_files(top_package: str = "khibernate") -> list[tuple[str, Path]]:
             files.setdefault(rel, src)
         todo += _requirement_names(dist)
     return sorted(files.items())
+
+
+def check_native(files: dict[str, Path]) -> None:
+    """PythonBundleError unless each of NATIVE_EXTENSIONS is among ``files`` (relative paths under the site dir) as
+    an extension module this interpreter loads (a suffix of importlib.machinery.EXTENSION_SUFFIXES)."""
+    for stem in NATIVE_EXTENSIONS:
+        if not any(stem + suffix in files for suffix in importlib.machinery.EXTENSION_SUFFIXES):
+            raise PythonBundleError(
+                f"{stem.replace('/', '.')} is not built for {sys.executable} (no {stem}*.so next to the sources): "
+                "the capture job needs it; run `pip install -e .` in the checkout (or, in a worktree, "
+                "`python khibernate/native/build.py` from its root)")
 
 
 def bundle(top_package: str = "khibernate") -> tuple[list[PyFile], dict[str, str]]:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import stat
+import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 
 from khibernate.cli import cli
@@ -59,3 +63,55 @@ def test_cli_build_and_list_no_python(tmp_path):
 def test_bad_add_says_what_to_do(tmp_path):
     r = CliRunner().invoke(cli, ["initramfs", "build", "-o", str(tmp_path / "x"), "--add", "nocolon"])
     assert r.exit_code != 0 and "SRC:DST" in r.output
+
+
+def _unpack(entries, root):
+    """Write the archive's dirs, files and symlinks below root (device nodes left out: a chroot needs none)."""
+    for e in sorted(entries, key=lambda e: e.path):
+        dst = root / e.path
+        if e.kind == "dir":
+            dst.mkdir(parents=True, exist_ok=True)
+        elif e.kind == "file":
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(e.data)
+            dst.chmod(e.perm)
+        elif e.kind == "symlink":
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.symlink_to(e.data.decode())
+
+
+def test_capture_image_carries_the_native_kernel_and_no_numpy(tmp_path):
+    """numpy is no runtime dependency: not in the capture image; the native _pages extension and cffi's backend
+    are, without build-time files, and (as root, in a chroot of the unpacked image) import and run there."""
+    out = tmp_path / "capture.img"
+    build.build(out, compression="none")
+    entries = cpio.read(out.read_bytes())
+    paths = {e.path: e for e in entries}
+    site = pybundle.guest_site().lstrip("/")
+    assert not [p for p in paths if "numpy" in p], "numpy is in the capture image"
+    native = [p for p in paths if p.startswith(f"{site}/khibernate/native/_pages.") and p.endswith(".so")]
+    assert len(native) == 1 and paths[native[0]].data.startswith(b"\x7fELF"), native
+    assert paths[native[0]].perm & 0o111
+    assert any(p.startswith(f"{site}/_cffi_backend.") and p.endswith(".so") for p in paths)
+    assert f"{site}/khibernate/native/__init__.py" in paths
+    # build-time files of the native kernel stay out (C sources, cffi's generated C, objects, the builder)
+    assert not [p for p in paths if p.startswith(f"{site}/khibernate/") and p.endswith((".c", ".o"))]
+    assert f"{site}/khibernate/native/build.py" not in paths
+    if os.geteuid() != 0 or shutil.which("chroot") is None:
+        pytest.skip("importing inside the unpacked image needs root (chroot)")
+    root = tmp_path / "root"
+    _unpack(entries, root)
+    code = ("import khibernate.native as n, _cffi_backend\n"
+            "assert n.popcount(b'\\xff\\x01') == 9 and n.pack_bits(bytearray([1, 0, 1])) == b'\\x05'\n"
+            "try:\n    import numpy\nexcept ImportError:\n    print('no numpy')\n")
+    r = subprocess.run(["chroot", str(root), "/usr/bin/env", "-i", "/usr/bin/python3", "-c", code],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == "no numpy\n", r.stderr[-2000:]
+
+
+def test_unbuilt_native_kernel_refuses_the_bundle():
+    """A checkout whose _pages extension was never compiled cannot make a capture image (the job would fail there)."""
+    files = dict(pybundle._package_files("khibernate"))
+    files = {rel: src for rel, src in files.items() if "/native/_pages." not in rel}
+    with pytest.raises(pybundle.PythonBundleError, match="khibernate/native/build.py"):
+        pybundle.check_native(files)

@@ -18,7 +18,6 @@ def test_save_inside_kdump_kernel(tmp_path) -> None:  # noqa: ANN001
 
     check_host()
     kernel = ensure_kernel()
-    # (numpy 2 needs x86-64-v2: the harness's default TCG CPU model provides it; qemu64 would die with SIGILL)
     with VM(kernel, append="crashkernel=256M", memory_mb=1024, disk_mb=64, name="image-capture", timeout=300) as vm:
         vm.run("mkdir -p /mnt/t && mount -t tmpfs tmpfs /mnt/t && head -c 64m /dev/urandom > /mnt/t/r", timeout=300)
         vm.run("kexec -p /boot/bzImage --initrd=/boot/initrd.img --append='"
