@@ -231,6 +231,12 @@ class StartPlan:
             lines.append(f"watch: {kind} events panic this kernel ({why}): they never reach user space and are not "
                          f"claimed; kdump captures panics (kdump capture kernel "
                          f"{'loaded' if self.kdump_loaded else 'NOT loaded: `khibernate kdump load`'})")
+        if "hung-task" in self.claimed:
+            lines.append("watch: hung-task: a capture freezes user space before the jump, and a user task stuck in "
+                         "D state (what the detector reports) cannot be frozen: while it stays stuck the capture "
+                         "fails safely (freezer EBUSY after 20 s: nothing is written, the slot is marked bad, the "
+                         "kernel runs on); the freezer waits for user tasks only, so a hung kernel thread does "
+                         "not block it")
         return lines
 
 

@@ -292,3 +292,9 @@ def test_snapshot_for_analysis_defaults_to_level_31_and_waits_for_no_other_captu
         assert got
         r = CliRunner().invoke(cli, ["snapshot", "--target", "/dev/vda", "--for-analysis"])
     assert r.exit_code != 0 and "another capture is running" in r.output and len(seen) == 4
+
+
+def test_hung_task_watch_says_at_start_that_a_stuck_user_task_blocks_the_freezer() -> None:
+    text = "\n".join(plan_start(("warn", "hung-task"), {}, kdump_loaded=False).describe())
+    assert "hung-task" in text and "D state" in text and "cannot be frozen" in text and "slot is marked bad" in text
+    assert "D state" not in "\n".join(plan_start(("warn",), {}, kdump_loaded=False).describe())

@@ -249,3 +249,36 @@ def test_panic_on_warn_is_left_to_kdump_sharing_the_crash_region(guest) -> None:
     vm.wait_for(r"Command line: .*elfcorehdr=", timeout=180)
     vm.wait_for(r"kdump-to-disk: copying /proc/vmcore \(\d+ bytes\)", timeout=300)
     assert "Freezing user space" not in before_panic.split("Kernel panic")[0]  # the watcher did not jump
+
+
+def test_warning_capture_runs_on_on_7_3(tmp_path) -> None:
+    """The watcher on the 7.3 line (the kexec-jump rework of 6.14): echo WARNING > DIRECT gives one -d 31 capture,
+    the same counter runs on after it, and the image's kernel log holds the WARNING with its stack trace."""
+    from vmtest.kernel import ensure_kernel
+    from vmtest.vm import VM, check_host
+
+    check_host()
+    with VM(kernel=ensure_kernel("7.3"), append="crashkernel=256M", memory_mb=1024, extra_files=HELPERS,
+            disk_mb=384, name="watch-7.3", timeout=300) as vm:
+        vm.run("mountpoint -q /sys/kernel/debug || mount -t debugfs debugfs /sys/kernel/debug")
+        assert vm.run_status(f"test -w {DIRECT}")[0] == 0, "no LKDTM in the 7.3 test kernel"
+        vm.run("dd if=/dev/zero of=/dev/vda bs=1M count=2 2>/dev/null; khibernate target init /dev/vda --slots 1")
+        vm.run("echo 0 > /proc/sys/kernel/panic_on_warn")
+        start_workload(vm)
+        pid = start_watch(vm, "--on warn --max 1", "/tmp/watch73.log")
+        pid0, n0 = counter(vm)
+        vm.run(f"echo WARNING > {DIRECT}")
+        log = wait_log(vm, "/tmp/watch73.log", "stopped after 1 capture(s)")
+        wait_exit(vm, pid)
+        assert log.count("-> capture") == 1, log
+        time.sleep(2.5)
+        pid1, n1 = counter(vm)
+        assert pid1 == pid0 and n1 > n0
+        ((name, ev),) = events(vm).items()
+        assert name.endswith("-warn") and ev["ok"] and "lkdtm_WARNING" in ev["event"]["trigger"], ev
+        klog = image_log(vm, tmp_path, ev["snapshot"]["slot"])
+        trace = klog[klog.index(ev["event"]["trigger"]):][:6000]
+        assert "Call Trace:" in trace and "lkdtm_WARNING" in trace, trace
+        assert vm.run("uname -r").strip().startswith("7.3")
+        print(f"\n[watch 7.3 1 GiB WARNING] pause {ev['snapshot']['pause_seconds']:.2f} s, image "
+              f"{ev['snapshot']['bytes'] / 1e6:.1f} MB at -d 31, save {ev['snapshot']['save_seconds']} s")
