@@ -34,6 +34,12 @@ class AnnotatedSource(MemorySource):
     def readinto(self, paddr: int, buf: memoryview) -> None:
         self.inner.readinto(paddr, buf)
 
+    def mapped_view(self, paddr: int, size: int) -> memoryview | None:
+        return self.inner.mapped_view(paddr, size)
+
+    def release(self, paddr: int, size: int) -> None:
+        self.inner.release(paddr, size)
+
     def present(self, paddr: int, size: int) -> bool:
         return self.inner.present(paddr, size)
 

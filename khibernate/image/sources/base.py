@@ -163,6 +163,7 @@ class SegmentedFile:
             self.segments = sorted(segments)
             self._starts = [s.paddr for s in self.segments]
             self.mm: mmap.mmap | None = None
+            self._release = True  # MADV_DONTNEED works on this mapping (see release)
             for s in self.segments:
                 if s.offset < 0 or s.filesz < 0 or (self.size and s.offset + s.filesz > self.size):
                     raise TruncatedError(
@@ -248,8 +249,9 @@ class SegmentedFile:
 
     def release(self, paddr: int, size: int) -> None:
         """MADV_DONTNEED over the whole mapped pages of [paddr, paddr+size): they leave this process's RSS (the page
-        cache keeps them); a later access faults them back in."""
-        if self.mm is None:
+        cache keeps them); a later access faults them back in.  A mapping that refuses it (``/proc/vmcore``'s old
+        memory is VM_PFNMAP: EINVAL, and such pages never count in RSS) is not asked again."""
+        if self.mm is None or not self._release:
             return
         for _, n, off in self.chunks(paddr, size):
             if off is None:
@@ -257,7 +259,11 @@ class SegmentedFile:
             lo = -(-off // mmap.PAGESIZE) * mmap.PAGESIZE
             hi = (off + n) // mmap.PAGESIZE * mmap.PAGESIZE
             if hi > lo:
-                self.mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+                try:
+                    self.mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+                except OSError:
+                    self._release = False
+                    return
 
     def close(self) -> None:
         """Unmap and close."""

@@ -1,0 +1,44 @@
+"""Zero-copy reads: an ELF core is gathered straight from its mapping (also through the capture job's
+AnnotatedSource), each copied range released; a mapping that refuses MADV_DONTNEED (/proc/vmcore's VM_PFNMAP old
+memory) is read on without it."""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+from khibernate.capture.source import AnnotatedSource
+from khibernate.image import vmcoreinfo
+from khibernate.image.format import KhiSource, save_file
+from khibernate.image.sources import open_source
+from tests.image import synthkernel as sk
+
+
+class _NoDontneed(mmap.mmap):
+    """A mapping whose madvise fails like a VM_PFNMAP one's."""
+
+    calls = 0
+
+    def madvise(self, *args: int) -> None:
+        type(self).calls += 1
+        raise OSError(22, "Invalid argument")
+
+
+def test_capture_source_gathers_from_the_mapping_and_survives_a_refused_release(synth_elf: Path,
+                                                                                synth: sk.SynthKernel,
+                                                                                tmp_path: Path) -> None:
+    with open_source(synth_elf) as inner:
+        src = AnnotatedSource(inner, "KHIBERNATE", b"x")
+        view = src.mapped_view(0x100000, 4096)
+        assert view is not None and bytes(view) == bytes(synth.mem[0x100000:0x101000])
+        view.release()
+        inner.file.mm = stub = _NoDontneed(inner.file.fd, 0, prot=mmap.PROT_READ)  # type: ignore[attr-defined]
+        stats = save_file(src, tmp_path / "a.khi", vmci=vmcoreinfo.from_source(inner), level=17, restorable=True,
+                          block_pages=64)
+        assert stub.calls == 1  # asked once, then never again
+    with KhiSource(tmp_path / "a.khi") as img:
+        assert img.verify()["pages_stored"] == stats.pages_stored > 0
+        assert any(n.name == "KHIBERNATE" for n in img.notes)
+        for pfns, data in img.iter_blocks():
+            for i, pfn in enumerate(pfns):
+                assert data[i * 4096:(i + 1) * 4096] == bytes(synth.mem[pfn * 4096:(pfn + 1) * 4096])
