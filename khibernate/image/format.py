@@ -36,7 +36,7 @@ from khibernate.image.errors import (
 from khibernate.image.inputfile import MAX_PHYS_ADDR, input_size, open_input
 from khibernate.image.levels import RESTORABLE_LEVEL
 from khibernate.image.pagefilter import DL_ZERO, PageClass, check_level
-from khibernate.image.pipeline import BufferPool, ZstdPerThread, ordered_map
+from khibernate.image.pipeline import BufferPool, EarlyWriteback, ZstdPerThread, ordered_map
 from khibernate.image.plan import plan, runs
 from khibernate.image.sources.base import VMCOREINFO_NOTE, MemorySource, MemRange, Note, PagedSource
 from khibernate.image.vmcoreinfo import Vmcoreinfo
@@ -284,6 +284,14 @@ def check_source_level(source: MemorySource, level: int, restorable: bool) -> in
     return eff
 
 
+def _tell(out: BinaryIO) -> int:
+    """The stream's position, 0 where it has none (a pipe)."""
+    try:
+        return out.tell()
+    except (OSError, ValueError):
+        return 0
+
+
 def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level: int, restorable: bool = False,
          threads: int = 2, zstd_level: int = 1, block_pages: int = 256,
          progress: Callable[[int], None] | None = None) -> SaveStats:
@@ -302,6 +310,8 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
                     osrelease=vmci.osrelease if vmci else "", build_id=vmci.build_id if vmci else "",
                     compression_level=zstd_level)
     head = header.pack()
+    base = _tell(out)  # where the image starts in the file (a store slot's offset)
+    writeback = EarlyWriteback(out, base)
     out.write(head)
     pos = len(head)
     stored_bits = bytearray(-(-max_pfn // 8))  # one bit per pfn, filled chunk by chunk
@@ -393,6 +403,7 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
             out.write(frame)
             index.append(BlockEntry(first, end, pos, len(frame), npages * ps, npages, crc))
             pos += len(frame)
+            writeback.written(base + pos)
         buffers.put(blk.buf)
         for c in {id(seg.chunk): seg.chunk for seg in blk.segments}.values():
             c.blocks_left -= 1

@@ -58,3 +58,21 @@ def test_the_producer_can_recycle_buffers_through_the_pool() -> None:
         pool.put(buf)
     with pytest.raises(RuntimeError, match="exhausted"):
         BufferPool(bytearray, 0).get()
+
+
+def test_early_writeback_follows_a_file_and_ignores_a_pipe(tmp_path) -> None:  # noqa: ANN001
+    import os
+
+    from khibernate.image.pipeline import EarlyWriteback
+
+    with open(tmp_path / "f", "wb") as f:
+        f.write(b"h" * 100)
+        wb = EarlyWriteback(f, 100, step=1 << 20)
+        for i in range(5):
+            f.write(bytes(700_000))
+            wb.written(100 + (i + 1) * 700_000)
+        assert wb.fd is not None and wb.done == 100 + 4 * 700_000  # flushed at 1.4 MB and 2.8 MB
+    r, w = os.pipe()
+    with os.fdopen(w, "wb") as p:
+        assert EarlyWriteback(p, 0).fd is None
+    os.close(r)
