@@ -262,7 +262,7 @@ def test_warning_capture_runs_on_on_7_3(tmp_path) -> None:
             disk_mb=384, name="watch-7.3", timeout=300) as vm:
         vm.run("mountpoint -q /sys/kernel/debug || mount -t debugfs debugfs /sys/kernel/debug")
         assert vm.run_status(f"test -w {DIRECT}")[0] == 0, "no LKDTM in the 7.3 test kernel"
-        vm.run("dd if=/dev/zero of=/dev/vda bs=1M count=2 2>/dev/null; khibernate target init /dev/vda --slots 1")
+        vm.run("dd if=/dev/zero of=/dev/vda bs=1M count=2 2>/dev/null; khibernate target init /dev/vda --slots 2")
         vm.run("echo 0 > /proc/sys/kernel/panic_on_warn")
         start_workload(vm)
         pid = start_watch(vm, "--on warn --max 1", "/tmp/watch73.log")
