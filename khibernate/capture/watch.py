@@ -237,6 +237,10 @@ class StartPlan:
                          "fails safely (freezer EBUSY after 20 s: nothing is written, the slot is marked bad, the "
                          "kernel runs on); the freezer waits for user tasks only, so a hung kernel thread does "
                          "not block it")
+        if "softlockup" in self.claimed:
+            lines.append("watch: softlockup: a CPU spinning in the kernel cannot be frozen either, so a capture is "
+                         "refused the same way while the lockup lasts; on one CPU the watcher itself cannot run "
+                         "until it ends")
         return lines
 
 

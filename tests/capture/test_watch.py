@@ -298,3 +298,4 @@ def test_hung_task_watch_says_at_start_that_a_stuck_user_task_blocks_the_freezer
     text = "\n".join(plan_start(("warn", "hung-task"), {}, kdump_loaded=False).describe())
     assert "hung-task" in text and "D state" in text and "cannot be frozen" in text and "slot is marked bad" in text
     assert "D state" not in "\n".join(plan_start(("warn",), {}, kdump_loaded=False).describe())
+    assert "cannot be frozen either" in "\n".join(plan_start(("softlockup",), {}, kdump_loaded=False).describe())

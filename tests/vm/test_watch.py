@@ -251,9 +251,38 @@ def test_panic_on_warn_is_left_to_kdump_sharing_the_crash_region(guest) -> None:
     assert "Freezing user space" not in before_panic.split("Kernel panic")[0]  # the watcher did not jump
 
 
-def test_warning_capture_runs_on_on_7_3(tmp_path) -> None:
+def hung_task_refused_safely(vm) -> None:  # noqa: ANN001
+    """LKDTM HUNG_TASK leaves a writer in D state for good (so: last in a guest). The watcher says at start that such
+    a task blocks the freezer; the detector reports it; the one capture attempt is refused by the freezer before the
+    jump: the event is recorded as failed, the capture image is unloaded, the reserved slot is
+    marked bad, earlier images stay, and the workload's counter runs on."""
+    vm.run("echo 2 > /proc/sys/kernel/hung_task_timeout_secs")
+    before = set(events(vm))
+    listing0 = vm.run("khibernate target list /dev/vda")
+    pid = start_watch(vm, "--on hung-task --max 1", "/tmp/watch-hung.log")
+    assert "D state" in vm.run("cat /tmp/watch-hung.log")
+    pid0, n0 = counter(vm)
+    vm.run(f"(echo HUNG_TASK > {DIRECT} &); sleep 0.2")
+    log = wait_log(vm, "/tmp/watch-hung.log", "stopped after 1 capture(s)", timeout=300)
+    wait_exit(vm, pid)
+    assert "-> capture 1" in log and "capture failed" in log, log
+    ((name, ev),) = events(vm, before).items()
+    assert name.endswith("-hung-task") and not ev["ok"], ev
+    assert ev["event"]["trigger"].startswith("INFO: task ") and "blocked for more than" in ev["event"]["trigger"]
+    assert "jump did not happen" in ev["error"] and "marked bad" in ev["error"], ev["error"]
+    assert vm.run("cat /sys/kernel/kexec_loaded").strip() == "0"
+    listing = vm.run("khibernate target list /dev/vda")
+    assert "bad" in listing and listing.count("complete") == listing0.count("complete"), (listing0, listing)
+    time.sleep(2.5)
+    pid1, n1 = counter(vm)
+    assert pid1 == pid0 and n1 > n0
+    print(f"\n[watch hung task] capture refused by the freezer: {ev['error']}")
+
+
+def test_7_3_warning_capture_runs_on_and_a_hung_task_is_refused_safely(tmp_path) -> None:
     """The watcher on the 7.3 line (the kexec-jump rework of 6.14): echo WARNING > DIRECT gives one -d 31 capture,
-    the same counter runs on after it, and the image's kernel log holds the WARNING with its stack trace."""
+    the same counter runs on after it, and the image's kernel log holds the WARNING with its stack trace; then a
+    hung task's capture is refused by the freezer without harm (hung_task_refused_safely)."""
     from vmtest.kernel import ensure_kernel
     from vmtest.vm import VM, check_host
 
@@ -282,3 +311,4 @@ def test_warning_capture_runs_on_on_7_3(tmp_path) -> None:
         assert vm.run("uname -r").strip().startswith("7.3")
         print(f"\n[watch 7.3 1 GiB WARNING] pause {ev['snapshot']['pause_seconds']:.2f} s, image "
               f"{ev['snapshot']['bytes'] / 1e6:.1f} MB at -d 31, save {ev['snapshot']['save_seconds']} s")
+        hung_task_refused_safely(vm)
