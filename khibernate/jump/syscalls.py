@@ -99,6 +99,11 @@ def explain(call: str, err: int, flags: int, ctx: Context) -> KexecSyscallError:
         return KexecSyscallError(f"{what}: not permitted (kexec load limit reached? see "
                                  "/proc/sys/kernel/kexec_load_limit_reboot and _panic)", err)
     if err == E.EBUSY:
+        if call == "reboot":  # a preserve-context jump freezes user space first: the freezer gave up
+            return KexecSyscallError(f"{what}: the freezer could not stop every user task within 20 s (a task in "
+                                     "D state, e.g. one the hung-task detector reports, or one spinning in the "
+                                     "kernel), or another kexec is in progress; the kernel log names the task "
+                                     "('refusing to freeze'); nothing jumped", err)
         return KexecSyscallError(f"{what}: another kexec load or exec is in progress, or the loaded image is in "
                                  "use; wait and retry", err)
     if err == E.EINVAL:

@@ -269,7 +269,8 @@ def hung_task_refused_safely(vm) -> None:  # noqa: ANN001
     ((name, ev),) = events(vm, before).items()
     assert name.endswith("-hung-task") and not ev["ok"], ev
     assert ev["event"]["trigger"].startswith("INFO: task ") and "blocked for more than" in ev["event"]["trigger"]
-    assert "jump did not happen" in ev["error"] and "marked bad" in ev["error"], ev["error"]
+    err = ev["error"]
+    assert "jump did not happen" in err and "freezer" in err and "marked bad" in err, err
     assert vm.run("cat /sys/kernel/kexec_loaded").strip() == "0"
     listing = vm.run("khibernate target list /dev/vda")
     assert "bad" in listing and listing.count("complete") == listing0.count("complete"), (listing0, listing)
