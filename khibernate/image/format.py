@@ -377,6 +377,17 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
     def fill_and_compress(b: Block) -> tuple[int, int, int, bytes, int]:
         """On a worker: gather the block's kept, non-zero pages into its buffer (marking the chunk masks), compress,
         CRC.  Returns (pages stored, first pfn, end pfn, frame, CRC); 0 pages when all were zero."""
+        if len(b.segments) == 1 and b.segments[0].view is not None:  # one mapped run: compress it in place if whole
+            seg = b.segments[0]
+            c = seg.chunk
+            zero = native.zero_pages(seg.view, ps) if drop_zero else b""
+            if not drop_zero or zero.count(1) == 0:
+                c.stored[seg.start:seg.start + seg.n] = b"\1" * seg.n
+                first, end = c.pfn + seg.start, c.pfn + seg.start + seg.n
+                frame = zstd.compress(seg.view)
+                seg.view.release()
+                source.release(first * ps, seg.n * ps)
+                return seg.n, first, end, frame, block_crc(VERSION, first, end, seg.n * ps, seg.n, frame)
         fill, first, last = 0, -1, -1
         for seg in b.segments:
             c = seg.chunk

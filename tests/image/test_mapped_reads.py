@@ -42,3 +42,26 @@ def test_capture_source_gathers_from_the_mapping_and_survives_a_refused_release(
         for pfns, data in img.iter_blocks():
             for i, pfn in enumerate(pfns):
                 assert data[i * 4096:(i + 1) * 4096] == bytes(synth.mem[pfn * 4096:(pfn + 1) * 4096])
+
+
+def _pages(path: Path) -> tuple[bytes, bytes, dict[int, bytes]]:
+    with KhiSource(path) as img:
+        pages = {pfn: data[i * 4096:(i + 1) * 4096] for pfns, data in img.iter_blocks() for i, pfn in enumerate(pfns)}
+        return bytes(img.stored_bits), bytes(img.zero_bits), pages
+
+
+def test_mapped_and_read_paths_and_thread_counts_store_the_same_pages(synth_elf: Path, tmp_path: Path,
+                                                                      monkeypatch) -> None:  # noqa: ANN001
+    """Whether pages come from the mapping (compressed in place or gathered) or by pread, on 1 or 3 threads, the
+    image holds the same pages and bitmaps."""
+    from khibernate.image.sources import base
+
+    outs = []
+    for name, threads, mapped in (("m1", 1, True), ("m3", 3, True), ("r2", 2, False)):
+        if not mapped:
+            monkeypatch.setattr(base.SegmentedFile, "mapped_view", lambda self, paddr, size: None)
+        with open_source(synth_elf) as src:
+            save_file(src, tmp_path / f"{name}.khi", vmci=vmcoreinfo.from_source(src), level=17, restorable=True,
+                      threads=threads, block_pages=50)
+        outs.append(_pages(tmp_path / f"{name}.khi"))
+    assert outs[0] == outs[1] == outs[2] and len(outs[0][2]) > 1000
