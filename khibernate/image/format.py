@@ -378,14 +378,13 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
         """On a worker: gather the block's kept, non-zero pages into its buffer (marking the chunk masks), compress,
         CRC.  Returns (pages stored, first pfn, end pfn, frame, CRC); 0 pages when all were zero."""
         if len(b.segments) == 1 and b.segments[0].view is not None:  # one mapped run: compress it in place if whole
-            seg = b.segments[0]
+            seg, view = b.segments[0], b.segments[0].view
             c = seg.chunk
-            zero = native.zero_pages(seg.view, ps) if drop_zero else b""
-            if not drop_zero or zero.count(1) == 0:
+            if not drop_zero or native.zero_pages(view, ps).count(1) == 0:
                 c.stored[seg.start:seg.start + seg.n] = b"\1" * seg.n
                 first, end = c.pfn + seg.start, c.pfn + seg.start + seg.n
-                frame = zstd.compress(seg.view)
-                seg.view.release()
+                frame = zstd.compress(view)
+                view.release()
                 source.release(first * ps, seg.n * ps)
                 return seg.n, first, end, frame, block_crc(VERSION, first, end, seg.n * ps, seg.n, frame)
         fill, first, last = 0, -1, -1
