@@ -3,7 +3,7 @@
 Dump level bits (makedumpfile's): 1 zero, 2 cache without private, 4 cache with private, 8 user, 16 free.
 Pages are classified by the native kernel (khibernate/native/pages.c) over whole chunks of ``struct page``, using
 only VMCOREINFO offsets and page-type values, so no vmlinux is needed and no per-page Python runs.  Zero pages are
-found later, from page contents, by the writer (:func:`zero_pages`).
+found later, from page contents, by the writers (``native.zero_pages``).
 """
 
 from __future__ import annotations
@@ -62,11 +62,6 @@ def excluded_classes(level: int) -> bytes:
 def needs_struct_page(level: int) -> bool:
     """True if ``level`` needs page classes (anything beyond zero pages)."""
     return bool(level & ~DL_ZERO)
-
-
-def zero_pages(data: bytes | bytearray | memoryview, page_size: int = 4096) -> bytearray:
-    """Per page 1 where the page is all zero bytes (``data`` is a whole number of pages)."""
-    return native.zero_pages(data, page_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +168,8 @@ class PageFilter:
         self.layout = PageLayout.from_vmcoreinfo(vmci)
         self._layout_c = self.layout.native()
         self._classifier = native.Classifier(self._layout_c, 1 << 15)
+        # its own buffers: a head looked up while a chunk's far tails are resolved must not clobber that chunk's
+        self._head_classifier = native.Classifier(self._layout_c, 2)
         self.sections = list(self._sections())
         bases = {(s.mem_map - s.start_pfn * self.layout.size) & U64 for s in self.sections}
         self.vmemmap = bases.pop() if len(bases) == 1 else None
@@ -221,9 +218,9 @@ class PageFilter:
                     # the head and its first tail: kernels before 6.9 mark hugetlb in the first tail
                     n = min(2, sec.start_pfn + sec.nr_pages - head_pfn)
                     va = sec.mem_map + (head_pfn - sec.start_pfn) * self.layout.size
-                    self._classifier.classify(self._struct_pages(sec, head_pfn, n), n, va, 0)
-                    own = self._classifier.scratch[0]  # own class << 2, | 2 inside a free block
-                    cls = int(PageClass.FREE if own & 3 == 2 else own >> 2)
+                    hc = self._head_classifier
+                    hc.classify(self._struct_pages(sec, head_pfn, n), n, va, 0)
+                    cls = int(PageClass.FREE) if hc.in_free_block(0) else hc.own_class(0)
                     break
             else:
                 cls = int(PageClass.OTHER)
@@ -264,14 +261,9 @@ class PageFilter:
             for i, head_va in far:
                 h = self._pfn_of_page_va(head_va)
                 if pfn <= h < pfn + n:  # inside after all (sections without one vmemmap): the head's own class
-                    cls[i] = self._classifier.scratch[h - pfn] >> 2
+                    cls[i] = self._classifier.own_class(h - pfn)
                 else:
                     cls[i] = self._head_class(h) if h >= 0 else PageClass.OTHER
             yield pfn, cls
             pfn += n
 
-
-def class_counts(classes: bytes | bytearray) -> dict[str, int]:
-    """Number of pages per class name."""
-    counts = native.histogram(classes)
-    return {c.name.lower(): counts[c] for c in PageClass}

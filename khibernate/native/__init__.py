@@ -62,6 +62,14 @@ class Classifier:
         far = [(self.far_idx[i], self.far_head[i]) for i in range(nfar)]
         return cls, int(self.carry[0]), far
 
+    def own_class(self, i: int) -> int:
+        """Page ``i`` of the last classify(): its class from its own struct page (before tails and free blocks)."""
+        return self.scratch[i] >> 2
+
+    def in_free_block(self, i: int) -> bool:
+        """Page ``i`` of the last classify() lies in a free buddy block (or an unaccepted one)."""
+        return self.scratch[i] & 3 == 2
+
 
 def zero_pages(data: Buffer, page_size: int = 4096) -> bytearray:
     """Per page 1 where the page is all zero bytes (``data`` is a whole number of pages)."""

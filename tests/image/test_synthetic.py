@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from khibernate import native
 from khibernate.image import vmcoreinfo
 from khibernate.image.elf import ElfSource
 from khibernate.image.errors import AddressError
@@ -104,3 +105,23 @@ def test_filter_older_page_type_schemes(tmp_path: Path, variant: str) -> None:
         got = np.concatenate([c for _, c in PageFilter(src, vmcoreinfo.from_source(src)).classes(900)])
     ram = k.expected != PageClass.NO_PAGE
     assert np.array_equal(got[ram], k.expected[ram]), np.flatnonzero(got[ram] != k.expected[ram])[:10]
+
+
+def test_head_lookup_keeps_the_chunk_classifier_state(synth_elf: Path, synth: sk.SynthKernel) -> None:
+    """Resolving a far tail's head classifies that head on the side; the chunk being resolved keeps its own
+    per-page classes (classes() reads them for heads found inside the chunk after such a lookup)."""
+    with open_source(synth_elf) as src:
+        pf = PageFilter(src, vmcoreinfo.from_source(src))
+        sec = pf.sections[0]
+        n = min(512, sec.nr_pages)
+        pf._classifier.classify(pf._struct_pages(sec, sec.start_pfn, n), n, sec.mem_map, 0)
+        before = [pf._classifier.own_class(i) for i in range(n)]
+        probe = native.Classifier(pf._layout_c, 2)
+        for pfn in range(sec.start_pfn + n, sec.start_pfn + sec.nr_pages - 2):  # a head unlike pages 0 and 1
+            probe.classify(pf._struct_pages(sec, pfn, 2), 2, sec.mem_map + (pfn - sec.start_pfn) * pf.layout.size, 0)
+            if [probe.own_class(0), probe.own_class(1)] != before[:2]:
+                break
+        else:
+            raise AssertionError("the synthetic kernel has no page classed unlike the section's first two")
+        pf._head_class(pfn)
+        assert [pf._classifier.own_class(i) for i in range(n)] == before
