@@ -13,8 +13,8 @@ from khibernate.image.errors import AddressError, ImageError, UsageErrorImage
 from khibernate.image.format import check_source_level, default_notes
 from khibernate.image.kdump import write_kdump
 from khibernate.image.pagefilter import PageFilter
-from khibernate.image.plan import plan, read_kept
-from khibernate.image.sources.base import MemorySource
+from khibernate.image.plan import and_masks, plan, ram_mask, read_kept
+from khibernate.image.sources.base import MemorySource, MemRange
 from khibernate.image.vmcoreinfo import Vmcoreinfo
 from khibernate.image.x86_64 import X86_64
 
@@ -64,18 +64,6 @@ def kernel_text_load(source: MemorySource, vmci: Vmcoreinfo | None) -> LoadSpec 
     return LoadSpec(pa0, va - start, start) if va > start else None
 
 
-def _set(mask: bytearray, start: int, stop: int) -> None:
-    """mask[start:stop] = 1, clipped to the mask (which never changes length)."""
-    start, stop = max(0, start), min(stop, len(mask))
-    if start < stop:
-        mask[start:stop] = b"\1" * (stop - start)
-
-
-def _and(a: bytearray, b: bytearray) -> bytearray:
-    """Bytewise AND of two equally long 0/1 masks (as two big integers: no per-page loop)."""
-    return bytearray((int.from_bytes(a, "little") & int.from_bytes(b, "little")).to_bytes(len(a), "little"))
-
-
 def kernel_memmap(source: MemorySource, vmci: Vmcoreinfo | None) -> bytearray | None:
     """Per pfn 1 where the kernel has a struct page (its memory), 0 elsewhere; None if that cannot be told."""
     if vmci is None:
@@ -84,9 +72,9 @@ def kernel_memmap(source: MemorySource, vmci: Vmcoreinfo | None) -> bytearray | 
         sections = PageFilter(source, vmci).sections
     except ImageError:
         return None
-    cov = bytearray(source.max_pfn)
-    for sec in sections:
-        _set(cov, sec.start_pfn, sec.start_pfn + sec.nr_pages)
+    ps = source.page_size
+    cov = ram_mask([MemRange(s.start_pfn * ps, (s.start_pfn + s.nr_pages) * ps) for s in sections], 0,
+                   source.max_pfn, ps)
     return cov if 1 in cov else None
 
 
@@ -101,7 +89,7 @@ def keep_arrays(source: MemorySource, vmci: Vmcoreinfo | None, level: int) -> tu
             k[ch.pfn:ch.pfn + len(ch.keep)] = memoryview(ch.keep).cast("B")
     cov = kernel_memmap(source, vmci)
     if cov is not None:
-        ram, keep = _and(ram, cov), _and(keep, cov)
+        ram, keep = and_masks(ram, cov), and_masks(keep, cov)
     end = ram.rfind(1) + 1
     del ram[end:], keep[end:]
     return ram, keep

@@ -37,7 +37,7 @@ from khibernate.image.inputfile import MAX_PHYS_ADDR, input_size, open_input
 from khibernate.image.levels import RESTORABLE_LEVEL
 from khibernate.image.pagefilter import DL_ZERO, PageClass, check_level
 from khibernate.image.pipeline import BufferPool, EarlyWriteback, ZstdPerThread, ordered_map
-from khibernate.image.plan import plan, runs
+from khibernate.image.plan import plan, ram_mask
 from khibernate.image.sources.base import VMCOREINFO_NOTE, MemorySource, MemRange, Note, PagedSource
 from khibernate.image.vmcoreinfo import Vmcoreinfo
 from khibernate.layout import Layout
@@ -350,7 +350,7 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
                 stats.class_counts[i] += c
             nram = ch.ram.count(1)
             stats.pages_ram += nram
-            for a, b in runs(keep):
+            for a, b in native.runs(keep):
                 s = a
                 while s < b:
                     take = min(b - s, block_pages - src_pages)
@@ -666,10 +666,7 @@ class KhiSource(PagedSource):
         both = (stored & zero).bit_count()
         if both:
             raise CorruptImageError(f"{self.path}: {both} pages are marked both stored and zero; the image is corrupt")
-        ram = bytearray(self.header.max_pfn)  # per range O(its pages), however many ranges the header has
-        for r in self.header.ranges:
-            lo, hi = r.start // self.page_size, -(-r.end // self.page_size)
-            ram[lo:hi] = b"\1" * (hi - lo)  # Header.unpack keeps every range inside max_pfn
+        ram = ram_mask(self.header.ranges, 0, self.header.max_pfn, self.page_size)
         outside = ((stored | zero) & ~int.from_bytes(native.pack_bits(ram), "little")).bit_count()
         if outside:
             raise CorruptImageError(f"{self.path}: {outside} pages are marked present outside the memory ranges; "

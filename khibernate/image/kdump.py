@@ -32,7 +32,6 @@ from khibernate.image.errors import (
 from khibernate.image.inputfile import MAX_PHYS_ADDR, input_size, open_input
 from khibernate.image.pagefilter import DL_ZERO
 from khibernate.image.pipeline import ZstdPerThread, ordered_map
-from khibernate.image.plan import runs
 from khibernate.image.sources.base import (
     VMCOREINFO_NOTE,
     MemorySource,
@@ -441,7 +440,7 @@ def write_kdump(out: BinaryIO, source: MemorySource, keep: bytes | bytearray, ra
         """The kept pages' bytes, ``batch`` pages at a time, in pfn order."""
         parts: list[bytes] = []
         have = 0
-        for a, b in runs(keep):
+        for a, b in native.runs(keep):
             while a < b:
                 take = min(b - a, batch - have)
                 mv = source.mapped_view(a * bs, take * bs)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from khibernate import native
 from khibernate.image.errors import MissingVmcoreinfoError
@@ -22,8 +22,8 @@ class Chunk:
     keep: bytearray
 
 
-def ram_mask(ranges: tuple[MemRange, ...], pfn: int, n: int, page_size: int) -> bytearray:
-    """Per-pfn 1 where the page overlaps a RAM range."""
+def ram_mask(ranges: Sequence[MemRange], pfn: int, n: int, page_size: int) -> bytearray:
+    """Per pfn of pfn..pfn+n: 1 where the page overlaps one of ``ranges`` (sorted or not), else 0."""
     mask = bytearray(n)
     lo, hi = pfn * page_size, (pfn + n) * page_size
     for r in ranges:
@@ -33,11 +33,6 @@ def ram_mask(ranges: tuple[MemRange, ...], pfn: int, n: int, page_size: int) -> 
         b = -(-min(r.end, hi) // page_size) - pfn
         mask[a:b] = b"\1" * (b - a)
     return mask
-
-
-def runs(mask: bytes | bytearray) -> list[tuple[int, int]]:
-    """(start, stop) of each run of 1 bytes in a 0/1 ``mask``."""
-    return native.runs(mask)
 
 
 def and_masks(a: bytearray, b: bytes | bytearray) -> bytearray:
@@ -91,6 +86,6 @@ def read_kept(source: MemorySource, pfn: int, keep: bytes | bytearray) -> bytes:
     if keep.count(1) == len(keep):
         return bytes(source.view(pfn * ps, len(keep) * ps))
     out = bytearray(len(keep) * ps)
-    for a, b in runs(keep):
+    for a, b in native.runs(keep):
         out[a * ps:b * ps] = source.view((pfn + a) * ps, (b - a) * ps)
     return bytes(out)

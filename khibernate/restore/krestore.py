@@ -20,6 +20,7 @@ from typing import Any
 
 from khibernate import native
 from khibernate.errors import KhibernateError
+from khibernate.image.plan import ram_mask
 from khibernate.ranges import Range
 from khibernate.restore.oldmem import OldMemory
 
@@ -88,15 +89,6 @@ def bitmap_runs(bits: bytes, max_pfn: int) -> Iterator[tuple[int, int]]:
         yield start, stop
 
 
-def ram_mask(ranges: Sequence[Range], page_size: int, max_pfn: int) -> bytearray:
-    """1 per pfn of 0..max_pfn that lies (at least partly) in ``ranges``, 0 for the others."""
-    ram = bytearray(max_pfn)
-    for r in ranges:
-        lo, hi = min(r.start // page_size, max_pfn), min(-(-r.end // page_size), max_pfn)
-        ram[lo:hi] = b"\1" * (hi - lo)
-    return ram
-
-
 def write_image(src: Any, mem: OldMemory, *, ram: Sequence[Range] | None = None, zero_free: bool = False,
                 progress: Callable[[int], None] | None = None, on_first_write: Callable[[], None] | None = None,
                 verify: bool = True) -> RestoreStats:
@@ -133,10 +125,10 @@ def write_image(src: Any, mem: OldMemory, *, ram: Sequence[Range] | None = None,
         if progress:
             progress(len(data))
     max_pfn = src.max_pfn
-    todo = [(bytes(src.zero_bits), "zero")]
+    todo = [(src.zero_bits, "zero")]
     if zero_free:
         # RAM & ~zero & ~stored on the bitmaps as big integers (no per-page loop)
-        ram_bits = native.pack_bits(ram_mask(ranges, ps, max_pfn))
+        ram_bits = native.pack_bits(ram_mask(ranges, 0, max_pfn, ps))
         held = int.from_bytes(src.zero_bits, "little") | int.from_bytes(src.stored_bits, "little")
         dropped = int.from_bytes(ram_bits, "little") & ~held
         todo.append((dropped.to_bytes(len(ram_bits), "little"), "free"))
