@@ -443,13 +443,7 @@ def write_kdump(out: BinaryIO, source: MemorySource, keep: bytes | bytearray, ra
         for a, b in native.runs(keep):
             while a < b:
                 take = min(b - a, batch - have)
-                mv = source.mapped_view(a * bs, take * bs)
-                if mv is not None:
-                    parts.append(bytes(mv))
-                    mv.release()
-                    source.release(a * bs, take * bs)
-                else:
-                    parts.append(bytes(source.view(a * bs, take * bs)))
+                parts.append(source.read(a * bs, take * bs))  # pread costs what a copy out of a mapping does
                 have += take
                 a += take
                 if have == batch:

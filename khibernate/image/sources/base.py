@@ -234,10 +234,6 @@ class SegmentedFile:
                     done += got
             pos += n
 
-    def view(self, paddr: int, size: int) -> memoryview:
-        """A copy by pread (see read); zero-copy access is mapped_view's."""
-        return memoryview(self.read(paddr, size))
-
     def mapped_view(self, paddr: int, size: int) -> memoryview | None:
         """A view into the mapping when the request lies in one file-backed segment, else None."""
         if self.mm is not None:
@@ -300,9 +296,6 @@ class SegmentedFileSource(StoredSource):
 
     def read(self, paddr: int, size: int) -> bytes:
         return self.file.read(paddr, size)
-
-    def view(self, paddr: int, size: int) -> memoryview:
-        return self.file.view(paddr, size)
 
     def mapped_view(self, paddr: int, size: int) -> memoryview | None:
         return self.file.mapped_view(paddr, size)
