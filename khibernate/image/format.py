@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
+import functools
 import os
 import struct
 import time
@@ -244,6 +245,14 @@ class _ChunkMasks:
     blocks_left: int = 0
     planned: bool = False
 
+    def pack_into(self, stored_bits: bytearray, zero_bits: bytearray, stats: SaveStats) -> None:
+        """Set this chunk's bits in the image's bitmaps and count its stored and zero pages."""
+        lo, nb = self.pfn // 8, -(-len(self.stored) // 8)
+        stored_bits[lo:lo + nb] = native.pack_bits(self.stored)[:len(stored_bits) - lo]
+        zero_bits[lo:lo + nb] = native.pack_bits(self.zero)[:len(zero_bits) - lo]
+        stats.pages_stored += self.stored.count(1)
+        stats.pages_zero += self.zero.count(1)
+
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
@@ -263,6 +272,42 @@ class Block:
 
     buf: bytearray
     segments: list[Segment]
+
+
+def _fill_and_compress(b: Block, *, source: MemorySource, ps: int, drop_zero: bool, zstd: ZstdPerThread
+                       ) -> tuple[int, int, int, bytes, int]:
+    """On a worker: gather the block's kept, non-zero pages into its buffer (marking the chunk masks), compress,
+    CRC.  Returns (pages stored, first pfn, end pfn, frame, CRC); 0 pages when all were zero."""
+    if len(b.segments) == 1 and b.segments[0].view is not None:  # one mapped run: compress it in place if whole
+        seg, view = b.segments[0], b.segments[0].view
+        c = seg.chunk
+        if not drop_zero or native.zero_pages(view, ps).count(1) == 0:
+            c.stored[seg.start:seg.start + seg.n] = b"\1" * seg.n
+            first, end = c.pfn + seg.start, c.pfn + seg.start + seg.n
+            frame = zstd.compress(view)
+            view.release()
+            source.release(first * ps, seg.n * ps)
+            return seg.n, first, end, frame, block_crc(VERSION, first, end, seg.n * ps, seg.n, frame)
+    fill, first, last = 0, -1, -1
+    for seg in b.segments:
+        c = seg.chunk
+        sv, zv = memoryview(c.stored)[seg.start:seg.start + seg.n], memoryview(c.zero)[seg.start:seg.start + seg.n]
+        if seg.view is not None:
+            got, _ = native.gather(seg.view, seg.n, ps, drop_zero, b.buf, fill, seg.n, sv, zv)
+            seg.view.release()
+            source.release((c.pfn + seg.start) * ps, seg.n * ps)
+        else:
+            region = memoryview(b.buf)[seg.at * ps:(seg.at + seg.n) * ps]
+            got, _ = native.gather(region, seg.n, ps, drop_zero, b.buf, fill, seg.n, sv, zv)
+        if got:
+            if first < 0:
+                first = c.pfn + c.stored.find(1, seg.start, seg.start + seg.n)
+            last = c.pfn + c.stored.rfind(1, seg.start, seg.start + seg.n)
+            fill += got
+    if not fill:
+        return 0, 0, 0, b"", 0
+    frame = zstd.compress(memoryview(b.buf)[:fill * ps])
+    return fill, first, last + 1, frame, block_crc(VERSION, first, last + 1, fill * ps, fill, frame)
 
 
 def default_notes(source: MemorySource, vmci: Vmcoreinfo | None) -> tuple[Note, ...]:
@@ -324,16 +369,12 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
     zstd = ZstdPerThread(zstd_level)
 
     open_chunks: collections.deque[_ChunkMasks] = collections.deque()
+    work = functools.partial(_fill_and_compress, source=source, ps=ps, drop_zero=drop_zero, zstd=zstd)
 
     def pack_done() -> None:
         """Bitmaps and counts of the oldest chunks whose blocks have all been written."""
         while open_chunks and open_chunks[0].planned and open_chunks[0].blocks_left == 0:
-            c = open_chunks.popleft()
-            lo, nb = c.pfn // 8, -(-len(c.stored) // 8)
-            stored_bits[lo:lo + nb] = native.pack_bits(c.stored)[:len(stored_bits) - lo]
-            zero_bits[lo:lo + nb] = native.pack_bits(c.zero)[:len(zero_bits) - lo]
-            stats.pages_stored += c.stored.count(1)
-            stats.pages_zero += c.zero.count(1)
+            open_chunks.popleft().pack_into(stored_bits, zero_bits, stats)
 
     def blocks() -> Iterator[Block]:
         """Blocks of up to block_pages kept source pages, in pfn order: each a list of segments, either a view of
@@ -374,41 +415,7 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
         else:
             buffers.put(cur.buf)
 
-    def fill_and_compress(b: Block) -> tuple[int, int, int, bytes, int]:
-        """On a worker: gather the block's kept, non-zero pages into its buffer (marking the chunk masks), compress,
-        CRC.  Returns (pages stored, first pfn, end pfn, frame, CRC); 0 pages when all were zero."""
-        if len(b.segments) == 1 and b.segments[0].view is not None:  # one mapped run: compress it in place if whole
-            seg, view = b.segments[0], b.segments[0].view
-            c = seg.chunk
-            if not drop_zero or native.zero_pages(view, ps).count(1) == 0:
-                c.stored[seg.start:seg.start + seg.n] = b"\1" * seg.n
-                first, end = c.pfn + seg.start, c.pfn + seg.start + seg.n
-                frame = zstd.compress(view)
-                view.release()
-                source.release(first * ps, seg.n * ps)
-                return seg.n, first, end, frame, block_crc(VERSION, first, end, seg.n * ps, seg.n, frame)
-        fill, first, last = 0, -1, -1
-        for seg in b.segments:
-            c = seg.chunk
-            sv, zv = memoryview(c.stored)[seg.start:seg.start + seg.n], memoryview(c.zero)[seg.start:seg.start + seg.n]
-            if seg.view is not None:
-                got, _ = native.gather(seg.view, seg.n, ps, drop_zero, b.buf, fill, seg.n, sv, zv)
-                seg.view.release()
-                source.release((c.pfn + seg.start) * ps, seg.n * ps)
-            else:
-                region = memoryview(b.buf)[seg.at * ps:(seg.at + seg.n) * ps]
-                got, _ = native.gather(region, seg.n, ps, drop_zero, b.buf, fill, seg.n, sv, zv)
-            if got:
-                if first < 0:
-                    first = c.pfn + c.stored.find(1, seg.start, seg.start + seg.n)
-                last = c.pfn + c.stored.rfind(1, seg.start, seg.start + seg.n)
-                fill += got
-        if not fill:
-            return 0, 0, 0, b"", 0
-        frame = zstd.compress(memoryview(b.buf)[:fill * ps])
-        return fill, first, last + 1, frame, block_crc(VERSION, first, last + 1, fill * ps, fill, frame)
-
-    for blk, (npages, first, end, frame, crc) in ordered_map(blocks(), fill_and_compress, threads, depth):
+    for blk, (npages, first, end, frame, crc) in ordered_map(blocks(), work, threads, depth):
         if npages:
             out.write(frame)
             index.append(BlockEntry(first, end, pos, len(frame), npages * ps, npages, crc))
