@@ -34,12 +34,17 @@ def guest():
     check_host()
     with VM(kernel=ensure_kernel("6.12"), append="crashkernel=384M", memory_mb=1024, extra_files=HELPERS,
             disk_mb=640, name="watch-6.12", timeout=300) as vm:
-        vm.run("mountpoint -q /sys/kernel/debug || mount -t debugfs debugfs /sys/kernel/debug")
-        assert vm.run_status(f"test -w {DIRECT}")[0] == 0, "no LKDTM in the test kernel (CONFIG_LKDTM, DEBUG_FS)"
-        vm.run("dd if=/dev/zero of=/dev/vda bs=1M count=2 2>/dev/null; khibernate target init /dev/vda --slots 2")
-        vm.run("echo 0 > /proc/sys/kernel/panic_on_oops; echo 0 > /proc/sys/kernel/panic_on_warn")
-        start_workload(vm)
+        prepare(vm)
         yield vm
+
+
+def prepare(vm) -> None:  # noqa: ANN001
+    """debugfs with LKDTM, a two-slot store on /dev/vda, oopses and WARNs that do not panic, the workload."""
+    vm.run("mountpoint -q /sys/kernel/debug || mount -t debugfs debugfs /sys/kernel/debug")
+    assert vm.run_status(f"test -w {DIRECT}")[0] == 0, "no LKDTM in the test kernel (CONFIG_LKDTM, DEBUG_FS)"
+    vm.run("dd if=/dev/zero of=/dev/vda bs=1M count=2 2>/dev/null; khibernate target init /dev/vda --slots 2")
+    vm.run("echo 0 > /proc/sys/kernel/panic_on_oops; echo 0 > /proc/sys/kernel/panic_on_warn")
+    start_workload(vm)
 
 
 def start_watch(vm, args: str, log: str) -> int:
@@ -290,11 +295,7 @@ def test_7_3_warning_capture_runs_on_and_a_hung_task_is_refused_safely(tmp_path)
     check_host()
     with VM(kernel=ensure_kernel("7.3"), append="crashkernel=256M", memory_mb=1024, extra_files=HELPERS,
             disk_mb=384, name="watch-7.3", timeout=300) as vm:
-        vm.run("mountpoint -q /sys/kernel/debug || mount -t debugfs debugfs /sys/kernel/debug")
-        assert vm.run_status(f"test -w {DIRECT}")[0] == 0, "no LKDTM in the 7.3 test kernel"
-        vm.run("dd if=/dev/zero of=/dev/vda bs=1M count=2 2>/dev/null; khibernate target init /dev/vda --slots 2")
-        vm.run("echo 0 > /proc/sys/kernel/panic_on_warn")
-        start_workload(vm)
+        prepare(vm)
         pid = start_watch(vm, "--on warn --max 1", "/tmp/watch73.log")
         pid0, n0 = counter(vm)
         vm.run(f"echo WARNING > {DIRECT}")
