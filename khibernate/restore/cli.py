@@ -28,8 +28,10 @@ def resume_command(target: str, again: bool, kernel: str | None, capture_initrd:
     \b
     On success this boot ends: a capture kernel writes the image back into memory and the saved kernel runs on,
     and the slot is marked resumed before the first write, so the image is never resumed twice by accident.
-    Exit status 0: there was nothing to resume; 1: the image was refused (it is for another kernel build, memory
-    size or crash region, it is damaged, or it was resumed already) — nothing was written, boot on normally.
+    The capture kernel runs in the crash region the image was saved from, also when this boot reserved another
+    one (KASLR moves it): the jump then swaps this boot's pages out of the saved region.
+    Exit status 0: there was nothing to resume; 1: the image was refused (it is for another kernel build or memory
+    size, it is damaged, or it was resumed already) — nothing was written, boot on normally.
     """
     from khibernate.errors import KhibernateError
     from khibernate.restore import resume as rs
@@ -38,9 +40,9 @@ def resume_command(target: str, again: bool, kernel: str | None, capture_initrd:
                       append=append)
     try:
         if check:
-            _, rec, img = rs.preflight(opts)
+            _, rec, img, where = rs.preflight(opts)
             click.echo(f"resume: slot {rec.index} of {target} would be resumed ({img.osrelease}, "
-                       f"{rec.length / 1e6:.1f} MB)")
+                       f"{rec.length / 1e6:.1f} MB)" + (f"; {where.describe()}" if where else ""))
             return
         rs.run(opts, say=lambda m: click.echo(m, err=True))
     except rs.NothingToResume as e:

@@ -1,8 +1,10 @@
 """`khibernate resume`: at early boot, bring back the kernel that `khibernate hibernate` saved.
 
 read → plan → check, then the jump: the store's newest hibernation image not yet resumed is checked against this
-boot (kernel release and build, memory ranges, crash region: :mod:`khibernate.restore.checks`); then the capture
-kernel is loaded with a ``restore`` job and entered.  It checks the whole image again, marks the slot resumed,
+boot (kernel release and build, memory ranges: :mod:`khibernate.restore.checks`); then the capture kernel is loaded
+with a ``restore`` job into the crash region the image was saved from — this boot's own, or, when this boot
+reserved another one (KASLR), its RAM there, which the jump swaps out (:mod:`khibernate.restore.region`) — and
+entered.  It checks the whole image again, marks the slot resumed,
 writes the image into this kernel's memory and enters the saved kernel — this boot never continues.  If the
 capture kernel refuses (before any write), it jumps back and this boot carries on normally; that is the only
 way :func:`run` returns.  Run it before any filesystem is mounted read-write: the saved kernel has those
@@ -19,7 +21,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from khibernate.errors import KhibernateError
+from khibernate.ranges import Range
 from khibernate.restore.checks import SavedImage, ThisBoot, check
+from khibernate.restore.region import RestoreWindow, restore_window
 from khibernate.store.superblock import FLAG_HIBERNATE, SlotRecord, SlotState, Superblock
 
 
@@ -61,22 +65,35 @@ def build_id_from_notes(data: bytes) -> str:
     return next((n.desc.hex() for n in notes if n.name == "GNU" and n.type == 3), "")
 
 
-def this_kernel() -> ThisBoot:
-    """This (freshly booted) kernel as a capture kernel will see it: the RAM a jump's elfcorehdr describes."""
-    from khibernate.jump.loader import SystemFacts, jump_ram
+def this_kernel(facts: Any, window: Range | None = None) -> ThisBoot:
+    """This (freshly booted) kernel as a capture kernel jumped to in ``window`` (default: the crash region) will see
+    it: the RAM the jump's elfcorehdr describes."""
+    from khibernate.jump.loader import jump_ram
 
-    facts = SystemFacts.read(with_notes=False)
     try:
         build = build_id_from_notes(Path("/sys/kernel/notes").read_bytes())
     except OSError:
         build = ""
-    return ThisBoot(page_size=os.sysconf("SC_PAGE_SIZE"), ranges=tuple(jump_ram(facts)),
+    bounds = (window.start, window.end - 1) if window is not None else (None, None)
+    return ThisBoot(page_size=os.sysconf("SC_PAGE_SIZE"), ranges=tuple(jump_ram(facts, *bounds)),
                     osrelease=os.uname().release, build_id=build)
 
 
-def preflight(opts: Options) -> tuple[Superblock, SlotRecord, SavedImage]:
-    """The slot to resume and its image's identity, checked against this boot; nothing written.
-    NothingToResume when there is no image, RestoreRefused / store errors when it does not fit."""
+def where_to_restore(img: SavedImage, facts: Any) -> RestoreWindow | None:
+    """The saved crash region the restore kernel must run in, and whether this boot reserved it (None: the image
+    does not describe this boot's RAM; the checks say how)."""
+    from khibernate.jump.memmap import crash_region, low_ram, system_ram
+
+    low = low_ram(facts.firmware)
+    if low is None:
+        return None
+    return restore_window(img.ranges, img.page_size, system_ram(facts.iomem), low, crash_region(facts.iomem))
+
+
+def preflight(opts: Options) -> tuple[Superblock, SlotRecord, SavedImage, RestoreWindow | None]:
+    """The slot to resume, its image's identity and where its restore kernel runs, checked against this boot;
+    nothing written.  NothingToResume when there is no image, RestoreRefused / store errors when it does not fit."""
+    from khibernate.jump.loader import SystemFacts
     from khibernate.store import api as store
 
     sb = store.read(opts.target)
@@ -91,8 +108,10 @@ def preflight(opts: Options) -> tuple[Superblock, SlotRecord, SavedImage]:
         img = SavedImage.from_source(src)
     finally:
         src.close()
-    check(img, this_kernel())
-    return sb, rec, img
+    facts = SystemFacts.read(with_notes=False)
+    where = where_to_restore(img, facts)
+    check(img, this_kernel(facts, where.window if where else None))
+    return sb, rec, img, where
 
 
 def run(opts: Options, say: Any = print) -> NoReturn:
@@ -104,25 +123,31 @@ def run(opts: Options, say: Any = print) -> NoReturn:
     from khibernate.jump import api as jump
 
     t0 = time.monotonic()
-    sb, rec, img = preflight(opts)
+    sb, rec, img, where = preflight(opts)
+    if where is None:  # check() found the image's memory to fit this boot, so its crash region is known
+        raise ResumeError("cannot tell which crash region the image was saved from")
     kernel = opts.kernel or default_kernel()
     initrd, _ = capture_initrd_for(kernel, opts.target, opts.capture_initrd)
     boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     image = str(uuidlib.UUID(bytes=rec.image_uuid))
-    box = Mailbox(rec.image_uuid)
+    box = Mailbox(rec.image_uuid, avoid=[] if where.reserved else [where.window])
     cmdline = Path("/proc/cmdline").read_text()
     job = Job("restore", opts.target, sb.uuid_str, rec.index, rec.offset, rec.capacity, rec.dump_level, image,
               boot_id, opts.deadline, box.paddr, again=opts.again)
-    plan = jump.plan_jump(kernel, initrd, " ".join([*console_args(cmdline), opts.append, *job.args()]).strip())
+    plan = jump.plan_jump(kernel, initrd, " ".join([*console_args(cmdline), opts.append, *job.args()]).strip(),
+                          where.window.start, where.window.end - 1)
     say(f"resume: slot {rec.index} of {opts.target}: {rec.osrelease}, {rec.length / 1e6:.1f} MB, hibernated "
         f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(rec.created_ns / 1e9))} UTC"
         + (" (resumed before: --again)" if rec.state == SlotState.RESUMED else ""))
+    say(f"resume: {where.describe()}")
+    t_load = time.monotonic()
     jump.load_plan(plan)
     if not box.still_at():
         jump.unload()
         raise ResumeError("the mailbox page moved before the jump; run resume again")
-    say(f"resume: checked against this boot in {time.monotonic() - t0:.2f} s; entering the capture kernel, which "
-        "restores the saved kernel (this boot ends here unless it refuses)")
+    say(f"resume: checked against this boot in {t_load - t0:.2f} s, capture kernel loaded in "
+        f"{time.monotonic() - t_load:.2f} s; entering it: it restores the saved kernel (this boot ends here unless "
+        "it refuses)")
     jump.execute()
     # only a refusal comes back here: nothing was written
     try:
