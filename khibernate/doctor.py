@@ -14,8 +14,9 @@ import click
 
 from khibernate.system import SystemRoot, addresses_hidden, crash_regions
 
-FEATURES = ("kexec", "kdump", "jump", "watch")
-DEPENDS = {"watch": "jump"}  # live capture (`khibernate watch`) is a kexec jump: whatever blocks jump blocks it
+FEATURES = ("kexec", "kdump", "jump", "watch", "hibernate")
+# live capture (`khibernate watch`) and hibernation are kexec jumps: whatever blocks jump blocks them
+DEPENDS = {"watch": "jump", "hibernate": "jump"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +114,25 @@ def _watch_findings(root: SystemRoot) -> list[Finding]:
     return out
 
 
+def region_finding(root: SystemRoot) -> Finding | None:
+    """Will a resume boot reserve the crash region a hibernation saves from, and can a resume do without?
+    None without a crashkernel= region (the crash region finding says so)."""
+    from khibernate.jump.memmap import crash_region
+    from khibernate.restore.region import kaslr_on, parse_crashkernel, region_outlook
+
+    arg = parse_crashkernel(root.cmdline())
+    regions = root.iomem()
+    if arg is None or addresses_hidden(regions) or not crash_regions(regions):
+        return None
+    region = crash_region(regions)
+    total = next((int(w.split()[1]) << 10 for w in (root.read("/proc/meminfo") or "").splitlines()
+                  if w.startswith("MemTotal:")), 0)
+    out = region_outlook(arg, kaslr_on(root.cmdline(), root.kernel_config()[0]), region.size if region else 0,
+                         total)
+    return Finding("crash region at resume", out.reproducible is True, out.message,  # not reproducible: a note
+                   blocks=() if out.resumable else ("hibernate",))
+
+
 def diagnose(root: SystemRoot, euid: int) -> Diagnosis:
     """Check every precondition of kexec, kdump and kexec jump on the system at ROOT."""
     f: list[Finding] = []
@@ -175,6 +195,9 @@ def diagnose(root: SystemRoot, euid: int) -> Diagnosis:
         state.append(f"kexec_crash_size: {crash_size} bytes")
     if state:
         f.append(Finding("loaded", True, "; ".join(state)))
+    region = region_finding(root)
+    if region is not None:
+        f.append(region)
     f.extend(_watch_findings(root))
     return Diagnosis(f, root.release())
 
@@ -205,6 +228,8 @@ def doctor_command(as_json: bool, root: str) -> None:
     CONFIG_KEXEC / CONFIG_CRASH_DUMP / CONFIG_KEXEC_JUMP (from /proc/config.gz or /boot/config-*),
     the crashkernel= region in /proc/iomem, what is loaded now, and for `watch` which events reach user space
     (kernel.panic_on_oops, panic_on_warn, softlockup_panic, hung_task_panic) and which detectors report.
+    For `hibernate`: whether a resume boot reserves the same crash region (an address in crashkernel=, or KASLR
+    off) and, where it may not (KASLR), whether the saved region is small enough for a resume to swap it free.
 
     Exit status: 0 when a kexec jump is possible here, 1 otherwise.
     """

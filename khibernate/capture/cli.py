@@ -85,8 +85,11 @@ def snapshot_command(target: str, level: int | None, for_analysis: bool, export_
 @capture_kernel_options
 @click.option("--append", default="", metavar="S", help="Extra capture-kernel command line words.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report (printed after the resume).")
+@click.option("--allow-unresumable", is_flag=True,
+              help="Hibernate even where `doctor` says a resume boot could not restore the image (e.g. KASLR with a "
+                   "crash region over half of RAM): the image is then for analysis, or for a boot you arrange.")
 def hibernate_command(target: str, level: int, kernel: str | None, capture_initrd: str | None, deadline: float,
-                      append: str, as_json: bool) -> None:
+                      append: str, as_json: bool, allow_unresumable: bool) -> None:
     """Save this running kernel into a store slot and power the machine off; `khibernate resume` at the next
     boot brings it back exactly where it stopped (same processes, same boot_id).
 
@@ -95,14 +98,20 @@ def hibernate_command(target: str, level: int, kernel: str | None, capture_initr
     the one to resume, and powers off. If anything fails before that it jumps back and this system runs on
     (exit status 1, the slot marked bad, earlier images untouched). This command returns after the resume,
     reporting it. Until then, do not mount the hibernated system's filesystems read-write from another boot:
-    resuming after the disks changed corrupts them.
+    resuming after the disks changed corrupts them. It says first whether a resume boot reserves the same crash
+    region (KASLR moves it; resume then swaps the saved region free) and refuses a setup whose resume would fail.
       khibernate target init /dev/vdb
       khibernate hibernate --target /dev/vdb        # ... power on ... khibernate resume --target /dev/vdb
     """
     from khibernate.capture import snapshot as snap
+    from khibernate.doctor import region_finding
+    from khibernate.system import SystemRoot
 
     opts = snap.Options(target=target, level=level, kernel=kernel, capture_initrd=capture_initrd, deadline=deadline,
-                        append=append, kind="hibernate")
+                        append=append, kind="hibernate", allow_unresumable=allow_unresumable)
+    region = region_finding(SystemRoot())
+    if region is not None:
+        click.echo(f"hibernate: {region.message}", err=True)
     report = snap.run(opts, say=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(report, indent=2) if as_json else
                f"resumed from slot {report['slot']} of {target} after {report['away_seconds']:.1f} s away; "

@@ -39,6 +39,7 @@ class Options:
     kind: str = "snapshot"  # or "hibernate": the capture kernel powers off instead of jumping back
     mem_min: int | None = None  # the capture kernel's window (default: the whole crashkernel= region)
     mem_max: int | None = None
+    allow_unresumable: bool = False  # hibernate even where a resume boot may not manage to restore the image
 
 
 def _boot_id() -> str:
@@ -98,6 +99,10 @@ def preflight(opts: Options) -> tuple[Any, SlotRecord, Any]:
     if opts.kind == "hibernate" and opts.level & ~17:
         raise SnapshotError(f"hibernate needs a restorable image: dump level {opts.level} drops pages the kernel "
                             "needs (use 0, 1, 16 or 17)")
+    if opts.kind == "hibernate" and d.possible("hibernate") is False and not opts.allow_unresumable:
+        why = "; ".join(f.message for f in d.findings if "hibernate" in f.blocks)
+        raise SnapshotError(f"a resume could not restore this hibernation: {why} (--allow-unresumable hibernates "
+                            "all the same)")
     check_kdump_sharing(opts, SystemRoot().read_int("/sys/kernel/kexec_crash_loaded") == 1)
     sb = store.read(opts.target)
     device.check_writable(opts.target)  # read-only targets are refused here, before anything is written
