@@ -38,8 +38,9 @@ def capture_kernel_options(f: Any) -> Any:
 @click.option("--append", default="", metavar="S",
               help="Extra capture-kernel command line words; `khibernate.fault=raise` or `=hang` makes the capture "
                    "job fail or hang on purpose (tests that it still jumps back and keeps the last good image).")
-@click.option("--mem-min", type=ADDRESS, help="Lowest address of the capture kernel's window inside the crash "
-              "region (default: all of it); with --mem-max, leaves the rest to a kdump kernel loaded there.")
+@click.option("--mem-min", type=ADDRESS, help="Lowest address of the capture kernel's window (default: all of the "
+              "crash region); with --mem-max, inside the region it leaves the rest to a kdump kernel loaded there; "
+              "outside it, the jump swaps this kernel's pages out of the window and back.")
 @click.option("--mem-max", type=ADDRESS, help="Highest address of the capture kernel's window, inclusive.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 def snapshot_command(target: str, level: int | None, for_analysis: bool, export_dir: Path | None, kernel: str | None,
@@ -168,8 +169,9 @@ def job_cmd(timeout: bool) -> None:
               help="makedumpfile dump level of the captures (31: kernel memory only, what kdump users keep).")
 @capture_kernel_options
 @click.option("--keep", type=int, metavar="N", help="Keep only the N newest complete images in the store.")
-@click.option("--mem-min", type=ADDRESS, help="Lowest address of the capture kernel's window inside the crash "
-              "region (default: all of it); with --mem-max, leaves the rest to a kdump kernel loaded there.")
+@click.option("--mem-min", type=ADDRESS, help="Lowest address of the capture kernel's window (default: all of the "
+              "crash region); with --mem-max, inside the region it leaves the rest to a kdump kernel loaded there; "
+              "outside it, the jump swaps this kernel's pages out of the window and back.")
 @click.option("--mem-max", type=ADDRESS, help="Highest address of the capture kernel's window, inclusive.")
 def watch_command(target: str, kinds: str, min_interval: float, max_captures: int | None, out_dir: Path,
                   no_export: bool, level: int, kernel: str | None, capture_initrd: str | None, keep: int | None,

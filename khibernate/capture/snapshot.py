@@ -130,7 +130,7 @@ def run(opts: Options, say: Any = print) -> dict[str, Any]:
         f"capture kernel {kernel}, initramfs {initrd}{' (cached)' if reused else ' (built)'}")
     image = uuidlib.uuid4()
     boot_id = _boot_id()
-    box = Mailbox(image.bytes)
+    box = Mailbox(image.bytes, avoid=jump.swapped_ranges(opts.mem_min, opts.mem_max))
     cmdline = Path("/proc/cmdline").read_text()
     # the deadline counts from the capture kernel's boot: the jump itself is excluded
     job = Job(opts.kind, opts.target, sb.uuid_str, slot.index, slot.offset, slot.capacity, opts.level, str(image),

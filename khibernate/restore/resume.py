@@ -130,7 +130,7 @@ def run(opts: Options, say: Any = print) -> NoReturn:
     initrd, _ = capture_initrd_for(kernel, opts.target, opts.capture_initrd)
     boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     image = str(uuidlib.UUID(bytes=rec.image_uuid))
-    box = Mailbox(rec.image_uuid, avoid=[] if where.reserved else [where.window])
+    box = Mailbox(rec.image_uuid, avoid=jump.swapped_ranges(where.window.start, where.window.end - 1))
     cmdline = Path("/proc/cmdline").read_text()
     job = Job("restore", opts.target, sb.uuid_str, rec.index, rec.offset, rec.capacity, rec.dump_level, image,
               boot_id, opts.deadline, box.paddr, again=opts.again)
