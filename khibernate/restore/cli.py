@@ -40,7 +40,8 @@ def resume_command(target: str, again: bool, kernel: str | None, capture_initrd:
                       append=append)
     try:
         if check:
-            _, rec, img, where = rs.preflight(opts)
+            _, rec, img = rs.preflight(opts)
+            where = rs.where_to_restore(img)
             click.echo(f"resume: slot {rec.index} of {target} would be resumed ({img.osrelease}, "
                        f"{rec.length / 1e6:.1f} MB)" + (f"; {where.describe()}" if where else ""))
             return

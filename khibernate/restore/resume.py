@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from khibernate.errors import KhibernateError
-from khibernate.ranges import Range
 from khibernate.restore.checks import SavedImage, ThisBoot, check
 from khibernate.restore.region import RestoreWindow, restore_window
 from khibernate.store.superblock import FLAG_HIBERNATE, SlotRecord, SlotState, Superblock
@@ -65,35 +64,38 @@ def build_id_from_notes(data: bytes) -> str:
     return next((n.desc.hex() for n in notes if n.name == "GNU" and n.type == 3), "")
 
 
-def this_kernel(facts: Any, window: Range | None = None) -> ThisBoot:
-    """This (freshly booted) kernel as a capture kernel jumped to in ``window`` (default: the crash region) will see
-    it: the RAM the jump's elfcorehdr describes."""
-    from khibernate.jump.loader import jump_ram
-
-    try:
-        build = build_id_from_notes(Path("/sys/kernel/notes").read_bytes())
-    except OSError:
-        build = ""
-    bounds = (window.start, window.end - 1) if window is not None else (None, None)
-    return ThisBoot(page_size=os.sysconf("SC_PAGE_SIZE"), ranges=tuple(jump_ram(facts, *bounds)),
-                    osrelease=os.uname().release, build_id=build)
-
-
-def where_to_restore(img: SavedImage, facts: Any) -> RestoreWindow | None:
+def where_to_restore(img: SavedImage, facts: Any = None) -> RestoreWindow | None:
     """The saved crash region the restore kernel must run in, and whether this boot reserved it (None: the image
-    does not describe this boot's RAM; the checks say how)."""
+    does not describe this boot's RAM; the checks say how).  ``facts``: this boot's SystemFacts (read if None)."""
+    from khibernate.jump.loader import SystemFacts
     from khibernate.jump.memmap import crash_region, low_ram, system_ram
 
+    facts = facts or SystemFacts.read(with_notes=False)
     low = low_ram(facts.firmware)
     if low is None:
         return None
     return restore_window(img.ranges, img.page_size, system_ram(facts.iomem), low, crash_region(facts.iomem))
 
 
-def preflight(opts: Options) -> tuple[Superblock, SlotRecord, SavedImage, RestoreWindow | None]:
-    """The slot to resume, its image's identity and where its restore kernel runs, checked against this boot;
-    nothing written.  NothingToResume when there is no image, RestoreRefused / store errors when it does not fit."""
-    from khibernate.jump.loader import SystemFacts
+def this_kernel(img: SavedImage | None = None) -> ThisBoot:
+    """This (freshly booted) kernel as a capture kernel will see it: the RAM a jump's elfcorehdr describes — a jump
+    into the crash region ``img`` was saved from (where_to_restore), or without ``img`` into this boot's own."""
+    from khibernate.jump.loader import SystemFacts, jump_ram
+
+    facts = SystemFacts.read(with_notes=False)
+    where = where_to_restore(img, facts) if img is not None else None
+    try:
+        build = build_id_from_notes(Path("/sys/kernel/notes").read_bytes())
+    except OSError:
+        build = ""
+    bounds = (where.window.start, where.window.end - 1) if where is not None else (None, None)
+    return ThisBoot(page_size=os.sysconf("SC_PAGE_SIZE"), ranges=tuple(jump_ram(facts, *bounds)),
+                    osrelease=os.uname().release, build_id=build)
+
+
+def preflight(opts: Options) -> tuple[Superblock, SlotRecord, SavedImage]:
+    """The slot to resume and its image's identity, checked against this boot; nothing written.
+    NothingToResume when there is no image, RestoreRefused / store errors when it does not fit."""
     from khibernate.store import api as store
 
     sb = store.read(opts.target)
@@ -108,10 +110,8 @@ def preflight(opts: Options) -> tuple[Superblock, SlotRecord, SavedImage, Restor
         img = SavedImage.from_source(src)
     finally:
         src.close()
-    facts = SystemFacts.read(with_notes=False)
-    where = where_to_restore(img, facts)
-    check(img, this_kernel(facts, where.window if where else None))
-    return sb, rec, img, where
+    check(img, this_kernel(img))
+    return sb, rec, img
 
 
 def run(opts: Options, say: Any = print) -> NoReturn:
@@ -123,7 +123,8 @@ def run(opts: Options, say: Any = print) -> NoReturn:
     from khibernate.jump import api as jump
 
     t0 = time.monotonic()
-    sb, rec, img, where = preflight(opts)
+    sb, rec, img = preflight(opts)
+    where = where_to_restore(img)
     if where is None:  # check() found the image's memory to fit this boot, so its crash region is known
         raise ResumeError("cannot tell which crash region the image was saved from")
     kernel = opts.kernel or default_kernel()
