@@ -72,6 +72,7 @@ def hibernate(kernel, name: str, tmp: Path, smp: int = 1, memory_mb: int = 1024,
         assert vm.wait_exit(timeout=900 * TIMEOUT_SCALE) == 0, "the capture kernel should power the machine off"
         hib_s = time.monotonic() - t0
         console = vm.console_text()
+        said = vm.agent_log.read_text(errors="replace")  # what `hibernate` said before the jump
         store_disk = vm.disk
     assert "hibernation image complete in slot" in console, console[-3000:]
     pristine = tmp / f"{name}-store-pristine.img"
@@ -84,7 +85,7 @@ def hibernate(kernel, name: str, tmp: Path, smp: int = 1, memory_mb: int = 1024,
     return {"kernel": kernel, "name": name, "smp": smp, "memory_mb": memory_mb, "store": store_disk, "ext4": ext4,
             "pristine": pristine, "ext4_pristine": tmp / f"{name}-ext4-pristine.img", "cid": cid,
             "boot_id": boot_id, "counter": (pid, n), "hibernate_seconds": hib_s, "slot": rec.index,
-            "image_bytes": rec.length, "crash_region": _crash_region(console)}
+            "image_bytes": rec.length, "crash_region": _crash_region(console), "said": said}
 
 
 def _crash_region(console: str) -> str:

@@ -62,6 +62,7 @@ def _chain(tmp_path, name: str, memory_mb: int, smp: int, cycles: int, before=No
 
     check_host()
     h = hibernate(ensure_kernel(FLAVOUR), name, tmp_path, smp=smp, memory_mb=memory_mb, before=before)
+    assert "hibernate: KASLR is on and crashkernel=256M has no address" in h["said"], h["said"][-3000:]
     saved_region = h["crash_region"]
     cycles_done = []
     for i in range(cycles):
