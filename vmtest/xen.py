@@ -35,6 +35,11 @@ PACKAGE = "xen-hypervisor-4.17-amd64"
 HYPERVISOR_MEMBER = "./boot/xen-4.17-amd64.gz"
 SYMS_MEMBER = "./usr/lib/debug/boot/xen-syms-4.17-amd64"
 DOM0_MODULES = {"xen-privcmd.ko": "kernel/drivers/xen/xen-privcmd.ko", "xenfs.ko": "kernel/drivers/xen/xenfs/xenfs.ko"}
+# Debian's 6.1 has virtio as modules: a capture kernel that writes its image to the test disk loads these in order
+VIRTIO_BLK = ("virtio", "virtio_ring", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci", "virtio_blk")
+MODULES = {**DOM0_MODULES, **{f"{m}.ko": f"kernel/drivers/{'block' if m == 'virtio_blk' else 'virtio'}/{m}.ko"
+                              for m in VIRTIO_BLK}}
+LOAD_VIRTIO_BLK = "; ".join(f"insmod /khb/{m}.ko" for m in VIRTIO_BLK)
 # dom0's console is Xen's (hvc0 -> COM1); the agent is on COM2 as in every VM test
 DOM0_APPEND = "console=hvc0 earlyprintk=xen khibernate.agent=1 panic=-1 rootfstype=ramfs"
 # a Linux kernel booted natively by Xen's kexec (Xen is gone): the usual serial console
@@ -69,12 +74,12 @@ class XenHypervisor:
 
     def complete(self) -> bool:
         """True when every file is there (a fetch that stopped half-way leaves no marker)."""
-        return (self.dir / "complete").exists()
+        return (self.dir / "complete").exists() and all(self.module(n).exists() for n in MODULES)
 
 
 def cached() -> XenHypervisor | None:
     """The newest complete cached Xen, or None."""
-    found = sorted(d for d in XEN_CACHE.glob("4.*") if (d / "complete").exists())
+    found = sorted(d for d in XEN_CACHE.glob("4.*") if XenHypervisor(d).complete())
     return XenHypervisor(found[-1]) if found else None
 
 
@@ -115,7 +120,7 @@ def fetch() -> XenHypervisor:
         kernel = debian.cached_kernel()
         if kernel is None:
             raise RuntimeError(f"no Debian kernel package in {debian.DEBS}: run `python3 -m vmtest.debian` first")
-        for name, member in DOM0_MODULES.items():
+        for name, member in MODULES.items():
             _extract(kernel.deb, f"./lib/modules/{kernel.kver}/{member}", out / "modules" / name)
         (out / "complete").write_text(kernel.kver + "\n")
     return XenHypervisor(out)
@@ -139,7 +144,7 @@ class XenVM(VM):
                  memory_mb: int = 1536, dom0_mb: int = 640, crash_mb: int = 256,
                  extra_files: Iterable[tuple[Path | str, str]] = (), name: str = "xen", timeout: float = 240,
                  **kwargs: object) -> None:
-        files = [(xen.module(n), f"/khb/{n}") for n in DOM0_MODULES] + list(extra_files)
+        files = [(xen.module(n), f"/khb/{n}") for n in MODULES] + list(extra_files)
         super().__init__(kernel=dom0, memory_mb=memory_mb, extra_files=files, name=name, timeout=timeout,
                          cpu=kwargs.pop("cpu", None) or "qemu64", **kwargs)  # type: ignore[arg-type]
         self.xen = xen

@@ -126,12 +126,15 @@ def save_cmd(source: str, dest: str, level: int | None, restorable: bool, thread
              block_pages: int, no_sync: bool, vmcoreinfo_file: str | None, vmcoreinfo_at: str | None,
              ranges: str | None, elfcorehdr: str | None, as_json: bool) -> None:
     """Filter SOURCE and save it as a khibernate image DEST (written to a temporary file beside DEST, fsync'd and
-    renamed when complete). The image is restorable only if SOURCE itself lost no more than zero and free pages."""
+    renamed when complete). The image is restorable only if SOURCE itself lost no more than zero and free pages.
+    A Xen host's vmcore is saved at -d 1 by default (dom0's page classes need its p2m: -d 2-16 are refused)."""
+    from khibernate.image import xen
     from khibernate.image.format import check_source_level, save_file
 
-    if level is None:
-        level, restorable = RESTORABLE_LEVEL, True
     with _open(source, ranges, elfcorehdr) as src:
+        if level is None:  # restorable by default; a Xen host's dump cannot be restored and drops zero pages only
+            level, restorable = (1, False) if xen.is_xen_dump(src) else (RESTORABLE_LEVEL, True)
+        xen.check_level(src, level)
         recorded = check_source_level(src, level, restorable)
         vmci = _vmcoreinfo(src, vmcoreinfo_file, vmcoreinfo_at, required=bool(level & ~1))
         total = sum(r.size for r in src.ranges)
@@ -162,6 +165,11 @@ def describe(src: MemorySource, vmci: Vmcoreinfo | None) -> dict[str, Any]:
         d.update(osrelease=vmci.osrelease, build_id=vmci.build_id, page_size=vmci.page_size,
                  kerneloffset=hex(vmci.kerneloffset), crashtime=vmci.crashtime)
     d.update(src.describe())
+    from khibernate.image import xen
+
+    host = xen.read(src)
+    if host is not None:
+        d.update(host.describe())
     return d
 
 
@@ -237,7 +245,10 @@ def export_cmd(source: str, dest: str, fmt: str, compress: str, flat: bool, elf3
 
     if flat and fmt != "kdump":
         raise UsageErrorImage("--flat applies to --format kdump only")
+    from khibernate.image import xen
+
     with _open(source, ranges, elfcorehdr) as src:
+        xen.check_level(src, level or 0)
         vmci = _vmcoreinfo(src, vmcoreinfo_file, vmcoreinfo_at, required=bool((level or 0) & ~1))
         total = sum(r.size for r in src.ranges)
         t0 = time.monotonic()

@@ -111,7 +111,7 @@ def mem_limits(e820: list[Range]) -> tuple[int, int]:
 def info_size(cmdline: str, modules: list[Module], e820: list[Range]) -> int:
     """Bytes ``build_info`` returns for these inputs (to reserve its place before building it)."""
     strings = len(cmdline) + 1 + len(LOADER_NAME) + 1 + sum(len(m.cmdline) + 1 for m in modules)
-    return INFO.size + len(modules) * MODULE.size + len(e820) * MMAP_ENTRY.size + ((strings + 7) & ~7)
+    return (INFO.size + len(modules) * MODULE.size + len(e820) * MMAP_ENTRY.size + strings + 7) & ~7
 
 
 def build_info(base: int, cmdline: str, modules: list[tuple[int, int, str]], e820: list[Range]) -> bytes:

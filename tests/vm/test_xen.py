@@ -1,0 +1,176 @@
+"""Issue 25 in real VMs: a Xen 4.17 host (Debian's packages) with Debian's 6.1 as PV dom0, under QEMU/TCG.
+
+khibernate loads through the hypervisor: a dom0 panic boots khibernate's capture kernel, whose /proc/vmcore (the
+whole host, with Xen's notes) khibernate saves and exports, and crash opens the export with xen-syms; doctor's
+verdict on the host; Xen→Xen (`kexec load --vmm`) and from the new Xen, Xen→Linux.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.tiers import HINT, unavailable
+from vmtest import debian, xen
+from vmtest.xen import LOAD_VIRTIO_BLK, NATIVE_APPEND, XenVM
+
+pytestmark = pytest.mark.vm
+
+K = "khibernate"
+CAPTURE_APPEND = f"{NATIVE_APPEND} nr_cpus=1 irqpoll reset_devices"
+
+
+@pytest.fixture(scope="module")
+def host() -> tuple[xen.XenHypervisor, debian.CachedKernel]:
+    """The cached Xen and Debian kernel (setup fetched them; nothing is downloaded here)."""
+    x, k = xen.cached(), debian.cached_kernel()
+    if x is None or k is None:
+        unavailable(f"no cached Xen hypervisor or Debian kernel in {xen.XEN_CACHE} ({HINT} or "
+                    "`python3 -m vmtest.debian && python3 -m vmtest.xen`)")
+    return x, k
+
+
+@dataclasses.dataclass
+class CrashRun:
+    """What one host crash produced: doctor's verdict before it, the capture kernel's view, the saved image."""
+
+    doctor: str
+    doctor_json: dict
+    status: str
+    load_seconds: float
+    kexec_tools_seconds: float
+    info: dict
+    cmdline: str
+    image: Path
+    boot_seconds: float
+    console: str
+    timings: dict
+
+
+@pytest.fixture(scope="module")
+def dom0_crash(host, tmp_path_factory) -> CrashRun:
+    """Boot the host, ask doctor, load the capture kernel with kexec-tools (timed, then unloaded) and with
+    khibernate, crash dom0 (sysrq-c); in the capture kernel save /proc/vmcore and copy the image to the disk."""
+    x, k = host
+    out = tmp_path_factory.mktemp("xen-crash")
+    with XenVM(x, k, name="xen-dom0-crash", disk_mb=256) as vm:
+        boot = vm.milestones["ready"]
+        doctor = vm.run_status(f"{K} doctor", timeout=180)[1]
+        doctor_json = json.loads(vm.run_status(f"{K} doctor --json", timeout=180)[1])
+        t = time.monotonic()
+        vm.run(f"kexec -p /boot/bzImage --initrd=/boot/initrd.img --append='{CAPTURE_APPEND}'", timeout=300)
+        kt = time.monotonic() - t
+        assert "crash (kdump) image loaded: yes" in vm.run(f"{K} kdump status", timeout=120)
+        vm.run("kexec -p -u", timeout=120)
+        assert "crash (kdump) image loaded: no" in vm.run(f"{K} kdump status", timeout=120)
+        t = time.monotonic()
+        vm.run(f"{K} kdump load /boot/bzImage --initrd /boot/initrd.img --append '{CAPTURE_APPEND}'", timeout=300)
+        kh = time.monotonic() - t
+        status = vm.run(f"{K} kdump status", timeout=120)
+        vm.mark()
+        t0 = time.monotonic()
+        vm.send("echo c > /proc/sysrq-trigger")
+        vm.wait_for(r"Kernel panic - not syncing: sysrq triggered crash", timeout=120)
+        vm.wait_for(r"\(XEN\) .*Executing kexec image", timeout=120)
+        t1 = time.monotonic()
+        vm.wait_for(r"Linux version", timeout=180)
+        vm.wait_for_shell(timeout=400)
+        t2 = time.monotonic()
+        cmdline = vm.run("cat /proc/cmdline")
+        info = json.loads(vm.run(f"{K} image info /proc/vmcore --json", timeout=300))
+        vm.run(f"{K} image save /proc/vmcore /tmp/host.khi --threads 1", timeout=900)
+        size = int(vm.run("stat -c %s /tmp/host.khi").strip())
+        vm.run(f"{LOAD_VIRTIO_BLK}; dd if=/tmp/host.khi of=/dev/vda bs=1M conv=fsync 2>&1 | tail -1", timeout=600)
+        t3 = time.monotonic()
+        console = vm.console_text()
+    image = out / "host.khi"
+    with open(vm.disk, "rb") as src, open(image, "wb") as dst:
+        dst.write(src.read(size))
+    return CrashRun(doctor, doctor_json, status, kh, kt, info, cmdline, image, boot, console,
+                    {"crash_to_xen_kexec": t1 - t0, "to_capture_shell": t2 - t1, "save_and_copy": t3 - t2})
+
+
+def test_doctor_on_the_xen_host(dom0_crash):
+    """doctor says what works on a Xen dom0 (kexec, kdump through Xen) and what cannot (jump, watch) and why."""
+    d = dom0_crash.doctor_json
+    assert d["possible"]["kexec"] is True and d["possible"]["kdump"] is True, dom0_crash.doctor
+    assert d["possible"]["jump"] is False and d["possible"]["watch"] is False, dom0_crash.doctor
+    assert "preserve-context" in dom0_crash.doctor and "Xen" in dom0_crash.doctor, dom0_crash.doctor
+    assert "kexec : possible" in dom0_crash.doctor and "jump  : NOT possible" in dom0_crash.doctor
+
+
+def test_dom0_panic_boots_khibernate_capture_kernel(dom0_crash):
+    """khibernate's crash image went into Xen, and a dom0 panic made Xen boot it with the whole host's memory."""
+    r = dom0_crash
+    print(f"\n[xen] host boot {r.boot_seconds:.1f} s; kdump load: khibernate {r.load_seconds:.1f} s, kexec-tools "
+          f"{r.kexec_tools_seconds:.1f} s; {r.timings}")
+    assert "crash (kdump) image loaded: yes" in r.status
+    assert re.search(r"\belfcorehdr=0x[0-9a-f]+\b", r.cmdline), r.cmdline
+    assert "(XEN) Hardware Dom0 crashed" in r.console
+    notes = r.info["notes"]
+    assert "VMCOREINFO_XEN/0" in notes and "VMCOREINFO/0" in notes, notes  # Xen's and dom0's
+    assert "Xen/16777217" in notes and "Xen/16777218" in notes and "CORE/1" in notes, notes  # crash info, regs
+    assert r.info["osrelease"] == "6.1.0-57-amd64" or r.info["osrelease"].endswith("-amd64")
+    # the low memory the capture kernel reuses is read from the backup: the dump starts at 0
+    assert r.info["ranges"][0][0] == "0x0", r.info["ranges"]
+
+
+def test_crash_reads_the_exported_host_dump_with_xen_syms(dom0_crash, host, tmp_path):
+    """The saved image exports to an ELF vmcore that crash opens in Xen hypervisor mode with xen-syms."""
+    x, _ = host
+    elf = tmp_path / "host.elf"
+    subprocess.run([".venv/bin/python", "-m", "khibernate", "image", "verify", str(dom0_crash.image)], check=True,
+                   capture_output=True)
+    subprocess.run([".venv/bin/python", "-m", "khibernate", "image", "export", str(dom0_crash.image), str(elf),
+                    "--format", "elf"], check=True, capture_output=True)
+    r = subprocess.run(["crash", "-s", str(x.syms), str(elf)], input="sys\ndoms\nquit\n", capture_output=True,
+                       text=True, timeout=600)
+    out = r.stdout + r.stderr
+    assert "4.17" in out and re.search(r"DOMAIN", out), out[-3000:]
+
+
+def test_xen_to_xen_then_xen_to_linux(host):
+    """kexec load --vmm: a new Xen boots with dom0 (command lines split at '--'); from its dom0, Xen→Linux."""
+    x, k = host
+    marker = f"khb.marker={uuid.uuid4().hex[:12]}"
+    xen_args = xen.xen_cmdline(640, 256, "khb.xen=2")
+    with XenVM(x, k, name="xen-to-xen", extra_files=[(x.image, "/boot/xen")]) as vm:
+        first = vm.boot_id
+        append = f"{xen_args} -- {xen.DOM0_APPEND} {marker}"
+        plan = vm.run(f"{K} kexec load --vmm /boot/xen /boot/bzImage --initrd /boot/initrd.img --append '{append}' "
+                      "--dry-run", timeout=300)
+        assert "EM_386" in plan and "multiboot information" in plan, plan
+        vm.run(f"{K} kexec load --vmm /boot/xen /boot/bzImage --initrd /boot/initrd.img --append '{append}'",
+               timeout=300)
+        vm.mark()
+        t0 = time.monotonic()
+        vm.send(f"{K} kexec exec")
+        vm.wait_for(r"\(XEN\) Xen version 4\.17", timeout=180)
+        vm.wait_for(r"\(XEN\) Command line: .*khb\.xen=2", timeout=60)
+        vm.wait_for_shell(timeout=400)
+        second_xen = time.monotonic() - t0
+        assert vm.boot_id != first
+        assert marker in vm.run("cat /proc/cmdline").split()
+        assert vm.run("cat /sys/hypervisor/type").strip() == "xen"
+        vm.prepare()
+        # from the new Xen's dom0: Xen→Linux, the kernel booted natively on the whole machine
+        vm.run(f"{K} kexec load /boot/bzImage --initrd /boot/initrd-nopy.img --append '{NATIVE_APPEND} {marker}'",
+               timeout=300)
+        vm.mark()
+        t0 = time.monotonic()
+        vm.send(f"{K} kexec exec")
+        vm.wait_for(r"Linux version", timeout=180)
+        vm.wait_for_shell(timeout=300)
+        linux = time.monotonic() - t0
+        assert marker in vm.run("cat /proc/cmdline").split()
+        assert vm.run_status("test -e /sys/hypervisor/type && cat /sys/hypervisor/type")[1].strip() != "xen"
+        mem_kb = int(re.search(r"MemTotal:\s+(\d+)", vm.run("cat /proc/meminfo")).group(1))
+        assert mem_kb > 1024 * 1024, mem_kb  # the whole machine (1.5 GiB), not dom0's 640 MiB
+    print(f"\n[xen] Xen→Xen to the new dom0's shell {second_xen:.1f} s; Xen→Linux to its shell {linux:.1f} s")
