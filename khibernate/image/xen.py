@@ -17,9 +17,10 @@ import dataclasses
 import struct
 from typing import Any
 
-from khibernate.image.errors import UsageErrorImage
-from khibernate.image.sources.base import MemorySource
+from khibernate.image.errors import ImageError, UsageErrorImage
+from khibernate.image.sources.base import MemorySource, MemRange, Note
 from khibernate.image.vmcoreinfo import Vmcoreinfo
+from khibernate.image.x86_64 import X86_64
 from khibernate.layout import Layout
 
 XEN_NOTE = "Xen"
@@ -97,3 +98,157 @@ def check_level(src: MemorySource, level: int) -> None:
             f"dump level {level} needs Linux page classes, but this is a Xen host dump: dom0 is paravirtualised "
             "(its struct pages are indexed by pseudo-physical frames, the dump by machine frames), so only zero "
             "pages can be dropped here: use -d 1 (or 0)")
+
+
+# Xen's x86-64 layout (xen/arch/x86/include/asm/config.h): the hypervisor image lies in a 1 GiB-aligned GiB of
+# virtual space, its direct map of all machine memory from DIRECTMAP_VIRT_START; page_info count_info flags
+# (asm/mm.h, PG_shift(idx) = 64 - idx), as makedumpfile reads them
+XEN_IMAGE_SIZE = 1 << 30
+DIRECTMAP_VIRT_START = 0xFFFF830000000000
+PGC_ALLOCATED = 1 << 63
+PGC_XEN_HEAP = 1 << 62
+PGC_BROKEN = 1 << 57
+PGC_STATE = 3 << 55
+PGC_STATE_OFFLINED = 2 << 55
+PGC_STATE_FREE = 3 << 55
+XEN_FILTERS = ("dom0", "hypervisor")
+
+
+class XenAddressSpace(X86_64):
+    """Xen's virtual addresses: its image (from ``SYMBOL(pgd_l4)``'s GiB, at ``xen_phys_start``), everything else
+    (direct map, frame table) through its idle page table ``pgd_l4``; 4-level paging."""
+
+    def __init__(self, source: MemorySource, vmci: Vmcoreinfo, xen_phys_start: int):
+        self.source = source
+        self.vmci = vmci
+        self.image_base = vmci.symbol("pgd_l4") & ~(XEN_IMAGE_SIZE - 1)
+        self.kernel_image_size = XEN_IMAGE_SIZE
+        self.phys_base = xen_phys_start
+        self.l5 = False
+        self.sme_mask = 0
+        self.pgd_paddr = self.kernel_text_to_pa(vmci.symbol("pgd_l4"))
+        self._table_cache: dict[int, bytes] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameFilter:
+    """Which machine frames a Xen host dump keeps, from Xen's frame table (struct page_info per frame).
+
+    ``dom0`` is makedumpfile's ``-X``: the hypervisor's frames (Xen heap, in-use frames no domain owns) and dom0's;
+    guests' and free frames are dropped. ``hypervisor`` keeps the hypervisor's frames only (dom_xen's and dom_io's
+    included), dropping dom0's too. Frames without a page_info are dropped.
+    """
+
+    aspace: XenAddressSpace
+    frame_table: int
+    entry_size: int
+    off_count_info: int
+    off_domain: int
+    owners: frozenset[int]  # pickled domain pointers (page_info._domain) whose frames are kept
+    domains: dict[int, int]  # domain_id -> pickled pointer, for `describe`
+
+    def keep(self, pfn: int, n: int) -> bytearray:
+        """1 per kept frame of pfn..pfn+n."""
+        out = bytearray(n)
+        per_page = 4096 // self.entry_size
+        i = 0
+        while i < n:
+            first = pfn + i
+            k = min(n - i, per_page - first % per_page)
+            try:
+                raw = self.aspace.read(self.frame_table + first * self.entry_size, k * self.entry_size)
+            except ImageError:  # no page_info for these frames (a hole of the frame table)
+                i += k
+                continue
+            for j in range(k):
+                base = j * self.entry_size
+                (count_info,) = struct.unpack_from("<Q", raw, base + self.off_count_info)
+                (owner,) = struct.unpack_from("<I", raw, base + self.off_domain)
+                out[i + j] = self._kept(count_info, owner)
+            i += k
+        return out
+
+    def _kept(self, count_info: int, owner: int) -> int:
+        if count_info & PGC_XEN_HEAP:
+            return 1
+        state = count_info & PGC_STATE
+        if state in (PGC_STATE_FREE, PGC_STATE_OFFLINED) or count_info & PGC_BROKEN:
+            return 0
+        if not count_info & PGC_ALLOCATED or owner == 0:
+            return 1
+        return 1 if owner in self.owners else 0
+
+
+def _pickled(ptr: int) -> int:
+    """page_info._domain of a struct domain at ``ptr`` (a direct-map address as a frame number, Xen >= 3.4)."""
+    return ((ptr - DIRECTMAP_VIRT_START) >> 12) & 0xFFFFFFFF
+
+
+def frame_filter(src: MemorySource, mode: str) -> FrameFilter:
+    """The frame filter of a Xen host dump (``mode`` 'dom0' or 'hypervisor'); UsageErrorImage elsewhere."""
+    dump = read(src)
+    if dump is None or dump.vmcoreinfo is None or not dump.xen_phys_start:
+        raise UsageErrorImage("--xen filters a Xen host's vmcore (VMCOREINFO_XEN and Xen's crash info notes); this "
+                              "source has none")
+    if mode not in XEN_FILTERS:
+        raise UsageErrorImage(f"--xen takes {' or '.join(XEN_FILTERS)}, not {mode!r}")
+    vmci = dump.vmcoreinfo
+    aspace = XenAddressSpace(src, vmci, dump.xen_phys_start)
+    off_id, off_next = vmci.offset("domain.domain_id"), vmci.offset("domain.next_in_list")
+    domains: dict[int, int] = {}
+    ptr = aspace.read_u64(vmci.symbol("domain_list"))
+    while ptr and len(domains) < 1 << 15:
+        domains[struct.unpack("<H", aspace.read(ptr + off_id, 2))[0]] = _pickled(ptr)
+        ptr = aspace.read_u64(ptr + off_next)
+    if mode == "dom0":
+        if 0 not in domains:
+            raise UsageErrorImage("Xen's domain list in this dump has no dom0")
+        owners = {domains[0]}
+    else:
+        owners = {_pickled(aspace.read_u64(vmci.symbol(s))) for s in ("dom_xen", "dom_io", "dom_cow")
+                  if vmci.has(f"SYMBOL({s})")}
+    return FrameFilter(aspace, aspace.read_u64(vmci.symbol("frame_table")), vmci.size("page_info"),
+                       vmci.offset("page_info.count_info"), vmci.offset("page_info._domain"), frozenset(owners),
+                       domains)
+
+
+class XenFilteredSource(MemorySource):
+    """A Xen host dump seen through a FrameFilter: dropped frames are absent (page_present_mask 0)."""
+
+    def __init__(self, inner: MemorySource, frames: FrameFilter):
+        self.inner = inner
+        self.frames = frames
+        self.page_size = inner.page_size
+        self.format_name = inner.format_name
+
+    @property
+    def ranges(self) -> tuple[MemRange, ...]:
+        return self.inner.ranges
+
+    @property
+    def notes(self) -> tuple[Note, ...]:
+        return self.inner.notes
+
+    @property
+    def dump_level(self) -> int:
+        return self.inner.dump_level
+
+    def read(self, paddr: int, size: int) -> bytes:
+        return self.inner.read(paddr, size)
+
+    def view(self, paddr: int, size: int) -> memoryview:
+        return self.inner.view(paddr, size)
+
+    def mapped_view(self, paddr: int, size: int) -> memoryview | None:
+        return self.inner.mapped_view(paddr, size)
+
+    def release(self, paddr: int, size: int) -> None:
+        self.inner.release(paddr, size)
+
+    def page_present_mask(self, pfn: int, count: int) -> bytearray:
+        keep = self.frames.keep(pfn, count)
+        inner = self.inner.page_present_mask(pfn, count)
+        return keep if inner is None else bytearray(a & b for a, b in zip(inner, keep, strict=True))
+
+    def close(self) -> None:
+        self.inner.close()
