@@ -36,10 +36,12 @@ HYPERVISOR_MEMBER = "./boot/xen-4.17-amd64.gz"
 SYMS_MEMBER = "./usr/lib/debug/boot/xen-syms-4.17-amd64"
 DOM0_MODULES = {"xen-privcmd.ko": "kernel/drivers/xen/xen-privcmd.ko", "xenfs.ko": "kernel/drivers/xen/xenfs/xenfs.ko"}
 # Debian's 6.1 has virtio as modules: a capture kernel that writes its image to the test disk loads these in order
-VIRTIO_BLK = ("virtio", "virtio_ring", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci", "virtio_blk")
+VIRTIO_BLK = ("virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci", "virtio_blk")
 MODULES = {**DOM0_MODULES, **{f"{m}.ko": f"kernel/drivers/{'block' if m == 'virtio_blk' else 'virtio'}/{m}.ko"
                               for m in VIRTIO_BLK}}
-LOAD_VIRTIO_BLK = "; ".join(f"insmod /khb/{m}.ko" for m in VIRTIO_BLK)
+LOAD_VIRTIO_BLK = " && ".join([f"insmod /khb/{m}.ko" for m in VIRTIO_BLK]
+                              + ["n=0; while [ ! -b /dev/vda ] && [ $n -lt 50 ]; do sleep 0.2; n=$((n + 1)); done",
+                                 "test -b /dev/vda"])
 # dom0's console is Xen's (hvc0 -> COM1); the agent is on COM2 as in every VM test
 DOM0_APPEND = "console=hvc0 earlyprintk=xen khibernate.agent=1 panic=-1 rootfstype=ramfs"
 # a Linux kernel booted natively by Xen's kexec (Xen is gone): the usual serial console
