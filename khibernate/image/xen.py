@@ -105,6 +105,7 @@ def check_level(src: MemorySource, level: int) -> None:
 # (asm/mm.h, PG_shift(idx) = 64 - idx), as makedumpfile reads them
 XEN_IMAGE_SIZE = 1 << 30
 DIRECTMAP_VIRT_START = 0xFFFF830000000000
+DIRECTMAP_VIRT_END = 0xFFFF880000000000
 PGC_ALLOCATED = 1 << 63
 PGC_XEN_HEAP = 1 << 62
 PGC_BROKEN = 1 << 57
@@ -128,6 +129,13 @@ class XenAddressSpace(X86_64):
         self.sme_mask = 0
         self.pgd_paddr = self.kernel_text_to_pa(vmci.symbol("pgd_l4"))
         self._table_cache: dict[int, bytes] = {}
+
+    def walk(self, va: int) -> tuple[int, int]:
+        """The direct map is linear (machine address = va - DIRECTMAP_VIRT_START), as makedumpfile reads it; the
+        rest through the page tables."""
+        if DIRECTMAP_VIRT_START <= va < DIRECTMAP_VIRT_END:
+            return va - DIRECTMAP_VIRT_START, 4096 - (va & 0xFFF)
+        return super().walk(va)
 
 
 @dataclasses.dataclass(frozen=True)
