@@ -50,7 +50,8 @@ class BytesSource(MemorySource):
 VMCOREINFO_XEN = (f"PAGESIZE=4096\nSYMBOL(domain_list)={XEN_VIRT + 0x100000:x}\nSYMBOL(frame_table)="
                   f"{XEN_VIRT + 0x100008:x}\nSYMBOL(max_page)={XEN_VIRT + 0x100010:x}\nSIZE(page_info)=32\n"
                   "SIZE(domain)=2304\nOFFSET(page_info.count_info)=8\nOFFSET(page_info._domain)=24\n"
-                  f"OFFSET(domain.domain_id)=0\nOFFSET(domain.next_in_list)=136\nSYMBOL(dom_xen)={XEN_VIRT + 0x100018:x}\n"
+                  "OFFSET(domain.domain_id)=0\nOFFSET(domain.next_in_list)=136\n"
+                  f"SYMBOL(dom_xen)={XEN_VIRT + 0x100018:x}\n"
                   f"SYMBOL(dom_io)={XEN_VIRT + 0x100020:x}\nSYMBOL(pgd_l4)={XEN_VIRT + 0x200000:x}\n")
 
 
