@@ -108,11 +108,35 @@ DIRECTMAP_VIRT_START = 0xFFFF830000000000
 DIRECTMAP_VIRT_END = 0xFFFF880000000000
 PGC_ALLOCATED = 1 << 63
 PGC_XEN_HEAP = 1 << 62
-PGC_BROKEN = 1 << 57
-PGC_STATE = 3 << 55
-PGC_STATE_OFFLINED = 2 << 55
-PGC_STATE_FREE = 3 << 55
 XEN_FILTERS = ("dom0", "hypervisor")
+
+
+@dataclasses.dataclass(frozen=True)
+class PgcLayout:
+    """Where page_info.count_info keeps 'broken' and the page state {inuse, offlining, offlined, free}: Xen 4.17
+    moved them (PGC_broken PG_mask(1, 4), PGC_state PG_mask(3, 6); before: (1, 7) and (3, 9), which makedumpfile
+    1.7.2 still assumes — on a 4.17 dump it reads count bits there and keeps every free frame)."""
+
+    broken: int
+    state_shift: int
+
+    def state(self, count_info: int) -> int:
+        """0 in use, 1 offlining, 2 offlined, 3 free."""
+        return (count_info >> self.state_shift) & 3
+
+
+PGC_SINCE_4_17 = PgcLayout(broken=1 << 60, state_shift=58)
+PGC_BEFORE_4_17 = PgcLayout(broken=1 << 57, state_shift=55)
+STATE_OFFLINED, STATE_FREE = 2, 3
+
+
+def pgc_layout(version: str) -> PgcLayout:
+    """The count_info layout of the Xen that wrote a dump ('4.17.7' and later: the new one)."""
+    try:
+        major, minor = (int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return PGC_SINCE_4_17
+    return PGC_SINCE_4_17 if (major, minor) >= (4, 17) else PGC_BEFORE_4_17
 
 
 class XenAddressSpace(X86_64):
@@ -154,6 +178,7 @@ class FrameFilter:
     off_domain: int
     owners: frozenset[int]  # pickled domain pointers (page_info._domain) whose frames are kept
     domains: dict[int, int]  # domain_id -> pickled pointer, for `describe`
+    pgc: PgcLayout = PGC_SINCE_4_17
 
     def keep(self, pfn: int, n: int) -> bytearray:
         """1 per kept frame of pfn..pfn+n."""
@@ -179,8 +204,7 @@ class FrameFilter:
     def _kept(self, count_info: int, owner: int) -> int:
         if count_info & PGC_XEN_HEAP:
             return 1
-        state = count_info & PGC_STATE
-        if state in (PGC_STATE_FREE, PGC_STATE_OFFLINED) or count_info & PGC_BROKEN:
+        if self.pgc.state(count_info) in (STATE_FREE, STATE_OFFLINED) or count_info & self.pgc.broken:
             return 0
         if not count_info & PGC_ALLOCATED or owner == 0:
             return 1
@@ -192,8 +216,9 @@ def _pickled(ptr: int) -> int:
     return ((ptr - DIRECTMAP_VIRT_START) >> 12) & 0xFFFFFFFF
 
 
-def frame_filter(src: MemorySource, mode: str) -> FrameFilter:
-    """The frame filter of a Xen host dump (``mode`` 'dom0' or 'hypervisor'); UsageErrorImage elsewhere."""
+def frame_filter(src: MemorySource, mode: str, pgc: PgcLayout | None = None) -> FrameFilter:
+    """The frame filter of a Xen host dump (``mode`` 'dom0' or 'hypervisor'; ``pgc`` defaults to the layout of
+    the Xen version in the dump); UsageErrorImage for any other source."""
     dump = read(src)
     if dump is None or dump.vmcoreinfo is None or not dump.xen_phys_start:
         raise UsageErrorImage("--xen filters a Xen host's vmcore (VMCOREINFO_XEN and Xen's crash info notes); this "
@@ -217,7 +242,7 @@ def frame_filter(src: MemorySource, mode: str) -> FrameFilter:
                   if vmci.has(f"SYMBOL({s})")}
     return FrameFilter(aspace, aspace.read_u64(vmci.symbol("frame_table")), vmci.size("page_info"),
                        vmci.offset("page_info.count_info"), vmci.offset("page_info._domain"), frozenset(owners),
-                       domains)
+                       domains, pgc or pgc_layout(dump.version))
 
 
 class XenFilteredSource(MemorySource):

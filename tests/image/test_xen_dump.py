@@ -101,7 +101,7 @@ def _xen_machine() -> tuple[BytesSource, dict[str, int]]:
     for mfn in (0x200, 0x201):
         frame(mfn, alloc, pick(dom1))
     frame(0x300, xen.PGC_XEN_HEAP | 1, 0)
-    frame(0x301, xen.PGC_STATE_FREE, 0)
+    frame(0x301, 3 << 58, 0)  # PGC_state_free of Xen 4.17
     frame(0x302, alloc, pick(dom_xen))
     frame(0x303, 1, 0)
     return src, {"dom0": dom0}
@@ -148,3 +148,12 @@ def test_filtered_source_hides_dropped_frames():
     assert list(mask) == [0, 0, 1, 1]  # the guest's two frames; 0x202-3 have a zeroed page_info: in use, no owner
     with pytest.raises(UsageErrorImage, match="Xen host"):
         xen.frame_filter(BytesSource(()), "dom0")
+
+
+def test_count_info_layout_follows_the_xen_version():
+    """Xen 4.17 moved PGC_state and PGC_broken; a 4.17 dump's free frame is dropped with the 4.17 layout and kept
+    with the old one (which makedumpfile 1.7.2 applies to every Xen 4)."""
+    assert xen.pgc_layout("4.17.7") is xen.PGC_SINCE_4_17 and xen.pgc_layout("4.16.2") is xen.PGC_BEFORE_4_17
+    src, _ = _xen_machine()
+    assert xen.frame_filter(src, "dom0").keep(0x301, 1) == bytearray([0])
+    assert xen.frame_filter(src, "dom0", xen.PGC_BEFORE_4_17).keep(0x301, 1) == bytearray([1])
