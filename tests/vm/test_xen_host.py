@@ -217,7 +217,7 @@ def test_xen_to_xen_then_xen_to_linux(host):
         append = f"{xen_args} -- {xen.DOM0_APPEND} {marker}"
         # the new dom0's initrd: this one's root (initrd.img) plus /boot, so the new dom0 can kexec the kernel on
         vm.run("cd / && printf 'boot\\nboot/bzImage\\nboot/initrd-nopy.img\\n' | cpio -o -H newc > /tmp/boot.cpio "
-               "&& cat /boot/initrd.img /tmp/boot.cpio > /tmp/dom0.img", timeout=120)
+               "&& cat /tmp/boot.cpio /boot/initrd.img > /tmp/dom0.img", timeout=120)  # before the zstd part
         plan = vm.run(f"{K} kexec load --vmm /boot/xen /boot/bzImage --initrd /tmp/dom0.img --append '{append}' "
                       "--dry-run", timeout=300)
         assert "EM_386" in plan and "multiboot information" in plan, plan
