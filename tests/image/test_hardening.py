@@ -214,6 +214,30 @@ def test_vmcoreinfo_values_that_are_not_numbers(tmp_path: Path, bad: str) -> Non
             assert one_error_line(err), (cmd, err)
 
 
+ISSUE_18_VALUES = [("NUMBER(SECTION_SIZE_BITS)", v) for v in ("0", "11", "64", "200")] + \
+    [("NUMBER(MAX_PHYSMEM_BITS)", v) for v in ("0", "20")] + \
+    [("SIZE(mem_section)", "0"), ("SIZE(page)", "0"), ("OFFSET(page.flags)", "-5"), ("OFFSET(page.private)", "64"),
+     ("LENGTH(zone.free_area)", "0"), ("OFFSET(mem_section.section_mem_map)", "99999999999999"),
+     ("NUMBER(KERNEL_IMAGE_SIZE)", "0"), ("NUMBER(pgtable_l5_enabled)", "7"), ("PAGESIZE", "4097")]
+
+
+@pytest.mark.parametrize("key,value", ISSUE_18_VALUES, ids=[f"{k}={v}" for k, v in ISSUE_18_VALUES])
+def test_vmcoreinfo_numbers_no_kernel_can_have(synth: object, tmp_path: Path, key: str, value: str) -> None:
+    """A VMCOREINFO number outside what a kernel can have is one error naming it (was: a traceback from a
+    negative shift or a division by zero, or silently wrong classes for offsets outside struct page)."""
+    import dataclasses
+    import re
+
+    text = synth.vmcoreinfo  # type: ignore[attr-defined]
+    bad = re.sub(rf"^{re.escape(key)}=.*$", f"{key}={value}", text, flags=re.M)
+    assert bad != text, key
+    core = tmp_path / "core"
+    dataclasses.replace(synth, vmcoreinfo=bad).write_elf(core)  # type: ignore[call-overload]
+    code, _, err = run("save", str(core), str(tmp_path / "o.khi"), "-d", "31")
+    assert code != 0 and one_error_line(err) and key in err, err
+    assert not (tmp_path / "o.khi").exists()
+
+
 def test_non_ascii_osrelease_reads_back(tmp_path: Path) -> None:
     p = _elf_with_vmcoreinfo(tmp_path / "v", "OSRELEASE=6.12.0-\xe9t\xe9\nPAGESIZE=4096\n")
     code, _, err = run("save", str(p), str(tmp_path / "a.khi"), "-d", "1")
