@@ -414,6 +414,35 @@ def test_output_refuses_devices_fifos_and_symlinks(base: dict[str, Path], tmp_pa
     assert not list(tmp_path.glob(".*.partial"))
 
 
+@pytest.mark.parametrize("sig,status", [(15, 143), (2, 1)], ids=["SIGTERM", "SIGINT"])
+def test_signal_mid_write_leaves_no_partial_file(tmp_path: Path, sig: int, status: int) -> None:
+    """Issue 18: SIGTERM (how systemd stops the watch service) during a real `image save` removes the temporary
+    file as SIGINT does, and exits 143; before, the process died at once and left DEST's .partial behind."""
+    import signal
+    import subprocess
+    import sys
+
+    raw = tmp_path / "mem.raw"
+    raw.write_bytes(os.urandom(16 << 20))  # incompressible: zstd -19 takes seconds for it
+    dest = tmp_path / "out.khi"
+    child = subprocess.Popen([sys.executable, "-m", "khibernate", "image", "save", str(raw), str(dest), "-d", "0",
+                              "--ranges", "0-1000000", "--zstd-level", "19", "--threads", "1", "--block-pages", "16"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not [p for p in tmp_path.glob(".out.khi.*.partial") if p.stat().st_size > 0]:
+            assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+            time.sleep(0.02)
+        child.send_signal(signal.Signals(sig))
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == status, err
+    assert not list(tmp_path.glob(".*.partial")) and not dest.exists(), err
+    assert "Traceback" not in err, err
+
+
 def test_output_refuses_a_dest_replaced_meanwhile(tmp_path: Path) -> None:
     dest = tmp_path / "d"
     with pytest.raises(FileAccessError, match="while this write ran"):
