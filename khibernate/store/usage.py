@@ -66,21 +66,19 @@ def parse_blkid_export(text: str) -> dict[str, str]:
 
 
 def describe_signature(fields: dict[str, str]) -> str:
-    """What a blkid probe found, for a refusal: "an ext4 filesystem (LABEL=data, UUID=...)", "a dos partition
-    table", "an LVM2_member signature (raid)" ..."""
-    label = ", ".join(f"{k}={fields[k]}" for k in ("LABEL", "UUID", "PTUUID") if fields.get(k))
-    label = f" ({label})" if label else ""
+    """What a blkid probe found, for a refusal: "a filesystem of type ext4 (LABEL=data, UUID=...)", "a swap area",
+    "a RAID/LVM member of type LVM2_member", "a partition table of type dos" ..."""
+    ids = ", ".join(f"{k}={fields[k]}" for k in ("LABEL", "UUID", "PTUUID") if fields.get(k))
+    ids = f" ({ids})" if ids else ""
     kind = fields.get("TYPE", "")
-    usage = fields.get("USAGE", "")
+    if kind == "swap":
+        return f"a swap area{ids}"
     if kind:
-        what = {"filesystem": "filesystem", "crypto": "encrypted volume (LUKS)" if "LUKS" in kind else "encrypted "
-                "volume", "raid": "RAID/LVM member"}.get(usage, "signature")
-        if kind == "swap":
-            what = "swap area"
-        return f"a {kind} {what}{label}"
+        what = {"filesystem": "a filesystem", "crypto": "an encrypted volume", "raid": "a RAID/LVM member"}
+        return f"{what.get(fields.get('USAGE', ''), 'a signature')} of type {kind}{ids}"
     if fields.get("PTTYPE"):
-        return f"a {fields['PTTYPE']} partition table{label}"
-    return "a signature blkid recognises" + label
+        return f"a partition table of type {fields['PTTYPE']}{ids}"
+    return "a signature blkid recognises" + ids
 
 
 @dataclasses.dataclass(frozen=True)

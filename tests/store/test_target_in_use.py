@@ -71,11 +71,12 @@ def test_file_open_for_writing_elsewhere_is_refused_naming_the_process(tmp_path:
 def test_foreign_signature_is_refused_unless_forced_and_then_erased(tmp_path: Path) -> None:
     """A file holding an ext4 filesystem or a swap area: refused, naming it; --force erases it so that blkid no
     longer sees it (udev, mdadm or a mount would otherwise still take the store for a filesystem)."""
-    for what, cmd in (("ext4", [tool("mkfs.ext4"), "-q", "-F", "-L", "precious"]), ("swap", [tool("mkswap")])):
-        dev = blank(tmp_path, f"{what}.img")
+    for what, cmd in (("a filesystem of type ext4 (LABEL=precious", [tool("mkfs.ext4"), "-q", "-F", "-L", "precious"]),
+                      ("a swap area", [tool("mkswap")])):
+        dev = blank(tmp_path, f"{what[:8]}.img")
         subprocess.run([*cmd, dev], check=True, capture_output=True)
         code, out = init(dev)
-        assert code == 1 and f"a {what}" in out and "--force" in out, out
+        assert code == 1 and what in out and "--force" in out, out
         assert usage.signatures(dev)  # nothing was written
         code, out = init(dev, "--force")
         assert code == 0, out
@@ -110,8 +111,10 @@ def test_parsers() -> None:
     assert m[0].dev == (7, 1) and m[0].mountpoint == "/mnt/with space" and m[0].fstype == "ext4"
     assert m[1].source == "/dev/vdb"
     assert usage.parse_swaps("Filename Type Size Used Priority\n/dev/vdc partition 1 0 -2\n") == ["/dev/vdc"]
-    assert usage.describe_signature({"TYPE": "LVM2_member", "USAGE": "raid"}) == "a LVM2_member RAID/LVM member"
-    assert usage.describe_signature({"PTTYPE": "gpt", "PTUUID": "x"}) == "a gpt partition table (PTUUID=x)"
+    assert usage.describe_signature({"TYPE": "LVM2_member", "USAGE": "raid"}) == "a RAID/LVM member of type LVM2_member"
+    assert usage.describe_signature({"TYPE": "crypto_LUKS", "USAGE": "crypto"}) == \
+        "an encrypted volume of type crypto_LUKS"
+    assert usage.describe_signature({"PTTYPE": "gpt", "PTUUID": "x"}) == "a partition table of type gpt (PTUUID=x)"
 
 
 # ------------------------------------------------------------------------------------------------ loop devices
@@ -170,9 +173,9 @@ def test_whole_disk_with_a_mounted_partition_is_refused(tmp_path: Path) -> None:
         assert fsck.returncode == 0, fsck.stdout + fsck.stderr
         # unmounted: the partition table and the filesystem are foreign signatures, refused without --force
         code, out = init(disk)
-        assert code == 1 and "dos partition table" in out, out
+        assert code == 1 and "a partition table of type dos" in out, out
         code, out = init(part)
-        assert code == 1 and "ext4 filesystem" in out, out
+        assert code == 1 and "a filesystem of type ext4" in out, out
 
 
 def test_mounted_device_is_refused_and_a_slot_write_too(tmp_path: Path) -> None:
@@ -212,7 +215,7 @@ def test_ext4_on_a_whole_device_is_refused_unless_forced(tmp_path: Path) -> None
     with loop(img) as dev:
         subprocess.run([tool("mkfs.ext4"), "-q", "-L", "home", dev], check=True, capture_output=True)
         code, out = init(dev)
-        assert code == 1 and "ext4 filesystem (LABEL=home" in out, out
+        assert code == 1 and "a filesystem of type ext4 (LABEL=home" in out, out
         with pytest.raises(ForeignDataError):
             api.init(dev)
         assert init(dev, "--force")[0] == 0
