@@ -212,7 +212,7 @@ def signatures(path: str) -> list[str]:
         raise ProbeError("blkid (util-linux) is missing, so what the target holds cannot be checked: install "
                          "util-linux, or give --force to erase the target whatever it holds")
     r = subprocess.run([blkid, "-p", "-o", "export", path], capture_output=True, text=True, check=False)
-    if r.returncode == 2:  # nothing found
+    if r.returncode == 2 and not r.stderr.strip():  # nothing found (2 with a message: it could not look)
         return []
     if r.returncode == 8:
         return ["more than one signature (blkid calls it ambivalent; `wipefs " + path + "` lists them)"]

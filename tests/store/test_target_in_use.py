@@ -220,3 +220,4 @@ def test_ext4_on_a_whole_device_is_refused_unless_forced(tmp_path: Path) -> None
             api.init(dev)
         assert init(dev, "--force")[0] == 0
         assert usage.signatures(dev) == [] and api.read(dev).generation == 1
+
