@@ -111,9 +111,9 @@ class Store:
     @classmethod
     def create(cls, path: str, nr_slots: int = 2, *, force: bool = False, wait: float = LOCK_WAIT,
                say: Say = _say) -> Store:
-        """Make a new store on ``path`` (erasing the superblock area): refused when the target is in use (always)
-        or holds a store or a foreign signature - filesystem, swap, LVM/RAID/LUKS, partition table - unless
-        ``force``.  Returns the write handle of the new store."""
+        """Make a new store on ``path``: refused when the target is in use (always) or holds a store or a foreign
+        signature - filesystem, swap, LVM/RAID/LUKS, partition table - unless ``force``; then its first and last
+        MiB are zeroed and both superblock copies written.  Returns the write handle of the new store."""
         st = cls._open(path, True, wait, say)
         try:
             if not force:
