@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from khibernate.jump.api import JumpResult
     from khibernate.jump.loader import Plan
     from khibernate.store.handle import SlotCheck, Store
+    from khibernate.store.plan import SizeEstimate
+    from khibernate.store.superblock import Superblock
 
 DEFAULT_DEADLINE = 600.0
 
@@ -88,7 +90,7 @@ def check_kdump_sharing(opts: Options, kdump_loaded: bool) -> None:
             "first (`khibernate kdump unload`)")
 
 
-def preflight(opts: Options, st: Store | None = None) -> tuple[Any, SlotRecord, Any]:
+def preflight(opts: Options, st: Store | None = None) -> tuple[Superblock, SlotRecord, SizeEstimate]:
     """Every check that needs no write: doctor, target (writable, unused, a store), slot, size; returns (superblock,
     slot, estimate).  ``st``: the write handle the capture holds (else one is opened for the checks and closed)."""
     from khibernate.doctor import diagnose

@@ -69,10 +69,10 @@ def dir_mode(mode: int) -> int:
     return mode | (mode & 0o444) >> 2
 
 
-def fuse_options(*, allow_other: bool) -> dict[str, Any]:
+def fuse_options(*, allow_other: bool) -> dict[str, bool | str]:
     """The mount options: read-only, foreground, and the kernel checking the files' modes (default_permissions)."""
-    opts: dict[str, Any] = {"foreground": True, "nothreads": True, "ro": True, "fsname": "khibernate-view",
-                            "subtype": "khibernate", "default_permissions": True}
+    opts: dict[str, bool | str] = {"foreground": True, "nothreads": True, "ro": True,
+                                   "fsname": "khibernate-view", "subtype": "khibernate", "default_permissions": True}
     if allow_other:
         opts["allow_other"] = True
     return opts
