@@ -71,7 +71,10 @@ def check_unused(path: str) -> None:
 
 def check_no_other_writer(path: str) -> None:
     """DeviceInUseError when the regular file ``path`` is open for writing elsewhere (read lease refused)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return  # cannot look (a file this user may write but not read): the open for writing says the rest
     try:
         busy = usage.open_for_writing(fd)
     finally:

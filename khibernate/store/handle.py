@@ -99,7 +99,10 @@ class Store:
     def _lock(path: str, wait: float, say: Say) -> int:
         """An fd (read-only) on the target's own node holding the exclusive writer lock."""
         device.target_mode(path)  # a missing target or a wrong kind of file is said first
-        fd = os.open(usage.canonical_node(path), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fd = os.open(usage.canonical_node(path), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise StoreError(f"cannot open target {path}: {e.strerror} (run as root?)") from None
         if lock.acquire(fd, wait, lambda who: say(f"waiting up to {wait:g} s for {who}, which is writing the "
                                                    f"store on {path}")):
             return fd
