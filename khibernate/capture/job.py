@@ -51,6 +51,7 @@ class Job:
     mailbox: int
     zero_free: bool = False  # the saved kernel zeroes freed pages (init_on_free): a restore zeroes dropped ones
     again: bool = False  # restore: resume an image already resumed once (`khibernate resume --again`)
+    attempt: str = ""  # restore: the resume attempt's token (the slot is tried under it; khibernate.restore.attempt)
 
     def args(self) -> list[str]:
         """The ``khibernate.KEY=VALUE`` words for the command line."""
@@ -59,7 +60,8 @@ class Job:
                 f"{PREFIX}capacity={self.capacity:#x}", f"{PREFIX}level={self.level}", f"{PREFIX}image={self.image}",
                 f"{PREFIX}boot_id={self.boot_id}", f"{PREFIX}deadline={self.deadline:g}",
                 f"{PREFIX}mailbox={self.mailbox:#x}"] + ([f"{PREFIX}zero_free=1"] if self.zero_free else []) \
-            + ([f"{PREFIX}again=1"] if self.again else [])
+            + ([f"{PREFIX}again=1"] if self.again else []) \
+            + ([f"{PREFIX}attempt={self.attempt}"] if self.attempt else [])
 
     @property
     def image_uuid(self) -> bytes:
@@ -76,10 +78,13 @@ def parse(cmdline: str) -> Job | None:
     if "job" not in kv:
         return None
     try:
+        if kv.get("attempt") and len(bytes.fromhex(kv["attempt"])) != 16:
+            raise ValueError(f"attempt token {kv['attempt']!r} is not 32 hex digits")
         return Job(kind=kv["job"], target=kv["target"], store_uuid=kv["store"], slot=int(kv["slot"]),
                    offset=int(kv["offset"], 0), capacity=int(kv["capacity"], 0), level=int(kv["level"]),
                    image=str(uuidlib.UUID(kv["image"])), boot_id=kv["boot_id"], deadline=float(kv["deadline"]),
-                   mailbox=int(kv["mailbox"], 0), zero_free=kv.get("zero_free") == "1", again=kv.get("again") == "1")
+                   mailbox=int(kv["mailbox"], 0), zero_free=kv.get("zero_free") == "1", again=kv.get("again") == "1",
+                   attempt=kv.get("attempt", ""))
     except (KeyError, ValueError) as e:
         raise JobError(f"malformed khibernate job on the command line ({e!r})") from None
 

@@ -16,26 +16,39 @@ AGAIN_WARNING = ("--again resumes an image that was resumed before: the same ker
 
 @click.command("resume", epilog=AGAIN_WARNING)
 @click.option("--target", required=True, metavar="DEV", help="The store `khibernate hibernate --target` wrote.")
-@click.option("--again", is_flag=True, help="Resume an image already resumed once (see the warning below).")
+@click.option("--again", is_flag=True, help="Resume the newest image although a boot tried or resumed it before "
+              "(see the warning below).")
+@click.option("--attempt", metavar="TOKEN", help="Continue the resume attempt TOKEN (32 hex digits) once: for a boot "
+              "that re-entered this kernel to go on with the same attempt, whose slot is tried already (the "
+              "initramfs passes khibernate.resume_attempt=TOKEN). A token works once.")
 @capture_kernel_options
 @click.option("--append", default="", metavar="S", help="Extra capture-kernel command line words.")
-@click.option("--check", is_flag=True, help="Only say whether there is an image this boot would resume.")
-def resume_command(target: str, again: bool, kernel: str | None, capture_initrd: str | None, deadline: float,
-                   append: str, check: bool) -> None:
+@click.option("--check", is_flag=True, help="Only say whether there is an image this boot would resume (nothing is "
+              "marked or written).")
+def resume_command(target: str, again: bool, attempt: str | None, kernel: str | None, capture_initrd: str | None,
+                   deadline: float, append: str, check: bool) -> None:
     """Resume the kernel that `khibernate hibernate` saved in DEV, like swsusp's resume=: run it at early boot,
-    BEFORE any filesystem is mounted read-write (the initramfs-tools hook and systemd unit in initramfs/ do).
+    BEFORE any filesystem is mounted read-write (the initramfs-tools script in initramfs/ does).
 
     \b
-    On success this boot ends: a capture kernel writes the image back into memory and the saved kernel runs on,
-    and the slot is marked resumed before the first write, so the image is never resumed twice by accident.
-    Exit status 0: there was nothing to resume; 1: the image was refused (it is for another kernel build, memory
-    size or crash region, it is damaged, or it was resumed already) — nothing was written, boot on normally.
+    An image is tried once (swsusp's rule): the first boot that finds the newest hibernation image marks its
+    slot `tried` before any check, so whatever happens next — a refusal, a failure, a power cut — no later boot
+    resumes it (only --again does, on purpose). Then it is checked against this boot; on success this boot ends:
+    a capture kernel writes the image back into memory and the saved kernel runs on.
+    Exit status: 0 nothing to resume (DEV holds no hibernation image); 1 the image was not resumed — refused (it
+    is for another kernel build, memory size or crash region, or damaged) or tried or resumed before; nothing was
+    written to memory, boot on normally; 2 wrong usage.
+    With --check: 0 an image would be resumed, 1 it would be refused, 3 there is none.
     """
     from khibernate.errors import KhibernateError
     from khibernate.restore import resume as rs
 
+    if attempt and again:
+        raise click.UsageError("--attempt continues one attempt; it does not go with --again")
     opts = rs.Options(target=target, kernel=kernel, capture_initrd=capture_initrd, again=again, deadline=deadline,
-                      append=append)
+                      append=append, attempt=attempt)
+    if again and not check:
+        click.echo(f"resume: --again: {AGAIN_WARNING}", err=True)
     try:
         if check:
             _, rec, img = rs.preflight(opts)
@@ -45,10 +58,13 @@ def resume_command(target: str, again: bool, kernel: str | None, capture_initrd:
         rs.run(opts, say=lambda m: click.echo(m, err=True))
     except rs.NothingToResume as e:
         click.echo(f"resume: {e}; booting normally", err=True)
-        return
+        sys.exit(3 if check else 0)
     except KhibernateError as e:
-        click.echo(f"resume: {e}; booting normally", err=True)
-        sys.exit(1)
+        click.echo(f"resume: {e}; {'it would not be resumed' if check else 'booting normally'}", err=True)
+        attempt_token = getattr(e, "attempt", None)
+        if attempt_token:
+            click.echo(f"resume: attempt {attempt_token}", err=True)
+        sys.exit(e.exit_code if e.exit_code == 2 else 1)
 
 
 @click.command("restore", epilog=AGAIN_WARNING)

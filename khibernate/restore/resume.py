@@ -1,12 +1,13 @@
 """`khibernate resume`: at early boot, bring back the kernel that `khibernate hibernate` saved.
 
-read → plan → check, then the jump: the store's newest hibernation image not yet resumed is checked against this
-boot (kernel release and build, memory ranges, crash region: :mod:`khibernate.restore.checks`); then the capture
-kernel is loaded with a ``restore`` job and entered.  It checks the whole image again, marks the slot resumed,
-writes the image into this kernel's memory and enters the saved kernel — this boot never continues.  If the
-capture kernel refuses (before any write), it jumps back and this boot carries on normally; that is the only
-way :func:`run` returns.  Run it before any filesystem is mounted read-write: the saved kernel has those
-filesystems mounted and its caches describe them as they were at hibernate time.
+The store's newest hibernation image is marked ``tried`` first, before any check can refuse it (an image is tried
+once: :mod:`khibernate.restore.attempt`).  Then it is checked against this boot (kernel release and build, memory
+ranges, crash region: :mod:`khibernate.restore.checks`), the capture kernel is loaded with a ``restore`` job for
+this attempt and entered.  It checks the whole image again, marks the slot resumed, writes the image into this
+kernel's memory and enters the saved kernel — this boot never continues.  If the capture kernel refuses (before any
+write), it jumps back and this boot carries on normally; that, and a refusal here, are the only ways :func:`run`
+returns (by raising).  Run it before any filesystem is mounted read-write: the saved kernel has those filesystems
+mounted and its caches describe them as they were at hibernate time.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import dataclasses
 import os
 import time
 import uuid as uuidlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from khibernate.errors import KhibernateError
-from khibernate.restore.checks import SavedImage, ThisBoot, check
-from khibernate.store.superblock import FLAG_HIBERNATE, SlotRecord, SlotState, Superblock
+from khibernate.restore.attempt import Attempt
+from khibernate.restore.checks import RestoreRefused, SavedImage, ThisBoot, check
+from khibernate.store.superblock import FLAG_HIBERNATE, HOLDS_IMAGE, SlotRecord, SlotState, Superblock
 
 
 class NothingToResume(KhibernateError):
@@ -28,7 +31,17 @@ class NothingToResume(KhibernateError):
 
 
 class ResumeError(KhibernateError):
-    """The resume was refused or failed before any write: this boot continues normally."""
+    """The resume was refused or failed before any write to memory: this boot continues normally.
+
+    ``attempt`` is the token (32 hex digits) of the attempt this run started or continued — the slot is marked tried
+    under it — or None when the refusal came before any slot was marked; a boot that re-enters this kernel for the
+    same attempt passes it on as ``khibernate.resume_attempt=TOKEN``.  ``differences`` lists what did not fit this
+    boot (RestoreRefused's list; empty for other failures)."""
+
+    def __init__(self, message: str, attempt: str | None = None, differences: Sequence[str] = ()):
+        super().__init__(message)
+        self.attempt = attempt
+        self.differences = list(differences)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,13 +54,30 @@ class Options:
     again: bool = False
     deadline: float = 600.0
     append: str = ""
+    attempt: str | None = None  # continue this attempt (its token, 32 hex digits) instead of starting one
+
+
+def newest_image(sb: Superblock) -> SlotRecord | None:
+    """The store's newest hibernation image, whatever became of it (complete, tried or resumed).  Only the newest is
+    ever resumed: an older complete one is staler still than the one a boot already tried."""
+    cands = [s for s in sb.slots if s.flags & FLAG_HIBERNATE and s.state in HOLDS_IMAGE]
+    return max(cands, key=lambda s: s.seq, default=None)
 
 
 def choose(sb: Superblock, again: bool = False) -> SlotRecord | None:
-    """The newest hibernation image that may be resumed: complete, or already resumed when ``again``."""
-    ok = {SlotState.COMPLETE, SlotState.RESUMED} if again else {SlotState.COMPLETE}
-    cands = [s for s in sb.slots if s.flags & FLAG_HIBERNATE and s.state in ok]
-    return max(cands, key=lambda s: s.seq, default=None)
+    """The hibernation image to resume: the newest one when it is complete (never tried), or with ``again`` also
+    when a boot tried or resumed it before; None otherwise."""
+    rec = newest_image(sb)
+    return rec if rec is not None and (rec.state == SlotState.COMPLETE or again) else None
+
+
+def tried_before(target: str, rec: SlotRecord) -> str:
+    """Why the newest image is not resumed without --again: a boot found it before."""
+    what = {SlotState.TRIED: "a boot tried it before (the resume was refused, failed or interrupted, and that boot "
+                             "may have gone on and changed the disks)",
+            SlotState.RESUMED: "it was resumed before"}.get(rec.state, rec.state.name.lower())
+    return (f"slot {rec.index} of {target} holds hibernation image #{rec.seq}, and {what}: an image is tried once, "
+            "not resuming (`khibernate resume --again` resumes it on purpose)")
 
 
 def build_id_from_notes(data: bytes) -> str:
@@ -74,53 +104,95 @@ def this_kernel() -> ThisBoot:
                     osrelease=os.uname().release, build_id=build)
 
 
+def saved_image(target: str, rec: SlotRecord) -> SavedImage:
+    """What the slot's image says about the kernel it holds (header, trailer and tables checked)."""
+    from khibernate.store import api as store
+
+    src = store.open_slot(target, rec)
+    try:
+        return SavedImage.from_source(src)
+    finally:
+        src.close()
+
+
 def preflight(opts: Options) -> tuple[Superblock, SlotRecord, SavedImage]:
-    """The slot to resume and its image's identity, checked against this boot; nothing written.
-    NothingToResume when there is no image, RestoreRefused / store errors when it does not fit."""
+    """`resume --check`: the slot a resume would take and its image, checked against this boot; nothing written.
+    NothingToResume when there is no image, ResumeError when it was tried before, RestoreRefused / store errors
+    when it does not fit."""
     from khibernate.store import api as store
 
     sb = store.read(opts.target)
-    rec = choose(sb, opts.again)
+    rec = newest_image(sb)
     if rec is None:
-        resumed = [s.index for s in sb.slots if s.flags & FLAG_HIBERNATE and s.state == SlotState.RESUMED]
-        hint = (f" (slot {resumed[0]} holds an image resumed before: `khibernate resume --again` resumes it once "
-                "more)") if resumed else ""
-        raise NothingToResume(f"no hibernation image to resume in {opts.target}{hint}")
-    src = store.open_slot(opts.target, rec)
-    try:
-        img = SavedImage.from_source(src)
-    finally:
-        src.close()
+        raise NothingToResume(f"no hibernation image to resume in {opts.target}")
+    if choose(sb, opts.again) is None:
+        raise ResumeError(tried_before(opts.target, rec))
+    img = saved_image(opts.target, rec)
     check(img, this_kernel())
     return sb, rec, img
 
 
+def begin(opts: Options) -> Attempt:
+    """Start the attempt — the newest hibernation image's slot marked tried, before any check — or continue the one
+    ``opts.attempt`` names (once).  NothingToResume / ResumeError (nothing marked) otherwise."""
+    from khibernate.restore import attempt
+    from khibernate.store import api as store
+
+    if opts.attempt:
+        return attempt.resume_continued(opts.target, attempt.parse_token(opts.attempt))
+    sb = store.read(opts.target)
+    rec = newest_image(sb)
+    if rec is None:
+        raise NothingToResume(f"no hibernation image to resume in {opts.target}")
+    if choose(sb, opts.again) is None:
+        raise ResumeError(tried_before(opts.target, rec))
+    return attempt.start(opts.target, rec, sb.uuid)
+
+
 def run(opts: Options, say: Any = print) -> NoReturn:
-    """Resume the saved kernel: on success this boot ends inside; otherwise raises ResumeError / NothingToResume /
-    RestoreRefused with the reason, and this boot carries on."""
+    """Resume the saved kernel: on success this boot ends inside.  Otherwise raises NothingToResume (no image),
+    or ResumeError with the reason — carrying the attempt's token once a slot was marked tried — and this boot
+    carries on."""
+    att = begin(opts)
+    rec = att.slot
+    say(f"resume: slot {rec.index} of {opts.target}: {rec.osrelease}, {rec.length / 1e6:.1f} MB, hibernated "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(rec.created_ns / 1e9))} UTC; marked tried "
+        f"({'continuing' if att.continued else 'starting'} attempt {att.token_hex})"
+        + (" (--again)" if opts.again else ""))
+    try:
+        _check_and_jump(opts, att, say)
+    except ResumeError as e:
+        e.attempt = att.token_hex
+        raise
+    except KhibernateError as e:
+        diffs = e.differences if isinstance(e, RestoreRefused) else []
+        raise ResumeError(str(e), attempt=att.token_hex, differences=diffs) from e
+
+
+def _check_and_jump(opts: Options, att: Attempt, say: Any) -> NoReturn:
+    """Every check against this boot, then the restore job's jump; raises on a refusal (the boot goes on)."""
     from khibernate.capture.job import Job
     from khibernate.capture.mailbox import Mailbox, MailboxError
     from khibernate.capture.snapshot import capture_initrd_for, console_args, default_kernel
     from khibernate.jump import api as jump
 
     t0 = time.monotonic()
-    sb, rec, img = preflight(opts)
+    rec = att.slot
+    check(saved_image(opts.target, rec), this_kernel())
     kernel = opts.kernel or default_kernel()
     initrd, _ = capture_initrd_for(kernel, opts.target, opts.capture_initrd)
     boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    image = str(uuidlib.UUID(bytes=rec.image_uuid))
     box = Mailbox(rec.image_uuid)
     cmdline = Path("/proc/cmdline").read_text()
-    job = Job("restore", opts.target, sb.uuid_str, rec.index, rec.offset, rec.capacity, rec.dump_level, image,
-              boot_id, opts.deadline, box.paddr, again=opts.again)
+    job = Job("restore", opts.target, str(uuidlib.UUID(bytes=att.store_uuid)), rec.index, rec.offset, rec.capacity,
+              rec.dump_level, str(uuidlib.UUID(bytes=rec.image_uuid)), boot_id, opts.deadline, box.paddr,
+              again=opts.again, attempt=att.token_hex)
     plan = jump.plan_jump(kernel, initrd, " ".join([*console_args(cmdline), opts.append, *job.args()]).strip())
-    say(f"resume: slot {rec.index} of {opts.target}: {rec.osrelease}, {rec.length / 1e6:.1f} MB, hibernated "
-        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(rec.created_ns / 1e9))} UTC"
-        + (" (resumed before: --again)" if rec.state == SlotState.RESUMED else ""))
     jump.load_plan(plan)
     if not box.still_at():
         jump.unload()
-        raise ResumeError("the mailbox page moved before the jump; run resume again")
+        raise ResumeError("the mailbox page moved before the jump; the image stays tried (`khibernate resume "
+                          "--again` tries it once more)")
     say(f"resume: checked against this boot in {time.monotonic() - t0:.2f} s; entering the capture kernel, which "
         "restores the saved kernel (this boot ends here unless it refuses)")
     jump.execute()

@@ -12,7 +12,7 @@ from typing import Any
 
 from khibernate.store import device
 from khibernate.store.errors import SlotError, StoreCorruptError, StoreError
-from khibernate.store.superblock import SlotRecord, SlotState, Superblock, new_superblock, newest
+from khibernate.store.superblock import HOLDS_IMAGE, SlotRecord, SlotState, Superblock, new_superblock, newest
 
 HEAD_READ = 1 << 16
 
@@ -169,7 +169,7 @@ def complete(path: str, store_uuid: bytes, reserved: SlotRecord, length: int, cr
 def verify_slot(path: str, index: int) -> SlotCheck:
     """verify_bytes for a complete slot, against the length and CRC its record holds."""
     rec = read(path).slot(index)
-    if rec.state not in (SlotState.COMPLETE, SlotState.RESUMED):
+    if rec.state not in HOLDS_IMAGE:
         raise SlotError(f"slot {index} is {rec.state.name.lower()}, it holds no complete image")
     return verify_bytes(path, rec, rec.length, rec.crc32)
 
@@ -179,7 +179,7 @@ def open_slot(path: str, rec: SlotRecord) -> Any:
     from khibernate.image.errors import ImageError
     from khibernate.image.format import KhiSource
 
-    if rec.state not in (SlotState.COMPLETE, SlotState.RESUMED) or rec.length == 0:
+    if rec.state not in HOLDS_IMAGE or rec.length == 0:
         raise SlotError(f"slot {rec.index} is {rec.state.name.lower()}, it holds no complete image")
     try:
         return KhiSource(path, base=rec.offset, length=rec.length)
@@ -192,7 +192,7 @@ def export(path: str, index: int, dest: str, fmt: str = "khi") -> int:
     from khibernate.image.atomic import atomic_output
 
     rec = read(path).slot(index)
-    if rec.state not in (SlotState.COMPLETE, SlotState.RESUMED):
+    if rec.state not in HOLDS_IMAGE:
         raise SlotError(f"slot {index} is {rec.state.name.lower()}: only complete images can be exported "
                         "(`target list`)")
     verify_bytes(path, rec, rec.length, rec.crc32)
