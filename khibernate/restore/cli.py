@@ -25,8 +25,11 @@ AGAIN_WARNING = ("--again resumes an image that was resumed before: the same ker
 @click.option("--append", default="", metavar="S", help="Extra capture-kernel command line words.")
 @click.option("--check", is_flag=True, help="Only say whether there is an image this boot would resume (nothing is "
               "marked or written).")
+@click.option("--discard", is_flag=True, help="Mark the newest hibernation image tried without resuming it, like "
+              "swsusp's `noresume` (the initramfs scripts run this for `noresume` on the kernel command line): this "
+              "boot goes on, and no later boot resumes the image (it stays for analysis and export).")
 def resume_command(target: str, again: bool, attempt: str | None, kernel: str | None, capture_initrd: str | None,
-                   deadline: float, append: str, check: bool) -> None:
+                   deadline: float, append: str, check: bool, discard: bool) -> None:
     """Resume the kernel that `khibernate hibernate` saved in DEV, like swsusp's resume=: run it at early boot,
     BEFORE any filesystem is mounted read-write (the initramfs-tools script in initramfs/ does).
 
@@ -45,11 +48,18 @@ def resume_command(target: str, again: bool, attempt: str | None, kernel: str | 
 
     if attempt and again:
         raise click.UsageError("--attempt continues one attempt; it does not go with --again")
+    if discard and (again or attempt or check):
+        raise click.UsageError("--discard marks the image tried and resumes nothing: it goes with no other mode")
     opts = rs.Options(target=target, kernel=kernel, capture_initrd=capture_initrd, again=again, deadline=deadline,
                       append=append, attempt=attempt)
     if again and not check:
         click.echo(f"resume: --again: {AGAIN_WARNING}", err=True)
     try:
+        if discard:
+            att = rs.discard(opts)
+            click.echo(f"resume: slot {att.slot.index} of {target} marked tried without resuming it (noresume); "
+                       "booting normally", err=True)
+            sys.exit(1)
         if check:
             _, rec, img = rs.preflight(opts)
             click.echo(f"resume: slot {rec.index} of {target} would be resumed ({img.osrelease}, "

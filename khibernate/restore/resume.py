@@ -24,6 +24,7 @@ from khibernate.errors import KhibernateError
 from khibernate.restore.attempt import Attempt
 from khibernate.restore.checks import RestoreRefused, SavedImage, ThisBoot, check
 from khibernate.store.superblock import FLAG_HIBERNATE, HOLDS_IMAGE, SlotRecord, SlotState, Superblock
+from khibernate.system import SystemRoot
 
 
 class NothingToResume(KhibernateError):
@@ -149,10 +150,30 @@ def begin(opts: Options) -> Attempt:
     return attempt.start(opts.target, rec, sb.uuid)
 
 
-def run(opts: Options, say: Any = print) -> NoReturn:
+def discard(opts: Options) -> Attempt:
+    """``noresume``: mark the newest hibernation image tried without resuming it (swsusp's noresume discards its
+    image the same way), so this boot may go on and change the disks; NothingToResume / ResumeError when there is no
+    untried image."""
+    return begin(dataclasses.replace(opts, again=False, attempt=None))
+
+
+def check_in_initrd(system: SystemRoot) -> None:
+    """ResumeError unless this runs from the initramfs (like systemd-hibernate-resume's "not running in initrd"):
+    after the switch to the real root the booted system may have mounted and written the filesystems that the
+    saved kernel holds in its caches."""
+    if not system.in_initrd():
+        from khibernate.system import root_fstype
+
+        fstype = root_fstype(system.read("/proc/1/mountinfo") or "") or "unknown"
+        raise ResumeError(f"not running in an initramfs (PID 1's root filesystem is {fstype}: this system has "
+                          "booted, and its filesystems may be mounted read-write already); resume runs from the "
+                          "initramfs before any filesystem is mounted (initramfs/initramfs-tools), not resuming")
+
+
+def run(opts: Options, say: Any = print, system: SystemRoot | None = None) -> NoReturn:
     """Resume the saved kernel: on success this boot ends inside.  Otherwise raises NothingToResume (no image),
     or ResumeError with the reason — carrying the attempt's token once a slot was marked tried — and this boot
-    carries on."""
+    carries on.  Refused outside an initramfs (``system``: where /proc is, ``/`` by default) after the mark."""
     att = begin(opts)
     rec = att.slot
     say(f"resume: slot {rec.index} of {opts.target}: {rec.osrelease}, {rec.length / 1e6:.1f} MB, hibernated "
@@ -160,6 +181,7 @@ def run(opts: Options, say: Any = print) -> NoReturn:
         f"({'continuing' if att.continued else 'starting'} attempt {att.token_hex})"
         + (" (--again)" if opts.again else ""))
     try:
+        check_in_initrd(system or SystemRoot())
         _check_and_jump(opts, att, say)
     except ResumeError as e:
         e.attempt = att.token_hex

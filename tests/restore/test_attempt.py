@@ -14,11 +14,12 @@ from khibernate.cli import cli
 from khibernate.restore import attempt
 from khibernate.restore.attempt import AttemptRefused
 from khibernate.restore.checks import RestoreRefused
-from khibernate.restore.resume import NothingToResume, Options, ResumeError, begin, choose, newest_image
+from khibernate.restore.resume import NothingToResume, Options, ResumeError, begin, choose, newest_image, run
 from khibernate.restore.run import prepare_slot
 from khibernate.store import api
 from khibernate.store.errors import StoreCorruptError
 from khibernate.store.superblock import FLAG_HIBERNATE, ResumeAttempt, SlotState, Superblock, new_superblock
+from khibernate.system import SystemRoot, root_fstype
 from tests.store.test_store import write_image
 
 MiB = 1 << 20
@@ -149,3 +150,55 @@ def test_resume_exit_statuses(tmp_path: Path, memfile: Path) -> None:
     assert api.read(complete).slot(0).state == SlotState.TRIED
     res = r.invoke(cli, ["resume", "--target", complete, "--attempt", "zz"])
     assert res.exit_code == 2, res.output
+
+
+INITRD_MOUNTINFO = ("1 1 0:2 / / rw - rootfs rootfs rw,size=497440k,nr_inodes=124360\n"
+                    "16 1 0:4 / /proc rw,relatime - proc proc rw\n")
+BOOTED_MOUNTINFO = ("27 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw,discard\n"
+                    "22 27 0:21 / /proc rw,relatime shared:12 - proc proc rw\n")
+
+
+def _root(tmp_path: Path, mountinfo: str, initrd_release: bool = False) -> SystemRoot:
+    (tmp_path / "proc/1").mkdir(parents=True)
+    (tmp_path / "proc/1/mountinfo").write_text(mountinfo)
+    if initrd_release:
+        (tmp_path / "etc").mkdir()
+        (tmp_path / "etc/initrd-release").write_text("NAME=initrd\n")
+    return SystemRoot(tmp_path)
+
+
+def test_in_initrd_reads_pid1_root() -> None:
+    assert root_fstype(INITRD_MOUNTINFO) == "rootfs" and root_fstype(BOOTED_MOUNTINFO) == "ext4"
+    # a chroot's view (initramfs-tools premount): PID 1's mountinfo still shows the initramfs root
+    assert root_fstype(INITRD_MOUNTINFO + "40 1 8:1 / /run/khibernate-root ro - ext4 /dev/sda1 ro\n") == "rootfs"
+    # over-mounted "/": the topmost mount counts
+    assert root_fstype(INITRD_MOUNTINFO + "50 1 8:1 / / rw - ext4 /dev/sda1 rw\n") == "ext4"
+    assert root_fstype("") is None
+
+
+def test_resume_outside_an_initramfs_is_refused_after_the_mark(tmp_path: Path, memfile: Path) -> None:
+    """The booted system (PID 1 on ext4) never resumes: the image is tried (a boot found it) and refused."""
+    (tmp_path / "s").mkdir()
+    dev = hibernation_store(tmp_path / "s", memfile)
+    booted = _root(tmp_path / "booted", BOOTED_MOUNTINFO)
+    assert not booted.in_initrd()
+    with pytest.raises(ResumeError, match="not running in an initramfs .*ext4") as e:
+        run(Options(target=dev), say=lambda m: None, system=booted)
+    assert e.value.attempt == api.read(dev).attempt.token.hex()  # type: ignore[union-attr]
+    assert api.read(dev).slot(0).state == SlotState.TRIED
+    # from an initramfs the same image gets past this check (and on to the next: this host has no crash region)
+    assert _root(tmp_path / "initrd", INITRD_MOUNTINFO).in_initrd()
+    assert _root(tmp_path / "systemd-initrd", BOOTED_MOUNTINFO, initrd_release=True).in_initrd()
+    with pytest.raises(ResumeError) as e:
+        run(Options(target=dev, again=True), say=lambda m: None, system=_root(tmp_path / "i2", INITRD_MOUNTINFO))
+    assert "initramfs" not in str(e.value)
+
+
+def test_noresume_discards_the_image(tmp_path: Path, memfile: Path) -> None:
+    """`resume --discard` (the scripts' answer to noresume): tried, never resumed by a later boot."""
+    dev = hibernation_store(tmp_path, memfile)
+    res = CliRunner().invoke(cli, ["resume", "--target", dev, "--discard"])
+    assert res.exit_code == 1 and "marked tried without resuming" in res.output, res.output
+    assert api.read(dev).slot(0).state == SlotState.TRIED
+    res = CliRunner().invoke(cli, ["resume", "--target", dev, "--discard"])
+    assert res.exit_code == 1 and "tried it before" in res.output
