@@ -109,23 +109,63 @@ def preflight(opts: Options) -> tuple[Any, SlotRecord, Any]:
     return sb, slot, est
 
 
-def run(opts: Options, say: Any = print) -> dict[str, Any]:
-    """Take one snapshot; returns the report (raises SnapshotError with the reason on failure)."""
-    from khibernate.capture.job import Job
-    from khibernate.capture.mailbox import Mailbox, MailboxError
-    from khibernate.jump import api as jump
+def hibernate_request(say: Any) -> dict[str, Any]:
+    """The mailbox request of a hibernate job: every read-write block filesystem and its on-disk state now (the
+    capture job writes them into the image; `resume` refuses when one changed); warns about those it cannot check."""
+    from khibernate.restore import filesystems
+
+    records = filesystems.record(Path("/proc/self/mountinfo").read_text())
+    for warning in filesystems.unchecked(records):
+        say(f"hibernate: warning: {warning}")
+    swaps = [line.split()[0] for line in (Path("/proc/swaps").read_text().splitlines()[1:]) if line.split()]
+    if swaps:
+        say(f"hibernate: warning: swap in use on {', '.join(swaps)}: a boot that swaps there before the resume "
+            "corrupts the swapped-out memory of the resumed processes (`swapoff -a` first, or boot nothing else)")
+    return {"request": "hibernate", "filesystems": [r.to_json() for r in records]}
+
+
+def mark_failed(opts: Options, reserved: SlotRecord, store_uuid: bytes, msg: str) -> SnapshotError:
+    """The error for a failed capture after the reservation, once its slot is marked bad.  If marking fails, the
+    error says so and what to do — for a hibernation the slot may hold a resumable image of this system, which runs
+    on: a later resume would overwrite everything it writes from now on."""
     from khibernate.store import api as store
+
+    i = reserved.index
+    try:
+        store.set_slot(opts.target, dataclasses.replace(reserved, state=SlotState.BAD, flags=0), store_uuid)
+    except (KhibernateError, OSError) as e:
+        danger = (f"it may still hold a resumable hibernation image of this system, which runs on: drop it now "
+                  f"(`khibernate target drop {opts.target} {i}`) — resuming it would overwrite everything written "
+                  "from now on") if opts.kind == "hibernate" else "its state is unknown (`khibernate target list`)"
+        return SnapshotError(f"{msg}; marking slot {i} bad FAILED ({e}): {danger}")
+    return SnapshotError(f"{msg}; slot {i} is marked bad, earlier images are untouched")
+
+
+@dataclasses.dataclass
+class _Planned:
+    """A snapshot ready to jump: the slot record to reserve, the mailbox, the jump plan, what it was built from."""
+
+    reserved: SlotRecord
+    box: Any  # Mailbox
+    plan: Any  # jump.JumpPlan
+    kernel: str
+    initrd: str
+
+
+def _plan(opts: Options, sb: Any, slot: SlotRecord, est: Any, say: Any) -> _Planned:
+    """Everything before the first write: capture kernel and initramfs, the job, its mailbox and the jump plan."""
+    from khibernate.capture.job import Job
+    from khibernate.capture.mailbox import Mailbox
+    from khibernate.jump import api as jump
     from khibernate.system import SystemRoot
 
-    t_start = time.monotonic()
-    sb, slot, est = preflight(opts)
     kernel = opts.kernel or default_kernel()
     initrd, reused = capture_initrd_for(kernel, opts.target, opts.capture_initrd)
     say(f"{opts.kind}: slot {slot.index} of {opts.target} ({slot.capacity / 2**20:.0f} MiB), {est.describe()}; "
         f"capture kernel {kernel}, initramfs {initrd}{' (cached)' if reused else ' (built)'}")
     image = uuidlib.uuid4()
     boot_id = _boot_id()
-    box = Mailbox(image.bytes)
+    box = Mailbox(image.bytes, hibernate_request(say) if opts.kind == "hibernate" else None)
     cmdline = Path("/proc/cmdline").read_text()
     # the deadline counts from the capture kernel's boot: the jump itself is excluded
     job = Job(opts.kind, opts.target, sb.uuid_str, slot.index, slot.offset, slot.capacity, opts.level, str(image),
@@ -133,32 +173,41 @@ def run(opts: Options, say: Any = print) -> dict[str, Any]:
               zero_free=zeroes_freed_pages(cmdline, SystemRoot().kernel_config()[0]))
     append = " ".join([*console_args(cmdline), opts.append, *job.args()]).strip()
     plan = jump.plan_jump(kernel, initrd, append, opts.mem_min, opts.mem_max)
-    # ---- writes start here: reserve the slot (the last good image stays untouched), load, jump
     reserved = dataclasses.replace(slot, state=SlotState.WRITING, seq=sb.next_seq(), length=0, crc32=0,
                                    dump_level=opts.level, image_uuid=image.bytes, created_ns=time.time_ns(),
                                    pages_stored=0, pages_excluded=0, boot_id=uuidlib.UUID(boot_id).bytes,
                                    osrelease=os.uname().release, flags=0)
+    return _Planned(reserved, box, plan, kernel, initrd)
+
+
+def run(opts: Options, say: Any = print) -> dict[str, Any]:
+    """Take one snapshot; returns the report (raises SnapshotError with the reason on failure)."""
+    from khibernate.capture.mailbox import MailboxError
+    from khibernate.jump import api as jump
+    from khibernate.store import api as store
+
+    t_start = time.monotonic()
+    sb, slot, est = preflight(opts)
+    p = _plan(opts, sb, slot, est, say)
+    reserved = p.reserved
+    # ---- writes start here: reserve the slot (the last good image stays untouched), load, jump
     store.set_slot(opts.target, reserved, sb.uuid)
 
     def fail(msg: str) -> SnapshotError:
-        with contextlib.suppress(KhibernateError, OSError):
-            store.set_slot(opts.target, dataclasses.replace(reserved, state=SlotState.BAD), sb.uuid)
-        return SnapshotError(f"{msg}; slot {slot.index} is marked bad, earlier images are untouched")
+        return mark_failed(opts, reserved, sb.uuid, msg)
 
     try:
-        jump.load_plan(plan)
+        jump.load_plan(p.plan)
     except KhibernateError as e:
         raise fail(f"loading the capture kernel failed: {e}") from None
-    if not box.still_at():
+    if not p.box.still_at():
         with contextlib.suppress(KhibernateError, OSError):
             jump.unload()
         raise fail("the mailbox page moved before the jump (memory compaction); run snapshot again")
-    if opts.kind == "hibernate":
-        say("hibernate: syncing filesystems, then jumping to the capture kernel; it saves this system and powers "
-            "the machine off (`khibernate resume` at the next boot brings it back)")
-        os.sync()
-    else:
-        say("snapshot: jumping to the capture kernel (this system pauses now)")
+    say("hibernate: syncing filesystems, then jumping to the capture kernel; it saves this system and powers the "
+        "machine off (`khibernate resume` at the next boot brings it back)" if opts.kind == "hibernate" else
+        "snapshot: syncing filesystems, then jumping to the capture kernel (this system pauses now)")
+    os.sync()  # before every jump: a capture kernel that never comes back must not take dirty data with it
     try:
         result = jump.execute()
     except KhibernateError as e:  # e.g. the freezer gave up (a task in D state): the jump never happened
@@ -168,7 +217,7 @@ def run(opts: Options, say: Any = print) -> dict[str, Any]:
     with contextlib.suppress(KhibernateError, OSError):
         jump.unload()  # the loaded image is the capture kernel's saved state: a fresh load serves the next snapshot
     try:
-        body = box.result()
+        body = p.box.result()
     except MailboxError as e:
         raise fail(str(e)) from None
     if not body.get("ok"):
@@ -177,24 +226,32 @@ def run(opts: Options, say: Any = print) -> dict[str, Any]:
         if not body.get("resumed"):
             raise fail(f"the capture kernel came back without powering off ({body.get('message') or body})")
         return resumed_report(opts, reserved, body, result.boottime_s, t_start)
+    return _completed(opts, sb, p, body, result.boottime_s, t_start, fail)
+
+
+def _completed(opts: Options, sb: Any, p: _Planned, body: dict[str, Any], pause: float, t_start: float,
+               fail: Any) -> dict[str, Any]:
+    """Back from a snapshot's capture kernel: read the slot back, mark it complete; the report."""
+    from khibernate.image.levels import PageClass
+    from khibernate.store import api as store
+
     try:
-        done, chk, freed = store.complete(opts.target, sb.uuid, reserved, int(body["length"]), int(body["crc32"]),
+        done, chk, freed = store.complete(opts.target, sb.uuid, p.reserved, int(body["length"]), int(body["crc32"]),
                                           pages_stored=int(body["pages_stored"]),
                                           pages_excluded=int(body["pages_excluded"]), keep=opts.keep)
     except KhibernateError as e:
         raise fail(f"the image read back from the target is wrong: {e}") from None
-    from khibernate.image.levels import PageClass
-
     classes = {c.name.lower(): int(body["class_counts"][c]) for c in PageClass}
-    return {"slot": done.index, "seq": done.seq, "image": str(image), "target": opts.target, "dump_level": opts.level,
+    return {"slot": done.index, "seq": done.seq, "image": str(uuidlib.UUID(bytes=p.reserved.image_uuid)),
+            "target": opts.target, "dump_level": opts.level,
             "bytes": chk.length, "pages_ram": body["pages_ram"], "pages_stored": body["pages_stored"],
             "pages_zero": body["pages_zero"], "pages_excluded": body["pages_excluded"], "classes": classes,
-            "pause_seconds": round(result.boottime_s, 3), "save_seconds": body.get("save_seconds"),
+            "pause_seconds": round(pause, 3), "save_seconds": body.get("save_seconds"),
             "throughput_mb_s": round(chk.length / 1e6 / body["save_seconds"], 1) if body.get("save_seconds") else None,
             "capture_job_started_uptime": body.get("job_started_uptime"),
             "capture_peak_used_bytes": body.get("peak_used_bytes"), "capture_peak_rss_kib": body.get("peak_rss_kib"),
             "capture_mem_available_start": body.get("mem_available_start"), "retired_slots": freed,
-            "capture_initrd": initrd, "capture_initrd_bytes": os.path.getsize(initrd), "kernel": kernel,
+            "capture_initrd": p.initrd, "capture_initrd_bytes": os.path.getsize(p.initrd), "kernel": p.kernel,
             "total_seconds": round(time.monotonic() - t_start, 3), "verified": True}
 
 

@@ -8,10 +8,11 @@ import click
 
 from khibernate.capture.cli import capture_kernel_options
 
-AGAIN_WARNING = ("--again resumes an image that was resumed before: the same kernel state runs a second time — "
-                 "the same random-number generator state, the same TCP connections and sequence numbers, the same "
-                 "half-done writes replayed against disks that have moved on. Use it for checkpoints you mean to "
-                 "re-run, on machines whose disks are copies made at hibernate time.")
+AGAIN_WARNING = ("--again resumes an image that a boot tried or resumed before: the same kernel state runs a second "
+                 "time — the same random-number generator state, the same TCP connections and sequence numbers, the "
+                 "same half-done writes replayed against disks that have moved on. Use it for checkpoints you mean "
+                 "to re-run, on machines whose disks are copies made at hibernate time; a filesystem mounted since "
+                 "hibernate is still refused unless --ignore-changed-filesystems is given too.")
 
 
 @click.command("resume", epilog=AGAIN_WARNING)
@@ -21,6 +22,10 @@ AGAIN_WARNING = ("--again resumes an image that was resumed before: the same ker
 @click.option("--attempt", metavar="TOKEN", help="Continue the resume attempt TOKEN (32 hex digits) once: for a boot "
               "that re-entered this kernel to go on with the same attempt, whose slot is tried already (the "
               "initramfs passes khibernate.resume_attempt=TOKEN). A token works once.")
+@click.option("--ignore-changed-filesystems", is_flag=True, help="With --again only: resume although a filesystem "
+              "that was mounted read-write at hibernate time was mounted since (its contents may have changed: the "
+              "resumed kernel writes its stale view over them). For disks restored from copies made at hibernate "
+              "time.")
 @capture_kernel_options
 @click.option("--append", default="", metavar="S", help="Extra capture-kernel command line words.")
 @click.option("--check", is_flag=True, help="Only say whether there is an image this boot would resume (nothing is "
@@ -28,19 +33,24 @@ AGAIN_WARNING = ("--again resumes an image that was resumed before: the same ker
 @click.option("--discard", is_flag=True, help="Mark the newest hibernation image tried without resuming it, like "
               "swsusp's `noresume` (the initramfs scripts run this for `noresume` on the kernel command line): this "
               "boot goes on, and no later boot resumes the image (it stays for analysis and export).")
-def resume_command(target: str, again: bool, attempt: str | None, kernel: str | None, capture_initrd: str | None,
-                   deadline: float, append: str, check: bool, discard: bool) -> None:
+def resume_command(target: str, again: bool, attempt: str | None, ignore_changed_filesystems: bool,
+                   kernel: str | None, capture_initrd: str | None, deadline: float, append: str, check: bool,
+                   discard: bool) -> None:
     """Resume the kernel that `khibernate hibernate` saved in DEV, like swsusp's resume=: run it at early boot,
     BEFORE any filesystem is mounted read-write (the initramfs-tools script in initramfs/ does).
 
     \b
     An image is tried once (swsusp's rule): the first boot that finds the newest hibernation image marks its
     slot `tried` before any check, so whatever happens next — a refusal, a failure, a power cut — no later boot
-    resumes it (only --again does, on purpose). Then it is checked against this boot; on success this boot ends:
-    a capture kernel writes the image back into memory and the saved kernel runs on.
+    resumes it (only --again does, on purpose). Refused outside an initramfs. Then it is checked against this
+    boot — kernel build, memory, crash region, and every ext2/3/4 filesystem that was mounted read-write at
+    hibernate time must be unmounted since (same mount count, last mount time, journal state; xfs, btrfs and
+    others cannot be checked: a warning says so) — and on success this boot ends: a capture kernel writes the
+    image back into memory and the saved kernel runs on.
     Exit status: 0 nothing to resume (DEV holds no hibernation image); 1 the image was not resumed — refused (it
-    is for another kernel build, memory size or crash region, or damaged) or tried or resumed before; nothing was
-    written to memory, boot on normally; 2 wrong usage.
+    is for another kernel build, memory size or crash region, a filesystem changed, it is damaged, or this is no
+    initramfs) or tried or resumed before, or discarded; nothing was written to memory, boot on normally;
+    2 wrong usage.
     With --check: 0 an image would be resumed, 1 it would be refused, 3 there is none.
     """
     from khibernate.errors import KhibernateError
@@ -48,10 +58,13 @@ def resume_command(target: str, again: bool, attempt: str | None, kernel: str | 
 
     if attempt and again:
         raise click.UsageError("--attempt continues one attempt; it does not go with --again")
+    if ignore_changed_filesystems and not again:
+        raise click.UsageError("--ignore-changed-filesystems goes only with --again: an image never resumed is "
+                               "never resumed over changed disks")
     if discard and (again or attempt or check):
         raise click.UsageError("--discard marks the image tried and resumes nothing: it goes with no other mode")
     opts = rs.Options(target=target, kernel=kernel, capture_initrd=capture_initrd, again=again, deadline=deadline,
-                      append=append, attempt=attempt)
+                      append=append, attempt=attempt, ignore_changed_filesystems=ignore_changed_filesystems)
     if again and not check:
         click.echo(f"resume: --again: {AGAIN_WARNING}", err=True)
     try:
@@ -61,7 +74,7 @@ def resume_command(target: str, again: bool, attempt: str | None, kernel: str | 
                        "booting normally", err=True)
             sys.exit(1)
         if check:
-            _, rec, img = rs.preflight(opts)
+            _, rec, img = rs.preflight(opts, say=lambda m: click.echo(m, err=True))
             click.echo(f"resume: slot {rec.index} of {target} would be resumed ({img.osrelease}, "
                        f"{rec.length / 1e6:.1f} MB)")
             return

@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 from khibernate.errors import KhibernateError
 from khibernate.restore.attempt import Attempt
-from khibernate.restore.checks import RestoreRefused, SavedImage, ThisBoot, check
+from khibernate.restore.checks import RestoreRefused, SavedImage, ThisBoot, differences
 from khibernate.store.superblock import FLAG_HIBERNATE, HOLDS_IMAGE, SlotRecord, SlotState, Superblock
 from khibernate.system import SystemRoot
 
@@ -56,6 +56,7 @@ class Options:
     deadline: float = 600.0
     append: str = ""
     attempt: str | None = None  # continue this attempt (its token, 32 hex digits) instead of starting one
+    ignore_changed_filesystems: bool = False  # with again only: resume although a recorded filesystem changed
 
 
 def newest_image(sb: Superblock) -> SlotRecord | None:
@@ -116,7 +117,32 @@ def saved_image(target: str, rec: SlotRecord) -> SavedImage:
         src.close()
 
 
-def preflight(opts: Options) -> tuple[Superblock, SlotRecord, SavedImage]:
+def problems(opts: Options, img: SavedImage, say: Any = print) -> list[str]:
+    """Everything that makes ``img`` wrong for this boot: its kernel and memory (checks.differences) and every
+    filesystem recorded at hibernate time that is missing or was mounted since (khibernate.restore.filesystems) —
+    the latter waived only by --again with --ignore-changed-filesystems, loudly.  Warns about the filesystems whose
+    changes cannot be seen.  Empty: resume."""
+    from khibernate.restore import filesystems
+
+    try:
+        out = differences(img, this_kernel())
+    except KhibernateError as e:
+        out = [str(e)]
+    if img.filesystems is None:
+        changed = ["the image records no filesystems (saved by an older khibernate, or not by `khibernate "
+                   "hibernate`): whether the disks changed since cannot be told"]
+    else:
+        changed = filesystems.differences(img.filesystems, filesystems.find_on_disks)
+        for warning in filesystems.unchecked(img.filesystems):
+            say(f"resume: warning: {warning}")
+    if changed and opts.again and opts.ignore_changed_filesystems:
+        for c in changed:
+            say(f"resume: WARNING: --again --ignore-changed-filesystems: resuming although {c}")
+        changed = []
+    return out + changed
+
+
+def preflight(opts: Options, say: Any = print) -> tuple[Superblock, SlotRecord, SavedImage]:
     """`resume --check`: the slot a resume would take and its image, checked against this boot; nothing written.
     NothingToResume when there is no image, ResumeError when it was tried before, RestoreRefused / store errors
     when it does not fit."""
@@ -129,7 +155,9 @@ def preflight(opts: Options) -> tuple[Superblock, SlotRecord, SavedImage]:
     if choose(sb, opts.again) is None:
         raise ResumeError(tried_before(opts.target, rec))
     img = saved_image(opts.target, rec)
-    check(img, this_kernel())
+    found = problems(opts, img, say)
+    if found:
+        raise RestoreRefused(found)
     return sb, rec, img
 
 
@@ -146,7 +174,12 @@ def begin(opts: Options) -> Attempt:
     if rec is None:
         raise NothingToResume(f"no hibernation image to resume in {opts.target}")
     if choose(sb, opts.again) is None:
-        raise ResumeError(tried_before(opts.target, rec))
+        try:  # say also what a resume --again would run into (nothing is marked: it is tried already)
+            found = problems(opts, saved_image(opts.target, rec), say=lambda m: None)
+        except (KhibernateError, OSError) as e:
+            found = [f"its image cannot be read ({e})"]
+        raise ResumeError(tried_before(opts.target, rec) + ("; besides: " + "; ".join(found) if found else ""),
+                          differences=found)
     return attempt.start(opts.target, rec, sb.uuid)
 
 
@@ -200,7 +233,9 @@ def _check_and_jump(opts: Options, att: Attempt, say: Any) -> NoReturn:
 
     t0 = time.monotonic()
     rec = att.slot
-    check(saved_image(opts.target, rec), this_kernel())
+    found = problems(opts, saved_image(opts.target, rec), say)
+    if found:
+        raise RestoreRefused(found)
     kernel = opts.kernel or default_kernel()
     initrd, _ = capture_initrd_for(kernel, opts.target, opts.capture_initrd)
     boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
