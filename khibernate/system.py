@@ -90,6 +90,13 @@ class SystemRoot:
         except OSError:
             return None
 
+    def read_bytes(self, rel: str) -> bytes | None:
+        """The file's bytes, or None if it does not exist or cannot be read."""
+        try:
+            return self._p(rel).read_bytes()
+        except OSError:
+            return None
+
     def read_int(self, rel: str) -> int | None:
         """The file's text as an integer (0x-hex or decimal), or None if absent, unreadable or not a number."""
         text = self.read(rel)

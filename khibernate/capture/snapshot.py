@@ -45,9 +45,15 @@ def _boot_id() -> str:
     return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
-def console_args(cmdline: str) -> list[str]:
-    """The console words of this kernel's command line, for the capture kernel's."""
-    return [w for w in cmdline.split() if w.startswith(("console=", "earlycon", "loglevel="))]
+CAPTURE_PANIC_SECONDS = 10
+
+
+def capture_args(cmdline: str) -> list[str]:
+    """The capture kernel's own words before the user's: the console words of this kernel's command line, and
+    ``panic=N`` — a capture kernel that panics resets the machine after N seconds instead of hanging with the first
+    kernel frozen forever (the first kernel cannot run on either way: only the capture kernel can jump back)."""
+    return [w for w in cmdline.split() if w.startswith(("console=", "earlycon", "loglevel="))] \
+        + [f"panic={CAPTURE_PANIC_SECONDS}"]
 
 
 def capture_initrd_for(kernel: str, target: str, given: str | None) -> tuple[str, bool]:
@@ -106,6 +112,9 @@ def preflight(opts: Options) -> tuple[Any, SlotRecord, Any]:
     splan.check_fits(slot, est)
     if opts.keep is not None and opts.keep < 1:
         raise SnapshotError("--keep must be at least 1")
+    from khibernate.capture import kernelcheck
+
+    kernelcheck.check(opts.kernel or default_kernel())  # one that cannot jump back would strand this system
     return sb, slot, est
 
 
@@ -171,7 +180,7 @@ def _plan(opts: Options, sb: Any, slot: SlotRecord, est: Any, say: Any) -> _Plan
     job = Job(opts.kind, opts.target, sb.uuid_str, slot.index, slot.offset, slot.capacity, opts.level, str(image),
               boot_id, opts.deadline, box.paddr,
               zero_free=zeroes_freed_pages(cmdline, SystemRoot().kernel_config()[0]))
-    append = " ".join([*console_args(cmdline), opts.append, *job.args()]).strip()
+    append = " ".join([*capture_args(cmdline), opts.append, *job.args()]).strip()
     plan = jump.plan_jump(kernel, initrd, append, opts.mem_min, opts.mem_max)
     reserved = dataclasses.replace(slot, state=SlotState.WRITING, seq=sb.next_seq(), length=0, crc32=0,
                                    dump_level=opts.level, image_uuid=image.bytes, created_ns=time.time_ns(),
@@ -226,7 +235,12 @@ def run(opts: Options, say: Any = print) -> dict[str, Any]:
         if not body.get("resumed"):
             raise fail(f"the capture kernel came back without powering off ({body.get('message') or body})")
         return resumed_report(opts, reserved, body, result.boottime_s, t_start)
-    return _completed(opts, sb, p, body, result.boottime_s, t_start, fail)
+    report = _completed(opts, sb, p, body, result.boottime_s, t_start, fail)
+    from khibernate.capture import kernelcheck
+
+    with contextlib.suppress(OSError):
+        kernelcheck.remember(p.kernel)  # this very image jumped back: proof for the next time
+    return report
 
 
 def _completed(opts: Options, sb: Any, p: _Planned, body: dict[str, Any], pause: float, t_start: float,

@@ -82,24 +82,14 @@ def tried_before(target: str, rec: SlotRecord) -> str:
             "not resuming (`khibernate resume --again` resumes it on purpose)")
 
 
-def build_id_from_notes(data: bytes) -> str:
-    """The GNU build-id (hex) in /sys/kernel/notes, '' if absent."""
-    from khibernate.image.elf import parse_notes
-
-    try:
-        notes = parse_notes(data)
-    except KhibernateError:
-        return ""
-    return next((n.desc.hex() for n in notes if n.name == "GNU" and n.type == 3), "")
-
-
 def this_kernel() -> ThisBoot:
     """This (freshly booted) kernel as a capture kernel will see it: the RAM a jump's elfcorehdr describes."""
+    from khibernate.image.elf import gnu_build_id
     from khibernate.jump.loader import SystemFacts, jump_ram
 
     facts = SystemFacts.read(with_notes=False)
     try:
-        build = build_id_from_notes(Path("/sys/kernel/notes").read_bytes())
+        build = gnu_build_id(Path("/sys/kernel/notes").read_bytes())
     except OSError:
         build = ""
     return ThisBoot(page_size=os.sysconf("SC_PAGE_SIZE"), ranges=tuple(jump_ram(facts)),
@@ -226,9 +216,10 @@ def run(opts: Options, say: Any = print, system: SystemRoot | None = None) -> No
 
 def _check_and_jump(opts: Options, att: Attempt, say: Any) -> NoReturn:
     """Every check against this boot, then the restore job's jump; raises on a refusal (the boot goes on)."""
+    from khibernate.capture import kernelcheck
     from khibernate.capture.job import Job
     from khibernate.capture.mailbox import Mailbox, MailboxError
-    from khibernate.capture.snapshot import capture_initrd_for, console_args, default_kernel
+    from khibernate.capture.snapshot import capture_args, capture_initrd_for, default_kernel
     from khibernate.jump import api as jump
 
     t0 = time.monotonic()
@@ -237,6 +228,7 @@ def _check_and_jump(opts: Options, att: Attempt, say: Any) -> NoReturn:
     if found:
         raise RestoreRefused(found)
     kernel = opts.kernel or default_kernel()
+    kernelcheck.check(kernel)  # it must jump back here when it refuses, and into the saved kernel when it restores
     initrd, _ = capture_initrd_for(kernel, opts.target, opts.capture_initrd)
     boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     box = Mailbox(rec.image_uuid)
@@ -244,7 +236,7 @@ def _check_and_jump(opts: Options, att: Attempt, say: Any) -> NoReturn:
     job = Job("restore", opts.target, str(uuidlib.UUID(bytes=att.store_uuid)), rec.index, rec.offset, rec.capacity,
               rec.dump_level, str(uuidlib.UUID(bytes=rec.image_uuid)), boot_id, opts.deadline, box.paddr,
               again=opts.again, attempt=att.token_hex)
-    plan = jump.plan_jump(kernel, initrd, " ".join([*console_args(cmdline), opts.append, *job.args()]).strip())
+    plan = jump.plan_jump(kernel, initrd, " ".join([*capture_args(cmdline), opts.append, *job.args()]).strip())
     jump.load_plan(plan)
     if not box.still_at():
         jump.unload()

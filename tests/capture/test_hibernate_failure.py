@@ -56,3 +56,14 @@ def test_first_kernel_failure_path_does_not_swallow_its_own_error(tmp_path: Path
     err = mark_failed(opts, rec, uuid.uuid4().bytes, "the capture kernel came back without powering off")
     assert "marking slot 1 bad FAILED" in str(err) and f"khibernate target drop {dev} 1" in str(err)
     assert "resumable hibernation image" in str(err)
+
+
+def test_capture_kernel_words_reset_a_panic() -> None:
+    """The capture kernel gets panic=N (a panic resets the machine instead of hanging with the first kernel
+    frozen), before the user's words so --append can change it, with this kernel's console words."""
+    from khibernate.capture.snapshot import CAPTURE_PANIC_SECONDS, capture_args
+
+    words = capture_args("BOOT_IMAGE=/vmlinuz root=/dev/sda1 console=ttyS0,115200 quiet loglevel=7")
+    assert words == ["console=ttyS0,115200", "loglevel=7", f"panic={CAPTURE_PANIC_SECONDS}"]
+    assert 0 < CAPTURE_PANIC_SECONDS <= 30
+

@@ -15,6 +15,7 @@ import pytest
 from khibernate.capture.job import Job, JobError, parse
 from khibernate.capture.source import AnnotatedSource
 from khibernate.image import vmcoreinfo
+from khibernate.image.elf import gnu_build_id as build_id_from_notes
 from khibernate.image.format import KhiSource, save_file
 from khibernate.image.sources import open_source
 from khibernate.ranges import Range
@@ -22,7 +23,7 @@ from khibernate.restore import checks
 from khibernate.restore.checks import RestoreRefused, SavedImage, ThisBoot, page_ranges
 from khibernate.restore.krestore import runs, write_image
 from khibernate.restore.oldmem import OldMemory, OldMemoryError
-from khibernate.restore.resume import build_id_from_notes, choose
+from khibernate.restore.resume import choose
 from khibernate.store.superblock import FLAG_HIBERNATE, SlotState, new_superblock
 from tests.image import synthkernel as sk
 
