@@ -212,6 +212,8 @@ def run(opts: Options, say: Any = print, system: SystemRoot | None = None) -> No
     except KhibernateError as e:
         diffs = e.differences if isinstance(e, RestoreRefused) else []
         raise ResumeError(str(e), attempt=att.token_hex, differences=diffs) from e
+    except OSError as e:
+        raise ResumeError(f"{e.filename or ''}: {e.strerror or e}; nothing was restored", attempt=att.token_hex) from e
 
 
 def _check_and_jump(opts: Options, att: Attempt, say: Any) -> NoReturn:
