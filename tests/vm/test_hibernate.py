@@ -181,9 +181,10 @@ def test_resume_refused_twice_then_again_and_swsusp(hibernated_612, tmp_path) ->
     h = hibernated_612
     resume_and_check(h, "hib-6.12-resume", "6.12 1 GiB 1 CPU")
     assert _slot_state(h["store"], h["slot"]) == "resumed"
-    # the same image a second time: refused before anything is touched, this boot goes on
-    with VM(kernel=h["kernel"], append="crashkernel=256M khibernate.resume=/dev/vda", memory_mb=1024,
-            disks=[h["store"], h["ext4"]], name="hib-6.12-twice", timeout=300) as vm:
+    # the same image a second time: refused before anything is touched, this boot goes on — also with the old
+    # khibernate.resume_again=1 on the command line, which used to resume the same image at every boot
+    with VM(kernel=h["kernel"], append="crashkernel=256M khibernate.resume=/dev/vda khibernate.resume_again=1",
+            memory_mb=1024, disks=[h["store"], h["ext4"]], name="hib-6.12-twice", timeout=300) as vm:
         assert vm.boot_id != h["boot_id"]
         text = vm.console_text()
         assert "it was resumed before" in text and "--again" in text and "booting normally" in text, text
