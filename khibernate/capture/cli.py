@@ -49,9 +49,10 @@ def snapshot_command(target: str, level: int | None, for_analysis: bool, export_
 
     \b
     The system pauses while a capture kernel, loaded fresh into the crashkernel= region, saves /proc/vmcore into
-    a free slot of DEV and jumps back. Filesystems are synced before the jump, and a capture kernel that cannot be
-    shown to jump back (CONFIG_KEXEC_JUMP: `khibernate doctor --kernel K`) is refused before anything is done. Then the slot is read back and checked, and only then marked complete:
-    a failed or interrupted snapshot never damages the last good image.
+    a free slot of DEV and jumps back. Then the slot is read back and checked, and only then marked complete:
+    a failed or interrupted snapshot never damages the last good image. Filesystems are synced before the jump,
+    and a capture kernel that cannot be shown to jump back (CONFIG_KEXEC_JUMP: `khibernate doctor --kernel K`)
+    is refused before anything is done.
       khibernate target init /dev/vdb
       khibernate snapshot --target /dev/vdb
       khibernate target export /dev/vdb 0 snap.khi

@@ -12,11 +12,19 @@ import dataclasses
 import os
 import time
 import uuid as uuidlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from khibernate.errors import KhibernateError
-from khibernate.store.superblock import SlotRecord, SlotState
+from khibernate.store.superblock import SlotRecord, SlotState, Superblock
+
+if TYPE_CHECKING:
+    from khibernate.capture.mailbox import Mailbox
+    from khibernate.jump.loader import Plan
+    from khibernate.store.plan import SizeEstimate
+
+Say = Callable[[str], object]
 
 DEFAULT_DEADLINE = 600.0
 
@@ -118,7 +126,7 @@ def preflight(opts: Options) -> tuple[Any, SlotRecord, Any]:
     return sb, slot, est
 
 
-def hibernate_request(say: Any) -> dict[str, Any]:
+def hibernate_request(say: Say) -> dict[str, Any]:
     """The mailbox request of a hibernate job: every read-write block filesystem and its on-disk state now (the
     capture job writes them into the image; `resume` refuses when one changed); warns about those it cannot check."""
     from khibernate.restore import filesystems
@@ -155,13 +163,13 @@ class _Planned:
     """A snapshot ready to jump: the slot record to reserve, the mailbox, the jump plan, what it was built from."""
 
     reserved: SlotRecord
-    box: Any  # Mailbox
-    plan: Any  # jump.JumpPlan
+    box: Mailbox
+    plan: Plan
     kernel: str
     initrd: str
 
 
-def _plan(opts: Options, sb: Any, slot: SlotRecord, est: Any, say: Any) -> _Planned:
+def _plan(opts: Options, sb: Superblock, slot: SlotRecord, est: SizeEstimate, say: Say) -> _Planned:
     """Everything before the first write: capture kernel and initramfs, the job, its mailbox and the jump plan."""
     from khibernate.capture.job import Job
     from khibernate.capture.mailbox import Mailbox
@@ -243,8 +251,8 @@ def run(opts: Options, say: Any = print) -> dict[str, Any]:
     return report
 
 
-def _completed(opts: Options, sb: Any, p: _Planned, body: dict[str, Any], pause: float, t_start: float,
-               fail: Any) -> dict[str, Any]:
+def _completed(opts: Options, sb: Superblock, p: _Planned, body: dict[str, Any], pause: float, t_start: float,
+               fail: Callable[[str], SnapshotError]) -> dict[str, Any]:
     """Back from a snapshot's capture kernel: read the slot back, mark it complete; the report."""
     from khibernate.image.levels import PageClass
     from khibernate.store import api as store

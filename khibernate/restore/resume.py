@@ -16,7 +16,7 @@ import dataclasses
 import os
 import time
 import uuid as uuidlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -107,7 +107,7 @@ def saved_image(target: str, rec: SlotRecord) -> SavedImage:
         src.close()
 
 
-def problems(opts: Options, img: SavedImage, say: Any = print) -> list[str]:
+def problems(opts: Options, img: SavedImage, say: Callable[[str], object] = print) -> list[str]:
     """Everything that makes ``img`` wrong for this boot: its kernel and memory (checks.differences) and every
     filesystem recorded at hibernate time that is missing or was mounted since (khibernate.restore.filesystems) —
     the latter waived only by --again with --ignore-changed-filesystems, loudly.  Warns about the filesystems whose
@@ -132,7 +132,7 @@ def problems(opts: Options, img: SavedImage, say: Any = print) -> list[str]:
     return out + changed
 
 
-def preflight(opts: Options, say: Any = print) -> tuple[Superblock, SlotRecord, SavedImage]:
+def preflight(opts: Options, say: Callable[[str], object] = print) -> tuple[Superblock, SlotRecord, SavedImage]:
     """`resume --check`: the slot a resume would take and its image, checked against this boot; nothing written.
     NothingToResume when there is no image, ResumeError when it was tried before, RestoreRefused / store errors
     when it does not fit."""
@@ -216,7 +216,7 @@ def run(opts: Options, say: Any = print, system: SystemRoot | None = None) -> No
         raise ResumeError(f"{e.filename or ''}: {e.strerror or e}; nothing was restored", attempt=att.token_hex) from e
 
 
-def _check_and_jump(opts: Options, att: Attempt, say: Any) -> NoReturn:
+def _check_and_jump(opts: Options, att: Attempt, say: Callable[[str], object]) -> NoReturn:
     """Every check against this boot, then the restore job's jump; raises on a refusal (the boot goes on)."""
     from khibernate.capture import kernelcheck
     from khibernate.capture.job import Job
