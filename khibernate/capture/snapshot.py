@@ -17,14 +17,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from khibernate.errors import KhibernateError
-from khibernate.store.superblock import SlotRecord, SlotState, Superblock
+from khibernate.store.superblock import SlotRecord, SlotState
 
 if TYPE_CHECKING:
     from khibernate.capture.mailbox import Mailbox
+    from khibernate.jump.api import JumpResult
     from khibernate.jump.loader import Plan
+    from khibernate.store.handle import SlotCheck, Store
     from khibernate.store.plan import SizeEstimate
-
-Say = Callable[[str], object]
+    from khibernate.store.superblock import Superblock
 
 DEFAULT_DEADLINE = 600.0
 
@@ -95,13 +96,13 @@ def check_kdump_sharing(opts: Options, kdump_loaded: bool) -> None:
             "first (`khibernate kdump unload`)")
 
 
-def preflight(opts: Options) -> tuple[Any, SlotRecord, Any]:
-    """Every check that needs no write: doctor, target, slot, size; returns (superblock, slot, estimate)."""
+def preflight(opts: Options, st: Store | None = None) -> tuple[Superblock, SlotRecord, SizeEstimate]:
+    """Every check that needs no write: doctor, target (writable, unused, a store), slot, size; returns (superblock,
+    slot, estimate).  ``st``: the write handle the capture holds (else one is opened for the checks and closed)."""
     from khibernate.doctor import diagnose
     from khibernate.image.pagefilter import check_level
-    from khibernate.store import api as store
-    from khibernate.store import device
     from khibernate.store import plan as splan
+    from khibernate.store.handle import Store
     from khibernate.system import SystemRoot
 
     d = diagnose(SystemRoot(), os.geteuid())
@@ -113,8 +114,10 @@ def preflight(opts: Options) -> tuple[Any, SlotRecord, Any]:
         raise SnapshotError(f"hibernate needs a restorable image: dump level {opts.level} drops pages the kernel "
                             "needs (use 0, 1, 16 or 17)")
     check_kdump_sharing(opts, SystemRoot().read_int("/sys/kernel/kexec_crash_loaded") == 1)
-    sb = store.read(opts.target)
-    device.check_writable(opts.target)  # read-only targets are refused here, before anything is written
+    if st is None:  # a write handle: read-only or busy targets are refused here, before anything is written
+        with Store.open(opts.target, write=True) as own:
+            return preflight(opts, own)
+    sb = st.refresh()
     slot = splan.choose_slot(sb)
     est = splan.estimate(sb, splan.parse_meminfo(Path("/proc/meminfo").read_text()))
     splan.check_fits(slot, est)
@@ -126,7 +129,7 @@ def preflight(opts: Options) -> tuple[Any, SlotRecord, Any]:
     return sb, slot, est
 
 
-def hibernate_request(say: Say) -> dict[str, Any]:
+def hibernate_request(say: Callable[[str], object]) -> dict[str, Any]:
     """The mailbox request of a hibernate job: every read-write block filesystem and its on-disk state now (the
     capture job writes them into the image; `resume` refuses when one changed); warns about those it cannot check."""
     from khibernate.restore import filesystems
@@ -141,15 +144,13 @@ def hibernate_request(say: Say) -> dict[str, Any]:
     return {"request": "hibernate", "filesystems": [r.to_json() for r in records]}
 
 
-def mark_failed(opts: Options, reserved: SlotRecord, store_uuid: bytes, msg: str) -> SnapshotError:
+def mark_failed(opts: Options, st: Store, reserved: SlotRecord, store_uuid: bytes, msg: str) -> SnapshotError:
     """The error for a failed capture after the reservation, once its slot is marked bad.  If marking fails, the
     error says so and what to do — for a hibernation the slot may hold a resumable image of this system, which runs
     on: a later resume would overwrite everything it writes from now on."""
-    from khibernate.store import api as store
-
     i = reserved.index
     try:
-        store.set_slot(opts.target, dataclasses.replace(reserved, state=SlotState.BAD, flags=0), store_uuid)
+        st.set_slot(dataclasses.replace(reserved, state=SlotState.BAD, flags=0), store_uuid)
     except (KhibernateError, OSError) as e:
         danger = (f"it may still hold a resumable hibernation image of this system, which runs on: drop it now "
                   f"(`khibernate target drop {opts.target} {i}`) — resuming it would overwrite everything written "
@@ -158,24 +159,23 @@ def mark_failed(opts: Options, reserved: SlotRecord, store_uuid: bytes, msg: str
     return SnapshotError(f"{msg}; slot {i} is marked bad, earlier images are untouched")
 
 
-@dataclasses.dataclass
-class _Planned:
-    """A snapshot ready to jump: the slot record to reserve, the mailbox, the jump plan, what it was built from."""
+def run(opts: Options, say: Any = print) -> dict[str, Any]:
+    """Take one snapshot; returns the report (raises SnapshotError with the reason on failure).  The store's
+    writer lock is held from the checks to the slot's completion: one open of the target for the whole capture."""
+    from khibernate.store.handle import Store
 
-    reserved: SlotRecord
-    box: Mailbox
-    plan: Plan
-    kernel: str
-    initrd: str
+    with Store.open(opts.target, write=True) as st:
+        return _run(opts, st, say)
 
 
-def _plan(opts: Options, sb: Superblock, slot: SlotRecord, est: SizeEstimate, say: Say) -> _Planned:
-    """Everything before the first write: capture kernel and initramfs, the job, its mailbox and the jump plan."""
+def _run(opts: Options, st: Store, say: Callable[[str], None]) -> dict[str, Any]:
     from khibernate.capture.job import Job
     from khibernate.capture.mailbox import Mailbox
     from khibernate.jump import api as jump
     from khibernate.system import SystemRoot
 
+    t_start = time.monotonic()
+    sb, slot, est = preflight(opts, st)
     kernel = opts.kernel or default_kernel()
     initrd, reused = capture_initrd_for(kernel, opts.target, opts.capture_initrd)
     say(f"{opts.kind}: slot {slot.index} of {opts.target} ({slot.capacity / 2**20:.0f} MiB), {est.describe()}; "
@@ -190,34 +190,46 @@ def _plan(opts: Options, sb: Superblock, slot: SlotRecord, est: SizeEstimate, sa
               zero_free=zeroes_freed_pages(cmdline, SystemRoot().kernel_config()[0]))
     append = " ".join([*capture_args(cmdline), opts.append, *job.args()]).strip()
     plan = jump.plan_jump(kernel, initrd, append, opts.mem_min, opts.mem_max)
+    # ---- writes start here: reserve the slot (the last good image stays untouched), load, jump
     reserved = dataclasses.replace(slot, state=SlotState.WRITING, seq=sb.next_seq(), length=0, crc32=0,
                                    dump_level=opts.level, image_uuid=image.bytes, created_ns=time.time_ns(),
                                    pages_stored=0, pages_excluded=0, boot_id=uuidlib.UUID(boot_id).bytes,
                                    osrelease=os.uname().release, flags=0)
-    return _Planned(reserved, box, plan, kernel, initrd)
-
-
-def run(opts: Options, say: Any = print) -> dict[str, Any]:
-    """Take one snapshot; returns the report (raises SnapshotError with the reason on failure)."""
-    from khibernate.capture.mailbox import MailboxError
-    from khibernate.jump import api as jump
-    from khibernate.store import api as store
-
-    t_start = time.monotonic()
-    sb, slot, est = preflight(opts)
-    p = _plan(opts, sb, slot, est, say)
-    reserved = p.reserved
-    # ---- writes start here: reserve the slot (the last good image stays untouched), load, jump
-    store.set_slot(opts.target, reserved, sb.uuid)
+    st.set_slot(reserved, sb.uuid)
 
     def fail(msg: str) -> SnapshotError:
-        return mark_failed(opts, reserved, sb.uuid, msg)
+        return mark_failed(opts, st, reserved, sb.uuid, msg)
+
+    result, body = _jump(opts, plan, box, fail, say)
+    if opts.kind == "hibernate":
+        if not body.get("resumed"):
+            raise fail(f"the capture kernel came back without powering off ({body.get('message') or body})")
+        return resumed_report(opts, reserved, body, result.boottime_s, t_start)
+    try:
+        done, chk, freed = st.complete(reserved, int(body["length"]), int(body["crc32"]),
+                                       pages_stored=int(body["pages_stored"]),
+                                       pages_excluded=int(body["pages_excluded"]), keep=opts.keep)
+    except KhibernateError as e:
+        raise fail(f"the image read back from the target is wrong: {e}") from None
+    from khibernate.capture import kernelcheck
+
+    with contextlib.suppress(OSError):
+        kernelcheck.remember(kernel)  # this very image jumped back: proof for the next time
+    return snapshot_report(opts, done, chk, freed, body, result.boottime_s, initrd, kernel, t_start)
+
+
+def _jump(opts: Options, plan: Plan, box: Mailbox, fail: Callable[[str], SnapshotError],
+          say: Callable[[str], None]) -> tuple[JumpResult, dict[str, Any]]:
+    """Load the capture kernel, jump, and read its result from the mailbox: (jump result, result body); a failure
+    on the way is ``fail(reason)`` raised (the slot marked bad)."""
+    from khibernate.capture.mailbox import MailboxError
+    from khibernate.jump import api as jump
 
     try:
-        jump.load_plan(p.plan)
+        jump.load_plan(plan)
     except KhibernateError as e:
         raise fail(f"loading the capture kernel failed: {e}") from None
-    if not p.box.still_at():
+    if not box.still_at():
         with contextlib.suppress(KhibernateError, OSError):
             jump.unload()
         raise fail("the mailbox page moved before the jump (memory compaction); run snapshot again")
@@ -234,46 +246,30 @@ def run(opts: Options, say: Any = print) -> dict[str, Any]:
     with contextlib.suppress(KhibernateError, OSError):
         jump.unload()  # the loaded image is the capture kernel's saved state: a fresh load serves the next snapshot
     try:
-        body = p.box.result()
+        body = box.result()
     except MailboxError as e:
         raise fail(str(e)) from None
     if not body.get("ok"):
         raise fail(f"the capture job failed: {body.get('message')}")
-    if opts.kind == "hibernate":
-        if not body.get("resumed"):
-            raise fail(f"the capture kernel came back without powering off ({body.get('message') or body})")
-        return resumed_report(opts, reserved, body, result.boottime_s, t_start)
-    report = _completed(opts, sb, p, body, result.boottime_s, t_start, fail)
-    from khibernate.capture import kernelcheck
-
-    with contextlib.suppress(OSError):
-        kernelcheck.remember(p.kernel)  # this very image jumped back: proof for the next time
-    return report
+    return result, body
 
 
-def _completed(opts: Options, sb: Superblock, p: _Planned, body: dict[str, Any], pause: float, t_start: float,
-               fail: Callable[[str], SnapshotError]) -> dict[str, Any]:
-    """Back from a snapshot's capture kernel: read the slot back, mark it complete; the report."""
+def snapshot_report(opts: Options, done: SlotRecord, chk: SlotCheck, freed: list[int], body: dict[str, Any],
+                    away: float, initrd: str, kernel: str, t_start: float) -> dict[str, Any]:
+    """The report of a snapshot whose slot was read back and marked complete."""
     from khibernate.image.levels import PageClass
-    from khibernate.store import api as store
 
-    try:
-        done, chk, freed = store.complete(opts.target, sb.uuid, p.reserved, int(body["length"]), int(body["crc32"]),
-                                          pages_stored=int(body["pages_stored"]),
-                                          pages_excluded=int(body["pages_excluded"]), keep=opts.keep)
-    except KhibernateError as e:
-        raise fail(f"the image read back from the target is wrong: {e}") from None
     classes = {c.name.lower(): int(body["class_counts"][c]) for c in PageClass}
-    return {"slot": done.index, "seq": done.seq, "image": str(uuidlib.UUID(bytes=p.reserved.image_uuid)),
+    return {"slot": done.index, "seq": done.seq, "image": str(uuidlib.UUID(bytes=done.image_uuid)),
             "target": opts.target, "dump_level": opts.level,
             "bytes": chk.length, "pages_ram": body["pages_ram"], "pages_stored": body["pages_stored"],
             "pages_zero": body["pages_zero"], "pages_excluded": body["pages_excluded"], "classes": classes,
-            "pause_seconds": round(pause, 3), "save_seconds": body.get("save_seconds"),
+            "pause_seconds": round(away, 3), "save_seconds": body.get("save_seconds"),
             "throughput_mb_s": round(chk.length / 1e6 / body["save_seconds"], 1) if body.get("save_seconds") else None,
             "capture_job_started_uptime": body.get("job_started_uptime"),
             "capture_peak_used_bytes": body.get("peak_used_bytes"), "capture_peak_rss_kib": body.get("peak_rss_kib"),
             "capture_mem_available_start": body.get("mem_available_start"), "retired_slots": freed,
-            "capture_initrd": p.initrd, "capture_initrd_bytes": os.path.getsize(p.initrd), "kernel": p.kernel,
+            "capture_initrd": initrd, "capture_initrd_bytes": os.path.getsize(initrd), "kernel": kernel,
             "total_seconds": round(time.monotonic() - t_start, 3), "verified": True}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from khibernate.store.errors import NoSpaceError
-from khibernate.store.superblock import HOLDS_IMAGE, SlotRecord, SlotState, Superblock
+from khibernate.store.superblock import SlotRecord, SlotState, Superblock
 
 # compressed/uncompressed ratio assumed for the first image of a store (zstd -1 on a busy kernel's kept pages
 # measured 0.3-0.6; below this a slot is "clearly too small")
@@ -19,7 +19,7 @@ def complete_slots(sb: Superblock) -> list[SlotRecord]:
 
 
 def choose_slot(sb: Superblock) -> SlotRecord:
-    """The slot a new image goes to: a free (or bad/resumed/tried/interrupted) one, else the oldest complete one that is
+    """The slot a new image goes to: a free (or bad/resumed/interrupted) one, else the oldest complete one that is
     not the newest; NoSpaceError if the only slot left holds the last good image."""
     reusable = sorted((s for s in sb.slots if s.state in REUSABLE), key=lambda s: (s.state != SlotState.FREE, s.seq))
     if reusable:
@@ -49,7 +49,7 @@ def retire(sb: Superblock, keep: int | None, *, protect: int | None = None) -> t
 def observed_ratio(sb: Superblock, page_size: int = 4096) -> float | None:
     """Largest bytes-per-stored-page / page_size of this store's complete images (the real compression ratio)."""
     ratios = [s.length / (s.pages_stored * page_size) for s in sb.slots
-              if s.state in HOLDS_IMAGE and s.pages_stored]
+              if s.holds_image and s.pages_stored]
     return max(ratios) if ratios else None
 
 

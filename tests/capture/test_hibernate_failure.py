@@ -47,13 +47,16 @@ def test_capture_kernel_withdraws_a_completed_hibernation_before_jumping_back(tm
 def test_first_kernel_failure_path_does_not_swallow_its_own_error(tmp_path: Path) -> None:
     """Marking the slot bad works: the plain message; it fails: the error says the image may be resumable and how
     to drop it (before, the failure was suppressed and 'marked bad' was claimed)."""
+    from khibernate.store.handle import Store
+
     dev, job = _store(tmp_path)
     rec = api.read(dev).slot(1)
     opts = Options(target=dev, kind="hibernate")
-    err = mark_failed(opts, rec, api.read(dev).uuid, "the capture kernel came back without powering off")
-    assert "slot 1 is marked bad" in str(err) and api.read(dev).slot(1).state == SlotState.BAD
-    api.set_slot(dev, rec)
-    err = mark_failed(opts, rec, uuid.uuid4().bytes, "the capture kernel came back without powering off")
+    with Store.open(dev, write=True) as st:  # the handle snapshot holds through the capture
+        err = mark_failed(opts, st, rec, st.sb.uuid, "the capture kernel came back without powering off")
+        assert "slot 1 is marked bad" in str(err) and st.refresh().slot(1).state == SlotState.BAD
+        st.set_slot(rec)
+        err = mark_failed(opts, st, rec, uuid.uuid4().bytes, "the capture kernel came back without powering off")
     assert "marking slot 1 bad FAILED" in str(err) and f"khibernate target drop {dev} 1" in str(err)
     assert "resumable hibernation image" in str(err)
 
