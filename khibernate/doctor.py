@@ -133,14 +133,52 @@ def region_finding(root: SystemRoot) -> Finding | None:
                    blocks=() if out.resumable else ("hibernate",))
 
 
-def diagnose(root: SystemRoot, euid: int) -> Diagnosis:
-    """Check every precondition of kexec, kdump and kexec jump on the system at ROOT."""
+XEN_NO_PRESERVE_CONTEXT = (
+    "Xen's kexec has only a default and a crash image, no preserve-context image: nothing can jump back to a Xen "
+    "host, so kexec jump, snapshot, hibernate and watch (all a jump and back) cannot work here")
+
+
+def _xen_findings(root: SystemRoot, guest_type: str, xen_crash_size: int | None) -> list[Finding]:
+    """A Xen PV domain: the hypervisor, not this kernel, loads and runs kexec images (kexec-tools and khibernate
+    hand them to Xen through /dev/xen/privcmd); its kexec has no preserve-context."""
+    out = [Finding("xen", True, f"a Xen {guest_type} domain: `khibernate kexec` and `kdump` load into the Xen "
+                                "hypervisor (kexec of the whole host: Xen→Linux, Xen→Xen with --vmm; kdump of dom0 "
+                                "and Xen crashes)"),
+           Finding("xen: no preserve-context", False, XEN_NO_PRESERVE_CONTEXT, blocks=("jump",))]
+    control = root.xen_control_domain()
+    if control is False:
+        out.append(Finding("xen control domain", False, "this is not dom0 (/proc/xen/capabilities has no "
+                                                        "control_d): only dom0 may load kexec images into Xen",
+                           blocks=("kexec", "kdump")))
+    elif control is None:
+        out.append(Finding("xen control domain", False, "/proc/xen is not mounted (mount -t xenfs xenfs /proc/xen): "
+                                                        "cannot tell whether this is dom0"))
+    if not (root.path / "dev/xen/privcmd").exists():
+        out.append(Finding("xen privcmd", False, "no /dev/xen/privcmd: load xen-privcmd (modprobe xen-privcmd) to "
+                                                 "reach the hypervisor", blocks=("kexec", "kdump")))
+    if xen_crash_size:
+        out.append(Finding("crash region", True, f"Xen's crash region: {xen_crash_size >> 20} MiB"))
+    elif xen_crash_size == 0:
+        out.append(Finding("crash region", False, "Xen reserved no crash region: add crashkernel=256M to Xen's "
+                                                  "command line (not dom0's)", blocks=("kdump",)))
+    else:
+        out.append(Finding("crash region", False, "cannot ask Xen for its crash region", unknown=("kdump",)))
+    return out
+
+
+def diagnose(root: SystemRoot, euid: int, xen_crash_size: int | None = None) -> Diagnosis:
+    """Check every precondition of kexec, kdump and kexec jump on the system at ROOT (``xen_crash_size``: the
+    size of the crash region the Xen hypervisor reports, read by the caller on a Xen dom0)."""
     f: list[Finding] = []
     if euid == 0:
         f.append(Finding("root", True, "running as root"))
     else:
         f.append(Finding("root", False, "not root: loading a kernel needs CAP_SYS_BOOT; run as root",
                          blocks=FEATURES))
+    guest_type = root.xen_guest_type()
+    if guest_type == "PV":
+        f.extend(_xen_findings(root, guest_type, xen_crash_size))
+        return Diagnosis(f, root.release())
 
     disabled = root.read_int("/proc/sys/kernel/kexec_load_disabled")
     if disabled:
@@ -217,24 +255,54 @@ def render(d: Diagnosis) -> str:
     return "\n".join(lines)
 
 
+def capture_kernel_finding(kernel: str, can_jump_back: bool | None, why: str) -> Finding:
+    """What `doctor --kernel K` says about a capture kernel: a jump into one that cannot jump back strands this
+    system, so anything but a proof blocks jump (and watch)."""
+    if can_jump_back:
+        return Finding("capture kernel", True, f"capture kernel {kernel} can jump back: {why}")
+    return Finding("capture kernel", False, f"capture kernel {kernel}: {why}; snapshot, hibernate, watch and resume "
+                                            "refuse it", blocks=("jump",))
+
+
 @click.command("doctor")
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 @click.option("--root", type=click.Path(exists=True, file_okay=False), default="/", show_default=True,
               help="Read /proc, /sys and /boot below this directory (for inspecting a copied tree).")
-def doctor_command(as_json: bool, root: str) -> None:
+@click.option("--kernel", type=click.Path(exists=True, dir_okay=False), metavar="BZIMAGE",
+              help="Also say whether this capture kernel can jump back (CONFIG_KEXEC_JUMP in its embedded config, "
+                   "the running kernel's own build, or an earlier round trip with this very image).")
+def doctor_command(as_json: bool, root: str, kernel: str | None) -> None:
     """Say what stops this machine from kexec, kdump, kexec jump and live crash capture (`watch`).
 
     Checks root, kernel.kexec_load_disabled, kernel lockdown (blocks kexec_load, which jump needs),
     CONFIG_KEXEC / CONFIG_CRASH_DUMP / CONFIG_KEXEC_JUMP (from /proc/config.gz or /boot/config-*),
     the crashkernel= region in /proc/iomem, what is loaded now, and for `watch` which events reach user space
     (kernel.panic_on_oops, panic_on_warn, softlockup_panic, hung_task_panic) and which detectors report.
+    On a Xen dom0: that kexec and kdump go through the hypervisor, Xen's crash region, and that jump, snapshot,
+    hibernate and watch cannot work (Xen's kexec has no preserve-context).
+    With --kernel, also whether that capture kernel can jump back.
     For `hibernate`: whether a resume boot reserves the same crash region (an address in crashkernel=, or KASLR
     off) and, where it may not (KASLR), whether the saved region is small enough for a resume to swap it free.
 
-    Exit status: 0 when a kexec jump is possible here, 1 otherwise.
+    Exit status: 0 when a kexec jump is possible here (into that capture kernel, with --kernel), 1 otherwise.
     """
     from pathlib import Path
 
-    d = diagnose(SystemRoot(Path(root)), os.geteuid())
+    system = SystemRoot(Path(root))
+    xen_crash = None
+    if root == "/" and system.xen_guest_type() == "PV":
+        from khibernate.errors import KhibernateError
+        from khibernate.jump import api
+
+        try:
+            xen_crash = api.xen_state().crash_size
+        except KhibernateError:
+            pass
+    d = diagnose(system, os.geteuid(), xen_crash)
+    if kernel is not None:
+        from khibernate.capture.kernelcheck import assess
+
+        v = assess(kernel, system)
+        d = Diagnosis([*d.findings, capture_kernel_finding(kernel, v.can_jump_back, v.why)], d.release)
     click.echo(json.dumps(d.to_json(), indent=1) if as_json else render(d))
     raise SystemExit(0 if d.possible("jump") else 1)

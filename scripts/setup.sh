@@ -12,7 +12,7 @@ fi
 
 PKGS="qemu-system-x86 kexec-tools busybox-static makedumpfile crash build-essential flex bison bc libelf-dev
       libssl-dev python3 python3-venv python3-dev python3-libkdumpfile zstd xz-utils
-      fuse3 gdb kmod"
+      fuse3 gdb kmod fdisk lz4"
 missing=""
 for p in $PKGS; do
   [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing="$missing $p"
@@ -33,6 +33,11 @@ echo "[setup] installing khibernate into .venv"
 # the -dbg package is ~860 MB (about 25 s from a Debian mirror); only its 630 MB vmlinux is kept
 echo "[setup] a Debian distribution kernel for the tests and its debug vmlinux (for crash), in ~/.cache/khibernate/debs"
 .venv/bin/python -m vmtest.debian
+
+# ~3.5 MB: Debian's Xen 4.17 hypervisor and its xen-syms, and dom0's xen-privcmd/xenfs (+ virtio) modules of the
+# Debian kernel above, for the Xen host VM tests (tests/vm/test_xen_host.py)
+echo "[setup] a Xen hypervisor for the Xen host tests, in ~/.cache/khibernate/xen"
+.venv/bin/python -m vmtest.xen
 
 echo "[setup] test kernels (built once from Debian's linux-source-6.12 and -7.3, then cached in ~/.cache/khibernate)"
 .venv/bin/python -m vmtest.kernel 6.12

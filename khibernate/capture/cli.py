@@ -51,24 +51,23 @@ def snapshot_command(target: str, level: int | None, for_analysis: bool, export_
     \b
     The system pauses while a capture kernel, loaded fresh into the crashkernel= region, saves /proc/vmcore into
     a free slot of DEV and jumps back. Then the slot is read back and checked, and only then marked complete:
-    a failed or interrupted snapshot never damages the last good image.
+    a failed or interrupted snapshot never damages the last good image. Filesystems are synced before the jump,
+    and a capture kernel that cannot be shown to jump back (CONFIG_KEXEC_JUMP: `khibernate doctor --kernel K`)
+    is refused before anything is done.
       khibernate target init /dev/vdb
       khibernate snapshot --target /dev/vdb
       khibernate target export /dev/vdb 0 snap.khi
     """
     from khibernate.capture import analysis
     from khibernate.capture import snapshot as snap
-    from khibernate.capture.watch import capture_lock
-    from khibernate.jump.api import RUN_DIR
+    from khibernate.jump import api as jump
+    from khibernate.lock import capture_or_refuse
 
     if level is None:
         level = analysis.ANALYSIS_LEVEL if for_analysis else 17
     opts = snap.Options(target=target, level=level, kernel=kernel, capture_initrd=capture_initrd, keep=keep,
                         deadline=deadline, append=append, mem_min=mem_min, mem_max=mem_max)
-    with capture_lock(RUN_DIR) as got:
-        if not got:
-            raise click.ClickException(f"another capture is running (`snapshot` or `watch` holds "
-                                       f"{RUN_DIR}/capture.lock): wait for it to finish, then run snapshot again")
+    with capture_or_refuse(jump.RUN_DIR, "snapshot"):
         report = snap.run(opts, say=lambda m: click.echo(m, err=True))
     if export_dir is not None:
         report["export"] = analysis.export_folder(target, report["slot"], analysis.dated_folder(export_dir))
@@ -98,14 +97,19 @@ def hibernate_command(target: str, level: int, kernel: str | None, capture_initr
     Filesystems are synced first (as swsusp does); the capture kernel writes the image, reads it back, marks it
     the one to resume, and powers off. If anything fails before that it jumps back and this system runs on
     (exit status 1, the slot marked bad, earlier images untouched). This command returns after the resume,
-    reporting it. Until then, do not mount the hibernated system's filesystems read-write from another boot:
-    resuming after the disks changed corrupts them. It says first whether a resume boot reserves the same crash
-    region (KASLR moves it; resume then swaps the saved region free) and refuses a setup whose resume would fail.
+    reporting it. The image is tried once: a boot that finds it and does not resume it (refused, noresume) marks
+    it tried. Every filesystem mounted read-write is recorded; the resume refuses an ext2/3/4 one that another boot
+    mounted in between. xfs, btrfs and others cannot be checked (a warning says so): do not mount them from another
+    boot before the resume — resuming after they changed corrupts them. It says first whether a resume boot reserves
+    the same crash region (KASLR moves it; resume then swaps the saved region free) and refuses a setup whose resume
+    would fail.
       khibernate target init /dev/vdb
       khibernate hibernate --target /dev/vdb        # ... power on ... khibernate resume --target /dev/vdb
     """
     from khibernate.capture import snapshot as snap
     from khibernate.doctor import region_finding
+    from khibernate.jump import api as jump
+    from khibernate.lock import capture_or_refuse
     from khibernate.system import SystemRoot
 
     opts = snap.Options(target=target, level=level, kernel=kernel, capture_initrd=capture_initrd, deadline=deadline,
@@ -113,7 +117,8 @@ def hibernate_command(target: str, level: int, kernel: str | None, capture_initr
     region = region_finding(SystemRoot())
     if region is not None:
         click.echo(f"hibernate: {region.message}", err=True)
-    report = snap.run(opts, say=lambda m: click.echo(m, err=True))
+    with capture_or_refuse(jump.RUN_DIR, "hibernate"):
+        report = snap.run(opts, say=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(report, indent=2) if as_json else
                f"resumed from slot {report['slot']} of {target} after {report['away_seconds']:.1f} s away; "
                f"restore wrote {report['restore'].get('bytes_written', 0) / 1e6:.0f} MB at "

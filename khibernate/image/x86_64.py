@@ -11,10 +11,11 @@ from collections.abc import Iterator
 
 from khibernate.image.errors import AddressError, MissingVmcoreinfoError
 from khibernate.image.sources.base import MemorySource
-from khibernate.image.vmcoreinfo import Vmcoreinfo
+from khibernate.image.vmcoreinfo import ADDRESS, Vmcoreinfo
 
 START_KERNEL_MAP = 0xFFFFFFFF80000000
 KERNEL_IMAGE_SIZE_DEFAULT = 1 << 30
+KERNEL_IMAGE_SIZES = (1 << 21, 1 << 31)  # 512 MiB or 1 GiB; the __START_KERNEL_map area is 2 GiB
 PTE_PRESENT = 1 << 0
 PTE_PSE = 1 << 7
 PTE_ADDR_MASK = 0x000FFFFFFFFFF000
@@ -22,15 +23,21 @@ _U64 = struct.Struct("<Q")
 
 
 class X86_64:
-    """Translates kernel VAs of one x86_64 kernel image using only its VMCOREINFO and memory."""
+    """Translates kernel VAs of one x86_64 kernel image using only its VMCOREINFO and memory.
+
+    ``image_base`` is where the image mapping starts (``__START_KERNEL_map`` for Linux; the Xen hypervisor's
+    translator in image/xen.py sets its own)."""
+
+    image_base = START_KERNEL_MAP
 
     def __init__(self, source: MemorySource, vmci: Vmcoreinfo):
         self.source = source
         self.vmci = vmci
         self.phys_base = vmci.number_or("phys_base", 0) or 0
-        self.l5 = bool(vmci.number_or("pgtable_l5_enabled", 0))
-        self.sme_mask = vmci.number_or("sme_mask", 0) or 0
-        self.kernel_image_size = vmci.number_or("KERNEL_IMAGE_SIZE", KERNEL_IMAGE_SIZE_DEFAULT) or 0
+        self.l5 = bool(vmci.number_or("pgtable_l5_enabled", 0, (0, 1)))
+        self.sme_mask = vmci.number_or("sme_mask", 0, ADDRESS) or 0
+        self.kernel_image_size = vmci.number_or("KERNEL_IMAGE_SIZE", KERNEL_IMAGE_SIZE_DEFAULT,
+                                                KERNEL_IMAGE_SIZES) or 0
         for name in ("init_top_pgt", "swapper_pg_dir"):
             if vmci.has(f"SYMBOL({name})"):
                 self.pgd_paddr = self.kernel_text_to_pa(vmci.symbol(name))
@@ -42,7 +49,7 @@ class X86_64:
 
     def kernel_text_to_pa(self, va: int) -> int:
         """PA of an address in the kernel image mapping (``__START_KERNEL_map`` region)."""
-        return va - START_KERNEL_MAP + self.phys_base
+        return va - self.image_base + self.phys_base
 
     def _table(self, paddr: int) -> bytes:
         """One 4 KiB page-table page, cached."""
@@ -73,7 +80,7 @@ class X86_64:
 
     def to_pa(self, va: int) -> int:
         """PA of any mapped kernel VA."""
-        if START_KERNEL_MAP <= va < START_KERNEL_MAP + self.kernel_image_size:
+        if self.image_base <= va < self.image_base + self.kernel_image_size:
             return self.kernel_text_to_pa(va)
         return self.walk(va)[0]
 
@@ -82,8 +89,8 @@ class X86_64:
         run_pa, run_len = -1, 0
         end = va + size
         while va < end:
-            if START_KERNEL_MAP <= va < START_KERNEL_MAP + self.kernel_image_size:
-                pa, left = self.kernel_text_to_pa(va), START_KERNEL_MAP + self.kernel_image_size - va
+            if self.image_base <= va < self.image_base + self.kernel_image_size:
+                pa, left = self.kernel_text_to_pa(va), self.image_base + self.kernel_image_size - va
             else:
                 pa, left = self.walk(va)
             n = min(left, end - va)

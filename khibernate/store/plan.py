@@ -10,7 +10,7 @@ from khibernate.store.superblock import SlotRecord, SlotState, Superblock
 # compressed/uncompressed ratio assumed for the first image of a store (zstd -1 on a busy kernel's kept pages
 # measured 0.3-0.6; below this a slot is "clearly too small")
 DEFAULT_RATIO = 0.25
-REUSABLE = (SlotState.FREE, SlotState.BAD, SlotState.RESUMED, SlotState.WRITING)
+REUSABLE = (SlotState.FREE, SlotState.BAD, SlotState.RESUMED, SlotState.TRIED, SlotState.WRITING)
 
 
 def complete_slots(sb: Superblock) -> list[SlotRecord]:
@@ -49,7 +49,7 @@ def retire(sb: Superblock, keep: int | None, *, protect: int | None = None) -> t
 def observed_ratio(sb: Superblock, page_size: int = 4096) -> float | None:
     """Largest bytes-per-stored-page / page_size of this store's complete images (the real compression ratio)."""
     ratios = [s.length / (s.pages_stored * page_size) for s in sb.slots
-              if s.state in (SlotState.COMPLETE, SlotState.RESUMED) and s.pages_stored]
+              if s.holds_image and s.pages_stored]
     return max(ratios) if ratios else None
 
 
