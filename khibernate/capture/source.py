@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from khibernate.image.sources.base import MemorySource, MemRange, Note
+from khibernate.elfcore import Note
+from khibernate.image.sources.base import MemorySource, MemRange
 
 
 class AnnotatedSource(MemorySource):

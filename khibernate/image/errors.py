@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from khibernate.elfcore import ElfErrors
 from khibernate.errors import KhibernateError
 
 
@@ -49,3 +50,8 @@ class UsageErrorImage(ImageError):
 
 class FileAccessError(ImageError):
     """A file or device could not be opened, read or written (permissions, missing, disk full)."""
+
+
+# how the ELF-core codecs (khibernate/elfcore.py, shared with jump/) report bad input on the image side
+ELF_ERRORS = ElfErrors(not_core=NotAVmcoreError, unsupported=UnsupportedError, truncated=TruncatedError,
+                       corrupt=CorruptImageError)

@@ -23,9 +23,10 @@ from typing import BinaryIO
 import zstandard
 
 from khibernate import native
+from khibernate.elfcore import VMCOREINFO_NOTE, Note, pack_notes, parse_notes
 from khibernate.image.atomic import atomic_output
-from khibernate.image.elf import pack_notes, parse_notes
 from khibernate.image.errors import (
+    ELF_ERRORS,
     AddressError,
     CorruptImageError,
     IncompleteImageError,
@@ -39,7 +40,7 @@ from khibernate.image.levels import RESTORABLE_LEVEL
 from khibernate.image.pagefilter import DL_ZERO, PageClass, check_level
 from khibernate.image.pipeline import BufferPool, EarlyWriteback, ZstdPerThread, ordered_map
 from khibernate.image.plan import plan, ram_mask
-from khibernate.image.sources.base import VMCOREINFO_NOTE, MemorySource, MemRange, Note, PagedSource
+from khibernate.image.sources.base import MemorySource, MemRange, PagedSource
 from khibernate.image.vmcoreinfo import Vmcoreinfo
 from khibernate.layout import Layout
 
@@ -163,7 +164,7 @@ class Header:
                                         "beyond max_pfn; the file is corrupt")
             prev = r.end
         off += nr_ranges * RANGE.size
-        notes = tuple(parse_notes(bytes(data[off:off + notes_size])))
+        notes = tuple(parse_notes(bytes(data[off:off + notes_size]), errors=ELF_ERRORS))
         return cls(page_size=page_size, dump_level=f["dump_level"], flags=f["flags"], block_pages=block_pages,
                    uuid=f["uuid"], created_ns=f["created_ns"], max_pfn=max_pfn, ranges=ranges, notes=notes,
                    osrelease=_text(f["osrelease"]), build_id=_text(f["build_id"]), compression=compression,

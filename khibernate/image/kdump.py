@@ -19,8 +19,9 @@ from typing import BinaryIO
 import zstandard
 
 from khibernate import native
-from khibernate.image.elf import pack_notes, parse_notes
+from khibernate.elfcore import VMCOREINFO_NOTE, Note, pack_notes, parse_notes
 from khibernate.image.errors import (
+    ELF_ERRORS,
     AddressError,
     CompressionError,
     CorruptImageError,
@@ -32,15 +33,7 @@ from khibernate.image.errors import (
 from khibernate.image.inputfile import MAX_PHYS_ADDR, input_size, open_input
 from khibernate.image.pagefilter import DL_ZERO
 from khibernate.image.pipeline import ZstdPerThread, ordered_map
-from khibernate.image.sources.base import (
-    VMCOREINFO_NOTE,
-    MemorySource,
-    MemRange,
-    Note,
-    PagedSource,
-    StoredSource,
-    merge_ranges,
-)
+from khibernate.image.sources.base import MemorySource, MemRange, PagedSource, StoredSource, merge_ranges
 from khibernate.layout import Layout
 
 SIGNATURE = b"KDUMP   "
@@ -236,7 +229,7 @@ class KdumpSource(PagedSource, StoredSource):
 
         notes: list[Note] = []
         if h.offset_note and h.size_note:
-            notes = parse_notes(blob("ELF notes", h.offset_note, h.size_note))
+            notes = parse_notes(blob("ELF notes", h.offset_note, h.size_note), errors=ELF_ERRORS)
         elif h.offset_vmcoreinfo and h.size_vmcoreinfo:
             notes = [Note(VMCOREINFO_NOTE, 0, blob("VMCOREINFO", h.offset_vmcoreinfo, h.size_vmcoreinfo))]
         self._notes = tuple(notes)

@@ -17,8 +17,9 @@ import dataclasses
 import struct
 from typing import Any
 
+from khibernate.elfcore import Note
 from khibernate.image.errors import ImageError, UsageErrorImage
-from khibernate.image.sources.base import MemorySource, MemRange, Note
+from khibernate.image.sources.base import MemorySource, MemRange
 from khibernate.image.vmcoreinfo import Vmcoreinfo
 from khibernate.image.x86_64 import X86_64
 from khibernate.layout import Layout

@@ -52,7 +52,7 @@ def choose(sb: Superblock, again: bool = False) -> SlotRecord | None:
 
 def build_id_from_notes(data: bytes) -> str:
     """The GNU build-id (hex) in /sys/kernel/notes, '' if absent."""
-    from khibernate.image.elf import parse_notes
+    from khibernate.elfcore import parse_notes
 
     try:
         notes = parse_notes(data)

@@ -16,9 +16,9 @@ import mmap
 import os
 from collections.abc import Sequence
 
-from khibernate.image.elf import EHDR64, PHDR64, parse_headers, parse_notes
-from khibernate.image.errors import AddressError, CorruptImageError, FileAccessError
-from khibernate.image.sources.base import MemRange, Note, StoredSource, merge_ranges
+from khibernate.elfcore import EHDR64, PHDR64, Note, parse_headers, parse_notes
+from khibernate.image.errors import ELF_ERRORS, AddressError, CorruptImageError, FileAccessError
+from khibernate.image.sources.base import MemRange, StoredSource, merge_ranges
 
 
 class MappingRefusedError(FileAccessError):
@@ -117,10 +117,10 @@ def read_elfcorehdr(mem: PhysWindows, paddr: int) -> bytes:
     fields = EHDR64.unpack(head)
     phoff, phnum = fields[5], fields[10]
     if phoff > 1 << 20 or phnum > 1 << 14:
-        parse_headers(head)  # says what is wrong with a header that is not an ELF core header
+        parse_headers(head, errors=ELF_ERRORS)  # says what is wrong with a header that is not an ELF core header
         raise CorruptImageError(f"the elfcorehdr at {paddr:#x} has {phnum} program headers at offset {phoff}")
     blob = mem.read(paddr, max(EHDR64.size, phoff + phnum * PHDR64.size))
-    parse_headers(blob)
+    parse_headers(blob, errors=ELF_ERRORS)
     return blob
 
 
@@ -141,7 +141,7 @@ class DevMemSource(StoredSource):
                 if size > MAX_NOTES:
                     raise CorruptImageError(f"{self.path}: a {size}-byte note buffer is not a note; the elfcorehdr "
                                             "is corrupt")
-                notes += parse_notes(self.mem.read(paddr, size))
+                notes += parse_notes(self.mem.read(paddr, size), errors=ELF_ERRORS)
         except BaseException:
             self.mem.close()
             raise

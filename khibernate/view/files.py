@@ -12,8 +12,8 @@ from typing import Any
 from khibernate.image.errors import ImageError
 from khibernate.image.format import default_notes
 from khibernate.image.sources.base import MemorySource
+from khibernate.image.sources.elf import VmcoreLayout, loads_for
 from khibernate.image.vmcoreinfo import Vmcoreinfo, find_in_source
-from khibernate.view.elfcore import VmcoreLayout, loads_for
 from khibernate.view.physical import read_filled
 
 

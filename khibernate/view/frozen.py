@@ -14,16 +14,9 @@ import re
 import struct
 from collections.abc import Callable, Iterable
 
-from khibernate.image.elf import PT_LOAD, parse_headers
-from khibernate.image.errors import AddressError
-from khibernate.image.sources.base import (
-    VMCOREINFO_NOTE,
-    MemRange,
-    Note,
-    SegmentedFile,
-    StoredSource,
-    merge_ranges,
-)
+from khibernate.elfcore import PT_LOAD, VMCOREINFO_NOTE, Note, parse_headers
+from khibernate.image.errors import ELF_ERRORS, AddressError
+from khibernate.image.sources.base import MemRange, SegmentedFile, StoredSource, merge_ranges
 from khibernate.view.errors import NoPreviousKernelError
 
 PAGE = 4096
@@ -84,9 +77,9 @@ class Kcore:
                 f.seek(off)
                 return f.read(n)
 
-            loads = [p for p in parse_headers(head, read_at).phdrs if p.type == PT_LOAD]
+            loads = [p for p in parse_headers(head, read_at, errors=ELF_ERRORS).phdrs if p.type == PT_LOAD]
         self.virt = sorted((p.vaddr, p.memsz, p.offset) for p in loads)
-        from khibernate.image.elf import ram_segments
+        from khibernate.image.sources.elf import ram_segments
 
         phys = [p for p in loads if p.paddr != (1 << 64) - 1 and p.paddr < 1 << 52]
         self.phys = SegmentedFile(path, ram_segments(phys))

@@ -9,8 +9,8 @@ import numpy as np
 from click.testing import CliRunner
 
 from khibernate.cli import cli
+from khibernate.elfcore import EHDR64, ELFCLASS64, ELFDATA2LSB, ELFMAG, ET_CORE, PHDR64, PT_LOAD, PT_NOTE, pack_notes
 from khibernate.image import vmcoreinfo
-from khibernate.image.elf import EHDR64, ELFCLASS64, ELFDATA2LSB, ELFMAG, ET_CORE, PHDR64, PT_LOAD, PT_NOTE, pack_notes
 from khibernate.image.pagefilter import PageClass, PageFilter
 from khibernate.image.sources.raw import RawSource, parse_ranges
 from tests.image import synthkernel as sk

@@ -7,9 +7,10 @@ import struct
 
 import pytest
 
+from khibernate.elfcore import Note
 from khibernate.image import xen
 from khibernate.image.errors import UsageErrorImage
-from khibernate.image.sources.base import MemorySource, MemRange, Note
+from khibernate.image.sources.base import MemorySource, MemRange
 
 PAGE = 4096
 XEN_VIRT = 0xFFFF82D040000000

@@ -176,8 +176,7 @@ def test_job_words_round_trip_with_restore_options() -> None:
 
 
 def test_build_id_from_kernel_notes() -> None:
-    from khibernate.image.elf import pack_notes
-    from khibernate.image.sources.base import Note
+    from khibernate.elfcore import Note, pack_notes
 
     blob = pack_notes([Note("Xen", 1, b"1234"), Note("GNU", 3, bytes.fromhex("deadbeef00"))])
     assert build_id_from_notes(blob) == "deadbeef00"

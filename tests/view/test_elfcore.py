@@ -6,10 +6,10 @@ import io
 
 import pytest
 
-from khibernate.image.elf import PT_LOAD, PT_NOTE, ElfSource, LoadSpec, parse_headers, write_elf
+from khibernate.elfcore import PT_LOAD, PT_NOTE, LoadSpec, Note, parse_headers
 from khibernate.image.errors import AddressError
-from khibernate.image.sources.base import MemorySource, MemRange, Note, StoredSource
-from khibernate.view.elfcore import VmcoreLayout, loads_for
+from khibernate.image.sources.base import MemorySource, MemRange, StoredSource
+from khibernate.image.sources.elf import ElfSource, VmcoreLayout, loads_for, write_elf
 from khibernate.view.files import ViewFile, build_files
 from khibernate.view.physical import read_filled
 

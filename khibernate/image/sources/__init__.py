@@ -6,7 +6,8 @@ image) and returns the matching reader.  Readers live next to their writers in `
 
 from __future__ import annotations
 
-from khibernate.image.sources.base import MemorySource, MemRange, Note
+from khibernate.elfcore import Note
+from khibernate.image.sources.base import MemorySource, MemRange
 from khibernate.image.sources.detect import open_source
 
 __all__ = ["MemRange", "MemorySource", "Note", "open_source"]

@@ -9,6 +9,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 
+from khibernate.elfcore import VMCOREINFO_NOTE, Note
 from khibernate.image.errors import AddressError, TruncatedError
 from khibernate.ranges import Range, merge
 
@@ -17,19 +18,6 @@ PAGE_SIZE = 4096
 
 # The image side's name for khibernate's one Range type (half-open, e820 type left at RAM).
 MemRange = Range
-
-
-@dataclasses.dataclass(frozen=True)
-class Note:
-    """One ELF note: owner name (without NUL), type and descriptor bytes."""
-
-    name: str
-    type: int
-    desc: bytes
-
-
-NT_PRSTATUS = 1
-VMCOREINFO_NOTE = "VMCOREINFO"
 
 
 def merge_ranges(ranges: Sequence[MemRange]) -> tuple[MemRange, ...]:

@@ -6,21 +6,16 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from khibernate.image.elf import parse_headers, parse_notes
-from khibernate.image.errors import CorruptImageError, NotAVmcoreError, UsageErrorImage
+from khibernate.elfcore import Note, parse_elfcorehdr, parse_notes
+from khibernate.image.errors import ELF_ERRORS, CorruptImageError, UsageErrorImage
 from khibernate.image.inputfile import MAX_PHYS_ADDR
-from khibernate.image.sources.base import FileSegment, MemRange, Note, SegmentedFile, SegmentedFileSource, merge_ranges
+from khibernate.image.sources.base import FileSegment, MemRange, SegmentedFile, SegmentedFileSource, merge_ranges
 
 
 def ranges_from_elfcorehdr(blob: bytes) -> tuple[tuple[MemRange, ...], list[tuple[int, int]]]:
     """(RAM ranges, [(note paddr, size)]) described by an elfcorehdr; its PT_NOTE p_offset is a physical address."""
-    h = parse_headers(blob)
-    if any(p.paddr + p.memsz > MAX_PHYS_ADDR for p in h.loads):
-        raise CorruptImageError(f"the elfcorehdr describes memory beyond {MAX_PHYS_ADDR >> 40} TiB; it is corrupt")
-    ranges = merge_ranges([MemRange(p.paddr, p.paddr + p.memsz) for p in h.loads])
-    if not ranges:
-        raise NotAVmcoreError("the elfcorehdr has no PT_LOAD: it describes no memory")
-    return ranges, [(p.offset, p.filesz) for p in h.note_phdrs]
+    h = parse_elfcorehdr(blob, errors=ELF_ERRORS, limit=MAX_PHYS_ADDR)
+    return merge_ranges(h.ram), [(n.paddr, n.size) for n in h.notes]
 
 
 def parse_ranges(text: str) -> tuple[MemRange, ...]:
@@ -56,7 +51,7 @@ class RawSource(SegmentedFileSource):
                 if size > 1 << 24:
                     raise CorruptImageError(f"{self.path}: a {size}-byte note buffer is not a note; the elfcorehdr "
                                             "is corrupt")
-                notes += parse_notes(self.file.read(paddr, size))
+                notes += parse_notes(self.file.read(paddr, size), errors=ELF_ERRORS)
         except BaseException:
             self.file.close()
             raise
