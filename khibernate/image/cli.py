@@ -133,8 +133,9 @@ def save_cmd(source: str, dest: str, level: int | None, restorable: bool, thread
     """Filter SOURCE and save it as a khibernate image DEST (written to a temporary file beside DEST, fsync'd and
     renamed when complete). The image is restorable only if SOURCE itself lost no more than zero and free pages.
     A Xen host's vmcore is saved at -d 1 by default (dom0's page classes need its p2m: -d 2-16 are refused)."""
-    from khibernate.image import xen
-    from khibernate.image.format import check_source_level, save_file
+    from khibernate.image.plan import check_source_level
+    from khibernate.image.sources import xen
+    from khibernate.image.sources.khi import save_file
 
     with _open(source, ranges, elfcorehdr) as opened:
         src = xen.XenFilteredSource(opened, xen.frame_filter(opened, xen_filter)) if xen_filter else opened
@@ -171,7 +172,7 @@ def describe(src: MemorySource, vmci: Vmcoreinfo | None) -> dict[str, Any]:
         d.update(osrelease=vmci.osrelease, build_id=vmci.build_id, page_size=vmci.page_size,
                  kerneloffset=hex(vmci.kerneloffset), crashtime=vmci.crashtime)
     d.update(src.describe())
-    from khibernate.image import xen
+    from khibernate.image.sources import xen
 
     host = xen.read(src)
     if host is not None:
@@ -252,7 +253,7 @@ def export_cmd(source: str, dest: str, fmt: str, compress: str, flat: bool, elf3
 
     if flat and fmt != "kdump":
         raise UsageErrorImage("--flat applies to --format kdump only")
-    from khibernate.image import xen
+    from khibernate.image.sources import xen
 
     with _open(source, ranges, elfcorehdr) as opened:
         src = xen.XenFilteredSource(opened, xen.frame_filter(opened, xen_filter)) if xen_filter else opened

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from khibernate.image.errors import ImageError
-from khibernate.image.format import default_notes
+from khibernate.image.plan import default_notes
 from khibernate.image.sources.base import MemorySource
 from khibernate.image.sources.elf import VmcoreLayout, loads_for
 from khibernate.image.vmcoreinfo import Vmcoreinfo, find_in_source

@@ -9,9 +9,9 @@ from pathlib import Path
 from khibernate import elfcore
 from khibernate.elfcore import VMCOREINFO_NOTE, LoadSpec, Note
 from khibernate.image.export import export
-from khibernate.image.format import save_file
 from khibernate.image.sources import open_source
 from khibernate.image.sources.elf import write_elf
+from khibernate.image.sources.khi import save_file
 
 PS = 4096
 RANGES = [(0x1000, 0x21000), (0x100000, 0x100000 + 40 * PS)]  # 32 + 40 pages

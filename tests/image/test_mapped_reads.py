@@ -9,8 +9,8 @@ from pathlib import Path
 
 from khibernate.capture.source import AnnotatedSource
 from khibernate.image import vmcoreinfo
-from khibernate.image.format import KhiSource, save_file
 from khibernate.image.sources import open_source
+from khibernate.image.sources.khi import KhiSource, save_file
 from tests.image import synthkernel as sk
 
 

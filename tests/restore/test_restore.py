@@ -15,8 +15,8 @@ import pytest
 from khibernate.capture.job import Job, parse
 from khibernate.capture.source import AnnotatedSource
 from khibernate.image import vmcoreinfo
-from khibernate.image.format import KhiSource, save_file
 from khibernate.image.sources import open_source
+from khibernate.image.sources.khi import KhiSource, save_file
 from khibernate.ranges import Range
 from khibernate.restore import checks
 from khibernate.restore.checks import RestoreRefused, SavedImage, ThisBoot, page_ranges

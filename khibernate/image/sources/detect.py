@@ -13,7 +13,7 @@ from khibernate.image.sources.base import MemorySource
 HEAD_SIZE = 64  # bytes a probe sees
 
 # reader modules, imported only when a file is probed (so the CLI starts fast)
-READERS = ("khibernate.image.sources.elf", "khibernate.image.kdump", "khibernate.image.format")
+READERS = ("khibernate.image.sources.elf", "khibernate.image.sources.kdump", "khibernate.image.sources.khi")
 
 
 class ReaderModule(Protocol):

@@ -19,21 +19,18 @@ from typing import Any
 
 from khibernate.elfcore import Note
 from khibernate.image.errors import ImageError, UsageErrorImage
+from khibernate.image.layouts.xen import (
+    CRASH_INFO,
+    CRASH_REGS,
+    VMCOREINFO_XEN_NOTE,
+    XEN_ELFNOTE_CRASH_INFO,
+    XEN_ELFNOTE_CRASH_REGS,
+    XEN_NOTE,
+)
 from khibernate.image.sources.base import MemorySource, MemRange
 from khibernate.image.vmcoreinfo import Vmcoreinfo
 from khibernate.image.x86_64 import X86_64
-from khibernate.layout import Layout
 
-XEN_NOTE = "Xen"
-VMCOREINFO_XEN_NOTE = "VMCOREINFO_XEN"
-XEN_ELFNOTE_CRASH_INFO = 0x1000001
-XEN_ELFNOTE_CRASH_REGS = 0x1000002
-# crash_xen_info_t (xen/include/xen/elfcore.h), x86-64: version strings are physical addresses
-CRASH_INFO = Layout("crash_xen_info", "<", [
-    ("xen_major_version", "Q"), ("xen_minor_version", "Q"), ("xen_extra_version", "Q"), ("xen_changeset", "Q"),
-    ("xen_compiler", "Q"), ("xen_compile_date", "Q"), ("xen_compile_time", "Q"), ("tainted", "Q"),
-    ("xen_phys_start", "Q"), ("dom0_pfn_to_mfn_frame_list_list", "Q")])
-CRASH_REGS = Layout("crash_xen_core", "<", [("cr0", "Q"), ("cr2", "Q"), ("cr3", "Q"), ("cr4", "Q")])
 XEN_DUMP_LEVELS = (0, 1)
 
 
@@ -87,8 +84,7 @@ def read(src: MemorySource) -> XenDump | None:
         f = CRASH_INFO.unpack(info.desc)
         version = f"{f['xen_major_version']}.{f['xen_minor_version']}{_cstring(src, f['xen_extra_version'])}"
         phys_start, p2m = f["xen_phys_start"], f["dom0_pfn_to_mfn_frame_list_list"]
-    cr3 = tuple(struct.unpack_from("<Q", n.desc, CRASH_REGS.offsets["cr3"])[0] for n in regs
-                if len(n.desc) >= CRASH_REGS.size)
+    cr3 = tuple(CRASH_REGS.unpack(n.desc)["cr3"] for n in regs if len(n.desc) >= CRASH_REGS.size)
     return XenDump(version, phys_start, p2m, len(regs), cr3, vmci)
 
 
