@@ -156,8 +156,8 @@ def inject_fault(cmdline: str) -> None:
 
 def run_snapshot(job: Job, cmdline: str, vmcore: str = "/proc/vmcore") -> dict[str, Any]:
     """Save ``vmcore`` into the job's slot, streaming; returns the result body for the mailbox (raises on failure)."""
-    from khibernate.capture.source import AnnotatedSource
     from khibernate.image.sources import open_source
+    from khibernate.image.sources.adapters import AnnotatedSource
     from khibernate.image.sources.khi import save
     from khibernate.image.vmcoreinfo import from_source
     from khibernate.store import device

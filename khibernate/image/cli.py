@@ -29,20 +29,20 @@ def _int(text: str) -> int:
 
 
 def _open(source: str, ranges: str | None, elfcorehdr: str | None) -> MemorySource:
-    """The source: raw memory when --ranges/--elfcorehdr are given, else sniffed by magic."""
-    if ranges or elfcorehdr:
-        from khibernate.image.sources.raw import RawSource, parse_ranges
+    """The source: raw memory when --elfcorehdr/--ranges are given, else sniffed by magic."""
+    if elfcorehdr:
+        from khibernate.image.inputfile import open_input
 
-        if elfcorehdr:
-            from khibernate.image.inputfile import open_input
+        fd = open_input(elfcorehdr)
+        try:
+            blob = os.read(fd, 1 << 20)
+        finally:
+            os.close(fd)
+        return open_source(source, elfcorehdr=blob)
+    if ranges:
+        from khibernate.image.sources.raw import parse_ranges
 
-            fd = open_input(elfcorehdr)
-            try:
-                blob = os.read(fd, 1 << 20)
-            finally:
-                os.close(fd)
-            return RawSource.with_elfcorehdr(source, blob)
-        return RawSource(source, parse_ranges(ranges or ""))
+        return open_source(source, ranges=parse_ranges(ranges))
     return open_source(source)
 
 
@@ -160,26 +160,6 @@ def save_cmd(source: str, dest: str, level: int | None, restorable: bool, thread
           f"{stats.bytes_written / 1e6:.1f} MB in {stats.seconds:.2f}s")
 
 
-def describe(src: MemorySource, vmci: Vmcoreinfo | None) -> dict[str, Any]:
-    """Facts about any source for ``info``: common ones, VMCOREINFO's, then the reader's own (src.describe())."""
-    d: dict[str, Any] = {"format": src.format_name,
-                         "ranges": [[hex(r.start), hex(r.end)] for r in src.ranges],
-                         "ram_bytes": sum(r.size for r in src.ranges),
-                         "notes": [f"{n.name}/{n.type}" for n in src.notes],
-                         "cpus": sum(1 for n in src.notes if n.name == "CORE" and n.type == 1),
-                         "dump_level": src.dump_level}
-    if vmci is not None:
-        d.update(osrelease=vmci.osrelease, build_id=vmci.build_id, page_size=vmci.page_size,
-                 kerneloffset=hex(vmci.kerneloffset), crashtime=vmci.crashtime)
-    d.update(src.describe())
-    from khibernate.image.sources import xen
-
-    host = xen.read(src)
-    if host is not None:
-        d.update(host.describe())
-    return d
-
-
 @image_group.command("info")
 @click.argument("source")
 @with_source_options
@@ -187,6 +167,8 @@ def describe(src: MemorySource, vmci: Vmcoreinfo | None) -> dict[str, Any]:
 def info_cmd(source: str, vmcoreinfo_file: str | None, vmcoreinfo_at: str | None, ranges: str | None,
              elfcorehdr: str | None, as_json: bool) -> None:
     """Show what SOURCE holds: format, memory ranges, kernel release, and for images the filter counts."""
+    from khibernate.image.info import describe
+
     with _open(source, ranges, elfcorehdr) as src:
         d = describe(src, _vmcoreinfo(src, vmcoreinfo_file, vmcoreinfo_at, required=False))
     lines = [f"{k}: {v}" for k, v in d.items() if k != "ranges"]

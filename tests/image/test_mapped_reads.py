@@ -7,9 +7,9 @@ from __future__ import annotations
 import mmap
 from pathlib import Path
 
-from khibernate.capture.source import AnnotatedSource
 from khibernate.image import vmcoreinfo
 from khibernate.image.sources import open_source
+from khibernate.image.sources.adapters import AnnotatedSource
 from khibernate.image.sources.khi import KhiSource, save_file
 from tests.image import synthkernel as sk
 

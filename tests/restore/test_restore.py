@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from khibernate.capture.job import Job, parse
-from khibernate.capture.source import AnnotatedSource
 from khibernate.image import vmcoreinfo
 from khibernate.image.sources import open_source
+from khibernate.image.sources.adapters import AnnotatedSource
 from khibernate.image.sources.khi import KhiSource, save_file
 from khibernate.ranges import Range
 from khibernate.restore import checks

@@ -114,6 +114,30 @@ class MemorySource(ABC):
         i = bisect.bisect_right([r.start for r in self.ranges], paddr) - 1
         return i >= 0 and self.ranges[i].end >= paddr + size
 
+    def read_filled(self, paddr: int, size: int) -> bytes:
+        """Bytes of [paddr, paddr+size) that never fail inside the address space: the source's bytes where it has
+        them, zeros for holes and excluded pages (what a view's ``oldmem`` and ``vmcore`` data return; a reader
+        that wants to know asks :meth:`present` / :meth:`page_present_mask`)."""
+        if size <= 0:
+            return b""
+        try:
+            return self.read(paddr, size)
+        except AddressError:
+            pass
+        ps = self.page_size
+        out = bytearray(size)
+        pos = paddr
+        end = paddr + size
+        while pos < end:
+            n = min(ps - pos % ps, end - pos)
+            if self.present(pos, n):
+                try:
+                    out[pos - paddr:pos - paddr + n] = self.read(pos, n)
+                except AddressError:
+                    pass  # excluded by the filter: stays zero
+            pos += n
+        return bytes(out)
+
     def page_present_mask(self, pfn: int, count: int) -> bytearray | None:
         """Per pfn of pfn..pfn+count one byte, 1 where it holds data, 0 where not; None means 'all inside ranges'."""
         return None

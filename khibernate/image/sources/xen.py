@@ -17,7 +17,6 @@ import dataclasses
 import struct
 from typing import Any
 
-from khibernate.elfcore import Note
 from khibernate.image.errors import ImageError, UsageErrorImage
 from khibernate.image.layouts.xen import (
     CRASH_INFO,
@@ -27,7 +26,8 @@ from khibernate.image.layouts.xen import (
     XEN_ELFNOTE_CRASH_REGS,
     XEN_NOTE,
 )
-from khibernate.image.sources.base import MemorySource, MemRange
+from khibernate.image.sources.adapters import WrappedSource
+from khibernate.image.sources.base import MemorySource
 from khibernate.image.vmcoreinfo import Vmcoreinfo
 from khibernate.image.x86_64 import X86_64
 
@@ -242,43 +242,14 @@ def frame_filter(src: MemorySource, mode: str, pgc: PgcLayout | None = None) -> 
                        domains, pgc or pgc_layout(dump.version))
 
 
-class XenFilteredSource(MemorySource):
+class XenFilteredSource(WrappedSource):
     """A Xen host dump seen through a FrameFilter: dropped frames are absent (page_present_mask 0)."""
 
     def __init__(self, inner: MemorySource, frames: FrameFilter):
-        self.inner = inner
+        super().__init__(inner)
         self.frames = frames
-        self.page_size = inner.page_size
-        self.format_name = inner.format_name
-
-    @property
-    def ranges(self) -> tuple[MemRange, ...]:
-        return self.inner.ranges
-
-    @property
-    def notes(self) -> tuple[Note, ...]:
-        return self.inner.notes
-
-    @property
-    def dump_level(self) -> int:
-        return self.inner.dump_level
-
-    def read(self, paddr: int, size: int) -> bytes:
-        return self.inner.read(paddr, size)
-
-    def view(self, paddr: int, size: int) -> memoryview:
-        return self.inner.view(paddr, size)
-
-    def mapped_view(self, paddr: int, size: int) -> memoryview | None:
-        return self.inner.mapped_view(paddr, size)
-
-    def release(self, paddr: int, size: int) -> None:
-        self.inner.release(paddr, size)
 
     def page_present_mask(self, pfn: int, count: int) -> bytearray:
         keep = self.frames.keep(pfn, count)
         inner = self.inner.page_present_mask(pfn, count)
         return keep if inner is None else bytearray(a & b for a, b in zip(inner, keep, strict=True))
-
-    def close(self) -> None:
-        self.inner.close()
