@@ -46,7 +46,7 @@ from khibernate.image.layouts.kdump import (
     pack_headers,
     parse_header,
 )
-from khibernate.image.pagefilter import DL_ZERO
+from khibernate.image.levels import DL_ZERO
 from khibernate.image.pipeline import ZstdPerThread, ordered_map
 from khibernate.image.sources.base import MemorySource, MemRange, PagedSource, StoredSource, merge_ranges
 

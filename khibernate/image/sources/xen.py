@@ -4,7 +4,9 @@ A capture kernel booted by Xen's kexec (``khibernate kdump load`` or ``kexec -p`
 machine: /proc/vmcore has, per physical CPU, ``CORE`` NT_PRSTATUS and ``Xen`` XEN_ELFNOTE_CRASH_REGS (cr0, cr2,
 cr3, cr4), one ``Xen`` XEN_ELFNOTE_CRASH_INFO (version, the physical addresses of Xen's version strings,
 ``xen_phys_start``, dom0's p2m frame list list), ``VMCOREINFO_XEN`` (the hypervisor's symbols and struct sizes), and
-with khibernate's loader dom0's own ``VMCOREINFO``. Pure readers over a MemorySource.
+with khibernate's loader dom0's own ``VMCOREINFO``. Read here over any MemorySource (it is an ELF vmcore: nothing to
+probe): the hypervisor's notes (:func:`read`), Xen's frame table (:func:`frame_filter`) and the dump seen through it
+(:class:`XenFilteredSource`); the note layouts are in ``khibernate/image/layouts/xen.py``.
 
 dom0 is a PV guest: its ``struct page`` array is indexed by pseudo-physical frames, while the dump's addresses are
 machine frames, so Linux page classes (dump levels 2-16) cannot be read from a Xen host dump without walking dom0's
