@@ -31,6 +31,7 @@ PT_LOAD, PT_NOTE = 1, 4
 PF_X, PF_W, PF_R = 1, 2, 4
 PN_XNUM = 0xFFFF
 NT_PRSTATUS = 1
+NT_GNU_BUILD_ID = 3
 VMCOREINFO_NOTE = "VMCOREINFO"
 PAGE_OFFSET = 0xFFFF888000000000  # x86_64 direct map base without KASLR (VMCOREINFO has the real one)
 
@@ -118,6 +119,16 @@ def parse_notes(data: bytes, *, errors: ElfErrors = DEFAULT_ERRORS) -> list[Note
         out.append(Note(name.decode("ascii", "replace"), h["n_type"], bytes(data[off:off + descsz])))
         off += align4(descsz)
     return out
+
+
+def gnu_build_id(data: bytes) -> str:
+    """The GNU build id (hex) in a PT_NOTE blob such as /sys/kernel/notes or a vmlinux's, '' if absent or
+    unreadable."""
+    try:
+        notes = parse_notes(data)
+    except ElfCoreError:
+        return ""
+    return next((n.desc.hex() for n in notes if n.name == "GNU" and n.type == NT_GNU_BUILD_ID), "")
 
 
 # ------------------------------------------------------------------------------------------------ headers

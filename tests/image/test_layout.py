@@ -30,7 +30,7 @@ def test_pack_unpack_by_name() -> None:
 
 ELF_VOCABULARY = {"EHDR64", "EHDR32", "PHDR64", "PHDR32", "NHDR", "Note", "NoteBuffer", "Phdr", "ElfHeaders",
                   "LoadSpec", "pack_note", "pack_notes", "parse_notes", "parse_headers", "core_header",
-                  "build_elfcorehdr", "parse_elfcorehdr", "VMCOREINFO_NOTE", "PAGE_OFFSET"}
+                  "build_elfcorehdr", "parse_elfcorehdr", "VMCOREINFO_NOTE", "PAGE_OFFSET", "gnu_build_id"}
 
 
 def module_level_names(path: Path) -> set[str]:
