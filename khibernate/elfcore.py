@@ -1,10 +1,10 @@
 """ELF core files byte by byte: the one module of the ELF-core vocabulary that jump/, image/ and view/ share.
 
-Layouts and constants, notes, program headers, and the two headers khibernate makes: the header of a vmcore file
-(notes inline, one PT_LOAD per memory range at its file offset: :func:`core_header`) and the ``elfcorehdr=`` a
-capture kernel turns into /proc/vmcore (notes and RAM by physical address: :func:`build_elfcorehdr`).  Pure: bytes
-in, records or bytes out; the file readers and writers are in ``khibernate/image/sources/elf.py``.  ``jump/`` builds
-with it, ``image/`` and ``view/`` read and write with it; it imports neither.
+Layouts and constants, notes, program headers, the header of a vmcore file khibernate writes (notes inline, one
+PT_LOAD per memory range at its file offset: :func:`core_header`) and what an ``elfcorehdr=`` describes (notes and
+RAM by physical address: :func:`parse_elfcorehdr`).  Pure: bytes in, records or bytes out.  The file readers and
+writers are in ``khibernate/image/sources/elf.py``; ``khibernate/jump/elfcorehdr.py`` builds the elfcorehdr a
+capture kernel turns into /proc/vmcore on these layouts.  It imports neither image/ nor jump/.
 
 A parser says what is wrong with its input through the caller's own error classes (:class:`ElfErrors`): the image
 readers report NotAVmcoreError/UnsupportedError/TruncatedError/CorruptImageError, a caller that names none gets
@@ -33,7 +33,6 @@ PN_XNUM = 0xFFFF
 NT_PRSTATUS = 1
 NT_GNU_BUILD_ID = 3
 VMCOREINFO_NOTE = "VMCOREINFO"
-PAGE_OFFSET = 0xFFFF888000000000  # x86_64 direct map base without KASLR (VMCOREINFO has the real one)
 
 _EHDR_TAIL = [("e_flags", "I"), ("e_ehsize", "H"), ("e_phentsize", "H"), ("e_phnum", "H"), ("e_shentsize", "H"),
               ("e_shnum", "H"), ("e_shstrndx", "H")]
@@ -253,36 +252,12 @@ def core_header(loads: Sequence[LoadSpec], notes: bytes, *, elf32: bool = False,
 # ------------------------------------------------------------------------------------------------ elfcorehdr=
 
 
-@dataclasses.dataclass(frozen=True)
-class NoteBuffer:
-    """A note buffer in the old kernel's memory (per-cpu crash_notes, VMCOREINFO): physical address and size."""
-
-    paddr: int
-    size: int
-    what: str = ""
-
-
 class Elfcorehdr(NamedTuple):
-    """What an elfcorehdr describes: the note buffers, then the RAM ranges (one per PT_LOAD, in header order)."""
+    """What an elfcorehdr describes: where its note buffers lie, then the RAM (one range per PT_LOAD, in header
+    order), all by physical address."""
 
-    notes: list[NoteBuffer]
+    notes: list[Range]
     ram: list[Range]
-
-
-def build_elfcorehdr(ram: Sequence[Range], notes: Sequence[NoteBuffer], page_offset: int = PAGE_OFFSET,
-                     moved: dict[int, int] | None = None) -> bytes:
-    """The ELF64 header a capture kernel finds at ``elfcorehdr=`` (as fs/proc/vmcore.c expects it): every PT_NOTE
-    first (p_offset = the buffer's physical address), then one PT_LOAD per RAM range (p_offset = p_paddr = its
-    physical address, p_vaddr in the direct map at ``page_offset``).
-
-    ``moved`` maps a RAM range's start to where its bytes are now (p_offset): a crash image's backup of the low
-    memory its kernel reuses (p_paddr stays the original address)."""
-    if not ram:
-        raise ElfCoreError("no RAM ranges of the first kernel to describe in the ELF core header")
-    phdrs = [Phdr(PT_NOTE, 0, n.paddr, 0, n.paddr, n.size, n.size) for n in notes]
-    phdrs += [Phdr(PT_LOAD, PF_R | PF_W | PF_X, (moved or {}).get(r.start, r.start), page_offset + r.start, r.start,
-                   r.size, r.size) for r in ram]
-    return pack_headers(phdrs)
 
 
 def parse_elfcorehdr(blob: bytes, *, errors: ElfErrors = DEFAULT_ERRORS, limit: int = 1 << 64) -> Elfcorehdr:
@@ -294,4 +269,4 @@ def parse_elfcorehdr(blob: bytes, *, errors: ElfErrors = DEFAULT_ERRORS, limit: 
     ram = [Range(p.paddr, p.paddr + p.memsz) for p in h.loads if p.memsz]
     if not ram:
         raise errors.not_core("the elfcorehdr has no PT_LOAD: it describes no memory")
-    return Elfcorehdr([NoteBuffer(p.offset, p.filesz, "note") for p in h.note_phdrs], ram)
+    return Elfcorehdr([Range(p.offset, p.offset + p.filesz) for p in h.note_phdrs], ram)

@@ -12,8 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from khibernate.elfcore import NoteBuffer, build_elfcorehdr
-from khibernate.jump import bootparams, crashnotes, purgatory
+from khibernate.jump import bootparams, elfcorehdr, purgatory
 from khibernate.jump.bzimage import BzImage, parse_bzimage
 from khibernate.jump.errors import CommandLineError, JumpBackEntryError, MemoryMapError, PlacementError
 from khibernate.jump.kexec_abi import (
@@ -97,7 +96,7 @@ class SystemFacts:
 
     iomem: list[IomemRegion]
     firmware: list[Range]
-    notes: list[NoteBuffer] = dataclasses.field(default_factory=list)
+    notes: list[elfcorehdr.Note] = dataclasses.field(default_factory=list)
     acpi_rsdp: int | None = None
     screen_info: bytes | None = None
     cmdline: str = ""
@@ -107,7 +106,7 @@ class SystemFacts:
         """Read /proc/iomem, the firmware map, crash notes, VMCOREINFO, ACPI RSDP and screen_info (needs root)."""
         iomem = read_iomem()
         firmware = read_firmware_memmap() or e820_from_iomem(iomem)
-        notes = crashnotes.read_notes() if with_notes else []
+        notes = elfcorehdr.read_notes() if with_notes else []
         return cls(iomem, firmware, notes, _read_acpi_rsdp(), _read_screen_info(),
                    Path("/proc/cmdline").read_text().strip())
 
@@ -225,7 +224,7 @@ def plan_jump(kernel_data: bytes, initrd: bytes | None, append: str, facts: Syst
         raise PlacementError(f"load window {window} starts below 1 MiB; give a window above 1 MiB")
     old_ram = first_kernel_ram(facts.iomem, window, low)
     notes = facts.notes
-    hdr = build_elfcorehdr(old_ram, notes)
+    hdr = elfcorehdr.build(old_ram, notes)
     hdr_addr = window.end - page_up(len(hdr))
     placer = Placer(Range(window.start, hdr_addr))
     kaddr, iaddr = place_kernel_initrd(placer, kernel, initrd)

@@ -23,9 +23,9 @@ import dataclasses
 import re
 from pathlib import Path
 
-from khibernate.elfcore import PAGE_OFFSET, NoteBuffer, build_elfcorehdr
-from khibernate.jump import bootparams, crashnotes, loader, multiboot, purgatory
+from khibernate.jump import bootparams, elfcorehdr, loader, multiboot, purgatory
 from khibernate.jump.bzimage import parse_bzimage
+from khibernate.jump.elfcorehdr import Note
 from khibernate.jump.errors import CommandLineError, NoCrashRegion, PlacementError
 from khibernate.jump.kexec_abi import KEXEC_SEGMENT_MAX
 from khibernate.jump.loader import Plan, Segment, SystemFacts, build_cmdline, check_segments
@@ -36,6 +36,7 @@ from khibernate.ranges import E820_RAM, Range, subtract
 from khibernate.system import IomemRegion
 
 IDENTITY_END = 0x100000  # kexec-tools' IDENTMAP_1MiB
+PAGE_OFFSET = elfcorehdr.PAGE_OFFSET
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +45,9 @@ class XenFacts:
 
     machine_map: list[Range]
     crash: Range | None
-    cpu_notes: list[NoteBuffer] = dataclasses.field(default_factory=list)
-    xen_vmcoreinfo: NoteBuffer | None = None
-    dom0_vmcoreinfo: NoteBuffer | None = None
+    cpu_notes: list[Note] = dataclasses.field(default_factory=list)
+    xen_vmcoreinfo: Note | None = None
+    dom0_vmcoreinfo: Note | None = None
 
     @property
     def ram(self) -> list[Range]:
@@ -66,20 +67,20 @@ class XenFacts:
             r = xh.kexec_get_range(KEXEC_RANGE_MA_CPU, cpu)
             if r is None:
                 break
-            notes.append(NoteBuffer(r[0], r[1], f"Xen crash note cpu{cpu}"))
+            notes.append(Note(r[0], r[1], f"Xen crash note cpu{cpu}"))
         vmci = xh.kexec_get_range(KEXEC_RANGE_MA_VMCOREINFO)
         return cls(e820, Range(crash[0], crash[0] + crash[1]) if crash else None, notes,
-                   NoteBuffer(vmci[0], vmci[1], "VMCOREINFO_XEN") if vmci else None, _dom0_vmcoreinfo())
+                   Note(vmci[0], vmci[1], "VMCOREINFO_XEN") if vmci else None, _dom0_vmcoreinfo())
 
 
-def _dom0_vmcoreinfo(path: Path = Path("/sys/kernel/vmcoreinfo")) -> NoteBuffer | None:
+def _dom0_vmcoreinfo(path: Path = Path("/sys/kernel/vmcoreinfo")) -> Note | None:
     """dom0's VMCOREINFO note (a PV kernel reports its machine address), cut at its page's end: the note's next
     page need not be machine-contiguous, and the text fits in the first."""
     try:
-        note = crashnotes.parse_vmcoreinfo_sysfs(path.read_text())
+        note = elfcorehdr.parse_vmcoreinfo_sysfs(path.read_text())
     except (OSError, Exception):
         return None
-    return NoteBuffer(note.paddr, min(note.size, PAGE - (note.paddr & (PAGE - 1))), "VMCOREINFO (dom0)")
+    return Note(note.paddr, min(note.size, PAGE - (note.paddr & (PAGE - 1))), "VMCOREINFO (dom0)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +138,7 @@ def plan_kexec(kernel_data: bytes, initrd: bytes | None, cmdline: str, facts: Xe
                    low_identity(p.segments), p.cmdline, p.e820, p.window)
 
 
-def crash_notes(facts: XenFacts) -> list[NoteBuffer]:
+def crash_notes(facts: XenFacts) -> list[Note]:
     """The elfcorehdr's notes: Xen's per-CPU crash notes, VMCOREINFO_XEN, then dom0's VMCOREINFO."""
     return facts.cpu_notes + [n for n in (facts.xen_vmcoreinfo, facts.dom0_vmcoreinfo) if n is not None]
 
@@ -169,7 +170,7 @@ def plan_crash(kernel_data: bytes, initrd: bytes | None, append: str, facts: Xen
     bp_addr = placer.place(2 * PAGE, PAGE, "boot_params + command line")
     pg_addr = placer.place(purgatory.SIZE, PAGE, "purgatory")
     backup = placer.place(low_src.size, PAGE, "backup of the low memory")
-    hdr = build_elfcorehdr(ram, notes, PAGE_OFFSET, moved={low_src.start: backup})
+    hdr = elfcorehdr.build(ram, notes, PAGE_OFFSET, moved={low_src.start: backup})
     hdr_addr = window.end - page_up(len(hdr))
     if hdr_addr < placer.cursor:
         raise PlacementError(f"the crash region {window} is too small for the capture kernel, its initrd and the "

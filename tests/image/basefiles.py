@@ -6,12 +6,12 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from khibernate import elfcore
 from khibernate.elfcore import VMCOREINFO_NOTE, LoadSpec, Note
 from khibernate.image.export import export
 from khibernate.image.sources import open_source
 from khibernate.image.sources.elf import write_elf
 from khibernate.image.sources.khi import save_file
+from khibernate.jump import elfcorehdr
 
 PS = 4096
 RANGES = [(0x1000, 0x21000), (0x100000, 0x100000 + 40 * PS)]  # 32 + 40 pages
@@ -63,7 +63,7 @@ def build(dest: Path) -> dict[str, Path]:
     out["raw"].write_bytes(bytes(raw))
     from khibernate.jump.memmap import Range
 
-    hdr = elfcore.build_elfcorehdr([Range(a, b) for a, b in RANGES], [elfcore.NoteBuffer(NOTE_PA, len(blob), "notes")])
+    hdr = elfcorehdr.build([Range(a, b) for a, b in RANGES], [elfcorehdr.Note(NOTE_PA, len(blob), "notes")])
     out["elfcorehdr"] = dest / "elfcorehdr"
     out["elfcorehdr"].write_bytes(hdr)
     return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from khibernate.elfcore import NoteBuffer as Note
+from khibernate.jump.elfcorehdr import Note
 from khibernate.jump.loader import SystemFacts
 from khibernate.jump.memmap import e820_from_iomem
 from khibernate.system import parse_iomem

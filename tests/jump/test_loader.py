@@ -2,8 +2,7 @@ import struct
 
 import pytest
 
-from khibernate import elfcore
-from khibernate.jump import bootparams, purgatory
+from khibernate.jump import bootparams, elfcorehdr, purgatory
 from khibernate.jump.errors import JumpBackEntryError, NoCrashRegion, NotABzImage, PlacementError
 from khibernate.jump.loader import (
     KEXEC_ARCH_X86_64,
@@ -61,7 +60,7 @@ def test_plan_jump(debian_bzimage, facts):
     # e820: RAM only in low RAM and the window minus the elfcorehdr
     assert [r for r in plan.e820 if r.type == 1] == [Range(0x1000, 0x9F000), Range(0x2F000000, hdr.mem)]
     # elfcorehdr: the first kernel's RAM outside the window and the low RAM, notes first
-    notes, ram = elfcore.parse_elfcorehdr(hdr.data)
+    notes, ram = elfcorehdr.parse(hdr.data)
     assert ram == [Range(0x9F000, 0x9FC00), Range(0x100000, 0x2F000000), Range(0x3F000000, 0x3FFE0000)]
     assert [n.paddr for n in notes] == [n.paddr for n in facts.notes]
     check_segments(plan.segments, 1 << 30)

@@ -8,9 +8,8 @@ import subprocess
 
 import pytest
 
-from khibernate import elfcore
-from khibernate.elfcore import NoteBuffer as Note
-from khibernate.jump import bootparams, multiboot, purgatory, xen, xen_hypercalls
+from khibernate.jump import bootparams, elfcorehdr, multiboot, purgatory, xen, xen_hypercalls
+from khibernate.jump.elfcorehdr import Note
 from khibernate.jump.errors import NoCrashRegion
 from khibernate.jump.xen_abi import (
     E820_ENTRY,
@@ -67,13 +66,13 @@ def test_plan_crash(debian_bzimage, xen_facts):
     backup = next(s for s in p.segments if s.what.startswith("backup"))
     hdr = next(s for s in p.segments if s.what.startswith("elfcorehdr"))
     assert hdr.end == CRASH.end and f"elfcorehdr={hdr.mem:#x}" in p.cmdline.split()
-    notes, ram = elfcore.parse_elfcorehdr(hdr.data)
+    notes, ram = elfcorehdr.parse(hdr.data)
     assert [n.paddr for n in notes] == [0x5FC00000, 0x5FB00000, 0x3D472000]
     # the low RAM's whole pages come from the backup, its last partial page is read in place
     assert ram == [Range(0, 0x9F000), Range(0x9F000, 0x9FC00), Range(0x100000, CRASH.start),
                    Range(CRASH.end, 0x5FFE0000)]
-    low = elfcore.EHDR64.unpack(hdr.data)
-    first_load = elfcore.PHDR64.unpack(hdr.data, low["e_phoff"] + 3 * elfcore.PHDR64.size)
+    low = elfcorehdr.EHDR.unpack(hdr.data)
+    first_load = elfcorehdr.PHDR.unpack(hdr.data, low["e_phoff"] + 3 * elfcorehdr.PHDR.size)
     assert (first_load["p_paddr"], first_load["p_offset"]) == (0, backup.mem)  # read from the backup
     pg = next(s for s in p.segments if s.what.startswith("purgatory"))
     assert purgatory.SIZE <= pg.memsz and pg.data[purgatory.OFF_BACKUP_SRC:purgatory.OFF_BACKUP_LEN + 8] == \

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from khibernate import elfcore
 from khibernate.elfcore import Note, pack_notes
 from khibernate.image.errors import AddressError, MappingRefusedError
 from khibernate.image.sources import raw as devmem
 from khibernate.image.sources.base import MemRange
+from khibernate.jump import elfcorehdr as ech
 from khibernate.jump.memmap import Range
 from khibernate.view import NoPreviousKernelError
 from khibernate.view.previous import open_running_side
@@ -28,8 +28,7 @@ def fake_mem(tmp_path: Path) -> tuple[Path, bytes]:
     mem = bytearray((i * 7 + (i >> 12)) & 0xFF for i in range(0x400000))
     note = pack_notes([Note("VMCOREINFO", 0, b"OSRELEASE=9.9.9\nPAGESIZE=4096\n")])
     mem[NOTE_AT:NOTE_AT + len(note)] = note
-    hdr = elfcore.build_elfcorehdr([Range(a, b) for a, b in RAM],
-                                   [elfcore.NoteBuffer(NOTE_AT, len(note), "vmcoreinfo")])
+    hdr = ech.build([Range(a, b) for a, b in RAM], [ech.Note(NOTE_AT, len(note), "vmcoreinfo")])
     mem[HDR_AT:HDR_AT + len(hdr)] = hdr
     (tmp_path / "mem").write_bytes(bytes(mem))
     (tmp_path / "cmdline").write_text(f"elfcorehdr={HDR_AT:#x} kexec_jump_back_entry=0x1000\n")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from khibernate import elfcore
 from khibernate.image.errors import NotAVmcoreError
+from khibernate.jump import elfcorehdr as ech
 from khibernate.jump.memmap import Range
 from khibernate.view import NoPreviousKernelError, boot_side, open_previous
 from khibernate.view.previous import open_running_side
@@ -47,7 +47,7 @@ def test_capture_kernel_without_proc_vmcore_reads_dev_mem_through_the_elfcorehdr
     mem = bytearray((i * 7) & 0xFF for i in range(0x40000))
     note = pack_notes([Note("VMCOREINFO", 0, b"OSRELEASE=9.9.9\nPAGESIZE=4096\n")])
     mem[0x30000:0x30000 + len(note)] = note
-    hdr = elfcore.build_elfcorehdr([Range(0x1000, 0x40000)], [elfcore.NoteBuffer(0x30000, len(note), "vmcoreinfo")])
+    hdr = ech.build([Range(0x1000, 0x40000)], [ech.Note(0x30000, len(note), "vmcoreinfo")])
     mem[0x20000:0x20000 + len(hdr)] = hdr
     (tmp_path / "mem").write_bytes(bytes(mem))
     (tmp_path / "cmdline").write_text("elfcorehdr=0x20000 kexec_jump_back_entry=0x1000\n")

@@ -19,7 +19,7 @@ import mmap
 import os
 from collections.abc import Callable, Sequence
 
-from khibernate.elfcore import EHDR64, PHDR64, Note, NoteBuffer, parse_elfcorehdr, parse_headers, parse_notes
+from khibernate.elfcore import EHDR64, PHDR64, Note, parse_elfcorehdr, parse_headers, parse_notes
 from khibernate.image.errors import (
     ELF_ERRORS,
     AddressError,
@@ -37,12 +37,14 @@ from khibernate.image.sources.base import (
     StoredSource,
     merge_ranges,
 )
+from khibernate.ranges import Range
 
 MAX_NOTES = 1 << 24  # a PT_NOTE bigger than this is not the kernel's
 
 
-def ranges_from_elfcorehdr(blob: bytes) -> tuple[tuple[MemRange, ...], list[NoteBuffer]]:
-    """(RAM ranges, note buffers) an elfcorehdr describes; its PT_NOTE p_offset is a physical address."""
+def ranges_from_elfcorehdr(blob: bytes) -> tuple[tuple[MemRange, ...], list[Range]]:
+    """(RAM ranges, where the note buffers lie) an elfcorehdr describes; its PT_NOTE p_offset is a physical
+    address."""
     h = parse_elfcorehdr(blob, errors=ELF_ERRORS, limit=MAX_PHYS_ADDR)
     return merge_ranges(h.ram), h.notes
 
@@ -63,13 +65,13 @@ def parse_ranges(text: str) -> tuple[MemRange, ...]:
     return merge_ranges(out)
 
 
-def read_notes(path: str, read: Callable[[int, int], bytes], buffers: Sequence[NoteBuffer]) -> tuple[Note, ...]:
+def read_notes(path: str, read: Callable[[int, int], bytes], buffers: Sequence[Range]) -> tuple[Note, ...]:
     """The notes in the old kernel's note buffers, read with ``read(paddr, size)``."""
     notes: list[Note] = []
     for b in buffers:
         if b.size > MAX_NOTES:
             raise CorruptImageError(f"{path}: a {b.size}-byte note buffer is not a note; the elfcorehdr is corrupt")
-        notes += parse_notes(read(b.paddr, b.size), errors=ELF_ERRORS)
+        notes += parse_notes(read(b.start, b.size), errors=ELF_ERRORS)
     return tuple(notes)
 
 
@@ -79,7 +81,7 @@ class RawSource(SegmentedFileSource):
     format_name = "raw"
 
     def __init__(self, path: str | os.PathLike[str], ranges: Sequence[MemRange], *,
-                 note_locations: Sequence[NoteBuffer] = (), use_mmap: bool = False):
+                 note_locations: Sequence[Range] = (), use_mmap: bool = False):
         self.path = os.fspath(path)
         self._ranges = merge_ranges(ranges)
         segs = [FileSegment(r.start, r.size, r.start, r.size) for r in self._ranges]
@@ -200,7 +202,7 @@ class DevMemSource(StoredSource):
     format_name = "raw"
 
     def __init__(self, path: str | os.PathLike[str], ranges: Sequence[MemRange], *,
-                 note_locations: Sequence[NoteBuffer] = (), window: int | None = None):
+                 note_locations: Sequence[Range] = (), window: int | None = None):
         self.path = os.fspath(path)
         self._ranges = merge_ranges(ranges)
         self._starts = [r.start for r in self._ranges]
