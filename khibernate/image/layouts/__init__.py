@@ -7,3 +7,7 @@ with the pure records packed into and checked out of them.  No file I/O here: th
 - ``kdump``: makedumpfile's kdump-compressed file and its flattened stream
 - ``xen``: the notes a Xen hypervisor leaves in a host's vmcore
 """
+
+# Physical addresses (and so every range, max_pfn and bitmap a header describes) must lie below this: 64 TiB,
+# the x86_64 4-level paging limit.  A size field beyond it is a corrupt header, not a machine.
+MAX_PHYS_ADDR = 1 << 46

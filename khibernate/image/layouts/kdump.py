@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from khibernate.elfcore import NHDR, NT_PRSTATUS, VMCOREINFO_NOTE, align4, parse_notes
 from khibernate.image.errors import CorruptImageError, NotAVmcoreError, TruncatedError, UnsupportedError
-from khibernate.image.inputfile import MAX_PHYS_ADDR
+from khibernate.image.layouts import MAX_PHYS_ADDR
 from khibernate.layout import Layout
 
 SIGNATURE = b"KDUMP   "

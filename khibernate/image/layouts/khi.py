@@ -23,7 +23,7 @@ from khibernate.image.errors import (
     TruncatedError,
     UnsupportedError,
 )
-from khibernate.image.inputfile import MAX_PHYS_ADDR
+from khibernate.image.layouts import MAX_PHYS_ADDR
 from khibernate.layout import Layout
 from khibernate.ranges import Range
 

@@ -29,7 +29,8 @@ from khibernate.elfcore import (
     parse_notes,
 )
 from khibernate.image.errors import ELF_ERRORS, CorruptImageError, NotAVmcoreError, UnsupportedError
-from khibernate.image.inputfile import MAX_PHYS_ADDR, check_span, input_size, open_input, pread_exact
+from khibernate.image.inputfile import check_span, input_size, open_input, pread_exact
+from khibernate.image.layouts import MAX_PHYS_ADDR
 from khibernate.image.sources.base import FileSegment, MemRange, SegmentedFile, SegmentedFileSource, merge_ranges
 
 # ------------------------------------------------------------------------------------------------ reader

@@ -28,7 +28,8 @@ from khibernate.image.errors import (
     TruncatedError,
     UnsupportedError,
 )
-from khibernate.image.inputfile import MAX_PHYS_ADDR, input_size, open_input
+from khibernate.image.inputfile import input_size, open_input
+from khibernate.image.layouts import MAX_PHYS_ADDR
 from khibernate.image.layouts.kdump import (
     COMPRESS_FLAGS,
     DUMP_DH_COMPRESSED_INCOMPLETE,

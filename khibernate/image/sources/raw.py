@@ -28,7 +28,7 @@ from khibernate.image.errors import (
     MappingRefusedError,
     UsageErrorImage,
 )
-from khibernate.image.inputfile import MAX_PHYS_ADDR
+from khibernate.image.layouts import MAX_PHYS_ADDR
 from khibernate.image.sources.base import (
     FileSegment,
     MemRange,
