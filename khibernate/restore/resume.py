@@ -104,7 +104,7 @@ def where_to_restore(img: SavedImage, facts: SystemFacts | None = None) -> Resto
 def this_kernel(img: SavedImage | None = None) -> ThisBoot:
     """This (freshly booted) kernel as a capture kernel will see it: the RAM a jump's elfcorehdr describes — a jump
     into the crash region ``img`` was saved from (where_to_restore), or without ``img`` into this boot's own."""
-    from khibernate.image.elf import gnu_build_id
+    from khibernate.elfcore import gnu_build_id
     from khibernate.jump.loader import SystemFacts, jump_ram
 
     facts = SystemFacts.read(with_notes=False)
