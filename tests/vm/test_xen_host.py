@@ -56,11 +56,11 @@ class CrashRun:
 
 
 @pytest.fixture(scope="module")
-def dom0_crash(host, tmp_path_factory) -> CrashRun:
+def dom0_crash(host, module_tmp) -> CrashRun:
     """Boot the host, ask doctor, load the capture kernel with kexec-tools (timed, then unloaded) and with
     khibernate, crash dom0 (sysrq-c); in the capture kernel save /proc/vmcore and copy the image to the disk."""
     x, k = host
-    out = tmp_path_factory.mktemp("xen-crash")
+    out = module_tmp
     # the capture kernel keeps the saved image in its RAM (ramfs) before copying it to the disk: 512 MiB region
     with XenVM(x, k, name="xen-dom0-crash", disk_mb=512, memory_mb=2048, crash_mb=512) as vm:
         boot = vm.milestones["ready"]
@@ -129,9 +129,9 @@ def test_dom0_panic_boots_khibernate_capture_kernel(dom0_crash):
 
 
 @pytest.fixture(scope="module")
-def host_elf(dom0_crash, tmp_path_factory) -> Path:
+def host_elf(dom0_crash, module_tmp) -> Path:
     """The saved image, verified, exported as an ELF vmcore (what crash and makedumpfile read)."""
-    elf = tmp_path_factory.mktemp("xen-export") / "host.elf"
+    elf = module_tmp / "host.elf"
     _khibernate("image", "verify", str(dom0_crash.image))
     _khibernate("image", "export", str(dom0_crash.image), str(elf), "--format", "elf")
     return elf
