@@ -35,8 +35,10 @@ echo "[setup] a Debian distribution kernel for the tests and its debug vmlinux (
 .venv/bin/python -m vmtest.debian
 
 # ~3.5 MB: Debian's Xen 4.17 hypervisor and its xen-syms, and dom0's xen-privcmd/xenfs (+ virtio) modules of the
-# Debian kernel above, for the Xen host VM tests (tests/vm/test_xen_host.py)
-echo "[setup] a Xen hypervisor for the Xen host tests, in ~/.cache/khibernate/xen"
+# Debian kernel above, for the Xen host VM tests (tests/vm/test_xen_host.py); then, once, the same hypervisor built
+# from Debian's xen source with debug info (vmtest/xen_build.py: `make -C xen` only, ~5 MB of source; gcc, make,
+# python3, flex, bison and dpkg-source from the packages above), whose xen-syms crash can read
+echo "[setup] Xen hypervisors for the Xen host tests (Debian's, and one built with debug info), in ~/.cache/khibernate/xen"
 .venv/bin/python -m vmtest.xen
 
 echo "[setup] test kernels (built once from Debian's linux-source-6.12 and -7.3, then cached in ~/.cache/khibernate)"

@@ -260,25 +260,96 @@ def test_xen_to_xen_then_xen_to_linux(host):
           f"{second_xen:.1f} s; Xen→Linux to its shell {linux:.1f} s")
 
 
-def test_hypervisor_crash_boots_khibernate_capture_kernel(host):
-    """Xen itself crashing (its debug key 'C', what `xl debug-keys C` sends, typed on Xen's serial console after
-    Ctrl-A x3) starts the capture kernel khibernate loaded into Xen, with the host's memory in /proc/vmcore."""
-    x, k = host
-    with XenVM(x, k, name="xen-hv-crash") as vm:
-        vm.run(f"{K} kdump load /boot/bzImage --initrd /boot/initrd-nopy.img --append '{CAPTURE_APPEND}'",
-               timeout=300)
+@pytest.fixture(scope="module")
+def debug_host(host) -> tuple[xen.XenHypervisor, debian.CachedKernel]:
+    """The cached Xen with its hypervisor swapped for the debug-info build of Debian's source (setup built it)."""
+    x = xen.cached_debug()
+    if x is None:
+        unavailable(f"no debug-info Xen build in {xen.xen_build.BUILD_CACHE} ({HINT} or `python3 -m vmtest.xen`)")
+    return x, host[1]
+
+
+@dataclasses.dataclass
+class HypervisorCrash:
+    """What a hypervisor crash produced: the capture kernel's view and the saved image (hypervisor frames only)."""
+
+    cmdline: str
+    vmcore_size: int
+    note_names: str
+    info: dict
+    image: Path
+    console: str
+    timings: dict
+
+
+@pytest.fixture(scope="module")
+def hv_crash(debug_host, tmp_path_factory) -> HypervisorCrash:
+    """Boot the debug-info Xen, load khibernate's capture kernel into it, crash Xen itself (its debug key 'C', what
+    `xl debug-keys C` sends, typed on Xen's serial console after Ctrl-A x3); in the capture kernel save the
+    hypervisor's frames of /proc/vmcore (`--xen hypervisor`) and copy the image to the disk."""
+    x, k = debug_host
+    out = tmp_path_factory.mktemp("xen-hv-crash")
+    with XenVM(x, k, name="xen-hv-crash", disk_mb=128, memory_mb=2048, crash_mb=512) as vm:
+        assert "debug info" in x.version and re.search(r"\(XEN\) Xen version 4\.17", vm.console_text())
+        vm.run(f"{K} kdump load /boot/bzImage --initrd /boot/initrd.img --append '{CAPTURE_APPEND}'", timeout=300)
         vm.mark()
         vm.console_write(b"\x01\x01\x01")
         vm.wait_for(r"\(XEN\) \*\*\* Serial input to Xen", timeout=60)
         vm.console_write(b"C")
+        t0 = time.monotonic()
         vm.wait_for(r"\(XEN\) .*'C' pressed -> triggering crashdump", timeout=60)
         vm.wait_for(r"\(XEN\) .*Executing kexec image", timeout=120)
         vm.wait_for(r"Linux version", timeout=180)
-        vm.wait_for_shell(timeout=300)
-        assert re.search(r"\belfcorehdr=0x[0-9a-f]+\b", vm.run("cat /proc/cmdline"))
+        vm.wait_for_shell(timeout=400)
+        t1 = time.monotonic()
+        cmdline = vm.run("cat /proc/cmdline")
         size = int(vm.run("stat -c %s /proc/vmcore").strip())
-        assert size > 1 << 30, size  # the machine's RAM (1.5 GiB) but the crash region
         # the ELF header and notes open /proc/vmcore: Xen's VMCOREINFO and crash notes are among them
-        head = vm.run("head -c 65536 /proc/vmcore | tr -c 'A-Za-z_' '\\n' | grep -E '^(VMCOREINFO_XEN|Xen|CORE)$' "
-                      "| sort -u", timeout=120)
-        assert head.split() == ["CORE", "VMCOREINFO_XEN", "Xen"], head
+        names = vm.run("head -c 65536 /proc/vmcore | tr -c 'A-Za-z_' '\\n' | grep -E '^(VMCOREINFO_XEN|Xen|CORE)$' "
+                       "| sort -u", timeout=120)
+        info = json.loads(vm.run(f"{K} image info /proc/vmcore --json", timeout=300))
+        vm.run(f"{K} image save /proc/vmcore /tmp/hv.khi --xen hypervisor --threads 1", timeout=900)
+        saved = int(vm.run("stat -c %s /tmp/hv.khi").strip())
+        vm.run(LOAD_VIRTIO_BLK, timeout=120)
+        vm.run("dd if=/tmp/hv.khi of=/dev/vda bs=1M conv=fsync 2>&1 | tail -1", timeout=600)
+        t2 = time.monotonic()
+        console = vm.console_text()
+    image = out / "hv.khi"
+    with open(vm.disk, "rb") as src, open(image, "wb") as dst:
+        dst.write(src.read(saved))
+    return HypervisorCrash(cmdline, size, names, info, image, console,
+                           {"crash_to_capture_shell": t1 - t0, "save_and_copy": t2 - t1, "image_bytes": saved})
+
+
+def test_hypervisor_crash_boots_khibernate_capture_kernel(hv_crash):
+    """Xen itself crashing starts the capture kernel khibernate loaded into Xen, with the host's memory and Xen's
+    notes in /proc/vmcore."""
+    r = hv_crash
+    print(f"\n[xen] hypervisor crash: {r.timings}")
+    assert re.search(r"\belfcorehdr=0x[0-9a-f]+\b", r.cmdline), r.cmdline
+    assert r.vmcore_size > 1 << 30, r.vmcore_size  # the machine's RAM (2 GiB) but the crash region
+    assert r.note_names.split() == ["CORE", "VMCOREINFO_XEN", "Xen"], r.note_names
+    assert r.info["xen_version"].startswith("4.17."), r.info
+
+
+@pytest.fixture(scope="module")
+def hv_elf(hv_crash, tmp_path_factory) -> Path:
+    """The hypervisor crash's image, verified, exported as an ELF vmcore."""
+    elf = tmp_path_factory.mktemp("xen-hv-export") / "hv.elf"
+    _khibernate("image", "verify", str(hv_crash.image))
+    _khibernate("image", "export", str(hv_crash.image), str(elf), "--format", "elf")
+    return elf
+
+
+def test_crash_opens_the_hypervisor_dump_with_xen_syms(hv_elf, debug_host):
+    """crash's Xen hypervisor mode (`crash xen-syms vmcore`) opens the export with the debug-info build's
+    xen-syms: Xen's console ring (`log`) ends with the crash key, `doms` lists dom0, `bt` of the crashing CPU
+    runs from the key handler into Xen's kexec crash path: things only the hypervisor's symbols and types give."""
+    x, _ = debug_host
+    r = subprocess.run(["crash", "-s", str(x.syms), str(hv_elf)], input="sys\nlog\ndoms\npcpus\nbt\nquit\n",
+                       capture_output=True, text=True, timeout=900)
+    out = r.stdout + r.stderr
+    print(f"\n[xen] crash {x.syms} (exit {r.returncode}):\n{out[-6000:]}")
+    assert "'C' pressed -> triggering crashdump" in out, out[-4000:]
+    assert re.search(r"^\s*>?\*?\s*0\s+[0-9a-f]{16}\s", out, re.M), out[-4000:]  # doms: domain 0 and its struct domain
+    assert "kexec_crash" in out or "do_crashdump_trigger" in out, out[-4000:]
