@@ -265,7 +265,8 @@ def debug_host(host) -> tuple[xen.XenHypervisor, debian.CachedKernel]:
     """The cached Xen with its hypervisor swapped for the debug-info build of Debian's source (setup built it)."""
     x = xen.cached_debug()
     if x is None:
-        unavailable(f"no debug-info Xen build in {xen.xen_build.BUILD_CACHE} ({HINT} or `python3 -m vmtest.xen`)")
+        unavailable(f"no debug-info Xen build in {xen.xen_build.BUILD_CACHE} (run `scripts/setup.sh --xen` as root "
+                    "or `python3 -m vmtest.xen --debug-build`)")
     return x, host[1]
 
 
