@@ -6,7 +6,8 @@ multiboot ELF that QEMU's ``-kernel`` loads directly), its ``xen-syms`` (an ELF 
 dom0 modules kexec through Xen needs from the cached Debian kernel package (``xen-privcmd.ko``: /dev/xen/privcmd
 and /dev/xen/hypercall; ``xenfs.ko``: /proc/xen, which kexec-tools looks for). Then it builds (once,
 vmtest/xen_build.py) the same hypervisor from Debian's source with debug info, whose ``xen-syms`` crash and
-makedumpfile ``--xen-syms`` can read (:func:`cached_debug`), when called with ``--debug-build``
+makedumpfile ``--xen-syms`` can read (:func:`cached_debug`), and a crash whose Xen mode reads Xen 4.17
+(vmtest/crash_build.py: Debian 12's crash 8.0.2 cannot), when called with ``--debug-build``
 (``scripts/setup.sh --xen``, what ``scripts/test.sh --xen`` runs). Tests only look them up (:func:`cached`);
 nothing is downloaded or built at test time.
 
@@ -30,7 +31,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from vmtest import debian, xen_build
+from vmtest import crash_build, debian, xen_build
 from vmtest.kernel import CACHE
 from vmtest.vm import VM
 
@@ -210,7 +211,9 @@ if __name__ == "__main__":
         sys.exit(0)
     try:
         b = xen_build.ensure_build(x.version)
+        c = crash_build.ensure_build()
     except xen_build.KernelBuildError as e:
         sys.exit(f"error: {e}")
     print(f"[setup] Xen {b.version} with debug info: {b.image}, symbols {b.syms} ({b.info['build_seconds']} s to "
-          "build)", file=sys.stderr)
+          f"build); crash {c.info['version']} for its dumps: {c.binary} ({c.info['build_seconds']} s)",
+          file=sys.stderr)
