@@ -1,7 +1,8 @@
 """Issue 25 in real VMs: a Xen 4.17 host (Debian's packages) with Debian's 6.1 as PV dom0, under QEMU/TCG.
 
 khibernate loads through the hypervisor: a dom0 panic boots khibernate's capture kernel, whose /proc/vmcore (the
-whole host, with Xen's notes) khibernate saves and exports, and crash opens the export with xen-syms; doctor's
+whole host, with Xen's notes) khibernate saves and exports, and crash opens the export with dom0's vmlinux; a
+hypervisor crash of a Xen built with debug info, whose saved dump crash opens with that build's xen-syms; doctor's
 verdict on the host; Xen→Xen (`kexec load --vmm`) and from the new Xen, Xen→Linux.
 """
 
@@ -147,10 +148,10 @@ def test_crash_reads_the_exported_host_dump(host_elf, host):
     """crash opens the export of the whole host's dump with dom0's debug vmlinux (it finds dom0's memory through
     the p2m root in Xen's crash info note): the panic, the tasks, the log.
 
-    With the hypervisor's symbols it cannot: Debian's xen-hypervisor-4.17-amd64-dbg ships xen-syms with an ELF
-    symbol table only, no DWARF, and crash's gdb needs DWARF ("no debugging data available", checked here so a
-    xen-syms with debug info is noticed); makedumpfile reads the hypervisor's symbols from VMCOREINFO_XEN instead
-    (test_xen_filters_agree_with_makedumpfile)."""
+    With Debian's hypervisor symbols it cannot: xen-hypervisor-4.17-amd64-dbg ships xen-syms with an ELF symbol
+    table only, no DWARF, and crash's gdb needs DWARF ("no debugging data available", checked here so a xen-syms
+    with debug info is noticed). The hypervisor-crash test boots a Xen built with debug info and opens its dump
+    with that build's xen-syms (test_crash_opens_the_hypervisor_dump_with_xen_syms)."""
     x, k = host
     vmlinux = debian.cached_kernel()
     assert vmlinux is not None and vmlinux.vmlinux.exists(), "setup caches the Debian kernel's debug vmlinux"
