@@ -346,22 +346,26 @@ def hv_elf(hv_crash, tmp_path_factory) -> Path:
 
 def test_crash_opens_the_hypervisor_dump_with_xen_syms(hv_elf, debug_host):
     """crash's Xen hypervisor mode (`crash xen-syms vmcore`) opens the export with the debug-info build's
-    xen-syms: Xen's console ring (`log`) ends with the crash key, `doms` lists dom0, `bt` of the crashing CPU
-    runs from the key handler into Xen's kexec crash path: things only the hypervisor's symbols and types give.
+    xen-syms: `sys` says the hypervisor crashed, `log` is Xen's console ring ending with the crash key and the
+    kexec, `doms` reads dom0's struct domain (640 MiB: dom0_mem) — things only the hypervisor's symbols and types
+    give. (`bt` prints "(no stack)": crash's Xen mode finds no stack for Xen >= 4.16's stack_base layout, see
+    docs/xen.md; printed, not asserted.)
 
     The crash is the one setup built (trixie's 8.0.6): Debian 12's crash 8.0.2 stops at "cannot read cpu_info"
     on Xen >= 4.16 (checked here, so a fixed Debian crash is noticed)."""
     x, _ = debug_host
     built = crash_build.cached()
     assert built is not None, "scripts/setup.sh --xen builds crash (python3 -m vmtest.xen --debug-build)"
-    commands = "sys\nlog\ndoms\npcpus\nbt\nquit\n"
+    commands = "sys\nlog\ndoms\nvcpus\npcpus\nbt\nquit\n"
     r = subprocess.run([str(built.binary), "-s", str(x.syms), str(hv_elf)], input=commands, capture_output=True,
                        text=True, timeout=900)
     out = r.stdout + r.stderr
-    print(f"\n[xen] crash {built.info['version']} {x.syms} {hv_elf.name} (exit {r.returncode}):\n{out[-6000:]}")
-    assert "'C' pressed -> triggering crashdump" in out, out[-4000:]
-    assert re.search(r"^\s*>?\*?\s*0\s+[0-9a-f]{16}\s", out, re.M), out[-4000:]  # doms: domain 0 and its struct domain
-    assert "kexec_crash" in out or "do_crashdump_trigger" in out, out[-4000:]
+    print(f"\n[xen] crash {built.info['version']} {x.syms} {hv_elf.name} (exit {r.returncode}):\n{out[-3000:]}")
+    assert re.search(r"^\s*STATE: CRASH$", out, re.M), out[-4000:]
+    assert "(XEN) 'C' pressed -> triggering crashdump" in out, out[-4000:]
+    assert "(XEN) Executing kexec image on cpu0" in out, out[-4000:]
+    dom0 = rf"^[ >][ *]\s+0 [0-9a-f]{{16}} \S+ \S+\s+{640 << 8:x}\s+{640 << 8:x}\s+1\s"  # DID DOMAIN ST T MAX TOT VCPU
+    assert re.search(dom0, out, re.M), out[-4000:]
     old = subprocess.run(["crash", "-s", str(x.syms), str(hv_elf)], input="quit\n", capture_output=True, text=True,
                          timeout=300)
     assert "cannot read cpu_info" in old.stdout + old.stderr, "Debian's crash reads Xen 4.17 now: drop the build"
