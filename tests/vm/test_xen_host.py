@@ -285,12 +285,13 @@ class HypervisorCrash:
 
 
 @pytest.fixture(scope="module")
-def hv_crash(debug_host, tmp_path_factory) -> HypervisorCrash:
+def hv_crash(debug_host, module_tmp) -> HypervisorCrash:
     """Boot the debug-info Xen, load khibernate's capture kernel into it, crash Xen itself (its debug key 'C', what
     `xl debug-keys C` sends, typed on Xen's serial console after Ctrl-A x3); in the capture kernel save the
     hypervisor's frames of /proc/vmcore (`--xen hypervisor`) and copy the image to the disk."""
     x, k = debug_host
-    out = tmp_path_factory.mktemp("xen-hv-crash")
+    out = module_tmp / "hv-crash"
+    out.mkdir()
     with XenVM(x, k, name="xen-hv-crash", disk_mb=128, memory_mb=2048, crash_mb=512) as vm:
         assert "debug info" in x.version and re.search(r"\(XEN\) Xen version 4\.17", vm.console_text())
         vm.run(f"{K} kdump load /boot/bzImage --initrd /boot/initrd.img --append '{CAPTURE_APPEND}'", timeout=300)
@@ -336,9 +337,9 @@ def test_hypervisor_crash_boots_khibernate_capture_kernel(hv_crash, debug_host):
 
 
 @pytest.fixture(scope="module")
-def hv_elf(hv_crash, tmp_path_factory) -> Path:
+def hv_elf(hv_crash, module_tmp) -> Path:
     """The hypervisor crash's image, verified, exported as an ELF vmcore."""
-    elf = tmp_path_factory.mktemp("xen-hv-export") / "hv.elf"
+    elf = module_tmp / "hv.elf"
     _khibernate("image", "verify", str(hv_crash.image))
     _khibernate("image", "export", str(hv_crash.image), str(elf), "--format", "elf")
     return elf
