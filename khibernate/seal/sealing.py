@@ -28,6 +28,11 @@ class Sealing:
         key = new_store_key()
         return cls(key, make_keyring(key, sources), slot)
 
+    @classmethod
+    def from_keyring(cls, ring: Keyring, source: KeySource, slot: int = NO_SLOT) -> Sealing:
+        """Seal with a store's key, unwrapped from its keyring by ``source`` (WrongKeyError if it does not open)."""
+        return cls(open_keyring(ring, source, "the store"), ring, slot)
+
     def for_slot(self, slot: int) -> Sealing:
         """The same key, sealing for store slot ``slot``."""
         return dataclasses.replace(self, slot=slot)

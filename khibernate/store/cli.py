@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 from collections.abc import Iterator
 
@@ -82,7 +81,7 @@ def init_cmd(device: str, slots: int, force: bool, unsealed: bool, key_file: str
             from khibernate.store import keyslots
 
             keyslots.write(st.fd, Sealing.new(sources).keyring)  # the store key itself is never written
-            st.update(lambda sb: dataclasses.replace(sb, flags=STORE_SEALED))
+            st.update(lambda sb: sb.with_flags(STORE_SEALED))
         click.echo(st.sb.describe())
         click.echo(f"sealing: {_sealing(st.sb.flags)}")
 

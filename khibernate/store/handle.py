@@ -210,7 +210,7 @@ class Store:
         """Read ``length`` bytes of the slot back (cache dropped) and check their CRC and the image's header,
         trailer and tables checksums; StoreCorruptError when anything disagrees."""
         from khibernate.image.errors import ImageError
-        from khibernate.image.layouts.khi import HEADER, TRAILER, Header, Trailer
+        from khibernate.image.layouts.khi import HEADER, INDEX, TRAILER, Header, Trailer
 
         if not HEADER.size + TRAILER.size <= length <= rec.capacity:
             raise StoreCorruptError(f"slot {rec.index}: reported image length {length} does not fit the slot")
@@ -227,8 +227,11 @@ class Store:
         try:
             header, _ = Header.unpack(head)
             trailer = Trailer.unpack(os.pread(self.fd, TRAILER.size, rec.offset + length - TRAILER.size))
+            tables_end = trailer.index_offset + trailer.index_count * INDEX.size  # a sealed image's seal record follows
+            if not trailer.stored_bitmap_offset <= tables_end <= length - TRAILER.size:
+                raise StoreCorruptError(f"slot {rec.index}: the trailer places the tables outside the image")
             tables = b"".join(device.read_region(self.fd, rec.offset + trailer.stored_bitmap_offset,
-                                                 length - TRAILER.size - trailer.stored_bitmap_offset))
+                                                 tables_end - trailer.stored_bitmap_offset))
         except ImageError as e:
             raise StoreCorruptError(f"slot {rec.index}: {e}") from None
         if zlib.crc32(tables) != trailer.tables_crc:

@@ -196,6 +196,10 @@ class Superblock:
         slots = tuple(rec if s.index == rec.index else s for s in self.slots)
         return dataclasses.replace(self, slots=slots, generation=self.generation + 1)
 
+    def with_flags(self, flags: int) -> Superblock:
+        """The next generation with the store flags ``flags`` (STORE_SEALED / STORE_UNSEALED)."""
+        return dataclasses.replace(self, flags=flags, generation=self.generation + 1)
+
     def with_attempt(self, rec: SlotRecord, attempt: ResumeAttempt) -> Superblock:
         """The next generation with ``rec`` replacing its slot and ``attempt`` as the store's resume attempt."""
         return dataclasses.replace(self.with_slot(rec), attempt=attempt)

@@ -1,0 +1,58 @@
+"""`image save --key-file`, `image verify/info/export` of a sealed image: keys asked for, authenticity reported,
+one-line errors that say what to give."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from khibernate.cli import cli
+from tests.seal import forge
+from tests.seal.conftest import PASSPHRASE, key_file
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    r = CliRunner().invoke(cli, ["image", *args])
+    return r.exit_code, r.stdout, r.stderr
+
+
+def test_save_sealed_then_verify_info_export(base: dict[str, Path], tmp_path: Path) -> None:
+    key = key_file(tmp_path / "k")
+    pw = tmp_path / "pw"
+    pw.write_bytes(PASSPHRASE + b"\n")
+    dest = tmp_path / "s.khi"
+    code, out, err = run("save", str(base["elf64"]), str(dest), "--key-file", key.path, "--passphrase-file",
+                         str(pw), "--block-pages", "8", "-d", "1", "--json")
+    assert code == 0, err
+    assert json.loads(out)["sealed"] is True
+    code, out, err = run("verify", str(dest))
+    assert code == 2 and err.startswith("error: ") and "is sealed: give the key" in err and "Traceback" not in err
+    for opts in (["--key-file", key.path], ["--passphrase-file", str(pw)]):
+        code, out, err = run("verify", str(dest), *opts, "--json")
+        assert code == 0, err
+        assert json.loads(out)["authenticated"] is True
+    code, out, err = run("info", str(dest), "--key-file", key.path, "--json")
+    assert code == 0 and json.loads(out)["sealed"] is True, err
+    code, out, err = run("export", str(dest), str(tmp_path / "v.elf"), "--format", "elf", "--key-file", key.path)
+    assert code == 0, err
+    code, out, err = run("verify", str(dest), "--key-file", key_file(tmp_path / "other").path)
+    assert code == 1 and "wrong key" in err and err.count("\n") == 1
+
+
+def test_verify_refuses_a_forged_image(base: dict[str, Path], tmp_path: Path) -> None:
+    key = key_file(tmp_path / "k")
+    dest = tmp_path / "s.khi"
+    code, _, err = run("save", str(base["elf64"]), str(dest), "--key-file", key.path, "--block-pages", "8", "-d", "1")
+    assert code == 0, err
+    data = dest.read_bytes()
+    e = forge.entries(data)[1]
+    dest.write_bytes(forge.rechecksum(forge.flip(data, e.offset + 1)))
+    code, out, err = run("verify", str(dest), "--key-file", key.path)
+    assert code == 1 and "authentication" in err and "changed since it was sealed" in err and "Traceback" not in err
+
+
+def test_a_key_for_an_image_that_cannot_be_sealed_is_refused(base: dict[str, Path], tmp_path: Path) -> None:
+    code, _, err = run("verify", str(base["elf64"]), "--key-file", key_file(tmp_path / "k").path)
+    assert code == 2 and "not a sealed khibernate image" in err
