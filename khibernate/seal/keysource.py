@@ -27,7 +27,7 @@ MAX_KEY_FILE = 1 << 16
 MAX_PASSPHRASE = 4096
 # scrypt N = 2^16, r = 8: 64 MiB and ~0.5 s here, so it also runs in the capture kernel's small memory
 SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P = 16, 8, 1
-MAX_SCRYPT_LOG2_N = 20  # refuse a key slot asking for more than 1 GiB (a damaged or hostile slot)
+MAX_SCRYPT_MEMORY = 128 << 20  # refuse a slot asking scrypt for more (a damaged or hostile slot): 2x what we write
 
 
 class KeySource(Protocol):
@@ -85,7 +85,8 @@ class Passphrase:
                        r=SCRYPT_R, p=SCRYPT_P)
 
     def kek(self, slot: KeySlot) -> bytes:
-        if not (1 <= slot.log2_n <= MAX_SCRYPT_LOG2_N and 1 <= slot.r <= 32 and 1 <= slot.p <= 16):
+        if not (1 <= slot.log2_n <= 30 and 1 <= slot.r <= 32 and 1 <= slot.p <= 4
+                and 128 * slot.r << slot.log2_n <= MAX_SCRYPT_MEMORY):
             raise WrongKeyError(f"a passphrase slot asks for scrypt N=2^{slot.log2_n}, r={slot.r}, p={slot.p}, "
                                 "beyond what khibernate writes; the key slot is damaged")
         return Scrypt(salt=slot.salt, length=KEY_BYTES, n=1 << slot.log2_n, r=slot.r, p=slot.p).derive(self._secret)

@@ -104,3 +104,12 @@ def test_blocks_are_bound_to_number_image_and_associated_data() -> None:
                           (ImageCipher(key, a), 3, b"aD"), (ImageCipher(new_store_key(), a), 3, b"ad")):
         with pytest.raises(TamperedError, match="fails authentication"):
             cipher.open_block(n, sealed, ad, "b")
+
+
+def test_a_passphrase_slot_asking_for_too_much_memory_is_refused() -> None:
+    """A hostile slot cannot make scrypt allocate more than 128 MiB (the capture kernel's memory is small)."""
+    pw = Passphrase(PASSPHRASE)
+    slot = pw.new_slot()
+    for log2_n, r, p in ((17, 16, 1), (21, 8, 1), (16, 8, 5)):
+        with pytest.raises(WrongKeyError, match="beyond what khibernate writes"):
+            pw.kek(keyring.KeySlot(slot.kind, slot.kdf, slot.salt, slot.wrapped, log2_n, r, p))
