@@ -1,12 +1,14 @@
-"""The AEAD of one sealed image: AES-256-GCM (python ``cryptography``, OpenSSL inside) under a key of its own.
+"""The AEAD of one sealed image: ChaCha20-Poly1305 (python ``cryptography``, OpenSSL inside) under a key of its own
+(why not AES-256-GCM: docs/sealed.md, measured natively and in the capture kernel under TCG).
 
 Keys: the store key (32 random bytes, wrapped in the key slots, :mod:`khibernate.seal.keyring`) is never used
 directly.  Each image gets ``image key = HKDF-SHA256(store key, salt = image UUID, info = "khibernate image v3")``;
 the UUID is 16 fresh random bytes drawn by the writer for every save, so no two images share an image key.
 
-Nonces: 96 bits, ``domain (u32) || counter (u64)``: domain 0 numbers the blocks (block ``n`` has counter ``n``),
-domain 1 is the one tag over header, tables and trailer.  Under one image key every nonce is used once: a save
-writes each block number once and the tables tag once, and a new save draws a new UUID, hence a new key.
+Nonces: 96 bits (RFC 8439), ``domain (u32) || counter (u64)``: domain 0 numbers the blocks (block ``n`` has
+counter ``n``), domain 1 is the one tag over header, tables and trailer.  Under one image key every nonce is used
+once: a save writes each block number once and the tables tag once, and a new save draws a new UUID, hence a new
+key.
 
 Associated data (built by the format, :mod:`khibernate.image.layouts.khi`) binds each block to its image UUID,
 slot, block number and index entry; the tables tag authenticates every byte of the header (key slots included),
@@ -19,7 +21,7 @@ import struct
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from khibernate.seal.errors import TamperedError
@@ -42,7 +44,7 @@ def key_id(store_key: bytes) -> bytes:
 
 
 def nonce(domain: int, counter: int) -> bytes:
-    """The 12-byte GCM nonce ``domain || counter``."""
+    """The 12-byte nonce ``domain || counter``."""
     return _NONCE.pack(domain, counter)
 
 
@@ -52,7 +54,7 @@ class ImageCipher:
     def __init__(self, store_key: bytes, image_uuid: bytes):
         if len(store_key) != KEY_BYTES or len(image_uuid) != 16:
             raise ValueError("a store key is 32 bytes and an image UUID 16")
-        self._aead = AESGCM(_hkdf(store_key, image_uuid, b"khibernate image v3"))
+        self._aead = ChaCha20Poly1305(_hkdf(store_key, image_uuid, b"khibernate image v3"))
 
     def seal_block(self, number: int, frame: bytes | memoryview, ad: bytes) -> bytes:
         """Ciphertext of block ``number`` followed by its 16-byte tag (``len(frame) + TAG_BYTES`` bytes)."""

@@ -1,6 +1,6 @@
-"""The wrapped store key, byte by byte: a keyring of key slots, each holding the store key wrapped (AES-256-GCM) by
-one key source (a key file, a passphrase; kind 3 is kept for the TPM).  Reader and writer side by side, every struct
-declared once by field name; pure (no I/O).  ``docs/sealed.md`` describes every byte.
+"""The wrapped store key, byte by byte: a keyring of key slots, each holding the store key wrapped
+(ChaCha20-Poly1305) by one key source (a key file, a passphrase; kind 3 is kept for the TPM).  Reader and writer
+side by side, every struct declared once by field name; pure (no I/O).  ``docs/sealed.md`` describes every byte.
 
 Where it lives: (1) in the store, a 4 KiB block at offsets 8192 and 12288 (two identical copies written by
 ``target init``; between the superblock copies and the first slot at 1 MiB), so a capture can seal for the store;
@@ -19,7 +19,7 @@ import dataclasses
 import zlib
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from khibernate.layout import Layout
 from khibernate.seal.cipher import KEY_BYTES, TAG_BYTES
@@ -71,13 +71,13 @@ def _ad(key_id: bytes, slot: KeySlot) -> bytes:
 
 def wrap(kek: bytes, store_key: bytes, key_id: bytes, slot: KeySlot) -> KeySlot:
     """``slot`` with the store key wrapped under ``kek``."""
-    return dataclasses.replace(slot, wrapped=AESGCM(kek).encrypt(WRAP_NONCE, store_key, _ad(key_id, slot)))
+    return dataclasses.replace(slot, wrapped=ChaCha20Poly1305(kek).encrypt(WRAP_NONCE, store_key, _ad(key_id, slot)))
 
 
 def unwrap(kek: bytes, key_id: bytes, slot: KeySlot) -> bytes | None:
     """The store key if ``kek`` opens ``slot``, else None."""
     try:
-        return AESGCM(kek).decrypt(WRAP_NONCE, slot.wrapped, _ad(key_id, slot))
+        return ChaCha20Poly1305(kek).decrypt(WRAP_NONCE, slot.wrapped, _ad(key_id, slot))
     except InvalidTag:
         return None
 

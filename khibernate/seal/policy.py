@@ -13,6 +13,11 @@ class SealedStoreCaptureError(SealError):
     """A capture into a sealed store, which this khibernate cannot seal in the capture kernel yet."""
 
 
+def name(flags: int) -> str:
+    """One word for a store's flags: sealed, unsealed, or legacy (made before sealing existed)."""
+    return "sealed" if flags & STORE_SEALED else "unsealed" if flags & STORE_UNSEALED else "legacy"
+
+
 def describe(flags: int) -> str:
     """What a store's flags say, for `target list` and `doctor`."""
     if flags & STORE_SEALED:

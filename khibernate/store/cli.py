@@ -14,10 +14,11 @@ from khibernate.store.handle import Store
 from khibernate.store.superblock import STORE_SEALED
 
 
-def _sealing(flags: int) -> str:
+def _sealing(flags: int, short: bool = False) -> str:
+    """What the store's flags say about sealing (khibernate.seal.policy)."""
     from khibernate.seal import policy
 
-    return policy.describe(flags)
+    return policy.name(flags) if short else policy.describe(flags)
 
 
 @contextlib.contextmanager
@@ -94,9 +95,11 @@ def list_cmd(device: str, as_json: bool) -> None:
     with Store.open(device) as st:
         if as_json:
             click.echo(json.dumps({"store": st.sb.uuid_str, "generation": st.sb.generation,
+                                   "sealing": _sealing(st.sb.flags, short=True),
                                    "slots": [st.show(s.index) for s in st.sb.slots]}, indent=2))
         else:
             click.echo(st.sb.describe())
+            click.echo(f"sealing: {_sealing(st.sb.flags)}")
 
 
 @target_group.command("show")

@@ -182,3 +182,11 @@ def test_capture_into_a_sealed_store_is_refused_before_anything_runs() -> None:
     with pytest.raises(policy.SealedStoreCaptureError, match="cannot yet seal"):
         policy.check_capture(STORE_SEALED, "/dev/vdb")
     policy.check_capture(STORE_UNSEALED, "/dev/vdb")
+
+
+def test_target_list_says_whether_the_store_is_sealed(dev: str, tmp_path: Path) -> None:
+    assert init(dev, "--key-file", key_file(tmp_path / "k").path)[0] == 0
+    r = CliRunner().invoke(cli, ["target", "list", dev])
+    assert r.exit_code == 0 and "sealing: sealed" in r.stdout
+    r = CliRunner().invoke(cli, ["target", "list", dev, "--json"])
+    assert r.exit_code == 0 and '"sealing": "sealed"' in r.stdout

@@ -27,11 +27,11 @@ from khibernate.image.layouts import MAX_PHYS_ADDR
 from khibernate.layout import Layout, Record
 from khibernate.ranges import Range
 
-CIPHER_AES256_GCM = 1  # khibernate.seal.cipher's one cipher
+CIPHER_CHACHA20_POLY1305 = 1  # khibernate.seal.cipher's one cipher
 MAGIC = b"KHIMG\x00\r\n"
 TRAILER_MAGIC = b"KHIEND\x00\x00"
 VERSION = 2  # 2: each block's CRC is seeded with its index fields (binds a frame to its pfn range)
-SEALED_VERSION = 3  # 3: sealed (AES-256-GCM per block, header/tables/trailer authenticated); unsealed stays 2
+SEALED_VERSION = 3  # 3: sealed (ChaCha20-Poly1305 per block, header/tables/trailer authenticated); unsealed stays 2
 READ_VERSIONS = (1, 2, 3)
 FLAG_RESTORABLE = 1
 FLAG_SEALED = 2
@@ -199,8 +199,8 @@ def _seal_problem(f: Record, size: int) -> str:
     if not sealed:
         return ""
     end = HEADER.size + f["nr_ranges"] * RANGE.size + f["notes_size"]
-    if f["cipher"] != CIPHER_AES256_GCM:
-        return f"cipher id {f['cipher']} is unknown (1 = AES-256-GCM)"
+    if f["cipher"] != CIPHER_CHACHA20_POLY1305:
+        return f"cipher id {f['cipher']} is unknown (1 = ChaCha20-Poly1305)"
     if f["keyring_offset"] != end or not 0 < f["keyring_size"] <= size - end:
         return f"the key slots ({f['keyring_size']} bytes at {f['keyring_offset']}) do not follow the notes"
     return ""

@@ -27,7 +27,7 @@ from khibernate.image.atomic import atomic_output
 from khibernate.image.errors import AddressError, CorruptImageError, TruncatedError, UsageErrorImage
 from khibernate.image.inputfile import input_size, open_input
 from khibernate.image.layouts.khi import (
-    CIPHER_AES256_GCM,
+    CIPHER_CHACHA20_POLY1305,
     FLAG_RESTORABLE,
     FLAG_SEALED,
     HEADER,
@@ -254,7 +254,7 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
                     max_pfn=source.max_pfn, ranges=source.ranges, notes=default_notes(source, vmci),
                     osrelease=vmci.osrelease if vmci else "", build_id=vmci.build_id if vmci else "",
                     compression_level=zstd_level, version=SEALED_VERSION if seal else VERSION,
-                    seal=SealInfo(CIPHER_AES256_GCM, seal.slot, seal.keyring.key_id, seal.keyring.pack())
+                    seal=SealInfo(CIPHER_CHACHA20_POLY1305, seal.slot, seal.keyring.key_id, seal.keyring.pack())
                     if seal else None)
     head = header.pack()
     base = _tell(out)  # where the image starts in the file (a store slot's offset)
