@@ -57,12 +57,14 @@ def view_group() -> None:
 
 @view_group.command("info")
 @click.argument("source", required=False)
+@with_key_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def info_cmd(source: str | None, as_json: bool) -> None:
-    """Format, RAM ranges, kernel release and notes of the previous kernel (or SOURCE)."""
+def info_cmd(source: str | None, key_file: str | None, passphrase_file: str | None, ask_passphrase: bool,
+             as_json: bool) -> None:
+    """Format, RAM ranges, kernel release and notes of the previous kernel (or SOURCE; sealed: with its key)."""
     from khibernate.view.files import describe
 
-    with _open(source) as src:
+    with _open(source, one_key(key_file, passphrase_file, ask_passphrase)) as src:
         d = describe(src)
     if as_json:
         click.echo(json.dumps(d, indent=2, sort_keys=True))
@@ -81,12 +83,14 @@ def info_cmd(source: str | None, as_json: bool) -> None:
 @click.option("--raw", is_flag=True, help="Write the bytes to stdout instead of a hex dump.")
 @click.option("--zero-fill", is_flag=True, help="Read holes and excluded pages as zeros (as oldmem does) "
               "instead of failing.")
-def read_cmd(source: str | None, paddr: int, size: int, raw: bool, zero_fill: bool) -> None:
-    """Read physical memory of the previous kernel (or SOURCE)."""
+@with_key_options
+def read_cmd(source: str | None, paddr: int, size: int, raw: bool, zero_fill: bool, key_file: str | None,
+             passphrase_file: str | None, ask_passphrase: bool) -> None:
+    """Read physical memory of the previous kernel (or SOURCE; sealed: with its key)."""
     if size > 1 << 30:
         raise UsageErrorImage(f"--size {size} is more than 1G; read in pieces or use 'view mount' and dd")
     a, n = paddr, size
-    with _open(source) as src:
+    with _open(source, one_key(key_file, passphrase_file, ask_passphrase)) as src:
         if zero_fill:
             data = src.read_filled(a, n)
         else:
@@ -100,12 +104,14 @@ def read_cmd(source: str | None, paddr: int, size: int, raw: bool, zero_fill: bo
 @view_group.command("dmesg")
 @click.argument("source", required=False)
 @vmcoreinfo_option
-def dmesg_cmd(source: str | None, vmcoreinfo_file: str | None) -> None:
-    """The previous kernel's log (like makedumpfile --dump-dmesg)."""
+@with_key_options
+def dmesg_cmd(source: str | None, vmcoreinfo_file: str | None, key_file: str | None, passphrase_file: str | None,
+              ask_passphrase: bool) -> None:
+    """The previous kernel's log (like makedumpfile --dump-dmesg; a sealed SOURCE with its key)."""
     from khibernate.image.dmesg import kernel_log
     from khibernate.image.vmcoreinfo import from_source
 
-    with _open(source) as src:
+    with _open(source, one_key(key_file, passphrase_file, ask_passphrase)) as src:
         vmci = _vmci(src, vmcoreinfo_file) or from_source(src)
         click.echo(kernel_log(src, vmci), nl=False)
 

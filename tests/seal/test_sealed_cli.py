@@ -9,6 +9,9 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from khibernate.cli import cli
+from khibernate.seal.keysource import KeyFile, Passphrase
+from khibernate.seal.sealing import Sealing
+from tests.image import basefiles
 from tests.seal import forge
 from tests.seal.conftest import PASSPHRASE, key_file
 
@@ -56,3 +59,14 @@ def test_verify_refuses_a_forged_image(base: dict[str, Path], tmp_path: Path) ->
 def test_a_key_for_an_image_that_cannot_be_sealed_is_refused(base: dict[str, Path], tmp_path: Path) -> None:
     code, _, err = run("verify", str(base["elf64"]), "--key-file", key_file(tmp_path / "k").path)
     assert code == 2 and "not a sealed khibernate image" in err
+
+
+def test_view_of_a_sealed_image_needs_the_key(sealed: Path, keys: tuple[KeyFile, Passphrase, Sealing]) -> None:
+    """`view info/read` (and `view mount`, same options) say to give the key, and read with it."""
+    r = CliRunner().invoke(cli, ["view", "info", str(sealed)])
+    assert r.exit_code == 2 and "is sealed: give the key" in r.stderr and "Traceback" not in r.stderr
+    key = keys[0]
+    r = CliRunner().invoke(cli, ["view", "read", str(sealed), "--paddr", "0x2000", "--size", "16", "--raw",
+                                 "--key-file", key.path])
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout_bytes == bytes(basefiles.memory()[0x2000:0x2010])
