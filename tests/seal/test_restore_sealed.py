@@ -67,3 +67,10 @@ def test_a_block_changed_between_the_passes_never_reaches_memory(sealed: Path, k
     want = basefiles.memory()
     for pfn in earlier:  # the blocks before it were authentic and written
         assert out[pfn * 4096:(pfn + 1) * 4096] == bytes(want[pfn * 4096:(pfn + 1) * 4096]), hex(pfn)
+
+
+def test_allow_unsealed_lets_an_unsealed_file_through_the_policy(base: dict[str, Path], tmp_path: Path) -> None:
+    from khibernate.image.errors import NotAVmcoreError
+
+    with pytest.raises(NotAVmcoreError, match="no-vmcore: no such file"):  # past the image checks
+        prepare_file(str(base["khi"]), vmcore=str(tmp_path / "no-vmcore"), allow_unsealed=True)

@@ -70,3 +70,13 @@ def test_view_of_a_sealed_image_needs_the_key(sealed: Path, keys: tuple[KeyFile,
                                  "--key-file", key.path])
     assert r.exit_code == 0, r.stderr
     assert r.stdout_bytes == bytes(basefiles.memory()[0x2000:0x2010])
+
+
+def test_save_of_a_sealed_source_opens_it_with_the_key_and_seals_the_copy(sealed: Path, tmp_path: Path,
+                                                                          keys: tuple[KeyFile, Passphrase, Sealing]
+                                                                          ) -> None:
+    dest = tmp_path / "again.khi"
+    code, _, err = run("save", str(sealed), str(dest), "--key-file", keys[0].path, "-d", "1", "--block-pages", "8")
+    assert code == 0, err
+    code, out, err = run("verify", str(dest), "--key-file", keys[0].path, "--json")
+    assert code == 0 and json.loads(out)["authenticated"] is True, err
