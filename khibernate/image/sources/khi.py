@@ -47,6 +47,7 @@ from khibernate.image.layouts.khi import (
     Trailer,
     block_ad,
     block_crc,
+    seal_record_authenticated,
 )
 from khibernate.image.pagefilter import DL_ZERO, PageClass, check_level
 from khibernate.image.pipeline import BufferPool, EarlyWriteback, ZstdPerThread, ordered_map
@@ -287,8 +288,9 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
     trailer = Trailer(pos, pos + n, n, pos + 2 * n, len(index), stats.pages_stored, stats.pages_zero,
                       tuple(stats.class_counts), zlib.crc32(tables))
     tail = trailer.pack()
-    if cipher is not None:  # the tag over every byte but the blocks' (each has its own) and itself
-        tail = SEAL.pack(magic=SEAL_MAGIC, tables_tag=cipher.tables_tag(head + tables + tail)) + tail
+    if cipher is not None:  # the tag over every byte but the blocks' (each has its own) and its own 16
+        record = seal_record_authenticated(SEAL.pack(magic=SEAL_MAGIC, tables_tag=bytes(16)))
+        tail = SEAL.pack(magic=SEAL_MAGIC, tables_tag=cipher.tables_tag(head + tables + record + tail)) + tail
     out.write(tail)
     stats.pages_excluded = stats.pages_ram - stats.pages_stored
     stats.bytes_written = pos + len(tables) + len(tail)
@@ -383,11 +385,12 @@ class KhiSource(PagedSource):
         if zlib.crc32(tables) != t.tables_crc:
             raise CorruptImageError(f"{self.path}: bitmap/index checksum mismatch; the image is corrupt")
         if self.cipher is not None:
-            seal = SEAL.unpack(self._pread(SEAL.size, tables_end), error=TruncatedError, what="seal record")
+            raw = self._pread(SEAL.size, tables_end)
+            seal = SEAL.unpack(raw, error=TruncatedError, what="seal record")
             if seal["magic"] != SEAL_MAGIC:
                 raise CorruptImageError(f"{self.path}: no seal record before the trailer; the image is corrupt")
-            self.cipher.check_tables(head + tables + self._pread(TRAILER.size, size - TRAILER.size),
-                                     seal["tables_tag"], self.path)
+            self.cipher.check_tables(head + tables + seal_record_authenticated(raw)
+                                     + self._pread(TRAILER.size, size - TRAILER.size), seal["tables_tag"], self.path)
         return tables
 
     def _unseal(self) -> ImageCipher:
