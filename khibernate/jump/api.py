@@ -166,10 +166,8 @@ def read_phys_page(addr: int, path: str = "/dev/mem") -> bytes:
 
 
 def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
+    """This boot's id (system.py reads it)."""
+    return SystemRoot().boot_id()
 
 
 def _state_path() -> Path:
@@ -178,7 +176,7 @@ def _state_path() -> Path:
 
 def entry_from_cmdline() -> int:
     """kexec_jump_back_entry from /proc/cmdline; raise JumpBackEntryError when this kernel was not jumped to."""
-    entry = loader.parse_jump_back_entry(Path("/proc/cmdline").read_text())
+    entry = loader.parse_jump_back_entry(SystemRoot().cmdline())
     if entry is None:
         raise JumpBackEntryError("no kexec_jump_back_entry=0x... in /proc/cmdline: this kernel was not started by a "
                                  "kexec jump (`khibernate jump load` + `jump exec` in the first kernel); give --entry")
@@ -238,7 +236,7 @@ def jump_back(entry: int | None = None) -> tuple[int, bool, JumpResult]:
 def jump_status() -> str:
     """Whether this kernel was jumped to (its jump-back entry), what is loaded, and the jump-back image state."""
     lines = [state().describe()]
-    entry = loader.parse_jump_back_entry(Path("/proc/cmdline").read_text())
+    entry = loader.parse_jump_back_entry(SystemRoot().cmdline())
     if entry is None:
         lines.append("this kernel was not started by a kexec jump (no kexec_jump_back_entry= in /proc/cmdline)")
     else:

@@ -33,7 +33,7 @@ from khibernate.jump.memmap import (
     system_ram,
 )
 from khibernate.ranges import E820_RAM, Range, subtract
-from khibernate.system import IomemRegion
+from khibernate.system import IomemRegion, SystemRoot
 
 JUMP_EXTRA_PARAMS = ("nokaslr", "iomem=relaxed")
 
@@ -108,7 +108,7 @@ class SystemFacts:
         firmware = read_firmware_memmap() or e820_from_iomem(iomem)
         notes = elfcorehdr.read_notes() if with_notes else []
         return cls(iomem, firmware, notes, _read_acpi_rsdp(), _read_screen_info(),
-                   Path("/proc/cmdline").read_text().strip())
+                   SystemRoot().cmdline())
 
 
 def _read_acpi_rsdp() -> int | None:

@@ -115,6 +115,7 @@ def restore_command(what: str, target: str | None, again: bool, vmcore: str, dev
     (the capture kernel needs iomem=relaxed; `jump load` adds it), each block read back and compared. After the
     first write a failure powers the machine off instead of returning into half-overwritten memory.
     """
+    from khibernate.capture.jobspec import Resumed
     from khibernate.errors import UsageError
     from khibernate.restore import run as rr
 
@@ -129,12 +130,13 @@ def restore_command(what: str, target: str | None, again: bool, vmcore: str, dev
     if dry_run:
         return
     try:
-        stats = rr.write_back(p, target if what.isdigit() else None, devmem=devmem)
+        stats = rr.write_back(p, devmem=devmem)
         if no_jump:
-            click.echo(f"restore: written and verified, {stats['throughput_mb_s']} MB/s; not entering the saved "
+            click.echo(f"restore: written and verified, {stats.throughput_mb_s:.1f} MB/s; not entering the saved "
                        "kernel (--no-jump): this kernel must not jump back to the overwritten one")
             return
-        rr.enter_saved_kernel(p, {"ok": True, "resumed": True, "restore": stats, "again": again})
+        rr.enter_saved_kernel(p, Resumed(restore=stats.as_dict(), resume_boot_id="",
+                                         slot=p.slot.index if p.slot else -1, again=again))
     except Exception as e:
         rr.power_off_if_touched(e)
         raise

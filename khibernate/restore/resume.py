@@ -18,11 +18,12 @@ import dataclasses
 import os
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from khibernate.errors import KhibernateError
+from khibernate.progress import Say
 from khibernate.restore.attempt import Attempt
 from khibernate.restore.checks import RestoreRefused, SavedImage, ThisBoot, differences
 from khibernate.restore.region import RestoreWindow, restore_window
@@ -129,7 +130,7 @@ def saved_image(target: str, rec: SlotRecord) -> SavedImage:
         src.close()
 
 
-def problems(opts: Options, img: SavedImage, say: Callable[[str], object] = print) -> list[str]:
+def problems(opts: Options, img: SavedImage, say: Say = print) -> list[str]:
     """Everything that makes ``img`` wrong for this boot: its kernel and memory (checks.differences) and every
     filesystem recorded at hibernate time that is missing or was mounted since (khibernate.restore.filesystems) —
     the latter waived only by --again with --ignore-changed-filesystems, loudly.  Warns about the filesystems whose
@@ -154,7 +155,7 @@ def problems(opts: Options, img: SavedImage, say: Callable[[str], object] = prin
     return out + changed
 
 
-def preflight(opts: Options, say: Callable[[str], object] = print) -> tuple[Superblock, SlotRecord, SavedImage]:
+def preflight(opts: Options, say: Say = print) -> tuple[Superblock, SlotRecord, SavedImage]:
     """`resume --check`: the slot a resume would take and its image, checked against this boot; nothing written.
     NothingToResume when there is no image, ResumeError when it was tried before, RestoreRefused / store errors
     when it does not fit."""
@@ -215,7 +216,7 @@ def check_in_initrd(system: SystemRoot) -> None:
                           "initramfs before any filesystem is mounted (initramfs/initramfs-tools), not resuming")
 
 
-def run(opts: Options, say: Any = print, system: SystemRoot | None = None) -> NoReturn:
+def run(opts: Options, say: Say = print, system: SystemRoot | None = None) -> NoReturn:
     """Resume the saved kernel: on success this boot ends inside.  Otherwise raises NothingToResume (no image),
     or ResumeError with the reason — carrying the attempt's token once a slot was marked tried — and this boot
     carries on.  Refused outside an initramfs (``system``: where /proc is, ``/`` by default) after the mark."""
@@ -225,9 +226,10 @@ def run(opts: Options, say: Any = print, system: SystemRoot | None = None) -> No
         f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(rec.created_ns / 1e9))} UTC; marked tried "
         f"({'continuing' if att.continued else 'starting'} attempt {att.token_hex})"
         + (" (--again)" if opts.again else ""))
+    system = system or SystemRoot()
     try:
-        check_in_initrd(system or SystemRoot())
-        _check_and_jump(opts, att, say)
+        check_in_initrd(system)
+        _check_and_jump(opts, att, say, system)
     except ResumeError as e:
         e.attempt = att.token_hex
         raise
@@ -238,13 +240,13 @@ def run(opts: Options, say: Any = print, system: SystemRoot | None = None) -> No
         raise ResumeError(f"{e.filename or ''}: {e.strerror or e}; nothing was restored", attempt=att.token_hex) from e
 
 
-def _check_and_jump(opts: Options, att: Attempt, say: Callable[[str], object]) -> NoReturn:
-    """Every check against this boot, then the restore job's jump; raises on a refusal (the boot goes on)."""
+def _check_and_jump(opts: Options, att: Attempt, say: Say, system: SystemRoot) -> NoReturn:
+    """Every check against this boot, then the restore job's round trip; raises on a refusal (the boot goes on)."""
     from khibernate.capture import kernelcheck
-    from khibernate.capture.job import Job
-    from khibernate.capture.mailbox import Mailbox, MailboxError
-    from khibernate.capture.snapshot import capture_args, capture_initrd_for, default_kernel
-    from khibernate.jump import api as jump
+    from khibernate.capture.errors import RoundTripError
+    from khibernate.capture.jobspec import Failed, Job
+    from khibernate.capture.roundtrip import CaptureKernel, RoundTrip
+    from khibernate.capture.snapshot import capture_initrd_for, default_kernel
 
     t0 = time.monotonic()
     rec = att.slot
@@ -258,32 +260,20 @@ def _check_and_jump(opts: Options, att: Attempt, say: Callable[[str], object]) -
     kernel = opts.kernel or default_kernel()
     kernelcheck.check(kernel)  # it must jump back here when it refuses, and into the saved kernel when it restores
     initrd, _ = capture_initrd_for(kernel, opts.target, opts.capture_initrd)
-    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    box = Mailbox(rec.image_uuid, avoid=jump.swapped_ranges(where.window.start, where.window.end - 1))
-    cmdline = Path("/proc/cmdline").read_text()
     job = Job("restore", opts.target, str(uuidlib.UUID(bytes=att.store_uuid)), rec.index, rec.offset, rec.capacity,
-              rec.dump_level, str(uuidlib.UUID(bytes=rec.image_uuid)), boot_id, opts.deadline, box.paddr,
+              rec.dump_level, str(uuidlib.UUID(bytes=rec.image_uuid)), system.boot_id(), opts.deadline, 0,
               again=opts.again, attempt=att.token_hex)
-    plan = jump.plan_jump(kernel, initrd, " ".join([*capture_args(cmdline), opts.append, *job.args()]).strip(),
-                          where.window.start, where.window.end - 1)
+    trip = RoundTrip.prepare(CaptureKernel(kernel, initrd, where.window.start, where.window.end - 1, opts.append),
+                             job, system)
     say(f"resume: {where.describe()}")
     t_load = time.monotonic()
-    jump.load_plan(plan)
-    if not box.still_at():
-        jump.unload()
-        raise ResumeError("the mailbox page moved before the jump; the image stays tried (`khibernate resume "
-                          "--again` tries it once more)")
-    say(f"resume: checked against this boot in {t_load - t0:.2f} s, capture kernel loaded in "
-        f"{time.monotonic() - t_load:.2f} s; entering it: it restores the saved kernel (this boot ends here unless "
-        "it refuses)")
-    jump.execute()
+    try:
+        out = trip.run(lambda: say(f"resume: checked against this boot in {t_load - t0:.2f} s, capture kernel loaded "
+                                   f"in {time.monotonic() - t_load:.2f} s; entering it: it restores the saved kernel "
+                                   "(this boot ends here unless it refuses)"))
+    except RoundTripError as e:
+        raise ResumeError(f"{e}; nothing was restored, the image stays tried (`khibernate resume --again` tries it "
+                          "once more)") from None
     # only a refusal comes back here: nothing was written
-    try:
-        jump.unload()
-    except KhibernateError:
-        pass
-    try:
-        body = box.result()
-    except MailboxError as e:
-        raise ResumeError(f"the capture kernel came back without a result ({e}); nothing was restored") from None
-    raise ResumeError(f"the capture kernel refused the image: {body.get('message')}")
+    why = out.result.message if isinstance(out.result, Failed) else f"it came back with {out.result}"
+    raise ResumeError(f"the capture kernel refused the image: {why}")
