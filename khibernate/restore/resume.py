@@ -27,11 +27,12 @@ from khibernate.progress import Say
 from khibernate.restore.attempt import Attempt
 from khibernate.restore.checks import RestoreRefused, SavedImage, ThisBoot, differences
 from khibernate.restore.region import RestoreWindow, restore_window
-from khibernate.store.superblock import FLAG_HIBERNATE, HOLDS_IMAGE, SlotRecord, SlotState, Superblock
+from khibernate.store.superblock import FLAG_HIBERNATE, SlotRecord, SlotState, Superblock
 from khibernate.system import SystemRoot
 
 if TYPE_CHECKING:
     from khibernate.jump.loader import SystemFacts
+    from khibernate.store.handle import Store
 
 
 class NothingToResume(KhibernateError):
@@ -69,7 +70,7 @@ class Options:
 def newest_image(sb: Superblock) -> SlotRecord | None:
     """The store's newest hibernation image, whatever became of it (complete, tried or resumed).  Only the newest is
     ever resumed: an older complete one is staler still than the one a boot already tried."""
-    cands = [s for s in sb.slots if s.flags & FLAG_HIBERNATE and s.state in HOLDS_IMAGE]
+    cands = [s for s in sb.slots if s.flags & FLAG_HIBERNATE and s.holds_image]
     return max(cands, key=lambda s: s.seq, default=None)
 
 
@@ -119,11 +120,9 @@ def this_kernel(img: SavedImage | None = None) -> ThisBoot:
                     osrelease=os.uname().release, build_id=build)
 
 
-def saved_image(target: str, rec: SlotRecord) -> SavedImage:
+def saved_image(st: Store, rec: SlotRecord) -> SavedImage:
     """What the slot's image says about the kernel it holds (header, trailer and tables checked)."""
-    from khibernate.store import api as store
-
-    src = store.open_slot(target, rec)
+    src = st.open_slot(rec)
     try:
         return SavedImage.from_source(src)
     finally:
@@ -159,41 +158,46 @@ def preflight(opts: Options, say: Say = print) -> tuple[Superblock, SlotRecord, 
     """`resume --check`: the slot a resume would take and its image, checked against this boot; nothing written.
     NothingToResume when there is no image, ResumeError when it was tried before, RestoreRefused / store errors
     when it does not fit."""
-    from khibernate.store import api as store
+    from khibernate.store.handle import Store
 
-    sb = store.read(opts.target)
-    rec = newest_image(sb)
-    if rec is None:
-        raise NothingToResume(f"no hibernation image to resume in {opts.target}")
-    if choose(sb, opts.again) is None:
-        raise ResumeError(tried_before(opts.target, rec))
-    img = saved_image(opts.target, rec)
+    with Store.open(opts.target) as st:
+        sb = st.sb
+        rec = newest_image(sb)
+        if rec is None:
+            raise NothingToResume(f"no hibernation image to resume in {opts.target}")
+        if choose(sb, opts.again) is None:
+            raise ResumeError(tried_before(opts.target, rec))
+        img = saved_image(st, rec)
     found = problems(opts, img, say)
     if found:
         raise RestoreRefused(found)
     return sb, rec, img
 
 
-def begin(opts: Options) -> Attempt:
+def begin(opts: Options, st: Store | None = None) -> Attempt:
     """Start the attempt — the newest hibernation image's slot marked tried, before any check — or continue the one
-    ``opts.attempt`` names (once).  NothingToResume / ResumeError (nothing marked) otherwise."""
+    ``opts.attempt`` names (once).  NothingToResume / ResumeError (nothing marked) otherwise.  ``st``: the write
+    handle the resume holds (else one is opened and closed)."""
     from khibernate.restore import attempt
-    from khibernate.store import api as store
+    from khibernate.store.handle import Store
 
+    if st is None:
+        with Store.open(opts.target, write=True) as own:
+            return begin(opts, own)
     if opts.attempt:
-        return attempt.resume_continued(opts.target, attempt.parse_token(opts.attempt))
-    sb = store.read(opts.target)
+        return attempt.resume_continued(st, attempt.parse_token(opts.attempt))
+    sb = st.refresh()
     rec = newest_image(sb)
     if rec is None:
         raise NothingToResume(f"no hibernation image to resume in {opts.target}")
     if choose(sb, opts.again) is None:
         try:  # say also what a resume --again would run into (nothing is marked: it is tried already)
-            found = problems(opts, saved_image(opts.target, rec), say=lambda m: None)
+            found = problems(opts, saved_image(st, rec), say=lambda m: None)
         except (KhibernateError, OSError) as e:
             found = [f"its image cannot be read ({e})"]
         raise ResumeError(tried_before(opts.target, rec) + ("; besides: " + "; ".join(found) if found else ""),
                           differences=found)
-    return attempt.start(opts.target, rec, sb.uuid)
+    return attempt.start(st, rec, sb.uuid)
 
 
 def discard(opts: Options) -> Attempt:
@@ -219,28 +223,33 @@ def check_in_initrd(system: SystemRoot) -> None:
 def run(opts: Options, say: Say = print, system: SystemRoot | None = None) -> NoReturn:
     """Resume the saved kernel: on success this boot ends inside.  Otherwise raises NothingToResume (no image),
     or ResumeError with the reason — carrying the attempt's token once a slot was marked tried — and this boot
-    carries on.  Refused outside an initramfs (``system``: where /proc is, ``/`` by default) after the mark."""
-    att = begin(opts)
-    rec = att.slot
-    say(f"resume: slot {rec.index} of {opts.target}: {rec.osrelease}, {rec.length / 1e6:.1f} MB, hibernated "
-        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(rec.created_ns / 1e9))} UTC; marked tried "
-        f"({'continuing' if att.continued else 'starting'} attempt {att.token_hex})"
-        + (" (--again)" if opts.again else ""))
+    carries on.  Refused outside an initramfs (``system``: where /proc is, ``/`` by default) after the mark.  One
+    write handle of the store from the mark to the jump."""
+    from khibernate.store.handle import Store
+
     system = system or SystemRoot()
-    try:
-        check_in_initrd(system)
-        _check_and_jump(opts, att, say, system)
-    except ResumeError as e:
-        e.attempt = att.token_hex
-        raise
-    except KhibernateError as e:
-        diffs = e.differences if isinstance(e, RestoreRefused) else []
-        raise ResumeError(str(e), attempt=att.token_hex, differences=diffs) from e
-    except OSError as e:
-        raise ResumeError(f"{e.filename or ''}: {e.strerror or e}; nothing was restored", attempt=att.token_hex) from e
+    with Store.open(opts.target, write=True, say=say) as st:
+        att = begin(opts, st)
+        rec = att.slot
+        say(f"resume: slot {rec.index} of {opts.target}: {rec.osrelease}, {rec.length / 1e6:.1f} MB, hibernated "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(rec.created_ns / 1e9))} UTC; marked tried "
+            f"({'continuing' if att.continued else 'starting'} attempt {att.token_hex})"
+            + (" (--again)" if opts.again else ""))
+        try:
+            check_in_initrd(system)
+            _check_and_jump(opts, att, say, system, st)
+        except ResumeError as e:
+            e.attempt = att.token_hex
+            raise
+        except KhibernateError as e:
+            diffs = e.differences if isinstance(e, RestoreRefused) else []
+            raise ResumeError(str(e), attempt=att.token_hex, differences=diffs) from e
+        except OSError as e:
+            raise ResumeError(f"{e.filename or ''}: {e.strerror or e}; nothing was restored",
+                              attempt=att.token_hex) from e
 
 
-def _check_and_jump(opts: Options, att: Attempt, say: Say, system: SystemRoot) -> NoReturn:
+def _check_and_jump(opts: Options, att: Attempt, say: Say, system: SystemRoot, st: Store) -> NoReturn:
     """Every check against this boot, then the restore job's round trip; raises on a refusal (the boot goes on)."""
     from khibernate.capture import kernelcheck
     from khibernate.capture.errors import RoundTripError
@@ -250,7 +259,7 @@ def _check_and_jump(opts: Options, att: Attempt, say: Say, system: SystemRoot) -
 
     t0 = time.monotonic()
     rec = att.slot
-    img = saved_image(opts.target, rec)
+    img = saved_image(st, rec)
     found = problems(opts, img, say)
     if found:
         raise RestoreRefused(found)
