@@ -28,16 +28,27 @@ class Reporter:
     empty).  ``style`` None: a bar on a terminal, lines elsewhere."""
 
     def __init__(self, prefix: str = "", style: Style | None = None, stream: TextIO | None = None,
-                 interval: float = 2.0):
+                 interval: float = 2.0, meters: bool = True):
         self.stream = stream if stream is not None else sys.stderr
         self.prefix = prefix
         self.style: Style = style or ("bar" if self.stream.isatty() else "line")
         self.interval = interval  # seconds between progress lines (line and json styles)
+        self.meters = meters  # False: meters count silently (messages are still said)
+
+    @classmethod
+    def for_terminal(cls, prefix: str = "", as_json: bool = False) -> Reporter:
+        """A first-kernel command's reporter: a bar on a terminal, JSON lines with ``as_json``, and otherwise
+        messages only (a command's output read by a program or a log stays free of progress lines)."""
+        if as_json:
+            return cls(prefix, "json")
+        tty = sys.stderr.isatty()
+        return cls(prefix, "bar" if tty else "line", meters=tty)
 
     def say(self, msg: str) -> None:
         """One message."""
         if self.style == "json":
-            self._write(json.dumps({"message": msg, **({"from": self.prefix} if self.prefix else {})}) + "\n")
+            line = {"message": msg, **({"from": self.prefix} if self.prefix else {})}
+            self._write(json.dumps(line, ensure_ascii=False) + "\n")
         else:
             self._write(f"{self.prefix}: {msg}\n" if self.prefix else f"{msg}\n")
 
@@ -66,7 +77,7 @@ class Meter:
         self.done += n
         now = time.monotonic()
         every = 0.1 if self.rep.style == "bar" else self.rep.interval
-        if now - self.t0 < 1.0 or now - self.last < every:
+        if not self.rep.meters or now - self.t0 < 1.0 or now - self.last < every:
             return
         rate = (self.done - self._last_done) / (now - self.last)
         self._show(now, rate)
@@ -78,9 +89,9 @@ class Meter:
                                         "mb_s": round(rate / 1e6, 1)}) + "\n")
             return
         extra = f", {self.detail()}" if self.detail else ""
-        if self.rep.style == "line":
-            of = f" of {self.total >> 20}" if self.total else ""
-            self.rep.say(f"{self.label}: {self.done >> 20}{of} MiB{extra} ({rate / 1e6:.0f} MB/s)")
+        if self.rep.style == "line":  # "812 MiB of memory read, 240 MiB written (95 MB/s)"
+            of = f" (of {self.total >> 20} MiB)" if self.total else ""
+            self.rep.say(f"{self.done >> 20} MiB of {self.label}{of}{extra} ({rate / 1e6:.0f} MB/s)")
             return
         avg = self.done / (now - self.t0)
         pct = min(100.0, 100.0 * self.done / self.total) if self.total else 0.0

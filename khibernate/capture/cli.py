@@ -62,13 +62,14 @@ def snapshot_command(target: str, level: int | None, for_analysis: bool, export_
     from khibernate.capture import snapshot as snap
     from khibernate.jump import api as jump
     from khibernate.lock import capture_or_refuse
+    from khibernate.progress import Reporter
 
     if level is None:
         level = analysis.ANALYSIS_LEVEL if for_analysis else 17
     opts = snap.Options(target=target, level=level, kernel=kernel, capture_initrd=capture_initrd, keep=keep,
                         deadline=deadline, append=append, mem_min=mem_min, mem_max=mem_max)
     with capture_or_refuse(jump.RUN_DIR, "snapshot"):
-        report = snap.snapshot(opts, say=lambda m: click.echo(m, err=True))
+        report = snap.snapshot(opts, say=Reporter.for_terminal(as_json=as_json).say)
     e = None
     if export_dir is not None:
         e = analysis.export_folder(target, report.slot, analysis.dated_folder(export_dir))
@@ -111,15 +112,18 @@ def hibernate_command(target: str, level: int, kernel: str | None, capture_initr
     from khibernate.doctor import region_finding
     from khibernate.jump import api as jump
     from khibernate.lock import capture_or_refuse
+    from khibernate.progress import Reporter
     from khibernate.system import SystemRoot
 
     opts = snap.Options(target=target, level=level, kernel=kernel, capture_initrd=capture_initrd, deadline=deadline,
                         append=append, kind="hibernate", allow_unresumable=allow_unresumable)
-    region = region_finding(SystemRoot())
+    rep = Reporter.for_terminal(as_json=as_json)
+    system = SystemRoot()
+    region = region_finding(system)
     if region is not None:
-        click.echo(f"hibernate: {region.message}", err=True)
+        rep.say(f"hibernate: {region.message}")
     with capture_or_refuse(jump.RUN_DIR, "hibernate"):
-        report = snap.hibernate(opts, say=lambda m: click.echo(m, err=True))
+        report = snap.hibernate(opts, say=rep.say, system=system)
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.describe())
 
 

@@ -22,12 +22,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from khibernate.errors import KhibernateError
+from khibernate.layout import Layout
 from khibernate.ranges import Range
 
 PAGE = 4096
 MAGIC = b"KHMBOX\x00\x01"
-# magic, kind, image uuid, body length, crc32 of (header with crc 0 + body)
-HEAD = struct.Struct("<8sI16sII")
+HEAD = Layout("mailbox record header", "<", [
+    ("magic", "8s"), ("kind", "I"), ("image_uuid", "16s"), ("length", "I"),  # of the JSON body that follows
+    ("crc32", "I")])  # of (this header with crc32 0 + body)
 REQUEST, RESULT = 1, 2
 LOW_MEMORY = 1 << 20  # the capture kernel owns low memory while it runs: a mailbox there is unreachable
 
@@ -45,19 +47,21 @@ def pack(kind: int, image_uuid: bytes, body: dict[str, Any], truncate: bool = Tr
     if HEAD.size + len(data) > PAGE:
         data = json.dumps({**{k: body[k] for k in ("ok",) if k in body},
                            "message": str(body.get("message", ""))[:1500], "truncated": True}).encode()
-    crc = zlib.crc32(HEAD.pack(MAGIC, kind, image_uuid, len(data), 0) + data)
-    return (HEAD.pack(MAGIC, kind, image_uuid, len(data), crc) + data).ljust(PAGE, b"\0")
+    crc = zlib.crc32(HEAD.pack(magic=MAGIC, kind=kind, image_uuid=image_uuid, length=len(data)) + data)
+    return (HEAD.pack(magic=MAGIC, kind=kind, image_uuid=image_uuid, length=len(data), crc32=crc)
+            + data).ljust(PAGE, b"\0")
 
 
 def unpack(page: bytes) -> tuple[int, bytes, dict[str, Any]]:
     """(kind, image uuid, body) of a record; MailboxError when the page holds none or it is damaged."""
     if len(page) < HEAD.size or page[:8] != MAGIC:
         raise MailboxError("the mailbox page holds no khibernate record")
-    _, kind, image_uuid, n, crc = HEAD.unpack_from(page)
+    h = HEAD.unpack(page, error=MailboxError)
+    kind, image_uuid, n = h["kind"], h["image_uuid"], h["length"]
     if HEAD.size + n > len(page):
         raise MailboxError("the mailbox record is longer than its page; it is damaged")
     data = page[HEAD.size:HEAD.size + n]
-    if zlib.crc32(HEAD.pack(MAGIC, kind, image_uuid, n, 0) + data) != crc:
+    if zlib.crc32(HEAD.pack(magic=MAGIC, kind=kind, image_uuid=image_uuid, length=n) + data) != h["crc32"]:
         raise MailboxError("the mailbox record's checksum does not match; it is damaged")
     try:
         body = json.loads(data)

@@ -118,7 +118,7 @@ def _read_acpi_rsdp() -> int | None:
         pass
     try:
         bp = Path("/sys/kernel/boot_params/data").read_bytes()
-        addr = int.from_bytes(bp[bootparams.OFF_ACPI_RSDP:bootparams.OFF_ACPI_RSDP + 8], "little")
+        addr = bootparams.acpi_rsdp_of(bp)
         if addr:
             return addr
     except OSError:

@@ -144,7 +144,7 @@ def write_back(p: Prepared, devmem: str | None = None, fail_after_first_block: b
         TOUCHED.write_text("the first kernel's memory is being overwritten\n")
 
     ram = p.here.exact or p.image.ranges
-    with OldMemory(ram, path=devmem) as mem, REPORTER.meter("written back") as meter:
+    with OldMemory(ram, path=devmem) as mem, REPORTER.meter("memory written back") as meter:
         def progress(n: int) -> None:
             if fail_after_first_block:
                 raise RuntimeError("khibernate.fault=restore-raise: failing on purpose after the first block was "
