@@ -9,9 +9,9 @@ export KHIBERNATE_RUN_VM_TESTS=1
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 XEN_TESTS=tests/vm/test_xen_host.py
-scripts/setup.sh
 if [ "${1:-}" = "--xen" ]; then
   shift
+  scripts/setup.sh --xen
   echo "[test] pytest (Xen host)"
   set +e
   .venv/bin/python -m pytest "$XEN_TESTS" "$@"
@@ -20,6 +20,7 @@ if [ "${1:-}" = "--xen" ]; then
   echo "[test] Xen host tests wall time: $(( $(date +%s) - start )) s"
   exit $rc
 fi
+scripts/setup.sh
 echo "[test] ruff"
 .venv/bin/ruff check .
 echo "[test] mypy"
