@@ -12,11 +12,7 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-from khibernate.errors import KhibernateError
-
-
-class LayoutError(KhibernateError):
-    """A buffer is shorter than the layout read from it (the default error of :meth:`Layout.unpack`)."""
+from khibernate.errors import LayoutError as LayoutError
 
 
 class Record(dict[str, Any]):

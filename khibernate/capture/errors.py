@@ -20,3 +20,15 @@ class SnapshotError(KhibernateError):
 class RoundTripError(KhibernateError):
     """The jump round trip failed before the capture kernel ran or brought no result back (load refused, mailbox
     page moved, the jump refused, no result in the mailbox)."""
+
+
+class CaptureKernelError(KhibernateError):
+    """The capture kernel cannot jump back (or nothing proves it can); nothing was reserved or frozen."""
+
+
+class MailboxError(KhibernateError):
+    """The mailbox page cannot be set up, or holds no valid record."""
+
+
+class WatchError(KhibernateError):
+    """The watcher cannot start (bad options, no /dev/kmsg, nothing left to watch)."""

@@ -18,10 +18,9 @@ import os
 import struct
 import uuid as uuidlib
 import zlib
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
 
-from khibernate.errors import KhibernateError
+from khibernate.capture.errors import MailboxError as MailboxError
 from khibernate.layout import Layout
 from khibernate.ranges import Range
 
@@ -34,11 +33,7 @@ REQUEST, RESULT = 1, 2
 LOW_MEMORY = 1 << 20  # the capture kernel owns low memory while it runs: a mailbox there is unreachable
 
 
-class MailboxError(KhibernateError):
-    """The mailbox page cannot be set up, or holds no valid record."""
-
-
-def pack(kind: int, image_uuid: bytes, body: dict[str, Any], truncate: bool = True) -> bytes:
+def pack(kind: int, image_uuid: bytes, body: Mapping[str, object], truncate: bool = True) -> bytes:
     """A record of ``kind`` for image ``image_uuid`` carrying ``body`` as JSON, padded to a page (a body too big for
     the page is cut to its message, or MailboxError without ``truncate``)."""
     data = json.dumps(body, sort_keys=True).encode()
@@ -52,7 +47,7 @@ def pack(kind: int, image_uuid: bytes, body: dict[str, Any], truncate: bool = Tr
             + data).ljust(PAGE, b"\0")
 
 
-def unpack(page: bytes) -> tuple[int, bytes, dict[str, Any]]:
+def unpack(page: bytes) -> tuple[int, bytes, dict[str, object]]:
     """(kind, image uuid, body) of a record; MailboxError when the page holds none or it is damaged."""
     if len(page) < HEAD.size or page[:8] != MAGIC:
         raise MailboxError("the mailbox page holds no khibernate record")
@@ -67,6 +62,8 @@ def unpack(page: bytes) -> tuple[int, bytes, dict[str, Any]]:
         body = json.loads(data)
     except ValueError:
         raise MailboxError("the mailbox record is not valid JSON; it is damaged") from None
+    if not isinstance(body, dict):
+        raise MailboxError("the mailbox record is not a JSON object; it is damaged")
     return kind, image_uuid, body
 
 
@@ -97,7 +94,7 @@ class Mailbox:
     capture kernel would find its own pages there), holding a request for image ``image_uuid`` (``request``: what
     the capture job should know beyond its command line; MailboxError if it does not fit the page)."""
 
-    def __init__(self, image_uuid: bytes, request: dict[str, Any] | None = None, avoid: Sequence[Range] = ()):
+    def __init__(self, image_uuid: bytes, request: Mapping[str, object] | None = None, avoid: Sequence[Range] = ()):
         self.image_uuid = image_uuid
         page = pack(REQUEST, image_uuid, request or {"request": "snapshot"}, truncate=False)
         spare: list[mmap.mmap] = []
@@ -123,7 +120,7 @@ class Mailbox:
         """Whether the page is still at the physical address handed out (it is locked; migration would move it)."""
         return physical_address(self.vaddr()) == self.paddr
 
-    def result(self) -> dict[str, Any]:
+    def result(self) -> dict[str, object]:
         """The capture job's result; MailboxError if it never wrote one (hung, killed, crashed, or page moved)."""
         kind, image_uuid, body = unpack(bytes(self.buf[:]))
         if image_uuid != self.image_uuid:
@@ -135,7 +132,7 @@ class Mailbox:
         return body
 
 
-def read_request(paddr: int, image_uuid: bytes, devmem: str = "/dev/mem") -> dict[str, Any]:
+def read_request(paddr: int, image_uuid: bytes, devmem: str = "/dev/mem") -> dict[str, object]:
     """Capture side: the first kernel's request for this job's image in its mailbox page at paddr."""
     if paddr % PAGE:
         raise MailboxError(f"mailbox address {paddr:#x} is not page aligned")
@@ -150,7 +147,7 @@ def read_request(paddr: int, image_uuid: bytes, devmem: str = "/dev/mem") -> dic
     return body
 
 
-def post(paddr: int, image_uuid: bytes, body: dict[str, Any], devmem: str = "/dev/mem") -> None:
+def post(paddr: int, image_uuid: bytes, body: Mapping[str, object], devmem: str = "/dev/mem") -> None:
     """Capture side: write a RESULT record into the first kernel's mailbox page at paddr, if it holds our request."""
     if paddr % PAGE:
         raise MailboxError(f"mailbox address {paddr:#x} is not page aligned")

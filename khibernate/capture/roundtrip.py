@@ -81,10 +81,10 @@ class RoundTrip:
         from khibernate.jump import api as jump
 
         box = Mailbox(job.image_uuid, dict(request) if request is not None else None,
-                      avoid=jump.swapped_ranges(capture.mem_min, capture.mem_max))
+                      avoid=jump.swapped_ranges(capture.mem_min, capture.mem_max, system))
         job = dataclasses.replace(job, mailbox=box.paddr)
         plan = jump.plan_jump(capture.kernel, capture.initrd, capture.command_line(system.cmdline(), job),
-                              capture.mem_min, capture.mem_max)
+                              capture.mem_min, capture.mem_max, system)
         return cls(capture, job, box, plan)
 
     def load(self) -> None:

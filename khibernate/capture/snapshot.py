@@ -119,7 +119,7 @@ def preflight(opts: Options, st: Store | None = None,
         raise SnapshotError("--keep must be at least 1")
     from khibernate.capture import kernelcheck
 
-    kernelcheck.check(opts.kernel or default_kernel())  # one that cannot jump back would strand this system
+    kernelcheck.check(opts.kernel or default_kernel(), system)  # one that cannot jump back would strand this system
     return sb, slot, est
 
 

@@ -102,13 +102,14 @@ class SystemFacts:
     cmdline: str = ""
 
     @classmethod
-    def read(cls, with_notes: bool = True) -> SystemFacts:
-        """Read /proc/iomem, the firmware map, crash notes, VMCOREINFO, ACPI RSDP and screen_info (needs root)."""
+    def read(cls, with_notes: bool = True, system: SystemRoot | None = None) -> SystemFacts:
+        """Read /proc/iomem, the firmware map, crash notes, VMCOREINFO, ACPI RSDP and screen_info (needs root);
+        the command line from ``system`` (the running one if None)."""
         iomem = read_iomem()
         firmware = read_firmware_memmap() or e820_from_iomem(iomem)
         notes = elfcorehdr.read_notes() if with_notes else []
         return cls(iomem, firmware, notes, _read_acpi_rsdp(), _read_screen_info(),
-                   SystemRoot().cmdline())
+                   (system or SystemRoot()).cmdline())
 
 
 def _read_acpi_rsdp() -> int | None:

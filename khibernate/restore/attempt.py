@@ -22,17 +22,14 @@ import re
 import time
 from typing import TYPE_CHECKING
 
-from khibernate.errors import KhibernateError, UsageError
+from khibernate.errors import UsageError
+from khibernate.restore.errors import AttemptRefused as AttemptRefused
 from khibernate.store.superblock import ATTEMPT_CONTINUED, ResumeAttempt, SlotRecord, SlotState, Superblock
 
 if TYPE_CHECKING:
     from khibernate.store.handle import Store
 
 TOKEN_BYTES = 16
-
-
-class AttemptRefused(KhibernateError):
-    """The attempt token does not name the store's current, not yet continued attempt; nothing was changed."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from khibernate import native
-from khibernate.errors import KhibernateError
 from khibernate.image.plan import ram_mask
 from khibernate.ranges import Range
+from khibernate.restore.errors import RestoreError as RestoreError
 from khibernate.restore.oldmem import OldMemory
 
 if TYPE_CHECKING:
@@ -29,10 +29,6 @@ if TYPE_CHECKING:
 
 ZERO_CHUNK = 1 << 20
 MASK_CHUNK = 1 << 20  # pfns unpacked from a bitmap at a time
-
-
-class RestoreError(KhibernateError):
-    """Writing the image back failed; after the first write the system must power off."""
 
 
 @dataclasses.dataclass

@@ -18,7 +18,6 @@ import dataclasses
 import os
 import time
 import uuid as uuidlib
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -26,6 +25,8 @@ from khibernate.errors import KhibernateError
 from khibernate.progress import Say
 from khibernate.restore.attempt import Attempt
 from khibernate.restore.checks import RestoreRefused, SavedImage, ThisBoot, differences
+from khibernate.restore.errors import NothingToResume as NothingToResume
+from khibernate.restore.errors import ResumeError as ResumeError
 from khibernate.restore.region import RestoreWindow, restore_window
 from khibernate.store.superblock import FLAG_HIBERNATE, SlotRecord, SlotState, Superblock
 from khibernate.system import SystemRoot
@@ -33,24 +34,6 @@ from khibernate.system import SystemRoot
 if TYPE_CHECKING:
     from khibernate.jump.loader import SystemFacts
     from khibernate.store.handle import Store
-
-
-class NothingToResume(KhibernateError):
-    """The store holds no hibernation image to resume: boot normally."""
-
-
-class ResumeError(KhibernateError):
-    """The resume was refused or failed before any write to memory: this boot continues normally.
-
-    ``attempt`` is the token (32 hex digits) of the attempt this run started or continued — the slot is marked tried
-    under it — or None when the refusal came before any slot was marked; a boot that re-enters this kernel for the
-    same attempt passes it on as ``khibernate.resume_attempt=TOKEN``.  ``differences`` lists what did not fit this
-    boot (RestoreRefused's list; empty for other failures)."""
-
-    def __init__(self, message: str, attempt: str | None = None, differences: Sequence[str] = ()):
-        super().__init__(message)
-        self.attempt = attempt
-        self.differences = list(differences)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,7 +250,8 @@ def _check_and_jump(opts: Options, att: Attempt, say: Say, system: SystemRoot, s
     if where is None:  # the checks found the image's memory to fit this boot, so its crash region is known
         raise ResumeError("cannot tell which crash region the image was saved from")
     kernel = opts.kernel or default_kernel()
-    kernelcheck.check(kernel)  # it must jump back here when it refuses, and into the saved kernel when it restores
+    # it must jump back here when it refuses, and into the saved kernel when it restores
+    kernelcheck.check(kernel, system)
     initrd, _ = capture_initrd_for(kernel, opts.target, opts.capture_initrd)
     job = Job("restore", opts.target, str(uuidlib.UUID(bytes=att.store_uuid)), rec.index, rec.offset, rec.capacity,
               rec.dump_level, str(uuidlib.UUID(bytes=rec.image_uuid)), system.boot_id(), opts.deadline, 0,
