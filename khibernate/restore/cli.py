@@ -56,6 +56,7 @@ def resume_command(target: str, again: bool, attempt: str | None, ignore_changed
     With --check: 0 an image would be resumed, 1 it would be refused, 3 there is none.
     """
     from khibernate.errors import KhibernateError
+    from khibernate.progress import Reporter
     from khibernate.restore import resume as rs
 
     if attempt and again:
@@ -76,12 +77,12 @@ def resume_command(target: str, again: bool, attempt: str | None, ignore_changed
                        "booting normally", err=True)
             sys.exit(1)
         if check:
-            _, rec, img = rs.preflight(opts, say=lambda m: click.echo(m, err=True))
+            _, rec, img = rs.preflight(opts, say=Reporter.for_terminal().say)
             where = rs.where_to_restore(img)
             click.echo(f"resume: slot {rec.index} of {target} would be resumed ({img.osrelease}, "
                        f"{rec.length / 1e6:.1f} MB)" + (f"; {where.describe()}" if where else ""))
             return
-        rs.run(opts, say=lambda m: click.echo(m, err=True))
+        rs.run(opts, say=Reporter.for_terminal().say)
     except rs.NothingToResume as e:
         click.echo(f"resume: {e}; booting normally", err=True)
         sys.exit(3 if check else 0)
