@@ -112,6 +112,9 @@ def preflight(opts: Options, st: Store | None = None,
         with Store.open(opts.target, write=True) as own:
             return preflight(opts, own, system)
     sb = st.refresh()
+    from khibernate.seal import policy
+
+    policy.check_capture(sb.flags, opts.target)  # a sealed store: its images could not be sealed yet
     slot = splan.choose_slot(sb)
     est = splan.estimate(sb, splan.parse_meminfo(system.read("/proc/meminfo") or ""))
     splan.check_fits(slot, est)

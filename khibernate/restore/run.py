@@ -22,6 +22,7 @@ from khibernate.system import SystemRoot
 if TYPE_CHECKING:
     from khibernate.image.sources.khi import KhiSource
     from khibernate.restore.krestore import RestoreStats
+    from khibernate.seal.keysource import KeySource
     from khibernate.store.handle import Store
     from khibernate.store.superblock import SlotRecord
 
@@ -68,7 +69,7 @@ class Prepared:
 
 
 def prepare_slot(target: str, index: int, *, again: bool = False, image_uuid: bytes | None = None,
-                 attempt: bytes | None = None, vmcore: str = "/proc/vmcore") -> Prepared:
+                 attempt: bytes | None = None, vmcore: str = "/proc/vmcore", key: KeySource | None = None) -> Prepared:
     """Store slot ``index`` of ``target``, every check done (RestoreRefused / store errors); nothing written.
     With ``attempt`` (a resume job) the slot must be tried under that token as the store's current attempt; by hand,
     a complete slot, or with ``again`` one tried or resumed before.  The store stays open for writing (the slot is
@@ -79,7 +80,8 @@ def prepare_slot(target: str, index: int, *, again: bool = False, image_uuid: by
     try:
         rec = _restorable_slot(st, index, again, image_uuid, attempt)
         t0 = time.monotonic()
-        return _checked(st.open_slot(rec), rec, t0, vmcore, st)  # header, trailer, tables: each its own CRC
+        src = st.open_slot(rec, key)  # header, trailer, tables: each its own CRC (sealed: authenticated)
+        return _checked(src, rec, t0, vmcore, st.sb.flags, key is not None, f"slot {index} of {target}", st)
     except BaseException:
         st.close()
         raise
@@ -107,18 +109,27 @@ def _restorable_slot(st: Store, index: int, again: bool, image_uuid: bytes | Non
     return rec
 
 
-def prepare_file(path: str, vmcore: str = "/proc/vmcore") -> Prepared:
-    """An image file, every check done; nothing written."""
+def prepare_file(path: str, vmcore: str = "/proc/vmcore", key: KeySource | None = None,
+                 allow_unsealed: bool = False) -> Prepared:
+    """An image file, every check done; nothing written.  An unsealed file is refused unless ``allow_unsealed``
+    (``restore --allow-unsealed``: the file is in no store that could say so)."""
     from khibernate.image.sources.khi import KhiSource
+    from khibernate.store.superblock import STORE_UNSEALED
 
     t0 = time.monotonic()
-    return _checked(KhiSource(path), None, t0, vmcore)
+    return _checked(KhiSource(path, key=key), None, t0, vmcore, STORE_UNSEALED if allow_unsealed else 0,
+                    key is not None, path)
 
 
-def _checked(src: KhiSource, slot: SlotRecord | None, t0: float, vmcore: str, st: Store | None = None) -> Prepared:
-    """Every block's frame against its CRC (bitmaps, index, trailer agreeing), then does the image belong to this
-    boot; the source is closed on any refusal."""
+def _checked(src: KhiSource, slot: SlotRecord | None, t0: float, vmcore: str, store_flags: int, key_given: bool,
+             where: str, st: Store | None = None) -> Prepared:
+    """Sealed or allowed unsealed (khibernate.seal.policy), every block's frame against its CRC and, sealed, its
+    tag (bitmaps, index, trailer agreeing), then does the image belong to this boot; the source is closed on any
+    refusal."""
+    from khibernate.seal import policy
+
     try:
+        policy.check_restore(store_flags, src.header.seal is not None, key_given, where)
         src.verify(decompress=False)
         p = Prepared(src, SavedImage.from_source(src), this_boot(vmcore), slot, time.monotonic() - t0, st)
         check(p.image, p.here)

@@ -8,7 +8,17 @@ from collections.abc import Iterator
 
 import click
 
+from khibernate.errors import UsageError
+from khibernate.seal.cli import key_sources, one_key, with_key_options
 from khibernate.store.handle import Store
+from khibernate.store.superblock import STORE_SEALED
+
+
+def _sealing(flags: int, short: bool = False) -> str:
+    """What the store's flags say about sealing (khibernate.seal.policy)."""
+    from khibernate.seal import policy
+
+    return policy.name(flags) if short else policy.describe(flags)
 
 
 @contextlib.contextmanager
@@ -42,19 +52,39 @@ def target_group() -> None:
 @click.option("--slots", type=int, default=2, show_default=True, help="Number of equal image slots (2..16).")
 @click.option("--force", is_flag=True, help="Erase what DEVICE holds: an existing store (its images are lost), a "
               "filesystem, swap, LVM/RAID/LUKS member or partition table.  A device in use is refused even so.")
-def init_cmd(device: str, slots: int, force: bool) -> None:
+@click.option("--unsealed", is_flag=True, help="Say that this store accepts unsealed (unauthenticated) images: "
+              "whoever can write DEVICE chooses what a resume runs. Today's default (see below).")
+@with_key_options
+def init_cmd(device: str, slots: int, force: bool, unsealed: bool, key_file: str | None,
+             passphrase_file: str | None, ask_passphrase: bool) -> None:
     """Create an empty store on DEVICE (everything on it is lost).
 
     \b
     Refused when DEVICE is in use - mounted, swap, held by LVM, md or dm-crypt, a whole disk with such a
     partition, a file open for writing elsewhere (a loop device, a program) - and, unless --force, when it
     holds a store or anything `blkid -p` recognises (mkfs and wipefs refuse the same).
+
+    \b
+    Sealing: with --key-file and/or --passphrase-file (--passphrase asks), a random store key is made, wrapped
+    by each (key slots at 8 KiB), and the store accepts only images sealed with it. Captures into a sealed store
+    are refused until the capture kernel can seal (next release). Without a key the store is unsealed and says
+    so (as --unsealed): restore refuses an unsealed image from a store that does not say so.
     """
+    sources = key_sources(key_file, passphrase_file, ask_passphrase, confirm=True)
+    if sources and unsealed:
+        raise UsageError("--unsealed and a key contradict each other: give one")
     with contextlib.ExitStack() as stack:
         if force:  # replacing a store: no capture may be writing it meanwhile
             stack.enter_context(_no_capture("target init --force"))
         st = stack.enter_context(Store.create(device, slots, force=force))
+        if sources:
+            from khibernate.seal.sealing import Sealing
+            from khibernate.store import keyslots
+
+            keyslots.write(st.fd, Sealing.new(sources).keyring)  # the store key itself is never written
+            st.update(lambda sb: sb.with_flags(STORE_SEALED))
         click.echo(st.sb.describe())
+        click.echo(f"sealing: {_sealing(st.sb.flags)}")
 
 
 @target_group.command("list")
@@ -65,9 +95,11 @@ def list_cmd(device: str, as_json: bool) -> None:
     with Store.open(device) as st:
         if as_json:
             click.echo(json.dumps({"store": st.sb.uuid_str, "generation": st.sb.generation,
+                                   "sealing": _sealing(st.sb.flags, short=True),
                                    "slots": [st.show(s.index) for s in st.sb.slots]}, indent=2))
         else:
             click.echo(st.sb.describe())
+            click.echo(f"sealing: {_sealing(st.sb.flags)}")
 
 
 @target_group.command("show")
@@ -92,10 +124,14 @@ def show_cmd(device: str, slot: int, verify: bool) -> None:
               help="khi: the image as stored; kdump: makedumpfile's compressed format with zstd pages (drgn, "
                    "libkdumpfile; Debian 12's makedumpfile has no zstd: export the khi and use `image export "
                    "--compress zlib`); elf: an ELF vmcore (gdb, drgn).")
-def export_cmd(device: str, slot: int, dest: str, fmt: str) -> None:
-    """Copy SLOT's image out of the store into DEST (checked first)."""
+@with_key_options
+def export_cmd(device: str, slot: int, dest: str, fmt: str, key_file: str | None, passphrase_file: str | None,
+               ask_passphrase: bool) -> None:
+    """Copy SLOT's image out of the store into DEST (checked first). A sealed image stays sealed as khi (no key
+    needed); exported as kdump or elf it needs its key (--key-file, --passphrase-file or --passphrase)."""
+    key = one_key(key_file, passphrase_file, ask_passphrase)
     with Store.open(device) as st:
-        n = st.export(slot, dest, fmt)
+        n = st.export(slot, dest, fmt, key)
     click.echo(f"{dest}: {fmt} {n / 1e6:.1f} MB from slot {slot}")
 
 

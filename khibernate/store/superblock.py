@@ -31,7 +31,8 @@ HEADER = Layout("superblock header", "<", [
     ("slot_size", "I"),
     # the resume attempt (khibernate.restore.attempt): slot, token (zeros: none), start, flags
     ("attempt_slot", "I"), ("attempt_token", "16s"), ("attempt_started_ns", "Q"), ("attempt_flags", "I"),
-    ("reserved", "16s")])
+    ("flags", "I"),  # the store's: STORE_SEALED / STORE_UNSEALED
+    ("reserved", "12s")])
 SLOT = Layout("slot record", "<", [
     ("state", "I"), ("dump_level", "I"), ("seq", "Q"), ("offset", "Q"), ("capacity", "Q"), ("length", "Q"),
     ("crc32", "I"),  # of the image bytes
@@ -45,6 +46,10 @@ assert HEADER.size + MAX_SLOTS * SLOT.size + CRC.size <= BLOCK
 
 # SlotRecord.flags
 FLAG_HIBERNATE = 1  # written by `khibernate hibernate`: the image `khibernate resume` takes (newest first)
+# Superblock.flags: what `target init` was told about sealing (docs/sealed.md)
+STORE_SEALED = 1  # made with a key: its key slots are at KEYRING_OFFSETS, its images must be sealed
+STORE_UNSEALED = 2  # made saying unauthenticated images are allowed (`target init --unsealed`, today's default)
+KEYRING_OFFSETS = (2 * BLOCK, 3 * BLOCK)  # two copies of the store's key slots, between superblocks and slots
 # ResumeAttempt flags
 ATTEMPT_CONTINUED = 1  # a re-entered boot has continued the attempt (`resume --attempt`): never again
 
@@ -150,6 +155,7 @@ class Superblock:
     data_offset: int = DATA_OFFSET
     version: int = VERSION
     attempt: ResumeAttempt | None = None
+    flags: int = 0  # STORE_SEALED / STORE_UNSEALED; 0: made before sealing existed
 
     def pack(self, copy_index: int) -> bytes:
         """BLOCK bytes for superblock copy ``copy_index`` (0 or 1), CRC last."""
@@ -158,7 +164,8 @@ class Superblock:
                            uuid=self.uuid, created_ns=self.created_ns, device_bytes=self.device_bytes,
                            data_offset=self.data_offset, slot_bytes=self.slot_bytes, nr_slots=len(self.slots),
                            slot_size=SLOT.size, attempt_slot=a.slot, attempt_token=a.token,
-                           attempt_started_ns=a.started_ns, attempt_flags=a.flags)
+                           attempt_started_ns=a.started_ns, attempt_flags=a.flags,
+                           flags=self.flags)
         body = head + b"".join(s.pack() for s in self.slots)
         body += bytes(BLOCK - CRC.size - len(body))
         return body + CRC.pack(crc32=zlib.crc32(body))
@@ -187,7 +194,8 @@ class Superblock:
                                 f["attempt_flags"]) if has_attempt else None
         sb = cls(uuid=f["uuid"], generation=f["generation"], created_ns=f["created_ns"],
                  device_bytes=f["device_bytes"], slot_bytes=f["slot_bytes"], slots=slots, copy_index=f["copy_index"],
-                 data_offset=f["data_offset"], version=f["version"], attempt=attempt)
+                 data_offset=f["data_offset"], version=f["version"], attempt=attempt,
+                 flags=f["flags"])
         for s in slots:
             if s.offset < sb.data_offset or s.offset + s.capacity > sb.device_bytes or s.length > s.capacity:
                 raise StoreCorruptError(f"slot {s.index} lies outside the device; the superblock is corrupt")
@@ -208,6 +216,10 @@ class Superblock:
         """The next generation of this superblock with ``rec`` replacing its slot."""
         slots = tuple(rec if s.index == rec.index else s for s in self.slots)
         return dataclasses.replace(self, slots=slots, generation=self.generation + 1)
+
+    def with_flags(self, flags: int) -> Superblock:
+        """The next generation with the store flags ``flags`` (STORE_SEALED / STORE_UNSEALED)."""
+        return dataclasses.replace(self, flags=flags, generation=self.generation + 1)
 
     def with_attempt(self, rec: SlotRecord, attempt: ResumeAttempt) -> Superblock:
         """The next generation with ``rec`` replacing its slot and ``attempt`` as the store's resume attempt."""
@@ -237,12 +249,14 @@ def geometry(device_bytes: int, nr_slots: int) -> tuple[int, tuple[tuple[int, in
     return slot_bytes, tuple((DATA_OFFSET + i * slot_bytes, slot_bytes) for i in range(nr_slots))
 
 
-def new_superblock(device_bytes: int, nr_slots: int, store_uuid: bytes, created_ns: int) -> Superblock:
-    """A fresh superblock (generation 1, every slot free)."""
+def new_superblock(device_bytes: int, nr_slots: int, store_uuid: bytes, created_ns: int,
+                   flags: int = STORE_UNSEALED) -> Superblock:
+    """A fresh superblock (generation 1, every slot free); unsealed unless ``flags`` say otherwise (the capture
+    kernel cannot seal yet: docs/sealed.md, "The store's flag")."""
     slot_bytes, geo = geometry(device_bytes, nr_slots)
     slots = tuple(SlotRecord(index=i, offset=off, capacity=cap) for i, (off, cap) in enumerate(geo))
     return Superblock(uuid=store_uuid, generation=1, created_ns=created_ns, device_bytes=device_bytes,
-                      slot_bytes=slot_bytes, slots=slots)
+                      slot_bytes=slot_bytes, slots=slots, flags=flags)
 
 
 def newest(copies: list[bytes]) -> Superblock:
