@@ -15,3 +15,11 @@ class UsageError(KhibernateError):
     """The user asked for something impossible (bad option combination, missing input)."""
 
     exit_code = 2
+
+
+class CaptureBusyError(KhibernateError):
+    """Another capture, or a store change that must not meet one, holds the capture lock."""
+
+
+class LayoutError(KhibernateError):
+    """A buffer is shorter than the layout read from it (the default error of :meth:`Layout.unpack`)."""

@@ -12,11 +12,7 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-from khibernate.errors import KhibernateError
-
-
-class LayoutError(KhibernateError):
-    """A buffer is shorter than the layout read from it (the default error of :meth:`Layout.unpack`)."""
+from khibernate.errors import LayoutError as LayoutError
 
 
 class Record(dict[str, Any]):
@@ -98,3 +94,18 @@ class Layout:
     def unpack_from(self, data: bytes | bytearray | memoryview, offset: int = 0) -> tuple[Any, ...]:
         """The raw value tuple (struct.Struct compatible); callers that check bounds themselves."""
         return self.struct.unpack_from(data, offset)
+
+    def field(self, name: str) -> struct.Struct:
+        """The struct of one named field (its code in this layout's byte order)."""
+        code = dict(self.fields)[name]
+        return struct.Struct(self.format[0] + code)
+
+    def get(self, data: bytes | bytearray | memoryview, name: str, offset: int = 0) -> Any:
+        """One field of the record at ``offset`` (the caller checked the bounds)."""
+        f = self.field(name)
+        v = f.unpack_from(data, offset + self.offsets[name])
+        return v[0] if len(v) == 1 else v
+
+    def set(self, buf: bytearray, name: str, value: Any, offset: int = 0) -> None:
+        """Write one field of the record at ``offset`` into ``buf`` (the rest of the record untouched)."""
+        self.field(name).pack_into(buf, offset + self.offsets[name], value)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from khibernate.errors import KhibernateError
+from khibernate.errors import CaptureBusyError as CaptureBusyError
 
 COMMAND_CHARS = 160
 POLL_FIRST, POLL_MAX = 0.001, 0.05  # a store update holds the lock for milliseconds: look again soon, then back off
@@ -126,10 +126,6 @@ def capture_lock_holder(run_dir: Path) -> str:
         return describe_holders(fd)
     finally:
         os.close(fd)
-
-
-class CaptureBusyError(KhibernateError):
-    """Another capture, or a store change that must not meet one, holds the capture lock."""
 
 
 @contextlib.contextmanager

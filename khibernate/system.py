@@ -10,6 +10,7 @@ import dataclasses
 import gzip
 import os
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,6 +38,11 @@ def parse_iomem(text: str) -> list[IomemRegion]:
             regions.append(IomemRegion(int(m.group(2), 16), int(m.group(3), 16) + 1, E820_NAMES.get(name, E820_NONE),
                                        name, len(m.group(1)) // 2))
     return regions
+
+
+def system_ram(regions: Sequence[IomemRegion]) -> list[Range]:
+    """Top-level 'System RAM' ranges of /proc/iomem."""
+    return sorted(Range(r.start, r.end) for r in regions if r.depth == 0 and r.name == "System RAM")
 
 
 def addresses_hidden(regions: Sequence[Range]) -> bool:
@@ -117,6 +123,20 @@ class SystemRoot:
     def cmdline(self) -> str:
         """/proc/cmdline without the trailing newline."""
         return (self.read("/proc/cmdline") or "").strip()
+
+    def boot_id(self) -> str:
+        """This boot's random id (/proc/sys/kernel/random/boot_id), "" if unreadable."""
+        return (self.read("/proc/sys/kernel/random/boot_id") or "").strip()
+
+    @staticmethod
+    def uptime() -> float:
+        """CLOCK_BOOTTIME of the running kernel in seconds (the time spent in a jumped-to kernel included)."""
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+    def system_ram(self) -> list[Range]:
+        """This kernel's own System RAM (top-level /proc/iomem ranges; [] if unreadable) — in a capture kernel, the
+        crash region and the low RAM it borrowed."""
+        return system_ram(self.iomem())
 
     def kernel_config(self) -> tuple[dict[str, str] | None, str | None]:
         """(config, where it came from), or (None, None) when no config can be found."""

@@ -62,18 +62,20 @@ def snapshot_command(target: str, level: int | None, for_analysis: bool, export_
     from khibernate.capture import snapshot as snap
     from khibernate.jump import api as jump
     from khibernate.lock import capture_or_refuse
+    from khibernate.progress import Reporter
 
     if level is None:
         level = analysis.ANALYSIS_LEVEL if for_analysis else 17
     opts = snap.Options(target=target, level=level, kernel=kernel, capture_initrd=capture_initrd, keep=keep,
                         deadline=deadline, append=append, mem_min=mem_min, mem_max=mem_max)
     with capture_or_refuse(jump.RUN_DIR, "snapshot"):
-        report = snap.run(opts, say=lambda m: click.echo(m, err=True))
+        report = snap.snapshot(opts, say=Reporter.for_terminal(as_json=as_json).say)
+    e = None
     if export_dir is not None:
-        report["export"] = analysis.export_folder(target, report["slot"], analysis.dated_folder(export_dir))
-    click.echo(json.dumps(report, indent=2) if as_json else snap.describe(report))
-    if export_dir is not None and not as_json:
-        e = report["export"]
+        e = analysis.export_folder(target, report.slot, analysis.dated_folder(export_dir))
+    click.echo(json.dumps({**report.to_json(), **({"export": e} if e else {})}, indent=2) if as_json
+               else report.describe())
+    if e is not None and not as_json:
         click.echo(f"  exported to {e['folder']}: vmcore {e['vmcore_bytes'] / 1e6:.1f} MB (kdump-compressed), "
                    f"dmesg.txt {e['dmesg_lines']} lines, in {e['export_seconds']} s")
 
@@ -110,19 +112,19 @@ def hibernate_command(target: str, level: int, kernel: str | None, capture_initr
     from khibernate.doctor import region_finding
     from khibernate.jump import api as jump
     from khibernate.lock import capture_or_refuse
+    from khibernate.progress import Reporter
     from khibernate.system import SystemRoot
 
     opts = snap.Options(target=target, level=level, kernel=kernel, capture_initrd=capture_initrd, deadline=deadline,
                         append=append, kind="hibernate", allow_unresumable=allow_unresumable)
-    region = region_finding(SystemRoot())
+    rep = Reporter.for_terminal(as_json=as_json)
+    system = SystemRoot()
+    region = region_finding(system)
     if region is not None:
-        click.echo(f"hibernate: {region.message}", err=True)
+        rep.say(f"hibernate: {region.message}")
     with capture_or_refuse(jump.RUN_DIR, "hibernate"):
-        report = snap.run(opts, say=lambda m: click.echo(m, err=True))
-    click.echo(json.dumps(report, indent=2) if as_json else
-               f"resumed from slot {report['slot']} of {target} after {report['away_seconds']:.1f} s away; "
-               f"restore wrote {report['restore'].get('bytes_written', 0) / 1e6:.0f} MB at "
-               f"{report['restore'].get('throughput_mb_s', 0)} MB/s")
+        report = snap.hibernate(opts, say=rep.say, system=system)
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.describe())
 
 
 @click.group("capture")
@@ -216,7 +218,7 @@ def watch_command(target: str, kinds: str, min_interval: float, max_captures: in
         return None
 
     def capture(ev: watch.Event) -> dict[str, Any]:
-        return snap.run(opts, say=say)
+        return snap.snapshot(opts, say=say).to_json()  # the event record's "snapshot" (JSON)
 
     def export(report: dict[str, Any], folder: Path) -> dict[str, Any]:
         return analysis.export_folder(target, int(report["slot"]), folder)

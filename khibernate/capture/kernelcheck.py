@@ -21,14 +21,10 @@ import os
 import time
 from pathlib import Path
 
-from khibernate.errors import KhibernateError
+from khibernate.capture.errors import CaptureKernelError as CaptureKernelError
 from khibernate.system import SystemRoot, parse_kernel_config
 
 JUMPED_BACK = "jumped-back"
-
-
-class CaptureKernelError(KhibernateError):
-    """The capture kernel cannot jump back (or nothing proves it can); nothing was reserved or frozen."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,9 +103,9 @@ def assess(kernel: str, system: SystemRoot | None = None, where: Path | None = N
     return judge(facts[0], facts[1], gnu_build_id(running) if running else "", system.kernel_config()[0], False)
 
 
-def check(kernel: str) -> None:
-    """CaptureKernelError unless ``kernel`` is known to jump back."""
-    v = assess(kernel)
+def check(kernel: str, system: SystemRoot | None = None) -> None:
+    """CaptureKernelError unless ``kernel`` is known to jump back (``system``: the running one, ``/`` if None)."""
+    v = assess(kernel, system)
     if v.can_jump_back is not True:
         raise CaptureKernelError(f"capture kernel {kernel}: {v.why}; nothing was reserved or frozen "
                                  f"(`khibernate doctor --kernel {kernel}`)")

@@ -18,25 +18,22 @@ import os
 import struct
 import uuid as uuidlib
 import zlib
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
 
-from khibernate.errors import KhibernateError
+from khibernate.capture.errors import MailboxError as MailboxError
+from khibernate.layout import Layout
 from khibernate.ranges import Range
 
 PAGE = 4096
 MAGIC = b"KHMBOX\x00\x01"
-# magic, kind, image uuid, body length, crc32 of (header with crc 0 + body)
-HEAD = struct.Struct("<8sI16sII")
+HEAD = Layout("mailbox record header", "<", [
+    ("magic", "8s"), ("kind", "I"), ("image_uuid", "16s"), ("length", "I"),  # of the JSON body that follows
+    ("crc32", "I")])  # of (this header with crc32 0 + body)
 REQUEST, RESULT = 1, 2
 LOW_MEMORY = 1 << 20  # the capture kernel owns low memory while it runs: a mailbox there is unreachable
 
 
-class MailboxError(KhibernateError):
-    """The mailbox page cannot be set up, or holds no valid record."""
-
-
-def pack(kind: int, image_uuid: bytes, body: dict[str, Any], truncate: bool = True) -> bytes:
+def pack(kind: int, image_uuid: bytes, body: Mapping[str, object], truncate: bool = True) -> bytes:
     """A record of ``kind`` for image ``image_uuid`` carrying ``body`` as JSON, padded to a page (a body too big for
     the page is cut to its message, or MailboxError without ``truncate``)."""
     data = json.dumps(body, sort_keys=True).encode()
@@ -45,24 +42,28 @@ def pack(kind: int, image_uuid: bytes, body: dict[str, Any], truncate: bool = Tr
     if HEAD.size + len(data) > PAGE:
         data = json.dumps({**{k: body[k] for k in ("ok",) if k in body},
                            "message": str(body.get("message", ""))[:1500], "truncated": True}).encode()
-    crc = zlib.crc32(HEAD.pack(MAGIC, kind, image_uuid, len(data), 0) + data)
-    return (HEAD.pack(MAGIC, kind, image_uuid, len(data), crc) + data).ljust(PAGE, b"\0")
+    crc = zlib.crc32(HEAD.pack(magic=MAGIC, kind=kind, image_uuid=image_uuid, length=len(data)) + data)
+    return (HEAD.pack(magic=MAGIC, kind=kind, image_uuid=image_uuid, length=len(data), crc32=crc)
+            + data).ljust(PAGE, b"\0")
 
 
-def unpack(page: bytes) -> tuple[int, bytes, dict[str, Any]]:
+def unpack(page: bytes) -> tuple[int, bytes, dict[str, object]]:
     """(kind, image uuid, body) of a record; MailboxError when the page holds none or it is damaged."""
     if len(page) < HEAD.size or page[:8] != MAGIC:
         raise MailboxError("the mailbox page holds no khibernate record")
-    _, kind, image_uuid, n, crc = HEAD.unpack_from(page)
+    h = HEAD.unpack(page, error=MailboxError)
+    kind, image_uuid, n = h["kind"], h["image_uuid"], h["length"]
     if HEAD.size + n > len(page):
         raise MailboxError("the mailbox record is longer than its page; it is damaged")
     data = page[HEAD.size:HEAD.size + n]
-    if zlib.crc32(HEAD.pack(MAGIC, kind, image_uuid, n, 0) + data) != crc:
+    if zlib.crc32(HEAD.pack(magic=MAGIC, kind=kind, image_uuid=image_uuid, length=n) + data) != h["crc32"]:
         raise MailboxError("the mailbox record's checksum does not match; it is damaged")
     try:
         body = json.loads(data)
     except ValueError:
         raise MailboxError("the mailbox record is not valid JSON; it is damaged") from None
+    if not isinstance(body, dict):
+        raise MailboxError("the mailbox record is not a JSON object; it is damaged")
     return kind, image_uuid, body
 
 
@@ -93,7 +94,7 @@ class Mailbox:
     capture kernel would find its own pages there), holding a request for image ``image_uuid`` (``request``: what
     the capture job should know beyond its command line; MailboxError if it does not fit the page)."""
 
-    def __init__(self, image_uuid: bytes, request: dict[str, Any] | None = None, avoid: Sequence[Range] = ()):
+    def __init__(self, image_uuid: bytes, request: Mapping[str, object] | None = None, avoid: Sequence[Range] = ()):
         self.image_uuid = image_uuid
         page = pack(REQUEST, image_uuid, request or {"request": "snapshot"}, truncate=False)
         spare: list[mmap.mmap] = []
@@ -119,7 +120,7 @@ class Mailbox:
         """Whether the page is still at the physical address handed out (it is locked; migration would move it)."""
         return physical_address(self.vaddr()) == self.paddr
 
-    def result(self) -> dict[str, Any]:
+    def result(self) -> dict[str, object]:
         """The capture job's result; MailboxError if it never wrote one (hung, killed, crashed, or page moved)."""
         kind, image_uuid, body = unpack(bytes(self.buf[:]))
         if image_uuid != self.image_uuid:
@@ -131,7 +132,7 @@ class Mailbox:
         return body
 
 
-def read_request(paddr: int, image_uuid: bytes, devmem: str = "/dev/mem") -> dict[str, Any]:
+def read_request(paddr: int, image_uuid: bytes, devmem: str = "/dev/mem") -> dict[str, object]:
     """Capture side: the first kernel's request for this job's image in its mailbox page at paddr."""
     if paddr % PAGE:
         raise MailboxError(f"mailbox address {paddr:#x} is not page aligned")
@@ -146,7 +147,7 @@ def read_request(paddr: int, image_uuid: bytes, devmem: str = "/dev/mem") -> dic
     return body
 
 
-def post(paddr: int, image_uuid: bytes, body: dict[str, Any], devmem: str = "/dev/mem") -> None:
+def post(paddr: int, image_uuid: bytes, body: Mapping[str, object], devmem: str = "/dev/mem") -> None:
     """Capture side: write a RESULT record into the first kernel's mailbox page at paddr, if it holds our request."""
     if paddr % PAGE:
         raise MailboxError(f"mailbox address {paddr:#x} is not page aligned")

@@ -1,8 +1,9 @@
-"""`khibernate snapshot`: save the running kernel into a store slot through a kexec jump, and continue.
+"""`khibernate snapshot` and `khibernate hibernate`: save the running kernel into a store slot through a kexec jump.
 
-read → plan → check, then the writes: slot reserved (superblock, `writing`), fresh jump load, jump; back here:
-mailbox read, slot read back and checked, superblock switched to `complete` last.  Any failure after the
-reservation marks the slot `bad`; the last good image is never touched.
+read → plan → check, then the writes: slot reserved (superblock, `writing`), the jump round trip
+(:class:`~khibernate.capture.roundtrip.RoundTrip`); back here: the typed result, slot read back and checked,
+superblock switched to `complete` last.  Any failure after the reservation marks the slot `bad`; the last good
+image is never touched.  This module keeps the preflight and the reporting; the jump is the round trip's.
 """
 
 from __future__ import annotations
@@ -14,24 +15,24 @@ import time
 import uuid as uuidlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from khibernate.capture.errors import RoundTripError, SnapshotError
+from khibernate.capture.jobspec import Failed, JsonValue, Resumed, Saved
+from khibernate.capture.roundtrip import CAPTURE_PANIC_SECONDS as CAPTURE_PANIC_SECONDS
+from khibernate.capture.roundtrip import capture_args as capture_args
 from khibernate.errors import KhibernateError
+from khibernate.progress import Say
 from khibernate.store.superblock import SlotRecord, SlotState
 
 if TYPE_CHECKING:
-    from khibernate.capture.mailbox import Mailbox
-    from khibernate.jump.api import JumpResult
-    from khibernate.jump.loader import Plan
+    from khibernate.capture.roundtrip import Outcome
     from khibernate.store.handle import SlotCheck, Store
     from khibernate.store.plan import SizeEstimate
     from khibernate.store.superblock import Superblock
+    from khibernate.system import SystemRoot
 
 DEFAULT_DEADLINE = 600.0
-
-
-class SnapshotError(KhibernateError):
-    """The snapshot was refused before the jump, or failed in the capture kernel."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,19 +52,13 @@ class Options:
     allow_unresumable: bool = False  # hibernate even where a resume boot may not manage to restore the image
 
 
-def _boot_id() -> str:
-    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-
-
-CAPTURE_PANIC_SECONDS = 10
-
-
-def capture_args(cmdline: str) -> list[str]:
-    """The capture kernel's own words before the user's: the console words of this kernel's command line, and
-    ``panic=N`` — a capture kernel that panics resets the machine after N seconds instead of hanging with the first
-    kernel frozen forever (the first kernel cannot run on either way: only the capture kernel can jump back)."""
-    return [w for w in cmdline.split() if w.startswith(("console=", "earlycon", "loglevel="))] \
-        + [f"panic={CAPTURE_PANIC_SECONDS}"]
+def default_kernel() -> str:
+    """This kernel's image in /boot; SnapshotError saying to give --kernel when there is none."""
+    rel = os.uname().release
+    for p in (f"/boot/vmlinuz-{rel}", f"/boot/bzImage-{rel}", "/boot/vmlinuz", "/boot/bzImage"):
+        if Path(p).is_file():
+            return p
+    raise SnapshotError(f"no kernel image for {rel} in /boot: give the capture kernel with --kernel FILE")
 
 
 def capture_initrd_for(kernel: str, target: str, given: str | None) -> tuple[str, bool]:
@@ -77,15 +72,6 @@ def capture_initrd_for(kernel: str, target: str, given: str | None) -> tuple[str
     return str(path), reused
 
 
-def default_kernel() -> str:
-    """This kernel's image in /boot; SnapshotError saying to give --kernel when there is none."""
-    rel = os.uname().release
-    for p in (f"/boot/vmlinuz-{rel}", f"/boot/bzImage-{rel}", "/boot/vmlinuz", "/boot/bzImage"):
-        if Path(p).is_file():
-            return p
-    raise SnapshotError(f"no kernel image for {rel} in /boot: give the capture kernel with --kernel FILE")
-
-
 def check_kdump_sharing(opts: Options, kdump_loaded: bool) -> None:
     """Refuse to jump into the whole crash region while a kdump image lies in it: the capture kernel would take the
     region as RAM and overwrite the loaded kdump kernel, leaving the next panic without a dump."""
@@ -97,16 +83,19 @@ def check_kdump_sharing(opts: Options, kdump_loaded: bool) -> None:
             "first (`khibernate kdump unload`)")
 
 
-def preflight(opts: Options, st: Store | None = None) -> tuple[Superblock, SlotRecord, SizeEstimate]:
+def preflight(opts: Options, st: Store | None = None,
+              system: SystemRoot | None = None) -> tuple[Superblock, SlotRecord, SizeEstimate]:
     """Every check that needs no write: doctor, target (writable, unused, a store), slot, size; returns (superblock,
-    slot, estimate).  ``st``: the write handle the capture holds (else one is opened for the checks and closed)."""
+    slot, estimate).  ``st``: the write handle the capture holds (else one is opened for the checks and closed);
+    ``system``: the running system as the operation read it (``/`` if None)."""
     from khibernate.doctor import diagnose
     from khibernate.image.pagefilter import check_level
     from khibernate.store import plan as splan
     from khibernate.store.handle import Store
     from khibernate.system import SystemRoot
 
-    d = diagnose(SystemRoot(), os.geteuid())
+    system = system or SystemRoot()
+    d = diagnose(system, os.geteuid())
     if d.possible("jump") is False:
         why = "; ".join(f.message for f in d.findings if "jump" in f.blocks)
         raise SnapshotError(f"this machine cannot kexec jump: {why} (`khibernate doctor` says more)")
@@ -118,34 +107,34 @@ def preflight(opts: Options, st: Store | None = None) -> tuple[Superblock, SlotR
         why = "; ".join(f.message for f in d.findings if "hibernate" in f.blocks)
         raise SnapshotError(f"a resume could not restore this hibernation: {why} (--allow-unresumable hibernates "
                             "all the same)")
-    check_kdump_sharing(opts, SystemRoot().read_int("/sys/kernel/kexec_crash_loaded") == 1)
+    check_kdump_sharing(opts, system.read_int("/sys/kernel/kexec_crash_loaded") == 1)
     if st is None:  # a write handle: read-only or busy targets are refused here, before anything is written
         with Store.open(opts.target, write=True) as own:
-            return preflight(opts, own)
+            return preflight(opts, own, system)
     sb = st.refresh()
     from khibernate.seal import policy
 
     policy.check_capture(sb.flags, opts.target)  # a sealed store: its images could not be sealed yet
     slot = splan.choose_slot(sb)
-    est = splan.estimate(sb, splan.parse_meminfo(Path("/proc/meminfo").read_text()))
+    est = splan.estimate(sb, splan.parse_meminfo(system.read("/proc/meminfo") or ""))
     splan.check_fits(slot, est)
     if opts.keep is not None and opts.keep < 1:
         raise SnapshotError("--keep must be at least 1")
     from khibernate.capture import kernelcheck
 
-    kernelcheck.check(opts.kernel or default_kernel())  # one that cannot jump back would strand this system
+    kernelcheck.check(opts.kernel or default_kernel(), system)  # one that cannot jump back would strand this system
     return sb, slot, est
 
 
-def hibernate_request(say: Callable[[str], object]) -> dict[str, Any]:
+def hibernate_request(say: Say, system: SystemRoot) -> dict[str, JsonValue]:
     """The mailbox request of a hibernate job: every read-write block filesystem and its on-disk state now (the
     capture job writes them into the image; `resume` refuses when one changed); warns about those it cannot check."""
     from khibernate.restore import filesystems
 
-    records = filesystems.record(Path("/proc/self/mountinfo").read_text())
+    records = filesystems.record(system.read("/proc/self/mountinfo") or "")
     for warning in filesystems.unchecked(records):
         say(f"hibernate: warning: {warning}")
-    swaps = [line.split()[0] for line in (Path("/proc/swaps").read_text().splitlines()[1:]) if line.split()]
+    swaps = [line.split()[0] for line in (system.read("/proc/swaps") or "").splitlines()[1:] if line.split()]
     if swaps:
         say(f"hibernate: warning: swap in use on {', '.join(swaps)}: a boot that swaps there before the resume "
             "corrupts the swapped-out memory of the resumed processes (`swapoff -a` first, or boot nothing else)")
@@ -167,38 +156,122 @@ def mark_failed(opts: Options, st: Store, reserved: SlotRecord, store_uuid: byte
     return SnapshotError(f"{msg}; slot {i} is marked bad, earlier images are untouched")
 
 
-def run(opts: Options, say: Any = print) -> dict[str, Any]:
-    """Take one snapshot; returns the report (raises SnapshotError with the reason on failure).  The store's
-    writer lock is held from the checks to the slot's completion: one open of the target for the whole capture."""
+@dataclasses.dataclass(frozen=True)
+class SnapshotReport:
+    """A snapshot whose slot was read back and marked complete (``to_json`` is `snapshot --json`'s object)."""
+
+    slot: int
+    seq: int
+    image: str
+    target: str
+    dump_level: int
+    bytes: int
+    pages_ram: int
+    pages_stored: int
+    pages_zero: int
+    pages_excluded: int
+    classes: dict[str, int]
+    pause_seconds: float
+    save_seconds: float
+    throughput_mb_s: float | None
+    capture_job_started_uptime: float
+    capture_peak_used_bytes: int
+    capture_peak_rss_kib: int
+    capture_mem_available_start: int
+    retired_slots: list[int]
+    capture_initrd: str
+    capture_initrd_bytes: int
+    kernel: str
+    total_seconds: float
+    verified: bool = True
+    export: dict[str, JsonValue] | None = None  # `--export-dir`: what went where (analysis.export_folder)
+
+    def to_json(self) -> dict[str, JsonValue]:
+        d: dict[str, JsonValue] = dataclasses.asdict(self)
+        if self.export is None:
+            del d["export"]
+        return d
+
+    def describe(self) -> str:
+        """The report for a human."""
+        cls = ", ".join(f"{k} {v}" for k, v in self.classes.items() if v)
+        return (f"snapshot #{self.seq} saved to slot {self.slot} of {self.target} and verified: image {self.image}\n"
+                f"  {self.pages_stored} of {self.pages_ram} pages stored ({self.pages_zero} zero, "
+                f"{self.pages_excluded - self.pages_zero} {'free ' if self.dump_level & ~17 == 0 else ''}dropped at "
+                f"-d {self.dump_level}); classes: {cls}\n"
+                f"  {self.bytes / 1e6:.1f} MB, saved in {self.save_seconds} s ({self.throughput_mb_s} MB/s)\n"
+                f"  the system was paused {self.pause_seconds:.2f} s (freeze -> thaw)"
+                + (f"; retired slots {self.retired_slots}" if self.retired_slots else ""))
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumedReport:
+    """Back in this kernel after `hibernate`: the capture kernel powered off, a later boot restored this kernel and
+    entered it (the restore job posted that into the mailbox).  ``to_json`` is `hibernate --json`'s object."""
+
+    slot: int
+    image: str
+    target: str
+    away_seconds: float
+    restore: dict[str, float]
+    resume_boot_id: str
+    again: bool
+    total_seconds: float
+
+    def to_json(self) -> dict[str, JsonValue]:
+        return {"resumed": True, **dataclasses.asdict(self)}
+
+    def describe(self) -> str:
+        """The report for a human."""
+        return (f"resumed from slot {self.slot} of {self.target} after {self.away_seconds:.1f} s away; restore "
+                f"wrote {self.restore.get('bytes_written', 0) / 1e6:.0f} MB at "
+                f"{self.restore.get('throughput_mb_s', 0)} MB/s")
+
+
+def run(opts: Options, say: Say = print, system: SystemRoot | None = None) -> SnapshotReport | ResumedReport:
+    """Take one snapshot (or hibernate); returns the report (raises SnapshotError with the reason on failure).  The
+    store's writer lock is held from the checks to the slot's completion: one open of the target for the whole
+    capture.  ``system``: the running system, read once for the whole operation (``/`` if None)."""
     from khibernate.store.handle import Store
-
-    with Store.open(opts.target, write=True) as st:
-        return _run(opts, st, say)
-
-
-def _run(opts: Options, st: Store, say: Callable[[str], None]) -> dict[str, Any]:
-    from khibernate.capture.job import Job
-    from khibernate.capture.mailbox import Mailbox
-    from khibernate.jump import api as jump
     from khibernate.system import SystemRoot
 
+    system = system or SystemRoot()
+    with Store.open(opts.target, write=True, say=say) as st:
+        return _run(opts, st, say, system)
+
+
+def snapshot(opts: Options, say: Say = print, system: SystemRoot | None = None) -> SnapshotReport:
+    """run() of a snapshot (``opts.kind`` "snapshot")."""
+    report = run(opts, say, system)
+    assert isinstance(report, SnapshotReport)
+    return report
+
+
+def hibernate(opts: Options, say: Say = print, system: SystemRoot | None = None) -> ResumedReport:
+    """run() of a hibernation: returns after the resume (``opts.kind`` "hibernate")."""
+    report = run(dataclasses.replace(opts, kind="hibernate"), say, system)
+    assert isinstance(report, ResumedReport)
+    return report
+
+
+def _run(opts: Options, st: Store, say: Say, system: SystemRoot) -> SnapshotReport | ResumedReport:
+    from khibernate.capture.jobspec import Job
+    from khibernate.capture.roundtrip import CaptureKernel, RoundTrip
+
     t_start = time.monotonic()
-    sb, slot, est = preflight(opts, st)
+    sb, slot, est = preflight(opts, st, system)
     kernel = opts.kernel or default_kernel()
     initrd, reused = capture_initrd_for(kernel, opts.target, opts.capture_initrd)
     say(f"{opts.kind}: slot {slot.index} of {opts.target} ({slot.capacity / 2**20:.0f} MiB), {est.describe()}; "
         f"capture kernel {kernel}, initramfs {initrd}{' (cached)' if reused else ' (built)'}")
     image = uuidlib.uuid4()
-    boot_id = _boot_id()
-    box = Mailbox(image.bytes, hibernate_request(say) if opts.kind == "hibernate" else None,
-                  avoid=jump.swapped_ranges(opts.mem_min, opts.mem_max))
-    cmdline = Path("/proc/cmdline").read_text()
-    # the deadline counts from the capture kernel's boot: the jump itself is excluded
+    boot_id = system.boot_id()
+    # the deadline counts from the capture kernel's boot: the jump itself is excluded; the mailbox address is
+    # the round trip's to fill in
     job = Job(opts.kind, opts.target, sb.uuid_str, slot.index, slot.offset, slot.capacity, opts.level, str(image),
-              boot_id, opts.deadline, box.paddr,
-              zero_free=zeroes_freed_pages(cmdline, SystemRoot().kernel_config()[0]))
-    append = " ".join([*capture_args(cmdline), opts.append, *job.args()]).strip()
-    plan = jump.plan_jump(kernel, initrd, append, opts.mem_min, opts.mem_max)
+              boot_id, opts.deadline, 0, zero_free=zeroes_freed_pages(system.cmdline(), system.kernel_config()[0]))
+    trip = RoundTrip.prepare(CaptureKernel(kernel, initrd, opts.mem_min, opts.mem_max, opts.append), job, system,
+                             hibernate_request(say, system) if opts.kind == "hibernate" else None)
     # ---- writes start here: reserve the slot (the last good image stays untouched), load, jump
     reserved = dataclasses.replace(slot, state=SlotState.WRITING, seq=sb.next_seq(), length=0, crc32=0,
                                    dump_level=opts.level, image_uuid=image.bytes, created_ns=time.time_ns(),
@@ -209,77 +282,73 @@ def _run(opts: Options, st: Store, say: Callable[[str], None]) -> dict[str, Any]
     def fail(msg: str) -> SnapshotError:
         return mark_failed(opts, st, reserved, sb.uuid, msg)
 
-    result, body = _jump(opts, plan, box, fail, say)
-    if opts.kind == "hibernate":
-        if not body.get("resumed"):
-            raise fail(f"the capture kernel came back without powering off ({body.get('message') or body})")
-        return resumed_report(opts, reserved, body, result.boottime_s, t_start)
     try:
-        done, chk, freed = st.complete(reserved, int(body["length"]), int(body["crc32"]),
-                                       pages_stored=int(body["pages_stored"]),
-                                       pages_excluded=int(body["pages_excluded"]), keep=opts.keep)
-    except KhibernateError as e:
-        raise fail(f"the image read back from the target is wrong: {e}") from None
+        out = trip.run(lambda: say(JUMP_WORDS[opts.kind]))
+    except RoundTripError as e:
+        raise fail(str(e)) from None
+    if isinstance(out.result, Failed):
+        raise fail(f"the capture job failed: {out.result.message}")
+    if opts.kind == "hibernate":
+        if not isinstance(out.result, Resumed):
+            raise fail("the capture kernel came back without powering off (its image was written but not marked "
+                       "for resume)")
+        return resumed_report(opts, reserved, out, t_start)
+    if not isinstance(out.result, Saved):
+        raise fail("the capture kernel reported a resume, not a saved image")
+    return _complete(opts, st, reserved, out, out.result, fail, (kernel, initrd), t_start)
+
+
+JUMP_WORDS = {
+    "hibernate": "hibernate: syncing filesystems, then jumping to the capture kernel; it saves this system and powers "
+                 "the machine off (`khibernate resume` at the next boot brings it back)",
+    "snapshot": "snapshot: syncing filesystems, then jumping to the capture kernel (this system pauses now)"}
+
+
+def _complete(opts: Options, st: Store, reserved: SlotRecord, out: Outcome, saved: Saved,
+              fail: Callable[[str], SnapshotError], used: tuple[str, str], t_start: float) -> SnapshotReport:
+    """Read the saved slot back and mark it complete (``fail`` on a mismatch); the report."""
     from khibernate.capture import kernelcheck
 
-    with contextlib.suppress(OSError):
-        kernelcheck.remember(kernel)  # this very image jumped back: proof for the next time
-    return snapshot_report(opts, done, chk, freed, body, result.boottime_s, initrd, kernel, t_start)
-
-
-def _jump(opts: Options, plan: Plan, box: Mailbox, fail: Callable[[str], SnapshotError],
-          say: Callable[[str], None]) -> tuple[JumpResult, dict[str, Any]]:
-    """Load the capture kernel, jump, and read its result from the mailbox: (jump result, result body); a failure
-    on the way is ``fail(reason)`` raised (the slot marked bad)."""
-    from khibernate.capture.mailbox import MailboxError
-    from khibernate.jump import api as jump
-
     try:
-        jump.load_plan(plan)
+        done, chk, freed = st.complete(reserved, saved.length, saved.crc32, pages_stored=saved.pages_stored,
+                                       pages_excluded=saved.pages_excluded, keep=opts.keep)
     except KhibernateError as e:
-        raise fail(f"loading the capture kernel failed: {e}") from None
-    if not box.still_at():
-        with contextlib.suppress(KhibernateError, OSError):
-            jump.unload()
-        raise fail("the mailbox page moved before the jump (memory compaction); run snapshot again")
-    say("hibernate: syncing filesystems, then jumping to the capture kernel; it saves this system and powers the "
-        "machine off (`khibernate resume` at the next boot brings it back)" if opts.kind == "hibernate" else
-        "snapshot: syncing filesystems, then jumping to the capture kernel (this system pauses now)")
-    os.sync()  # before every jump: a capture kernel that never comes back must not take dirty data with it
-    try:
-        result = jump.execute()
-    except KhibernateError as e:  # e.g. the freezer gave up (a task in D state): the jump never happened
-        with contextlib.suppress(KhibernateError, OSError):
-            jump.unload()
-        raise fail(f"the jump did not happen: {e}") from None
-    with contextlib.suppress(KhibernateError, OSError):
-        jump.unload()  # the loaded image is the capture kernel's saved state: a fresh load serves the next snapshot
-    try:
-        body = box.result()
-    except MailboxError as e:
-        raise fail(str(e)) from None
-    if not body.get("ok"):
-        raise fail(f"the capture job failed: {body.get('message')}")
-    return result, body
+        raise fail(f"the image read back from the target is wrong: {e}") from None
+    with contextlib.suppress(OSError):
+        kernelcheck.remember(used[0])  # this very image jumped back: proof for the next time
+    return snapshot_report(opts, done, chk, freed, out, used, t_start)
 
 
-def snapshot_report(opts: Options, done: SlotRecord, chk: SlotCheck, freed: list[int], body: dict[str, Any],
-                    away: float, initrd: str, kernel: str, t_start: float) -> dict[str, Any]:
-    """The report of a snapshot whose slot was read back and marked complete."""
+def snapshot_report(opts: Options, done: SlotRecord, chk: SlotCheck, freed: list[int], out: Outcome,
+                    used: tuple[str, str], t_start: float) -> SnapshotReport:
+    """The report of a snapshot whose slot was read back and marked complete (``used``: kernel, initramfs)."""
     from khibernate.image.levels import PageClass
 
-    classes = {c.name.lower(): int(body["class_counts"][c]) for c in PageClass}
-    return {"slot": done.index, "seq": done.seq, "image": str(uuidlib.UUID(bytes=done.image_uuid)),
-            "target": opts.target, "dump_level": opts.level,
-            "bytes": chk.length, "pages_ram": body["pages_ram"], "pages_stored": body["pages_stored"],
-            "pages_zero": body["pages_zero"], "pages_excluded": body["pages_excluded"], "classes": classes,
-            "pause_seconds": round(away, 3), "save_seconds": body.get("save_seconds"),
-            "throughput_mb_s": round(chk.length / 1e6 / body["save_seconds"], 1) if body.get("save_seconds") else None,
-            "capture_job_started_uptime": body.get("job_started_uptime"),
-            "capture_peak_used_bytes": body.get("peak_used_bytes"), "capture_peak_rss_kib": body.get("peak_rss_kib"),
-            "capture_mem_available_start": body.get("mem_available_start"), "retired_slots": freed,
-            "capture_initrd": initrd, "capture_initrd_bytes": os.path.getsize(initrd), "kernel": kernel,
-            "total_seconds": round(time.monotonic() - t_start, 3), "verified": True}
+    r = out.result
+    assert isinstance(r, Saved)
+    kernel, initrd = used
+    return SnapshotReport(
+        slot=done.index, seq=done.seq, image=str(uuidlib.UUID(bytes=done.image_uuid)), target=opts.target,
+        dump_level=opts.level, bytes=chk.length, pages_ram=r.pages_ram, pages_stored=r.pages_stored,
+        pages_zero=r.pages_zero, pages_excluded=r.pages_excluded,
+        classes={c.name.lower(): r.class_counts[c] for c in PageClass}, pause_seconds=round(out.away.boottime_s, 3),
+        save_seconds=r.save_seconds,
+        throughput_mb_s=round(chk.length / 1e6 / r.save_seconds, 1) if r.save_seconds else None,
+        capture_job_started_uptime=r.job_started_uptime, capture_peak_used_bytes=r.footprint.peak_used_bytes,
+        capture_peak_rss_kib=r.footprint.peak_rss_kib, capture_mem_available_start=r.footprint.mem_available_start,
+        retired_slots=freed, capture_initrd=initrd, capture_initrd_bytes=os.path.getsize(initrd), kernel=kernel,
+        total_seconds=round(time.monotonic() - t_start, 3))
+
+
+def resumed_report(opts: Options, reserved: SlotRecord, out: Outcome, t_start: float) -> ResumedReport:
+    """Back in this kernel after `hibernate`: the capture kernel powered off, a later boot restored this kernel
+    and entered it (the restore job posted that into the mailbox)."""
+    r = out.result
+    assert isinstance(r, Resumed)
+    return ResumedReport(slot=reserved.index, image=str(uuidlib.UUID(bytes=reserved.image_uuid)), target=opts.target,
+                         away_seconds=round(out.away.boottime_s, 3), restore=r.restore,
+                         resume_boot_id=r.resume_boot_id, again=r.again,
+                         total_seconds=round(time.monotonic() - t_start, 3))
 
 
 def zeroes_freed_pages(cmdline: str, config: dict[str, str] | None = None) -> bool:
@@ -292,24 +361,3 @@ def zeroes_freed_pages(cmdline: str, config: dict[str, str] | None = None) -> bo
     return (config or {}).get("CONFIG_INIT_ON_FREE_DEFAULT_ON") == "y"
 
 
-def resumed_report(opts: Options, reserved: SlotRecord, body: dict[str, Any], away: float,
-                   t_start: float) -> dict[str, Any]:
-    """Back in this kernel after `hibernate`: the capture kernel powered off, a later boot restored this kernel
-    and entered it (krestore posted that into the mailbox)."""
-    return {"resumed": True, "slot": reserved.index, "image": str(uuidlib.UUID(bytes=reserved.image_uuid)),
-            "target": opts.target, "away_seconds": round(away, 3), "restore": body.get("restore", {}),
-            "resume_boot_id": body.get("resume_boot_id"), "again": body.get("again", False),
-            "total_seconds": round(time.monotonic() - t_start, 3)}
-
-
-def describe(r: dict[str, Any]) -> str:
-    """The report for a human."""
-    c = r["classes"]
-    cls = ", ".join(f"{k} {v}" for k, v in c.items() if v)
-    return (f"snapshot #{r['seq']} saved to slot {r['slot']} of {r['target']} and verified: image {r['image']}\n"
-            f"  {r['pages_stored']} of {r['pages_ram']} pages stored ({r['pages_zero']} zero, "
-            f"{r['pages_excluded'] - r['pages_zero']} {'free ' if r['dump_level'] & ~17 == 0 else ''}dropped at "
-            f"-d {r['dump_level']}); classes: {cls}\n"
-            f"  {r['bytes'] / 1e6:.1f} MB, saved in {r['save_seconds']} s ({r['throughput_mb_s']} MB/s)\n"
-            f"  the system was paused {r['pause_seconds']:.2f} s (freeze -> thaw)"
-            + (f"; retired slots {r['retired_slots']}" if r["retired_slots"] else ""))

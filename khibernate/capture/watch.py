@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from khibernate.capture.analysis import dated_folder
+from khibernate.capture.errors import WatchError as WatchError
 from khibernate.errors import KhibernateError
 from khibernate.lock import capture_lock as capture_lock
 from khibernate.lock import capture_lock_holder
@@ -40,10 +41,6 @@ _BUG = re.compile(r"^(?:kernel BUG at .+!|BUG: )")
 _WARN = re.compile(r"^WARNING: ")
 _END_TRACE = re.compile(r"^---\[ end (?:trace|Kernel panic)")
 _CUT_HERE = "------------[ cut here ]------------"
-
-
-class WatchError(KhibernateError):
-    """The watcher cannot start (bad options, no /dev/kmsg, nothing left to watch)."""
 
 
 @dataclasses.dataclass(frozen=True)

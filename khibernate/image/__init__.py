@@ -11,6 +11,6 @@ Arranged as pyelftools arranges ELF: the bytes of each format apart from the cod
   (``adapters``, ``xen``).
 - what is done with a source: ``plan`` (which pages go into an output) over ``pagefilter`` (struct page classes,
   with ``x86_64`` address translation and ``vmcoreinfo``), ``export``, ``dmesg``, ``info``; the writers' shared
-  ``pipeline``, ``atomic`` outputs, ``inputfile`` (opening inputs safely), ``progress``, ``errors``, ``levels``.
+  ``pipeline``, ``atomic`` outputs, ``inputfile`` (opening inputs safely), ``errors``, ``levels``.
 - ``cli.py``: ``khibernate image`` (click only).
 """

@@ -15,9 +15,9 @@ from khibernate.clickutil import ADDRESS, SIZE, ErrorReportingGroup, echo_hexdum
 from khibernate.image import vmcoreinfo as vmci_mod
 from khibernate.image.errors import FileAccessError, ImageError, UsageErrorImage
 from khibernate.image.levels import RESTORABLE_LEVEL, PageClass
-from khibernate.image.progress import Progress
 from khibernate.image.sources import MemorySource, open_source
 from khibernate.image.vmcoreinfo import Vmcoreinfo
+from khibernate.progress import Reporter
 from khibernate.seal.cli import key_sources, one_key, with_key_options
 
 if TYPE_CHECKING:
@@ -173,7 +173,7 @@ def save_cmd(source: str, dest: str, level: int | None, restorable: bool, thread
         recorded = check_source_level(src, level, restorable)
         vmci = _vmcoreinfo(src, vmcoreinfo_file, vmcoreinfo_at, required=bool(level & ~1))
         total = sum(r.size for r in src.ranges)
-        with Progress("save", total) as prog:
+        with Reporter.for_terminal().meter("save", total) as prog:
             stats = save_file(src, dest, vmci=vmci, level=level, restorable=restorable, threads=threads,
                               zstd_level=zlevel, block_pages=block_pages, progress=prog.update,
                               sync=not no_sync, seal=sealing)
@@ -219,7 +219,7 @@ def verify_cmd(image: str, ranges: str | None, elfcorehdr: str | None, key_file:
     A sealed image needs its key, and is checked for authenticity: every block's tag, and the tag over header,
     bitmaps, index and trailer."""
     with _open(image, ranges, elfcorehdr, one_key(key_file, passphrase_file, ask_passphrase)) as src:
-        with Progress("verify", sum(r.size for r in src.ranges)) as prog:
+        with Reporter.for_terminal().meter("verify", sum(r.size for r in src.ranges)) as prog:
             res = src.verify(progress=prog.update)
         sealed = bool(getattr(src, "cipher", None))
     _emit(as_json, {"ok": True, "authenticated": sealed, **res},
@@ -285,7 +285,7 @@ def export_cmd(source: str, dest: str, fmt: str, compress: str, flat: bool, elf3
         vmci = _vmcoreinfo(src, vmcoreinfo_file, vmcoreinfo_at, required=bool((level or 0) & ~1))
         total = sum(r.size for r in src.ranges)
         t0 = time.monotonic()
-        with Progress("export", total) as prog:
+        with Reporter.for_terminal().meter("export", total) as prog:
             size = export(src, dest, fmt=fmt, compress=compress, flat=flat, elf32=elf32, level=level or 0,
                           vmci=vmci, threads=threads, sync=not no_sync, progress=prog.update)
     if dest != "-":

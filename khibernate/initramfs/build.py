@@ -20,9 +20,9 @@ from pathlib import Path
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from khibernate.errors import KhibernateError
 from khibernate.initramfs import collect, cpio
 from khibernate.initramfs import python as pybundle
+from khibernate.initramfs.errors import InitramfsError as InitramfsError
 
 CONTENT_DIR = Path(__file__).resolve().parent / "content"
 HOST_INTEGRATION = ("initramfs-tools", "systemd")  # initramfs/ files for the host's own boot, not for the guest
@@ -65,10 +65,6 @@ def hash_inputs(h: hashlib._Hash) -> None:
         except md.PackageNotFoundError:
             pass
 SKELETON_DIRS = ("dev", "proc", "sys", "tmp", "run", "root", "mnt", "etc", "var/tmp", "boot")
-
-
-class InitramfsError(KhibernateError):
-    """The initramfs cannot be built from what is installed on this machine."""
 
 
 def _has_debug_sections(data: bytes) -> bool:

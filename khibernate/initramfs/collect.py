@@ -16,16 +16,12 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.dynamic import DynamicSection
 from elftools.elf.elffile import ELFFile
 
-from khibernate.errors import KhibernateError
+from khibernate.initramfs.errors import DependencyError as DependencyError
 
 DEFAULT_DIRS = (
     "/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib",
     "/usr/local/lib",
 )
-
-
-class DependencyError(KhibernateError):
-    """An executable's shared libraries cannot all be found."""
 
 
 @dataclasses.dataclass(frozen=True)

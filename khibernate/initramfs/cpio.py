@@ -14,7 +14,7 @@ import stat
 import zlib
 from collections.abc import Iterable, Iterator
 
-from khibernate.errors import KhibernateError
+from khibernate.initramfs.errors import CpioError as CpioError
 
 MAGIC = b"070701"
 HEADER_LEN = 110
@@ -27,10 +27,6 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 COMPRESSIONS = ("none", "gzip", "zstd")
 # The kernel's unzstd (lib/decompress_unzstd.c) refuses frames whose window exceeds 128 MiB; stay far below.
 ZSTD_WINDOW_LOG = 23
-
-
-class CpioError(KhibernateError):
-    """A cpio archive is malformed or cannot be represented."""
 
 
 @dataclasses.dataclass(frozen=True)

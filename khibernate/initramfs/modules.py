@@ -19,14 +19,10 @@ from typing import Protocol
 
 import zstandard
 
-from khibernate.errors import KhibernateError
+from khibernate.initramfs.errors import ModuleError as ModuleError
 
 MODULE_SUFFIXES = (".ko.zst", ".ko.xz", ".ko.gz", ".ko")
 MODULE_LIST = "etc/khibernate/modules"  # guest path (no leading /) of the ordered list /init loads
-
-
-class ModuleError(KhibernateError):
-    """A module the capture environment needs cannot be found or read: the message says what to install or run."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from khibernate.cache import cache_root
-from khibernate.errors import KhibernateError
+from khibernate.initramfs.errors import PythonBundleError as PythonBundleError
 
 GUEST_PREFIX = sys.base_prefix
 GUEST_LIB = f"{GUEST_PREFIX}/{sys.platlibdir}"
@@ -62,10 +62,6 @@ OWN_DROP = re.compile(r"\.(c|h|o)$|^khibernate/native/build\.py$")
 NATIVE_EXTENSIONS = ("khibernate/native/_pages",)
 # Requirement markers we treat as never true in the guest.
 FOREIGN_MARKERS = re.compile(r"extra\s*==|Windows|win32|darwin|cygwin|PyPy\"\s*$")
-
-
-class PythonBundleError(KhibernateError):
-    """The running Python or one of khibernate's dependencies cannot be bundled."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -64,22 +64,24 @@ def load_plan(plan: Plan) -> None:
 
 
 def plan_jump(kernel: str, initrd: str | None, append: str, mem_min: int | None = None,
-              mem_max: int | None = None) -> Plan:
-    """The jump image for this machine (reads /proc/iomem, sysfs; needs root for real addresses)."""
+              mem_max: int | None = None, system: SystemRoot | None = None) -> Plan:
+    """The jump image for this machine (reads /proc/iomem, sysfs; needs root for real addresses; ``system``: the
+    running one, read once by the caller's operation)."""
     kdata = loader.read_file(kernel, "kernel")
     parse_bzimage(kdata, Path(kernel).name)  # a bad kernel file is reported before the system is read
     idata = loader.read_file(initrd, "initrd") if initrd else None
-    facts = SystemFacts.read()
+    facts = SystemFacts.read(system=system)
     swapped = loader.swapped_ranges(facts, mem_min, mem_max)
     notes = [elfcorehdr.read_note_data(n) if any(n.range.overlaps(r) for r in swapped) else n for n in facts.notes]
     facts = dataclasses.replace(facts, notes=notes)
     return loader.plan_jump(kdata, idata, append, facts, mem_min, mem_max, Path(kernel).name)
 
 
-def swapped_ranges(mem_min: int | None = None, mem_max: int | None = None) -> list[Range]:
+def swapped_ranges(mem_min: int | None = None, mem_max: int | None = None,
+                   system: SystemRoot | None = None) -> list[Range]:
     """This kernel's memory that a jump into [mem_min, mem_max] (default: the crash region) swaps out: a page there
     (a mailbox) is not where the jumped-to kernel can reach it."""
-    return loader.swapped_ranges(SystemFacts.read(with_notes=False), mem_min, mem_max)
+    return loader.swapped_ranges(SystemFacts.read(with_notes=False, system=system), mem_min, mem_max)
 
 
 def plan_kexec(kernel: str, initrd: str | None, cmdline: str) -> Plan:
@@ -166,10 +168,8 @@ def read_phys_page(addr: int, path: str = "/dev/mem") -> bytes:
 
 
 def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
+    """This boot's id (system.py reads it)."""
+    return SystemRoot().boot_id()
 
 
 def _state_path() -> Path:
@@ -178,7 +178,7 @@ def _state_path() -> Path:
 
 def entry_from_cmdline() -> int:
     """kexec_jump_back_entry from /proc/cmdline; raise JumpBackEntryError when this kernel was not jumped to."""
-    entry = loader.parse_jump_back_entry(Path("/proc/cmdline").read_text())
+    entry = loader.parse_jump_back_entry(SystemRoot().cmdline())
     if entry is None:
         raise JumpBackEntryError("no kexec_jump_back_entry=0x... in /proc/cmdline: this kernel was not started by a "
                                  "kexec jump (`khibernate jump load` + `jump exec` in the first kernel); give --entry")
@@ -238,7 +238,7 @@ def jump_back(entry: int | None = None) -> tuple[int, bool, JumpResult]:
 def jump_status() -> str:
     """Whether this kernel was jumped to (its jump-back entry), what is loaded, and the jump-back image state."""
     lines = [state().describe()]
-    entry = loader.parse_jump_back_entry(Path("/proc/cmdline").read_text())
+    entry = loader.parse_jump_back_entry(SystemRoot().cmdline())
     if entry is None:
         lines.append("this kernel was not started by a kexec jump (no kexec_jump_back_entry= in /proc/cmdline)")
     else:

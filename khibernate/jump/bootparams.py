@@ -5,28 +5,36 @@ Pure: ``build_boot_params`` returns the 4096 bytes; ``jump_e820`` restricts a me
 
 from __future__ import annotations
 
-import struct
-
 from khibernate.jump.bzimage import SETUP_HEADER_OFFSET, BzImage
 from khibernate.jump.errors import CommandLineError, MemoryMapError
+from khibernate.layout import Layout
 from khibernate.ranges import E820_RAM, E820_RESERVED, Range, subtract
 
 ZERO_PAGE_SIZE = 0x1000
 SCREEN_INFO_SIZE = 0x40
-OFF_ACPI_RSDP = 0x070
-OFF_EXT_RAMDISK_IMAGE = 0x0C0
-OFF_EXT_RAMDISK_SIZE = 0x0C4
-OFF_EXT_CMD_LINE_PTR = 0x0C8
-OFF_E820_ENTRIES = 0x1E8
-OFF_SENTINEL = 0x1EF
-OFF_TYPE_OF_LOADER = 0x210
-OFF_LOADFLAGS = 0x211
-OFF_RAMDISK_IMAGE = 0x218
-OFF_RAMDISK_SIZE = 0x21C
-OFF_CMD_LINE_PTR = 0x228
-OFF_E820_TABLE = 0x2D0
 E820_MAX_ENTRIES_ZEROPAGE = 128
-E820_ENTRY = struct.Struct("<QQI")
+
+
+def _pad(name: str, start: int, end: int) -> tuple[str, str]:
+    return name, f"{end - start}x"
+
+
+# the fields of struct boot_params this loader writes or reads, at their offsets (arch/x86/include/uapi/asm/
+# bootparam.h); the setup header (from SETUP_HEADER_OFFSET) is copied in from the bzImage first
+ZERO_PAGE = Layout("boot_params", "<", [
+    ("screen_info", f"{SCREEN_INFO_SIZE}s"), _pad("_pad1", 0x040, 0x070),
+    ("acpi_rsdp_addr", "Q"), _pad("_pad2", 0x078, 0x0C0),
+    ("ext_ramdisk_image", "I"), ("ext_ramdisk_size", "I"), ("ext_cmd_line_ptr", "I"), _pad("_pad3", 0x0CC, 0x1E8),
+    ("e820_entries", "B"), _pad("_pad4", 0x1E9, 0x1EF),
+    ("sentinel", "B"), _pad("_hdr1", 0x1F0, 0x210),
+    ("type_of_loader", "B"), ("loadflags", "B"), _pad("_hdr2", 0x212, 0x218),
+    ("ramdisk_image", "I"), ("ramdisk_size", "I"), _pad("_hdr3", 0x220, 0x228),
+    ("cmd_line_ptr", "I"), _pad("_hdr4", 0x22C, 0x2D0),
+    ("e820_table", f"{E820_MAX_ENTRIES_ZEROPAGE * 20}s")])
+E820_ENTRY = Layout("boot_e820_entry", "<", [("addr", "Q"), ("size", "Q"), ("type", "I")])
+OFF_ACPI_RSDP = ZERO_PAGE.offsets["acpi_rsdp_addr"]
+OFF_E820_TABLE = ZERO_PAGE.offsets["e820_table"]
+assert E820_ENTRY.size == 20 and OFF_E820_TABLE == 0x2D0 and ZERO_PAGE.offsets["cmd_line_ptr"] == 0x228
 
 LOADER_TYPE_UNDEFINED = 0xFF
 QUIET_FLAG = 1 << 5
@@ -72,33 +80,41 @@ def build_boot_params(
         bp[:SCREEN_INFO_SIZE] = screen_info[:SCREEN_INFO_SIZE].ljust(SCREEN_INFO_SIZE, b"\0")
     hdr = kernel.setup_header
     bp[SETUP_HEADER_OFFSET:SETUP_HEADER_OFFSET + len(hdr)] = hdr
-    bp[OFF_SENTINEL] = 0
-    bp[OFF_TYPE_OF_LOADER] = LOADER_TYPE_UNDEFINED
-    bp[OFF_LOADFLAGS] = bp[OFF_LOADFLAGS] & ~(QUIET_FLAG | KEEP_SEGMENTS | CAN_USE_HEAP)
-    struct.pack_into("<I", bp, OFF_CMD_LINE_PTR, cmdline_addr & 0xFFFFFFFF)
-    struct.pack_into("<I", bp, OFF_EXT_CMD_LINE_PTR, cmdline_addr >> 32)
+    zp = ZERO_PAGE
+    zp.set(bp, "sentinel", 0)
+    zp.set(bp, "type_of_loader", LOADER_TYPE_UNDEFINED)
+    zp.set(bp, "loadflags", zp.get(bp, "loadflags") & ~(QUIET_FLAG | KEEP_SEGMENTS | CAN_USE_HEAP))
+    zp.set(bp, "cmd_line_ptr", cmdline_addr & 0xFFFFFFFF)
+    zp.set(bp, "ext_cmd_line_ptr", cmdline_addr >> 32)
     if initrd:
         addr, size = initrd
-        struct.pack_into("<I", bp, OFF_RAMDISK_IMAGE, addr & 0xFFFFFFFF)
-        struct.pack_into("<I", bp, OFF_RAMDISK_SIZE, size & 0xFFFFFFFF)
-        struct.pack_into("<I", bp, OFF_EXT_RAMDISK_IMAGE, addr >> 32)
-        struct.pack_into("<I", bp, OFF_EXT_RAMDISK_SIZE, size >> 32)
+        zp.set(bp, "ramdisk_image", addr & 0xFFFFFFFF)
+        zp.set(bp, "ramdisk_size", size & 0xFFFFFFFF)
+        zp.set(bp, "ext_ramdisk_image", addr >> 32)
+        zp.set(bp, "ext_ramdisk_size", size >> 32)
     if acpi_rsdp:
-        struct.pack_into("<Q", bp, OFF_ACPI_RSDP, acpi_rsdp)
-    bp[OFF_E820_ENTRIES] = len(e820)
+        zp.set(bp, "acpi_rsdp_addr", acpi_rsdp)
+    zp.set(bp, "e820_entries", len(e820))
     for i, r in enumerate(e820):
-        E820_ENTRY.pack_into(bp, OFF_E820_TABLE + i * E820_ENTRY.size, r.start, r.size, r.type)
+        E820_ENTRY.pack_into(bp, OFF_E820_TABLE + i * E820_ENTRY.size, addr=r.start, size=r.size, type=r.type)
     return bytes(bp)
 
 
 def parse_e820_table(bp: bytes) -> list[Range]:
     """The e820 table of a zero page (for tests and --dry-run)."""
-    n = bp[OFF_E820_ENTRIES]
     out = []
-    for i in range(n):
-        start, size, typ = E820_ENTRY.unpack_from(bp, OFF_E820_TABLE + i * E820_ENTRY.size)
-        out.append(Range(start, start + size, typ))
+    for i in range(ZERO_PAGE.get(bp, "e820_entries")):
+        e = E820_ENTRY.unpack(bp, OFF_E820_TABLE + i * E820_ENTRY.size, error=MemoryMapError, what="e820 entry")
+        out.append(Range(e["addr"], e["addr"] + e["size"], e["type"]))
     return out
+
+
+def acpi_rsdp_of(zero_page: bytes) -> int:
+    """The acpi_rsdp_addr a zero page holds (/sys/kernel/boot_params/data), 0 when none or the page is short."""
+    if len(zero_page) < OFF_ACPI_RSDP + 8:
+        return 0
+    addr: int = ZERO_PAGE.get(zero_page, "acpi_rsdp_addr")
+    return addr
 
 
 def find_acpi_rsdp(bios: bytes, base: int = 0xE0000) -> int | None:

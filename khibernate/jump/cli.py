@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -11,6 +10,7 @@ import click
 from khibernate.clickutil import ADDRESS
 from khibernate.errors import UsageError
 from khibernate.jump import api
+from khibernate.system import SystemRoot
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -19,13 +19,14 @@ DROP_ON_REUSE = ("BOOT_IMAGE=", "initrd=", "kexec_jump_back_entry=", "elfcorehdr
 
 
 
-def _cmdline(append: str | None, command_line: str | None, reuse: bool) -> str:
-    """The new kernel's command line from --append/--command-line (one of them) and --reuse-cmdline."""
+def _cmdline(append: str | None, command_line: str | None, reuse: bool, system: SystemRoot | None = None) -> str:
+    """The new kernel's command line from --append/--command-line (one of them) and --reuse-cmdline (``system``'s
+    command line, the running one's by default)."""
     if append is not None and command_line is not None:
         raise UsageError("give --append or --command-line, not both (they are the same thing, as in kexec-tools)")
     words = []
     if reuse:
-        current = Path("/proc/cmdline").read_text().split()
+        current = (system or SystemRoot()).cmdline().split()
         words = [w for w in current if not w.startswith(DROP_ON_REUSE)]
     extra = append if append is not None else command_line
     if extra:

@@ -51,3 +51,11 @@ class XenHypercallError(KexecSyscallError):
 
 class NotOnXen(KhibernateError):
     """What was asked cannot work on a Xen host (e.g. a preserve-context jump: Xen's kexec has none)."""
+
+
+class PayloadError(KhibernateError):
+    """The bzImage's payload cannot be found or decompressed."""
+
+
+class NotMultiboot(KhibernateError):
+    """The hypervisor image has no multiboot header, or is not a 32-bit ELF it can be loaded from."""

@@ -33,7 +33,7 @@ from khibernate.jump.memmap import (
     system_ram,
 )
 from khibernate.ranges import E820_RAM, Range, subtract
-from khibernate.system import IomemRegion
+from khibernate.system import IomemRegion, SystemRoot
 
 JUMP_EXTRA_PARAMS = ("nokaslr", "iomem=relaxed")
 
@@ -102,13 +102,14 @@ class SystemFacts:
     cmdline: str = ""
 
     @classmethod
-    def read(cls, with_notes: bool = True) -> SystemFacts:
-        """Read /proc/iomem, the firmware map, crash notes, VMCOREINFO, ACPI RSDP and screen_info (needs root)."""
+    def read(cls, with_notes: bool = True, system: SystemRoot | None = None) -> SystemFacts:
+        """Read /proc/iomem, the firmware map, crash notes, VMCOREINFO, ACPI RSDP and screen_info (needs root);
+        the command line from ``system`` (the running one if None)."""
         iomem = read_iomem()
         firmware = read_firmware_memmap() or e820_from_iomem(iomem)
         notes = elfcorehdr.read_notes() if with_notes else []
         return cls(iomem, firmware, notes, _read_acpi_rsdp(), _read_screen_info(),
-                   Path("/proc/cmdline").read_text().strip())
+                   (system or SystemRoot()).cmdline())
 
 
 def _read_acpi_rsdp() -> int | None:
@@ -118,7 +119,7 @@ def _read_acpi_rsdp() -> int | None:
         pass
     try:
         bp = Path("/sys/kernel/boot_params/data").read_bytes()
-        addr = int.from_bytes(bp[bootparams.OFF_ACPI_RSDP:bootparams.OFF_ACPI_RSDP + 8], "little")
+        addr = bootparams.acpi_rsdp_of(bp)
         if addr:
             return addr
     except OSError:

@@ -13,6 +13,7 @@ from pathlib import Path
 from khibernate.jump.errors import MemoryMapError, NoCrashRegion, PlacementError
 from khibernate.ranges import E820_NAMES, E820_NONE, E820_RAM, E820_RESERVED, Range
 from khibernate.system import IomemRegion, addresses_hidden, parse_iomem
+from khibernate.system import system_ram as system_ram
 
 PAGE = 0x1000
 LOW_MEMORY_END = 0xA0000  # 640 KiB: conventional memory the real-mode trampoline must live in
@@ -47,11 +48,6 @@ def e820_from_iomem(regions: list[IomemRegion]) -> list[Range]:
     if addresses_hidden(out):
         raise MemoryMapError("/proc/iomem shows only zero addresses: run as root (CAP_SYS_ADMIN)")
     return sorted(out)
-
-
-def system_ram(regions: list[IomemRegion]) -> list[Range]:
-    """Top-level 'System RAM' ranges of /proc/iomem."""
-    return sorted(Range(r.start, r.end) for r in regions if r.depth == 0 and r.name == "System RAM")
 
 
 def crash_region(regions: list[IomemRegion]) -> Range | None:

@@ -14,7 +14,7 @@ import dataclasses
 import struct
 
 from khibernate.elfcore import EHDR32, PHDR32, PT_LOAD
-from khibernate.errors import KhibernateError
+from khibernate.jump.errors import NotMultiboot as NotMultiboot
 from khibernate.layout import Layout
 from khibernate.ranges import E820_ACPI, E820_NVS, E820_RAM, E820_RESERVED, Range
 
@@ -36,10 +36,6 @@ MMAP_ENTRY = Layout("multiboot_mmap_entry", "<", [("size", "I"), ("addr", "Q"), 
 INFO_MEMORY, INFO_CMDLINE, INFO_MODS, INFO_MEM_MAP, INFO_BOOT_LOADER_NAME = 1 << 0, 1 << 2, 1 << 3, 1 << 6, 1 << 9
 LOADER_NAME = "khibernate"
 MMAP_TYPES = {E820_RAM: 1, E820_ACPI: 3, E820_NVS: 4}  # everything else is reserved (2)
-
-
-class NotMultiboot(KhibernateError):
-    """The hypervisor image has no multiboot header, or is not a 32-bit ELF it can be loaded from."""
 
 
 @dataclasses.dataclass(frozen=True)

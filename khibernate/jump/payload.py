@@ -16,8 +16,8 @@ import lzma
 import struct
 import zlib
 
-from khibernate.errors import KhibernateError
 from khibernate.jump.bzimage import MAX_KERNEL_SIZE
+from khibernate.jump.errors import PayloadError as PayloadError
 
 MAGICS = ((b"\x1f\x8b\x08", "gzip"), (b"\xfd7zXZ\x00", "xz"), (b"\x5d\x00\x00", "lzma"), (b"\x28\xb5\x2f\xfd", "zstd"),
           (b"\x02\x21\x4c\x18", "lz4"), (b"BZh", "bzip2"), (b"\x89LZO", "lzo"))
@@ -25,10 +25,6 @@ IKCFG_ST, IKCFG_ED = b"IKCFG_ST", b"IKCFG_ED"
 LZ4_LEGACY_MAGIC = 0x184C2102
 LZ4_LEGACY_BLOCK = 8 << 20  # every legacy lz4 block decompresses to at most 8 MiB
 PT_NOTE = 4
-
-
-class PayloadError(KhibernateError):
-    """The bzImage's payload cannot be found or decompressed."""
 
 
 def payload(data: bytes) -> bytes:

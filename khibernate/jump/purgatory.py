@@ -7,10 +7,11 @@ from purgatory.S with binutils (tests compare the two).
 from __future__ import annotations
 
 import shutil
-import struct
 import subprocess
 import tempfile
 from pathlib import Path
+
+from khibernate.layout import Layout
 
 SOURCE = Path(__file__).with_name("purgatory.S")
 
@@ -26,13 +27,17 @@ CODE = bytes.fromhex(
 )
 SIZE = 0x330
 
-OFF_KERNEL_ENTRY = 0x08
-OFF_BOOT_PARAMS = 0x10
-OFF_ENTRY_DIGITS = 0x18
-OFF_JUMP_BACK_ENTRY = 0x20
-OFF_BACKUP_SRC = 0x28
-OFF_BACKUP_DST = 0x30
-OFF_BACKUP_LEN = 0x38
+# the parameter block at the start of purgatory.S (after its 8-byte jump): filled in by build()
+PARAMS = Layout("purgatory parameters", "<", [
+    ("_jump", "8x"), ("kernel_entry", "Q"), ("boot_params", "Q"), ("entry_digits", "Q"), ("jump_back_entry", "Q"),
+    ("backup_src", "Q"), ("backup_dst", "Q"), ("backup_len", "Q")])
+OFF_KERNEL_ENTRY = PARAMS.offsets["kernel_entry"]
+OFF_BOOT_PARAMS = PARAMS.offsets["boot_params"]
+OFF_ENTRY_DIGITS = PARAMS.offsets["entry_digits"]
+OFF_JUMP_BACK_ENTRY = PARAMS.offsets["jump_back_entry"]
+OFF_BACKUP_SRC = PARAMS.offsets["backup_src"]
+OFF_BACKUP_DST = PARAMS.offsets["backup_dst"]
+OFF_BACKUP_LEN = PARAMS.offsets["backup_len"]
 SYMBOLS = {"purgatory_start": 0, "kernel_entry": OFF_KERNEL_ENTRY, "boot_params": OFF_BOOT_PARAMS,
            "entry_digits": OFF_ENTRY_DIGITS, "jump_back_entry": OFF_JUMP_BACK_ENTRY, "backup_src": OFF_BACKUP_SRC,
            "backup_dst": OFF_BACKUP_DST, "backup_len": OFF_BACKUP_LEN}
@@ -51,12 +56,14 @@ def build(kernel_entry: int, boot_params: int, entry_digits: int,
     """The purgatory segment content with its parameter block filled in (entry_digits 0: do not write the entry;
     backup = (src, dst, length), length a multiple of 8: the copy a crash image makes before the kernel starts)."""
     blob = bytearray(image())
-    struct.pack_into("<QQQ", blob, OFF_KERNEL_ENTRY, kernel_entry, boot_params, entry_digits)
+    for name, value in (("kernel_entry", kernel_entry), ("boot_params", boot_params), ("entry_digits", entry_digits)):
+        PARAMS.set(blob, name, value)
     if backup is not None:
         src, dst, length = backup
         if length % 8:
             raise ValueError(f"backup length {length:#x} is not a multiple of 8")
-        struct.pack_into("<QQQ", blob, OFF_BACKUP_SRC, src, dst, length)
+        for name, value in (("backup_src", src), ("backup_dst", dst), ("backup_len", length)):
+            PARAMS.set(blob, name, value)
     return bytes(blob)
 
 

@@ -5,6 +5,7 @@ Linux's include/uapi/xen/privcmd.h, x86-64), declared once for the planner (xen.
 
 from __future__ import annotations
 
+from khibernate.jump import bootparams
 from khibernate.layout import Layout
 
 # hypercall numbers (public/xen.h)
@@ -46,4 +47,4 @@ KEXEC_LOAD = Layout("xen_kexec_load", "<", [("type", "B"), ("_pad", "x"), ("arch
 KEXEC_EXEC = Layout("xen_kexec_exec", "<", [("type", "i")])
 KEXEC_UNLOAD = Layout("xen_kexec_unload", "<", [("type", "B")])  # also xen_kexec_status
 MEMORY_MAP = Layout("xen_memory_map", "<", [("nr_entries", "I"), ("_pad", "4x"), ("buffer", "Q")])
-E820_ENTRY = Layout("e820entry", "<", [("addr", "Q"), ("size", "Q"), ("type", "I")])  # packed, 20 bytes
+E820_ENTRY = bootparams.E820_ENTRY  # struct e820entry: packed, 20 bytes (the zero page's)

@@ -20,15 +20,16 @@ import dataclasses
 import os
 import re
 import time
+from typing import TYPE_CHECKING
 
-from khibernate.errors import KhibernateError, UsageError
+from khibernate.errors import UsageError
+from khibernate.restore.errors import AttemptRefused as AttemptRefused
 from khibernate.store.superblock import ATTEMPT_CONTINUED, ResumeAttempt, SlotRecord, SlotState, Superblock
 
+if TYPE_CHECKING:
+    from khibernate.store.handle import Store
+
 TOKEN_BYTES = 16
-
-
-class AttemptRefused(KhibernateError):
-    """The attempt token does not name the store's current, not yet continued attempt; nothing was changed."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,11 +91,10 @@ def job_problems(sb: Superblock, index: int, token: bytes) -> list[str]:
     return []
 
 
-def start(target: str, rec: SlotRecord, store_uuid: bytes) -> Attempt:
-    """Mark ``rec``'s slot tried under a fresh token (one superblock write, re-checked against the store as it is
-    now); StoreError / AttemptRefused when the slot changed since it was read."""
-    from khibernate.store import api as store
-
+def start(st: Store, rec: SlotRecord, store_uuid: bytes) -> Attempt:
+    """Mark ``rec``'s slot tried under a fresh token (one superblock write through the open store ``st``, re-checked
+    against the store as it is now); StoreError / AttemptRefused when the slot changed since it was read."""
+    target = st.path
     token = os.urandom(TOKEN_BYTES)
 
     def change(sb: Superblock) -> Superblock:
@@ -103,14 +103,13 @@ def start(target: str, rec: SlotRecord, store_uuid: bytes) -> Attempt:
             raise AttemptRefused(f"slot {rec.index} of {target} changed while it was being tried; not resuming")
         return mark_tried(sb, cur, token, time.time_ns())
 
-    new = store.update(target, change)
+    new = st.update(change)
     return Attempt(new.slot(rec.index), token, new.uuid)
 
 
-def resume_continued(target: str, token: bytes) -> Attempt:
-    """Continue the attempt ``token`` (once): its CONTINUED flag is written before anything else is done."""
-    from khibernate.store import api as store
-
+def resume_continued(st: Store, token: bytes) -> Attempt:
+    """Continue the attempt ``token`` (once): its CONTINUED flag is written (through the open store ``st``) before
+    anything else is done."""
     found: list[SlotRecord] = []
 
     def change(sb: Superblock) -> Superblock:
@@ -118,5 +117,5 @@ def resume_continued(target: str, token: bytes) -> Attempt:
         found.append(rec)
         return new
 
-    new = store.update(target, change)
+    new = st.update(change)
     return Attempt(found[-1], token, new.uuid, continued=True)

@@ -17,19 +17,10 @@ import uuid as uuidlib
 from collections.abc import Sequence
 from typing import Any
 
-from khibernate.errors import KhibernateError
+from khibernate.capture.jobspec import KHIBERNATE_NOTE
 from khibernate.ranges import Range
+from khibernate.restore.errors import RestoreRefused as RestoreRefused
 from khibernate.restore.filesystems import FsRecord, records_from_json
-
-KHIBERNATE_NOTE = "KHIBERNATE"
-
-
-class RestoreRefused(KhibernateError):
-    """The image does not belong to this boot (or is not restorable); nothing was written."""
-
-    def __init__(self, differences: Sequence[str]):
-        self.differences = list(differences)
-        super().__init__("refusing to restore, nothing was written: " + "; ".join(self.differences))
 
 
 def _ranges(value: Any) -> tuple[Range, ...]:

@@ -57,6 +57,7 @@ def resume_command(target: str, again: bool, attempt: str | None, ignore_changed
     With --check: 0 an image would be resumed, 1 it would be refused, 3 there is none.
     """
     from khibernate.errors import KhibernateError
+    from khibernate.progress import Reporter
     from khibernate.restore import resume as rs
 
     if attempt and again:
@@ -77,12 +78,12 @@ def resume_command(target: str, again: bool, attempt: str | None, ignore_changed
                        "booting normally", err=True)
             sys.exit(1)
         if check:
-            _, rec, img = rs.preflight(opts, say=lambda m: click.echo(m, err=True))
+            _, rec, img = rs.preflight(opts, say=Reporter.for_terminal().say)
             where = rs.where_to_restore(img)
             click.echo(f"resume: slot {rec.index} of {target} would be resumed ({img.osrelease}, "
                        f"{rec.length / 1e6:.1f} MB)" + (f"; {where.describe()}" if where else ""))
             return
-        rs.run(opts, say=lambda m: click.echo(m, err=True))
+        rs.run(opts, say=Reporter.for_terminal().say)
     except rs.NothingToResume as e:
         click.echo(f"resume: {e}; booting normally", err=True)
         sys.exit(3 if check else 0)
@@ -123,6 +124,7 @@ def restore_command(what: str, target: str | None, again: bool, vmcore: str, dev
     (the capture kernel needs iomem=relaxed; `jump load` adds it), each block read back and compared. After the
     first write a failure powers the machine off instead of returning into half-overwritten memory.
     """
+    from khibernate.capture.jobspec import Resumed
     from khibernate.errors import UsageError
     from khibernate.restore import run as rr
 
@@ -138,12 +140,13 @@ def restore_command(what: str, target: str | None, again: bool, vmcore: str, dev
     if dry_run:
         return
     try:
-        stats = rr.write_back(p, target if what.isdigit() else None, devmem=devmem)
+        stats = rr.write_back(p, devmem=devmem)
         if no_jump:
-            click.echo(f"restore: written and verified, {stats['throughput_mb_s']} MB/s; not entering the saved "
+            click.echo(f"restore: written and verified, {stats.throughput_mb_s:.1f} MB/s; not entering the saved "
                        "kernel (--no-jump): this kernel must not jump back to the overwritten one")
             return
-        rr.enter_saved_kernel(p, {"ok": True, "resumed": True, "restore": stats, "again": again})
+        rr.enter_saved_kernel(p, Resumed(restore=stats.as_dict(), resume_boot_id="",
+                                         slot=p.slot.index if p.slot else -1, again=again))
     except Exception as e:
         rr.power_off_if_touched(e)
         raise

@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import uuid as uuidlib
 
-from khibernate.errors import KhibernateError
 from khibernate.layout import Layout
+from khibernate.restore.errors import NotExtError as NotExtError
 
 OFFSET = 1024  # bytes from the start of the device
 MAGIC = 0xEF53
@@ -38,10 +38,6 @@ SUPER = Layout("ext4_super_block", "<", [
 ])
 assert SUPER.offsets["s_uuid"] == 0x68 and SUPER.offsets["s_mtime_hi"] == 0x275
 READ_BYTES = OFFSET + SUPER.size  # what to read from the start of the device
-
-
-class NotExtError(KhibernateError):
-    """The bytes hold no ext2/3/4 superblock."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,20 +16,19 @@ import dataclasses
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 from khibernate import native
-from khibernate.errors import KhibernateError
 from khibernate.image.plan import ram_mask
 from khibernate.ranges import Range
+from khibernate.restore.errors import RestoreError as RestoreError
 from khibernate.restore.oldmem import OldMemory
+
+if TYPE_CHECKING:
+    from khibernate.image.sources.khi import KhiSource
 
 ZERO_CHUNK = 1 << 20
 MASK_CHUNK = 1 << 20  # pfns unpacked from a bitmap at a time
-
-
-class RestoreError(KhibernateError):
-    """Writing the image back failed; after the first write the system must power off."""
 
 
 @dataclasses.dataclass
@@ -48,7 +47,7 @@ class RestoreStats:
     def throughput_mb_s(self) -> float:
         return self.bytes_written / 1e6 / self.write_seconds if self.write_seconds else 0.0
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, float]:
         return {**dataclasses.asdict(self), "throughput_mb_s": round(self.throughput_mb_s, 1)}
 
 
@@ -89,7 +88,7 @@ def bitmap_runs(bits: bytes, max_pfn: int) -> Iterator[tuple[int, int]]:
         yield start, stop
 
 
-def write_image(src: Any, mem: OldMemory, *, ram: Sequence[Range] | None = None, zero_free: bool = False,
+def write_image(src: KhiSource, mem: OldMemory, *, ram: Sequence[Range] | None = None, zero_free: bool = False,
                 progress: Callable[[int], None] | None = None, on_first_write: Callable[[], None] | None = None,
                 verify: bool = True) -> RestoreStats:
     """Write every stored page of ``src`` (a checked KhiSource) into ``mem``, zero its zero pages (and, with

@@ -15,15 +15,11 @@ import mmap
 import os
 from collections.abc import Sequence
 
-from khibernate.errors import KhibernateError
 from khibernate.ranges import Range
+from khibernate.restore.errors import OldMemoryError as OldMemoryError
 
 PAGE = 4096
 WINDOW = 64 << 20  # bytes mapped at a time
-
-
-class OldMemoryError(KhibernateError):
-    """The first kernel's memory cannot be opened, mapped, or the address is outside what may be written."""
 
 
 class OldMemory:

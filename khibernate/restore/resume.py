@@ -18,37 +18,22 @@ import dataclasses
 import os
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from khibernate.errors import KhibernateError
+from khibernate.progress import Say
 from khibernate.restore.attempt import Attempt
 from khibernate.restore.checks import RestoreRefused, SavedImage, ThisBoot, differences
+from khibernate.restore.errors import NothingToResume as NothingToResume
+from khibernate.restore.errors import ResumeError as ResumeError
 from khibernate.restore.region import RestoreWindow, restore_window
-from khibernate.store.superblock import FLAG_HIBERNATE, HOLDS_IMAGE, SlotRecord, SlotState, Superblock
+from khibernate.store.superblock import FLAG_HIBERNATE, SlotRecord, SlotState, Superblock
 from khibernate.system import SystemRoot
 
 if TYPE_CHECKING:
     from khibernate.jump.loader import SystemFacts
-
-
-class NothingToResume(KhibernateError):
-    """The store holds no hibernation image to resume: boot normally."""
-
-
-class ResumeError(KhibernateError):
-    """The resume was refused or failed before any write to memory: this boot continues normally.
-
-    ``attempt`` is the token (32 hex digits) of the attempt this run started or continued — the slot is marked tried
-    under it — or None when the refusal came before any slot was marked; a boot that re-enters this kernel for the
-    same attempt passes it on as ``khibernate.resume_attempt=TOKEN``.  ``differences`` lists what did not fit this
-    boot (RestoreRefused's list; empty for other failures)."""
-
-    def __init__(self, message: str, attempt: str | None = None, differences: Sequence[str] = ()):
-        super().__init__(message)
-        self.attempt = attempt
-        self.differences = list(differences)
+    from khibernate.store.handle import Store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +53,7 @@ class Options:
 def newest_image(sb: Superblock) -> SlotRecord | None:
     """The store's newest hibernation image, whatever became of it (complete, tried or resumed).  Only the newest is
     ever resumed: an older complete one is staler still than the one a boot already tried."""
-    cands = [s for s in sb.slots if s.flags & FLAG_HIBERNATE and s.state in HOLDS_IMAGE]
+    cands = [s for s in sb.slots if s.flags & FLAG_HIBERNATE and s.holds_image]
     return max(cands, key=lambda s: s.seq, default=None)
 
 
@@ -118,18 +103,16 @@ def this_kernel(img: SavedImage | None = None) -> ThisBoot:
                     osrelease=os.uname().release, build_id=build)
 
 
-def saved_image(target: str, rec: SlotRecord) -> SavedImage:
+def saved_image(st: Store, rec: SlotRecord) -> SavedImage:
     """What the slot's image says about the kernel it holds (header, trailer and tables checked)."""
-    from khibernate.store import api as store
-
-    src = store.open_slot(target, rec)
+    src = st.open_slot(rec)
     try:
         return SavedImage.from_source(src)
     finally:
         src.close()
 
 
-def problems(opts: Options, img: SavedImage, say: Callable[[str], object] = print) -> list[str]:
+def problems(opts: Options, img: SavedImage, say: Say = print) -> list[str]:
     """Everything that makes ``img`` wrong for this boot: its kernel and memory (checks.differences) and every
     filesystem recorded at hibernate time that is missing or was mounted since (khibernate.restore.filesystems) —
     the latter waived only by --again with --ignore-changed-filesystems, loudly.  Warns about the filesystems whose
@@ -154,45 +137,50 @@ def problems(opts: Options, img: SavedImage, say: Callable[[str], object] = prin
     return out + changed
 
 
-def preflight(opts: Options, say: Callable[[str], object] = print) -> tuple[Superblock, SlotRecord, SavedImage]:
+def preflight(opts: Options, say: Say = print) -> tuple[Superblock, SlotRecord, SavedImage]:
     """`resume --check`: the slot a resume would take and its image, checked against this boot; nothing written.
     NothingToResume when there is no image, ResumeError when it was tried before, RestoreRefused / store errors
     when it does not fit."""
-    from khibernate.store import api as store
+    from khibernate.store.handle import Store
 
-    sb = store.read(opts.target)
-    rec = newest_image(sb)
-    if rec is None:
-        raise NothingToResume(f"no hibernation image to resume in {opts.target}")
-    if choose(sb, opts.again) is None:
-        raise ResumeError(tried_before(opts.target, rec))
-    img = saved_image(opts.target, rec)
+    with Store.open(opts.target) as st:
+        sb = st.sb
+        rec = newest_image(sb)
+        if rec is None:
+            raise NothingToResume(f"no hibernation image to resume in {opts.target}")
+        if choose(sb, opts.again) is None:
+            raise ResumeError(tried_before(opts.target, rec))
+        img = saved_image(st, rec)
     found = problems(opts, img, say)
     if found:
         raise RestoreRefused(found)
     return sb, rec, img
 
 
-def begin(opts: Options) -> Attempt:
+def begin(opts: Options, st: Store | None = None) -> Attempt:
     """Start the attempt — the newest hibernation image's slot marked tried, before any check — or continue the one
-    ``opts.attempt`` names (once).  NothingToResume / ResumeError (nothing marked) otherwise."""
+    ``opts.attempt`` names (once).  NothingToResume / ResumeError (nothing marked) otherwise.  ``st``: the write
+    handle the resume holds (else one is opened and closed)."""
     from khibernate.restore import attempt
-    from khibernate.store import api as store
+    from khibernate.store.handle import Store
 
+    if st is None:
+        with Store.open(opts.target, write=True) as own:
+            return begin(opts, own)
     if opts.attempt:
-        return attempt.resume_continued(opts.target, attempt.parse_token(opts.attempt))
-    sb = store.read(opts.target)
+        return attempt.resume_continued(st, attempt.parse_token(opts.attempt))
+    sb = st.refresh()
     rec = newest_image(sb)
     if rec is None:
         raise NothingToResume(f"no hibernation image to resume in {opts.target}")
     if choose(sb, opts.again) is None:
         try:  # say also what a resume --again would run into (nothing is marked: it is tried already)
-            found = problems(opts, saved_image(opts.target, rec), say=lambda m: None)
+            found = problems(opts, saved_image(st, rec), say=lambda m: None)
         except (KhibernateError, OSError) as e:
             found = [f"its image cannot be read ({e})"]
         raise ResumeError(tried_before(opts.target, rec) + ("; besides: " + "; ".join(found) if found else ""),
                           differences=found)
-    return attempt.start(opts.target, rec, sb.uuid)
+    return attempt.start(st, rec, sb.uuid)
 
 
 def discard(opts: Options) -> Attempt:
@@ -215,40 +203,46 @@ def check_in_initrd(system: SystemRoot) -> None:
                           "initramfs before any filesystem is mounted (initramfs/initramfs-tools), not resuming")
 
 
-def run(opts: Options, say: Any = print, system: SystemRoot | None = None) -> NoReturn:
+def run(opts: Options, say: Say = print, system: SystemRoot | None = None) -> NoReturn:
     """Resume the saved kernel: on success this boot ends inside.  Otherwise raises NothingToResume (no image),
     or ResumeError with the reason — carrying the attempt's token once a slot was marked tried — and this boot
-    carries on.  Refused outside an initramfs (``system``: where /proc is, ``/`` by default) after the mark."""
-    att = begin(opts)
-    rec = att.slot
-    say(f"resume: slot {rec.index} of {opts.target}: {rec.osrelease}, {rec.length / 1e6:.1f} MB, hibernated "
-        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(rec.created_ns / 1e9))} UTC; marked tried "
-        f"({'continuing' if att.continued else 'starting'} attempt {att.token_hex})"
-        + (" (--again)" if opts.again else ""))
-    try:
-        check_in_initrd(system or SystemRoot())
-        _check_and_jump(opts, att, say)
-    except ResumeError as e:
-        e.attempt = att.token_hex
-        raise
-    except KhibernateError as e:
-        diffs = e.differences if isinstance(e, RestoreRefused) else []
-        raise ResumeError(str(e), attempt=att.token_hex, differences=diffs) from e
-    except OSError as e:
-        raise ResumeError(f"{e.filename or ''}: {e.strerror or e}; nothing was restored", attempt=att.token_hex) from e
+    carries on.  Refused outside an initramfs (``system``: where /proc is, ``/`` by default) after the mark.  One
+    write handle of the store from the mark to the jump."""
+    from khibernate.store.handle import Store
+
+    system = system or SystemRoot()
+    with Store.open(opts.target, write=True, say=say) as st:
+        att = begin(opts, st)
+        rec = att.slot
+        say(f"resume: slot {rec.index} of {opts.target}: {rec.osrelease}, {rec.length / 1e6:.1f} MB, hibernated "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(rec.created_ns / 1e9))} UTC; marked tried "
+            f"({'continuing' if att.continued else 'starting'} attempt {att.token_hex})"
+            + (" (--again)" if opts.again else ""))
+        try:
+            check_in_initrd(system)
+            _check_and_jump(opts, att, say, system, st)
+        except ResumeError as e:
+            e.attempt = att.token_hex
+            raise
+        except KhibernateError as e:
+            diffs = e.differences if isinstance(e, RestoreRefused) else []
+            raise ResumeError(str(e), attempt=att.token_hex, differences=diffs) from e
+        except OSError as e:
+            raise ResumeError(f"{e.filename or ''}: {e.strerror or e}; nothing was restored",
+                              attempt=att.token_hex) from e
 
 
-def _check_and_jump(opts: Options, att: Attempt, say: Callable[[str], object]) -> NoReturn:
-    """Every check against this boot, then the restore job's jump; raises on a refusal (the boot goes on)."""
+def _check_and_jump(opts: Options, att: Attempt, say: Say, system: SystemRoot, st: Store) -> NoReturn:
+    """Every check against this boot, then the restore job's round trip; raises on a refusal (the boot goes on)."""
     from khibernate.capture import kernelcheck
-    from khibernate.capture.job import Job
-    from khibernate.capture.mailbox import Mailbox, MailboxError
-    from khibernate.capture.snapshot import capture_args, capture_initrd_for, default_kernel
-    from khibernate.jump import api as jump
+    from khibernate.capture.errors import RoundTripError
+    from khibernate.capture.jobspec import Failed, Job
+    from khibernate.capture.roundtrip import CaptureKernel, RoundTrip
+    from khibernate.capture.snapshot import capture_initrd_for, default_kernel
 
     t0 = time.monotonic()
     rec = att.slot
-    img = saved_image(opts.target, rec)
+    img = saved_image(st, rec)
     found = problems(opts, img, say)
     if found:
         raise RestoreRefused(found)
@@ -256,34 +250,23 @@ def _check_and_jump(opts: Options, att: Attempt, say: Callable[[str], object]) -
     if where is None:  # the checks found the image's memory to fit this boot, so its crash region is known
         raise ResumeError("cannot tell which crash region the image was saved from")
     kernel = opts.kernel or default_kernel()
-    kernelcheck.check(kernel)  # it must jump back here when it refuses, and into the saved kernel when it restores
+    # it must jump back here when it refuses, and into the saved kernel when it restores
+    kernelcheck.check(kernel, system)
     initrd, _ = capture_initrd_for(kernel, opts.target, opts.capture_initrd)
-    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    box = Mailbox(rec.image_uuid, avoid=jump.swapped_ranges(where.window.start, where.window.end - 1))
-    cmdline = Path("/proc/cmdline").read_text()
     job = Job("restore", opts.target, str(uuidlib.UUID(bytes=att.store_uuid)), rec.index, rec.offset, rec.capacity,
-              rec.dump_level, str(uuidlib.UUID(bytes=rec.image_uuid)), boot_id, opts.deadline, box.paddr,
+              rec.dump_level, str(uuidlib.UUID(bytes=rec.image_uuid)), system.boot_id(), opts.deadline, 0,
               again=opts.again, attempt=att.token_hex)
-    plan = jump.plan_jump(kernel, initrd, " ".join([*capture_args(cmdline), opts.append, *job.args()]).strip(),
-                          where.window.start, where.window.end - 1)
+    trip = RoundTrip.prepare(CaptureKernel(kernel, initrd, where.window.start, where.window.end - 1, opts.append),
+                             job, system)
     say(f"resume: {where.describe()}")
     t_load = time.monotonic()
-    jump.load_plan(plan)
-    if not box.still_at():
-        jump.unload()
-        raise ResumeError("the mailbox page moved before the jump; the image stays tried (`khibernate resume "
-                          "--again` tries it once more)")
-    say(f"resume: checked against this boot in {t_load - t0:.2f} s, capture kernel loaded in "
-        f"{time.monotonic() - t_load:.2f} s; entering it: it restores the saved kernel (this boot ends here unless "
-        "it refuses)")
-    jump.execute()
+    try:
+        out = trip.run(lambda: say(f"resume: checked against this boot in {t_load - t0:.2f} s, capture kernel loaded "
+                                   f"in {time.monotonic() - t_load:.2f} s; entering it: it restores the saved kernel "
+                                   "(this boot ends here unless it refuses)"))
+    except RoundTripError as e:
+        raise ResumeError(f"{e}; nothing was restored, the image stays tried (`khibernate resume --again` tries it "
+                          "once more)") from None
     # only a refusal comes back here: nothing was written
-    try:
-        jump.unload()
-    except KhibernateError:
-        pass
-    try:
-        body = box.result()
-    except MailboxError as e:
-        raise ResumeError(f"the capture kernel came back without a result ({e}); nothing was restored") from None
-    raise ResumeError(f"the capture kernel refused the image: {body.get('message')}")
+    why = out.result.message if isinstance(out.result, Failed) else f"it came back with {out.result}"
+    raise ResumeError(f"the capture kernel refused the image: {why}")

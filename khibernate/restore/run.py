@@ -9,27 +9,33 @@ and half of it may be written: a failure then powers the machine off (:func:`pow
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from khibernate.capture.jobspec import CaptureContext, Failed, Job, Resumed
 from khibernate.errors import KhibernateError
+from khibernate.progress import Reporter
 from khibernate.restore.checks import RestoreRefused, SavedImage, ThisBoot, check
+from khibernate.system import SystemRoot
 
 if TYPE_CHECKING:
+    from khibernate.image.sources.khi import KhiSource
+    from khibernate.restore.krestore import RestoreStats
     from khibernate.seal.keysource import KeySource
+    from khibernate.store.handle import Store
+    from khibernate.store.superblock import SlotRecord
 
 TOUCHED = Path("/run/khibernate/oldmem-written")  # exists once the first byte of old memory was written
+REPORTER = Reporter("khibernate-restore", "line")  # the capture kernel's console; `khibernate restore` by hand too
 
 
 def say(msg: str) -> None:
-    print(f"khibernate-restore: {msg}", file=sys.stderr, flush=True)
+    REPORTER.say(msg)
 
 
-def this_boot(vmcore: str = "/proc/vmcore") -> ThisBoot:
+def this_boot(vmcore: str = "/proc/vmcore", system: SystemRoot | None = None) -> ThisBoot:
     """What this capture kernel sees of the first kernel (/proc/vmcore) and of itself (/proc/iomem)."""
-    from khibernate.capture.job import capture_ram
     from khibernate.image.sources import open_source
     from khibernate.image.vmcoreinfo import from_source
     from khibernate.ranges import Range, merge
@@ -40,48 +46,67 @@ def this_boot(vmcore: str = "/proc/vmcore") -> ThisBoot:
         loads = [Range(p.paddr, p.paddr + p.memsz) for p in getattr(headers, "loads", ()) if p.memsz]
         return ThisBoot(page_size=src.page_size, ranges=tuple(src.ranges),
                         osrelease=vmci.osrelease if vmci else "", build_id=(vmci.build_id if vmci else "").lower(),
-                        capture_ram=tuple(capture_ram()), exact=tuple(merge(loads)) if loads else tuple(src.ranges))
+                        capture_ram=tuple((system or SystemRoot()).system_ram()),
+                        exact=tuple(merge(loads)) if loads else tuple(src.ranges))
 
 
 @dataclasses.dataclass
 class Prepared:
-    """A checked image, ready to be written: nothing has been written yet."""
+    """A checked image, ready to be written: nothing has been written yet.  ``store``: the open write handle of the
+    slot's store (the slot is marked resumed through it); ``close()`` closes the image and the store."""
 
-    source: Any  # KhiSource
+    source: KhiSource
     image: SavedImage
     here: ThisBoot
-    slot: Any = None  # SlotRecord, when the image is a store slot
+    slot: SlotRecord | None = None  # when the image is a store slot
     verify_seconds: float = 0.0
+    store: Store | None = None
+
+    def close(self) -> None:
+        self.source.close()
+        if self.store is not None:
+            self.store.close()
 
 
 def prepare_slot(target: str, index: int, *, again: bool = False, image_uuid: bytes | None = None,
                  attempt: bytes | None = None, vmcore: str = "/proc/vmcore", key: KeySource | None = None) -> Prepared:
     """Store slot ``index`` of ``target``, every check done (RestoreRefused / store errors); nothing written.
     With ``attempt`` (a resume job) the slot must be tried under that token as the store's current attempt; by hand,
-    a complete slot, or with ``again`` one tried or resumed before."""
-    from khibernate.restore.attempt import job_problems
-    from khibernate.store import api as store
-    from khibernate.store import device
-    from khibernate.store.superblock import HOLDS_IMAGE, SlotState
+    a complete slot, or with ``again`` one tried or resumed before.  The store stays open for writing (the slot is
+    marked resumed before the first write to memory): one open for the whole restore."""
+    from khibernate.store.handle import Store
 
-    sb = store.read(target)
-    rec = sb.slot(index)
+    st = Store.open(target, write=True, say=say)
+    try:
+        rec = _restorable_slot(st, index, again, image_uuid, attempt)
+        t0 = time.monotonic()
+        src = st.open_slot(rec, key)  # header, trailer, tables: each its own CRC (sealed: authenticated)
+        return _checked(src, rec, t0, vmcore, st.sb.flags, key is not None, f"slot {index} of {target}", st)
+    except BaseException:
+        st.close()
+        raise
+
+
+def _restorable_slot(st: Store, index: int, again: bool, image_uuid: bytes | None,
+                     attempt: bytes | None) -> SlotRecord:
+    """Slot ``index`` when a restore may take it (prepare_slot's rules); RestoreRefused otherwise."""
+    from khibernate.restore.attempt import job_problems
+    from khibernate.store.superblock import SlotState
+
+    rec = st.sb.slot(index)
     if image_uuid is not None and rec.image_uuid != image_uuid:
-        raise RestoreRefused([f"slot {index} of {target} now holds another image than the one asked for"])
+        raise RestoreRefused([f"slot {index} of {st.path} now holds another image than the one asked for"])
     if attempt is not None:
-        problems = job_problems(sb, index, attempt)
+        problems = job_problems(st.sb, index, attempt)
         if problems:
             raise RestoreRefused(problems)
     elif rec.state in (SlotState.RESUMED, SlotState.TRIED) and not again:
         raise RestoreRefused([f"slot {index} was {rec.state.name.lower()} once already: an image is tried once, and "
                               "resuming it again runs the same kernel state a second time (give --again to do that "
                               "on purpose)"])
-    if rec.state not in HOLDS_IMAGE:
+    if not rec.holds_image:
         raise RestoreRefused([f"slot {index} is {rec.state.name.lower()}: it holds no complete image"])
-    device.check_writable(target)  # the slot is marked resumed before the first write to memory
-    t0 = time.monotonic()
-    src = store.open_slot(target, rec, key)  # header, trailer, tables: each its own CRC (sealed: authenticated)
-    return _checked(src, rec, t0, vmcore, sb.flags, key is not None, f"slot {index} of {target}")
+    return rec
 
 
 def prepare_file(path: str, vmcore: str = "/proc/vmcore", key: KeySource | None = None,
@@ -96,8 +121,8 @@ def prepare_file(path: str, vmcore: str = "/proc/vmcore", key: KeySource | None 
                     key is not None, path)
 
 
-def _checked(src: Any, slot: Any, t0: float, vmcore: str, store_flags: int, key_given: bool, where: str
-             ) -> Prepared:
+def _checked(src: KhiSource, slot: SlotRecord | None, t0: float, vmcore: str, store_flags: int, key_given: bool,
+             where: str, st: Store | None = None) -> Prepared:
     """Sealed or allowed unsealed (khibernate.seal.policy), every block's frame against its CRC and, sealed, its
     tag (bitmaps, index, trailer agreeing), then does the image belong to this boot; the source is closed on any
     refusal."""
@@ -106,7 +131,7 @@ def _checked(src: Any, slot: Any, t0: float, vmcore: str, store_flags: int, key_
     try:
         policy.check_restore(store_flags, src.header.seal is not None, key_given, where)
         src.verify(decompress=False)
-        p = Prepared(src, SavedImage.from_source(src), this_boot(vmcore), slot, time.monotonic() - t0)
+        p = Prepared(src, SavedImage.from_source(src), this_boot(vmcore), slot, time.monotonic() - t0, st)
         check(p.image, p.here)
         return p
     except BaseException:
@@ -114,48 +139,40 @@ def _checked(src: Any, slot: Any, t0: float, vmcore: str, store_flags: int, key_
         raise
 
 
-def write_back(p: Prepared, target: str | None = None, devmem: str | None = None,
-               fail_after_first_block: bool = False) -> dict[str, Any]:
+def write_back(p: Prepared, devmem: str | None = None, fail_after_first_block: bool = False) -> RestoreStats:
     """Mark the slot resumed, then write the image into the first kernel's memory and read it back; the stats.
     ``fail_after_first_block`` (``khibernate.fault=restore-raise``) raises once the first block is written, to
     prove that a failure from there on powers the machine off."""
     from khibernate.restore.krestore import write_image
     from khibernate.restore.oldmem import OldMemory
-    from khibernate.store import api as store
     from khibernate.store.superblock import SlotState
 
-    if p.slot is not None and target is not None:
-        store.set_slot(target, dataclasses.replace(p.slot, state=SlotState.RESUMED))  # before the first write to memory
-    last = [time.monotonic(), 0]
-    total = [0]
-
-    def progress(n: int) -> None:
-        if fail_after_first_block:
-            raise RuntimeError("khibernate.fault=restore-raise: failing on purpose after the first block was written")
-        total[0] += n
-        now = time.monotonic()
-        if now - last[0] >= 2:
-            say(f"{total[0] >> 20} MiB written back ({(total[0] - last[1]) / (now - last[0]) / 1e6:.0f} MB/s)")
-            last[:] = [now, total[0]]
+    if p.slot is not None and p.store is not None:  # before the first write to memory
+        p.store.set_slot(dataclasses.replace(p.slot, state=SlotState.RESUMED))
 
     def touched() -> None:
         TOUCHED.parent.mkdir(parents=True, exist_ok=True)
         TOUCHED.write_text("the first kernel's memory is being overwritten\n")
 
     ram = p.here.exact or p.image.ranges
-    with OldMemory(ram, path=devmem) as mem:
+    with OldMemory(ram, path=devmem) as mem, REPORTER.meter("memory written back") as meter:
+        def progress(n: int) -> None:
+            if fail_after_first_block:
+                raise RuntimeError("khibernate.fault=restore-raise: failing on purpose after the first block was "
+                                   "written")
+            meter.update(n)
+
         stats = write_image(p.source, mem, ram=ram, zero_free=p.image.zero_free, progress=progress,
                             on_first_write=touched)
-    out = stats.as_dict()
-    out["verify_seconds"] = round(p.verify_seconds, 3)
+    stats.verify_seconds = round(p.verify_seconds, 3)
     say(f"{stats.pages_written} pages written, {stats.pages_zeroed} zeroed"
         + (f", {stats.pages_free_zeroed} free pages zeroed (init_on_free)" if stats.pages_free_zeroed else "")
         + f", all read back equal: {stats.bytes_written / 1e6:.0f} MB in {stats.write_seconds:.2f} s "
         f"({stats.throughput_mb_s:.0f} MB/s); image checked in {p.verify_seconds:.2f} s")
-    return out
+    return stats
 
 
-def enter_saved_kernel(p: Prepared, body: dict[str, Any]) -> None:
+def enter_saved_kernel(p: Prepared, resumed: Resumed) -> None:
     """Tell the saved kernel it was resumed (its mailbox page), then jump to its saved entry; does not return
     unless the jump fails (then raises, and the caller powers off: memory is no longer the booted kernel's)."""
     from khibernate.capture import mailbox
@@ -166,33 +183,35 @@ def enter_saved_kernel(p: Prepared, body: dict[str, Any]) -> None:
         raise RestoreRefused(["the image records no saved kernel entry"])
     if p.image.mailbox:
         try:
-            mailbox.post(p.image.mailbox, p.image.image_uuid, body)
+            mailbox.post(p.image.mailbox, p.image.image_uuid, resumed.to_json())
         except (OSError, KhibernateError) as e:
             say(f"warning: the saved kernel's mailbox could not be written ({e}); it will not know it was resumed")
-    jump.prepare_jump_back(entry)
     say(f"entering the saved kernel at {entry:#x}")
-    jump.execute()
+    jump.jump_back(entry)
     raise KhibernateError("the saved kernel returned into the restore kernel")  # it never jumps back here
 
 
-def run_restore(job: Any) -> dict[str, Any]:
-    """The ``restore`` capture job: refusals return a result for the asking kernel's mailbox; success never
+def run_restore(job: Job, ctx: CaptureContext) -> Failed:
+    """The ``restore`` capture job: a refusal returns its result for the asking kernel's mailbox; success never
     returns (the saved kernel runs)."""
-    from khibernate.capture.job import uptime
-
     say(f"restore slot {job.slot} of {job.target} (image {job.image}){' again' if job.again else ''}, up "
-        f"{uptime():.2f} s")
+        f"{ctx.system.uptime():.2f} s")
     try:
         p = prepare_slot(job.target, job.slot, again=job.again, image_uuid=job.image_uuid,
-                         attempt=bytes.fromhex(job.attempt) if job.attempt else None)
+                         attempt=bytes.fromhex(job.attempt) if job.attempt else None, vmcore=ctx.vmcore)
     except KhibernateError as e:
-        return {"ok": False, "refused": True, "message": str(e), "error": type(e).__name__}
+        return Failed(str(e), type(e).__name__, refused=True)
     say(f"image checked ({p.verify_seconds:.2f} s): {p.image.osrelease}, {len(p.image.ranges)} RAM ranges, entry "
         f"{p.image.jump_back_entry:#x}; writing it back")
-    stats = write_back(p, job.target, fail_after_first_block=restore_fault(Path("/proc/cmdline").read_text()))
-    enter_saved_kernel(p, {"ok": True, "resumed": True, "restore": stats, "resume_boot_id": job.boot_id,
-                           "slot": job.slot, "again": job.again, "restore_uptime": round(uptime(), 3)})
-    return {}  # not reached
+    stats = write_back(p, fail_after_first_block=restore_fault(ctx.cmdline))
+    enter_saved_kernel(p, Resumed(restore=stats.as_dict(), resume_boot_id=job.boot_id, slot=job.slot,
+                                  again=job.again, restore_uptime=round(ctx.system.uptime(), 3)))
+    raise KhibernateError("the saved kernel returned into the restore kernel")  # not reached
+
+
+def after_failure(job: Job, error: BaseException) -> None:
+    """A restore job that failed: power off if memory was touched (power_off_if_touched)."""
+    power_off_if_touched(error)
 
 
 def restore_fault(cmdline: str) -> bool:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
 import uuid as uuidlib
 import zlib
@@ -24,6 +23,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from khibernate import lock
+from khibernate.progress import Reporter, Say
 from khibernate.store import device, usage
 from khibernate.store.errors import (
     ForeignDataError,
@@ -39,13 +39,11 @@ if TYPE_CHECKING:
     from khibernate.image.sources.khi import KhiSource
     from khibernate.seal.keysource import KeySource
 
-Say = Callable[[str], None]
 LOCK_WAIT = 30.0  # seconds a writer waits for another one (store updates take milliseconds)
 HEAD_READ = 1 << 16
 
 
-def _say(msg: str) -> None:
-    print(f"khibernate: {msg}", file=sys.stderr, flush=True)
+_say = Reporter("khibernate", "line").say  # waiting for the lock: said on stderr unless the caller says it
 
 
 @dataclasses.dataclass(frozen=True)

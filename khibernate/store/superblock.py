@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import struct
 import uuid as uuidlib
 import zlib
 
+from khibernate.layout import Layout
 from khibernate.store.errors import NotAStoreError, SlotError, StoreCorruptError, StoreError
 
 MAGIC = b"KHSTORE\0"
@@ -25,13 +25,21 @@ SLOT_ALIGN = 1 << 20
 MAX_SLOTS = 16
 MIN_SLOT_BYTES = 4 << 20
 
-# magic, version, copy_index, generation, store uuid, created_ns, device_bytes, data_offset, slot_bytes, nr_slots,
-# slot record size, the resume attempt (slot, token, started_ns, flags), store flags, reserved
-HEADER = struct.Struct("<8sIIQ16sQQQQIII16sQII12s")
-# state, dump_level, seq, offset, capacity, length, crc32 (of the image bytes), flags, image uuid, created_ns,
-# pages_stored, pages_excluded, boot_id (of the kernel saved), osrelease
-SLOT = struct.Struct("<IIQQQQII16sQQQ16s64s")
-CRC = struct.Struct("<I")
+HEADER = Layout("superblock header", "<", [
+    ("magic", "8s"), ("version", "I"), ("copy_index", "I"), ("generation", "Q"), ("uuid", "16s"),
+    ("created_ns", "Q"), ("device_bytes", "Q"), ("data_offset", "Q"), ("slot_bytes", "Q"), ("nr_slots", "I"),
+    ("slot_size", "I"),
+    # the resume attempt (khibernate.restore.attempt): slot, token (zeros: none), start, flags
+    ("attempt_slot", "I"), ("attempt_token", "16s"), ("attempt_started_ns", "Q"), ("attempt_flags", "I"),
+    ("flags", "I"),  # the store's: STORE_SEALED / STORE_UNSEALED
+    ("reserved", "12s")])
+SLOT = Layout("slot record", "<", [
+    ("state", "I"), ("dump_level", "I"), ("seq", "Q"), ("offset", "Q"), ("capacity", "Q"), ("length", "Q"),
+    ("crc32", "I"),  # of the image bytes
+    ("flags", "I"), ("image_uuid", "16s"), ("created_ns", "Q"), ("pages_stored", "Q"), ("pages_excluded", "Q"),
+    ("boot_id", "16s"),  # of the kernel saved
+    ("osrelease", "64s")])
+CRC = Layout("superblock crc", "<", [("crc32", "I")])
 assert HEADER.size == 128 and SLOT.size == 168
 assert HEADER.size + MAX_SLOTS * SLOT.size + CRC.size <= BLOCK
 
@@ -83,21 +91,25 @@ class SlotRecord:
 
     def pack(self) -> bytes:
         """The record's SLOT.size bytes."""
-        return SLOT.pack(int(self.state), self.dump_level, self.seq, self.offset, self.capacity, self.length,
-                         self.crc32, self.flags, self.image_uuid, self.created_ns, self.pages_stored,
-                         self.pages_excluded, self.boot_id, self.osrelease.encode()[:64])
+        return SLOT.pack(state=int(self.state), dump_level=self.dump_level, seq=self.seq, offset=self.offset,
+                         capacity=self.capacity, length=self.length, crc32=self.crc32, flags=self.flags,
+                         image_uuid=self.image_uuid, created_ns=self.created_ns, pages_stored=self.pages_stored,
+                         pages_excluded=self.pages_excluded, boot_id=self.boot_id,
+                         osrelease=self.osrelease.encode()[:64])
 
     @classmethod
     def unpack(cls, index: int, data: bytes) -> SlotRecord:
         """Record ``index`` from its SLOT.size bytes; StoreCorruptError for an unknown state."""
-        f = SLOT.unpack(data)
+        f = SLOT.unpack(data, error=StoreCorruptError, what=f"slot {index}'s record")
         try:
-            state = SlotState(f[0])
+            state = SlotState(f["state"])
         except ValueError:
-            raise StoreCorruptError(f"slot {index} has unknown state {f[0]}; the superblock is corrupt") from None
-        return cls(index=index, state=state, dump_level=f[1], seq=f[2], offset=f[3], capacity=f[4], length=f[5],
-                   crc32=f[6], flags=f[7], image_uuid=f[8], created_ns=f[9], pages_stored=f[10],
-                   pages_excluded=f[11], boot_id=f[12], osrelease=f[13].rstrip(b"\0").decode(errors="replace"))
+            raise StoreCorruptError(f"slot {index} has unknown state {f['state']}; the superblock is corrupt") from None
+        return cls(index=index, state=state, dump_level=f["dump_level"], seq=f["seq"], offset=f["offset"],
+                   capacity=f["capacity"], length=f["length"], crc32=f["crc32"], flags=f["flags"],
+                   image_uuid=f["image_uuid"], created_ns=f["created_ns"], pages_stored=f["pages_stored"],
+                   pages_excluded=f["pages_excluded"], boot_id=f["boot_id"],
+                   osrelease=f["osrelease"].rstrip(b"\0").decode(errors="replace"))
 
     @property
     def holds_image(self) -> bool:
@@ -148,33 +160,42 @@ class Superblock:
     def pack(self, copy_index: int) -> bytes:
         """BLOCK bytes for superblock copy ``copy_index`` (0 or 1), CRC last."""
         a = self.attempt or ResumeAttempt(0, bytes(16), 0)
-        head = HEADER.pack(MAGIC, self.version, copy_index, self.generation, self.uuid, self.created_ns,
-                           self.device_bytes, self.data_offset, self.slot_bytes, len(self.slots), SLOT.size,
-                           a.slot, a.token, a.started_ns, a.flags, self.flags, b"")
+        head = HEADER.pack(magic=MAGIC, version=self.version, copy_index=copy_index, generation=self.generation,
+                           uuid=self.uuid, created_ns=self.created_ns, device_bytes=self.device_bytes,
+                           data_offset=self.data_offset, slot_bytes=self.slot_bytes, nr_slots=len(self.slots),
+                           slot_size=SLOT.size, attempt_slot=a.slot, attempt_token=a.token,
+                           attempt_started_ns=a.started_ns, attempt_flags=a.flags,
+                           flags=self.flags)
         body = head + b"".join(s.pack() for s in self.slots)
         body += bytes(BLOCK - CRC.size - len(body))
-        return body + CRC.pack(zlib.crc32(body))
+        return body + CRC.pack(crc32=zlib.crc32(body))
 
     @classmethod
     def unpack(cls, data: bytes) -> Superblock:
         """Parse one copy; NotAStoreError without the magic, StoreCorruptError for a bad checksum or geometry."""
         if len(data) < BLOCK or data[:8] != MAGIC:
             raise NotAStoreError("no khibernate superblock (bad magic)")
-        if CRC.unpack_from(data, BLOCK - CRC.size)[0] != zlib.crc32(data[:BLOCK - CRC.size]):
+        if CRC.unpack(data, BLOCK - CRC.size)["crc32"] != zlib.crc32(data[:BLOCK - CRC.size]):
             raise StoreCorruptError("superblock checksum mismatch")
-        f = HEADER.unpack_from(data)
-        if f[1] != VERSION:
-            raise StoreError(f"store version {f[1]} is not supported (this khibernate knows version {VERSION})")
-        nr, recsize = f[9], f[10]
+        f = HEADER.unpack(data, error=StoreCorruptError)
+        if f["version"] != VERSION:
+            raise StoreError(f"store version {f['version']} is not supported (this khibernate knows version "
+                             f"{VERSION})")
+        nr, recsize = f["nr_slots"], f["slot_size"]
         if recsize != SLOT.size or not 1 <= nr <= MAX_SLOTS:
             raise StoreCorruptError(f"superblock has {nr} slots of {recsize} bytes; it is corrupt")
-        if any(f[12]) and f[11] >= nr:
-            raise StoreCorruptError(f"the resume attempt names slot {f[11]} of {nr}; the superblock is corrupt")
+        has_attempt = any(f["attempt_token"])
+        if has_attempt and f["attempt_slot"] >= nr:
+            raise StoreCorruptError(f"the resume attempt names slot {f['attempt_slot']} of {nr}; the superblock is "
+                                    "corrupt")
         slots = tuple(SlotRecord.unpack(i, data[HEADER.size + i * SLOT.size:HEADER.size + (i + 1) * SLOT.size])
                       for i in range(nr))
-        attempt = ResumeAttempt(f[11], f[12], f[13], f[14]) if any(f[12]) else None
-        sb = cls(uuid=f[4], generation=f[3], created_ns=f[5], device_bytes=f[6], slot_bytes=f[8], slots=slots,
-                 copy_index=f[2], data_offset=f[7], version=f[1], attempt=attempt, flags=f[15])
+        attempt = ResumeAttempt(f["attempt_slot"], f["attempt_token"], f["attempt_started_ns"],
+                                f["attempt_flags"]) if has_attempt else None
+        sb = cls(uuid=f["uuid"], generation=f["generation"], created_ns=f["created_ns"],
+                 device_bytes=f["device_bytes"], slot_bytes=f["slot_bytes"], slots=slots, copy_index=f["copy_index"],
+                 data_offset=f["data_offset"], version=f["version"], attempt=attempt,
+                 flags=f["flags"])
         for s in slots:
             if s.offset < sb.data_offset or s.offset + s.capacity > sb.device_bytes or s.length > s.capacity:
                 raise StoreCorruptError(f"slot {s.index} lies outside the device; the superblock is corrupt")
