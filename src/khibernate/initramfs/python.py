@@ -252,7 +252,10 @@ def top_requirements(top_package: str) -> list[str]:
         pass
     spec = importlib.util.find_spec(top_package)
     if spec is not None and spec.submodule_search_locations:
-        pyproject = Path(list(spec.submodule_search_locations)[0]).parent / "pyproject.toml"
+        package_dir = Path(list(spec.submodule_search_locations)[0])
+        # the checkout's root: beside the package, or above src/ (the repo's layout)
+        pyproject = next((d / "pyproject.toml" for d in package_dir.parents[:2] if (d / "pyproject.toml").is_file()),
+                         package_dir.parent / "pyproject.toml")
         if pyproject.is_file():
             project = tomllib.loads(pyproject.read_text()).get("project", {})
             if project.get("name") == top_package:
