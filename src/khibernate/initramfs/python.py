@@ -32,6 +32,8 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from packaging.requirements import Requirement
+
 from khibernate.cache import cache_root
 from khibernate.initramfs.errors import PythonBundleError as PythonBundleError
 
@@ -61,7 +63,6 @@ OWN_DROP = re.compile(r"\.(c|h|o)$|^khibernate/native/build\.py$")
 # capture job cannot run without them, so a bundle without them is refused.
 NATIVE_EXTENSIONS = ("khibernate/native/_pages",)
 # Requirement markers we treat as never true in the guest.
-FOREIGN_MARKERS = re.compile(r"extra\s*==|Windows|win32|darwin|cygwin|PyPy\"\s*$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,16 +206,15 @@ def dynload_modules() -> list[Path]:
     return sorted(p for p in d.iterdir() if p.suffix == ".so" and not DYNLOAD_DROP.match(p.name))
 
 
+def needed_here(requirement: str) -> str | None:
+    """The distribution name of a PEP 508 ``requirement`` if this interpreter needs it (its environment marker
+    holds here, no extra asked for: the capture kernel runs this same interpreter), else None."""
+    req = Requirement(requirement)
+    return req.name if req.marker is None or req.marker.evaluate({"extra": ""}) else None
+
+
 def _requirement_names(dist: importlib.metadata.Distribution) -> list[str]:
-    names = []
-    for req in dist.requires or []:
-        spec, _, marker = req.partition(";")
-        if marker and FOREIGN_MARKERS.search(marker.strip()):
-            continue
-        m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", spec)
-        if m:
-            names.append(m.group(1))
-    return names
+    return [name for req in dist.requires or [] if (name := needed_here(req))]
 
 
 def _dist_files(dist: importlib.metadata.Distribution) -> Iterator[tuple[str, Path]]:
@@ -259,10 +259,7 @@ def top_requirements(top_package: str) -> list[str]:
         if pyproject.is_file():
             project = tomllib.loads(pyproject.read_text()).get("project", {})
             if project.get("name") == top_package:
-                for req in project.get("dependencies", []):
-                    m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", req)
-                    if m and not FOREIGN_MARKERS.search(req.partition(";")[2]):
-                        names.append(m.group(1))
+                names += [name for req in project.get("dependencies", []) if (name := needed_here(req))]
     if not names:
         raise PythonBundleError(f"cannot tell what {top_package} depends on: neither installed (pip install -e .)"
                                 " nor run from a source checkout with pyproject.toml")
