@@ -301,7 +301,7 @@ def test_snapshot_into_a_sealed_store(guest, tmp_path) -> None:
     vm = guest
     vm.run("head -c 32 /dev/urandom > /tmp/store.key && chmod 600 /tmp/store.key")
     store_key_file = bytes.fromhex(vm.run("python3 -c \"print(open('/tmp/store.key', 'rb').read().hex())\"").strip())
-    vm.run("khibernate target init /dev/vdb --slots 1 --key-file /tmp/store.key")
+    vm.run("khibernate target init /dev/vdb --slots 2 --key-file /tmp/store.key")
     sealed_snap = SNAP.replace("/dev/vda", "/dev/vdb")
     mark = vm.mark()
     st, out = vm.run_status(sealed_snap, timeout=120)
