@@ -223,22 +223,37 @@ def test_a_handed_image_key_seals_that_image_into_the_store(dev: str, memfile: P
         Sealing.from_handed(dataclasses.replace(handed, key_id=bytes(16)), ring, 1)
 
 
-def test_the_capture_kernel_wipes_the_handed_key_from_the_mailbox(tmp_path: Path) -> None:
-    """The capture job takes the image key out of the first kernel's mailbox page before it reads memory: the page
-    then holds the request without it, and no byte of the key."""
-    from khibernate.capture import mailbox
+def test_the_capture_job_wipes_the_handed_key_before_it_saves(dev: str, tmp_path: Path) -> None:
+    """capture/save.take_request: the first kernel's mailbox page (here a file standing for /dev/mem) holds the
+    request with the image key; after take_request the page holds the request without it and no byte of the key,
+    and the sealing it returns seals the job's image with the store's keyring and the job's slot."""
+    import uuid
 
-    image = os.urandom(16)
-    secret = os.urandom(32)
-    mem = tmp_path / "mem"
-    mem.write_bytes(bytes(4096) + mailbox.pack(mailbox.REQUEST, image, {"request": "snapshot",
-                                                                        "seal": {"key": secret.hex()}}))
-    request = mailbox.read_request(4096, image, devmem=str(mem))
-    request.pop("seal")
-    mailbox.post(4096, image, request, devmem=str(mem), kind=mailbox.REQUEST)
+    from khibernate.capture import mailbox
+    from khibernate.capture.jobspec import Job
+    from khibernate.capture.save import take_request
+    from khibernate.seal.handoff import hand_image_key
+    from khibernate.store.handle import Store
+
+    key = key_file(tmp_path / "store.key")
+    assert init(dev, "--key-file", key.path)[0] == 0
+    image = uuid.uuid4()
+    with Store.open(dev, write=True) as st:
+        ring = keyslots.read(st.fd, dev)
+        handed = hand_image_key(lambda: KeyFile(key.path), ring, image.bytes)
+        rec = st.sb.slot(1)
+        job = Job("snapshot", dev, st.sb.uuid_str, 1, rec.offset, rec.capacity, 17, str(image),
+                  str(uuid.uuid4()), 600.0, 4096)
+        mem = tmp_path / "mem"
+        mem.write_bytes(bytes(4096) + mailbox.pack(mailbox.REQUEST, image.bytes,
+                                                   {"request": "snapshot", "seal": handed.to_json()}))
+        request, sealing = take_request(st, job, devmem=str(mem))
     page_now = mem.read_bytes()[4096:]
-    assert mailbox.read_request(4096, image, devmem=str(mem)) == {"request": "snapshot"}
-    assert secret.hex().encode() not in page_now and secret not in page_now
+    assert request == {"request": "snapshot"}
+    assert mailbox.read_request(4096, image.bytes, devmem=str(mem)) == {"request": "snapshot"}
+    assert handed.image_key not in page_now and handed.image_key.hex().encode() not in page_now
+    assert sealing is not None and sealing.image_uuid == image.bytes and sealing.slot == 1
+    assert sealing.keyring.key_id == ring.key_id
 
 
 def test_target_list_says_whether_the_store_is_sealed(dev: str, tmp_path: Path) -> None:

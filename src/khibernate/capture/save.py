@@ -71,7 +71,7 @@ def check_reserved(st: Store, job: Job) -> None:
         raise JobError(f"slot {job.slot} of {job.target} is not reserved for image {job.image}; nothing written")
 
 
-def take_request(st: Store, job: Job) -> tuple[dict[str, object], Sealing | None]:
+def take_request(st: Store, job: Job, devmem: str = "/dev/mem") -> tuple[dict[str, object], Sealing | None]:
     """The first kernel's request and, for a sealed store, the sealing of this job's image with the image key the
     request hands over.  The key is wiped from the first kernel's mailbox page at once, before its memory is read
     (so no image holds it there).  JobError / SealError when store and request disagree: nothing written."""
@@ -80,10 +80,10 @@ def take_request(st: Store, job: Job) -> tuple[dict[str, object], Sealing | None
     from khibernate.store import keyslots
     from khibernate.store.superblock import STORE_SEALED
 
-    request = mailbox.read_request(job.mailbox, job.image_uuid)
+    request = mailbox.read_request(job.mailbox, job.image_uuid, devmem)
     handed = request.pop("seal", None)
     if handed is not None:
-        mailbox.post(job.mailbox, job.image_uuid, request, kind=mailbox.REQUEST)
+        mailbox.post(job.mailbox, job.image_uuid, request, devmem, kind=mailbox.REQUEST)
     if not st.sb.flags & STORE_SEALED:
         if handed is not None:
             raise JobError(f"{job.target} is not a sealed store, but the first kernel sent a key: the store was made "
