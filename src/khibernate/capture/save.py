@@ -21,6 +21,7 @@ from khibernate.progress import Say
 
 if TYPE_CHECKING:
     from khibernate.store.handle import Store
+    from khibernate.store.superblock import Superblock
 
 
 def khibernate_note(job: Job, ctx: CaptureContext, extra: Mapping[str, JsonValue] | None = None) -> bytes:
@@ -58,16 +59,26 @@ def inject_fault(cmdline: str, say: Say | None = None) -> None:
 
 def check_reserved(st: Store, job: Job) -> None:
     """JobError unless the target holds the job's store with its slot reserved for the job's image."""
+    reserved_problem = check_reserved_in(st.sb, job)
+    if reserved_problem:
+        raise JobError(reserved_problem)
+
+
+def check_reserved_in(sb: Superblock, job: Job) -> str | None:
+    """What is wrong with the superblock ``sb`` for ``job`` (another store, or the slot not reserved for the job's
+    image), or None."""
     from khibernate.store.superblock import SlotState
 
-    sb = st.sb
     if sb.uuid_str != job.store_uuid:
-        raise JobError(f"{job.target} holds store {sb.uuid_str}, not {job.store_uuid}: the disk is named "
-                       "differently in the capture kernel; nothing written")
+        return (f"{job.target} holds store {sb.uuid_str}, not {job.store_uuid}: the disk is named differently in the "
+                "capture kernel; nothing written")
+    if not 0 <= job.slot < len(sb.slots):
+        return f"{job.target} has no slot {job.slot}; nothing written"
     rec = sb.slot(job.slot)
     if rec.state != SlotState.WRITING or rec.image_uuid != job.image_uuid or rec.offset != job.offset \
             or rec.capacity != job.capacity:
-        raise JobError(f"slot {job.slot} of {job.target} is not reserved for image {job.image}; nothing written")
+        return f"slot {job.slot} of {job.target} is not reserved for image {job.image}; nothing written"
+    return None
 
 
 def save_into(st: Store, job: Job, ctx: CaptureContext, note_extra: Mapping[str, JsonValue] | None = None) -> Saved:
@@ -148,7 +159,7 @@ def withdraw_hibernation(job: Job) -> str:
     resumable image while the first kernel runs on, so it is marked bad here, before the jump back (the first kernel
     marks it again, and says so if it cannot).  Returns what was done, for the log and the result."""
     from khibernate.store.handle import Store
-    from khibernate.store.superblock import SlotState, Superblock
+    from khibernate.store.superblock import SlotState
 
     def change(sb: Superblock) -> Superblock:
         rec = sb.slot(job.slot)
