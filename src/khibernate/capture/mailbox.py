@@ -95,7 +95,8 @@ def physical_address(vaddr: int, pagemap: str = "/proc/self/pagemap") -> int:
     return pfn * PAGE
 
 
-def _mlock(buf: mmap.mmap) -> None:
+def mlock(buf: mmap.mmap) -> None:
+    """Lock the page of ``buf`` in memory (MailboxError saying how to allow it)."""
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     if libc.mlock(ctypes.c_void_p(addr), ctypes.c_size_t(PAGE)) != 0:
@@ -116,7 +117,7 @@ class Mailbox:
         for _ in range(4096 if avoid else 64):
             buf = mmap.mmap(-1, PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             buf[:] = page
-            _mlock(buf)
+            mlock(buf)
             paddr = physical_address(ctypes.addressof(ctypes.c_char.from_buffer(buf)))
             if paddr >= LOW_MEMORY and not any(paddr in r for r in avoid):
                 self.buf, self.paddr = buf, paddr

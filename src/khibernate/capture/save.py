@@ -20,6 +20,7 @@ from khibernate.errors import KhibernateError
 from khibernate.progress import Say
 
 if TYPE_CHECKING:
+    from khibernate.image.sources.base import MemorySource
     from khibernate.store.handle import Store
     from khibernate.store.superblock import Superblock
 
@@ -103,7 +104,7 @@ def save_into(st: Store, job: Job, ctx: CaptureContext, note_extra: Mapping[str,
             meter.update(n)
 
         vmci = from_source(raw)
-        src = AnnotatedSource(raw, KHIBERNATE_NOTE, khibernate_note(job, ctx, note_extra))
+        src = AnnotatedSource(relocated(raw, ctx), KHIBERNATE_NOTE, khibernate_note(job, ctx, note_extra))
         t1 = ctx.system.uptime()
         stats = save(src, writer, vmci=vmci, level=job.level, restorable=job.restorable,  # type: ignore[arg-type]
                      threads=min(2, os.cpu_count() or 1), progress=progress)
@@ -113,6 +114,17 @@ def save_into(st: Store, job: Job, ctx: CaptureContext, note_extra: Mapping[str,
                  pages_stored=stats.pages_stored, pages_zero=stats.pages_zero, pages_excluded=stats.pages_excluded,
                  class_counts=list(stats.class_counts), osrelease=vmci.osrelease if vmci else "",
                  job_started_uptime=round(t0, 3), save_seconds=round(t2 - t1, 3), open_seconds=round(t1 - t0, 3))
+
+
+def relocated(raw: MemorySource, ctx: CaptureContext) -> MemorySource:
+    """``raw`` with the pages a resident capture kernel's jump-back image parked read from where they are."""
+    if not ctx.parked:
+        return raw
+    from khibernate.capture.relocated import RelocatedSource
+    from khibernate.image.sources.frozen import Kcore
+
+    kc = Kcore()
+    return RelocatedSource(raw, ctx.parked, lambda pa: kc.read_phys(pa, 4096))
 
 
 def run_snapshot(job: Job, ctx: CaptureContext) -> Saved:
@@ -132,7 +144,7 @@ def run_hibernate(job: Job, ctx: CaptureContext) -> NoReturn:
     from khibernate.store.handle import Store
     from khibernate.store.superblock import FLAG_HIBERNATE
 
-    request = mailbox.read_request(job.mailbox, job.image_uuid)
+    request = ctx.request if ctx.request is not None else mailbox.read_request(job.mailbox, job.image_uuid)
     filesystems = request.get("filesystems")
     if not isinstance(filesystems, list):
         raise JobError("the first kernel's request records no filesystems: a resume could not check the disks")
