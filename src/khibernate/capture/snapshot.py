@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from khibernate.capture.arm import ResidentTrip
     from khibernate.capture.jobspec import Job
     from khibernate.capture.roundtrip import CaptureKernel, Outcome
+    from khibernate.seal.keysource import KeySource
     from khibernate.store.handle import SlotCheck, Store
     from khibernate.store.plan import SizeEstimate
     from khibernate.store.superblock import Superblock
@@ -52,6 +53,8 @@ class Options:
     mem_min: int | None = None  # the capture kernel's window (default: the whole crashkernel= region)
     mem_max: int | None = None
     allow_unresumable: bool = False  # hibernate even where a resume boot may not manage to restore the image
+    # a sealed store's key: made (the secret read) only in the child process that derives the image key
+    key: Callable[[], KeySource] | None = None
 
 
 def default_kernel() -> str:
@@ -116,7 +119,7 @@ def preflight(opts: Options, st: Store | None = None,
     sb = st.refresh()
     from khibernate.seal import policy
 
-    policy.check_capture(sb.flags, opts.target)  # a sealed store: its images could not be sealed yet
+    policy.check_capture(sb.flags, opts.target, opts.kind, opts.key is not None)
     slot = splan.choose_slot(sb)
     est = splan.estimate(sb, splan.parse_meminfo(system.read("/proc/meminfo") or ""))
     splan.check_fits(slot, est)
@@ -274,8 +277,14 @@ def _run(opts: Options, st: Store, say: Say, system: SystemRoot) -> SnapshotRepo
     # the round trip's to fill in
     job = Job(opts.kind, opts.target, sb.uuid_str, slot.index, slot.offset, slot.capacity, opts.level, str(image),
               boot_id, opts.deadline, 0, zero_free=zeroes_freed_pages(system.cmdline(), system.kernel_config()[0]))
+    request: dict[str, JsonValue] = (hibernate_request(say, system) if opts.kind == "hibernate"
+                                     else {"request": "snapshot"})
+    if opts.key is not None:  # a sealed store (preflight): the capture kernel seals with this image's key
+        from khibernate.seal.handoff import hand_image_key
+        from khibernate.store import keyslots
+
+        request["seal"] = dict(hand_image_key(opts.key, keyslots.read(st.fd, opts.target), image.bytes).to_json())
     capture = CaptureKernel(kernel, initrd, opts.mem_min, opts.mem_max, opts.append)
-    request = hibernate_request(say, system) if opts.kind == "hibernate" else None
     trip = RoundTrip.prepare(capture, job, system, request)
     resident = resident_for(opts, capture, system, say)
     # ---- writes start here: reserve the slot (the last good image stays untouched), load, jump
