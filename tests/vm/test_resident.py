@@ -6,9 +6,10 @@ the snapshot falls back to a fresh capture kernel; arm, three snapshots through 
 image exported on the host and checked as test_snapshot checks its images (verifies, pattern pages at their physical
 addresses, VMCOREINFO, the log up to the jump, the KHIBERNATE note) and holding the first kernel's control page as
 the first kernel saved it at *that* jump — the page the capture kernel's own jump-back image swapped
-(docs/resident.md): /proc/vmcore shows a stale copy in a re-entered capture kernel; then hibernate through the same
-resident capture kernel (its 4th pause) → QEMU powers off → a new QEMU resumes: test_hibernate's checks (same
-boot_id, the counter counts on, pattern and data intact, ext4 clean after shutdown).
+(docs/resident.md): /proc/vmcore shows a stale copy in a re-entered capture kernel; `watch` captures an Oops
+through the same resident capture kernel (its 4th pause); then a hibernation through it (its 5th pause) → QEMU
+powers off → a new QEMU resumes: test_hibernate's checks (same boot_id, the counter counts on, pattern and data
+intact, ext4 clean after shutdown).
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ def _control_page_words(vm, tmp_path: Path, r: dict) -> tuple[int, list[tuple[in
                   for o in range(0, 4096, 8) if in_image[o:o + 8] != live[o:o + 8]]
 
 
+def _mem_available(vm) -> int:
+    return int(vm.run("grep MemAvailable /proc/meminfo").split()[1]) * 1024
+
+
 def _image_page(tmp_path: Path, r: dict, page: int) -> bytes:
     from khibernate.image.sources.khi import KhiSource
 
@@ -125,10 +130,12 @@ def test_arm_three_snapshots_through_it(guest, tmp_path) -> None:
     vm = guest
     vm.run("khibernate target init /dev/vda --slots 2 --force")
     boot = vm.run("cat /proc/sys/kernel/random/boot_id").strip()
+    mem0 = _mem_available(vm)
     t0 = time.monotonic()
     st, out = vm.run_status(ARM, timeout=900)
     arm_wall = time.monotonic() - t0
     assert st == 0 and "resident capture kernel armed" in out, out
+    pinned = mem0 - _mem_available(vm)
     assert vm.run("cat /sys/kernel/kexec_loaded").strip() == "1"
     assert "resident capture kernel armed" in vm.run("khibernate doctor 2>&1; true")
     entry = int(re.findall(r"kexec_jump_back_entry=(0x[0-9a-f]+)", vm.serial_log.read_text(errors="replace"))[-1], 16)
@@ -164,12 +171,42 @@ def test_arm_three_snapshots_through_it(guest, tmp_path) -> None:
     assert [r["slot"] for r in runs] == [0, 1, 0]
     assert "3 pause(s)" in vm.run("khibernate doctor 2>&1; true")
     assert vm.run("cat /proc/sys/kernel/random/boot_id").strip() == boot
-    print(f"\n[resident 6.12 1 GiB] arm {arm_wall:.1f} s (command)")
+    print(f"\n[resident 6.12 1 GiB] arm {arm_wall:.1f} s (command); MemAvailable drop while armed "
+          f"{pinned / 2**20:.1f} MiB (the loaded image's pages in this kernel)")
     for r in runs:
         print(f"[resident 6.12 1 GiB] slot {r['slot']} #{r['seq']}: pause {r['pause_seconds']:.2f} s, image "
               f"{r['bytes'] / 1e6:.1f} MB, save {r['save_seconds']} s, capture peak used "
               f"{r['capture_peak_used_bytes'] / 2**20:.1f} MiB, command {r['wall_seconds']} s, control page "
               f"{r['control_page']}")
+
+
+def test_watch_captures_an_oops_through_it_and_runs_on(guest, tmp_path) -> None:
+    """`watch` with the resident capture kernel armed: an Oops (LKDTM EXCEPTION, panic_on_oops=0) is captured in
+    the resident kernel's 4th pause, the guest runs on, the image's kernel log holds the Oops."""
+    from tests.vm.test_watch import DIRECT, events, image_log, start_watch, wait_exit, wait_log
+
+    vm = guest
+    vm.run("mountpoint -q /sys/kernel/debug || mount -t debugfs debugfs /sys/kernel/debug")
+    assert vm.run_status(f"test -w {DIRECT}")[0] == 0, "no LKDTM in the test kernel (CONFIG_LKDTM, DEBUG_FS)"
+    vm.run("echo 0 > /proc/sys/kernel/panic_on_oops; echo 0 > /proc/sys/kernel/panic_on_warn")
+    pid = start_watch(vm, "--on oops,bug --min-interval 30 --max 1 --no-export", "/tmp/watch-resident.log")
+    pid0, n0 = counter(vm)
+    vm.run(f"sh -c 'sleep 1; echo EXCEPTION > {DIRECT}' >/dev/null 2>&1 </dev/null &")
+    log = wait_log(vm, "/tmp/watch-resident.log", "stopped after 1 capture(s)")
+    wait_exit(vm, pid)
+    assert log.count("-> capture") == 1, log
+    time.sleep(2.5)
+    pid1, n1 = counter(vm)
+    assert pid1 == pid0 and n1 > n0
+    ((name, ev),) = events(vm).items()
+    assert name.endswith("-oops") and ev["ok"] and ev["snapshot"]["capture_kernel"] == "resident", ev
+    trig = ev["event"]["trigger"]
+    assert trig.startswith("BUG: kernel NULL pointer dereference"), trig
+    klog = image_log(vm, tmp_path, ev["snapshot"]["slot"])
+    assert "lkdtm_EXCEPTION" in klog[klog.index(trig):][:8000]
+    assert "4 pause(s)" in vm.run("khibernate doctor 2>&1; true")
+    print(f"[resident 6.12 1 GiB] watch: Oops captured through the resident capture kernel, pause "
+          f"{ev['snapshot']['pause_seconds']:.2f} s, -d 31 image {ev['snapshot']['bytes'] / 1e6:.1f} MB")
 
 
 def test_hibernate_through_it_after_three_snapshots_resumes(guest) -> None:
@@ -179,7 +216,7 @@ def test_hibernate_through_it_after_three_snapshots_resumes(guest) -> None:
     from khibernate.store.superblock import FLAG_HIBERNATE
 
     vm = guest
-    assert "3 pause(s)" in vm.run("khibernate doctor 2>&1; true")  # the kernel the snapshots went through
+    assert "4 pause(s)" in vm.run("khibernate doctor 2>&1; true")  # the kernel the captures went through
     vm.run("echo written-just-before-hibernate > /mnt/before")  # no sync: hibernate syncs first
     boot_id = vm.run("cat /proc/sys/kernel/random/boot_id").strip()
     pid, n = counter(vm)
