@@ -84,8 +84,17 @@ def test_the_pause_request_is_the_next_one(tmp_path: Path, run_dir: Path) -> Non
     trip = arm.ResidentTrip(a, box=None)  # type: ignore[arg-type]  # request() does not touch the mailbox
     job = Job("snapshot", "/dev/vda", a.store_uuid, 1, 0x1000, 0x2000, 17, str(uuid.uuid4()), BOOT, 600.0, 0)
     req = trip.request(job, 7, None)
-    assert (req.seq, req.store_generation, req.ram_digest.hex(), req.image, req.deadline) == \
-        (3, 7, a.ram_digest, job.image, 600.0)
+    assert (req.seq, req.store_generation, req.ram_digest.hex(), req.image, req.deadline, req.extra) == \
+        (3, 7, a.ram_digest, job.image, 600.0, {})
+    faulty = trip.request(job, 7, {"request": "snapshot"}, "khibernate.fault=hang")
+    assert faulty.extra == {"request": "snapshot", "append": "khibernate.fault=hang"}
+
+
+def test_only_fault_words_may_differ_per_pause(tmp_path: Path) -> None:
+    a = armed_state(machine(tmp_path), append="loglevel=4")
+    assert arm.pause_words("loglevel=4 khibernate.fault=raise", a) == ["khibernate.fault=raise"]
+    assert arm.pause_words("loglevel=4", a) == []
+    assert arm.pause_words("loglevel=7", a) is None  # another command line: a fresh capture kernel
 
 
 def test_disarm_without_an_armed_kernel_unloads_nothing(tmp_path: Path, run_dir: Path,

@@ -40,6 +40,7 @@ def test_the_next_request_on_the_store_as_written_runs() -> None:
     sb = store_with_reservation(image)
     req = request(sb, image)
     check_pause(armed(), req, sb)
+    check_pause(armed(), request(sb, image, extra={"append": "khibernate.fault=hang"}), sb)
     assert armed().after(req).seq == 3
 
 
@@ -52,7 +53,8 @@ def test_the_next_request_on_the_store_as_written_runs() -> None:
     ({"store_generation": 1}, "changed under this capture kernel"),
     ({"slot": 0}, "not reserved for image"),
     ({"offset": 0}, "not reserved for image"),
-    ({"slot": 9}, "no slot 9")])
+    ({"slot": 9}, "no slot 9"),
+    ({"extra": {"append": "init=/bin/sh"}}, "other than khibernate.fault=")])
 def test_refused_and_says_why(change: dict[str, object], match: str) -> None:
     image = str(uuid.uuid4())
     sb = store_with_reservation(image)

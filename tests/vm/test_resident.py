@@ -6,8 +6,9 @@ the snapshot falls back to a fresh capture kernel; arm, three snapshots through 
 image exported on the host and checked as test_snapshot checks its images (verifies, pattern pages at their physical
 addresses, VMCOREINFO, the log up to the jump, the KHIBERNATE note) and holding the first kernel's control page as
 the first kernel saved it at *that* jump — the page the capture kernel's own jump-back image swapped
-(docs/resident.md): /proc/vmcore shows a stale copy in a re-entered capture kernel; `watch` captures an Oops
-through the same resident capture kernel (its 4th pause); then a hibernation through it (its 5th pause) → QEMU
+(docs/resident.md): /proc/vmcore shows a stale copy in a re-entered capture kernel; a 4th pause whose job hangs is
+killed by the resident kernel's watchdog; `watch` captures an Oops through the same resident capture kernel (its
+5th pause); then a hibernation through it (its 6th) → QEMU
 powers off → a new QEMU resumes: test_hibernate's checks (same boot_id, the counter counts on, pattern and data
 intact, ext4 clean after shutdown).
 """
@@ -170,6 +171,12 @@ def test_arm_three_snapshots_through_it(guest, tmp_path) -> None:
         runs.append(r)
     assert [r["slot"] for r in runs] == [0, 1, 0]
     assert "3 pause(s)" in vm.run("khibernate doctor 2>&1; true")
+    # a pause whose job hangs (khibernate.fault=hang, carried in the pause's request): the resident kernel's own
+    # watchdog kills the job at its deadline + 20 s and answers; the slot is bad, the kernel stays armed
+    st, out = vm.run_status(SNAP + " --deadline 5 --append khibernate.fault=hang", timeout=900)
+    assert st != 0 and "killed by the watchdog" in out and "after the pause began" in out, out
+    assert "marked bad" in out, out
+    assert "4 pause(s)" in vm.run("khibernate doctor 2>&1; true")
     assert vm.run("cat /proc/sys/kernel/random/boot_id").strip() == boot
     print(f"\n[resident 6.12 1 GiB] arm {arm_wall:.1f} s (command); MemAvailable drop while armed "
           f"{pinned / 2**20:.1f} MiB (the loaded image's pages in this kernel)")
@@ -182,7 +189,7 @@ def test_arm_three_snapshots_through_it(guest, tmp_path) -> None:
 
 def test_watch_captures_an_oops_through_it_and_runs_on(guest, tmp_path) -> None:
     """`watch` with the resident capture kernel armed: an Oops (LKDTM EXCEPTION, panic_on_oops=0) is captured in
-    the resident kernel's 4th pause, the guest runs on, the image's kernel log holds the Oops."""
+    the resident kernel's 5th pause, the guest runs on, the image's kernel log holds the Oops."""
     from tests.vm.test_watch import DIRECT, events, image_log, start_watch, wait_exit, wait_log
 
     vm = guest
@@ -204,19 +211,19 @@ def test_watch_captures_an_oops_through_it_and_runs_on(guest, tmp_path) -> None:
     assert trig.startswith("BUG: kernel NULL pointer dereference"), trig
     klog = image_log(vm, tmp_path, ev["snapshot"]["slot"])
     assert "lkdtm_EXCEPTION" in klog[klog.index(trig):][:8000]
-    assert "4 pause(s)" in vm.run("khibernate doctor 2>&1; true")
+    assert "5 pause(s)" in vm.run("khibernate doctor 2>&1; true")
     print(f"[resident 6.12 1 GiB] watch: Oops captured through the resident capture kernel, pause "
           f"{ev['snapshot']['pause_seconds']:.2f} s, -d 31 image {ev['snapshot']['bytes'] / 1e6:.1f} MB")
 
 
 def test_hibernate_through_it_after_three_snapshots_resumes(guest) -> None:
-    """The 4th pause of the same resident capture kernel is a hibernation: QEMU powers off, a new QEMU resumes the
+    """The 6th pause of the same resident capture kernel is a hibernation: QEMU powers off, a new QEMU resumes the
     image and the original kernel runs on (test_hibernate's checks and clean ext4)."""
     from khibernate.store import api as store
     from khibernate.store.superblock import FLAG_HIBERNATE
 
     vm = guest
-    assert "4 pause(s)" in vm.run("khibernate doctor 2>&1; true")  # the kernel the captures went through
+    assert "5 pause(s)" in vm.run("khibernate doctor 2>&1; true")  # the kernel the captures went through
     vm.run("echo written-just-before-hibernate > /mnt/before")  # no sync: hibernate syncs first
     boot_id = vm.run("cat /proc/sys/kernel/random/boot_id").strip()
     pid, n = counter(vm)

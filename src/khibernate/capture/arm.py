@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from khibernate.capture import mailbox
 from khibernate.capture.errors import MailboxError, RoundTripError
 from khibernate.capture.jobspec import Failed, Job, JsonValue, Ready
-from khibernate.capture.pauserequest import PauseRequest, ram_digest
+from khibernate.capture.pauserequest import PER_PAUSE, PauseRequest, ram_digest
 from khibernate.errors import KhibernateError
 from khibernate.ranges import Range
 from khibernate.system import SystemRoot
@@ -215,10 +215,19 @@ def arm(capture: CaptureKernel, target: str, say: Say, deadline: float = ARM_DEA
     return armed
 
 
+def pause_words(append: str, armed: Armed) -> list[str] | None:
+    """The words of a capture's ``append`` the armed capture kernel takes in the pause's request (fault injection,
+    ``khibernate.fault=``); None when the rest differs from the command line it was armed with."""
+    def rest(text: str) -> list[str]:
+        return [w for w in text.split() if not w.startswith(PER_PAUSE)]
+
+    return [w for w in append.split() if w.startswith(PER_PAUSE)] if rest(append) == rest(armed.append) else None
+
+
 def unusable_reason(armed: Armed, capture: CaptureKernel, target: str, system: SystemRoot) -> str | None:
     """Why the armed capture kernel cannot serve a capture of ``capture`` into ``target`` now (None: it can)."""
     if (capture.kernel, capture.initrd, capture.mem_min, capture.mem_max) != \
-            (armed.kernel, armed.initrd, armed.mem_min, armed.mem_max) or capture.append != armed.append:
+            (armed.kernel, armed.initrd, armed.mem_min, armed.mem_max) or pause_words(capture.append, armed) is None:
         return f"it was armed with another capture kernel ({armed.kernel}, {armed.initrd}) or window or --append"
     if target != armed.target:
         return f"it was armed for {armed.target}, not {target}"
@@ -245,10 +254,14 @@ class ResidentTrip:
             raise ResidentUnusable("the resident mailbox page moved in physical memory since arm")
         return cls(armed, box)
 
-    def request(self, job: Job, store_generation: int, extra: Mapping[str, JsonValue] | None) -> PauseRequest:
+    def request(self, job: Job, store_generation: int, extra: Mapping[str, JsonValue] | None,
+                append: str = "") -> PauseRequest:
+        """The pause's request (``append``: the capture's --append; its per-pause words go in as ``append``)."""
+        words = pause_words(append, self.armed) or []
+        more: dict[str, JsonValue] = {"append": " ".join(words)} if words else {}
         return PauseRequest(job.kind, self.armed.seq + 1, job.image, job.slot, job.offset, job.capacity, job.level,
                             job.store_uuid, store_generation, bytes.fromhex(self.armed.ram_digest), job.boot_id,
-                            job.deadline, job.zero_free, dict(extra or {}))
+                            job.deadline, job.zero_free, {**dict(extra or {}), **more})
 
     def enter(self, req: PauseRequest, before: Callable[[], None]) -> Outcome:
         """Write ``req``, jump, read the answer (RoundTripError when the jump did not happen or brought none).  The

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from khibernate.capture.errors import JobError
-from khibernate.capture.pauserequest import PauseRequest
+from khibernate.capture.pauserequest import PER_PAUSE, PauseRequest
 from khibernate.store.superblock import Superblock
 
 
@@ -49,6 +49,9 @@ def pause_problems(armed: Armed, req: PauseRequest) -> list[str]:
     if req.ram_digest != armed.ram_digest:
         problems.append("the first kernel's memory map changed since arm (memory hotplug?): this capture kernel's "
                         "/proc/vmcore describes the old one")
+    words = req.extra.get("append", "")
+    if not isinstance(words, str) or any(not w.startswith(PER_PAUSE) for w in words.split()):
+        problems.append(f"the request adds command line words other than {PER_PAUSE}...: {words!r}")
     if req.store_uuid != armed.store_uuid:
         problems.append(f"the request is for store {req.store_uuid}, this capture kernel was armed for "
                         f"{armed.store_uuid}")

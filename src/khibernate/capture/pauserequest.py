@@ -38,6 +38,7 @@ KINDS = ("snapshot", "hibernate")
 FLAG_ZERO_FREE = 1
 _FLAGS = FLAG_ZERO_FREE
 _MAX_DEADLINE = 7 * 24 * 3600.0
+PER_PAUSE = "khibernate.fault="  # the only command line words a pause may add (extra "append": fault injection)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -86,8 +86,9 @@ def parked_pages(ctx: CaptureContext) -> dict[int, int]:
     return locations
 
 
-def run_forked(job: Job, ctx: CaptureContext, deadline: float) -> JobResult:
-    """Run ``job`` in a child (``deadline``: this kernel's uptime when the watchdog kills it, after a grace)."""
+def run_forked(job: Job, ctx: CaptureContext, seconds: float) -> JobResult:
+    """Run ``job`` in a child; the watchdog kills it ``seconds`` + a grace after ``job.deadline - seconds`` (the
+    pause's start) and answers that (the job's deadline is that uptime)."""
     from khibernate.capture.job import run_job, timed_out
 
     rfd, wfd = os.pipe()
@@ -103,11 +104,13 @@ def run_forked(job: Job, ctx: CaptureContext, deadline: float) -> JobResult:
     data = b""
     try:
         while True:
-            left = deadline + WATCHDOG_GRACE - ctx.system.uptime()
+            left = job.deadline + WATCHDOG_GRACE - ctx.system.uptime()
             if left <= 0 or not select.select([rfd], [], [], left)[0]:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
-                return timed_out(job)
+                late = timed_out(dataclasses.replace(job, deadline=seconds))
+                return dataclasses.replace(late, message=late.message.replace("after the capture kernel booted",
+                                                                              "after the pause began"))
             chunk = os.read(rfd, 1 << 16)
             if not chunk:
                 break
@@ -140,8 +143,10 @@ def serve_pause(armed: Armed, st: Store, ctx: CaptureContext) -> Armed:
         return armed.after(req)
     say(f"resident: pause #{req.seq}: {req.kind} image {req.image} -> slot {req.slot}, -d {req.level}, first "
         f"kernel's pages parked here: {', '.join(f'{d:#x}<-{s:#x}' for d, s in parked.items())}")
-    pctx = dataclasses.replace(ctx, request=dict(req.extra), parked=parked)
-    result = run_forked(job, pctx, job.deadline)
+    words = str(req.extra.get("append", ""))  # per-pause fault injection (arm.PER_PAUSE words only)
+    pctx = dataclasses.replace(ctx, request=dict(req.extra), parked=parked,
+                               cmdline=f"{ctx.cmdline} {words}" if words else ctx.cmdline)
+    result = run_forked(job, pctx, req.deadline)
     result = dataclasses.replace(result, footprint=dataclasses.replace(
         result.footprint, capture_uptime=round(ctx.system.uptime() - t0, 3)))
     say("ok" if not isinstance(result, Failed) else f"FAILED: {result.message}")

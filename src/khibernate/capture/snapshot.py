@@ -298,7 +298,8 @@ def _run(opts: Options, st: Store, say: Say, system: SystemRoot) -> SnapshotRepo
         return mark_failed(opts, st, reserved, sb.uuid, msg)
 
     try:
-        out = through_resident(resident, job, generation, request, say) if resident is not None else None
+        out = through_resident(resident, job, generation, request, say, opts.append) if resident is not None \
+            else None
         how = "resident" if out is not None else "fresh"
         if out is None:
             out = trip.run(lambda: say(JUMP_WORDS[opts.kind]))
@@ -338,13 +339,13 @@ def resident_for(opts: Options, capture: CaptureKernel, system: SystemRoot, say:
 
 
 def through_resident(resident: ResidentTrip, job: Job, generation: int, request: Mapping[str, JsonValue] | None,
-                     say: Say) -> Outcome | None:
+                     say: Say, append: str = "") -> Outcome | None:
     """The pause through the resident capture kernel; None when it refused (it is disarmed: load a fresh one).
     RoundTripError as a fresh round trip's (the resident kernel disarmed: its state is unknown)."""
     from khibernate.capture import arm, pauserequest
     from khibernate.capture.errors import MailboxError
 
-    req = resident.request(job, generation, request)
+    req = resident.request(job, generation, request, append)
     try:
         pauserequest.pack(req)
     except MailboxError as e:
