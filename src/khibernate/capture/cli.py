@@ -58,7 +58,8 @@ def snapshot_command(target: str, level: int | None, for_analysis: bool, export_
     a free slot of DEV and jumps back. Then the slot is read back and checked, and only then marked complete:
     a failed or interrupted snapshot never damages the last good image. Filesystems are synced before the jump,
     and a capture kernel that cannot be shown to jump back (CONFIG_KEXEC_JUMP: `khibernate doctor --kernel K`)
-    is refused before anything is done.
+    is refused before anything is done. After `khibernate arm --target DEV` the pause jumps into the capture
+    kernel already waiting there (no boot in the pause); when it cannot serve or refuses, a fresh one is loaded.
       khibernate target init /dev/vdb
       khibernate snapshot --target /dev/vdb
       khibernate target export /dev/vdb 0 snap.khi
