@@ -32,6 +32,9 @@ ARM = "khibernate arm --target /dev/vda --kernel /boot/bzImage --capture-initrd 
 READ_PHYS = ("python3 -c 'import sys; from khibernate.image.sources.frozen import Kcore; "
              "print(Kcore().read_phys(int(sys.argv[1], 0), 4096).hex())' ")
 STACK_TAIL = 0xF00  # relocate_kernel's stack: the end of its control page
+# (kernel line, CPUs, MiB): CI runs 6.12 with 1 CPU; docs/resident.md's 7.3 run is this module with ("7.3", 2, 2048)
+GUEST = ("6.12", 1, 1024)
+TAG = f"[resident {GUEST[0]} {GUEST[2] // 1024} GiB {GUEST[1]} CPU]"
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +43,10 @@ def guest(module_tmp):
     from vmtest.vm import VM, check_host
 
     check_host()
-    kernel = ensure_kernel()
+    kernel = ensure_kernel(GUEST[0])
     ext4 = _ext4(module_tmp / "resident-ext4.img")
-    with VM(kernel=kernel, append="crashkernel=256M", memory_mb=1024, extra_files=HELPERS, disk_mb=STORE_MB,
-            disks=[ext4], name="resident-6.12", timeout=300) as vm:
+    with VM(kernel=kernel, append="crashkernel=256M", memory_mb=GUEST[2], smp=GUEST[1], extra_files=HELPERS,
+            disk_mb=STORE_MB, disks=[ext4], name=f"resident-{GUEST[0]}", timeout=300) as vm:
         vm.run("dd if=/dev/zero of=/dev/vda bs=1M count=2 2>/dev/null; sync")
         start_workload(vm)
         vm.run("mkdir -p /mnt && mount -t ext4 /dev/vdb /mnt && cp /tmp/blob.sha /mnt/blob.sha")
@@ -120,7 +123,7 @@ def test_a_store_changed_under_it_is_refused_and_a_fresh_kernel_captures(guest, 
     assert r["capture_kernel"] == "fresh", r
     assert "the resident capture kernel refuses this pause" in said[0] and "armed for" in said[0], said[0]
     assert "loading a fresh capture kernel" in said[0], said[0]
-    print(f"\n[resident 6.12 1 GiB] refused, then a fresh capture kernel: pause {r['pause_seconds']:.2f} s (its own "
+    print(f"\n{TAG} refused, then a fresh capture kernel: pause {r['pause_seconds']:.2f} s (its own "
           f"round trip; the refused jump before it is not counted), save {r['save_seconds']} s, image "
           f"{r['bytes'] / 1e6:.1f} MB, command {r['wall_seconds']} s")
     assert vm.run("cat /sys/kernel/kexec_loaded").strip() == "0"  # disarmed, the fresh one unloaded after use
@@ -178,10 +181,10 @@ def test_arm_three_snapshots_through_it(guest, tmp_path) -> None:
     assert "marked bad" in out, out
     assert "4 pause(s)" in vm.run("khibernate doctor 2>&1; true")
     assert vm.run("cat /proc/sys/kernel/random/boot_id").strip() == boot
-    print(f"\n[resident 6.12 1 GiB] arm {arm_wall:.1f} s (command); MemAvailable drop while armed "
+    print(f"\n{TAG} arm {arm_wall:.1f} s (command); MemAvailable drop while armed "
           f"{pinned / 2**20:.1f} MiB (the loaded image's pages in this kernel)")
     for r in runs:
-        print(f"[resident 6.12 1 GiB] slot {r['slot']} #{r['seq']}: pause {r['pause_seconds']:.2f} s, image "
+        print(f"{TAG} slot {r['slot']} #{r['seq']}: pause {r['pause_seconds']:.2f} s, image "
               f"{r['bytes'] / 1e6:.1f} MB, save {r['save_seconds']} s, capture peak used "
               f"{r['capture_peak_used_bytes'] / 2**20:.1f} MiB, command {r['wall_seconds']} s, control page "
               f"{r['control_page']}")
@@ -212,7 +215,7 @@ def test_watch_captures_an_oops_through_it_and_runs_on(guest, tmp_path) -> None:
     klog = image_log(vm, tmp_path, ev["snapshot"]["slot"])
     assert "lkdtm_EXCEPTION" in klog[klog.index(trig):][:8000]
     assert "5 pause(s)" in vm.run("khibernate doctor 2>&1; true")
-    print(f"[resident 6.12 1 GiB] watch: Oops captured through the resident capture kernel, pause "
+    print(f"{TAG} watch: Oops captured through the resident capture kernel, pause "
           f"{ev['snapshot']['pause_seconds']:.2f} s, -d 31 image {ev['snapshot']['bytes'] / 1e6:.1f} MB")
 
 
@@ -236,10 +239,11 @@ def test_hibernate_through_it_after_three_snapshots_resumes(guest) -> None:
     assert "hibernation image complete in slot" in vm.console_text()
     sb = store.read(str(vm.disk))
     rec = max((s for s in sb.slots if s.state.name == "COMPLETE" and s.flags & FLAG_HIBERNATE), key=lambda s: s.seq)
-    h = {"kernel": vm.kernel_build, "name": "resident", "smp": 1, "memory_mb": 1024, "store": vm.disk,
+    h = {"kernel": vm.kernel_build, "name": "resident", "smp": GUEST[1], "memory_mb": GUEST[2], "store": vm.disk,
          "ext4": vm.ext4, "cid": cid, "boot_id": boot_id, "counter": (pid, n), "hibernate_seconds": hib_s,
          "slot": rec.index, "image_bytes": rec.length}
-    text = resume_and_check(h, "resident-resume-6.12", "6.12 resident")
+    text = resume_and_check(h, f"resident-resume-{GUEST[0]}", f"{GUEST[0]} resident",
+                            cpus=f"0-{GUEST[1] - 1}" if GUEST[1] > 1 else None)
     assert "khibernate-restore: entering the saved kernel" in text
-    print(f"[resident 6.12 1 GiB] hibernate through the resident capture kernel (command -> power off) "
+    print(f"{TAG} hibernate through the resident capture kernel (command -> power off) "
           f"{hib_s:.1f} s")
