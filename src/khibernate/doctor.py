@@ -231,6 +231,12 @@ def diagnose(root: SystemRoot, euid: int, xen_crash_size: int | None = None) -> 
         state.append(f"crash image loaded: {'yes' if crash_loaded else 'no'}")
     if crash_size is not None:
         state.append(f"kexec_crash_size: {crash_size} bytes")
+    if loaded:
+        from khibernate.capture.arm import read_state
+
+        armed = read_state(root)
+        if armed is not None:
+            state.append(armed.describe())
     if state:
         f.append(Finding("loaded", True, "; ".join(state)))
     region = region_finding(root)

@@ -230,7 +230,7 @@ def test_the_capture_job_wipes_the_handed_key_before_it_saves(dev: str, tmp_path
     import uuid
 
     from khibernate.capture import mailbox
-    from khibernate.capture.jobspec import Job
+    from khibernate.capture.jobspec import CaptureContext, Job
     from khibernate.capture.save import take_request
     from khibernate.seal.handoff import hand_image_key
     from khibernate.store.handle import Store
@@ -247,7 +247,7 @@ def test_the_capture_job_wipes_the_handed_key_before_it_saves(dev: str, tmp_path
         mem = tmp_path / "mem"
         mem.write_bytes(bytes(4096) + mailbox.pack(mailbox.REQUEST, image.bytes,
                                                    {"request": "snapshot", "seal": handed.to_json()}))
-        request, sealing = take_request(st, job, devmem=str(mem))
+        request, sealing = take_request(st, job, CaptureContext(""), devmem=str(mem))
     page_now = mem.read_bytes()[4096:]
     assert request == {"request": "snapshot"}
     assert mailbox.read_request(4096, image.bytes, devmem=str(mem)) == {"request": "snapshot"}
