@@ -244,10 +244,14 @@ def test_resume_asks_the_passphrase_of_a_sealed_store_on_the_console(sealed: Sea
     assert "passphrase of the hibernation image in " in screen and PASSPHRASE.decode() not in screen
 
 
-def test_resume_check_takes_a_key(sealed: Sealed, tmp_path: Path) -> None:
-    """`resume --check` with a key: the wrong one is named, the right one gets to this boot's checks; nothing is
-    marked either way.  A store sealed to a key file only and no key: the option to give."""
+def test_resume_check_takes_a_key(sealed: Sealed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`resume --check` with a key: the wrong one is named, the right one gets to this boot's checks; without one it
+    asks nothing (it may run on a booted system, whose console is nobody's terminal) and names the options; nothing
+    is marked either way."""
+    monkeypatch.setattr(askpass, "TERMINALS", ("/nonexistent/tty",))  # an ask would fail, not wait
     r = CliRunner()
+    res = r.invoke(cli, ["resume", "--check", "--target", sealed.dev])
+    assert res.exit_code == 2 and "give its key to check its image" in res.output, res.output  # usage
     other = key_file(tmp_path / "other.key")
     res = r.invoke(cli, ["resume", "--check", "--target", sealed.dev, "--key-file", other.path])
     assert res.exit_code == 1 and "does not open" in res.output, res.output

@@ -57,6 +57,7 @@ def resume_command(target: str, again: bool, attempt: str | None, ignore_changed
     this one image and ends; that key reaches the restoring capture kernel through memory (the mailbox page, wiped
     at once), never the command line or the disk. A wrong key or passphrase is refused before anything is loaded
     (the image stays tried; `resume --again` with the right one). Given a key, an unsealed image is refused.
+    --check of a sealed store needs a key option (it asks only with --passphrase; without one: exit 2).
     Exit status: 0 nothing to resume (DEV holds no hibernation image); 1 the image was not resumed — refused (it
     is for another kernel build or memory size, a filesystem changed, it is damaged, or this is no
     initramfs) or tried or resumed before, or discarded; nothing was written to memory, boot on normally;
