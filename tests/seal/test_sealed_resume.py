@@ -331,3 +331,23 @@ def test_the_restore_job_refuses_before_any_write(sealed: Sealed, tmp_path: Path
     data = mem.read_bytes()
     assert handed.image_key.hex().encode() not in data
     assert data[:MAILBOX] == data[2 * MAILBOX:] == b"\xa5" * MAILBOX
+
+
+def test_a_sealed_restore_zeroes_the_free_pages(sealed: Sealed, tmp_path: Path, memfile: Path) -> None:
+    """What the resume boot had in the pages the image dropped as free (its heap with the image key, the tty buffer
+    the passphrase was typed into) must not stay in the resumed kernel: a sealed restore zeroes them; an unsealed
+    one keeps the old rule (only for init_on_free kernels)."""
+    from khibernate.restore.checks import SavedImage
+    from khibernate.restore.run import Prepared, zero_free
+
+    rec = api.read(sealed.dev).slot(0)
+    with api.open_slot(sealed.dev, rec, sealed.key) as src:
+        img = SavedImage.from_source(src)
+        assert not img.zero_free and zero_free(Prepared(src, img, None))  # type: ignore[arg-type]
+    (tmp_path / "u").mkdir()
+    dev = _store(tmp_path / "u", "--unsealed")
+    _hibernated(dev, memfile, None)
+    with api.open_slot(dev, api.read(dev).slot(0)) as src:
+        img = SavedImage.from_source(src)
+        assert not zero_free(Prepared(src, img, None))  # type: ignore[arg-type]
+        assert zero_free(Prepared(src, dataclasses.replace(img, zero_free=True), None))  # type: ignore[arg-type]
