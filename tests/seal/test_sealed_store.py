@@ -179,13 +179,16 @@ def test_restore_of_a_sealed_slot_needs_the_right_key(dev: str, memfile: Path, t
 
 
 def test_which_captures_a_store_takes() -> None:
-    """A sealed store: a snapshot with its key; without, or a hibernation (no resume could open it yet), refused
-    before anything runs.  An unsealed store given a key: refused (the key would seal nothing)."""
+    """A sealed store: a snapshot or a hibernation with its key (a resume hands the same image key on); without
+    it, refused before anything runs, saying which option to give.  An unsealed store given a key: refused (the key
+    would seal nothing)."""
     policy.check_capture(STORE_SEALED, "/dev/vdb", "snapshot", key_given=True)
     with pytest.raises(policy.SealedStoreCaptureError, match="give its key"):
         policy.check_capture(STORE_SEALED, "/dev/vdb", "snapshot", key_given=False)
-    with pytest.raises(policy.SealedStoreCaptureError, match="resume cannot yet hand the key"):
-        policy.check_capture(STORE_SEALED, "/dev/vdb", "hibernate", key_given=True)
+    policy.check_capture(STORE_SEALED, "/dev/vdb", "hibernate", key_given=True)  # a resume hands the key on
+    with pytest.raises(policy.SealedStoreCaptureError, match="give its key to `hibernate` .*--passphrase-file FILE.*"
+                       "the resume asks for the passphrase"):
+        policy.check_capture(STORE_SEALED, "/dev/vdb", "hibernate", key_given=False)
     with pytest.raises(policy.SealedStoreCaptureError, match="not a sealed store"):
         policy.check_capture(STORE_UNSEALED, "/dev/vdb", "snapshot", key_given=True)
     policy.check_capture(STORE_UNSEALED, "/dev/vdb", "snapshot", key_given=False)

@@ -105,8 +105,10 @@ def snapshot_command(target: str, level: int | None, for_analysis: bool, export_
 @click.option("--allow-unresumable", is_flag=True,
               help="Hibernate even where `doctor` says a resume boot could not restore the image (e.g. KASLR with a "
                    "crash region over half of RAM): the image is then for analysis, or for a boot you arrange.")
+@with_key_options
 def hibernate_command(target: str, level: int, kernel: str | None, capture_initrd: str | None, deadline: float,
-                      append: str, as_json: bool, allow_unresumable: bool) -> None:
+                      append: str, as_json: bool, allow_unresumable: bool, key_file: str | None,
+                      passphrase_file: str | None, ask_passphrase: bool) -> None:
     """Save this running kernel into a store slot and power the machine off; `khibernate resume` at the next
     boot brings it back exactly where it stopped (same processes, same boot_id).
 
@@ -120,6 +122,10 @@ def hibernate_command(target: str, level: int, kernel: str | None, capture_initr
     boot before the resume — resuming after they changed corrupts them. It says first whether a resume boot reserves
     the same crash region (KASLR moves it; resume then swaps the saved region free) and refuses a setup whose resume
     would fail.
+    A sealed store (`target init --passphrase-file F` or `--key-file F`) needs its key here as for a snapshot
+    (--passphrase-file F or --key-file F, read in a child process that ends before the jump; only the key of this
+    one image reaches the capture kernel). The resume boot asks for the passphrase on the console, or takes the
+    same option.
       khibernate target init /dev/vdb
       khibernate hibernate --target /dev/vdb        # ... power on ... khibernate resume --target /dev/vdb
     """
@@ -131,7 +137,8 @@ def hibernate_command(target: str, level: int, kernel: str | None, capture_initr
     from khibernate.system import SystemRoot
 
     opts = snap.Options(target=target, level=level, kernel=kernel, capture_initrd=capture_initrd, deadline=deadline,
-                        append=append, kind="hibernate", allow_unresumable=allow_unresumable)
+                        append=append, kind="hibernate", allow_unresumable=allow_unresumable,
+                        key=capture_key(key_file, passphrase_file, ask_passphrase))
     rep = Reporter.for_terminal(as_json=as_json)
     system = SystemRoot()
     region = region_finding(system)

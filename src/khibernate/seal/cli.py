@@ -72,6 +72,20 @@ def capture_key(key_file: str | None, passphrase_file: str | None,
     return make
 
 
+def resume_key(target: str, key_file: str | None, passphrase_file: str | None,
+               ask_passphrase: bool) -> Callable[[], KeySource] | None:
+    """The key of a resume of ``target``, as a factory run in the child process that derives the image key: a key
+    file, a passphrase file, or (``--passphrase``) the passphrase asked on the console there (seal/askpass.py).
+    None without key options: a sealed store's passphrase is then asked on the console all the same."""
+    if sum(map(bool, (key_file, passphrase_file, ask_passphrase))) > 1:
+        raise UsageError("give one key to resume: --key-file, --passphrase-file or --passphrase")
+    if ask_passphrase:
+        from khibernate.seal.askpass import console_passphrase
+
+        return console_passphrase(target)
+    return capture_key(key_file, passphrase_file, False)
+
+
 def one_key(key_file: str | None, passphrase_file: str | None, ask_passphrase: bool) -> KeySource | None:
     """The one key source that opens an image (None without key options)."""
     sources = key_sources(key_file, passphrase_file, ask_passphrase)

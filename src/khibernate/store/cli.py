@@ -66,9 +66,10 @@ def init_cmd(device: str, slots: int, force: bool, unsealed: bool, key_file: str
 
     \b
     Sealing: with --key-file and/or --passphrase-file (--passphrase asks), a random store key is made, wrapped
-    by each (key slots at 8 KiB), and the store accepts only images sealed with it. Captures into a sealed store
-    are refused until the capture kernel can seal (next release). Without a key the store is unsealed and says
-    so (as --unsealed): restore refuses an unsealed image from a store that does not say so.
+    by each (key slots at 8 KiB), and the store accepts only images sealed with it: `snapshot` and `hibernate`
+    into it need the key (--key-file or --passphrase-file), `resume` takes it or asks for the passphrase on the
+    console. Without a key the store is unsealed and says so (as --unsealed): restore refuses an unsealed image
+    from a store that does not say so.
     """
     sources = key_sources(key_file, passphrase_file, ask_passphrase, confirm=True)
     if sources and unsealed:
