@@ -50,6 +50,9 @@ def _register() -> None:
     from khibernate.view.cli import view_group
 
     cli.add_command(view_group)
+    from khibernate.install.cli import setup_command
+
+    cli.add_command(setup_command)
 
 
 _register()

@@ -146,9 +146,9 @@ class VM:
                  extra_files: Iterable[tuple[Path | str, str]] = (), disk_mb: int = 0, timeout: float = 120,
                  name: str = "vm", accel: str | None = None, qemu_args: Iterable[str] = (),
                  initrd: Path | None = None, cpu: str | None = None, disks: Iterable[Path] = (),
-                 wait_ready: bool = True):
+                 wait_ready: bool = True, base_append: str = BASE_APPEND):
         self.kernel = kernel
-        self.append = f"{BASE_APPEND} {append}".strip()
+        self.append = f"{base_append} {append}".strip()  # base_append: another boot (a disk root, not ramfs)
         self.memory_mb = memory_mb
         self.smp = smp
         self.extra_files = [(Path(s), d) for s, d in extra_files]
