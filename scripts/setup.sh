@@ -12,7 +12,8 @@ fi
 
 PKGS="qemu-system-x86 kexec-tools busybox-static makedumpfile crash build-essential flex bison bc libelf-dev
       libssl-dev python3 python3-venv python3-dev python3-libkdumpfile zstd xz-utils
-      fuse3 gdb kmod"
+      fuse3 gdb kmod
+      mmdebstrap dpkg-dev debhelper dh-python python3-all-dev python3-setuptools python3-cffi"
 missing=""
 for p in $PKGS; do
   [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing="$missing $p"
@@ -37,3 +38,7 @@ echo "[setup] a Debian distribution kernel for the tests and its debug vmlinux (
 echo "[setup] test kernels (built once from Debian's linux-source-6.12 and -7.3, then cached in ~/.cache/khibernate)"
 .venv/bin/python -m vmtest.kernel 6.12
 .venv/bin/python -m vmtest.kernel 7.3
+
+echo "[setup] the khibernate .deb and the Debian 12 test machine's disk (systemd, initramfs-tools; built once, cached)"
+.venv/bin/python -m vmtest.package
+.venv/bin/python -m vmtest.rootfs

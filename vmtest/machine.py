@@ -63,6 +63,13 @@ class Machine:
         out.unlink()
         return data
 
+    def put_file(self, src: Path, path: str) -> None:
+        """Write a host file into the guest's root filesystem (debugfs -w; only while the machine is off and its
+        filesystem clean, e.g. before the first boot: what a user downloaded)."""
+        r = subprocess.run(["debugfs", "-w", "-R", f"write {src} {path}", self.root_fs], capture_output=True, text=True)
+        if r.returncode != 0 or "rror" in r.stderr:
+            raise OSError(f"debugfs write {src} {path}: {r.stderr.strip()[-300:]}")
+
     def boot_files(self, release: str | None = None) -> BootFiles:
         """/boot/vmlinuz-REL and /boot/initrd.img-REL from the disk (the image's kernel by default)."""
         rel = release or self.image.release

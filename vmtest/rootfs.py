@@ -134,7 +134,7 @@ def _bootstrap(tree: Path, kernel: KernelSource, root_uuid: str, log: Path) -> N
     env = dict(os.environ, KHB_DEPS=" ".join(KHIBERNATE_DEPS), KHB_ROOT_UUID=root_uuid, KHB_HERE=str(DISTRO_DIR),
                KHB_KERNEL_DEB=str(kernel.deb or ""), KHB_KERNEL_TREE=str(kernel.tree or ""))
     cmd = ["mmdebstrap", "--mode=root", "--variant=minbase", "--include=" + ",".join(PACKAGES),
-           "--aptopt=APT::Install-Recommends \"false\"",
+           "--aptopt=APT::Install-Recommends \"false\"", "--skip=cleanup/apt/lists",
            f"--customize-hook=sh {DISTRO_DIR / 'customize.sh'} \"$1\"", SUITE, str(tree), *_mirrors()]
     _run(cmd, log, env)
 

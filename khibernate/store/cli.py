@@ -6,6 +6,7 @@ import json
 
 import click
 
+from khibernate.clickutil import SIZE
 from khibernate.store import api
 
 
@@ -28,8 +29,27 @@ def target_group() -> None:
 @click.argument("device")
 @click.option("--slots", type=int, default=2, show_default=True, help="Number of equal image slots (2..16).")
 @click.option("--force", is_flag=True, help="Replace an existing store (its images are lost).")
-def init_cmd(device: str, slots: int, force: bool) -> None:
-    """Create an empty store on DEVICE (everything on it is lost)."""
+@click.option("--size", type=SIZE, metavar="S",
+              help="Make DEVICE a new file of S bytes (e.g. 2G) on ext4 or xfs, like a swap file: written "
+                   "completely, its extents recorded; refused where it cannot be written by device offsets.")
+def init_cmd(device: str, slots: int, force: bool, size: int | None) -> None:
+    """Create an empty store on DEVICE (everything on it is lost), or with --size a store file DEVICE.
+
+    
+    A store file is like a swap file with resume_offset=: the capture kernel, which mounts nothing, writes the
+    disk under it, inside the file's extents only. A file that is copy-on-write, reflinked, compressed, inline,
+    encrypted, sparse, or on btrfs, LVM, dm-crypt or a network filesystem is refused with the reason; so is a
+    file that moved on the disk since `target init` (defragmented, copied), at every hibernate and resume.
+      khibernate target init /var/lib/khibernate/store --size 2G
+    """
+    if size is not None:
+        from khibernate.store import filetarget
+
+        sb, m = filetarget.init_file(device, size, slots, force)
+        click.echo(sb.describe())
+        click.echo(f"file target: {len(m.extents)} extent(s) on the device, first byte at device offset "
+                   f"{m.resume_offset} (resume_offset)")
+        return
     sb = api.init(device, slots, force)
     click.echo(sb.describe())
 

@@ -9,6 +9,8 @@ set -eu
 root="$1"
 in_root() { chroot "$root" "$@"; }
 
+sed -i 's/^COMPRESS=.*/COMPRESS=zstd/' "$root/etc/initramfs-tools/initramfs.conf"
+
 # 1. the kernel, installed as its package would be (its postinst runs update-initramfs -c)
 if [ -n "${KHB_KERNEL_DEB:-}" ]; then
     cp "$KHB_KERNEL_DEB" "$root/tmp/kernel.deb"
@@ -25,10 +27,11 @@ fi
 
 # 2. khibernate's dependencies as a local apt repository (the guest has no network)
 repo=/var/local/khibernate-deps
+rm -f "$root"/var/cache/apt/archives/*.deb  # the bootstrap's own packages: installed already
 in_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --download-only $KHB_DEPS
 mkdir -p "$root$repo"
 mv "$root"/var/cache/apt/archives/*.deb "$root$repo/"
-(cd "$root$repo" && dpkg-scanpackages --multiversion . /dev/null > Packages 2>/dev/null)
+(cd "$root$repo" && dpkg-scanpackages --multiversion . /dev/null > Packages 2>/dev/null && gzip -k9n Packages)
 echo "deb [trusted=yes] file:$repo ./" > "$root/etc/apt/sources.list"
 rm -f "$root"/etc/apt/sources.list.d/*
 in_root apt-get update -q
@@ -39,7 +42,6 @@ echo khb-debian > "$root/etc/hostname"
 printf '127.0.0.1 localhost\n127.0.1.1 khb-debian\n' > "$root/etc/hosts"
 mkdir -p "$root/var/log/journal"
 in_root passwd -d root >/dev/null
-sed -i 's/^COMPRESS=.*/COMPRESS=zstd/' "$root/etc/initramfs-tools/initramfs.conf"
 install -D -m755 "$KHB_HERE/../../initramfs/usr/libexec/khibernate/vm-agent" "$root/usr/local/libexec/vmtest/vm-agent"
 install -D -m644 "$KHB_HERE/vmtest-agent.service" "$root/etc/systemd/system/vmtest-agent.service"
 in_root systemctl enable vmtest-agent.service
@@ -47,6 +49,7 @@ for u in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.
          man-db.timer dpkg-db-backup.timer systemd-timesyncd.service; do
     in_root systemctl mask "$u" >/dev/null 2>&1 || true
 done
+in_root systemctl set-default multi-user.target
 if ls "$root"/boot/initrd.img-* >/dev/null 2>&1; then
     in_root update-initramfs -u -k all
 fi
