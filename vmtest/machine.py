@@ -37,6 +37,7 @@ class Machine:
         self.name = name
         self.dir = LOG_ROOT / f"{name}-machine"
         self.disk = self.dir / "disk.img"
+        self.extra_disks: list[Path] = []  # more raw disks, attached after the root disk (/dev/vdb, ...)
         self.boots = 0
 
     def create(self) -> float:
@@ -89,7 +90,7 @@ class Machine:
         self.boots += 1
         files = self.boot_files(release)
         return VM(kernel=files, initrd=files.initrd, base_append=self.append(extra_append), memory_mb=memory_mb,
-                  smp=smp, disks=[self.disk], timeout=timeout, name=f"{self.name}-boot{self.boots}",
+                  smp=smp, disks=[self.disk, *self.extra_disks], timeout=timeout, name=f"{self.name}-boot{self.boots}",
                   wait_ready=wait_ready)
 
     def fsck(self) -> tuple[int, str]:

@@ -66,6 +66,27 @@ def debian_kernel() -> KernelSource:
     return KernelSource(k.kver, deb=k.deb)
 
 
+def flavour_kernel(tk) -> KernelSource:
+    """A modular test kernel build (vmtest.kernel's ``6.12-distro``: bzImage, config, System.map and an installed
+    modules tree) staged as the tree a kernel package installs: boot/vmlinuz-REL, boot/config-REL,
+    boot/System.map-REL and lib/modules/REL.  The stage is cached beside the build."""
+    rel = tk.release
+    stage = tk.directory / "install-tree"
+    if not (stage / "lib" / "modules" / rel / "modules.dep").is_file():
+        tmp = tk.directory / "install-tree.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "boot").mkdir(parents=True)
+        shutil.copy2(tk.bzimage, tmp / "boot" / f"vmlinuz-{rel}")
+        shutil.copy2(tk.config, tmp / "boot" / f"config-{rel}")
+        shutil.copy2(tk.system_map, tmp / "boot" / f"System.map-{rel}")
+        shutil.copytree(tk.modules_root / rel, tmp / "lib" / "modules" / rel, symlinks=True)
+        for link in ("build", "source"):  # point into the build tree, which the image does not carry
+            (tmp / "lib" / "modules" / rel / link).unlink(missing_ok=True)
+        shutil.rmtree(stage, ignore_errors=True)
+        tmp.rename(stage)
+    return KernelSource(rel, tree=stage)
+
+
 @dataclasses.dataclass(frozen=True)
 class RootfsImage:
     """A built, cached disk image: ``disk.img`` (GPT, one ext4 partition at 1 MiB) and ``info.json``."""
