@@ -1,6 +1,8 @@
 """The ``khibernate`` command: click groups only (parse, call, print); the logic lives in the modules.
 
-Each part of khibernate registers its own click group or command here; only commands that work are listed.
+Each part of khibernate owns its click group or command; this table names where each one lives, and a command's
+module is imported only when that command runs (``khibernate --version`` or ``snapshot`` does not pay for the
+imports of ``image`` or ``view``).
 """
 
 from __future__ import annotations
@@ -8,54 +10,35 @@ from __future__ import annotations
 import click
 
 from khibernate import __version__
-from khibernate.clickutil import ErrorReportingGroup
+from khibernate.clickutil import LazyGroup
+
+# command name -> "module:attribute" of its click command or group
+COMMANDS = {
+    "doctor": "khibernate.doctor:doctor_command",
+    "image": "khibernate.image.cli:image_group",
+    "kexec": "khibernate.jump.cli:kexec_group",
+    "kdump": "khibernate.jump.cli:kdump_group",
+    "jump": "khibernate.jump.cli:jump_group",
+    "initramfs": "khibernate.initramfs.cli:initramfs_group",
+    "target": "khibernate.store.cli:target_group",
+    "snapshot": "khibernate.capture.cli:snapshot_command",
+    "hibernate": "khibernate.capture.cli:hibernate_command",
+    "watch": "khibernate.capture.cli:watch_command",
+    "capture": "khibernate.capture.cli:capture_group",
+    "resume": "khibernate.restore.cli:resume_command",
+    "restore": "khibernate.restore.cli:restore_command",
+    "view": "khibernate.view.cli:view_group",
+    "setup": "khibernate.install.cli:setup_command",
+}
 
 
-@click.group(cls=ErrorReportingGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="khibernate")
 def cli() -> None:
     """kexec-jump based hibernation and checkpointing for Linux.
 
     Start with `khibernate doctor`: it says what stops this machine from kexec, kdump and kexec jump.
     """
-
-
-def _register() -> None:
-    from khibernate.doctor import doctor_command
-
-    cli.add_command(doctor_command)
-    from khibernate.image.cli import image_group
-
-    cli.add_command(image_group)
-    from khibernate.jump.cli import jump_group, kdump_group, kexec_group
-
-    for group in (kexec_group, kdump_group, jump_group):
-        cli.add_command(group)
-    from khibernate.initramfs.cli import initramfs_group
-
-    cli.add_command(initramfs_group)
-    from khibernate.store.cli import target_group
-
-    cli.add_command(target_group)
-    from khibernate.capture.cli import capture_group, hibernate_command, snapshot_command, watch_command
-
-    cli.add_command(snapshot_command)
-    cli.add_command(hibernate_command)
-    cli.add_command(watch_command)
-    from khibernate.restore.cli import restore_command, resume_command
-
-    cli.add_command(resume_command)
-    cli.add_command(restore_command)
-    cli.add_command(capture_group)
-    from khibernate.view.cli import view_group
-
-    cli.add_command(view_group)
-    from khibernate.install.cli import setup_command
-
-    cli.add_command(setup_command)
-
-
-_register()
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 import sys
 from typing import Any
@@ -31,6 +32,28 @@ class ErrorReportingGroup(click.Group):
             err = e
         click.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
+
+
+class LazyGroup(ErrorReportingGroup):
+    """An ErrorReportingGroup whose subcommands are imported when they are used: ``lazy_commands`` maps each
+    command name to ``"module:attribute"`` of its click command (whose own name must be that command name)."""
+
+    def __init__(self, *args: Any, lazy_commands: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = dict(lazy_commands or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.commands or cmd_name not in self.lazy_commands:
+            return super().get_command(ctx, cmd_name)
+        module, _, attr = self.lazy_commands[cmd_name].partition(":")
+        command = getattr(importlib.import_module(module), attr)
+        if not isinstance(command, click.Command) or command.name != cmd_name:
+            raise RuntimeError(f"{self.lazy_commands[cmd_name]} is not the click command {cmd_name!r}")
+        self.add_command(command)
+        return command
 
 
 SUFFIXES = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
