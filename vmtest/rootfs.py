@@ -113,14 +113,17 @@ class RootfsImage:
         return self.disk.is_file() and (self.directory / "info.json").is_file()
 
 
+# Bump when the way the image is made changes (here, not in vmtest/distro/: those files are hashed by content).
+RECIPE = "rootfs-v1: mmdebstrap minbase, GPT + ext4 at 1 MiB, deps-only local repo"
+
+
 def image_key(kernel: KernelSource) -> str:
-    """Hash of what makes the image: packages, suite, the customize hook and its files, this module, the kernel."""
-    h = hashlib.sha256(b"rootfs-v1\0")
+    """Hash of what makes the image: packages, suite, the customize hook and its files, the recipe, the kernel."""
+    h = hashlib.sha256(RECIPE.encode() + b"\0")
     h.update(f"{SUITE}\0{','.join(PACKAGES)}\0{','.join(KHIBERNATE_DEPS)}\0{DISK_MB}\0".encode())
     for p in sorted(DISTRO_DIR.iterdir()):
         h.update(p.name.encode() + b"\0" + p.read_bytes())
     h.update((HERE.parent / "initramfs/usr/libexec/khibernate/vm-agent").read_bytes())
-    h.update(Path(__file__).read_bytes())
     h.update(kernel.key().encode())
     return h.hexdigest()[:12]
 
@@ -177,6 +180,17 @@ def _make_disk(tree: Path, disk: Path, root_uuid: str, log: Path) -> None:
     _run(["e2fsck", "-fn", f"{disk}?offset={PARTITION_OFFSET}"], log)
 
 
+def _remove_work(work: Path) -> None:
+    """Delete an interrupted build's folder, never through a mount an interrupted mmdebstrap left inside it
+    (its chroot has the host's /proc, /sys and /dev mounted while it runs)."""
+    inside = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+              if line.split()[1].startswith(str(work) + "/")]
+    if inside:
+        raise RootfsError(f"{work} still has mounts inside ({', '.join(inside[:3])}): an mmdebstrap is running or "
+                          "was killed; unmount them (umount -R) before the image can be rebuilt")
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def build(kernel: KernelSource, log=print) -> RootfsImage:
     """Build the image for ``kernel`` into the cache (under a lock; a finished one is reused)."""
     key = image_key(kernel)
@@ -187,7 +201,7 @@ def build(kernel: KernelSource, log=print) -> RootfsImage:
         if img.complete():
             return img
         work = ROOTFS_CACHE / f"work-{key}"
-        shutil.rmtree(work, ignore_errors=True)
+        _remove_work(work)
         work.mkdir()
         blog = work / "build.log"
         root_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"khibernate-rootfs-{key}"))

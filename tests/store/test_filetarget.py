@@ -193,3 +193,27 @@ def test_sparse_size_and_existing_files_are_refused_before_anything_is_written(t
     with pytest.raises(FileTargetError, match="exists"):
         filetarget.init_file(str(tmp_path / "y"), MiB * 8)
     assert (tmp_path / "y").read_bytes() == b"keep"
+
+
+def test_target_map_spec_round_trip_and_errors():
+    from khibernate.store.filedev import TargetMap
+
+    tm = TargetMap(254, 1, 16 * MiB)
+    assert TargetMap.parse(tm.spec()) == tm and tm.spec() == "254:1:16777216"
+    for bad in ("", "254:1", "x:1:2", "254:1:-5", "1:2:3:4"):
+        with pytest.raises(FileTargetError, match="MAJ:MIN:OFFSET"):
+            TargetMap.parse(bad)
+
+
+def test_read_map_finds_the_store_by_device_and_offset(tmp_path):
+    from khibernate.store.filedev import read_map
+
+    m = sample_map()
+    disk = tmp_path / "disk"
+    with open(disk, "wb") as f:
+        f.truncate(20 * MiB)
+        f.seek(m.resume_offset + extentmap.MAP_OFFSET)
+        f.write(m.pack())
+    assert read_map(str(disk), m.resume_offset) == m
+    with pytest.raises(StoreCorruptError):
+        read_map(str(disk), m.resume_offset + 4096)
