@@ -1,8 +1,11 @@
-"""Build (once) and cache the small jump-capable test kernel from Debian's linux-source package.
+"""Build (once) and cache the jump-capable test kernels from Debian's linux-source packages.
 
 ``python -m vmtest.kernel [LINE]`` prints the cache directory holding ``bzImage``, ``vmlinux``,
-``System.map`` and ``config``.  The cache key is the source package version plus a hash of the
-config fragments and of this file, so a warm run costs one private ``apt-get update``.
+``System.map`` and ``config`` (and, for a modular flavour, ``modules/lib/modules/<release>`` with modules.dep).
+LINE is a kernel line (``6.12``, ``7.3``: small tinyconfig-based kernels) or a flavour of one (``6.12-distro``:
+the same source with what distributions turn on — KASLR, THP, memcg, modules …; ``distro.config``).
+The cache key is the source package version plus a hash of the config fragments and of the recipe version,
+so a warm run costs one private ``apt-get update``.
 The host's apt configuration is never changed: a private sources list and state directory are used.
 """
 
@@ -28,27 +31,35 @@ CACHE = cache_root()
 
 @dataclasses.dataclass(frozen=True)
 class KernelLine:
-    """A Debian kernel source line we can build: package name and the suites that carry it."""
+    """A kernel we can build: the Debian source package and the suites that carry it, the config fragments
+    (files next to this module, merged in order on top of ``make tinyconfig``) and whether it has modules."""
 
     name: str
     package: str
     codename: str
     suites: tuple[str, ...]
+    fragments: tuple[str, ...]
+    modular: bool = False
 
 
+BOOKWORM = ("bookworm", "bookworm-security", "bookworm-updates", "bookworm-backports")
 LINES = {
-    "6.12": KernelLine("6.12", "linux-source-6.12", "bookworm",
-                       ("bookworm", "bookworm-security", "bookworm-updates", "bookworm-backports")),
-    "7.3": KernelLine("7.3", "linux-source-7.3", "trixie", ("trixie", "trixie-security", "trixie-backports")),
+    "6.12": KernelLine("6.12", "linux-source-6.12", "bookworm", BOOKWORM, ("common.config", "6.12.config")),
+    "7.3": KernelLine("7.3", "linux-source-7.3", "trixie", ("trixie", "trixie-security", "trixie-backports"),
+                      ("common.config", "7.3.config")),
+    # a distribution-like 6.12: KASLR, THP, hugetlbfs, memcg, KSM, init_on_alloc, systemd's needs, modular drivers
+    "6.12-distro": KernelLine("6.12-distro", "linux-source-6.12", "bookworm", BOOKWORM,
+                              ("common.config", "6.12.config", "distro.config"), modular=True),
 }
 DEFAULT_LINE = "6.12"
 
 
 @dataclasses.dataclass(frozen=True)
 class TestKernel:
-    """The cached artefacts of one test kernel build."""
+    """The cached artefacts of one test kernel build (``modular``: it also has an installed modules tree)."""
 
     directory: Path
+    modular: bool = False
 
     @property
     def bzimage(self) -> Path:
@@ -70,9 +81,21 @@ class TestKernel:
     def info(self) -> dict:
         return json.loads((self.directory / "build-info.json").read_text())
 
+    @property
+    def modules_root(self) -> Path:
+        """The ``/lib/modules`` of this build (``<release>/modules.dep`` inside) as modules_install wrote it."""
+        return self.directory / "modules" / "lib" / "modules"
+
+    @property
+    def release(self) -> str:
+        """``uname -r`` of this kernel."""
+        return str(self.info["release"])
+
     def complete(self) -> bool:
-        return all(p.is_file() for p in (self.bzimage, self.vmlinux, self.system_map, self.config,
-                                         self.directory / "build-info.json"))
+        files = (self.bzimage, self.vmlinux, self.system_map, self.config, self.directory / "build-info.json")
+        if not all(p.is_file() for p in files):
+            return False
+        return not self.modular or (self.modules_root / self.release / "modules.dep").is_file()
 
 
 class KernelBuildError(RuntimeError):
@@ -84,7 +107,7 @@ def log(msg: str) -> None:
 
 
 def fragments(line: str) -> list[Path]:
-    return [HERE / "common.config", HERE / f"{line}.config"]
+    return [HERE / name for name in LINES[line].fragments]
 
 
 def wanted_options(line: str) -> dict[str, str]:
@@ -116,10 +139,13 @@ def missing_options(config_text: str, wanted: dict[str, str]) -> list[str]:
 
 # Bump when the build recipe changes in a way that changes the artefacts.
 RECIPE_VERSION = "1"
+MODULAR_RECIPE = "modules_install v1"  # added to a modular flavour's hash (the 6.12 and 7.3 keys stay as they were)
 
 
 def fragment_hash(line: str) -> str:
     h = hashlib.sha256(RECIPE_VERSION.encode())
+    if LINES[line].modular:
+        h.update(MODULAR_RECIPE.encode())
     for p in fragments(line):
         h.update(p.name.encode() + b"\0" + p.read_bytes())
     return h.hexdigest()[:12]
@@ -216,7 +242,7 @@ def find_cached(line: str) -> TestKernel | None:
     """Any complete cached build of this fragment (used when apt cannot be reached)."""
     fh = fragment_hash(line)
     for d in sorted((CACHE / "kernels").glob(f"{line}-*-{fh}")):
-        tk = TestKernel(d)
+        tk = TestKernel(d, LINES[line].modular)
         if tk.complete():
             return tk
     return None
@@ -238,8 +264,10 @@ def _ensure_kernel_locked(line: str, jobs: int | None) -> TestKernel:
     apt = PrivateApt(kline, CACHE / "apt" / kline.codename)
     version = os.environ.get("KHIBERNATE_KERNEL_SOURCE_VERSION")
     try:
-        apt.update()
-        version = version or apt.candidate(kline.package)
+        with open(CACHE / f"apt-{kline.codename}.lock", "w") as lock:  # flavours of a line share its apt state
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            apt.update()
+            version = version or apt.candidate(kline.package)
     except KernelBuildError as e:
         cached = find_cached(line)
         if cached:
@@ -247,7 +275,7 @@ def _ensure_kernel_locked(line: str, jobs: int | None) -> TestKernel:
             return cached
         raise
     key = f"{line}-{version}-{fragment_hash(line)}"
-    tk = TestKernel(CACHE / "kernels" / key)
+    tk = TestKernel(CACHE / "kernels" / key, kline.modular)
     if tk.complete():
         log(f"cached: {tk.directory}")
         return tk
@@ -282,10 +310,12 @@ def build(kline: KernelLine, version: str, apt: PrivateApt, out: Path, jobs: int
         log(f"building with -j{jobs} (several minutes; log {logpath})")
         t1 = time.monotonic()
         sh(["make", f"-j{jobs}", "bzImage"], src, logf)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if kline.modular:
+            install_modules(src, tmp / "modules", jobs, logf)
         t_build = time.monotonic() - t1
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     shutil.copy2(src / "arch/x86/boot/bzImage", tmp / "bzImage")
     shutil.copy2(src / "vmlinux", tmp / "vmlinux")
     shutil.copy2(src / "System.map", tmp / "System.map")
@@ -294,12 +324,26 @@ def build(kline: KernelLine, version: str, apt: PrivateApt, out: Path, jobs: int
     release = (src / "include/config/kernel.release").read_text().strip()
     info = {"line": kline.name, "package": kline.package, "version": version, "release": release,
             "fetch_seconds": round(t_fetch, 1), "build_seconds": round(t_build, 1), "jobs": jobs,
-            "bzimage_bytes": (tmp / "bzImage").stat().st_size, "vmlinux_bytes": (tmp / "vmlinux").stat().st_size}
+            "bzimage_bytes": (tmp / "bzImage").stat().st_size, "vmlinux_bytes": (tmp / "vmlinux").stat().st_size,
+            "modules": sorted(p.name for p in (tmp / "modules").rglob("*.ko")) if kline.modular else []}
     (tmp / "build-info.json").write_text(json.dumps(info, indent=1) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     shutil.rmtree(work, ignore_errors=True)
     log(f"built {release} in {t_build:.0f} s -> {out}")
+
+
+def install_modules(src: Path, dest: Path, jobs: int, logf) -> None:
+    """``make modules`` and ``modules_install`` into ``dest`` (``dest/lib/modules/<release>``, depmod's
+    modules.dep beside the .ko files, stripped); the ``build``/``source`` links into the deleted tree go."""
+    if shutil.which("depmod") is None and not Path("/sbin/depmod").exists():
+        raise KernelBuildError("depmod not found: apt-get install kmod (modules_install writes modules.dep with it)")
+    sh(["make", f"-j{jobs}", "modules"], src, logf)
+    sh(["make", "modules_install", f"INSTALL_MOD_PATH={dest}", "INSTALL_MOD_STRIP=1"], src, logf)
+    for link in (*dest.glob("lib/modules/*/build"), *dest.glob("lib/modules/*/source")):
+        link.unlink()
+    if not list(dest.glob("lib/modules/*/modules.dep")):
+        raise KernelBuildError(f"modules_install wrote no modules.dep under {dest}; see {logf.name}")
 
 
 def main(argv: list[str]) -> int:
