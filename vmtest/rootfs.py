@@ -32,7 +32,7 @@ SUITE = "bookworm"
 PACKAGES = ("systemd", "systemd-sysv", "udev", "dbus", "libpam-systemd", "initramfs-tools", "kmod", "python3",
             "e2fsprogs", "procps", "zstd", "util-linux", "less")
 # what debian/control makes khibernate depend on: put in the image's local apt repository, not installed
-KHIBERNATE_DEPS = ("python3-click", "python3-zstandard", "python3-pyelftools", "python3-cffi-backend",
+KHIBERNATE_DEPS = ("python3-click", "python3-zstandard", "python3-pyelftools", "python3-cffi-backend", "dmsetup",
                    "kexec-tools", "busybox-static")
 DISK_MB = 4096
 PART_START_MB = 1
@@ -227,5 +227,15 @@ def build(kernel: KernelSource, log=print) -> RootfsImage:
         return img
 
 
+DISTRO_FLAVOUR = "6.12-distro"
+
+
+def distro_image(log=print) -> RootfsImage:
+    """The image the distribution tests boot: the modular KASLR flavour installed as a package would install it."""
+    from vmtest.kernel import ensure_kernel
+
+    return build(flavour_kernel(ensure_kernel(DISTRO_FLAVOUR)), log=log)
+
+
 if __name__ == "__main__":
-    print(build(debian_kernel(), log=lambda m: print(m, file=sys.stderr)).directory)
+    print(distro_image(log=lambda m: print(m, file=sys.stderr)).directory)

@@ -51,6 +51,7 @@ class Job:
     mailbox: int
     zero_free: bool = False  # the saved kernel zeroes freed pages (init_on_free): a restore zeroes dropped ones
     again: bool = False  # restore: resume an image already resumed once (`khibernate resume --again`)
+    target_map: str = ""  # a store file: MAJ:MIN:OFFSET of its disk (store.filedev); target is then the dm device
 
     def args(self) -> list[str]:
         """The ``khibernate.KEY=VALUE`` words for the command line."""
@@ -59,7 +60,8 @@ class Job:
                 f"{PREFIX}capacity={self.capacity:#x}", f"{PREFIX}level={self.level}", f"{PREFIX}image={self.image}",
                 f"{PREFIX}boot_id={self.boot_id}", f"{PREFIX}deadline={self.deadline:g}",
                 f"{PREFIX}mailbox={self.mailbox:#x}"] + ([f"{PREFIX}zero_free=1"] if self.zero_free else []) \
-            + ([f"{PREFIX}again=1"] if self.again else [])
+            + ([f"{PREFIX}again=1"] if self.again else []) \
+            + ([f"{PREFIX}target_map={self.target_map}"] if self.target_map else [])
 
     @property
     def image_uuid(self) -> bytes:
@@ -79,7 +81,8 @@ def parse(cmdline: str) -> Job | None:
         return Job(kind=kv["job"], target=kv["target"], store_uuid=kv["store"], slot=int(kv["slot"]),
                    offset=int(kv["offset"], 0), capacity=int(kv["capacity"], 0), level=int(kv["level"]),
                    image=str(uuidlib.UUID(kv["image"])), boot_id=kv["boot_id"], deadline=float(kv["deadline"]),
-                   mailbox=int(kv["mailbox"], 0), zero_free=kv.get("zero_free") == "1", again=kv.get("again") == "1")
+                   mailbox=int(kv["mailbox"], 0), zero_free=kv.get("zero_free") == "1", again=kv.get("again") == "1",
+                   target_map=kv.get("target_map", ""))
     except (KeyError, ValueError) as e:
         raise JobError(f"malformed khibernate job on the command line ({e!r})") from None
 
@@ -227,6 +230,18 @@ def run_hibernate(job: Job, cmdline: str) -> NoReturn:
     syscalls.reboot_power_off()
 
 
+def attach_file_target(job: Job) -> Job:
+    """For a store file, the job with its target made real here: the dm device over the file's extents."""
+    if not job.target_map:
+        return job
+    from khibernate.store import filedev
+
+    dev = filedev.attach(filedev.TargetMap.parse(job.target_map), os.path.basename(job.target))
+    if dev != job.target:
+        raise JobError(f"the store file's device came up as {dev}, not {job.target}")
+    return dataclasses.replace(job, target=dev)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of /init: run the job named on /proc/cmdline, post the result to the mailbox; 0 if it posted.
 
@@ -258,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
               f"-d {job.level}, deadline {job.deadline:g} s, up {uptime():.2f} s", file=sys.stderr, flush=True)
         watch = MemoryWatch()
         try:
+            job = attach_file_target(job)
             if job.kind == "snapshot":
                 body = run_snapshot(job, cmdline)
             elif job.kind == "hibernate":

@@ -115,6 +115,7 @@ def run(opts: Options, say: Any = print) -> dict[str, Any]:
     from khibernate.capture.mailbox import Mailbox, MailboxError
     from khibernate.jump import api as jump
     from khibernate.store import api as store
+    from khibernate.store import filedev
     from khibernate.system import SystemRoot
 
     t_start = time.monotonic()
@@ -128,9 +129,10 @@ def run(opts: Options, say: Any = print) -> dict[str, Any]:
     box = Mailbox(image.bytes)
     cmdline = Path("/proc/cmdline").read_text()
     # the deadline counts from the capture kernel's boot: the jump itself is excluded
-    job = Job(opts.kind, opts.target, sb.uuid_str, slot.index, slot.offset, slot.capacity, opts.level, str(image),
+    job_target, target_map = filedev.for_capture(opts.target)  # a store file: the dm device over its extents
+    job = Job(opts.kind, job_target, sb.uuid_str, slot.index, slot.offset, slot.capacity, opts.level, str(image),
               boot_id, opts.deadline, box.paddr,
-              zero_free=zeroes_freed_pages(cmdline, SystemRoot().kernel_config()[0]))
+              zero_free=zeroes_freed_pages(cmdline, SystemRoot().kernel_config()[0]), target_map=target_map)
     append = " ".join([*console_args(cmdline), opts.append, *job.args()]).strip()
     plan = jump.plan_jump(kernel, initrd, append, opts.mem_min, opts.mem_max)
     # ---- writes start here: reserve the slot (the last good image stays untouched), load, jump

@@ -102,6 +102,7 @@ def run(opts: Options, say: Any = print) -> NoReturn:
     from khibernate.capture.mailbox import Mailbox, MailboxError
     from khibernate.capture.snapshot import capture_initrd_for, console_args, default_kernel
     from khibernate.jump import api as jump
+    from khibernate.store import filedev
 
     t0 = time.monotonic()
     sb, rec, img = preflight(opts)
@@ -111,8 +112,9 @@ def run(opts: Options, say: Any = print) -> NoReturn:
     image = str(uuidlib.UUID(bytes=rec.image_uuid))
     box = Mailbox(rec.image_uuid)
     cmdline = Path("/proc/cmdline").read_text()
-    job = Job("restore", opts.target, sb.uuid_str, rec.index, rec.offset, rec.capacity, rec.dump_level, image,
-              boot_id, opts.deadline, box.paddr, again=opts.again)
+    job_target, target_map = filedev.for_capture(opts.target)  # a store file: the dm device over its extents
+    job = Job("restore", job_target, sb.uuid_str, rec.index, rec.offset, rec.capacity, rec.dump_level, image,
+              boot_id, opts.deadline, box.paddr, again=opts.again, target_map=target_map)
     plan = jump.plan_jump(kernel, initrd, " ".join([*console_args(cmdline), opts.append, *job.args()]).strip())
     say(f"resume: slot {rec.index} of {opts.target}: {rec.osrelease}, {rec.length / 1e6:.1f} MB, hibernated "
         f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(rec.created_ns / 1e9))} UTC"

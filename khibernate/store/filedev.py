@@ -65,3 +65,20 @@ def attach(tm: TargetMap, name: str, dev_dir: str = "/dev") -> str:
         raise FileTargetError(f"dmsetup create {name} failed ({r.stderr.strip()[-300:]}): the capture kernel "
                               "needs device-mapper (CONFIG_BLK_DEV_DM or dm_mod) to write a file target")
     return os.path.join(dev_dir, "mapper", name)
+
+
+MAPPER_NAME = "khibernate-store"
+
+
+def for_capture(target: str) -> tuple[str, str]:
+    """(what the capture or restore kernel opens, ``target_map``): a device as given with no map; a store file as
+    ``/dev/mapper/khibernate-store`` over its disk, after proving that the recorded map is still true."""
+    import stat as stat_mod
+
+    if not stat_mod.S_ISREG(os.stat(target).st_mode):
+        return target, ""
+    from khibernate.store import fiemap, filetarget
+
+    m = filetarget.check_unmoved(target)
+    rdev = os.stat(fiemap.device_of(target)).st_rdev
+    return f"/dev/mapper/{MAPPER_NAME}", TargetMap(os.major(rdev), os.minor(rdev), m.resume_offset).spec()
