@@ -71,12 +71,13 @@ MAPPER_NAME = "khibernate-store"
 
 
 def for_capture(target: str) -> tuple[str, str]:
-    """(what the capture or restore kernel opens, ``target_map``): a device as given with no map; a store file as
+    """(what the capture or restore kernel opens, ``target_map``): a device by its kernel name (that kernel has no
+    udev, so no /dev/disk/by-* links; the job checks the store's UUID there) with no map; a store file as
     ``/dev/mapper/khibernate-store`` over its disk, after proving that the recorded map is still true."""
     import stat as stat_mod
 
     if not stat_mod.S_ISREG(os.stat(target).st_mode):
-        return target, ""
+        return os.path.realpath(target), ""
     from khibernate.store import fiemap, filetarget
 
     m = filetarget.check_unmoved(target)

@@ -23,8 +23,11 @@ def test_the_target_map_round_trips_through_the_command_line() -> None:
     assert parse(" ".join(plain.args())) == plain
 
 
-def test_a_device_target_is_passed_on_unchanged(tmp_path: Path) -> None:
+def test_a_device_target_is_passed_by_its_kernel_name(tmp_path: Path) -> None:
     assert filedev.for_capture("/dev/null") == ("/dev/null", "")
+    link = tmp_path / "by-path-link"  # the capture kernel has no udev: no /dev/disk/by-* there
+    link.symlink_to("/dev/null")
+    assert filedev.for_capture(str(link)) == ("/dev/null", "")
     plain = dataclasses.replace(JOB, target="/dev/vdb", target_map="")
     assert attach_file_target(plain) is plain
 
