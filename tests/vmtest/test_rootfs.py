@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vmtest import rootfs
 from vmtest import kernel as vmkernel
+from vmtest import rootfs
 from vmtest.machine import Machine
 
 
