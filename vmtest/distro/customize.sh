@@ -20,7 +20,9 @@ if [ -n "${KHB_KERNEL_DEB:-}" ]; then
     rm "$root/tmp/kernel.deb"
 fi
 if [ -n "${KHB_KERNEL_TREE:-}" ]; then
-    cp -a "$KHB_KERNEL_TREE/." "$root/"
+    cp -a "$KHB_KERNEL_TREE/boot/." "$root/boot/"
+    mkdir -p "$root/lib/modules"  # /lib is a symlink to usr/lib (merged /usr): copy into it, never over it
+    cp -a "$KHB_KERNEL_TREE/lib/modules/." "$root/lib/modules/"
     for rel in $(ls "$KHB_KERNEL_TREE/lib/modules"); do
         in_root depmod -a "$rel"
         in_root update-initramfs -c -k "$rel"
