@@ -57,17 +57,14 @@ def snapshot_command(target: str, level: int | None, for_analysis: bool, export_
     """
     from khibernate.capture import analysis
     from khibernate.capture import snapshot as snap
-    from khibernate.capture.watch import capture_lock
-    from khibernate.jump.api import RUN_DIR
+    from khibernate.jump import api as jump
+    from khibernate.lock import capture_or_refuse
 
     if level is None:
         level = analysis.ANALYSIS_LEVEL if for_analysis else 17
     opts = snap.Options(target=target, level=level, kernel=kernel, capture_initrd=capture_initrd, keep=keep,
                         deadline=deadline, append=append, mem_min=mem_min, mem_max=mem_max)
-    with capture_lock(RUN_DIR) as got:
-        if not got:
-            raise click.ClickException(f"another capture is running (`snapshot` or `watch` holds "
-                                       f"{RUN_DIR}/capture.lock): wait for it to finish, then run snapshot again")
+    with capture_or_refuse(jump.RUN_DIR, "snapshot"):
         report = snap.run(opts, say=lambda m: click.echo(m, err=True))
     if export_dir is not None:
         report["export"] = analysis.export_folder(target, report["slot"], analysis.dated_folder(export_dir))
@@ -100,10 +97,13 @@ def hibernate_command(target: str, level: int, kernel: str | None, capture_initr
       khibernate hibernate --target /dev/vdb        # ... power on ... khibernate resume --target /dev/vdb
     """
     from khibernate.capture import snapshot as snap
+    from khibernate.jump import api as jump
+    from khibernate.lock import capture_or_refuse
 
     opts = snap.Options(target=target, level=level, kernel=kernel, capture_initrd=capture_initrd, deadline=deadline,
                         append=append, kind="hibernate")
-    report = snap.run(opts, say=lambda m: click.echo(m, err=True))
+    with capture_or_refuse(jump.RUN_DIR, "hibernate"):
+        report = snap.run(opts, say=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(report, indent=2) if as_json else
                f"resumed from slot {report['slot']} of {target} after {report['away_seconds']:.1f} s away; "
                f"restore wrote {report['restore'].get('bytes_written', 0) / 1e6:.0f} MB at "

@@ -12,11 +12,20 @@ import dataclasses
 import os
 import time
 import uuid as uuidlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from khibernate.errors import KhibernateError
 from khibernate.store.superblock import SlotRecord, SlotState
+
+if TYPE_CHECKING:
+    from khibernate.capture.mailbox import Mailbox
+    from khibernate.jump.api import JumpResult
+    from khibernate.jump.loader import Plan
+    from khibernate.store.handle import SlotCheck, Store
+    from khibernate.store.plan import SizeEstimate
+    from khibernate.store.superblock import Superblock
 
 DEFAULT_DEADLINE = 600.0
 
@@ -81,13 +90,13 @@ def check_kdump_sharing(opts: Options, kdump_loaded: bool) -> None:
             "first (`khibernate kdump unload`)")
 
 
-def preflight(opts: Options) -> tuple[Any, SlotRecord, Any]:
-    """Every check that needs no write: doctor, target, slot, size; returns (superblock, slot, estimate)."""
+def preflight(opts: Options, st: Store | None = None) -> tuple[Superblock, SlotRecord, SizeEstimate]:
+    """Every check that needs no write: doctor, target (writable, unused, a store), slot, size; returns (superblock,
+    slot, estimate).  ``st``: the write handle the capture holds (else one is opened for the checks and closed)."""
     from khibernate.doctor import diagnose
     from khibernate.image.pagefilter import check_level
-    from khibernate.store import api as store
-    from khibernate.store import device
     from khibernate.store import plan as splan
+    from khibernate.store.handle import Store
     from khibernate.system import SystemRoot
 
     d = diagnose(SystemRoot(), os.geteuid())
@@ -99,8 +108,10 @@ def preflight(opts: Options) -> tuple[Any, SlotRecord, Any]:
         raise SnapshotError(f"hibernate needs a restorable image: dump level {opts.level} drops pages the kernel "
                             "needs (use 0, 1, 16 or 17)")
     check_kdump_sharing(opts, SystemRoot().read_int("/sys/kernel/kexec_crash_loaded") == 1)
-    sb = store.read(opts.target)
-    device.check_writable(opts.target)  # read-only targets are refused here, before anything is written
+    if st is None:  # a write handle: read-only or busy targets are refused here, before anything is written
+        with Store.open(opts.target, write=True) as own:
+            return preflight(opts, own)
+    sb = st.refresh()
     slot = splan.choose_slot(sb)
     est = splan.estimate(sb, splan.parse_meminfo(Path("/proc/meminfo").read_text()))
     splan.check_fits(slot, est)
@@ -110,16 +121,23 @@ def preflight(opts: Options) -> tuple[Any, SlotRecord, Any]:
 
 
 def run(opts: Options, say: Any = print) -> dict[str, Any]:
-    """Take one snapshot; returns the report (raises SnapshotError with the reason on failure)."""
+    """Take one snapshot; returns the report (raises SnapshotError with the reason on failure).  The store's
+    writer lock is held from the checks to the slot's completion: one open of the target for the whole capture."""
+    from khibernate.store.handle import Store
+
+    with Store.open(opts.target, write=True) as st:
+        return _run(opts, st, say)
+
+
+def _run(opts: Options, st: Store, say: Callable[[str], None]) -> dict[str, Any]:
     from khibernate.capture.job import Job
-    from khibernate.capture.mailbox import Mailbox, MailboxError
+    from khibernate.capture.mailbox import Mailbox
     from khibernate.jump import api as jump
-    from khibernate.store import api as store
     from khibernate.store import filedev
     from khibernate.system import SystemRoot
 
     t_start = time.monotonic()
-    sb, slot, est = preflight(opts)
+    sb, slot, est = preflight(opts, st)
     kernel = opts.kernel or default_kernel()
     initrd, reused = capture_initrd_for(kernel, opts.target, opts.capture_initrd)
     say(f"{opts.kind}: slot {slot.index} of {opts.target} ({slot.capacity / 2**20:.0f} MiB), {est.describe()}; "
@@ -140,12 +158,33 @@ def run(opts: Options, say: Any = print) -> dict[str, Any]:
                                    dump_level=opts.level, image_uuid=image.bytes, created_ns=time.time_ns(),
                                    pages_stored=0, pages_excluded=0, boot_id=uuidlib.UUID(boot_id).bytes,
                                    osrelease=os.uname().release, flags=0)
-    store.set_slot(opts.target, reserved, sb.uuid)
+    st.set_slot(reserved, sb.uuid)
 
     def fail(msg: str) -> SnapshotError:
         with contextlib.suppress(KhibernateError, OSError):
-            store.set_slot(opts.target, dataclasses.replace(reserved, state=SlotState.BAD), sb.uuid)
+            st.set_slot(dataclasses.replace(reserved, state=SlotState.BAD), sb.uuid)
         return SnapshotError(f"{msg}; slot {slot.index} is marked bad, earlier images are untouched")
+
+    result, body = _jump(opts, plan, box, fail, say)
+    if opts.kind == "hibernate":
+        if not body.get("resumed"):
+            raise fail(f"the capture kernel came back without powering off ({body.get('message') or body})")
+        return resumed_report(opts, reserved, body, result.boottime_s, t_start)
+    try:
+        done, chk, freed = st.complete(reserved, int(body["length"]), int(body["crc32"]),
+                                       pages_stored=int(body["pages_stored"]),
+                                       pages_excluded=int(body["pages_excluded"]), keep=opts.keep)
+    except KhibernateError as e:
+        raise fail(f"the image read back from the target is wrong: {e}") from None
+    return snapshot_report(opts, done, chk, freed, body, result.boottime_s, initrd, kernel, t_start)
+
+
+def _jump(opts: Options, plan: Plan, box: Mailbox, fail: Callable[[str], SnapshotError],
+          say: Callable[[str], None]) -> tuple[JumpResult, dict[str, Any]]:
+    """Load the capture kernel, jump, and read its result from the mailbox: (jump result, result body); a failure
+    on the way is ``fail(reason)`` raised (the slot marked bad)."""
+    from khibernate.capture.mailbox import MailboxError
+    from khibernate.jump import api as jump
 
     try:
         jump.load_plan(plan)
@@ -175,23 +214,20 @@ def run(opts: Options, say: Any = print) -> dict[str, Any]:
         raise fail(str(e)) from None
     if not body.get("ok"):
         raise fail(f"the capture job failed: {body.get('message')}")
-    if opts.kind == "hibernate":
-        if not body.get("resumed"):
-            raise fail(f"the capture kernel came back without powering off ({body.get('message') or body})")
-        return resumed_report(opts, reserved, body, result.boottime_s, t_start)
-    try:
-        done, chk, freed = store.complete(opts.target, sb.uuid, reserved, int(body["length"]), int(body["crc32"]),
-                                          pages_stored=int(body["pages_stored"]),
-                                          pages_excluded=int(body["pages_excluded"]), keep=opts.keep)
-    except KhibernateError as e:
-        raise fail(f"the image read back from the target is wrong: {e}") from None
+    return result, body
+
+
+def snapshot_report(opts: Options, done: SlotRecord, chk: SlotCheck, freed: list[int], body: dict[str, Any],
+                    away: float, initrd: str, kernel: str, t_start: float) -> dict[str, Any]:
+    """The report of a snapshot whose slot was read back and marked complete."""
     from khibernate.image.levels import PageClass
 
     classes = {c.name.lower(): int(body["class_counts"][c]) for c in PageClass}
-    return {"slot": done.index, "seq": done.seq, "image": str(image), "target": opts.target, "dump_level": opts.level,
+    return {"slot": done.index, "seq": done.seq, "image": str(uuidlib.UUID(bytes=done.image_uuid)),
+            "target": opts.target, "dump_level": opts.level,
             "bytes": chk.length, "pages_ram": body["pages_ram"], "pages_stored": body["pages_stored"],
             "pages_zero": body["pages_zero"], "pages_excluded": body["pages_excluded"], "classes": classes,
-            "pause_seconds": round(result.boottime_s, 3), "save_seconds": body.get("save_seconds"),
+            "pause_seconds": round(away, 3), "save_seconds": body.get("save_seconds"),
             "throughput_mb_s": round(chk.length / 1e6 / body["save_seconds"], 1) if body.get("save_seconds") else None,
             "capture_job_started_uptime": body.get("job_started_uptime"),
             "capture_peak_used_bytes": body.get("peak_used_bytes"), "capture_peak_rss_kib": body.get("peak_rss_kib"),

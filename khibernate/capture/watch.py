@@ -9,10 +9,8 @@ line starts which kind of report), ``ReportCollector`` (the records of one repor
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
-import fcntl
 import json
 import os
 import re
@@ -24,6 +22,8 @@ from typing import Any
 
 from khibernate.capture.analysis import dated_folder
 from khibernate.errors import KhibernateError
+from khibernate.lock import capture_lock as capture_lock
+from khibernate.lock import capture_lock_holder
 
 KINDS = ("oops", "warn", "bug", "hung-task", "softlockup")
 
@@ -287,29 +287,6 @@ def follow_kmsg(path: str = "/dev/kmsg", from_start: bool = False,
         os.close(fd)
 
 
-LOCK_NAME = "capture.lock"
-
-
-@contextlib.contextmanager
-def capture_lock(run_dir: Path) -> Iterator[bool]:
-    """Hold the capture lock (flock on run_dir/capture.lock) for the body; yields False when another capture
-    (`snapshot` or another watcher) holds it — the body must then not capture."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
 @dataclasses.dataclass
 class Watcher:
     """The loop: follow the log, collect reports, capture claimed ones within the limits, record each."""
@@ -333,7 +310,8 @@ class Watcher:
             return None
         with capture_lock(self.run_dir) as got:
             if not got:
-                self.say(f"watch: {ev.kind} not captured (another capture is running): {ev.head.text}")
+                self.say(f"watch: {ev.kind} not captured (another capture is running: "
+                         f"{capture_lock_holder(self.run_dir)}): {ev.head.text}")
                 return None
             self.say(f"watch: {ev.kind}: {ev.head.text} -> capture {self.limiter.captures + 1}"
                      + (f" of {self.limiter.max_captures}" if self.limiter.max_captures else ""))

@@ -36,6 +36,7 @@ def _u(data: bytes, off: int, size: int) -> int:
 
 MAX_COUNT_BITS, MAX_SIZE_BITS = 24, 31  # the kernel's CONFIG_LOG_BUF_SHIFT is at most 25 (descriptors: 2 fewer)
 MAX_STRUCT = 4096  # bytes of any printk struct the reader copies
+MAX_RECORD = 256  # prb_desc (24 bytes) and printk_info (88) are read once per descriptor: 2^24 of them at most
 
 
 def _bits(value: int, limit: int, what: str) -> int:
@@ -54,10 +55,7 @@ def records(source: MemorySource, vmci: Vmcoreinfo) -> list[Record]:
     o = vmci.offset
 
     def s(name: str) -> int:
-        v = vmci.size(name)
-        if not 0 < v <= MAX_STRUCT:
-            raise CorruptImageError(f"VMCOREINFO SIZE({name})={v} is not a struct size; the VMCOREINFO is corrupt")
-        return v
+        return vmci.size(name, (1, MAX_RECORD if name in ("prb_desc", "printk_info") else MAX_STRUCT))
 
     counter = vmci.offset_or("atomic_long_t.counter", 0) or 0
     prb_addr = kx.read_u64(vmci.symbol("prb"))

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Iterator
 
 from khibernate import native
-from khibernate.image.errors import MissingVmcoreinfoError, UsageErrorImage
+from khibernate.image.errors import CorruptImageError, MissingVmcoreinfoError, UsageErrorImage
 from khibernate.image.levels import DL_CACHE as DL_CACHE
 from khibernate.image.levels import DL_CACHE_PRI as DL_CACHE_PRI
 from khibernate.image.levels import DL_FREE as DL_FREE
@@ -28,6 +28,15 @@ from khibernate.image.x86_64 import X86_64
 SECTION_MAP_MASK = ~((1 << 5) - 1)  # makedumpfile's SECTION_MAP_LAST_BIT (4.13+)
 SECTION_MARKED_PRESENT, SECTION_HAS_MEM_MAP = 1 << 0, 1 << 1
 U64 = (1 << 64) - 1
+
+# What a kernel can have, for the VMCOREINFO numbers the filter reads (CorruptImageError naming the field otherwise)
+STRUCT_PAGE_BYTES = (32, 256)  # x86_64: 64 (80 with KMSAN); no configuration comes near 256
+FLAG_BIT = (0, 63)  # PG_* are bit numbers in page->flags, an unsigned long
+MAPCOUNT = (-(1 << 31), (1 << 32) - 1)  # page types live in the 32-bit _mapcount / page_type
+PAGE_ORDERS = (1, 32)  # LENGTH(zone.free_area) = NR_PAGE_ORDERS: 11 on x86_64, at most ~16 anywhere
+SECTION_BITS_MAX = 32  # SECTION_SIZE_BITS: 27 on x86_64, 30 the most any architecture used
+PHYSMEM_BITS = (32, 64)  # MAX_PHYSMEM_BITS: 32 (arm, i386) .. 52 today, bounded by the 64-bit physical address
+MEM_SECTION_BYTES = (8, 256)  # struct mem_section: 16, 32 with page_ext
 
 
 # Which dump-level bits drop which class; UNUSABLE goes whenever struct pages are read (level > 1), as in makedumpfile.
@@ -103,37 +112,51 @@ class PageLayout:
 
     @classmethod
     def from_vmcoreinfo(cls, v: Vmcoreinfo) -> PageLayout:
-        """Layout from VMCOREINFO; MissingVmcoreinfoError when a field the filter needs is absent."""
-        ch = v.offset_or("page.compound_head", None)
+        """Layout from VMCOREINFO; MissingVmcoreinfoError when a field the filter needs is absent,
+        CorruptImageError naming a field outside what a kernel can have (the classifier reads struct pages at these
+        offsets: every one must lie inside the struct)."""
+        size = v.size("page", STRUCT_PAGE_BYTES)
+        if size % 8:
+            raise CorruptImageError(f"VMCOREINFO SIZE(page)={size} is not a multiple of 8 (struct page holds longs); "
+                                    "the dump's VMCOREINFO is corrupt - give a good copy with --vmcoreinfo FILE")
+        word, half = (0, size - 8), (0, size - 4)
+        ch = v.offset_or("page.compound_head", None, word)
         if ch is None:
-            ch = v.offset("page.lru")  # compound_head is the first word of the lru union
-        buddy = v.number_or("PAGE_BUDDY_MAPCOUNT_VALUE", None)
-        if buddy is None and v.number_or("PG_buddy", None) is None:
+            ch = v.offset("page.lru", word)  # compound_head is the first word of the lru union
+        buddy = v.number_or("PAGE_BUDDY_MAPCOUNT_VALUE", None, MAPCOUNT)
+        if buddy is None and v.number_or("PG_buddy", None, FLAG_BIT) is None:
             buddy = -128  # makedumpfile's fallback for 2.6.39+ kernels without the export
+
+        def flag(name: str) -> int | None:
+            return v.number_or(name, None, FLAG_BIT)
+
+        def mapcount(name: str) -> int | None:
+            return v.number_or(name, None, MAPCOUNT)
+
         return cls(
-            size=v.size("page"),
-            off_flags=v.offset("page.flags"),
-            off_mapping=v.offset("page.mapping"),
-            off_mapcount=v.offset("page._mapcount"),
-            off_private=v.offset("page.private"),
+            size=size,
+            off_flags=v.offset("page.flags", word),
+            off_mapping=v.offset("page.mapping", word),
+            off_mapcount=v.offset("page._mapcount", half),
+            off_private=v.offset("page.private", word),
             off_compound_head=ch,
-            pg_lru=v.number_or("PG_lru", None),
-            pg_private=v.number_or("PG_private", None),
-            pg_swapcache=v.number_or("PG_swapcache", None),
-            pg_swapbacked=v.number_or("PG_swapbacked", None),
-            pg_slab=v.number_or("PG_slab", None),
-            pg_hwpoison=v.number_or("PG_hwpoison", None),
+            pg_lru=flag("PG_lru"),
+            pg_private=flag("PG_private"),
+            pg_swapcache=flag("PG_swapcache"),
+            pg_swapbacked=flag("PG_swapbacked"),
+            pg_slab=flag("PG_slab"),
+            pg_hwpoison=flag("PG_hwpoison"),
             buddy=buddy,
-            slab=v.number_or("PAGE_SLAB_MAPCOUNT_VALUE", None),
-            hugetlb=v.number_or("PAGE_HUGETLB_MAPCOUNT_VALUE", None),
-            offline=v.number_or("PAGE_OFFLINE_MAPCOUNT_VALUE", None),
-            unaccepted=v.number_or("PAGE_UNACCEPTED_MAPCOUNT_VALUE", None),
-            max_order=(v.length("zone.free_area") if v.has("LENGTH(zone.free_area)") else 11),
-            pg_head_mask=v.number_or("PG_head_mask", None),
-            pg_hugetlb=v.number_or("PG_hugetlb", None),
-            folio_dtor=v.offset_or("folio._folio_dtor", None),
-            compound_dtor=v.offset_or("page.compound_dtor", None),
-            hugetlb_dtor=v.number_or("HUGETLB_PAGE_DTOR", None),
+            slab=mapcount("PAGE_SLAB_MAPCOUNT_VALUE"),
+            hugetlb=mapcount("PAGE_HUGETLB_MAPCOUNT_VALUE"),
+            offline=mapcount("PAGE_OFFLINE_MAPCOUNT_VALUE"),
+            unaccepted=mapcount("PAGE_UNACCEPTED_MAPCOUNT_VALUE"),
+            max_order=(v.length("zone.free_area", PAGE_ORDERS) if v.has("LENGTH(zone.free_area)") else 11),
+            pg_head_mask=v.number_or("PG_head_mask", None, (1, (1 << 64) - 1)),
+            pg_hugetlb=flag("PG_hugetlb"),
+            folio_dtor=v.offset_or("folio._folio_dtor", None, (0, 4 * size - 1)),
+            compound_dtor=v.offset_or("page.compound_dtor", None, (0, size - 1)),
+            hugetlb_dtor=v.number_or("HUGETLB_PAGE_DTOR", None, (0, 255)),
         )
 
     def native(self) -> object:
@@ -181,10 +204,18 @@ class PageFilter:
         for key in ("SYMBOL(mem_section)", "SIZE(mem_section)", "OFFSET(mem_section.section_mem_map)"):
             if not v.has(key):
                 raise MissingVmcoreinfoError(f"VMCOREINFO has no {key}; only SPARSEMEM kernels can be filtered")
-        section_bits = v.number("SECTION_SIZE_BITS")
-        per_section = 1 << (section_bits - self.page_size.bit_length() + 1)
-        nr_mem_sections = 1 << (v.number("MAX_PHYSMEM_BITS") - section_bits)
-        ms_size, ms_off = v.size("mem_section"), v.offset("mem_section.section_mem_map")
+        page_shift = self.page_size.bit_length() - 1
+        section_bits = v.number("SECTION_SIZE_BITS", (page_shift + 1, SECTION_BITS_MAX))
+        per_section = 1 << (section_bits - page_shift)
+        physmem_bits = v.number("MAX_PHYSMEM_BITS", (max(PHYSMEM_BITS[0], section_bits), PHYSMEM_BITS[1]))
+        top = self.source.ranges[-1].end - 1 if self.source.ranges else 0
+        if top.bit_length() > physmem_bits:
+            raise CorruptImageError(f"VMCOREINFO NUMBER(MAX_PHYSMEM_BITS)={physmem_bits} is below the dump's highest "
+                                    f"RAM address {top:#x}; the dump's VMCOREINFO is corrupt - give a good copy with "
+                                    "--vmcoreinfo FILE")
+        nr_mem_sections = 1 << (physmem_bits - section_bits)
+        ms_size = v.size("mem_section", (MEM_SECTION_BYTES[0], min(MEM_SECTION_BYTES[1], self.page_size)))
+        ms_off = v.offset("mem_section.section_mem_map", (0, ms_size - 8))
         extreme = v.length("mem_section") != nr_mem_sections if v.has("LENGTH(mem_section)") else True
         per_root = self.page_size // ms_size if extreme else 1
         base = v.symbol("mem_section")

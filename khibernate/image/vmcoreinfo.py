@@ -11,6 +11,24 @@ from khibernate.image.sources.base import VMCOREINFO_NOTE, MemorySource
 
 _KEYED = re.compile(r"(SYMBOL|SIZE|OFFSET|LENGTH|NUMBER)\((.+)\)")
 
+Bounds = tuple[int, int]  # (lowest, highest) value an entry may have, inclusive
+ADDRESS: Bounds = (0, (1 << 64) - 1)
+ANY_WORD: Bounds = (-(1 << 63), (1 << 64) - 1)  # NUMBER() is printed signed (%ld) or unsigned (%lu, 0x%lx)
+MAX_STRUCT_BYTES = 1 << 24  # no struct VMCOREINFO describes comes near 16 MiB (pglist_data, 1024 nodes: ~200 KiB)
+# what any entry of each kind can be, before its user checks the tighter bounds of the field it reads
+KIND_BOUNDS: dict[str, Bounds] = {
+    "SYMBOL": ADDRESS,
+    "SIZE": (1, MAX_STRUCT_BYTES),
+    "OFFSET": (0, MAX_STRUCT_BYTES - 1),
+    "LENGTH": (0, 1 << 32),
+    "NUMBER": ANY_WORD,
+}
+
+
+def _span(lo: int, hi: int) -> str:
+    """``lo..hi`` for a message (hex beyond 32 bits)."""
+    return "..".join(str(v) if abs(v) < 1 << 32 else hex(v) for v in (lo, hi))
+
 
 @dataclasses.dataclass(frozen=True)
 class Vmcoreinfo:
@@ -45,13 +63,19 @@ class Vmcoreinfo:
             )
         return v
 
-    def _int(self, key: str, value: str, base: int = 0) -> int:
-        """``value`` of ``key`` as an integer; CorruptImageError naming the key when it is not a number."""
+    def _int(self, key: str, value: str, base: int = 0, within: Bounds | None = None) -> int:
+        """``value`` of ``key`` as an integer inside ``within`` (default: what any kernel's entry of that kind can
+        hold); CorruptImageError naming the key when it is not a number or out of bounds."""
         try:
-            return int(value, base)
+            v = int(value, base)
         except ValueError:
             raise CorruptImageError(f"VMCOREINFO {key}={value[:40]!r} is not a number; the dump's VMCOREINFO is "
                                     "corrupt - give a good copy with --vmcoreinfo FILE") from None
+        lo, hi = within if within is not None else KIND_BOUNDS.get(key.partition("(")[0], ANY_WORD)
+        if not lo <= v <= hi:
+            raise CorruptImageError(f"VMCOREINFO {key}={value[:40]} is outside {_span(lo, hi)}, what a kernel can "
+                                    "have; the dump's VMCOREINFO is corrupt - give a good copy with --vmcoreinfo FILE")
+        return v
 
     def has(self, key: str) -> bool:
         """True if ``key`` is present."""
@@ -61,31 +85,31 @@ class Vmcoreinfo:
         """``SYMBOL(name)`` (hex address)."""
         return self._int(f"SYMBOL({name})", self._need(f"SYMBOL({name})"), 16)
 
-    def size(self, name: str) -> int:
-        """``SIZE(name)``."""
-        return self._int(f"SIZE({name})", self._need(f"SIZE({name})"), 0)
+    def size(self, name: str, within: Bounds | None = None) -> int:
+        """``SIZE(name)``, inside ``within`` when given."""
+        return self._int(f"SIZE({name})", self._need(f"SIZE({name})"), 0, within)
 
-    def offset(self, member: str) -> int:
-        """``OFFSET(struct.member)``."""
-        return self._int(f"OFFSET({member})", self._need(f"OFFSET({member})"), 0)
+    def offset(self, member: str, within: Bounds | None = None) -> int:
+        """``OFFSET(struct.member)``, inside ``within`` when given."""
+        return self._int(f"OFFSET({member})", self._need(f"OFFSET({member})"), 0, within)
 
-    def length(self, name: str) -> int:
-        """``LENGTH(name)``."""
-        return self._int(f"LENGTH({name})", self._need(f"LENGTH({name})"), 0)
+    def length(self, name: str, within: Bounds | None = None) -> int:
+        """``LENGTH(name)``, inside ``within`` when given."""
+        return self._int(f"LENGTH({name})", self._need(f"LENGTH({name})"), 0, within)
 
-    def number(self, name: str) -> int:
-        """``NUMBER(name)`` (decimal, or hex with 0x)."""
-        return self._int(f"NUMBER({name})", self._need(f"NUMBER({name})"), 0)
+    def number(self, name: str, within: Bounds | None = None) -> int:
+        """``NUMBER(name)`` (decimal, or hex with 0x), inside ``within`` when given."""
+        return self._int(f"NUMBER({name})", self._need(f"NUMBER({name})"), 0, within)
 
-    def number_or(self, name: str, default: int | None) -> int | None:
-        """``NUMBER(name)`` or ``default``."""
+    def number_or(self, name: str, default: int | None, within: Bounds | None = None) -> int | None:
+        """``NUMBER(name)`` (inside ``within`` when given) or ``default``."""
         v = self.entries.get(f"NUMBER({name})")
-        return self._int(f"NUMBER({name})", v) if v is not None else default
+        return self._int(f"NUMBER({name})", v, 0, within) if v is not None else default
 
-    def offset_or(self, member: str, default: int | None) -> int | None:
-        """``OFFSET(member)`` or ``default``."""
+    def offset_or(self, member: str, default: int | None, within: Bounds | None = None) -> int | None:
+        """``OFFSET(member)`` (inside ``within`` when given) or ``default``."""
         v = self.entries.get(f"OFFSET({member})")
-        return self._int(f"OFFSET({member})", v) if v is not None else default
+        return self._int(f"OFFSET({member})", v, 0, within) if v is not None else default
 
     @property
     def osrelease(self) -> str:
@@ -100,20 +124,20 @@ class Vmcoreinfo:
     @property
     def page_size(self) -> int:
         """Kernel page size."""
-        v = self._int("PAGESIZE", self.entries.get("PAGESIZE", "4096"), 10)
-        if v < 512 or v > 1 << 20 or v & (v - 1):
+        v = self._int("PAGESIZE", self.entries.get("PAGESIZE", "4096"), 10, (512, 1 << 20))
+        if v & (v - 1):
             raise CorruptImageError(f"VMCOREINFO PAGESIZE={v} is not a page size; the VMCOREINFO is corrupt")
         return v
 
     @property
     def kerneloffset(self) -> int:
         """KASLR offset of the kernel image (0 when not randomised)."""
-        return self._int("KERNELOFFSET", self.entries.get("KERNELOFFSET", "0"), 16)
+        return self._int("KERNELOFFSET", self.entries.get("KERNELOFFSET", "0"), 16, ADDRESS)
 
     @property
     def crashtime(self) -> int:
         """CRASHTIME (seconds since the epoch) or 0."""
-        return self._int("CRASHTIME", self.entries.get("CRASHTIME", "0"), 10)
+        return self._int("CRASHTIME", self.entries.get("CRASHTIME", "0"), 10, (0, (1 << 63) - 1))
 
 
 def from_source(source: MemorySource) -> Vmcoreinfo:

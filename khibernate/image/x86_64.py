@@ -11,10 +11,11 @@ from collections.abc import Iterator
 
 from khibernate.image.errors import AddressError, MissingVmcoreinfoError
 from khibernate.image.sources.base import MemorySource
-from khibernate.image.vmcoreinfo import Vmcoreinfo
+from khibernate.image.vmcoreinfo import ADDRESS, Vmcoreinfo
 
 START_KERNEL_MAP = 0xFFFFFFFF80000000
 KERNEL_IMAGE_SIZE_DEFAULT = 1 << 30
+KERNEL_IMAGE_SIZES = (1 << 21, 1 << 31)  # 512 MiB or 1 GiB; the __START_KERNEL_map area is 2 GiB
 PTE_PRESENT = 1 << 0
 PTE_PSE = 1 << 7
 PTE_ADDR_MASK = 0x000FFFFFFFFFF000
@@ -28,9 +29,10 @@ class X86_64:
         self.source = source
         self.vmci = vmci
         self.phys_base = vmci.number_or("phys_base", 0) or 0
-        self.l5 = bool(vmci.number_or("pgtable_l5_enabled", 0))
-        self.sme_mask = vmci.number_or("sme_mask", 0) or 0
-        self.kernel_image_size = vmci.number_or("KERNEL_IMAGE_SIZE", KERNEL_IMAGE_SIZE_DEFAULT) or 0
+        self.l5 = bool(vmci.number_or("pgtable_l5_enabled", 0, (0, 1)))
+        self.sme_mask = vmci.number_or("sme_mask", 0, ADDRESS) or 0
+        self.kernel_image_size = vmci.number_or("KERNEL_IMAGE_SIZE", KERNEL_IMAGE_SIZE_DEFAULT,
+                                                KERNEL_IMAGE_SIZES) or 0
         for name in ("init_top_pgt", "swapper_pg_dir"):
             if vmci.has(f"SYMBOL({name})"):
                 self.pgd_paddr = self.kernel_text_to_pa(vmci.symbol(name))

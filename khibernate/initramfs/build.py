@@ -28,6 +28,7 @@ CONTENT_DIR = Path(__file__).resolve().parent / "content"
 HOST_INTEGRATION = ("initramfs-tools", "systemd")  # initramfs/ files for the host's own boot, not for the guest
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 KEXEC_CANDIDATES = ("/usr/sbin/kexec", "/sbin/kexec")
+BLKID_CANDIDATES = ("/usr/sbin/blkid", "/sbin/blkid")
 
 
 def hash_tree(h: hashlib._Hash, root: Path) -> None:
@@ -52,7 +53,7 @@ def hash_inputs(h: hashlib._Hash) -> None:
     hash_tree(h, CONTENT_DIR.resolve())
     exe = os.path.realpath(sys.executable)
     h.update(f"{exe}\0{sys.version}\0{khibernate.__file__}".encode())
-    for p in (exe, *BUSYBOX_CANDIDATES, *KEXEC_CANDIDATES):
+    for p in (exe, *BUSYBOX_CANDIDATES, *KEXEC_CANDIDATES, *BLKID_CANDIDATES):
         if os.path.exists(p):
             st = os.stat(p)
             h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}".encode())
@@ -222,6 +223,12 @@ def add_kexec(tree: Tree, kexec: Path | None = None) -> None:
     tree.add_file(kexec or _first_existing(KEXEC_CANDIDATES, "kexec", "kexec-tools"), "usr/sbin/kexec", 0o755)
 
 
+def add_blkid(tree: Tree, blkid: Path | None = None) -> None:
+    """util-linux's blkid (with libblkid) at /usr/sbin/blkid: `target init` probes a device for filesystem, swap,
+    LVM/RAID/LUKS and partition-table signatures with ``blkid -p`` before erasing it, and busybox has no blkid."""
+    tree.add_file(blkid or _first_existing(BLKID_CANDIDATES, "blkid", "util-linux"), "usr/sbin/blkid", 0o755)
+
+
 def add_python(tree: Tree) -> None:
     """The running interpreter, trimmed stdlib, khibernate and its dependencies, and the khibernate launcher."""
     files, dir_map = pybundle.bundle()
@@ -259,6 +266,7 @@ def build_tree(extra: Iterable[tuple[Path, str]] = (), python: bool = True, kexe
         add_kexec(tree)
     if python:
         add_python(tree)
+        add_blkid(tree)  # for `khibernate target init` in a guest or rescue environment
     add_content(tree)
     for src, dst in extra:
         tree.add_file(src, dst)

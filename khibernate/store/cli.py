@@ -1,13 +1,25 @@
-"""`khibernate target`: create and inspect the snapshot store (click only; logic in khibernate.store.api)."""
+"""`khibernate target`: create and inspect the snapshot store (click only; logic in khibernate.store.handle)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 
 import click
 
 from khibernate.clickutil import SIZE
-from khibernate.store import api
+from khibernate.store.handle import Store
+
+
+@contextlib.contextmanager
+def _no_capture(doing: str) -> Iterator[None]:
+    """The capture lock for a store change that must not meet a capture (CaptureBusyError naming the holder)."""
+    from khibernate.jump import api as jump
+    from khibernate.lock import capture_or_refuse
+
+    with capture_or_refuse(jump.RUN_DIR, doing):
+        yield
 
 
 @click.group("target")
@@ -21,21 +33,28 @@ def target_group() -> None:
       khibernate target drop /dev/vdb 0
 
     A new image goes to a free slot; the superblock (two checksummed copies) is switched last, so an interrupted
-    snapshot never damages the last good image and shows up as `writing` (incomplete).
+    snapshot never damages the last good image and shows up as `writing` (incomplete).  One process writes the
+    store at a time (a lock on the device; others wait up to 30 s, then say who holds it).
     """
 
 
 @target_group.command("init")
 @click.argument("device")
 @click.option("--slots", type=int, default=2, show_default=True, help="Number of equal image slots (2..16).")
-@click.option("--force", is_flag=True, help="Replace an existing store (its images are lost).")
+@click.option("--force", is_flag=True, help="Erase what DEVICE holds: an existing store (its images are lost), a "
+              "filesystem, swap, LVM/RAID/LUKS member or partition table.  A device in use is refused even so.")
 @click.option("--size", type=SIZE, metavar="S",
               help="Make DEVICE a new file of S bytes (e.g. 2G) on ext4 or xfs, like a swap file: written "
                    "completely, its extents recorded; refused where it cannot be written by device offsets.")
 def init_cmd(device: str, slots: int, force: bool, size: int | None) -> None:
     """Create an empty store on DEVICE (everything on it is lost), or with --size a store file DEVICE.
 
-    
+    \b
+    Refused when DEVICE is in use - mounted, swap, held by LVM, md or dm-crypt, a whole disk with such a
+    partition, a file open for writing elsewhere (a loop device, a program) - and, unless --force, when it
+    holds a store or anything `blkid -p` recognises (mkfs and wipefs refuse the same).
+
+    \b
     A store file is like a swap file with resume_offset=: the capture kernel, which mounts nothing, writes the
     disk under it, inside the file's extents only. A file that is copy-on-write, reflinked, compressed, inline,
     encrypted, sparse, or on btrfs, LVM, dm-crypt or a network filesystem is refused with the reason; so is a
@@ -50,8 +69,11 @@ def init_cmd(device: str, slots: int, force: bool, size: int | None) -> None:
         click.echo(f"file target: {len(m.extents)} extent(s) on the device, first byte at device offset "
                    f"{m.resume_offset} (resume_offset)")
         return
-    sb = api.init(device, slots, force)
-    click.echo(sb.describe())
+    with contextlib.ExitStack() as stack:
+        if force:  # replacing a store: no capture may be writing it meanwhile
+            stack.enter_context(_no_capture("target init --force"))
+        st = stack.enter_context(Store.create(device, slots, force=force))
+        click.echo(st.sb.describe())
 
 
 @target_group.command("list")
@@ -59,12 +81,12 @@ def init_cmd(device: str, slots: int, force: bool, size: int | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_cmd(device: str, as_json: bool) -> None:
     """The store's slots and their states (free, writing, complete, resumed, bad)."""
-    sb = api.read(device)
-    if as_json:
-        click.echo(json.dumps({"store": sb.uuid_str, "generation": sb.generation,
-                               "slots": [api.show(device, s.index) for s in sb.slots]}, indent=2))
-    else:
-        click.echo(sb.describe())
+    with Store.open(device) as st:
+        if as_json:
+            click.echo(json.dumps({"store": st.sb.uuid_str, "generation": st.sb.generation,
+                                   "slots": [st.show(s.index) for s in st.sb.slots]}, indent=2))
+        else:
+            click.echo(st.sb.describe())
 
 
 @target_group.command("show")
@@ -73,10 +95,11 @@ def list_cmd(device: str, as_json: bool) -> None:
 @click.option("--verify", is_flag=True, help="Also read the image back and check its checksums.")
 def show_cmd(device: str, slot: int, verify: bool) -> None:
     """One slot's record as JSON."""
-    data = api.show(device, slot)
-    if verify:
-        chk = api.verify_slot(device, slot)
-        data["verified"] = {"pages_stored": chk.pages_stored, "pages_zero": chk.pages_zero}
+    with Store.open(device) as st:
+        data = st.show(slot)
+        if verify:
+            chk = st.verify_slot(slot)
+            data["verified"] = {"pages_stored": chk.pages_stored, "pages_zero": chk.pages_zero}
     click.echo(json.dumps(data, indent=2))
 
 
@@ -90,7 +113,8 @@ def show_cmd(device: str, slot: int, verify: bool) -> None:
                    "--compress zlib`); elf: an ELF vmcore (gdb, drgn).")
 def export_cmd(device: str, slot: int, dest: str, fmt: str) -> None:
     """Copy SLOT's image out of the store into DEST (checked first)."""
-    n = api.export(device, slot, dest, fmt)
+    with Store.open(device) as st:
+        n = st.export(slot, dest, fmt)
     click.echo(f"{dest}: {fmt} {n / 1e6:.1f} MB from slot {slot}")
 
 
@@ -98,6 +122,8 @@ def export_cmd(device: str, slot: int, dest: str, fmt: str) -> None:
 @click.argument("device")
 @click.argument("slot", type=int)
 def drop_cmd(device: str, slot: int) -> None:
-    """Mark SLOT free (its image is no longer listed; the bytes are overwritten by a later snapshot)."""
-    rec = api.drop(device, slot)
+    """Mark SLOT free (its image is no longer listed; the bytes are overwritten by a later snapshot).  Refused
+    while a capture runs (it may be writing that slot)."""
+    with _no_capture("target drop"), Store.open(device, write=True) as st:
+        rec = st.drop(slot)
     click.echo(f"slot {slot} ({rec.state.name.lower()}, #{rec.seq}) is free now")

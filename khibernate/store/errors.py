@@ -27,3 +27,20 @@ class NoSpaceError(StoreError):
 
 class SlotFullError(NoSpaceError):
     """A write ran past the end of its slot."""
+
+
+class DeviceInUseError(StoreError):
+    """The target is mounted, swap, held by LVM/md/dm-crypt, has a partition in use, or is a file open for writing
+    elsewhere: a store never goes there, --force or not."""
+
+
+class ForeignDataError(StoreError):
+    """The target holds a filesystem, swap, LVM/RAID/LUKS or partition-table signature; --force erases it."""
+
+
+class ProbeError(StoreError):
+    """What the target holds cannot be checked (blkid missing or failing)."""
+
+
+class StoreBusyError(StoreError):
+    """Another process kept the store's writer lock for longer than the wait allowed."""

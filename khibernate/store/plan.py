@@ -49,7 +49,7 @@ def retire(sb: Superblock, keep: int | None, *, protect: int | None = None) -> t
 def observed_ratio(sb: Superblock, page_size: int = 4096) -> float | None:
     """Largest bytes-per-stored-page / page_size of this store's complete images (the real compression ratio)."""
     ratios = [s.length / (s.pages_stored * page_size) for s in sb.slots
-              if s.state in (SlotState.COMPLETE, SlotState.RESUMED) and s.pages_stored]
+              if s.holds_image and s.pages_stored]
     return max(ratios) if ratios else None
 
 

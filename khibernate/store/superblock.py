@@ -88,6 +88,11 @@ class SlotRecord:
                    crc32=f[6], flags=f[7], image_uuid=f[8], created_ns=f[9], pages_stored=f[10],
                    pages_excluded=f[11], boot_id=f[12], osrelease=f[13].rstrip(b"\0").decode(errors="replace"))
 
+    @property
+    def holds_image(self) -> bool:
+        """Whether the slot holds a whole, verified image: complete, or complete once and resumed since."""
+        return self.state in (SlotState.COMPLETE, SlotState.RESUMED)
+
     def describe(self) -> str:
         """One line for `target list`."""
         if self.state == SlotState.FREE:

@@ -111,9 +111,13 @@ def dmesg_cmd(source: str | None, vmcoreinfo_file: str | None) -> None:
 @click.argument("directory", metavar="DIR")
 @click.argument("source", required=False)
 @vmcoreinfo_option
-@click.option("--allow-other", is_flag=True, help="Let other users read the mount (root, or user_allow_other "
-              "in /etc/fuse.conf).")
-def mount_cmd(directory: str, source: str | None, vmcoreinfo_file: str | None, allow_other: bool) -> None:
+@click.option("--allow-other", is_flag=True, help="Let other users into the mount (root, or user_allow_other in "
+              "/etc/fuse.conf); they still read only what --mode grants them.")
+@click.option("--mode", "mode_text", default="0400", show_default=True, metavar="OCTAL",
+              help="Permissions of the served files (read bits only), checked by the kernel: 0400 is the owner "
+                   "alone, like /proc/kcore; 0440 adds the owner's group, 0444 every user who may enter.")
+def mount_cmd(directory: str, source: str | None, vmcoreinfo_file: str | None, allow_other: bool,
+              mode_text: str) -> None:
     """Mount the view read-only at DIR with FUSE, in the foreground, until Ctrl-C, SIGTERM or `umount DIR`.
 
     \b
@@ -124,15 +128,24 @@ def mount_cmd(directory: str, source: str | None, vmcoreinfo_file: str | None, a
     DIR/dmesg       the kernel log (when VMCOREINFO is known)
     DIR/info.json   what `khibernate view info --json` prints, plus the vmcore's PT_LOADs
 
+    \b
+    The files hold the saved kernel's whole memory in clear: keys, passwords, every process's data. Like
+    /proc/kcore they are readable by the mounting user (root) alone, mode 0400 checked by the kernel, even
+    with --allow-other; give --mode to share them on purpose.
     Mounting needs root or fusermount3 (Debian: fuse3).
     """
     from khibernate.view.files import build_files
-    from khibernate.view.mount import check_mountpoint, serve
+    from khibernate.view.mount import check_mode, check_mountpoint, serve
 
+    try:
+        mode = check_mode(int(mode_text, 8))
+    except ValueError:
+        raise click.BadParameter(f"{mode_text!r} is not an octal mode such as 0400", param_hint="--mode") from None
     check_mountpoint(directory)
     with _open(source) as src:
         files = build_files(src, _vmci(src, vmcoreinfo_file))
-        serve(directory, files, allow_other=allow_other,
-              on_mount=lambda: click.echo(f"khibernate view: mounted at {directory}; Ctrl-C or umount to end",
-                                          err=True))
+        serve(directory, files, allow_other=allow_other, mode=mode,
+              on_mount=lambda: click.echo(f"khibernate view: mounted at {directory} (files {mode:04o}"
+                                          f"{', other users may enter' if allow_other else ''}); Ctrl-C or umount "
+                                          "to end", err=True))
     click.echo(f"khibernate view: unmounted {directory}", err=True)

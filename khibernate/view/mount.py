@@ -2,6 +2,11 @@
 
 Checks come first (DIR usable, FUSE in the kernel, /dev/fuse, libfuse), the source is opened and its files built
 before anything is mounted; libfuse unmounts on SIGINT/SIGTERM (or ``umount DIR``) and the call returns.
+
+The files hold a kernel's whole memory - keys, passwords, every process's data - so they are served like
+/proc/kcore and /proc/vmcore: mode 0400, owned by whoever mounts (root), and the kernel checks that mode
+(``default_permissions``), so ``allow_other`` alone lets other users see the mount but read nothing.  Another mode
+is the mounting user's explicit choice.
 """
 
 from __future__ import annotations
@@ -48,10 +53,37 @@ def load_binding() -> Any:
     return mfusepy
 
 
-def make_operations(files: Mapping[str, ViewFile], binding: Any) -> Any:
-    """An mfusepy Operations object serving ``files`` read-only in one flat directory."""
+DEFAULT_MODE = 0o400  # /proc/kcore's and /proc/vmcore's: the owner (root) only
+
+
+def check_mode(mode: int) -> int:
+    """``mode`` when it holds read bits only (0400, 0440, 0444 ...); MountError otherwise (the files are read-only)."""
+    if not 0 <= mode <= 0o777 or mode & ~0o444 or not mode & 0o400:
+        raise MountError(f"--mode {mode:o}: give read bits for the owner and whom else may read, e.g. 0400 (the "
+                         "default), 0440 or 0444; the view is read-only")
+    return mode
+
+
+def dir_mode(mode: int) -> int:
+    """The directory's mode for files of ``mode``: read and search for exactly those who may read the files."""
+    return mode | (mode & 0o444) >> 2
+
+
+def fuse_options(*, allow_other: bool) -> dict[str, bool | str]:
+    """The mount options: read-only, foreground, and the kernel checking the files' modes (default_permissions)."""
+    opts: dict[str, bool | str] = {"foreground": True, "nothreads": True, "ro": True,
+                                   "fsname": "khibernate-view", "subtype": "khibernate", "default_permissions": True}
+    if allow_other:
+        opts["allow_other"] = True
+    return opts
+
+
+def make_operations(files: Mapping[str, ViewFile], binding: Any, mode: int = DEFAULT_MODE) -> Any:
+    """An mfusepy Operations object serving ``files`` read-only in one flat directory, with ``mode`` (checked by
+    the kernel under default_permissions), owned by the mounting user."""
     now = time.time()
     uid, gid = os.getuid(), os.getgid()
+    mode = check_mode(mode)
 
     class ViewOperations(binding.Operations):  # type: ignore[misc]
         """Read-only flat directory of the view's files."""
@@ -74,8 +106,8 @@ def make_operations(files: Mapping[str, ViewFile], binding: Any) -> Any:
         def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
             base = {"st_uid": uid, "st_gid": gid, "st_atime": now, "st_mtime": now, "st_ctime": now}
             if path == "/":
-                return {**base, "st_mode": stat.S_IFDIR | 0o555, "st_nlink": 2}
-            return {**base, "st_mode": stat.S_IFREG | 0o444, "st_nlink": 1, "st_size": self._file(path).size}
+                return {**base, "st_mode": stat.S_IFDIR | dir_mode(mode), "st_nlink": 2}
+            return {**base, "st_mode": stat.S_IFREG | mode, "st_nlink": 1, "st_size": self._file(path).size}
 
         def readdir(self, path: str, fh: int) -> list[str]:
             if path != "/":
@@ -102,21 +134,17 @@ def make_operations(files: Mapping[str, ViewFile], binding: Any) -> Any:
     return ViewOperations()
 
 
-def serve(directory: str, files: Mapping[str, ViewFile], *, allow_other: bool = False,
+def serve(directory: str, files: Mapping[str, ViewFile], *, allow_other: bool = False, mode: int = DEFAULT_MODE,
           on_mount: Callable[[], None] | None = None) -> None:
     """Mount ``files`` at ``directory`` and serve until SIGINT/SIGTERM or umount; nothing stays mounted after.
 
     Returns normally when a mounted session ends; MountError when the mount could not be made."""
     check_mountpoint(directory)
     binding = load_binding()
-    ops = make_operations(files, binding)
+    ops = make_operations(files, binding, mode)
     ops.on_mount = on_mount
-    opts: dict[str, Any] = {"foreground": True, "nothreads": True, "ro": True, "fsname": "khibernate-view",
-                            "subtype": "khibernate"}
-    if allow_other:
-        opts["allow_other"] = True
     try:
-        binding.FUSE(ops, directory, **opts)
+        binding.FUSE(ops, directory, **fuse_options(allow_other=allow_other))
     except RuntimeError as e:
         if ops.mounted:
             return  # libfuse reports the signal that ended the session (SIGINT/SIGTERM): a clean end

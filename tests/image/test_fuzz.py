@@ -122,3 +122,46 @@ def test_fuzz_vmcoreinfo_text() -> None:
                 assert str(e)
 
     run()
+
+
+# every number the synthetic kernel's VMCOREINFO holds, and values around what breaks arithmetic on them
+NUMBER_VALUES = [0, 1, 7, 11, 12, 20, 31, 32, 63, 64, 65, 200, 4095, 4096, -1, -5, 1 << 31, 1 << 32, (1 << 63) - 1,
+                 1 << 63, (1 << 64) - 1, 1 << 64, 10 ** 30, -(1 << 63), -(1 << 70)]
+
+
+def _with_numbers(text: str, changes: list[tuple[str, int]]) -> str:
+    """VMCOREINFO ``text`` with the given keys' values replaced (hex for addresses, as the kernel prints them)."""
+    lines = dict(line.split("=", 1) for line in text.splitlines())
+    for key, v in changes:
+        hexed = key.startswith("SYMBOL(") or key == "KERNELOFFSET"
+        lines[key] = ("-" if v < 0 else "") + (f"{abs(v):x}" if hexed else str(abs(v)))
+    return "".join(f"{k}={v}\n" for k, v in lines.items())
+
+
+def test_fuzz_vmcoreinfo_numbers_in_a_save(synth: object, synth_elf: Path, tmp_path: Path) -> None:
+    """Issue 18: any VMCOREINFO number (SECTION_SIZE_BITS, MAX_PHYSMEM_BITS, SIZE(mem_section), struct page
+    offsets, page orders, flag bits, addresses ...) changed to anything: `image save -d 31` either saves or stops
+    with one ImageError - never a negative shift, a division by zero or a read outside struct page."""
+    from khibernate.image.errors import ImageError
+    from khibernate.image.format import save
+    from khibernate.image.sources import open_source
+    from khibernate.image.vmcoreinfo import Vmcoreinfo
+
+    text = synth.vmcoreinfo  # type: ignore[attr-defined]
+    keys = sorted(k for k, _, v in (line.partition("=") for line in text.splitlines())
+                  if k not in ("OSRELEASE", "BUILD-ID") and v)
+    value = st.sampled_from(NUMBER_VALUES) | st.integers(-(1 << 66), 1 << 66)
+    out = tmp_path / "o.khi"
+
+    with open_source(synth_elf) as src:
+        @settings(settings.get_profile(PROFILE))
+        @given(st.lists(st.tuples(st.sampled_from(keys), value), min_size=1, max_size=3))
+        def run(changes: list[tuple[str, int]]) -> None:
+            try:
+                vmci = Vmcoreinfo.parse(_with_numbers(text, changes))
+                with open(out, "wb") as f:
+                    save(src, f, vmci=vmci, level=31)
+            except ImageError as e:
+                assert str(e)
+
+        run()

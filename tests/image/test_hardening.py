@@ -214,6 +214,30 @@ def test_vmcoreinfo_values_that_are_not_numbers(tmp_path: Path, bad: str) -> Non
             assert one_error_line(err), (cmd, err)
 
 
+ISSUE_18_VALUES = [("NUMBER(SECTION_SIZE_BITS)", v) for v in ("0", "11", "64", "200")] + \
+    [("NUMBER(MAX_PHYSMEM_BITS)", v) for v in ("0", "20")] + \
+    [("SIZE(mem_section)", "0"), ("SIZE(page)", "0"), ("OFFSET(page.flags)", "-5"), ("OFFSET(page.private)", "64"),
+     ("LENGTH(zone.free_area)", "0"), ("OFFSET(mem_section.section_mem_map)", "99999999999999"),
+     ("NUMBER(KERNEL_IMAGE_SIZE)", "0"), ("NUMBER(pgtable_l5_enabled)", "7"), ("PAGESIZE", "4097")]
+
+
+@pytest.mark.parametrize("key,value", ISSUE_18_VALUES, ids=[f"{k}={v}" for k, v in ISSUE_18_VALUES])
+def test_vmcoreinfo_numbers_no_kernel_can_have(synth: object, tmp_path: Path, key: str, value: str) -> None:
+    """A VMCOREINFO number outside what a kernel can have is one error naming it (was: a traceback from a
+    negative shift or a division by zero, or silently wrong classes for offsets outside struct page)."""
+    import dataclasses
+    import re
+
+    text = synth.vmcoreinfo  # type: ignore[attr-defined]
+    bad = re.sub(rf"^{re.escape(key)}=.*$", f"{key}={value}", text, flags=re.M)
+    assert bad != text, key
+    core = tmp_path / "core"
+    dataclasses.replace(synth, vmcoreinfo=bad).write_elf(core)  # type: ignore[call-overload]
+    code, _, err = run("save", str(core), str(tmp_path / "o.khi"), "-d", "31")
+    assert code != 0 and one_error_line(err) and key in err, err
+    assert not (tmp_path / "o.khi").exists()
+
+
 def test_non_ascii_osrelease_reads_back(tmp_path: Path) -> None:
     p = _elf_with_vmcoreinfo(tmp_path / "v", "OSRELEASE=6.12.0-\xe9t\xe9\nPAGESIZE=4096\n")
     code, _, err = run("save", str(p), str(tmp_path / "a.khi"), "-d", "1")
@@ -388,6 +412,35 @@ def test_output_refuses_devices_fifos_and_symlinks(base: dict[str, Path], tmp_pa
         assert code == 1 and one_error_line(err) and "DEST" not in err or "not a regular" in err or "link" in err
     assert fifo.is_fifo() and link.is_symlink() and not (tmp_path / "elsewhere").exists()
     assert not list(tmp_path.glob(".*.partial"))
+
+
+@pytest.mark.parametrize("sig,status", [(15, 143), (2, 1)], ids=["SIGTERM", "SIGINT"])
+def test_signal_mid_write_leaves_no_partial_file(tmp_path: Path, sig: int, status: int) -> None:
+    """Issue 18: SIGTERM (how systemd stops the watch service) during a real `image save` removes the temporary
+    file as SIGINT does, and exits 143; before, the process died at once and left DEST's .partial behind."""
+    import signal
+    import subprocess
+    import sys
+
+    raw = tmp_path / "mem.raw"
+    raw.write_bytes(os.urandom(16 << 20))  # incompressible: zstd -19 takes seconds for it
+    dest = tmp_path / "out.khi"
+    child = subprocess.Popen([sys.executable, "-m", "khibernate", "image", "save", str(raw), str(dest), "-d", "0",
+                              "--ranges", "0-1000000", "--zstd-level", "19", "--threads", "1", "--block-pages", "16"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not [p for p in tmp_path.glob(".out.khi.*.partial") if p.stat().st_size > 0]:
+            assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+            time.sleep(0.02)
+        child.send_signal(signal.Signals(sig))
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == status, err
+    assert not list(tmp_path.glob(".*.partial")) and not dest.exists(), err
+    assert "Traceback" not in err, err
 
 
 def test_output_refuses_a_dest_replaced_meanwhile(tmp_path: Path) -> None:

@@ -231,3 +231,44 @@ def test_read_only_target_is_refused_before_anything_is_written(tmp_path) -> Non
     device.check_writable(str(f))  # writable: no error
     with pytest.raises(StoreError, match="does not exist"):
         device.check_writable(str(tmp_path / "absent"))
+
+
+def test_sigterm_during_export_leaves_no_file(dev: str, memfile: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 18: SIGTERM while `target export --format kdump` runs its exporter (the slot's .khi copy made beside
+    DEST) exits 143 and removes the copy; before, the process died and left DEST.khi.partial-src behind.  Run in
+    a forked child, so that the signal cannot end the test process."""
+    import signal
+    import time
+
+    from khibernate.store import handle
+
+    sb = api.init(dev)
+    rec = sb.slots[0]
+    w = write_image(dev, rec.offset, rec.capacity, memfile)
+    chk = api.verify_bytes(dev, rec, w.length, w.crc32)
+    api.set_slot(dev, dataclasses.replace(rec, state=SlotState.COMPLETE, seq=1, length=w.length, crc32=w.crc32,
+                                          pages_stored=chk.pages_stored))
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def terminated_meanwhile(khi: str, dest: str, fmt: str) -> int:
+        assert os.path.exists(khi)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        return 0
+
+    monkeypatch.setattr(handle, "_export_khi", terminated_meanwhile)
+    pid = os.fork()
+    if pid == 0:  # the child: export, and report how it ended in its exit status
+        code = 0
+        try:
+            api.export(dev, 0, str(out / "vmcore"), "kdump")
+        except SystemExit as e:
+            code = int(e.code or 0)
+        except BaseException:
+            code = 99
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 143, f"wait status {status:#x}"
+    assert list(out.iterdir()) == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import stat
 import subprocess
 from pathlib import Path
 
@@ -62,3 +63,31 @@ def test_bad_input_is_one_error_and_nothing_mounted(synth: SynthKernel, synth_el
     with mounted(d, synth_elf):
         _mount_fails(d, synth_elf, "busy", busy=True)
         assert (d / "vmcoreinfo").read_text().startswith("OSRELEASE=")
+
+
+def _as_nobody(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(cmd), user=65534, group=65534, extra_groups=[], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_memory_stays_with_root_even_with_allow_other(synth_elf: Path) -> None:
+    """Issue 18: with --allow-other alone, `nobody` can neither list the mount nor read the memory (files 0400,
+    default_permissions, like /proc/kcore); --mode 0444 shares it on purpose.  Before, every user read it."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="khibernate-view-"))  # reachable by nobody (pytest's tmp_path is not)
+    try:
+        base.chmod(0o755)
+        d = base / "mnt"
+        with mounted(d, synth_elf, options=("--allow-other",)):
+            assert stat.S_IMODE(os.stat(d / "vmcore").st_mode) == 0o400
+            for cmd in (["cat", str(d / "vmcoreinfo")], ["ls", str(d)], ["head", "-c", "64", str(d / "oldmem")]):
+                r = _as_nobody(*cmd)
+                assert r.returncode != 0 and "Permission denied" in r.stderr and not r.stdout, (cmd, r)
+            assert (d / "vmcoreinfo").read_text().startswith("OSRELEASE=")  # the owner (root) reads
+        with mounted(d, synth_elf, options=("--allow-other", "--mode", "0444")):
+            r = _as_nobody("cat", str(d / "vmcoreinfo"))
+            assert r.returncode == 0 and r.stdout.startswith("OSRELEASE="), r
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -26,11 +26,12 @@ def wait_mounted(proc: subprocess.Popen[str], directory: Path, timeout: float = 
 
 
 @contextlib.contextmanager
-def mounted(directory: Path, source: Path, sig: int = signal.SIGTERM) -> Iterator[subprocess.Popen[str]]:
-    """``view mount directory source`` for the body; ends it with ``sig`` and checks a clean unmount."""
+def mounted(directory: Path, source: Path, sig: int = signal.SIGTERM,
+            options: tuple[str, ...] = ()) -> Iterator[subprocess.Popen[str]]:
+    """``view mount [options] directory source`` for the body; ends it with ``sig`` and checks a clean unmount."""
     directory.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([*MOUNT, str(directory), str(source)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([*MOUNT, *options, str(directory), str(source)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         wait_mounted(proc, directory)
         yield proc
