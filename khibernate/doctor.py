@@ -113,14 +113,52 @@ def _watch_findings(root: SystemRoot) -> list[Finding]:
     return out
 
 
-def diagnose(root: SystemRoot, euid: int) -> Diagnosis:
-    """Check every precondition of kexec, kdump and kexec jump on the system at ROOT."""
+XEN_NO_PRESERVE_CONTEXT = (
+    "Xen's kexec has only a default and a crash image, no preserve-context image: nothing can jump back to a Xen "
+    "host, so kexec jump, snapshot, hibernate and watch (all a jump and back) cannot work here")
+
+
+def _xen_findings(root: SystemRoot, guest_type: str, xen_crash_size: int | None) -> list[Finding]:
+    """A Xen PV domain: the hypervisor, not this kernel, loads and runs kexec images (kexec-tools and khibernate
+    hand them to Xen through /dev/xen/privcmd); its kexec has no preserve-context."""
+    out = [Finding("xen", True, f"a Xen {guest_type} domain: `khibernate kexec` and `kdump` load into the Xen "
+                                "hypervisor (kexec of the whole host: Xen→Linux, Xen→Xen with --vmm; kdump of dom0 "
+                                "and Xen crashes)"),
+           Finding("xen: no preserve-context", False, XEN_NO_PRESERVE_CONTEXT, blocks=("jump",))]
+    control = root.xen_control_domain()
+    if control is False:
+        out.append(Finding("xen control domain", False, "this is not dom0 (/proc/xen/capabilities has no "
+                                                        "control_d): only dom0 may load kexec images into Xen",
+                           blocks=("kexec", "kdump")))
+    elif control is None:
+        out.append(Finding("xen control domain", False, "/proc/xen is not mounted (mount -t xenfs xenfs /proc/xen): "
+                                                        "cannot tell whether this is dom0"))
+    if not (root.path / "dev/xen/privcmd").exists():
+        out.append(Finding("xen privcmd", False, "no /dev/xen/privcmd: load xen-privcmd (modprobe xen-privcmd) to "
+                                                 "reach the hypervisor", blocks=("kexec", "kdump")))
+    if xen_crash_size:
+        out.append(Finding("crash region", True, f"Xen's crash region: {xen_crash_size >> 20} MiB"))
+    elif xen_crash_size == 0:
+        out.append(Finding("crash region", False, "Xen reserved no crash region: add crashkernel=256M to Xen's "
+                                                  "command line (not dom0's)", blocks=("kdump",)))
+    else:
+        out.append(Finding("crash region", False, "cannot ask Xen for its crash region", unknown=("kdump",)))
+    return out
+
+
+def diagnose(root: SystemRoot, euid: int, xen_crash_size: int | None = None) -> Diagnosis:
+    """Check every precondition of kexec, kdump and kexec jump on the system at ROOT (``xen_crash_size``: the
+    size of the crash region the Xen hypervisor reports, read by the caller on a Xen dom0)."""
     f: list[Finding] = []
     if euid == 0:
         f.append(Finding("root", True, "running as root"))
     else:
         f.append(Finding("root", False, "not root: loading a kernel needs CAP_SYS_BOOT; run as root",
                          blocks=FEATURES))
+    guest_type = root.xen_guest_type()
+    if guest_type == "PV":
+        f.extend(_xen_findings(root, guest_type, xen_crash_size))
+        return Diagnosis(f, root.release())
 
     disabled = root.read_int("/proc/sys/kernel/kexec_load_disabled")
     if disabled:
@@ -205,11 +243,23 @@ def doctor_command(as_json: bool, root: str) -> None:
     CONFIG_KEXEC / CONFIG_CRASH_DUMP / CONFIG_KEXEC_JUMP (from /proc/config.gz or /boot/config-*),
     the crashkernel= region in /proc/iomem, what is loaded now, and for `watch` which events reach user space
     (kernel.panic_on_oops, panic_on_warn, softlockup_panic, hung_task_panic) and which detectors report.
+    On a Xen dom0: that kexec and kdump go through the hypervisor, Xen's crash region, and that jump, snapshot,
+    hibernate and watch cannot work (Xen's kexec has no preserve-context).
 
     Exit status: 0 when a kexec jump is possible here, 1 otherwise.
     """
     from pathlib import Path
 
-    d = diagnose(SystemRoot(Path(root)), os.geteuid())
+    sysroot = SystemRoot(Path(root))
+    xen_crash = None
+    if root == "/" and sysroot.xen_guest_type() == "PV":
+        from khibernate.errors import KhibernateError
+        from khibernate.jump import api
+
+        try:
+            xen_crash = api.xen_state().crash_size
+        except KhibernateError:
+            pass
+    d = diagnose(sysroot, os.geteuid(), xen_crash)
     click.echo(json.dumps(d.to_json(), indent=1) if as_json else render(d))
     raise SystemExit(0 if d.possible("jump") else 1)

@@ -110,6 +110,18 @@ class SystemRoot:
                 return parse_kernel_config(text), rel
         return None, None
 
+    def xen_guest_type(self) -> str | None:
+        """'PV', 'HVM' or 'PVH' when this kernel runs on Xen (/sys/hypervisor), None on bare metal or elsewhere."""
+        if (self.read("/sys/hypervisor/type") or "").strip() != "xen":
+            return None
+        return (self.read("/sys/hypervisor/guest_type") or "PV").strip() or "PV"
+
+    def xen_control_domain(self) -> bool | None:
+        """True in dom0 ('control_d' in /proc/xen/capabilities), False in another Xen domain, None when unknown
+        (xenfs not mounted on /proc/xen)."""
+        caps = self.read("/proc/xen/capabilities")
+        return None if caps is None else "control_d" in caps
+
     def lockdown(self) -> str | None:
         """The active kernel lockdown mode, or None when the kernel has no lockdown LSM."""
         text = self.read("/sys/kernel/security/lockdown")

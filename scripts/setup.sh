@@ -35,6 +35,11 @@ echo "[setup] installing khibernate into .venv"
 echo "[setup] a Debian distribution kernel for the tests and its debug vmlinux (for crash), in ~/.cache/khibernate/debs"
 .venv/bin/python -m vmtest.debian
 
+# ~3.5 MB: Debian's Xen 4.17 hypervisor and its xen-syms, and dom0's xen-privcmd/xenfs (+ virtio) modules of the
+# Debian kernel above, for the Xen host VM tests (tests/vm/test_xen_host.py)
+echo "[setup] a Xen hypervisor for the Xen host tests, in ~/.cache/khibernate/xen"
+.venv/bin/python -m vmtest.xen
+
 echo "[setup] test kernels (built once from Debian's linux-source-6.12 and -7.3, then cached in ~/.cache/khibernate)"
 .venv/bin/python -m vmtest.kernel 6.12
 .venv/bin/python -m vmtest.kernel 7.3

@@ -8,7 +8,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from khibernate.cli import cli
-from khibernate.doctor import diagnose
+from khibernate.doctor import diagnose, render
 from khibernate.system import SystemRoot, parse_iomem, parse_lockdown
 
 IOMEM = """00000000-00000fff : Reserved
@@ -135,3 +135,39 @@ def test_watch_not_possible_when_everything_panics_or_jump_is_not(tmp_path):
     assert "watch : NOT possible (see: CONFIG_KEXEC_JUMP" in render(d)
     text = " ".join(f.message for f in d.findings)  # no detectors in the copied tree: said, not blocking
     assert "kernel.hung_task_timeout_secs=120" in text and "kernel.soft_watchdog=1" in text
+
+
+def _xen_tree(tmp_path, capabilities: str | None = "control_d\n", privcmd: bool = True):
+    root = make_tree(tmp_path, iomem="00100000-3ffdcfff : System RAM\n", config=None)
+    (tmp_path / "sys/hypervisor").mkdir(parents=True)
+    (tmp_path / "sys/hypervisor/type").write_text("xen\n")
+    (tmp_path / "sys/hypervisor/guest_type").write_text("PV\n")
+    if capabilities is not None:
+        (tmp_path / "proc/xen").mkdir(parents=True)
+        (tmp_path / "proc/xen/capabilities").write_text(capabilities)
+    if privcmd:
+        (tmp_path / "dev/xen").mkdir(parents=True)
+        (tmp_path / "dev/xen/privcmd").write_text("")
+    return root
+
+
+def test_xen_dom0_kexec_and_kdump_through_the_hypervisor_no_jump(tmp_path):
+    """On a Xen dom0, kexec and kdump go through Xen (dom0's own config and crash region do not matter); jump and
+    watch cannot work, and the verdict says why (no preserve-context in Xen's kexec)."""
+    d = diagnose(_xen_tree(tmp_path), euid=0, xen_crash_size=256 << 20)
+    assert d.possible("kexec") is True and d.possible("kdump") is True
+    assert d.possible("jump") is False and d.possible("watch") is False
+    text = render(d)
+    assert "preserve-context" in text and "Xen's crash region: 256 MiB" in text
+    assert d.to_json()["possible"] == {"kexec": True, "kdump": True, "jump": False, "watch": False}
+
+
+def test_xen_without_crash_region_or_privcmd(tmp_path):
+    d = diagnose(_xen_tree(tmp_path, privcmd=False), euid=0, xen_crash_size=0)
+    assert d.possible("kdump") is False and d.possible("kexec") is False
+    assert "crashkernel=256M to Xen's command line" in render(d) and "modprobe xen-privcmd" in render(d)
+
+
+def test_xen_domu_cannot_load(tmp_path):
+    d = diagnose(_xen_tree(tmp_path, capabilities=""), euid=0, xen_crash_size=None)
+    assert d.possible("kexec") is False and "not dom0" in render(d)

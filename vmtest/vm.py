@@ -226,8 +226,7 @@ class VM:
         qmp_path = os.path.join(self._sockdir, "qmp")
         cmd = ["qemu-system-x86_64", "-accel", self.accel, "-cpu", self.cpu, "-m", str(self.memory_mb),
                "-smp", str(self.smp),
-               "-nodefaults", "-display", "none", "-no-reboot",
-               "-kernel", str(self.kernel.bzimage), "-initrd", str(initrd), "-append", self.append,
+               "-nodefaults", "-display", "none", "-no-reboot", *self.boot_args(initrd),
                "-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console",
                "-chardev", f"socket,id=agent,path={agent_path},server=on,wait=on", "-serial", "chardev:agent",
                "-qmp", f"unix:{qmp_path},server=on,wait=off", "-device", "vmcoreinfo"]
@@ -261,6 +260,17 @@ class VM:
         self._wait_ready(self.timeout)
         self.boot_seconds = time.monotonic() - t0
         self._log(f"guest ready in {self.boot_seconds:.1f} s (kernel {self.release})")
+
+    def boot_args(self, initrd: Path) -> list[str]:
+        """QEMU's direct-boot options: the kernel, its initrd and command line (vmtest/xen.py boots Xen instead)."""
+        return ["-kernel", str(self.kernel.bzimage), "-initrd", str(initrd), "-append", self.append]
+
+    def console_write(self, data: bytes) -> None:
+        """Type bytes on the kernel console (ttyS0's input), e.g. Xen's Ctrl-A switch and debug keys."""
+        if self._proc is None or self._proc.stdin is None or not self._alive():
+            raise VMError(f"QEMU is not running; see {self.serial_log}")
+        self._proc.stdin.write(data)
+        self._proc.stdin.flush()
 
     def _connect(self, path: str, timeout: float = 30) -> socket.socket:
         deadline = time.monotonic() + timeout

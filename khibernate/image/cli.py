@@ -87,6 +87,10 @@ def with_raw_options(f: Any) -> Any:
 
 
 DUMP_LEVEL = click.IntRange(0, 31)
+XEN_FILTER = click.option("--xen", "xen_filter", type=click.Choice(["dom0", "hypervisor"]), default=None,
+                          help="A Xen host's vmcore: keep the hypervisor's and dom0's frames, dropping guests' and "
+                               "free ones (dom0, like makedumpfile -X), or the hypervisor's only (hypervisor); read "
+                               "from Xen's frame table.")
 
 
 class _ImageGroup(ErrorReportingGroup):
@@ -121,17 +125,22 @@ def image_group() -> None:
               help="Pages per zstd block.")
 @click.option("--no-sync", is_flag=True, help="Skip the fsync before the final rename (faster, not crash-safe).")
 @with_source_options
+@XEN_FILTER
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")
 def save_cmd(source: str, dest: str, level: int | None, restorable: bool, threads: int, zlevel: int,
              block_pages: int, no_sync: bool, vmcoreinfo_file: str | None, vmcoreinfo_at: str | None,
-             ranges: str | None, elfcorehdr: str | None, as_json: bool) -> None:
+             ranges: str | None, elfcorehdr: str | None, xen_filter: str | None, as_json: bool) -> None:
     """Filter SOURCE and save it as a khibernate image DEST (written to a temporary file beside DEST, fsync'd and
-    renamed when complete). The image is restorable only if SOURCE itself lost no more than zero and free pages."""
+    renamed when complete). The image is restorable only if SOURCE itself lost no more than zero and free pages.
+    A Xen host's vmcore is saved at -d 1 by default (dom0's page classes need its p2m: -d 2-16 are refused)."""
+    from khibernate.image import xen
     from khibernate.image.format import check_source_level, save_file
 
-    if level is None:
-        level, restorable = RESTORABLE_LEVEL, True
-    with _open(source, ranges, elfcorehdr) as src:
+    with _open(source, ranges, elfcorehdr) as opened:
+        src = xen.XenFilteredSource(opened, xen.frame_filter(opened, xen_filter)) if xen_filter else opened
+        if level is None:  # restorable by default; a Xen host's dump cannot be restored and drops zero pages only
+            level, restorable = (1, False) if xen.is_xen_dump(src) else (RESTORABLE_LEVEL, True)
+        xen.check_level(src, level)
         recorded = check_source_level(src, level, restorable)
         vmci = _vmcoreinfo(src, vmcoreinfo_file, vmcoreinfo_at, required=bool(level & ~1))
         total = sum(r.size for r in src.ranges)
@@ -162,6 +171,11 @@ def describe(src: MemorySource, vmci: Vmcoreinfo | None) -> dict[str, Any]:
         d.update(osrelease=vmci.osrelease, build_id=vmci.build_id, page_size=vmci.page_size,
                  kerneloffset=hex(vmci.kerneloffset), crashtime=vmci.crashtime)
     d.update(src.describe())
+    from khibernate.image import xen
+
+    host = xen.read(src)
+    if host is not None:
+        d.update(host.describe())
     return d
 
 
@@ -225,10 +239,11 @@ def read_cmd(source: str, paddr: int, size: int, raw: bool, ranges: str | None, 
               help="Compression threads (kdump).")
 @click.option("--no-sync", is_flag=True, help="Skip the fsync before the final rename (faster, not crash-safe).")
 @with_source_options
+@XEN_FILTER
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")
 def export_cmd(source: str, dest: str, fmt: str, compress: str, flat: bool, elf32: bool, level: int | None,
                threads: int, no_sync: bool, vmcoreinfo_file: str | None, vmcoreinfo_at: str | None, ranges: str | None,
-               elfcorehdr: str | None, as_json: bool) -> None:
+               elfcorehdr: str | None, xen_filter: str | None, as_json: bool) -> None:
     """Write SOURCE as an ELF vmcore or a makedumpfile-compatible kdump-compressed file.
 
     A zstd kdump file needs makedumpfile/crash built with zstd (Debian 12's are not: export with --compress zlib
@@ -237,7 +252,11 @@ def export_cmd(source: str, dest: str, fmt: str, compress: str, flat: bool, elf3
 
     if flat and fmt != "kdump":
         raise UsageErrorImage("--flat applies to --format kdump only")
-    with _open(source, ranges, elfcorehdr) as src:
+    from khibernate.image import xen
+
+    with _open(source, ranges, elfcorehdr) as opened:
+        src = xen.XenFilteredSource(opened, xen.frame_filter(opened, xen_filter)) if xen_filter else opened
+        xen.check_level(src, level or 0)
         vmci = _vmcoreinfo(src, vmcoreinfo_file, vmcoreinfo_at, required=bool((level or 0) & ~1))
         total = sum(r.size for r in src.ranges)
         t0 = time.monotonic()

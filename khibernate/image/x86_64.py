@@ -23,7 +23,12 @@ _U64 = struct.Struct("<Q")
 
 
 class X86_64:
-    """Translates kernel VAs of one x86_64 kernel image using only its VMCOREINFO and memory."""
+    """Translates kernel VAs of one x86_64 kernel image using only its VMCOREINFO and memory.
+
+    ``image_base`` is where the image mapping starts (``__START_KERNEL_map`` for Linux; the Xen hypervisor's
+    translator in image/xen.py sets its own)."""
+
+    image_base = START_KERNEL_MAP
 
     def __init__(self, source: MemorySource, vmci: Vmcoreinfo):
         self.source = source
@@ -44,7 +49,7 @@ class X86_64:
 
     def kernel_text_to_pa(self, va: int) -> int:
         """PA of an address in the kernel image mapping (``__START_KERNEL_map`` region)."""
-        return va - START_KERNEL_MAP + self.phys_base
+        return va - self.image_base + self.phys_base
 
     def _table(self, paddr: int) -> bytes:
         """One 4 KiB page-table page, cached."""
@@ -75,7 +80,7 @@ class X86_64:
 
     def to_pa(self, va: int) -> int:
         """PA of any mapped kernel VA."""
-        if START_KERNEL_MAP <= va < START_KERNEL_MAP + self.kernel_image_size:
+        if self.image_base <= va < self.image_base + self.kernel_image_size:
             return self.kernel_text_to_pa(va)
         return self.walk(va)[0]
 
@@ -84,8 +89,8 @@ class X86_64:
         run_pa, run_len = -1, 0
         end = va + size
         while va < end:
-            if START_KERNEL_MAP <= va < START_KERNEL_MAP + self.kernel_image_size:
-                pa, left = self.kernel_text_to_pa(va), START_KERNEL_MAP + self.kernel_image_size - va
+            if self.image_base <= va < self.image_base + self.kernel_image_size:
+                pa, left = self.kernel_text_to_pa(va), self.image_base + self.kernel_image_size - va
             else:
                 pa, left = self.walk(va)
             n = min(left, end - va)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from khibernate.jump import loader, syscalls
+from khibernate.jump import loader, syscalls, xen
 from khibernate.jump.bzimage import parse_bzimage
 from khibernate.jump.errors import JumpBackEntryError, KexecSyscallError
 from khibernate.jump.kexec_abi import KEXEC_FILE_ON_CRASH, KEXEC_FILE_UNLOAD
@@ -237,3 +237,85 @@ def jump_status() -> str:
         how = "the peer has resumed this kernel since" if saved.get("returned") else "not used yet"
         lines.append(f"jump-back image loaded in this boot for {saved['entry']:#x} ({how})")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- a Xen dom0: images go to the hypervisor
+
+XEN_NO_JUMP = ("this is a Xen PV domain: kexec images are loaded into the Xen hypervisor, whose kexec knows only "
+               "a default and a crash image, with no preserve-context: nothing can jump back to a Xen host, so "
+               "kexec jump, snapshot, hibernate and watch cannot work here (kexec and kdump do)")
+
+
+def on_xen_pv() -> bool:
+    """True in a Xen PV domain (dom0): kexec and kdump must go through the hypervisor."""
+    return SystemRoot().xen_guest_type() == "PV"
+
+
+def refuse_on_xen(what: str) -> None:
+    """Raise NotOnXen for a preserve-context operation (jump, snapshot, hibernate, watch) on a Xen PV domain."""
+    if on_xen_pv():
+        from khibernate.jump.errors import NotOnXen
+
+        raise NotOnXen(f"{what}: {XEN_NO_JUMP}")
+
+
+def plan_xen_kexec(kernel: str, initrd: str | None, cmdline: str, vmm: str | None = None) -> xen.XenPlan:
+    """The default image for Xen: Linux KERNEL (Xen→Linux) or, with vmm, that hypervisor with KERNEL as its dom0."""
+    kdata = loader.read_file(kernel, "kernel")
+    idata = loader.read_file(initrd, "initrd") if initrd else None
+    if vmm is not None:
+        import gzip
+
+        vdata = loader.read_file(vmm, "hypervisor image")
+        if vdata[:2] == b"\x1f\x8b":
+            vdata = gzip.decompress(vdata)
+        return xen.plan_multiboot(vdata, kdata, idata, cmdline, xen.XenFacts.read(), Path(vmm).name,
+                                  Path(kernel).name, Path(initrd).name if initrd else "initrd")
+    parse_bzimage(kdata, Path(kernel).name)
+    return xen.plan_kexec(kdata, idata, cmdline, xen.XenFacts.read(), Path(kernel).name)
+
+
+def plan_xen_crash(kernel: str, initrd: str | None, cmdline: str) -> xen.XenPlan:
+    """The crash image for Xen: a capture kernel for the whole host in Xen's crash region."""
+    kdata = loader.read_file(kernel, "kernel")
+    parse_bzimage(kdata, Path(kernel).name)
+    idata = loader.read_file(initrd, "initrd") if initrd else None
+    return xen.plan_crash(kdata, idata, cmdline, xen.XenFacts.read(), Path(kernel).name)
+
+
+def load_xen(plan: xen.XenPlan) -> None:
+    """Hand a XenPlan to the hypervisor (KEXEC_CMD_kexec_load), replacing an image of the same type."""
+    from khibernate.jump import xen_hypercalls
+
+    segments = plan.xen_segments()
+    xen_hypercalls.kexec_load(plan.image_type, plan.arch, plan.entry, segments)
+
+
+def xen_state() -> LoadedState:
+    """What Xen holds: default and crash images (KEXEC_CMD_kexec_status) and the crash region's size."""
+    from khibernate.jump import xen_hypercalls as xh
+    from khibernate.jump.xen_abi import KEXEC_RANGE_MA_CRASH, KEXEC_TYPE_CRASH, KEXEC_TYPE_DEFAULT
+
+    crash = xh.kexec_get_range(KEXEC_RANGE_MA_CRASH)
+    return LoadedState(xh.kexec_status(KEXEC_TYPE_DEFAULT), xh.kexec_status(KEXEC_TYPE_CRASH),
+                       crash[1] if crash else 0)
+
+
+def unload_xen(crash: bool = False) -> None:
+    """Unload Xen's default (or crash) image."""
+    from khibernate.jump import xen_hypercalls as xh
+    from khibernate.jump.xen_abi import KEXEC_TYPE_CRASH, KEXEC_TYPE_DEFAULT
+
+    xh.kexec_unload(KEXEC_TYPE_CRASH if crash else KEXEC_TYPE_DEFAULT)
+
+
+def execute_xen() -> None:
+    """KEXEC_CMD_kexec of the default image: Xen stops the host and starts the image (does not return)."""
+    from khibernate.jump import xen_hypercalls as xh
+    from khibernate.jump.xen_abi import KEXEC_TYPE_DEFAULT
+
+    if not xh.kexec_status(KEXEC_TYPE_DEFAULT):
+        raise KexecSyscallError("Xen holds no kexec image: run `khibernate kexec load` first")
+    kmsg(f"Xen kexec (KEXEC_CMD_kexec) from pid {os.getpid()}")
+    xh.kexec_exec(KEXEC_TYPE_DEFAULT)
+    raise KexecSyscallError("Xen returned from KEXEC_CMD_kexec without starting the image")

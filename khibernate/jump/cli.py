@@ -62,11 +62,32 @@ def kexec_group() -> None:
 @click.option("--syscall", type=click.Choice(["file", "load"]), default="file", show_default=True,
               help="kexec_file_load (the kernel parses the bzImage; works under lockdown with a signed kernel) or "
                    "kexec_load (khibernate builds the segments: boot_params, purgatory).")
-@click.option("--dry-run", is_flag=True, help="With --syscall load: print the segments, load nothing.")
+@click.option("--dry-run", is_flag=True, help="With --syscall load (or on a Xen dom0): print the segments, load "
+              "nothing.")
+@click.option("--vmm", metavar="XEN_IMAGE", type=click.Path(dir_okay=False),
+              help="Xen dom0 only: boot this hypervisor (xen-*.gz, multiboot) with KERNEL and --initrd as its dom0; "
+                   "--append \"XEN_ARGS -- DOM0_ARGS\" gives Xen's and dom0's command lines.")
 def kexec_load_cmd(kernel: str, initrd: str | None, append: str | None, command_line: str | None,
-                   reuse_cmdline: bool, syscall: str, dry_run: bool) -> None:
-    """Load KERNEL to be booted by `khibernate kexec exec` (like `kexec -l`)."""
+                   reuse_cmdline: bool, syscall: str, dry_run: bool, vmm: str | None) -> None:
+    """Load KERNEL to be booted by `khibernate kexec exec` (like `kexec -l`).
+
+    On a Xen dom0 the image is loaded into the hypervisor (kexec-tools does the same through libxenctrl): KERNEL
+    then boots natively on the whole machine (Xen→Linux), or with --vmm a new Xen boots with KERNEL as dom0
+    (Xen→Xen, like `kexec -l xen.gz --module "vmlinuz ARGS" --module initrd --command-line XEN_ARGS`).
+    """
     cmdline = _cmdline(append, command_line, reuse_cmdline)
+    if api.on_xen_pv():
+        xplan = api.plan_xen_kexec(kernel, initrd, cmdline, vmm)
+        if dry_run:
+            click.echo(xplan.describe())
+            return
+        api.load_xen(xplan)
+        click.echo(f"loaded {vmm + ' with dom0 ' + kernel if vmm else kernel} into Xen ({len(xplan.segments)} "
+                   "segments); boot it with `khibernate kexec exec`")
+        return
+    if vmm is not None:
+        raise UsageError("--vmm loads a hypervisor through Xen's kexec, from a Xen dom0; this is not one (from "
+                         "bare Linux use kexec-tools' multiboot loader: kexec -l xen.gz --module ...)")
     if syscall == "file":
         if dry_run:
             raise UsageError("--dry-run shows khibernate's own segments: use it with --syscall load")
@@ -86,6 +107,8 @@ def kexec_load_cmd(kernel: str, initrd: str | None, append: str | None, command_
 def kexec_exec_cmd() -> None:
     """Boot the loaded kernel now, without a firmware reboot (like `kexec -e`). Processes are not stopped first."""
     click.echo("starting the loaded kernel", err=True)
+    if api.on_xen_pv():
+        api.execute_xen()
     result = api.execute()
     click.echo(f"the loaded image was a jump image: {result.describe()}")
 
@@ -93,14 +116,17 @@ def kexec_exec_cmd() -> None:
 @kexec_group.command("unload")
 def kexec_unload_cmd() -> None:
     """Unload the kexec image (like `kexec -u`)."""
-    api.unload()
+    if api.on_xen_pv():
+        api.unload_xen()
+    else:
+        api.unload()
     click.echo("kexec image unloaded")
 
 
 @kexec_group.command("status")
 def kexec_status_cmd() -> None:
-    """Show what is loaded (/sys/kernel/kexec_loaded, kexec_crash_loaded)."""
-    click.echo(api.state().describe())
+    """Show what is loaded (/sys/kernel/kexec_loaded, kexec_crash_loaded; on a Xen dom0: what Xen holds)."""
+    click.echo((api.xen_state() if api.on_xen_pv() else api.state()).describe())
 
 
 @click.group("kdump")
@@ -116,10 +142,26 @@ def kdump_group() -> None:
 
 @kdump_group.command("load")
 @_common_load_options
+@click.option("--dry-run", is_flag=True, help="On a Xen dom0: print the segments, command line and e820, load "
+              "nothing.")
 def kdump_load_cmd(kernel: str, initrd: str | None, append: str | None, command_line: str | None,
-                   reuse_cmdline: bool) -> None:
-    """Load KERNEL into the crash region with kexec_file_load (like `kexec -p`); the kernel adds elfcorehdr=."""
+                   reuse_cmdline: bool, dry_run: bool) -> None:
+    """Load KERNEL into the crash region with kexec_file_load (like `kexec -p`); the kernel adds elfcorehdr=.
+
+    On a Xen dom0 the capture kernel goes into Xen's crash region (crashkernel= on Xen's command line) and boots
+    when dom0 or Xen itself crashes; its /proc/vmcore is the whole host, with Xen's notes and dom0's VMCOREINFO.
+    """
     cmdline = _cmdline(append, command_line, reuse_cmdline)
+    if api.on_xen_pv():
+        plan = api.plan_xen_crash(kernel, initrd, cmdline)
+        if dry_run:
+            click.echo(plan.describe())
+            return
+        api.load_xen(plan)
+        click.echo(f"loaded capture kernel {kernel} into Xen's crash region; it boots when dom0 or Xen crashes")
+        return
+    if dry_run:
+        raise UsageError("--dry-run applies on a Xen dom0 (elsewhere the kernel builds the kdump image itself)")
     api.file_load(kernel, initrd, cmdline, crash=True)
     click.echo(f"loaded capture kernel {kernel}; it boots on panic")
 
@@ -127,14 +169,17 @@ def kdump_load_cmd(kernel: str, initrd: str | None, append: str | None, command_
 @kdump_group.command("unload")
 def kdump_unload_cmd() -> None:
     """Unload the capture kernel (like `kexec -p -u`)."""
-    api.unload(crash=True)
+    if api.on_xen_pv():
+        api.unload_xen(crash=True)
+    else:
+        api.unload(crash=True)
     click.echo("capture kernel unloaded")
 
 
 @kdump_group.command("status")
 def kdump_status_cmd() -> None:
-    """Show whether a capture kernel is loaded and the crash region size."""
-    click.echo(api.state().describe())
+    """Show whether a capture kernel is loaded and the crash region size (on a Xen dom0: Xen's)."""
+    click.echo((api.xen_state() if api.on_xen_pv() else api.state()).describe())
 
 
 @click.group("jump")
@@ -171,6 +216,7 @@ def jump_load_cmd(kernel: str, initrd: str | None, append: str | None, command_l
     kernel's RAM, with VMCOREINFO. khibernate adds nokaslr, iomem=relaxed, elfcorehdr= and kexec_jump_back_entry=
     to the command line (before a '--' if there is one).
     """
+    api.refuse_on_xen("khibernate jump load")
     plan = api.plan_jump(kernel, initrd, _cmdline(append, command_line, reuse_cmdline), mem_min, mem_max)
     if dry_run:
         click.echo(plan.describe())
@@ -183,6 +229,7 @@ def jump_load_cmd(kernel: str, initrd: str | None, append: str | None, command_l
 @jump_group.command("exec")
 def jump_exec_cmd() -> None:
     """Jump to the loaded image (like `kexec -e`); returns when the peer jumps back."""
+    api.refuse_on_xen("khibernate jump exec")
     click.echo("jumping", err=True)
     click.echo(api.execute().describe())
 

@@ -40,8 +40,12 @@ class Note:
     what: str
 
 
-def build(ram: list[Range], notes: list[Note], page_offset: int = PAGE_OFFSET) -> bytes:
-    """ELF64 ET_CORE header bytes: notes first (in the order given), then one PT_LOAD per RAM range."""
+def build(ram: list[Range], notes: list[Note], page_offset: int = PAGE_OFFSET,
+          moved: dict[int, int] | None = None) -> bytes:
+    """ELF64 ET_CORE header bytes: notes first (in the order given), then one PT_LOAD per RAM range.
+
+    ``moved`` maps a RAM range's start to where its bytes are now (p_offset): a crash image's backup of the low
+    memory its kernel reuses (p_paddr stays the original address)."""
     if not ram:
         raise MemoryMapError("no RAM ranges of the first kernel to describe in the ELF core header")
     phnum = len(notes) + len(ram)
@@ -51,7 +55,8 @@ def build(ram: list[Range], notes: list[Note], page_offset: int = PAGE_OFFSET) -
     for n in notes:
         out += PHDR.pack(p_type=PT_NOTE, p_offset=n.paddr, p_paddr=n.paddr, p_filesz=n.size, p_memsz=n.size)
     for r in ram:
-        out += PHDR.pack(p_type=PT_LOAD, p_flags=PF_R | PF_W | PF_X, p_offset=r.start, p_vaddr=page_offset + r.start,
+        at = (moved or {}).get(r.start, r.start)
+        out += PHDR.pack(p_type=PT_LOAD, p_flags=PF_R | PF_W | PF_X, p_offset=at, p_vaddr=page_offset + r.start,
                          p_paddr=r.start, p_filesz=r.size, p_memsz=r.size)
     return bytes(out)
 

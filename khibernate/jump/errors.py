@@ -39,3 +39,15 @@ class KexecSyscallError(KhibernateError):
 
 class NotRoot(KexecSyscallError):
     """The caller lacks CAP_SYS_BOOT (or root for /dev/mem, /proc/iomem)."""
+
+
+class NotXenDom0(KhibernateError):
+    """A Xen hypercall was needed but this is not a Xen dom0 with /dev/xen/privcmd (xen-privcmd loaded)."""
+
+
+class XenHypercallError(KexecSyscallError):
+    """Xen refused a kexec_op or memory_op hypercall; the message says why and what to do."""
+
+
+class NotOnXen(KhibernateError):
+    """What was asked cannot work on a Xen host (e.g. a preserve-context jump: Xen's kexec has none)."""

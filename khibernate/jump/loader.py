@@ -166,7 +166,8 @@ def check_segments(segments: list[Segment], total_ram: int | None = None) -> Non
                                  f"({total_ram / 2**20:.0f} MiB): kexec_load refuses that")
 
 
-def _place_kernel_initrd(placer: Placer, kernel: BzImage, initrd: bytes | None) -> tuple[int, int | None]:
+def place_kernel_initrd(placer: Placer, kernel: BzImage, initrd: bytes | None) -> tuple[int, int | None]:
+    """(kernel address, initrd address or None) placed bottom-up in the placer's window by the boot protocol's rules."""
     align = max(kernel.kernel_alignment, PAGE)
     kaddr = placer.place(kernel.memsz, align, "kernel (init_size)", min_addr=kernel.pref_address)
     iaddr = None
@@ -176,7 +177,7 @@ def _place_kernel_initrd(placer: Placer, kernel: BzImage, initrd: bytes | None) 
     return kaddr, iaddr
 
 
-def _zero_page_segment(kernel: BzImage, bp_addr: int, cmdline: str, e820: list[Range],
+def zero_page_segment(kernel: BzImage, bp_addr: int, cmdline: str, e820: list[Range],
                        initrd: tuple[int, int] | None, facts: SystemFacts) -> tuple[bytes, int]:
     raw = cmdline.encode()
     if kernel.cmdline_size and len(raw) > kernel.cmdline_size:
@@ -226,7 +227,7 @@ def plan_jump(kernel_data: bytes, initrd: bytes | None, append: str, facts: Syst
     hdr = elfcorehdr.build(old_ram, notes)
     hdr_addr = window.end - page_up(len(hdr))
     placer = Placer(Range(window.start, hdr_addr))
-    kaddr, iaddr = _place_kernel_initrd(placer, kernel, initrd)
+    kaddr, iaddr = place_kernel_initrd(placer, kernel, initrd)
     bp_addr = placer.place(2 * PAGE, PAGE, "boot_params + command line")
     pg_addr = placer.place(purgatory.SIZE, PAGE, "purgatory")
     hdr_range = Range(hdr_addr, window.end)
@@ -234,7 +235,7 @@ def plan_jump(kernel_data: bytes, initrd: bytes | None, append: str, facts: Syst
     extra = list(JUMP_EXTRA_PARAMS) + [f"elfcorehdr={hdr_addr:#x}", purgatory.JUMP_BACK_PLACEHOLDER]
     cmdline = build_cmdline(append, extra)
     initrd_pair = (iaddr, len(initrd)) if initrd and iaddr is not None else None
-    zp, cmd_addr = _zero_page_segment(kernel, bp_addr, cmdline, e820, initrd_pair, facts)
+    zp, cmd_addr = zero_page_segment(kernel, bp_addr, cmdline, e820, initrd_pair, facts)
     digits = cmd_addr + cmdline.index(purgatory.JUMP_BACK_PLACEHOLDER) + len(purgatory.JUMP_BACK_PARAM)
     pg = purgatory.build(kaddr + kernel.entry64_offset, bp_addr, digits)
     segs = [Segment(low.start, low.size, None, "low RAM swap (first kernel's <640K parked here)"),
@@ -269,12 +270,12 @@ def plan_kexec(kernel_data: bytes, initrd: bytes | None, cmdline: str, facts: Sy
         raise PlacementError("no System RAM above the kernel's pref_address to load it into")
     window = max(usable, key=lambda r: r.size)
     placer = Placer(Range(page_up(window.start), window.end & ~(PAGE - 1)))
-    kaddr, iaddr = _place_kernel_initrd(placer, kernel, initrd)
+    kaddr, iaddr = place_kernel_initrd(placer, kernel, initrd)
     bp_addr = placer.place(2 * PAGE, PAGE, "boot_params + command line")
     pg_addr = placer.place(purgatory.SIZE, PAGE, "purgatory")
     e820 = facts.firmware
     initrd_pair = (iaddr, len(initrd)) if initrd and iaddr is not None else None
-    zp, _ = _zero_page_segment(kernel, bp_addr, cmdline, e820, initrd_pair, facts)
+    zp, _ = zero_page_segment(kernel, bp_addr, cmdline, e820, initrd_pair, facts)
     segs = [Segment(kaddr, kernel.memsz, kernel.payload, f"kernel {kernel_name} (bzImage {kernel.version_str})")]
     if initrd is not None and initrd_pair is not None:
         segs.append(Segment(initrd_pair[0], page_up(len(initrd)), initrd, "initrd"))

@@ -10,7 +10,10 @@
  *   2. load a GDT with flat __BOOT_CS (0x10) / __BOOT_DS (0x18), reload CS/DS/ES/SS (64-bit boot protocol,
  *      Documentation/arch/x86/boot.rst);
  *   3. jump to the kernel's 64-bit entry (load address + 0x200) with %rsi = boot_params.
- * The loader patches the parameter block (offsets 0x08..0x1f) in the assembled bytes; see purgatory.py.
+ * A crash image loaded through Xen's kexec (xen.py) first copies the crashed host's low memory into its backup
+ * segment (backup_src/dst/len), which the crash kernel's e820 lets it reuse and its elfcorehdr points at, as
+ * kexec-tools' purgatory does; Xen calls the entry the same way (`call *%rbp`, identity-mapped segments).
+ * The loader patches the parameter block (offsets 0x08..0x3f) in the assembled bytes; see purgatory.py.
  */
 	.text
 	.code64
@@ -23,6 +26,9 @@ kernel_entry:		.quad 0		/* 0x08: physical address of the 64-bit entry */
 boot_params:		.quad 0		/* 0x10: physical address of struct boot_params */
 entry_digits:		.quad 0		/* 0x18: physical address of the 16 digits to fill, 0 = none */
 jump_back_entry:	.quad 0		/* 0x20: the return address found on the stack (run time) */
+backup_src:		.quad 0		/* 0x28: a crash image's backup: copy backup_len bytes from here */
+backup_dst:		.quad 0		/* 0x30: ... to here (in the crash region) before the kernel starts */
+backup_len:		.quad 0		/* 0x38: bytes, a multiple of 8; 0 = no backup */
 
 	.balign	16
 gdt:
@@ -45,6 +51,14 @@ start:
 	movq	%rax, jump_back_entry(%rip)
 	leaq	stack_end(%rip), %rsp
 
+	movq	backup_len(%rip), %rcx
+	testq	%rcx, %rcx
+	jz	0f
+	movq	backup_src(%rip), %rsi
+	movq	backup_dst(%rip), %rdi
+	shrq	$3, %rcx
+	rep movsq
+0:
 	movq	entry_digits(%rip), %rdi
 	testq	%rdi, %rdi
 	jz	2f

@@ -16,21 +16,26 @@ SOURCE = Path(__file__).with_name("purgatory.S")
 
 # `as --64 purgatory.S && objcopy -O binary -j .text`: the code part; the rest up to SIZE is the zeroed stack.
 CODE = bytes.fromhex(
-    "eb68660f1f44000000000000000000000000000000000000000000000000000000000000000000000f1f840000000000"
-    "00000000000000000000000000000000ffff0000009aaf00ffff00000092cf001f000000000000000000303132333435"
-    "36373839616263646566fafc488b0424488905a9ffffff488d2582020000488b3d93ffffff4885ff7425488d35c9ffff"
-    "ff4883c70fb91000000089c283e20f8a1416881748c1e80448ffcfffc975eb488d057affffff48890595ffffff0f0115"
-    "8cffffffb8180000008ed88ec08ed08ee08ee8488d05050000006a105048cb488b352affffff488b051bffffff31db31"
-    "ed31ffffe066662e0f1f84"
+    "eb78660f1f44000000000000000000000000000000000000000000000000000000000000000000000000000000000000"
+    "0000000000000000000000000000000000000000000000000000000000000000ffff0000009aaf00ffff00000092cf00"
+    "1f00000000000000000030313233343536373839616263646566fafc488b042448890599ffffff488d25a2020000488b"
+    "0da3ffffff4885c97415488b3587ffffff488b3d88ffffff48c1e903f348a5488b3d62ffffff4885ff7425488d35a8ff"
+    "ffff4883c70fb91000000089c283e20f8a1416881748c1e80448ffcfffc975eb488d0559ffffff48890574ffffff0f01"
+    "156bffffffb8180000008ed88ec08ed08ee08ee8488d05050000006a105048cb488b35f9feffff488b05eafeffff31db"
+    "31ed31ffffe0662e0f1f84"
 )
-SIZE = 0x300
+SIZE = 0x330
 
 OFF_KERNEL_ENTRY = 0x08
 OFF_BOOT_PARAMS = 0x10
 OFF_ENTRY_DIGITS = 0x18
 OFF_JUMP_BACK_ENTRY = 0x20
+OFF_BACKUP_SRC = 0x28
+OFF_BACKUP_DST = 0x30
+OFF_BACKUP_LEN = 0x38
 SYMBOLS = {"purgatory_start": 0, "kernel_entry": OFF_KERNEL_ENTRY, "boot_params": OFF_BOOT_PARAMS,
-           "entry_digits": OFF_ENTRY_DIGITS, "jump_back_entry": OFF_JUMP_BACK_ENTRY}
+           "entry_digits": OFF_ENTRY_DIGITS, "jump_back_entry": OFF_JUMP_BACK_ENTRY, "backup_src": OFF_BACKUP_SRC,
+           "backup_dst": OFF_BACKUP_DST, "backup_len": OFF_BACKUP_LEN}
 
 JUMP_BACK_PARAM = "kexec_jump_back_entry=0x"
 JUMP_BACK_PLACEHOLDER = JUMP_BACK_PARAM + "0" * 16
@@ -41,10 +46,17 @@ def image() -> bytes:
     return CODE.ljust(SIZE, b"\0")
 
 
-def build(kernel_entry: int, boot_params: int, entry_digits: int) -> bytes:
-    """The purgatory segment content with its parameter block filled in (entry_digits 0: do not write the entry)."""
+def build(kernel_entry: int, boot_params: int, entry_digits: int,
+          backup: tuple[int, int, int] | None = None) -> bytes:
+    """The purgatory segment content with its parameter block filled in (entry_digits 0: do not write the entry;
+    backup = (src, dst, length), length a multiple of 8: the copy a crash image makes before the kernel starts)."""
     blob = bytearray(image())
     struct.pack_into("<QQQ", blob, OFF_KERNEL_ENTRY, kernel_entry, boot_params, entry_digits)
+    if backup is not None:
+        src, dst, length = backup
+        if length % 8:
+            raise ValueError(f"backup length {length:#x} is not a multiple of 8")
+        struct.pack_into("<QQQ", blob, OFF_BACKUP_SRC, src, dst, length)
     return bytes(blob)
 
 
@@ -64,6 +76,6 @@ def assemble(source: Path = SOURCE) -> tuple[bytes, dict[str, int]]:
 
 
 if __name__ == "__main__":
-    blob, _ = assemble()
-    code = blob[:0x100].rstrip(b"\0")
+    blob, syms = assemble()
+    code = blob[:syms["stack"]].rstrip(b"\0")
     print("\n".join(f'    "{code[i:i + 48].hex()}"' for i in range(0, len(code), 48)))

@@ -1,0 +1,284 @@
+"""Issue 25 in real VMs: a Xen 4.17 host (Debian's packages) with Debian's 6.1 as PV dom0, under QEMU/TCG.
+
+khibernate loads through the hypervisor: a dom0 panic boots khibernate's capture kernel, whose /proc/vmcore (the
+whole host, with Xen's notes) khibernate saves and exports, and crash opens the export with xen-syms; doctor's
+verdict on the host; Xen→Xen (`kexec load --vmm`) and from the new Xen, Xen→Linux.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.tiers import HINT, unavailable
+from vmtest import debian, xen
+from vmtest.xen import LOAD_VIRTIO_BLK, NATIVE_APPEND, XenVM
+
+pytestmark = pytest.mark.vm
+
+K = "khibernate"
+CAPTURE_APPEND = f"{NATIVE_APPEND} nr_cpus=1 irqpoll reset_devices"
+
+
+@pytest.fixture(scope="module")
+def host() -> tuple[xen.XenHypervisor, debian.CachedKernel]:
+    """The cached Xen and Debian kernel (setup fetched them; nothing is downloaded here)."""
+    x, k = xen.cached(), debian.cached_kernel()
+    if x is None or k is None:
+        unavailable(f"no cached Xen hypervisor or Debian kernel in {xen.XEN_CACHE} ({HINT} or "
+                    "`python3 -m vmtest.debian && python3 -m vmtest.xen`)")
+    return x, k
+
+
+@dataclasses.dataclass
+class CrashRun:
+    """What one host crash produced: doctor's verdict before it, the capture kernel's view, the saved image."""
+
+    doctor: str
+    doctor_json: dict
+    status: str
+    load_seconds: float
+    kexec_tools_seconds: float
+    info: dict
+    cmdline: str
+    image: Path
+    boot_seconds: float
+    console: str
+    timings: dict
+
+
+@pytest.fixture(scope="module")
+def dom0_crash(host, tmp_path_factory) -> CrashRun:
+    """Boot the host, ask doctor, load the capture kernel with kexec-tools (timed, then unloaded) and with
+    khibernate, crash dom0 (sysrq-c); in the capture kernel save /proc/vmcore and copy the image to the disk."""
+    x, k = host
+    out = tmp_path_factory.mktemp("xen-crash")
+    # the capture kernel keeps the saved image in its RAM (ramfs) before copying it to the disk: 512 MiB region
+    with XenVM(x, k, name="xen-dom0-crash", disk_mb=512, memory_mb=2048, crash_mb=512) as vm:
+        boot = vm.milestones["ready"]
+        doctor = vm.run_status(f"{K} doctor", timeout=180)[1]
+        doctor_json = json.loads(vm.run_status(f"{K} doctor --json", timeout=180)[1])
+        t = time.monotonic()
+        vm.run(f"kexec -p /boot/bzImage --initrd=/boot/initrd.img --append='{CAPTURE_APPEND}'", timeout=300)
+        kt = time.monotonic() - t
+        t = time.monotonic()
+        assert "crash (kdump) image loaded: yes" in vm.run(f"{K} kdump status", timeout=120)
+        cli_start = time.monotonic() - t  # a khibernate command that does next to nothing: Python's start
+        vm.run("kexec -p -u", timeout=120)
+        assert "crash (kdump) image loaded: no" in vm.run(f"{K} kdump status", timeout=120)
+        t = time.monotonic()
+        vm.run(f"{K} kdump load /boot/bzImage --initrd /boot/initrd.img --append '{CAPTURE_APPEND}'", timeout=300)
+        kh = time.monotonic() - t
+        status = vm.run(f"{K} kdump status", timeout=120)
+        vm.mark()
+        t0 = time.monotonic()
+        vm.send("echo c > /proc/sysrq-trigger")
+        vm.wait_for(r"Kernel panic - not syncing: sysrq triggered crash", timeout=120)
+        vm.wait_for(r"\(XEN\) .*Executing kexec image", timeout=120)
+        t1 = time.monotonic()
+        vm.wait_for(r"Linux version", timeout=180)
+        vm.wait_for_shell(timeout=400)
+        t2 = time.monotonic()
+        cmdline = vm.run("cat /proc/cmdline")
+        info = json.loads(vm.run(f"{K} image info /proc/vmcore --json", timeout=300))
+        vm.run(f"{K} image save /proc/vmcore /tmp/host.khi --threads 1", timeout=900)
+        size = int(vm.run("stat -c %s /tmp/host.khi").strip())
+        vm.run(LOAD_VIRTIO_BLK, timeout=120)
+        vm.run("dd if=/tmp/host.khi of=/dev/vda bs=1M conv=fsync 2>&1 | tail -1", timeout=600)
+        t3 = time.monotonic()
+        console = vm.console_text()
+    image = out / "host.khi"
+    with open(vm.disk, "rb") as src, open(image, "wb") as dst:
+        dst.write(src.read(size))
+    return CrashRun(doctor, doctor_json, status, kh, kt, info, cmdline, image, boot, console,
+                    {"crash_to_xen_kexec": t1 - t0, "to_capture_shell": t2 - t1, "save_and_copy": t3 - t2,
+                     "khibernate_status_command": cli_start})
+
+
+def test_doctor_on_the_xen_host(dom0_crash):
+    """doctor says what works on a Xen dom0 (kexec, kdump through Xen) and what cannot (jump, watch) and why."""
+    d = dom0_crash.doctor_json
+    assert d["possible"]["kexec"] is True and d["possible"]["kdump"] is True, dom0_crash.doctor
+    assert d["possible"]["jump"] is False and d["possible"]["watch"] is False, dom0_crash.doctor
+    assert "preserve-context" in dom0_crash.doctor and "Xen" in dom0_crash.doctor, dom0_crash.doctor
+    assert "kexec : possible" in dom0_crash.doctor and "jump  : NOT possible" in dom0_crash.doctor
+
+
+def test_dom0_panic_boots_khibernate_capture_kernel(dom0_crash):
+    """khibernate's crash image went into Xen, and a dom0 panic made Xen boot it with the whole host's memory."""
+    r = dom0_crash
+    print(f"\n[xen] host boot {r.boot_seconds:.1f} s; kdump load: khibernate {r.load_seconds:.1f} s, kexec-tools "
+          f"{r.kexec_tools_seconds:.1f} s; {r.timings}")
+    assert "crash (kdump) image loaded: yes" in r.status
+    assert re.search(r"\belfcorehdr=0x[0-9a-f]+\b", r.cmdline), r.cmdline
+    assert "(XEN) Hardware Dom0 crashed" in r.console
+    notes = r.info["notes"]
+    assert "VMCOREINFO_XEN/0" in notes and "VMCOREINFO/0" in notes, notes  # Xen's and dom0's
+    assert "Xen/16777217" in notes and "Xen/16777218" in notes and "CORE/1" in notes, notes  # crash info, regs
+    assert r.info["osrelease"] == "6.1.0-57-amd64" or r.info["osrelease"].endswith("-amd64")
+    # the low memory the capture kernel reuses is read from the backup: the dump starts at 0
+    assert r.info["ranges"][0][0] == "0x0", r.info["ranges"]
+
+
+@pytest.fixture(scope="module")
+def host_elf(dom0_crash, tmp_path_factory) -> Path:
+    """The saved image, verified, exported as an ELF vmcore (what crash and makedumpfile read)."""
+    elf = tmp_path_factory.mktemp("xen-export") / "host.elf"
+    _khibernate("image", "verify", str(dom0_crash.image))
+    _khibernate("image", "export", str(dom0_crash.image), str(elf), "--format", "elf")
+    return elf
+
+
+def _khibernate(*args: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "khibernate", *args], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def test_crash_reads_the_exported_host_dump(host_elf, host):
+    """crash opens the export of the whole host's dump with dom0's debug vmlinux (it finds dom0's memory through
+    the p2m root in Xen's crash info note): the panic, the tasks, the log.
+
+    With the hypervisor's symbols it cannot: Debian's xen-hypervisor-4.17-amd64-dbg ships xen-syms with an ELF
+    symbol table only, no DWARF, and crash's gdb needs DWARF ("no debugging data available", checked here so a
+    xen-syms with debug info is noticed); makedumpfile reads the hypervisor's symbols from VMCOREINFO_XEN instead
+    (test_xen_filters_agree_with_makedumpfile)."""
+    x, k = host
+    vmlinux = debian.cached_kernel()
+    assert vmlinux is not None and vmlinux.vmlinux.exists(), "setup caches the Debian kernel's debug vmlinux"
+    r = subprocess.run(["crash", "-s", str(vmlinux.vmlinux), str(host_elf)], input="sys\nps\nlog\nquit\n",
+                       capture_output=True, text=True, timeout=900)
+    out = r.stdout + r.stderr
+    assert 'PANIC: "Kernel panic - not syncing: sysrq triggered crash"' in out, out[-3000:]
+    assert "RELEASE: 6.1.0-57-amd64" in out or "RELEASE: " + k.kver in out, out[-3000:]
+    assert re.search(r">\s+\d+\s+\S+\s+\d+\s+\S+\s+RU .* sh$", out, re.M), out[-3000:]  # the shell that crashed
+    r = subprocess.run(["crash", "-s", str(x.syms), str(host_elf)], input="sys\nquit\n", capture_output=True,
+                       text=True, timeout=300)
+    assert "no debugging data available" in r.stdout + r.stderr
+
+
+def test_xen_filters_agree_with_makedumpfile(host_elf, dom0_crash, tmp_path):
+    """Xen's frame table read by khibernate: with the count_info layout makedumpfile 1.7.2 assumes, --xen dom0
+    keeps exactly the frames `makedumpfile -X` keeps (both read the hypervisor's symbols from VMCOREINFO_XEN); with
+    Xen 4.17's own layout it also drops the free frames makedumpfile misreads, leaving dom0's 640 MiB and the
+    hypervisor's frames; --xen hypervisor keeps the hypervisor's alone."""
+    from khibernate.image import xen as xen_image
+    from khibernate.image.sources import open_source
+
+    mdf, ours, hv = tmp_path / "mdf-X.kdump", tmp_path / "ours-X.kdump", tmp_path / "ours-hv.kdump"
+    r = subprocess.run(["makedumpfile", "-c", "-d", "1", "-X", str(host_elf), str(mdf)], capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    for out, mode in ((ours, "dom0"), (hv, "hypervisor")):
+        _khibernate("image", "export", str(dom0_crash.image), str(out), "--format", "kdump", "--compress", "zlib",
+                    "--xen", mode)
+
+    def dumpable(path: Path) -> int:
+        with open_source(str(path)) as src:
+            return int.from_bytes(src.page_present_mask(0, src.max_pfn), "little")
+
+    a, b, c = dumpable(mdf), dumpable(ours), dumpable(hv)
+    with open_source(str(dom0_crash.image)) as src:
+        old = xen_image.XenFilteredSource(src, xen_image.frame_filter(src, "dom0", xen_image.PGC_BEFORE_4_17))
+        as_makedumpfile = int.from_bytes(old.page_present_mask(0, src.max_pfn), "little")
+        total = sum(r.size for r in src.ranges) // 4096
+        # no frame --xen hypervisor keeps is dom0's (but the Xen heap pages Xen shares with it: shared_info ...)
+        frames = xen_image.frame_filter(src, "hypervisor")
+        dom0_owned = 0
+        for pfn in (i // 8 for i, bit in enumerate(reversed(bin(c)[2:])) if bit == "1"):  # one byte per page
+            raw = frames.aspace.read(frames.frame_table + pfn * frames.entry_size, frames.entry_size)
+            count_info = int.from_bytes(raw[frames.off_count_info:frames.off_count_info + 8], "little")
+            owner = int.from_bytes(raw[frames.off_domain:frames.off_domain + 4], "little")
+            dom0_owned += bool(count_info & xen_image.PGC_ALLOCATED and owner == frames.domains[0]
+                               and not count_info & xen_image.PGC_XEN_HEAP)  # Xen heap pages shared with dom0 stay
+    kept, kept_hv, dom0_pages = b.bit_count(), c.bit_count(), 640 << 8
+    print(f"\n[xen] frames: {total} in the dump; makedumpfile -X keeps {a.bit_count()}, --xen dom0 {kept}, "
+          f"--xen hypervisor {kept_hv}")
+    assert a == as_makedumpfile
+    assert b & ~a == 0 and dom0_pages <= kept < dom0_pages + (64 << 8)
+    assert 0 < kept_hv < 64 << 8 and dom0_owned == 0
+
+
+def test_xen_to_xen_then_xen_to_linux(host):
+    """kexec load --vmm: a new Xen boots with dom0 (command lines split at '--'); from its dom0, Xen→Linux."""
+    x, k = host
+    marker = f"khb.marker={uuid.uuid4().hex[:12]}"
+    xen_args = xen.xen_cmdline(640, 256, "khb.xen=2")
+    with XenVM(x, k, name="xen-to-xen", extra_files=[(x.image, "/boot/xen")]) as vm:
+        first = vm.boot_id
+        append = f"{xen_args} -- {xen.DOM0_APPEND} {marker}"
+        # the new dom0's initrd: this one's root (initrd.img) plus /boot, so the new dom0 can kexec the kernel on
+        vm.run("cd / && printf 'boot\\nboot/bzImage\\nboot/initrd-nopy.img\\n' | cpio -o -H newc > /tmp/boot.cpio "
+               "&& cat /tmp/boot.cpio /boot/initrd.img > /tmp/dom0.img", timeout=120)  # before the zstd part
+        plan = vm.run(f"{K} kexec load --vmm /boot/xen /boot/bzImage --initrd /tmp/dom0.img --append '{append}' "
+                      "--dry-run", timeout=300)
+        assert "EM_386" in plan and "multiboot information" in plan, plan
+        # kexec-tools' equivalent, in the same dom0 (timed, then unloaded): its multiboot loader through libxenctrl
+        t = time.monotonic()
+        vm.run(f"kexec -l /boot/xen --type=multiboot-x86 --command-line='{xen_args}' "
+               f"--module='/boot/bzImage {xen.DOM0_APPEND} {marker}' --module=/tmp/dom0.img", timeout=300)
+        kexec_tools = time.monotonic() - t
+        assert "kexec image loaded:         yes" in vm.run(f"{K} kexec status", timeout=120)
+        vm.run(f"{K} kexec unload", timeout=120)
+        t = time.monotonic()
+        vm.run(f"{K} kexec load --vmm /boot/xen /boot/bzImage --initrd /tmp/dom0.img --append '{append}'",
+               timeout=300)
+        khb = time.monotonic() - t
+        vm.mark()
+        t0 = time.monotonic()
+        vm.send(f"{K} kexec exec")
+        vm.wait_for(r"\(XEN\) Xen version 4\.17", timeout=180)
+        vm.wait_for(r"\(XEN\) Command line: .*khb\.xen=2", timeout=60)
+        vm.wait_for_shell(timeout=400)
+        second_xen = time.monotonic() - t0
+        assert vm.boot_id != first
+        assert marker in vm.run("cat /proc/cmdline").split()
+        assert vm.run("cat /sys/hypervisor/type").strip() == "xen"
+        vm.prepare()
+        # from the new Xen's dom0: Xen→Linux, the kernel booted natively on the whole machine
+        vm.run(f"{K} kexec load /boot/bzImage --initrd /boot/initrd-nopy.img --append '{NATIVE_APPEND} {marker}'",
+               timeout=300)
+        vm.mark()
+        t0 = time.monotonic()
+        vm.send(f"{K} kexec exec")
+        vm.wait_for(r"Linux version", timeout=180)
+        vm.wait_for_shell(timeout=300)
+        linux = time.monotonic() - t0
+        assert marker in vm.run("cat /proc/cmdline").split()
+        assert vm.run_status("test -e /sys/hypervisor/type && cat /sys/hypervisor/type")[1].strip() != "xen"
+        mem_kb = int(re.search(r"MemTotal:\s+(\d+)", vm.run("cat /proc/meminfo")).group(1))
+        assert mem_kb > 1024 * 1024, mem_kb  # the whole machine (1.5 GiB), not dom0's 640 MiB
+    print(f"\n[xen] Xen→Xen load: khibernate {khb:.1f} s, kexec-tools {kexec_tools:.1f} s; to the new dom0's shell "
+          f"{second_xen:.1f} s; Xen→Linux to its shell {linux:.1f} s")
+
+
+def test_hypervisor_crash_boots_khibernate_capture_kernel(host):
+    """Xen itself crashing (its debug key 'C', what `xl debug-keys C` sends, typed on Xen's serial console after
+    Ctrl-A x3) starts the capture kernel khibernate loaded into Xen, with the host's memory in /proc/vmcore."""
+    x, k = host
+    with XenVM(x, k, name="xen-hv-crash") as vm:
+        vm.run(f"{K} kdump load /boot/bzImage --initrd /boot/initrd-nopy.img --append '{CAPTURE_APPEND}'",
+               timeout=300)
+        vm.mark()
+        vm.console_write(b"\x01\x01\x01")
+        vm.wait_for(r"\(XEN\) \*\*\* Serial input to Xen", timeout=60)
+        vm.console_write(b"C")
+        vm.wait_for(r"\(XEN\) .*'C' pressed -> triggering crashdump", timeout=60)
+        vm.wait_for(r"\(XEN\) .*Executing kexec image", timeout=120)
+        vm.wait_for(r"Linux version", timeout=180)
+        vm.wait_for_shell(timeout=300)
+        assert re.search(r"\belfcorehdr=0x[0-9a-f]+\b", vm.run("cat /proc/cmdline"))
+        size = int(vm.run("stat -c %s /proc/vmcore").strip())
+        assert size > 1 << 30, size  # the machine's RAM (1.5 GiB) but the crash region
+        # the ELF header and notes open /proc/vmcore: Xen's VMCOREINFO and crash notes are among them
+        head = vm.run("head -c 65536 /proc/vmcore | tr -c 'A-Za-z_' '\\n' | grep -E '^(VMCOREINFO_XEN|Xen|CORE)$' "
+                      "| sort -u", timeout=120)
+        assert head.split() == ["CORE", "VMCOREINFO_XEN", "Xen"], head
