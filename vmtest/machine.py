@@ -8,13 +8,14 @@ GRUB sees), so an initramfs that `update-initramfs -u` rebuilt inside the guest 
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
 from vmtest.rootfs import PARTITION_OFFSET, RootfsImage
-from vmtest.vm import LOG_ROOT, VM
+from vmtest.vm import LOG_ROOT, TIMEOUT_SCALE, VM, VMError
 
 # crashkernel= as a distribution's kdump setup puts it on the command line (kdump-tools: a fixed size)
 CRASHKERNEL = "crashkernel=256M"
@@ -106,3 +107,84 @@ def wait_system_running(vm: VM, timeout: float = 300) -> str:
     if state not in ("running", "degraded"):
         raise AssertionError(f"systemd did not finish booting: {out!r} (status {status})")
     return state
+
+
+# What the guest's console shows when a hibernation or resume went wrong (the capture kernel's job, the kernel itself,
+# the premount script's refusal): a wait stops at the first one instead of running into its timeout.
+CONSOLE_FAILURES = re.compile(r"Kernel panic - not syncing|khibernate-capture: FAILED|khibernate-capture: cannot|"
+                              r"resume: .*booting normally|Oops: |BUG: ")
+
+
+def unit_start_stamp(vm: VM, unit: str) -> str:
+    """The monotonic start time (µs) of ``unit``'s last run ("0": it never ran), for unit_run_watcher."""
+    return vm.run(f"systemctl show -p ExecMainStartTimestampMonotonic --value {unit}").strip() or "0"
+
+
+def unit_run_watcher(unit: str, previous_start: str, limit_s: int = 7200) -> str:
+    """A guest shell command that waits until a run of ``unit`` (a oneshot, e.g. systemd-hibernate.service) that
+    started after ``previous_start`` (unit_start_stamp before the run was asked for) has ended: exit 0 when it ended
+    well; exit 1 with the unit's journal when it failed.  Send it with VM.send() and poll it: it is frozen with the
+    system while the unit hibernates, and ends after the resume."""
+    show = f"systemctl show -p ActiveState,Result,ExecMainStartTimestampMonotonic {unit}"  # KEY=value lines
+    return (f"i=0; while [ $i -lt {limit_s} ]; do eval \"$({show})\"; "
+            f"if [ \"$ExecMainStartTimestampMonotonic\" != {previous_start} ] && "
+            f"! systemctl list-jobs --no-legend | grep -q {unit}; then "
+            f"case $ActiveState in failed) echo \"{unit} failed ($Result)\"; "
+            f"journalctl -b 0 -u {unit} --no-pager -o short-monotonic | tail -n 60; exit 1;; "
+            f"inactive) exit 0;; esac; fi; sleep 1; i=$((i+1)); done; echo 'still waiting for {unit}'; exit 2")
+
+
+def _console_failure(vm: VM, since: int) -> str | None:
+    text = vm.console_text()[since:]
+    m = CONSOLE_FAILURES.search(text)
+    return None if m is None else text[max(0, m.start() - 2500):m.end() + 1500]
+
+
+def wait_power_off(vm: VM, watcher: str, timeout: float, since: int = 0) -> float:
+    """Wait until the guest powers off by itself (QEMU exits with status 0) and return the seconds waited; fail
+    as soon as the ``watcher`` command (sent before, see unit_run_watcher) ends, the console (from offset
+    ``since``) shows a failure, or QEMU exits otherwise.  The message carries what the guest said."""
+    t0 = time.monotonic()
+    deadline = t0 + timeout * TIMEOUT_SCALE
+    while True:
+        rc = vm.returncode
+        if rc is not None:
+            if rc != 0:
+                raise VMError(f"QEMU exited with status {rc} instead of a power-off; console:\n"
+                              f"{vm.console_text()[-4000:]}")
+            return time.monotonic() - t0
+        done = vm.poll_result(watcher)
+        if done is not None:
+            raise VMError(f"the guest did not power off: the watched unit ended (status {done[0]}):\n{done[1][-4000:]}"
+                          f"\nconsole:\n{vm.console_text()[-3000:]}")
+        bad = _console_failure(vm, since)
+        if bad is not None:
+            raise VMError(f"the guest's console shows a failure while powering off:\n{bad}")
+        if time.monotonic() > deadline:
+            raise VMError(f"the guest did not power off within {timeout * TIMEOUT_SCALE:.0f} s; console:\n"
+                          f"{vm.console_text()[-4000:]}")
+        time.sleep(1)
+
+
+def wait_resumed(vm: VM, timeout: float) -> float:
+    """After power-on of a hibernated machine: wait until the resumed system's agent answers (the one that was
+    running when it hibernated) and return the seconds waited.  Fail as soon as the console shows a refusal or
+    failure, a fresh agent announces itself (the boot went on normally), or QEMU exits."""
+    t0 = time.monotonic()
+    deadline = t0 + timeout * TIMEOUT_SCALE
+    while True:
+        if vm.returncode is not None:
+            raise VMError(f"QEMU exited (status {vm.returncode}) during the resume; console:\n"
+                          f"{vm.console_text()[-4000:]}")
+        bad = _console_failure(vm, 0)
+        if bad is not None:
+            raise VMError(f"the resume failed; console:\n{bad}")
+        if "@@KHB-READY" in vm.agent_text():
+            raise VMError(f"the machine booted afresh instead of resuming; console:\n{vm.console_text()[-4000:]}")
+        try:
+            vm.wait_for_shell(timeout=5 / TIMEOUT_SCALE, new_boot=False)
+            return time.monotonic() - t0
+        except VMError:
+            if time.monotonic() > deadline:
+                raise VMError(f"the resumed system did not answer within {timeout * TIMEOUT_SCALE:.0f} s; "
+                              f"console:\n{vm.console_text()[-4000:]}") from None
