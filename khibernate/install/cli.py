@@ -51,15 +51,36 @@ def stable_name(device: str) -> str:
     return device
 
 
-def check_target(target: str) -> str:
-    """The target's stable name; SetupError when it is no block device holding a khibernate store."""
+def check_file_target(target: str, root: str = "/") -> str:
+    """A store file's absolute path, after proving its extent map (FIEMAP and the raw device agree with the map
+    `target init FILE --size S` recorded); SetupError saying how to recreate it otherwise."""
+    from khibernate.store import filetarget
+
+    if os.stat(target).st_dev != os.stat(root).st_dev:
+        raise SetupError(f"{target} is not on the root filesystem: the resume at boot mounts only the root (read-only) "
+                         "to find the store; put the store file there, or use a partition")
+    try:
+        filetarget.check_unmoved(target)
+    except (KhibernateError, OSError) as e:
+        raise SetupError(f"{target} is no usable store file ({e}): create it with `khibernate target init {target} "
+                         "--size S` (a file on ext4 or xfs, written fully, never copied or moved afterwards)") from None
+    return os.path.abspath(target)
+
+
+def check_target(target: str, root: str = "/") -> str:
+    """The target's stable name (a store file: its absolute path); SetupError when it is neither a block device
+    holding a khibernate store nor a store file whose extent map is still true."""
     from khibernate.store import api as store
 
     p = Path(target)
     if not p.exists():
-        raise SetupError(f"{target} does not exist: give the store's device (`khibernate target init DEV` first)")
+        raise SetupError(f"{target} does not exist: give the store's device or file (`khibernate target init "
+                         "DEV` or `khibernate target init FILE --size S` first)")
+    if p.is_file():
+        return check_file_target(target, root)
     if not p.is_block_device():
-        raise SetupError(f"{target} is not a block device: give the partition or disk holding the store")
+        raise SetupError(f"{target} is neither a block device nor a regular file: give the partition, disk or file "
+                         "holding the store")
     try:
         store.read(target)
     except KhibernateError as e:
@@ -95,7 +116,9 @@ def apply(p: setup_plan.SetupPlan, say: Callable[[str], None], initramfs: bool =
 
 
 @click.command("setup")
-@click.option("--target", metavar="DEV", help="The store to hibernate to (`khibernate target init DEV` first).")
+@click.option("--target", metavar="DEV|FILE",
+              help="The store to hibernate to: a device (`khibernate target init DEV` first) or a store file on the "
+                   "root filesystem (`khibernate target init FILE --size S` first).")
 @click.option("--remove", is_flag=True, help="Undo setup: remove what it wrote and rebuild the initramfs.")
 @click.option("--no-initramfs", is_flag=True, help="Do not run update-initramfs (the package's scripts do it).")
 @click.option("--dry-run", is_flag=True, help="Say what would change, change nothing.")
@@ -110,6 +133,9 @@ def setup_command(target: str | None, remove: bool, no_initramfs: bool, dry_run:
       khibernate target init /dev/sdb2
       khibernate setup --target /dev/sdb2
       systemctl hibernate
+    or with a store file on the root filesystem (like a swap file with resume_offset=):
+      khibernate target init /var/lib/khibernate/store --size 4G
+      khibernate setup --target /var/lib/khibernate/store
 
     Exit status: 0 set up and ready; 3 set up, but hibernation cannot work yet (the reasons are printed);
     1 nothing changed because of an error.
@@ -120,7 +146,7 @@ def setup_command(target: str | None, remove: bool, no_initramfs: bool, dry_run:
     if os.geteuid() != 0 and not dry_run:
         raise click.ClickException("setup changes /etc and the initramfs: run it as root")
     if remove == (target is not None):
-        raise click.UsageError("give either --target DEV or --remove")
+        raise click.UsageError("give either --target DEV|FILE or --remove")
     existing = {path: _read(path) for path in setup_plan.OWNED}
     foreign = setup_plan.foreign_files(existing)
     has_config = initrd_has_config(initrd_path())

@@ -94,3 +94,22 @@ def test_remove_takes_only_what_setup_wrote(tmp_path):
 
 def test_remove_on_a_clean_system_changes_nothing():
     assert not setup_plan.plan_remove(NOTHING, False).changed
+
+
+
+def test_setup_refuses_a_file_that_is_no_store_file_and_says_how_to_make_one(tmp_path):
+    from khibernate.install.cli import SetupError, check_target
+
+    f = tmp_path / "store"
+    f.write_bytes(bytes(2 << 20))
+    with pytest.raises(SetupError, match=r"no usable store file .*target init .* --size S"):
+        check_target(str(f), root=str(tmp_path))  # tmp_path's filesystem plays the root filesystem
+
+
+def test_setup_refuses_a_store_file_outside_the_root_filesystem(tmp_path):
+    from khibernate.install.cli import SetupError, check_target
+
+    f = tmp_path / "store"
+    f.write_bytes(bytes(1 << 20))
+    with pytest.raises(SetupError, match="not on the root filesystem"):
+        check_target(str(f), root="/proc")  # /proc plays a root filesystem the file is not on
