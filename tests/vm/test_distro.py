@@ -16,13 +16,24 @@ Two boots in all (the first, and the resume boot that brings it back), shared by
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 
+from tests.vm.guest import distro_memory as mem
 from vmtest import package, rootfs
-from vmtest.machine import Machine, wait_system_running
+from vmtest.machine import (
+    Machine,
+    unit_run_watcher,
+    unit_start_stamp,
+    wait_power_off,
+    wait_resumed,
+    wait_system_running,
+)
 from vmtest.vm import TIMEOUT_SCALE, VM
 
 pytestmark = pytest.mark.vm
@@ -47,6 +58,15 @@ echo "tick $i"; sleep 1; done'
 WantedBy=multi-user.target
 """
 FIGURES: dict[str, float] = {}
+GUEST = Path(__file__).parent / "guest"
+MEM_DIR = "/run/khb-mem"
+# (kind, pages, extra systemd-run properties): THP 8 MiB, hugetlbfs 8 MiB (4 huge pages), KSM 2 MiB (4 contents),
+# plain anonymous 16 MiB in a service whose memory cgroup is limited to 64 MiB
+HOLDERS = (("thp", 2048, ""), ("hugetlb", 2048, ""), ("ksm", 512, ""),
+           ("anon", 4096, "-p MemoryMax=64M -p MemorySwapMax=0"))
+MEMCG_FILL = "/var/tmp/khb-memcg.fill"
+STORE_FILE = "/var/lib/khibernate/store"
+STORE_FILE_MB = 1024
 
 
 def counter(vm: VM) -> tuple[int, int]:
@@ -64,6 +84,7 @@ class Session:
         self.machine = Machine(img, "distro")
         self.machine.create()
         self.machine.put_file(deb, f"/root/{deb.name}")
+        self.machine.put_file(GUEST / "distro_memory.py", "/root/distro_memory.py")
         with open(self.machine.dir / "store.img", "wb") as f:
             f.truncate(STORE_MB << 20)
         self.machine.extra_disks.append(self.machine.dir / "store.img")
@@ -73,6 +94,9 @@ class Session:
         wait_system_running(self.vm)
         FIGURES["boot_to_running_s"] = time.monotonic() - t0
         self.before: dict = {}
+        self.watcher = ""  # the guest command waiting for systemd-hibernate.service's run to end
+        self.memory: dict = {}  # the memory holders' report before the snapshot and the hibernation
+        self.previous_console = ""  # the console of the boot that hibernated last
 
     def close(self) -> None:
         self.vm.close()
@@ -125,15 +149,118 @@ def test_setup_makes_systemctl_hibernate_use_khibernate(s: Session):
     assert vm.run("stat -c %Y /boot/initrd.img-$(uname -r)") == stamp
 
 
+def test_capture_environment_is_built_from_this_system(s: Session):
+    """`capture build` in the guest: this system's python3 and khibernate, and the target disk's driver modules
+    of this distribution kernel (virtio_blk and what it needs, from /lib/modules and modules.dep)."""
+    vm = s.vm
+    t0 = time.monotonic()
+    out = vm.run("khibernate capture build --target /dev/vdb", timeout=1800)
+    FIGURES["capture_build_s"] = round(time.monotonic() - t0, 1)
+    path = out.strip().splitlines()[-1].split(":")[0]
+    FIGURES["capture_initramfs_mib"] = round(int(vm.run(f"stat -c %s {path}")) / 2**20, 1)
+    mods = vm.run(f"zstdcat {path} | busybox cpio -t 2>/dev/null | grep '\\.ko$' || true")
+    assert "virtio_blk.ko" in mods and "virtio_pci.ko" in mods, mods
+
+
+def start_memory_holders(vm: VM) -> None:
+    """The holders as services (the anonymous one limited by its memory cgroup, after it read a file larger than
+    the limit: the limit reclaimed its page cache), ksmd running; nothing of theirs migrates (mlocked, unevictable
+    pages not compacted)."""
+    ksm = "/sys/kernel/mm/ksm"
+    vm.run(f"mkdir -p {MEM_DIR} && sysctl -qw vm.nr_hugepages=6 vm.compact_unevictable_allowed=0 && "
+           f"echo 4096 > {ksm}/pages_to_scan && echo 20 > {ksm}/sleep_millisecs && echo 1 > {ksm}/run && "
+           "findmnt -t hugetlbfs /dev/hugepages")
+    for kind, pages, props in HOLDERS:
+        pre = (f"dd if=/dev/zero of={MEMCG_FILL} bs=1M count=96 status=none && cat {MEMCG_FILL} > /dev/null && "
+               f"rm {MEMCG_FILL} && ") if kind == "anon" else ""
+        vm.run(f"systemd-run -q --unit=khb-mem-{kind} {props} /bin/sh -c "
+               f"'{pre}exec python3 /root/distro_memory.py hold {kind} {pages} {MEM_DIR}'")
+    vm.run(f"for i in $(seq 900); do [ $(ls {MEM_DIR}/*.pid 2>/dev/null | wc -l) = {len(HOLDERS)} ] && exit 0; "
+           "sleep 1; done; systemctl status 'khb-mem-*' --no-pager; exit 1", timeout=1000)
+    vm.run(f"for i in $(seq 900); do [ $(cat {ksm}/pages_sharing) -ge 508 ] && exit 0; sleep 1; done; "
+           f"grep . {ksm}/*; exit 1", timeout=1000)
+
+
+def memory_report(vm: VM, tag: str) -> dict:
+    """Every holder's pages as it sees them now (distro_memory.py report)."""
+    return json.loads(vm.run(f"python3 /root/distro_memory.py report {tag} {MEM_DIR}", timeout=600))
+
+
+def check_memory_kinds(rep: dict) -> None:
+    """Each holder's pages are of its kind: THP, hugetlbfs, KSM-merged, in the limited memory cgroup."""
+    k = rep["kinds"]
+    for kind, pages, _ in HOLDERS:
+        r = k[kind]
+        assert r["n_bad"] == 0 and r["pages"] == pages and -1 not in mem.expand(r["pfn_runs"]), (kind, r["bad_pages"])
+        assert r["smaps"]["Locked"] >= pages * 4 or kind == "hugetlb", (kind, r["smaps"])
+    thp, huge, ksm = k["thp"]["flags"], k["hugetlb"]["flags"], k["ksm"]["flags"]
+    assert k["thp"]["smaps"]["AnonHugePages"] >= 2048 * 4 and thp["thp"] == thp["distinct"] == 2048, k["thp"]
+    hugetlb_kb = k["hugetlb"]["smaps"]["Private_Hugetlb"] + k["hugetlb"]["smaps"]["Shared_Hugetlb"]
+    assert hugetlb_kb == 2048 * 4 and huge["huge"] == huge["distinct"] == 2048, k["hugetlb"]
+    assert ksm["distinct"] == 4 and ksm["ksm"] == 4 and rep["ksm"]["pages_sharing"] >= 508, (ksm, rep["ksm"])
+    assert "/system.slice/khb-mem-anon.service" in k["anon"]["cgroup"], k["anon"]["cgroup"]
+
+
+def same_memory(before: dict, after: dict) -> None:
+    """Every holder's pages are where they were, with the same bytes."""
+    for kind, r in before["kinds"].items():
+        a = after["kinds"][kind]
+        assert a["n_bad"] == 0, (kind, after["tag"], a["bad_pages"])
+        assert a["sha256"] == r["sha256"] and a["pfn_runs"] == r["pfn_runs"], (kind, after["tag"])
+        assert a["pid"] == r["pid"], (kind, after["tag"])  # the same process holds them
+
+
+def image_holds_memory(store_img: Path, slot: int, rep: dict) -> int:
+    """Read every holder's page from the slot's image on the host at the pfn pagemap reported; returns the count."""
+    from khibernate.store import api as store
+
+    src = store.open_slot(str(store_img), store.read(str(store_img)).slot(slot))
+    n = 0
+    try:
+        for kind, r in rep["kinds"].items():
+            pfns = mem.expand(r["pfn_runs"])
+            data = b"".join(src.read_page(p) for p in pfns)
+            bad = [i for i in range(len(pfns)) if data[i * mem.PAGE:(i + 1) * mem.PAGE] != mem.fill(kind, i)]
+            assert not bad, f"slot {slot}: {kind} pages {bad[:10]} (pfns {[pfns[i] for i in bad[:10]]}) differ"
+            assert hashlib.sha256(data).hexdigest() == r["sha256"], kind
+            n += len(pfns)
+    finally:
+        src.close()
+    return n
+
+
+def test_memory_as_a_distribution_uses_it_survives_a_snapshot(s: Session):
+    """THP-backed anonymous memory, hugetlbfs pages, KSM-merged pages and a memcg-limited service: a snapshot keeps
+    every page in place and bit-exact, and the image holds each at the pfn pagemap reports (read on the host)."""
+    vm = s.vm
+    start_memory_holders(vm)
+    memcg = "/sys/fs/cgroup/system.slice/khb-mem-anon.service"
+    limit, current, events = vm.run(f"cat {memcg}/memory.max {memcg}/memory.current; "
+                                    f"sed -n 's/^max //p' {memcg}/memory.events").split()
+    assert int(limit) == 64 << 20 and int(current) <= int(limit) and int(events) > 0, (limit, current, events)
+    before = memory_report(vm, "before")
+    check_memory_kinds(before)
+    s.memory = before
+    st, out = vm.run_status("khibernate snapshot --target /dev/vdb --json", timeout=1800)
+    assert st == 0, out[-3000:]
+    r = json.loads(out[out.index("{\n"):])
+    FIGURES.update(snapshot_pause_s=r["pause_seconds"], snapshot_capture_job_started_uptime_s=r[
+        "capture_job_started_uptime"], snapshot_image_mb=round(r["bytes"] / 1e6, 1), snapshot_save_s=r["save_seconds"])
+    same_memory(before, memory_report(vm, "after-snapshot"))
+    FIGURES["memory_pages_checked_in_snapshot"] = image_holds_memory(s.machine.dir / "store.img", r["slot"], before)
+
+
 def test_systemctl_hibernate_powers_the_machine_off(s: Session):
     vm = s.vm
     time.sleep(2)
     s.before = {"boot_id": vm.boot_id, "counter": counter(vm),
                 "udev": vm.run("systemctl show -p MainPID --value systemd-udevd").strip(),
                 "journald": vm.run("systemctl show -p MainPID --value systemd-journald").strip()}
+    since, stamp = len(vm.console_text()), unit_start_stamp(vm, "systemd-hibernate.service")
     t0 = time.monotonic()
     vm.run("systemctl hibernate", timeout=120)
-    assert vm.wait_exit(1800 * TIMEOUT_SCALE) == 0, "the capture kernel should power the machine off"
+    s.watcher = vm.send(unit_run_watcher("systemd-hibernate.service", stamp))
+    wait_power_off(vm, s.watcher, 1800, since=since)
     FIGURES["hibernate_s"] = time.monotonic() - t0
     console = vm.console_text()
     assert "hibernation image complete in slot" in console, console[-3000:]
@@ -150,8 +277,11 @@ def test_the_next_boot_resumes_the_same_system(s: Session):
     t0 = time.monotonic()
     s.vm.start()
     vm = s.vm
-    vm.wait_for_shell(timeout=1800, new_boot=False)
+    wait_resumed(vm, 1800)
     FIGURES["resume_to_shell_s"] = time.monotonic() - t0
+    # the watcher sent before the hibernation ran on in the resumed system: systemd-hibernate.service ended well
+    status, out = vm.result_elsewhere(s.watcher, timeout=60)
+    assert status == 0, out[-3000:]
     console = vm.console_text()
     assert "khibernate: resume from /dev/disk/by-" in console, console[-3000:]
     assert vm.run("cat /proc/sys/kernel/random/boot_id").strip() == s.before["boot_id"]
@@ -168,12 +298,6 @@ def test_the_next_boot_resumes_the_same_system(s: Session):
     assert vm.run("systemctl show -p MainPID --value systemd-journald").strip() == s.before["journald"]
     assert vm.run("systemctl is-active counter.service systemd-journald systemd-udevd").split() == ["active"] * 3
     vm.run("udevadm trigger --action=change /sys/block/vdb && udevadm settle -t 60", timeout=120)
-    cached = vm.run("ls -l /root/.cache/khibernate/capture/").split("\n")
-    sizes = [int(line.split()[4]) for line in cached if line.startswith("-") and ".cpio.zst" in line]
-    assert sizes, cached
-    FIGURES["capture_initramfs_mib"] = round(max(sizes) / 2**20, 1)
-    mods = vm.run("zstdcat /root/.cache/khibernate/capture/*.cpio.zst | cpio -t 2>/dev/null | grep '\\.ko$' || true")
-    assert "virtio_blk.ko" in mods, mods  # the target disk's driver, a module of this distribution kernel
 
 
 def test_journal_shows_one_boot_with_the_hibernation_in_it(s: Session):
@@ -185,6 +309,22 @@ def test_journal_shows_one_boot_with_the_hibernation_in_it(s: Session):
     hib = log.find("khibernate")
     assert hib >= 0 and "resumed from slot" in log[hib:] and re.search(r"tick \d+", log[hib:]), log[-3000:]
     vm.run("logger -t after-resume journald-runs-on && sleep 1 && journalctl -b 0 -t after-resume | grep -q runs-on")
+
+
+def test_memory_is_bit_exact_after_the_resume(s: Session):
+    """The holders' pages after hibernate + resume: same pfns, same bytes, the same services running; the
+    hibernation image holds each at its pfn (read on the host)."""
+    assert s.memory, "needs the memory holders of the snapshot test"
+    vm = s.vm
+    after = memory_report(vm, "after-resume")
+    same_memory(s.memory, after)
+    check_memory_kinds(after)
+    slot = int(re.search(r"resumed from slot (\d+)", vm.run("journalctl -b 0 -u systemd-hibernate.service -o cat"))
+               .group(1))
+    FIGURES["memory_pages_checked_in_hibernation_image"] = image_holds_memory(s.machine.dir / "store.img", slot,
+                                                                              s.memory)
+    vm.run("systemctl stop 'khb-mem-*' && rm -rf /run/khb-mem /dev/hugepages/khb-distro-memory && "
+           "echo 2 > /sys/kernel/mm/ksm/run && sysctl -qw vm.nr_hugepages=0 vm.compact_unevictable_allowed=1")
 
 
 def test_watch_service_captures_a_warning_and_the_system_runs_on(s: Session):
@@ -209,6 +349,60 @@ def test_watch_service_captures_a_warning_and_the_system_runs_on(s: Session):
     assert now_pid == pid and now_n > n
     vm.run("logger -t after-capture still-here && sleep 1 && journalctl -b 0 -t after-capture | grep -q still-here")
     vm.run("systemctl disable --now khibernate-watch.service")
+
+
+def hibernate_and_resume(s: Session) -> float:
+    """`systemctl hibernate` until the power-off (failing fast), then power on and wait for the resumed system
+    (failing fast) whose hibernate unit ended well; the same boot runs on.  Returns hibernate seconds."""
+    vm = s.vm
+    boot_id, (pid, n) = vm.run("cat /proc/sys/kernel/random/boot_id").strip(), counter(vm)
+    stamp = unit_start_stamp(vm, "systemd-hibernate.service")
+    t0 = time.monotonic()
+    vm.run("systemctl hibernate", timeout=120)
+    watcher = vm.send(unit_run_watcher("systemd-hibernate.service", stamp))
+    wait_power_off(vm, watcher, 1800, since=len(vm.console_text()))
+    hibernate_s = time.monotonic() - t0
+    s.previous_console = vm.console_text()
+    vm.close()
+    s.vm = vm = s.machine.vm(memory_mb=MEMORY_MB, wait_ready=False)
+    vm.start()
+    wait_resumed(vm, 1800)
+    status, out = vm.result_elsewhere(watcher, timeout=60)
+    assert status == 0, out[-3000:]
+    assert vm.run("cat /proc/sys/kernel/random/boot_id").strip() == boot_id
+    now_pid, now_n = counter(vm)
+    assert now_pid == pid and now_n > n, (pid, n, now_pid, now_n)
+    return hibernate_s
+
+
+def test_file_target_on_the_root_filesystem_hibernates_and_resumes(s: Session):
+    """A store file on the root ext4 like a swap file: `target init FILE --size`, `setup --target FILE`; the capture
+    kernel writes it through dm-linear over its extents, the initramfs resumes from it by device + offset with the
+    root mounted read-only; then a copied file (its extents moved, its recorded map not) is refused."""
+    vm = s.vm
+    vm.run(f"mkdir -p {STORE_FILE.rsplit('/', 1)[0]} && khibernate target init {STORE_FILE} --size {STORE_FILE_MB}M",
+           timeout=1800)
+    status, out = vm.run_status(f"khibernate setup --target {STORE_FILE}", timeout=1800)
+    assert status == 0 and "ready:" in out and "update-initramfs -u" in out, out
+    assert f"KHIBERNATE_TARGET={STORE_FILE}" in vm.run("cat /etc/khibernate.conf")
+    FIGURES["file_target_hibernate_s"] = hibernate_and_resume(s)
+    vm = s.vm
+    capture = s.previous_console
+    assert re.search(r"Command line: .*khibernate\.target=/dev/mapper/khibernate-store .*khibernate\.target_map="
+                     r"\d+:\d+:\d+", capture), capture[-3000:]
+    assert "hibernation image complete in slot" in capture, capture[-3000:]
+    assert f"khibernate: resume from {STORE_FILE}" in vm.console_text(), vm.console_text()[-3000:]
+    assert re.search(r"slot \d+: resumed", vm.run(f"khibernate target list {STORE_FILE}"))
+    # a copy (what a backup restore or a defragmenter does): the recorded map no longer says where the file is
+    vm.run(f"cp {STORE_FILE} {STORE_FILE}.copy && mv {STORE_FILE}.copy {STORE_FILE} && sync", timeout=600)
+    mark = len(vm.console_text())
+    status, out = vm.run_status(f"khibernate snapshot --target {STORE_FILE}", timeout=300)
+    assert status != 0 and "has moved on the device" in out, out
+    assert "Freezing user space" not in vm.console_text()[mark:]
+    assert vm.run("cat /sys/kernel/kexec_loaded").strip() == "0"
+    status, out = vm.run_status(f"khibernate setup --target {STORE_FILE}", timeout=300)
+    assert status == 1 and "has moved on the device" in out, out
+    vm.run(f"rm -r {STORE_FILE.rsplit('/', 1)[0]}")
 
 
 def test_apt_remove_leaves_the_system_as_it_was(s: Session):
