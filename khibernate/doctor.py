@@ -232,11 +232,23 @@ def render(d: Diagnosis) -> str:
     return "\n".join(lines)
 
 
+def capture_kernel_finding(kernel: str, can_jump_back: bool | None, why: str) -> Finding:
+    """What `doctor --kernel K` says about a capture kernel: a jump into one that cannot jump back strands this
+    system, so anything but a proof blocks jump (and watch)."""
+    if can_jump_back:
+        return Finding("capture kernel", True, f"capture kernel {kernel} can jump back: {why}")
+    return Finding("capture kernel", False, f"capture kernel {kernel}: {why}; snapshot, hibernate, watch and resume "
+                                            "refuse it", blocks=("jump",))
+
+
 @click.command("doctor")
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 @click.option("--root", type=click.Path(exists=True, file_okay=False), default="/", show_default=True,
               help="Read /proc, /sys and /boot below this directory (for inspecting a copied tree).")
-def doctor_command(as_json: bool, root: str) -> None:
+@click.option("--kernel", type=click.Path(exists=True, dir_okay=False), metavar="BZIMAGE",
+              help="Also say whether this capture kernel can jump back (CONFIG_KEXEC_JUMP in its embedded config, "
+                   "the running kernel's own build, or an earlier round trip with this very image).")
+def doctor_command(as_json: bool, root: str, kernel: str | None) -> None:
     """Say what stops this machine from kexec, kdump, kexec jump and live crash capture (`watch`).
 
     Checks root, kernel.kexec_load_disabled, kernel lockdown (blocks kexec_load, which jump needs),
@@ -245,14 +257,15 @@ def doctor_command(as_json: bool, root: str) -> None:
     (kernel.panic_on_oops, panic_on_warn, softlockup_panic, hung_task_panic) and which detectors report.
     On a Xen dom0: that kexec and kdump go through the hypervisor, Xen's crash region, and that jump, snapshot,
     hibernate and watch cannot work (Xen's kexec has no preserve-context).
+    With --kernel, also whether that capture kernel can jump back.
 
-    Exit status: 0 when a kexec jump is possible here, 1 otherwise.
+    Exit status: 0 when a kexec jump is possible here (into that capture kernel, with --kernel), 1 otherwise.
     """
     from pathlib import Path
 
-    sysroot = SystemRoot(Path(root))
+    system = SystemRoot(Path(root))
     xen_crash = None
-    if root == "/" and sysroot.xen_guest_type() == "PV":
+    if root == "/" and system.xen_guest_type() == "PV":
         from khibernate.errors import KhibernateError
         from khibernate.jump import api
 
@@ -260,6 +273,11 @@ def doctor_command(as_json: bool, root: str) -> None:
             xen_crash = api.xen_state().crash_size
         except KhibernateError:
             pass
-    d = diagnose(sysroot, os.geteuid(), xen_crash)
+    d = diagnose(system, os.geteuid(), xen_crash)
+    if kernel is not None:
+        from khibernate.capture.kernelcheck import assess
+
+        v = assess(kernel, system)
+        d = Diagnosis([*d.findings, capture_kernel_finding(kernel, v.can_jump_back, v.why)], d.release)
     click.echo(json.dumps(d.to_json(), indent=1) if as_json else render(d))
     raise SystemExit(0 if d.possible("jump") else 1)

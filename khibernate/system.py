@@ -54,6 +54,20 @@ def parse_kernel_config(text: str) -> dict[str, str]:
     return config
 
 
+INITRD_ROOT_TYPES = ("rootfs", "ramfs", "tmpfs")  # what the kernel unpacks an initramfs into
+
+
+def root_fstype(mountinfo: str) -> str | None:
+    """The filesystem type mounted on "/" in /proc/PID/mountinfo text (the topmost mount there), None if absent."""
+    found = None
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[4] == "/" and "-" in fields[6:]:
+            rest = fields[fields.index("-", 6) + 1:]
+            found = rest[0] if rest else found
+    return found
+
+
 def parse_lockdown(text: str) -> str:
     """The active mode of /sys/kernel/security/lockdown ('none [integrity] confidentiality' -> 'integrity')."""
     m = re.search(r"\[(\w+)\]", text)
@@ -73,6 +87,13 @@ class SystemRoot:
         """The file's text, or None if it does not exist or cannot be read."""
         try:
             return self._p(rel).read_text()
+        except OSError:
+            return None
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        """The file's bytes, or None if it does not exist or cannot be read."""
+        try:
+            return self._p(rel).read_bytes()
         except OSError:
             return None
 
@@ -121,6 +142,14 @@ class SystemRoot:
         (xenfs not mounted on /proc/xen)."""
         caps = self.read("/proc/xen/capabilities")
         return None if caps is None else "control_d" in caps
+
+    def in_initrd(self) -> bool:
+        """Whether the system still runs from its initramfs — PID 1's root is the rootfs the kernel unpacked it into
+        (so also from a chroot that an initramfs script made), or /etc/initrd-release says so (systemd's rule)
+        — i.e. no switch to the real root filesystem has happened, and nothing was mounted by the booted system."""
+        if self._p("/etc/initrd-release").exists():
+            return True
+        return root_fstype(self.read("/proc/1/mountinfo") or "") in INITRD_ROOT_TYPES
 
     def lockdown(self) -> str | None:
         """The active kernel lockdown mode, or None when the kernel has no lockdown LSM."""

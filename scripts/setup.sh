@@ -12,7 +12,7 @@ fi
 
 PKGS="qemu-system-x86 kexec-tools busybox-static makedumpfile crash build-essential flex bison bc libelf-dev
       libssl-dev python3 python3-venv python3-dev python3-libkdumpfile zstd xz-utils
-      fuse3 gdb kmod fdisk
+      fuse3 gdb kmod fdisk lz4
       mmdebstrap dpkg-dev debhelper dh-python python3-all-dev python3-setuptools python3-cffi"
 missing=""
 for p in $PKGS; do

@@ -50,7 +50,9 @@ def snapshot_command(target: str, level: int | None, for_analysis: bool, export_
     \b
     The system pauses while a capture kernel, loaded fresh into the crashkernel= region, saves /proc/vmcore into
     a free slot of DEV and jumps back. Then the slot is read back and checked, and only then marked complete:
-    a failed or interrupted snapshot never damages the last good image.
+    a failed or interrupted snapshot never damages the last good image. Filesystems are synced before the jump,
+    and a capture kernel that cannot be shown to jump back (CONFIG_KEXEC_JUMP: `khibernate doctor --kernel K`)
+    is refused before anything is done.
       khibernate target init /dev/vdb
       khibernate snapshot --target /dev/vdb
       khibernate target export /dev/vdb 0 snap.khi
@@ -91,8 +93,10 @@ def hibernate_command(target: str, level: int, kernel: str | None, capture_initr
     Filesystems are synced first (as swsusp does); the capture kernel writes the image, reads it back, marks it
     the one to resume, and powers off. If anything fails before that it jumps back and this system runs on
     (exit status 1, the slot marked bad, earlier images untouched). This command returns after the resume,
-    reporting it. Until then, do not mount the hibernated system's filesystems read-write from another boot:
-    resuming after the disks changed corrupts them.
+    reporting it. The image is tried once: a boot that finds it and does not resume it (refused, noresume) marks
+    it tried. Every filesystem mounted read-write is recorded; the resume refuses an ext2/3/4 one that another boot
+    mounted in between. xfs, btrfs and others cannot be checked (a warning says so): do not mount them from another
+    boot before the resume — resuming after they changed corrupts them.
       khibernate target init /dev/vdb
       khibernate hibernate --target /dev/vdb        # ... power on ... khibernate resume --target /dev/vdb
     """

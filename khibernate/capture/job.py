@@ -52,6 +52,7 @@ class Job:
     zero_free: bool = False  # the saved kernel zeroes freed pages (init_on_free): a restore zeroes dropped ones
     again: bool = False  # restore: resume an image already resumed once (`khibernate resume --again`)
     target_map: str = ""  # a store file: MAJ:MIN:OFFSET of its disk (store.filedev); target is then the dm device
+    attempt: str = ""  # restore: the resume attempt's token (the slot is tried under it; khibernate.restore.attempt)
 
     def args(self) -> list[str]:
         """The ``khibernate.KEY=VALUE`` words for the command line."""
@@ -61,7 +62,8 @@ class Job:
                 f"{PREFIX}boot_id={self.boot_id}", f"{PREFIX}deadline={self.deadline:g}",
                 f"{PREFIX}mailbox={self.mailbox:#x}"] + ([f"{PREFIX}zero_free=1"] if self.zero_free else []) \
             + ([f"{PREFIX}again=1"] if self.again else []) \
-            + ([f"{PREFIX}target_map={self.target_map}"] if self.target_map else [])
+            + ([f"{PREFIX}target_map={self.target_map}"] if self.target_map else []) \
+            + ([f"{PREFIX}attempt={self.attempt}"] if self.attempt else [])
 
     @property
     def image_uuid(self) -> bytes:
@@ -78,11 +80,13 @@ def parse(cmdline: str) -> Job | None:
     if "job" not in kv:
         return None
     try:
+        if kv.get("attempt") and len(bytes.fromhex(kv["attempt"])) != 16:
+            raise ValueError(f"attempt token {kv['attempt']!r} is not 32 hex digits")
         return Job(kind=kv["job"], target=kv["target"], store_uuid=kv["store"], slot=int(kv["slot"]),
                    offset=int(kv["offset"], 0), capacity=int(kv["capacity"], 0), level=int(kv["level"]),
                    image=str(uuidlib.UUID(kv["image"])), boot_id=kv["boot_id"], deadline=float(kv["deadline"]),
                    mailbox=int(kv["mailbox"], 0), zero_free=kv.get("zero_free") == "1", again=kv.get("again") == "1",
-                   target_map=kv.get("target_map", ""))
+                   target_map=kv.get("target_map", ""), attempt=kv.get("attempt", ""))
     except (KeyError, ValueError) as e:
         raise JobError(f"malformed khibernate job on the command line ({e!r})") from None
 
@@ -119,15 +123,16 @@ class MemoryWatch:
                 "peak_used_bytes": self.start - self.lowest}
 
 
-def khibernate_note(job: Job, cmdline: str) -> bytes:
-    """The KHIBERNATE note's JSON: what a later restore needs beyond VMCOREINFO and the ranges."""
+def khibernate_note(job: Job, cmdline: str, extra: dict[str, Any] | None = None) -> bytes:
+    """The KHIBERNATE note's JSON: what a later restore needs beyond VMCOREINFO and the ranges (``extra``: what the
+    first kernel's request adds, e.g. a hibernation's filesystems)."""
     from khibernate.jump.loader import parse_jump_back_entry
 
     entry = parse_jump_back_entry(cmdline)
     return json.dumps({"kind": job.kind, "boot_id": job.boot_id, "jump_back_entry": entry, "image": job.image,
                        "capture_cmdline": cmdline.strip(), "capture_release": os.uname().release,
                        "capture_ram": [[r.start, r.end] for r in capture_ram()], "mailbox": job.mailbox,
-                       "zero_free": job.zero_free, "restorable": job.level & ~17 == 0}).encode()
+                       "zero_free": job.zero_free, "restorable": job.level & ~17 == 0, **(extra or {})}).encode()
 
 
 def capture_ram() -> list[Any]:
@@ -141,11 +146,16 @@ def capture_ram() -> list[Any]:
         return []
 
 
+# faults that other steps inject: /init panics before the job, a hibernate job does not power off, a restore fails
+# after its first write (khibernate.restore.run.restore_fault)
+OTHER_FAULTS = ("panic-early", "poweroff-fails", "restore-raise")
+
+
 def inject_fault(cmdline: str) -> None:
     """``khibernate.fault=raise|hang`` (``snapshot --append``): fail on purpose, after the slot is reserved, to test
     that a failing or hung capture job still jumps back and leaves the last good image alone (like LKDTM for kdump)."""
     faults = [w.partition("=")[2] for w in cmdline.split() if w.startswith(f"{PREFIX}fault=")]
-    if not faults:
+    if not faults or faults[-1] in OTHER_FAULTS:
         return
     if faults[-1] == "raise":
         raise RuntimeError("khibernate.fault=raise: the capture job raised on purpose")
@@ -154,10 +164,11 @@ def inject_fault(cmdline: str) -> None:
               flush=True)
         while True:
             time.sleep(3600)
-    raise JobError(f"unknown khibernate.fault={faults[-1]!r} (raise or hang)")
+    raise JobError(f"unknown khibernate.fault={faults[-1]!r} (raise, hang, {', '.join(OTHER_FAULTS)})")
 
 
-def run_snapshot(job: Job, cmdline: str, vmcore: str = "/proc/vmcore") -> dict[str, Any]:
+def run_snapshot(job: Job, cmdline: str, vmcore: str = "/proc/vmcore",
+                 note_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Save ``vmcore`` into the job's slot, streaming; returns the result body for the mailbox (raises on failure)."""
     from khibernate.capture.source import AnnotatedSource
     from khibernate.image.format import save
@@ -196,7 +207,7 @@ def run_snapshot(job: Job, cmdline: str, vmcore: str = "/proc/vmcore") -> dict[s
 
         with open_source(vmcore) as raw:
             vmci = from_source(raw)
-            src = AnnotatedSource(raw, KHIBERNATE_NOTE, khibernate_note(job, cmdline))
+            src = AnnotatedSource(raw, KHIBERNATE_NOTE, khibernate_note(job, cmdline, note_extra))
             t1 = uptime()
             stats = save(src, writer, vmci=vmci, level=job.level, restorable=job.level & ~17 == 0,  # type: ignore[arg-type]
                          threads=min(2, os.cpu_count() or 1), progress=progress)
@@ -212,13 +223,18 @@ def run_snapshot(job: Job, cmdline: str, vmcore: str = "/proc/vmcore") -> dict[s
 
 
 def run_hibernate(job: Job, cmdline: str) -> NoReturn:
-    """Save like a snapshot, read the slot back and mark it complete as the image to resume (the first kernel does
-    not run again before a resume), then power the machine off; returns only on failure (raises)."""
+    """Save like a snapshot (with the filesystems the first kernel recorded, from its mailbox request), read the
+    slot back and mark it complete as the image to resume (the first kernel does not run again before a resume),
+    then power the machine off; returns only on failure (raises)."""
+    from khibernate.capture import mailbox
     from khibernate.jump import syscalls
     from khibernate.store import api as store
     from khibernate.store.superblock import FLAG_HIBERNATE
 
-    body = run_snapshot(job, cmdline)
+    request = mailbox.read_request(job.mailbox, job.image_uuid)
+    if not isinstance(request.get("filesystems"), list):
+        raise JobError("the first kernel's request records no filesystems: a resume could not check the disks")
+    body = run_snapshot(job, cmdline, note_extra={"filesystems": request["filesystems"]})
     reserved = store.read(job.target).slot(job.slot)
     done, chk, _ = store.complete(job.target, uuidlib.UUID(job.store_uuid).bytes, reserved, int(body["length"]),
                                   int(body["crc32"]),
@@ -227,7 +243,36 @@ def run_hibernate(job: Job, cmdline: str) -> NoReturn:
     print(f"khibernate-capture: hibernation image complete in slot {done.index} of {job.target} "
           f"({chk.length / 1e6:.1f} MB, read back and verified, saved in {body['save_seconds']} s); powering off at "
           f"{uptime():.2f} s", file=sys.stderr, flush=True)
+    if power_off_fault(cmdline):
+        raise JobError("khibernate.fault=poweroff-fails: not powering off, on purpose (as if the power-off failed)")
     syscalls.reboot_power_off()
+    raise JobError("the power-off returned")  # reboot(2) does not return when it works
+
+
+def power_off_fault(cmdline: str) -> bool:
+    """``khibernate.fault=poweroff-fails``: a hibernate job that completed its image comes back instead of powering
+    off, to test that the image does not stay resumable while the first kernel runs on."""
+    return f"{PREFIX}fault=poweroff-fails" in cmdline.split()
+
+
+def withdraw_hibernation(job: Job) -> str:
+    """A hibernate job that jumps back after all (failure, power-off refused, watchdog): its slot must not hold a
+    resumable image while the first kernel runs on, so it is marked bad here, before the jump back (the first kernel
+    marks it again, and says so if it cannot).  Returns what was done, for the log and the result."""
+    from khibernate.store import api as store
+    from khibernate.store.superblock import SlotState, Superblock
+
+    def change(sb: Superblock) -> Superblock:
+        rec = sb.slot(job.slot)
+        if rec.image_uuid != job.image_uuid or rec.state not in (SlotState.WRITING, SlotState.COMPLETE):
+            return sb
+        return sb.with_slot(dataclasses.replace(rec, state=SlotState.BAD, flags=0))
+
+    try:
+        rec = store.update(job.target, change).slot(job.slot)
+    except (KhibernateError, OSError) as e:
+        return f"marking slot {job.slot} bad FAILED ({e}); the first kernel tries again"
+    return f"slot {job.slot} is {rec.state.name.lower()}: no resumable image is left behind"
 
 
 def attach_file_target(job: Job) -> Job:
@@ -262,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         body: dict[str, Any] = {"ok": False, "message": f"the capture job was still running at its deadline "
                                 f"({job.deadline:g} s after the capture kernel booted, + 20 s grace) and was killed by "
                                 "the watchdog; the image is incomplete"}
+        if job.kind == "hibernate":
+            body["message"] += "; " + withdraw_hibernation(job)
     else:
         if "--then-jump-back" in argv and job.kind != "restore":  # a restore decides itself where it jumps
             try:
@@ -292,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 restore_run.power_off_if_touched(e)
             body = {"ok": False, "message": str(e) or type(e).__name__, "error": type(e).__name__}
+            if job.kind == "hibernate":
+                body["message"] += "; " + withdraw_hibernation(job)
         body.update(watch.stop())
         body["peak_rss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     body["capture_uptime"] = round(uptime(), 3)

@@ -34,9 +34,12 @@ class MailboxError(KhibernateError):
     """The mailbox page cannot be set up, or holds no valid record."""
 
 
-def pack(kind: int, image_uuid: bytes, body: dict[str, Any]) -> bytes:
-    """A record of ``kind`` for image ``image_uuid`` carrying ``body`` as JSON, padded to a page."""
+def pack(kind: int, image_uuid: bytes, body: dict[str, Any], truncate: bool = True) -> bytes:
+    """A record of ``kind`` for image ``image_uuid`` carrying ``body`` as JSON, padded to a page (a body too big for
+    the page is cut to its message, or MailboxError without ``truncate``)."""
     data = json.dumps(body, sort_keys=True).encode()
+    if HEAD.size + len(data) > PAGE and not truncate:
+        raise MailboxError(f"the request ({len(data)} bytes of JSON) does not fit the mailbox page")
     if HEAD.size + len(data) > PAGE:
         data = json.dumps({**{k: body[k] for k in ("ok",) if k in body},
                            "message": str(body.get("message", ""))[:1500], "truncated": True}).encode()
@@ -84,14 +87,16 @@ def _mlock(buf: mmap.mmap) -> None:
 
 
 class Mailbox:
-    """A locked page of this process, outside low memory, holding a request for image ``image_uuid``."""
+    """A locked page of this process, outside low memory, holding a request for image ``image_uuid`` (``request``:
+    what the capture job should know beyond its command line; MailboxError if it does not fit the page)."""
 
-    def __init__(self, image_uuid: bytes):
+    def __init__(self, image_uuid: bytes, request: dict[str, Any] | None = None):
         self.image_uuid = image_uuid
+        page = pack(REQUEST, image_uuid, request or {"request": "snapshot"}, truncate=False)
         spare: list[mmap.mmap] = []
         for _ in range(64):
             buf = mmap.mmap(-1, PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            buf[:] = pack(REQUEST, image_uuid, {"request": "snapshot"})
+            buf[:] = page
             _mlock(buf)
             paddr = physical_address(ctypes.addressof(ctypes.c_char.from_buffer(buf)))
             if paddr >= LOW_MEMORY:
@@ -120,6 +125,21 @@ class Mailbox:
             raise MailboxError("the capture job left no result in the mailbox: it did not run, hung past the "
                                f"watchdog, or could not reach the page{moved}; see the console log")
         return body
+
+
+def read_request(paddr: int, image_uuid: bytes, devmem: str = "/dev/mem") -> dict[str, Any]:
+    """Capture side: the first kernel's request for this job's image in its mailbox page at paddr."""
+    if paddr % PAGE:
+        raise MailboxError(f"mailbox address {paddr:#x} is not page aligned")
+    fd = os.open(devmem, os.O_RDONLY | os.O_SYNC)
+    try:
+        with mmap.mmap(fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ, offset=paddr) as m:
+            kind, found, body = unpack(bytes(m[:]))
+    finally:
+        os.close(fd)
+    if kind != REQUEST or found != image_uuid:
+        raise MailboxError(f"the mailbox at {paddr:#x} holds no request for this job's image")
+    return body
 
 
 def post(paddr: int, image_uuid: bytes, body: dict[str, Any], devmem: str = "/dev/mem") -> None:

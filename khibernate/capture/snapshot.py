@@ -54,9 +54,15 @@ def _boot_id() -> str:
     return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
-def console_args(cmdline: str) -> list[str]:
-    """The console words of this kernel's command line, for the capture kernel's."""
-    return [w for w in cmdline.split() if w.startswith(("console=", "earlycon", "loglevel="))]
+CAPTURE_PANIC_SECONDS = 10
+
+
+def capture_args(cmdline: str) -> list[str]:
+    """The capture kernel's own words before the user's: the console words of this kernel's command line, and
+    ``panic=N`` — a capture kernel that panics resets the machine after N seconds instead of hanging with the first
+    kernel frozen forever (the first kernel cannot run on either way: only the capture kernel can jump back)."""
+    return [w for w in cmdline.split() if w.startswith(("console=", "earlycon", "loglevel="))] \
+        + [f"panic={CAPTURE_PANIC_SECONDS}"]
 
 
 def capture_initrd_for(kernel: str, target: str, given: str | None) -> tuple[str, bool]:
@@ -117,7 +123,40 @@ def preflight(opts: Options, st: Store | None = None) -> tuple[Superblock, SlotR
     splan.check_fits(slot, est)
     if opts.keep is not None and opts.keep < 1:
         raise SnapshotError("--keep must be at least 1")
+    from khibernate.capture import kernelcheck
+
+    kernelcheck.check(opts.kernel or default_kernel())  # one that cannot jump back would strand this system
     return sb, slot, est
+
+
+def hibernate_request(say: Callable[[str], object]) -> dict[str, Any]:
+    """The mailbox request of a hibernate job: every read-write block filesystem and its on-disk state now (the
+    capture job writes them into the image; `resume` refuses when one changed); warns about those it cannot check."""
+    from khibernate.restore import filesystems
+
+    records = filesystems.record(Path("/proc/self/mountinfo").read_text())
+    for warning in filesystems.unchecked(records):
+        say(f"hibernate: warning: {warning}")
+    swaps = [line.split()[0] for line in (Path("/proc/swaps").read_text().splitlines()[1:]) if line.split()]
+    if swaps:
+        say(f"hibernate: warning: swap in use on {', '.join(swaps)}: a boot that swaps there before the resume "
+            "corrupts the swapped-out memory of the resumed processes (`swapoff -a` first, or boot nothing else)")
+    return {"request": "hibernate", "filesystems": [r.to_json() for r in records]}
+
+
+def mark_failed(opts: Options, st: Store, reserved: SlotRecord, store_uuid: bytes, msg: str) -> SnapshotError:
+    """The error for a failed capture after the reservation, once its slot is marked bad.  If marking fails, the
+    error says so and what to do — for a hibernation the slot may hold a resumable image of this system, which runs
+    on: a later resume would overwrite everything it writes from now on."""
+    i = reserved.index
+    try:
+        st.set_slot(dataclasses.replace(reserved, state=SlotState.BAD, flags=0), store_uuid)
+    except (KhibernateError, OSError) as e:
+        danger = (f"it may still hold a resumable hibernation image of this system, which runs on: drop it now "
+                  f"(`khibernate target drop {opts.target} {i}`) — resuming it would overwrite everything written "
+                  "from now on") if opts.kind == "hibernate" else "its state is unknown (`khibernate target list`)"
+        return SnapshotError(f"{msg}; marking slot {i} bad FAILED ({e}): {danger}")
+    return SnapshotError(f"{msg}; slot {i} is marked bad, earlier images are untouched")
 
 
 def run(opts: Options, say: Any = print) -> dict[str, Any]:
@@ -144,14 +183,14 @@ def _run(opts: Options, st: Store, say: Callable[[str], None]) -> dict[str, Any]
         f"capture kernel {kernel}, initramfs {initrd}{' (cached)' if reused else ' (built)'}")
     image = uuidlib.uuid4()
     boot_id = _boot_id()
-    box = Mailbox(image.bytes)
+    box = Mailbox(image.bytes, hibernate_request(say) if opts.kind == "hibernate" else None)
     cmdline = Path("/proc/cmdline").read_text()
     # the deadline counts from the capture kernel's boot: the jump itself is excluded
     job_target, target_map = filedev.for_capture(opts.target)  # a store file: the dm device over its extents
     job = Job(opts.kind, job_target, sb.uuid_str, slot.index, slot.offset, slot.capacity, opts.level, str(image),
               boot_id, opts.deadline, box.paddr,
               zero_free=zeroes_freed_pages(cmdline, SystemRoot().kernel_config()[0]), target_map=target_map)
-    append = " ".join([*console_args(cmdline), opts.append, *job.args()]).strip()
+    append = " ".join([*capture_args(cmdline), opts.append, *job.args()]).strip()
     plan = jump.plan_jump(kernel, initrd, append, opts.mem_min, opts.mem_max)
     # ---- writes start here: reserve the slot (the last good image stays untouched), load, jump
     reserved = dataclasses.replace(slot, state=SlotState.WRITING, seq=sb.next_seq(), length=0, crc32=0,
@@ -161,9 +200,7 @@ def _run(opts: Options, st: Store, say: Callable[[str], None]) -> dict[str, Any]
     st.set_slot(reserved, sb.uuid)
 
     def fail(msg: str) -> SnapshotError:
-        with contextlib.suppress(KhibernateError, OSError):
-            st.set_slot(dataclasses.replace(reserved, state=SlotState.BAD), sb.uuid)
-        return SnapshotError(f"{msg}; slot {slot.index} is marked bad, earlier images are untouched")
+        return mark_failed(opts, st, reserved, sb.uuid, msg)
 
     result, body = _jump(opts, plan, box, fail, say)
     if opts.kind == "hibernate":
@@ -176,6 +213,10 @@ def _run(opts: Options, st: Store, say: Callable[[str], None]) -> dict[str, Any]
                                        pages_excluded=int(body["pages_excluded"]), keep=opts.keep)
     except KhibernateError as e:
         raise fail(f"the image read back from the target is wrong: {e}") from None
+    from khibernate.capture import kernelcheck
+
+    with contextlib.suppress(OSError):
+        kernelcheck.remember(kernel)  # this very image jumped back: proof for the next time
     return snapshot_report(opts, done, chk, freed, body, result.boottime_s, initrd, kernel, t_start)
 
 
@@ -194,12 +235,10 @@ def _jump(opts: Options, plan: Plan, box: Mailbox, fail: Callable[[str], Snapsho
         with contextlib.suppress(KhibernateError, OSError):
             jump.unload()
         raise fail("the mailbox page moved before the jump (memory compaction); run snapshot again")
-    if opts.kind == "hibernate":
-        say("hibernate: syncing filesystems, then jumping to the capture kernel; it saves this system and powers "
-            "the machine off (`khibernate resume` at the next boot brings it back)")
-        os.sync()
-    else:
-        say("snapshot: jumping to the capture kernel (this system pauses now)")
+    say("hibernate: syncing filesystems, then jumping to the capture kernel; it saves this system and powers the "
+        "machine off (`khibernate resume` at the next boot brings it back)" if opts.kind == "hibernate" else
+        "snapshot: syncing filesystems, then jumping to the capture kernel (this system pauses now)")
+    os.sync()  # before every jump: a capture kernel that never comes back must not take dirty data with it
     try:
         result = jump.execute()
     except KhibernateError as e:  # e.g. the freezer gave up (a task in D state): the jump never happened

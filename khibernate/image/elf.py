@@ -35,6 +35,7 @@ from khibernate.elfcore import (  # the shared ELF core vocabulary (jump/ uses i
     iter_notes,
     pack_note,
 )
+from khibernate.errors import KhibernateError
 from khibernate.image.errors import CorruptImageError, NotAVmcoreError, TruncatedError, UnsupportedError
 from khibernate.image.inputfile import MAX_PHYS_ADDR, check_span, input_size, open_input, pread_exact
 from khibernate.image.sources.base import (
@@ -48,7 +49,7 @@ from khibernate.image.sources.base import (
 
 __all__ = ["EHDR32", "EHDR64", "ELFCLASS32", "ELFCLASS64", "ELFDATA2LSB", "ELFMAG", "EM_386", "EM_X86_64", "ET_CORE",
            "NHDR", "PF_R", "PF_W", "PF_X", "PHDR32", "PHDR64", "PT_LOAD", "PT_NOTE", "ElfSource", "LoadSpec", "Phdr",
-           "elf_layout", "pack_notes", "parse_headers", "parse_notes", "write_elf"]
+           "elf_layout", "gnu_build_id", "pack_notes", "parse_headers", "parse_notes", "write_elf"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +124,18 @@ def parse_headers(head: bytes, read_at: Callable[[int, int], bytes] | None = Non
 def parse_notes(data: bytes) -> list[Note]:
     """Notes in a PT_NOTE blob (4-byte aligned names and descriptors); stops at a zero terminator or the end."""
     return [Note(n.name.decode("ascii", "replace"), n.type, n.desc) for n in iter_notes(data, error=TruncatedError)]
+
+
+NT_GNU_BUILD_ID = 3
+
+
+def gnu_build_id(data: bytes) -> str:
+    """The GNU build id (hex) in a PT_NOTE blob such as /sys/kernel/notes, '' if absent or unreadable."""
+    try:
+        notes = parse_notes(data)
+    except KhibernateError:
+        return ""
+    return next((n.desc.hex() for n in notes if n.name == "GNU" and n.type == NT_GNU_BUILD_ID), "")
 
 
 def pack_notes(notes: Iterable[Note]) -> bytes:

@@ -176,8 +176,13 @@ class PageLayout:
             offline=self.offline or 0, unaccepted=self.unaccepted or 0, has_buddy=int(self.buddy is not None),
             has_slab=int(self.slab is not None), has_hugetlb=int(self.hugetlb is not None),
             has_offline=int(self.offline is not None), has_unaccepted=int(self.unaccepted is not None),
-            has_head_mask=int(self.pg_head_mask is not None), pg_head_mask=self.pg_head_mask or 0,
+            has_head_mask=int(self.pg_head_mask is not None), pg_head_mask=_as_int64(self.pg_head_mask or 0),
             dtor_offset=opt(dtor), hugetlb_dtor=opt(self.hugetlb_dtor), max_order=self.max_order)
+
+
+def _as_int64(mask: int) -> int:
+    """A 64-bit flag mask as the int64_t field holds it (bit 63 set means negative)."""
+    return mask - (1 << 64) if mask >= 1 << 63 else mask
 
 
 class PageFilter:

@@ -17,6 +17,7 @@ from typing import Any
 
 from khibernate.errors import KhibernateError
 from khibernate.ranges import Range
+from khibernate.restore.filesystems import FsRecord, records_from_json
 
 KHIBERNATE_NOTE = "KHIBERNATE"
 
@@ -53,6 +54,7 @@ class SavedImage:
     zero_free: bool = False
     boot_id: str = ""
     kind: str = ""
+    filesystems: tuple[FsRecord, ...] | None = None  # read-write filesystems at hibernate time (None: not recorded)
 
     @classmethod
     def from_source(cls, src: Any) -> SavedImage:
@@ -76,7 +78,8 @@ class SavedImage:
                    restorable=bool(h.flags & 1) and bool(note.get("restorable", False)), image_uuid=image_uuid,
                    jump_back_entry=note.get("jump_back_entry"), mailbox=note.get("mailbox"),
                    capture_ram=_ranges(note.get("capture_ram")), zero_free=bool(note.get("zero_free", False)),
-                   boot_id=str(note.get("boot_id", "")), kind=str(note.get("kind", "")))
+                   boot_id=str(note.get("boot_id", "")), kind=str(note.get("kind", "")),
+                   filesystems=records_from_json(note.get("filesystems")))
 
 
 @dataclasses.dataclass(frozen=True)

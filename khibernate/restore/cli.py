@@ -8,47 +8,86 @@ import click
 
 from khibernate.capture.cli import capture_kernel_options
 
-AGAIN_WARNING = ("--again resumes an image that was resumed before: the same kernel state runs a second time — "
-                 "the same random-number generator state, the same TCP connections and sequence numbers, the same "
-                 "half-done writes replayed against disks that have moved on. Use it for checkpoints you mean to "
-                 "re-run, on machines whose disks are copies made at hibernate time.")
+AGAIN_WARNING = ("--again resumes an image that a boot tried or resumed before: the same kernel state runs a second "
+                 "time — the same random-number generator state, the same TCP connections and sequence numbers, the "
+                 "same half-done writes replayed against disks that have moved on. Use it for checkpoints you mean "
+                 "to re-run, on machines whose disks are copies made at hibernate time; a filesystem mounted since "
+                 "hibernate is still refused unless --ignore-changed-filesystems is given too.")
 
 
 @click.command("resume", epilog=AGAIN_WARNING)
 @click.option("--target", required=True, metavar="DEV", help="The store `khibernate hibernate --target` wrote.")
-@click.option("--again", is_flag=True, help="Resume an image already resumed once (see the warning below).")
+@click.option("--again", is_flag=True, help="Resume the newest image although a boot tried or resumed it before "
+              "(see the warning below).")
+@click.option("--attempt", metavar="TOKEN", help="Continue the resume attempt TOKEN (32 hex digits) once: for a boot "
+              "that re-entered this kernel to go on with the same attempt, whose slot is tried already (the "
+              "initramfs passes khibernate.resume_attempt=TOKEN). A token works once.")
+@click.option("--ignore-changed-filesystems", is_flag=True, help="With --again only: resume although a filesystem "
+              "that was mounted read-write at hibernate time was mounted since (its contents may have changed: the "
+              "resumed kernel writes its stale view over them). For disks restored from copies made at hibernate "
+              "time.")
 @capture_kernel_options
 @click.option("--append", default="", metavar="S", help="Extra capture-kernel command line words.")
-@click.option("--check", is_flag=True, help="Only say whether there is an image this boot would resume.")
-def resume_command(target: str, again: bool, kernel: str | None, capture_initrd: str | None, deadline: float,
-                   append: str, check: bool) -> None:
+@click.option("--check", is_flag=True, help="Only say whether there is an image this boot would resume (nothing is "
+              "marked or written).")
+@click.option("--discard", is_flag=True, help="Mark the newest hibernation image tried without resuming it, like "
+              "swsusp's `noresume` (the initramfs scripts run this for `noresume` on the kernel command line): this "
+              "boot goes on, and no later boot resumes the image (it stays for analysis and export).")
+def resume_command(target: str, again: bool, attempt: str | None, ignore_changed_filesystems: bool,
+                   kernel: str | None, capture_initrd: str | None, deadline: float, append: str, check: bool,
+                   discard: bool) -> None:
     """Resume the kernel that `khibernate hibernate` saved in DEV, like swsusp's resume=: run it at early boot,
-    BEFORE any filesystem is mounted read-write (the initramfs-tools hook and systemd unit in initramfs/ do).
+    BEFORE any filesystem is mounted read-write (the initramfs-tools script in initramfs/ does).
 
     \b
-    On success this boot ends: a capture kernel writes the image back into memory and the saved kernel runs on,
-    and the slot is marked resumed before the first write, so the image is never resumed twice by accident.
-    Exit status 0: there was nothing to resume; 1: the image was refused (it is for another kernel build, memory
-    size or crash region, it is damaged, or it was resumed already) — nothing was written, boot on normally.
+    An image is tried once (swsusp's rule): the first boot that finds the newest hibernation image marks its
+    slot `tried` before any check, so whatever happens next — a refusal, a failure, a power cut — no later boot
+    resumes it (only --again does, on purpose). Refused outside an initramfs. Then it is checked against this
+    boot — kernel build, memory, crash region, and every ext2/3/4 filesystem that was mounted read-write at
+    hibernate time must be unmounted since (same mount count, last mount time, journal state; xfs, btrfs and
+    others cannot be checked: a warning says so) — and on success this boot ends: a capture kernel writes the
+    image back into memory and the saved kernel runs on.
+    Exit status: 0 nothing to resume (DEV holds no hibernation image); 1 the image was not resumed — refused (it
+    is for another kernel build, memory size or crash region, a filesystem changed, it is damaged, or this is no
+    initramfs) or tried or resumed before, or discarded; nothing was written to memory, boot on normally;
+    2 wrong usage.
+    With --check: 0 an image would be resumed, 1 it would be refused, 3 there is none.
     """
     from khibernate.errors import KhibernateError
     from khibernate.restore import resume as rs
 
+    if attempt and again:
+        raise click.UsageError("--attempt continues one attempt; it does not go with --again")
+    if ignore_changed_filesystems and not again:
+        raise click.UsageError("--ignore-changed-filesystems goes only with --again: an image never resumed is "
+                               "never resumed over changed disks")
+    if discard and (again or attempt or check):
+        raise click.UsageError("--discard marks the image tried and resumes nothing: it goes with no other mode")
     opts = rs.Options(target=target, kernel=kernel, capture_initrd=capture_initrd, again=again, deadline=deadline,
-                      append=append)
+                      append=append, attempt=attempt, ignore_changed_filesystems=ignore_changed_filesystems)
+    if again and not check:
+        click.echo(f"resume: --again: {AGAIN_WARNING}", err=True)
     try:
+        if discard:
+            att = rs.discard(opts)
+            click.echo(f"resume: slot {att.slot.index} of {target} marked tried without resuming it (noresume); "
+                       "booting normally", err=True)
+            sys.exit(1)
         if check:
-            _, rec, img = rs.preflight(opts)
+            _, rec, img = rs.preflight(opts, say=lambda m: click.echo(m, err=True))
             click.echo(f"resume: slot {rec.index} of {target} would be resumed ({img.osrelease}, "
                        f"{rec.length / 1e6:.1f} MB)")
             return
         rs.run(opts, say=lambda m: click.echo(m, err=True))
     except rs.NothingToResume as e:
         click.echo(f"resume: {e}; booting normally", err=True)
-        return
+        sys.exit(3 if check else 0)
     except KhibernateError as e:
-        click.echo(f"resume: {e}; booting normally", err=True)
-        sys.exit(1)
+        click.echo(f"resume: {e}; {'it would not be resumed' if check else 'booting normally'}", err=True)
+        attempt_token = getattr(e, "attempt", None)
+        if attempt_token:
+            click.echo(f"resume: attempt {attempt_token}", err=True)
+        sys.exit(e.exit_code if e.exit_code == 2 else 1)
 
 
 @click.command("restore", epilog=AGAIN_WARNING)

@@ -1,12 +1,13 @@
 """`khibernate resume`: at early boot, bring back the kernel that `khibernate hibernate` saved.
 
-read → plan → check, then the jump: the store's newest hibernation image not yet resumed is checked against this
-boot (kernel release and build, memory ranges, crash region: :mod:`khibernate.restore.checks`); then the capture
-kernel is loaded with a ``restore`` job and entered.  It checks the whole image again, marks the slot resumed,
-writes the image into this kernel's memory and enters the saved kernel — this boot never continues.  If the
-capture kernel refuses (before any write), it jumps back and this boot carries on normally; that is the only
-way :func:`run` returns.  Run it before any filesystem is mounted read-write: the saved kernel has those
-filesystems mounted and its caches describe them as they were at hibernate time.
+The store's newest hibernation image is marked ``tried`` first, before any check can refuse it (an image is tried
+once: :mod:`khibernate.restore.attempt`).  Then it is checked against this boot (kernel release and build, memory
+ranges, crash region: :mod:`khibernate.restore.checks`), the capture kernel is loaded with a ``restore`` job for
+this attempt and entered.  It checks the whole image again, marks the slot resumed, writes the image into this
+kernel's memory and enters the saved kernel — this boot never continues.  If the capture kernel refuses (before any
+write), it jumps back and this boot carries on normally; that, and a refusal here, are the only ways :func:`run`
+returns (by raising).  Run it before any filesystem is mounted read-write: the saved kernel has those filesystems
+mounted and its caches describe them as they were at hibernate time.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import dataclasses
 import os
 import time
 import uuid as uuidlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from khibernate.errors import KhibernateError
-from khibernate.restore.checks import SavedImage, ThisBoot, check
-from khibernate.store.superblock import FLAG_HIBERNATE, SlotRecord, SlotState, Superblock
+from khibernate.restore.attempt import Attempt
+from khibernate.restore.checks import RestoreRefused, SavedImage, ThisBoot, differences
+from khibernate.store.superblock import FLAG_HIBERNATE, HOLDS_IMAGE, SlotRecord, SlotState, Superblock
+from khibernate.system import SystemRoot
 
 
 class NothingToResume(KhibernateError):
@@ -28,7 +32,17 @@ class NothingToResume(KhibernateError):
 
 
 class ResumeError(KhibernateError):
-    """The resume was refused or failed before any write: this boot continues normally."""
+    """The resume was refused or failed before any write to memory: this boot continues normally.
+
+    ``attempt`` is the token (32 hex digits) of the attempt this run started or continued — the slot is marked tried
+    under it — or None when the refusal came before any slot was marked; a boot that re-enters this kernel for the
+    same attempt passes it on as ``khibernate.resume_attempt=TOKEN``.  ``differences`` lists what did not fit this
+    boot (RestoreRefused's list; empty for other failures)."""
+
+    def __init__(self, message: str, attempt: str | None = None, differences: Sequence[str] = ()):
+        super().__init__(message)
+        self.attempt = attempt
+        self.differences = list(differences)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,88 +55,197 @@ class Options:
     again: bool = False
     deadline: float = 600.0
     append: str = ""
+    attempt: str | None = None  # continue this attempt (its token, 32 hex digits) instead of starting one
+    ignore_changed_filesystems: bool = False  # with again only: resume although a recorded filesystem changed
 
 
-def choose(sb: Superblock, again: bool = False) -> SlotRecord | None:
-    """The newest hibernation image that may be resumed: complete, or already resumed when ``again``."""
-    ok = {SlotState.COMPLETE, SlotState.RESUMED} if again else {SlotState.COMPLETE}
-    cands = [s for s in sb.slots if s.flags & FLAG_HIBERNATE and s.state in ok]
+def newest_image(sb: Superblock) -> SlotRecord | None:
+    """The store's newest hibernation image, whatever became of it (complete, tried or resumed).  Only the newest is
+    ever resumed: an older complete one is staler still than the one a boot already tried."""
+    cands = [s for s in sb.slots if s.flags & FLAG_HIBERNATE and s.state in HOLDS_IMAGE]
     return max(cands, key=lambda s: s.seq, default=None)
 
 
-def build_id_from_notes(data: bytes) -> str:
-    """The GNU build-id (hex) in /sys/kernel/notes, '' if absent."""
-    from khibernate.image.elf import parse_notes
+def choose(sb: Superblock, again: bool = False) -> SlotRecord | None:
+    """The hibernation image to resume: the newest one when it is complete (never tried), or with ``again`` also
+    when a boot tried or resumed it before; None otherwise."""
+    rec = newest_image(sb)
+    return rec if rec is not None and (rec.state == SlotState.COMPLETE or again) else None
 
-    try:
-        notes = parse_notes(data)
-    except KhibernateError:
-        return ""
-    return next((n.desc.hex() for n in notes if n.name == "GNU" and n.type == 3), "")
+
+def tried_before(target: str, rec: SlotRecord) -> str:
+    """Why the newest image is not resumed without --again: a boot found it before."""
+    what = {SlotState.TRIED: "a boot tried it before (the resume was refused, failed or interrupted, and that boot "
+                             "may have gone on and changed the disks)",
+            SlotState.RESUMED: "it was resumed before"}.get(rec.state, rec.state.name.lower())
+    return (f"slot {rec.index} of {target} holds hibernation image #{rec.seq}, and {what}: an image is tried once, "
+            "not resuming (`khibernate resume --again` resumes it on purpose)")
 
 
 def this_kernel() -> ThisBoot:
     """This (freshly booted) kernel as a capture kernel will see it: the RAM a jump's elfcorehdr describes."""
+    from khibernate.image.elf import gnu_build_id
     from khibernate.jump.loader import SystemFacts, jump_ram
 
     facts = SystemFacts.read(with_notes=False)
     try:
-        build = build_id_from_notes(Path("/sys/kernel/notes").read_bytes())
+        build = gnu_build_id(Path("/sys/kernel/notes").read_bytes())
     except OSError:
         build = ""
     return ThisBoot(page_size=os.sysconf("SC_PAGE_SIZE"), ranges=tuple(jump_ram(facts)),
                     osrelease=os.uname().release, build_id=build)
 
 
-def preflight(opts: Options) -> tuple[Superblock, SlotRecord, SavedImage]:
-    """The slot to resume and its image's identity, checked against this boot; nothing written.
-    NothingToResume when there is no image, RestoreRefused / store errors when it does not fit."""
+def saved_image(target: str, rec: SlotRecord) -> SavedImage:
+    """What the slot's image says about the kernel it holds (header, trailer and tables checked)."""
+    from khibernate.store import api as store
+
+    src = store.open_slot(target, rec)
+    try:
+        return SavedImage.from_source(src)
+    finally:
+        src.close()
+
+
+def problems(opts: Options, img: SavedImage, say: Callable[[str], object] = print) -> list[str]:
+    """Everything that makes ``img`` wrong for this boot: its kernel and memory (checks.differences) and every
+    filesystem recorded at hibernate time that is missing or was mounted since (khibernate.restore.filesystems) —
+    the latter waived only by --again with --ignore-changed-filesystems, loudly.  Warns about the filesystems whose
+    changes cannot be seen.  Empty: resume."""
+    from khibernate.restore import filesystems
+
+    try:
+        out = differences(img, this_kernel())
+    except KhibernateError as e:
+        out = [str(e)]
+    if img.filesystems is None:
+        changed = ["the image records no filesystems (saved by an older khibernate, or not by `khibernate "
+                   "hibernate`): whether the disks changed since cannot be told"]
+    else:
+        changed = filesystems.differences(img.filesystems, filesystems.find_on_disks)
+        for warning in filesystems.unchecked(img.filesystems):
+            say(f"resume: warning: {warning}")
+    if changed and opts.again and opts.ignore_changed_filesystems:
+        for c in changed:
+            say(f"resume: WARNING: --again --ignore-changed-filesystems: resuming although {c}")
+        changed = []
+    return out + changed
+
+
+def preflight(opts: Options, say: Callable[[str], object] = print) -> tuple[Superblock, SlotRecord, SavedImage]:
+    """`resume --check`: the slot a resume would take and its image, checked against this boot; nothing written.
+    NothingToResume when there is no image, ResumeError when it was tried before, RestoreRefused / store errors
+    when it does not fit."""
     from khibernate.store import api as store
 
     sb = store.read(opts.target)
-    rec = choose(sb, opts.again)
+    rec = newest_image(sb)
     if rec is None:
-        resumed = [s.index for s in sb.slots if s.flags & FLAG_HIBERNATE and s.state == SlotState.RESUMED]
-        hint = (f" (slot {resumed[0]} holds an image resumed before: `khibernate resume --again` resumes it once "
-                "more)") if resumed else ""
-        raise NothingToResume(f"no hibernation image to resume in {opts.target}{hint}")
-    src = store.open_slot(opts.target, rec)
-    try:
-        img = SavedImage.from_source(src)
-    finally:
-        src.close()
-    check(img, this_kernel())
+        raise NothingToResume(f"no hibernation image to resume in {opts.target}")
+    if choose(sb, opts.again) is None:
+        raise ResumeError(tried_before(opts.target, rec))
+    img = saved_image(opts.target, rec)
+    found = problems(opts, img, say)
+    if found:
+        raise RestoreRefused(found)
     return sb, rec, img
 
 
-def run(opts: Options, say: Any = print) -> NoReturn:
-    """Resume the saved kernel: on success this boot ends inside; otherwise raises ResumeError / NothingToResume /
-    RestoreRefused with the reason, and this boot carries on."""
+def begin(opts: Options) -> Attempt:
+    """Start the attempt — the newest hibernation image's slot marked tried, before any check — or continue the one
+    ``opts.attempt`` names (once).  NothingToResume / ResumeError (nothing marked) otherwise."""
+    from khibernate.restore import attempt
+    from khibernate.store import api as store
+
+    if opts.attempt:
+        return attempt.resume_continued(opts.target, attempt.parse_token(opts.attempt))
+    sb = store.read(opts.target)
+    rec = newest_image(sb)
+    if rec is None:
+        raise NothingToResume(f"no hibernation image to resume in {opts.target}")
+    if choose(sb, opts.again) is None:
+        try:  # say also what a resume --again would run into (nothing is marked: it is tried already)
+            found = problems(opts, saved_image(opts.target, rec), say=lambda m: None)
+        except (KhibernateError, OSError) as e:
+            found = [f"its image cannot be read ({e})"]
+        raise ResumeError(tried_before(opts.target, rec) + ("; besides: " + "; ".join(found) if found else ""),
+                          differences=found)
+    return attempt.start(opts.target, rec, sb.uuid)
+
+
+def discard(opts: Options) -> Attempt:
+    """``noresume``: mark the newest hibernation image tried without resuming it (swsusp's noresume discards its
+    image the same way), so this boot may go on and change the disks; NothingToResume / ResumeError when there is no
+    untried image."""
+    return begin(dataclasses.replace(opts, again=False, attempt=None))
+
+
+def check_in_initrd(system: SystemRoot) -> None:
+    """ResumeError unless this runs from the initramfs (like systemd-hibernate-resume's "not running in initrd"):
+    after the switch to the real root the booted system may have mounted and written the filesystems that the
+    saved kernel holds in its caches."""
+    if not system.in_initrd():
+        from khibernate.system import root_fstype
+
+        fstype = root_fstype(system.read("/proc/1/mountinfo") or "") or "unknown"
+        raise ResumeError(f"not running in an initramfs (PID 1's root filesystem is {fstype}: this system has "
+                          "booted, and its filesystems may be mounted read-write already); resume runs from the "
+                          "initramfs before any filesystem is mounted (initramfs/initramfs-tools), not resuming")
+
+
+def run(opts: Options, say: Any = print, system: SystemRoot | None = None) -> NoReturn:
+    """Resume the saved kernel: on success this boot ends inside.  Otherwise raises NothingToResume (no image),
+    or ResumeError with the reason — carrying the attempt's token once a slot was marked tried — and this boot
+    carries on.  Refused outside an initramfs (``system``: where /proc is, ``/`` by default) after the mark."""
+    att = begin(opts)
+    rec = att.slot
+    say(f"resume: slot {rec.index} of {opts.target}: {rec.osrelease}, {rec.length / 1e6:.1f} MB, hibernated "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(rec.created_ns / 1e9))} UTC; marked tried "
+        f"({'continuing' if att.continued else 'starting'} attempt {att.token_hex})"
+        + (" (--again)" if opts.again else ""))
+    try:
+        check_in_initrd(system or SystemRoot())
+        _check_and_jump(opts, att, say)
+    except ResumeError as e:
+        e.attempt = att.token_hex
+        raise
+    except KhibernateError as e:
+        diffs = e.differences if isinstance(e, RestoreRefused) else []
+        raise ResumeError(str(e), attempt=att.token_hex, differences=diffs) from e
+    except OSError as e:
+        raise ResumeError(f"{e.filename or ''}: {e.strerror or e}; nothing was restored", attempt=att.token_hex) from e
+
+
+def _check_and_jump(opts: Options, att: Attempt, say: Callable[[str], object]) -> NoReturn:
+    """Every check against this boot, then the restore job's jump; raises on a refusal (the boot goes on)."""
+    from khibernate.capture import kernelcheck
     from khibernate.capture.job import Job
     from khibernate.capture.mailbox import Mailbox, MailboxError
-    from khibernate.capture.snapshot import capture_initrd_for, console_args, default_kernel
+    from khibernate.capture.snapshot import capture_args, capture_initrd_for, default_kernel
     from khibernate.jump import api as jump
     from khibernate.store import filedev
 
     t0 = time.monotonic()
-    sb, rec, img = preflight(opts)
+    rec = att.slot
+    found = problems(opts, saved_image(opts.target, rec), say)
+    if found:
+        raise RestoreRefused(found)
     kernel = opts.kernel or default_kernel()
+    kernelcheck.check(kernel)  # it must jump back here when it refuses, and into the saved kernel when it restores
     initrd, _ = capture_initrd_for(kernel, opts.target, opts.capture_initrd)
     boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    image = str(uuidlib.UUID(bytes=rec.image_uuid))
     box = Mailbox(rec.image_uuid)
     cmdline = Path("/proc/cmdline").read_text()
     job_target, target_map = filedev.for_capture(opts.target)  # a store file: the dm device over its extents
-    job = Job("restore", job_target, sb.uuid_str, rec.index, rec.offset, rec.capacity, rec.dump_level, image,
-              boot_id, opts.deadline, box.paddr, again=opts.again, target_map=target_map)
-    plan = jump.plan_jump(kernel, initrd, " ".join([*console_args(cmdline), opts.append, *job.args()]).strip())
-    say(f"resume: slot {rec.index} of {opts.target}: {rec.osrelease}, {rec.length / 1e6:.1f} MB, hibernated "
-        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(rec.created_ns / 1e9))} UTC"
-        + (" (resumed before: --again)" if rec.state == SlotState.RESUMED else ""))
+    job = Job("restore", job_target, str(uuidlib.UUID(bytes=att.store_uuid)), rec.index, rec.offset, rec.capacity,
+              rec.dump_level, str(uuidlib.UUID(bytes=rec.image_uuid)), boot_id, opts.deadline, box.paddr,
+              again=opts.again, attempt=att.token_hex, target_map=target_map)
+    plan = jump.plan_jump(kernel, initrd, " ".join([*capture_args(cmdline), opts.append, *job.args()]).strip())
     jump.load_plan(plan)
     if not box.still_at():
         jump.unload()
-        raise ResumeError("the mailbox page moved before the jump; run resume again")
+        raise ResumeError("the mailbox page moved before the jump; the image stays tried (`khibernate resume "
+                          "--again` tries it once more)")
     say(f"resume: checked against this boot in {time.monotonic() - t0:.2f} s; entering the capture kernel, which "
         "restores the saved kernel (this boot ends here unless it refuses)")
     jump.execute()

@@ -52,20 +52,28 @@ class Prepared:
 
 
 def prepare_slot(target: str, index: int, *, again: bool = False, image_uuid: bytes | None = None,
-                 vmcore: str = "/proc/vmcore") -> Prepared:
-    """Store slot ``index`` of ``target``, every check done (RestoreRefused / store errors); nothing written."""
+                 attempt: bytes | None = None, vmcore: str = "/proc/vmcore") -> Prepared:
+    """Store slot ``index`` of ``target``, every check done (RestoreRefused / store errors); nothing written.
+    With ``attempt`` (a resume job) the slot must be tried under that token as the store's current attempt; by hand,
+    a complete slot, or with ``again`` one tried or resumed before."""
+    from khibernate.restore.attempt import job_problems
     from khibernate.store import api as store
     from khibernate.store import device
-    from khibernate.store.superblock import SlotState
+    from khibernate.store.superblock import HOLDS_IMAGE, SlotState
 
     sb = store.read(target)
     rec = sb.slot(index)
     if image_uuid is not None and rec.image_uuid != image_uuid:
         raise RestoreRefused([f"slot {index} of {target} now holds another image than the one asked for"])
-    if rec.state == SlotState.RESUMED and not again:
-        raise RestoreRefused([f"slot {index} was already resumed once: resuming it again runs the same kernel state "
-                              "a second time (give --again to do that on purpose)"])
-    if rec.state not in (SlotState.COMPLETE, SlotState.RESUMED):
+    if attempt is not None:
+        problems = job_problems(sb, index, attempt)
+        if problems:
+            raise RestoreRefused(problems)
+    elif rec.state in (SlotState.RESUMED, SlotState.TRIED) and not again:
+        raise RestoreRefused([f"slot {index} was {rec.state.name.lower()} once already: an image is tried once, and "
+                              "resuming it again runs the same kernel state a second time (give --again to do that "
+                              "on purpose)"])
+    if rec.state not in HOLDS_IMAGE:
         raise RestoreRefused([f"slot {index} is {rec.state.name.lower()}: it holds no complete image"])
     device.check_writable(target)  # the slot is marked resumed before the first write to memory
     t0 = time.monotonic()
@@ -162,7 +170,8 @@ def run_restore(job: Any) -> dict[str, Any]:
     say(f"restore slot {job.slot} of {job.target} (image {job.image}){' again' if job.again else ''}, up "
         f"{uptime():.2f} s")
     try:
-        p = prepare_slot(job.target, job.slot, again=job.again, image_uuid=job.image_uuid)
+        p = prepare_slot(job.target, job.slot, again=job.again, image_uuid=job.image_uuid,
+                         attempt=bytes.fromhex(job.attempt) if job.attempt else None)
     except KhibernateError as e:
         return {"ok": False, "refused": True, "message": str(e), "error": type(e).__name__}
     say(f"image checked ({p.verify_seconds:.2f} s): {p.image.osrelease}, {len(p.image.ranges)} RAM ranges, entry "

@@ -80,7 +80,7 @@ def init_cmd(device: str, slots: int, force: bool, size: int | None) -> None:
 @click.argument("device")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_cmd(device: str, as_json: bool) -> None:
-    """The store's slots and their states (free, writing, complete, resumed, bad)."""
+    """The store's slots and their states (free, writing, complete, tried, resumed, bad)."""
     with Store.open(device) as st:
         if as_json:
             click.echo(json.dumps({"store": st.sb.uuid_str, "generation": st.sb.generation,

@@ -10,7 +10,7 @@ from khibernate.store.superblock import SlotRecord, SlotState, Superblock
 # compressed/uncompressed ratio assumed for the first image of a store (zstd -1 on a busy kernel's kept pages
 # measured 0.3-0.6; below this a slot is "clearly too small")
 DEFAULT_RATIO = 0.25
-REUSABLE = (SlotState.FREE, SlotState.BAD, SlotState.RESUMED, SlotState.WRITING)
+REUSABLE = (SlotState.FREE, SlotState.BAD, SlotState.RESUMED, SlotState.TRIED, SlotState.WRITING)
 
 
 def complete_slots(sb: Superblock) -> list[SlotRecord]:

@@ -26,8 +26,8 @@ MAX_SLOTS = 16
 MIN_SLOT_BYTES = 4 << 20
 
 # magic, version, copy_index, generation, store uuid, created_ns, device_bytes, data_offset, slot_bytes, nr_slots,
-# slot record size, reserved
-HEADER = struct.Struct("<8sIIQ16sQQQQII48s")
+# slot record size, the resume attempt (slot, token, started_ns, flags), reserved
+HEADER = struct.Struct("<8sIIQ16sQQQQIII16sQI16s")
 # state, dump_level, seq, offset, capacity, length, crc32 (of the image bytes), flags, image uuid, created_ns,
 # pages_stored, pages_excluded, boot_id (of the kernel saved), osrelease
 SLOT = struct.Struct("<IIQQQQII16sQQQ16s64s")
@@ -38,6 +38,8 @@ assert HEADER.size + MAX_SLOTS * SLOT.size + CRC.size <= BLOCK
 
 # SlotRecord.flags
 FLAG_HIBERNATE = 1  # written by `khibernate hibernate`: the image `khibernate resume` takes (newest first)
+# ResumeAttempt flags
+ATTEMPT_CONTINUED = 1  # a re-entered boot has continued the attempt (`resume --attempt`): never again
 
 
 class SlotState(enum.IntEnum):
@@ -48,6 +50,11 @@ class SlotState(enum.IntEnum):
     COMPLETE = 2
     RESUMED = 3
     BAD = 4
+    TRIED = 5  # a hibernation image a boot found: out of the resume path from then on (swsusp's rule), kept for
+    # analysis and export; only `resume --again` or the attempt's one continuation (`--attempt`) takes it
+
+
+HOLDS_IMAGE = (SlotState.COMPLETE, SlotState.RESUMED, SlotState.TRIED)  # a complete image is in the slot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +97,8 @@ class SlotRecord:
 
     @property
     def holds_image(self) -> bool:
-        """Whether the slot holds a whole, verified image: complete, or complete once and resumed since."""
-        return self.state in (SlotState.COMPLETE, SlotState.RESUMED)
+        """Whether the slot holds a whole, verified image: complete, or complete once and tried or resumed since."""
+        return self.state in HOLDS_IMAGE
 
     def describe(self) -> str:
         """One line for `target list`."""
@@ -101,6 +108,21 @@ class SlotRecord:
         return (f"slot {self.index}: {self.state.name.lower():8s} #{self.seq} {self.length / 1e6:8.1f} MB "
                 f"of {self.capacity / 2**20:.0f} MiB, {self.osrelease or '?'} -d {self.dump_level},{kind} "
                 f"image {uuidlib.UUID(bytes=self.image_uuid)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumeAttempt:
+    """The store's current resume attempt: the slot a boot marked tried, and the token with which a re-entered boot
+    may continue that same attempt once (khibernate.restore.attempt).  A token of zeros means no attempt."""
+
+    slot: int
+    token: bytes
+    started_ns: int
+    flags: int = 0
+
+    @property
+    def continued(self) -> bool:
+        return bool(self.flags & ATTEMPT_CONTINUED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,11 +138,14 @@ class Superblock:
     copy_index: int = 0
     data_offset: int = DATA_OFFSET
     version: int = VERSION
+    attempt: ResumeAttempt | None = None
 
     def pack(self, copy_index: int) -> bytes:
         """BLOCK bytes for superblock copy ``copy_index`` (0 or 1), CRC last."""
+        a = self.attempt or ResumeAttempt(0, bytes(16), 0)
         head = HEADER.pack(MAGIC, self.version, copy_index, self.generation, self.uuid, self.created_ns,
-                           self.device_bytes, self.data_offset, self.slot_bytes, len(self.slots), SLOT.size, b"")
+                           self.device_bytes, self.data_offset, self.slot_bytes, len(self.slots), SLOT.size,
+                           a.slot, a.token, a.started_ns, a.flags, b"")
         body = head + b"".join(s.pack() for s in self.slots)
         body += bytes(BLOCK - CRC.size - len(body))
         return body + CRC.pack(zlib.crc32(body))
@@ -138,10 +163,13 @@ class Superblock:
         nr, recsize = f[9], f[10]
         if recsize != SLOT.size or not 1 <= nr <= MAX_SLOTS:
             raise StoreCorruptError(f"superblock has {nr} slots of {recsize} bytes; it is corrupt")
+        if any(f[12]) and f[11] >= nr:
+            raise StoreCorruptError(f"the resume attempt names slot {f[11]} of {nr}; the superblock is corrupt")
         slots = tuple(SlotRecord.unpack(i, data[HEADER.size + i * SLOT.size:HEADER.size + (i + 1) * SLOT.size])
                       for i in range(nr))
+        attempt = ResumeAttempt(f[11], f[12], f[13], f[14]) if any(f[12]) else None
         sb = cls(uuid=f[4], generation=f[3], created_ns=f[5], device_bytes=f[6], slot_bytes=f[8], slots=slots,
-                 copy_index=f[2], data_offset=f[7], version=f[1])
+                 copy_index=f[2], data_offset=f[7], version=f[1], attempt=attempt)
         for s in slots:
             if s.offset < sb.data_offset or s.offset + s.capacity > sb.device_bytes or s.length > s.capacity:
                 raise StoreCorruptError(f"slot {s.index} lies outside the device; the superblock is corrupt")
@@ -162,6 +190,10 @@ class Superblock:
         """The next generation of this superblock with ``rec`` replacing its slot."""
         slots = tuple(rec if s.index == rec.index else s for s in self.slots)
         return dataclasses.replace(self, slots=slots, generation=self.generation + 1)
+
+    def with_attempt(self, rec: SlotRecord, attempt: ResumeAttempt) -> Superblock:
+        """The next generation with ``rec`` replacing its slot and ``attempt`` as the store's resume attempt."""
+        return dataclasses.replace(self.with_slot(rec), attempt=attempt)
 
     def next_seq(self) -> int:
         """Sequence number for the next image (larger than any in the table)."""

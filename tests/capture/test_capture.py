@@ -58,6 +58,22 @@ def test_post_refuses_a_page_without_our_request(tmp_path) -> None:  # noqa: ANN
     assert mem.read_bytes()[:4096] == bytes(4096)
 
 
+def test_capture_job_reads_the_request_of_its_image(tmp_path) -> None:  # noqa: ANN001
+    """A hibernation's request (its filesystems) travels in the mailbox page; a request too big for it is refused
+    at the start rather than cut."""
+    mem = tmp_path / "mem"
+    img = uuid.uuid4().bytes
+    req = {"request": "hibernate", "filesystems": [{"mount": "/mnt", "fstype": "ext4", "device": "vdb"}]}
+    mem.write_bytes(bytes(4096) + mailbox.pack(mailbox.REQUEST, img, req))
+    assert mailbox.read_request(4096, img, devmem=str(mem)) == req
+    with pytest.raises(mailbox.MailboxError, match="no request for this job"):
+        mailbox.read_request(4096, uuid.uuid4().bytes, devmem=str(mem))
+    with pytest.raises(mailbox.MailboxError, match="no khibernate record"):
+        mailbox.read_request(0, img, devmem=str(mem))
+    with pytest.raises(mailbox.MailboxError, match="does not fit the mailbox page"):
+        mailbox.pack(mailbox.REQUEST, img, {"filesystems": ["x" * 100] * 50}, truncate=False)
+
+
 class _Mem(MemorySource):
     @property
     def ranges(self) -> tuple[MemRange, ...]:
@@ -91,5 +107,7 @@ def test_fault_injection_words() -> None:
     inject_fault("console=ttyS0 khibernate.job=snapshot")  # no fault word: nothing happens
     with pytest.raises(RuntimeError, match="raised on purpose"):
         inject_fault("khibernate.job=snapshot -- khibernate.fault=raise")
-    with pytest.raises(JobError, match="raise or hang"):
+    with pytest.raises(JobError, match="raise, hang, panic-early"):
         inject_fault("khibernate.fault=explode")
+    for other in ("panic-early", "poweroff-fails", "restore-raise"):  # injected by /init, the hibernate job, restore
+        inject_fault(f"khibernate.fault={other}")

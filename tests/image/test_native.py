@@ -92,6 +92,19 @@ def test_buddy_block_carries_into_the_next_chunk() -> None:
     assert list(got) == [4] * 3 + [0] * 5 + [4] * 2 and carry == 2
 
 
+def test_a_head_mask_in_bit_63_reaches_the_classifier() -> None:
+    """A VMCOREINFO PG_head_mask of 1 << 63 (corrupt, yet a valid u64) is handed to the int64 field, not an
+    OverflowError; a page with that bit is a head exactly as the reference says."""
+    lay = layout("6.6", pg_head_mask=1 << 63)
+    raw = bytearray(3 * SIZE)
+    struct.pack_into("<Q", raw, lay.off_flags, (1 << 63) | (1 << lay.pg_lru))  # type: ignore[operator]
+    for i in range(3):
+        struct.pack_into("<i", raw, i * SIZE + lay.off_mapcount, -1)
+    want, want_carry, _ = ref.chunk_classes(bytes(raw), lay, CHUNK_VA, 0)
+    got, carry, _ = native.Classifier(lay.native(), 16).classify(bytes(raw), 3, CHUNK_VA, 0)
+    assert (carry, bytes(got)) == (want_carry, bytes(want.astype(np.uint8)))
+
+
 @given(st.binary(max_size=300), st.integers(0, 64), st.integers(0, 2500))
 def test_bitmap_helpers_match_python(mask_src: bytes, first: int, n: int) -> None:
     mask = bytes(b & 1 for b in mask_src)

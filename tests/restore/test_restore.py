@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from khibernate.capture.job import Job, parse
+from khibernate.capture.job import Job, JobError, parse
 from khibernate.capture.source import AnnotatedSource
 from khibernate.image import vmcoreinfo
+from khibernate.image.elf import gnu_build_id as build_id_from_notes
 from khibernate.image.format import KhiSource, save_file
 from khibernate.image.sources import open_source
 from khibernate.ranges import Range
@@ -22,7 +23,7 @@ from khibernate.restore import checks
 from khibernate.restore.checks import RestoreRefused, SavedImage, ThisBoot, page_ranges
 from khibernate.restore.krestore import runs, write_image
 from khibernate.restore.oldmem import OldMemory, OldMemoryError
-from khibernate.restore.resume import build_id_from_notes, choose
+from khibernate.restore.resume import choose
 from khibernate.store.superblock import FLAG_HIBERNATE, SlotState, new_superblock
 from tests.image import synthkernel as sk
 
@@ -152,24 +153,31 @@ def test_page_ranges_merge_and_widen() -> None:
     assert page_ranges([Range(0, 0x1800), Range(0x1800, 0x3000)], 4096) == (Range(0, 0x3000),)
 
 
-def test_choose_takes_the_newest_hibernation_image() -> None:
+def test_choose_takes_the_newest_hibernation_image_only_while_never_tried() -> None:
     sb = new_superblock(64 << 20, 4, bytes(16), 0)
     s = list(sb.slots)
     s[0] = s[0].__class__(**{**s[0].__dict__, "state": SlotState.COMPLETE, "seq": 3, "flags": FLAG_HIBERNATE})
     s[1] = s[1].__class__(**{**s[1].__dict__, "state": SlotState.COMPLETE, "seq": 5})  # a snapshot, not hibernate
-    s[2] = s[2].__class__(**{**s[2].__dict__, "state": SlotState.RESUMED, "seq": 4, "flags": FLAG_HIBERNATE})
+    s[2] = s[2].__class__(**{**s[2].__dict__, "state": SlotState.RESUMED, "seq": 2, "flags": FLAG_HIBERNATE})
     sb = sb.__class__(**{**sb.__dict__, "slots": tuple(s)})
     assert choose(sb).index == 0  # type: ignore[union-attr]
-    assert choose(sb, again=True).index == 2  # type: ignore[union-attr]
-    s[0] = s[0].__class__(**{**s[0].__dict__, "state": SlotState.RESUMED})
+    assert choose(sb, again=True).index == 0  # type: ignore[union-attr]
+    # a newer hibernation image that a boot resumed (or tried) hides the older complete one: never picked
+    s[2] = s[2].__class__(**{**s[2].__dict__, "seq": 4})
+    sb = sb.__class__(**{**sb.__dict__, "slots": tuple(s)})
+    assert choose(sb) is None and choose(sb, again=True).index == 2  # type: ignore[union-attr]
+    s[0] = s[0].__class__(**{**s[0].__dict__, "state": SlotState.RESUMED, "seq": 3})
+    s[2] = s[2].__class__(**{**s[2].__dict__, "state": SlotState.FREE})
     sb = sb.__class__(**{**sb.__dict__, "slots": tuple(s)})
     assert choose(sb) is None
 
 
 def test_job_words_round_trip_with_restore_options() -> None:
     job = Job("restore", "/dev/vda", "u", 1, 0x100000, 0x200000, 17, "12345678-1234-5678-1234-567812345678", "b",
-              600.0, 0x1234000, zero_free=True, again=True)
-    assert parse(" ".join(job.args())) == job
+              600.0, 0x1234000, zero_free=True, again=True, attempt="ab" * 16)
+    assert parse(" ".join(job.args())) == job and "khibernate.attempt=" + "ab" * 16 in job.args()
+    with pytest.raises(JobError, match="32 hex digits"):
+        parse(" ".join(job.args()).replace("ab" * 16, "abcd"))
     plain = Job("snapshot", "/dev/vda", "u", 1, 0x100000, 0x200000, 17, "12345678-1234-5678-1234-567812345678", "b",
                 600.0, 0x1234000)
     assert "khibernate.again=1" not in plain.args() and parse(" ".join(plain.args())) == plain

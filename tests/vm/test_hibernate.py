@@ -8,9 +8,13 @@ finishes with a "resumed" report.  Then the original kernel must be the one runn
 process counting on from where it stopped, the pattern and tmpfs data intact, the ext4 file readable, a new write
 going through, and after a clean shutdown `e2fsck -fn` on the host finds the filesystem clean.
 
-Also here: the same image refused the second time (normal boot), resumed again with --again; every refusal before
-a write (flipped byte, truncated slot, another kernel build, another memory size, another crash region) boots on
-normally and leaves the slot as it was; and swsusp of the same guest for the README's figures.
+Also here: the same image refused the second time (normal boot), and by `resume --again` from a booted guest
+because the ext4 disk moved on, then resumed with --again --ignore-changed-filesystems; every refusal before a
+write (flipped byte, truncated slot, another kernel build, another memory size, another crash region) boots on
+normally and leaves the slot tried (never resumed by a later boot); a boot that mounted and wrote the ext4 disk in
+between — after a refused resume, or without the resume hook at all — makes the resume refuse, naming the
+filesystem; and swsusp of the same guest for the README's figures.  Those refusals reuse the one hibernated image
+(copies of its store and ext4 disks), so they cost boots, not hibernations.
 """
 
 from __future__ import annotations
@@ -70,12 +74,15 @@ def hibernate(kernel, name: str, tmp: Path, smp: int = 1, memory_mb: int = 1024)
     assert "hibernation image complete in slot" in console, console[-3000:]
     pristine = tmp / f"{name}-store-pristine.img"
     shutil.copyfile(store_disk, pristine)
+    ext4_pristine = tmp / f"{name}-ext4-pristine.img"  # as the hibernated kernel left it: mounted, in use
+    shutil.copyfile(ext4, ext4_pristine)
     from khibernate.store import api as store
 
     sb = store.read(str(store_disk))
     rec = next(s for s in sb.slots if s.state.name == "COMPLETE")
     return {"kernel": kernel, "name": name, "smp": smp, "memory_mb": memory_mb, "store": store_disk, "ext4": ext4,
-            "pristine": pristine, "cid": cid, "boot_id": boot_id, "counter": (pid, n), "hibernate_seconds": hib_s,
+            "pristine": pristine, "ext4_pristine": ext4_pristine, "cid": cid, "boot_id": boot_id, "counter": (pid, n),
+            "hibernate_seconds": hib_s,
             "slot": rec.index, "image_bytes": rec.length}
 
 
@@ -174,16 +181,31 @@ def test_resume_refused_twice_then_again_and_swsusp(hibernated_612, tmp_path) ->
     h = hibernated_612
     resume_and_check(h, "hib-6.12-resume", "6.12 1 GiB 1 CPU")
     assert _slot_state(h["store"], h["slot"]) == "resumed"
-    # the same image a second time: refused before anything is touched, this boot goes on
-    with VM(kernel=h["kernel"], append="crashkernel=256M khibernate.resume=/dev/vda", memory_mb=1024,
-            disks=[h["store"], h["ext4"]], name="hib-6.12-twice", timeout=300) as vm:
+    # the same image a second time: refused before anything is touched, this boot goes on — also with the old
+    # khibernate.resume_again=1 on the command line, which used to resume the same image at every boot
+    with VM(kernel=h["kernel"], append="crashkernel=256M khibernate.resume=/dev/vda khibernate.resume_again=1",
+            memory_mb=1024, disks=[h["store"], h["ext4"]], name="hib-6.12-twice", timeout=300) as vm:
         assert vm.boot_id != h["boot_id"]
         text = vm.console_text()
-        assert "no hibernation image to resume" in text and "--again" in text and "booting normally" in text, text
+        assert "it was resumed before" in text and "--again" in text and "booting normally" in text, text
         assert "Freezing user space" not in text
-    # --again: the checkpoint runs once more (the ext4 disk is the one that moved on: not checked after this)
-    vm, report, resume_s = resume(h, "hib-6.12-again", append="khibernate.resume_again=1")
+    # --again (by hand: no kernel command-line word resumes an image again) from a booted guest: the resumed kernel
+    # wrote and unmounted the ext4 disk, so it is refused, naming it; with --ignore-changed-filesystems it resumes
+    # (the ext4 disk is the one that moved on: not checked after this)
+    vm = VM(kernel=h["kernel"], append="crashkernel=256M", memory_mb=1024, disks=[h["store"], h["ext4"]],
+            name="hib-6.12-again", timeout=300)
     try:
+        vm.start()
+        again = ("khibernate resume --target /dev/vda --again --kernel /boot/bzImage --capture-initrd "
+                 "/boot/initrd.img")
+        st, out = vm.run_status(again, timeout=300)
+        assert st == 1 and "ext4 /mnt on /dev/vdb" in out and "changed since hibernate" in out, out
+        assert "--again resumes an image" in out  # the warning
+        vm.send(again + " --ignore-changed-filesystems")
+        st, out = vm.result_elsewhere(h["cid"], timeout=900 * TIMEOUT_SCALE)
+        assert st == 0, out
+        report = json.loads(out[out.rindex('{\n  "resumed"'):])
+        vm.wait_for_shell(timeout=60 * TIMEOUT_SCALE, new_boot=False)
         assert report["resumed"] and report["again"] is True
         assert vm.run("cat /proc/sys/kernel/random/boot_id").strip() == h["boot_id"]
         pid1, n1 = counter(vm)
@@ -235,20 +257,21 @@ def _swsusp(h: dict, swap: Path) -> None:
 
 
 def _refused(h: dict, name: str, store: Path, expect: str, kernel=None, memory_mb: int | None = None,
-             crash: str = "crashkernel=256M", tmp: Path | None = None) -> str:
-    """Boot with resume on a (damaged or foreign) image: the reason on the console, a normal boot, slot untouched.
+             crash: str = "crashkernel=256M", ext4: Path | None = None) -> str:
+    """Boot with resume on a (damaged or foreign) image: the reason on the console, a normal boot, the slot tried
+    (marked before any check: no later boot takes it) and otherwise untouched.
     The same two disks as at hibernate time: the firmware's memory map depends on the devices (SeaBIOS reserves
     more at the top of RAM with two virtio disks than with one), and another map is refused like another -m."""
     from vmtest.vm import VM
 
     before = _slot_state(store, h["slot"])
     with VM(kernel=kernel or h["kernel"], append=f"{crash} khibernate.resume=/dev/vda",
-            memory_mb=memory_mb or h["memory_mb"], disks=[store, h["ext4"]], name=name, timeout=300) as vm:
+            memory_mb=memory_mb or h["memory_mb"], disks=[store, ext4 or h["ext4"]], name=name, timeout=300) as vm:
         text = vm.console_text()
         assert vm.boot_id != h["boot_id"]
         assert "booting normally" in text and re.search(expect, text), text[-4000:]
         assert vm.run("echo normal boot").strip() == "normal boot"
-    assert _slot_state(store, h["slot"]) == before == "complete"
+    assert before == "complete" and _slot_state(store, h["slot"]) == "tried"
     return text
 
 
@@ -260,6 +283,8 @@ def test_resume_refusals_touch_nothing(hibernated_612, tmp_path) -> None:
 
     h = hibernated_612
     rec = store.read(str(h["pristine"])).slot(h["slot"])
+    ext4 = tmp_path / "ext4.img"  # as at hibernate time (the boots below only read it)
+    shutil.copyfile(h["ext4_pristine"], ext4)
 
     def copy(name: str) -> Path:
         p = tmp_path / f"{name}.img"
@@ -275,16 +300,62 @@ def test_resume_refusals_touch_nothing(hibernated_612, tmp_path) -> None:
         b = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([b[0] ^ 0x40]))
-    text = _refused(h, "hib-refuse-flipped", flipped, r"refused the image: .*(crc32|checksum)")
+    text = _refused(h, "hib-refuse-flipped", flipped, r"refused the image: .*(crc32|checksum)", ext4=ext4)
     assert "Freezing user space" in text  # this one went through the capture kernel, which jumped back
     truncated = copy("truncated")
     with open(truncated, "r+b") as f:
         f.seek(rec.offset + rec.length - 65536)
         f.write(bytes(65536))
-    _refused(h, "hib-refuse-truncated", truncated, r"resume: .*(trailer|truncated|corrupt)")
-    _refused(h, "hib-refuse-build", copy("build"), r"kernel release: image 6\.12.*7\.3", kernel=ensure_kernel("7.3"))
-    _refused(h, "hib-refuse-mem", copy("mem"), r"memory ranges differ", memory_mb=1152)
-    _refused(h, "hib-refuse-crash", copy("crash"), r"memory ranges differ", crash="crashkernel=256M@0x10000000")
+    _refused(h, "hib-refuse-truncated", truncated, r"resume: .*(trailer|truncated|corrupt)", ext4=ext4)
+    _refused(h, "hib-refuse-build", copy("build"), r"kernel release: image 6\.12.*7\.3", kernel=ensure_kernel("7.3"),
+             ext4=ext4)
+    _refused(h, "hib-refuse-mem", copy("mem"), r"memory ranges differ", memory_mb=1152, ext4=ext4)
+    _refused(h, "hib-refuse-crash", copy("crash"), r"memory ranges differ", crash="crashkernel=256M@0x10000000",
+             ext4=ext4)
+
+
+def _boot_and_write(h: dict, name: str, store: Path, ext4: Path) -> None:
+    """A normal boot (no resume on its command line: another kernel, or an initramfs without the hook) that mounts
+    the ext4 disk read-write, writes 16 MiB, deletes the file the hibernated kernel wrote, and shuts down."""
+    from vmtest.vm import VM
+
+    with VM(kernel=h["kernel"], append="crashkernel=256M", memory_mb=h["memory_mb"], disks=[store, ext4], name=name,
+            timeout=300) as vm:
+        vm.run("mkdir -p /mnt && mount -t ext4 /dev/vdb /mnt && dd if=/dev/urandom of=/mnt/other-boot bs=1M count=16 "
+               "2>/dev/null && rm /mnt/before && sync && umount /mnt")
+
+
+def test_a_boot_that_wrote_the_disk_makes_the_resume_refuse(hibernated_612, tmp_path) -> None:
+    """The data-loss case of issue 18, both ways: (1) a resume refused (another -m), a normal boot writes the ext4
+    disk, the right -m → refused: the image was tried, and the ext4 filesystem is named as changed; (2) a boot
+    without the resume hook writes the disk, then a resume boot → refused, naming it.  Each time the other boot's
+    work survives (e2fsck clean, its file there, the deleted file gone)."""
+    h = hibernated_612
+    t0 = time.monotonic()
+    for case in ("refused-first", "no-hook"):
+        store, ext4 = tmp_path / f"{case}-store.img", tmp_path / f"{case}-ext4.img"
+        shutil.copyfile(h["pristine"], store)
+        shutil.copyfile(h["ext4_pristine"], ext4)
+        if case == "refused-first":
+            _refused(h, f"hib-{case}-mem", store, r"memory ranges differ", memory_mb=1152, ext4=ext4)
+        _boot_and_write(h, f"hib-{case}-write", store, ext4)
+        expect = "ext4 /mnt on /dev/vdb, UUID [0-9a-f-]+ changed since hibernate"
+        if case == "refused-first":
+            expect = "a boot tried it before.*besides: .*" + expect
+        from vmtest.vm import VM
+
+        with VM(kernel=h["kernel"], append="crashkernel=256M khibernate.resume=/dev/vda", memory_mb=h["memory_mb"],
+                disks=[store, ext4], name=f"hib-{case}-resume", timeout=300) as vm:
+            text = vm.console_text()
+            assert vm.boot_id != h["boot_id"] and "booting normally" in text
+            assert re.search(expect, text), text[-4000:]
+            assert "Freezing user space" not in text  # refused before any jump
+        assert _slot_state(store, h["slot"]) == "tried"
+        r = subprocess.run(["e2fsck", "-fn", str(ext4)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+        ls = subprocess.run(["debugfs", "-R", "ls -l /", str(ext4)], capture_output=True, text=True).stdout
+        assert "other-boot" in ls and " before" not in ls, ls
+    print(f"\n[hibernate] the two changed-disk refusals (5 boots) took {time.monotonic() - t0:.0f} s")
 
 
 def test_hibernate_resume_two_cpus(tmp_path) -> None:
@@ -313,11 +384,12 @@ def test_failure_after_the_first_write_powers_off(hibernated_612, tmp_path) -> N
     from vmtest.vm import VM
 
     h = hibernated_612
-    store = tmp_path / "fault.img"
+    store, ext4 = tmp_path / "fault.img", tmp_path / "ext4.img"
     shutil.copyfile(h["pristine"], store)
+    shutil.copyfile(h["ext4_pristine"], ext4)
     vm = VM(kernel=h["kernel"], append="crashkernel=256M khibernate.resume=/dev/vda "
             "khibernate.resume_append=khibernate.fault=restore-raise", memory_mb=h["memory_mb"],
-            disks=[store, h["ext4"]], name="hib-fault-after-write", timeout=300, wait_ready=False)
+            disks=[store, ext4], name="hib-fault-after-write", timeout=300, wait_ready=False)
     try:
         vm.start()
         assert vm.wait_exit(timeout=600 * TIMEOUT_SCALE) == 0

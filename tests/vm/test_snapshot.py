@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -40,12 +41,15 @@ def start_workload(vm) -> None:
 
 @pytest.fixture(scope="module")
 def guest():
+    from tests.tiers import debian_vmlinuz
     from vmtest.kernel import ensure_kernel
     from vmtest.vm import VM, check_host
 
     check_host()
     kernel = ensure_kernel()
-    with VM(kernel=kernel, append="crashkernel=256M", memory_mb=1024, extra_files=HELPERS, disk_mb=640,
+    # Debian's kernel has no CONFIG_KEXEC_JUMP: a capture kernel that must be refused before anything is reserved
+    files = [*HELPERS, (debian_vmlinuz(), "/boot/debian-vmlinuz")]
+    with VM(kernel=kernel, append="crashkernel=256M", memory_mb=1024, extra_files=files, disk_mb=640,
             name="snapshot-6.12", timeout=300) as vm:
         vm.run("dd if=/dev/zero of=/dev/vda bs=1M count=2 2>/dev/null; sync")
         start_workload(vm)
@@ -70,6 +74,15 @@ def test_refused_before_any_jump(guest) -> None:
     vm.run("dd if=/dev/zero of=/tmp/small.img bs=1M count=20 2>/dev/null && khibernate target init /tmp/small.img")
     st, out = vm.run_status(SNAP.replace("/dev/vda", "/tmp/small.img"), timeout=120)
     assert st != 0 and "bigger target" in out, out
+    # a capture kernel that cannot jump back (Debian's: no KEXEC_JUMP, no embedded config, not this build) is refused
+    # before a slot is reserved or anything frozen (before, it was booted and the first kernel stayed frozen)
+    vm.run("khibernate target init /dev/vda")
+    t0 = time.monotonic()
+    st, out = vm.run_status(SNAP.replace("/boot/bzImage", "/boot/debian-vmlinuz"), timeout=600)
+    assert st != 0 and "capture kernel /boot/debian-vmlinuz: nothing proves that it can jump back" in out, out
+    print(f"\n[snapshot] Debian's kernel refused (its xz payload read in the guest) in {time.monotonic() - t0:.1f} s")
+    assert vm.run("khibernate target list /dev/vda").count(": free") == 2  # no slot reserved
+    vm.run("dd if=/dev/zero of=/dev/vda bs=1M count=2 2>/dev/null; sync")  # no store again, as the next test expects
     assert "Freezing user space" not in vm.console_since(mark)
     assert vm.run("cat /sys/kernel/kexec_loaded").strip() == "0"
     assert vm.run("cat /proc/sys/kernel/random/boot_id").strip() == boot
@@ -232,6 +245,34 @@ def test_raising_or_hung_capture_job_jumps_back(guest, fault: str, deadline: int
     assert store.verify_slot(str(vm.disk), good.index).pages_stored == good.pages_stored
 
 
+def test_hibernate_that_comes_back_leaves_no_resumable_image(guest) -> None:
+    """A hibernation whose capture kernel completed the image and then did not power off (khibernate.fault=
+    poweroff-fails): the capture kernel marks the slot bad before it jumps back, the first kernel says so and
+    exits 1, runs on, and no resume would take the image."""
+    from khibernate.store import api as store
+    from khibernate.store.superblock import FLAG_HIBERNATE, SlotState
+
+    vm = guest
+    before = store.read(str(vm.disk))
+    good = max((s for s in before.slots if s.state == SlotState.COMPLETE), key=lambda s: s.seq)
+    pid0, n0 = counter(vm)
+    mark = vm.mark()
+    st, out = vm.run_status("khibernate hibernate --target /dev/vda --kernel /boot/bzImage --capture-initrd "
+                            "/boot/initrd.img --append khibernate.fault=poweroff-fails", timeout=900)
+    assert st == 1 and "not powering off, on purpose" in out and "is marked bad" in out, out
+    console = vm.console_since(mark)
+    assert "hibernation image complete in slot" in console and "no resumable image is left behind" in console
+    time.sleep(2.5)
+    pid1, n1 = counter(vm)
+    assert pid1 == pid0 and n1 > n0
+    after = store.read(str(vm.disk))
+    assert after.slot(good.index) == good
+    (used,) = [s for s in after.slots if s.index != good.index]
+    assert used.state == SlotState.BAD and not used.flags & FLAG_HIBERNATE
+    st, out = vm.run_status("khibernate resume --check --target /dev/vda")
+    assert st == 3 and "no hibernation image" in out, out
+
+
 def test_qemu_killed_during_the_save_leaves_the_last_good_image(guest) -> None:
     """QEMU killed while the capture kernel writes: the disk's store still lists the newest good image complete
     (and it verifies), the interrupted slot as `writing`, i.e. incomplete. Runs last on the shared guest."""
@@ -250,6 +291,40 @@ def test_qemu_killed_during_the_save_leaves_the_last_good_image(guest) -> None:
     cut = next(s for s in after.slots if s.index != good.index)
     assert cut.state == SlotState.WRITING and cut.seq > good.seq
     assert store.verify_slot(str(vm.disk), good.index).pages_stored == good.pages_stored
+
+
+def test_capture_kernel_panic_resets_the_machine_and_synced_data_survives(tmp_path) -> None:
+    """A capture kernel that panics before its job starts (khibernate.fault=panic-early: /init exits) resets the
+    machine after panic=10 s — QEMU (-no-reboot) exits — instead of leaving the first kernel frozen forever; the
+    first kernel cannot run on (only the capture kernel could jump back).  A file written just before the snapshot,
+    without sync, is on the ext4 disk: snapshot syncs before every jump."""
+    from khibernate.store import api as store
+    from khibernate.store.superblock import SlotState
+    from tests.vm.test_hibernate import _ext4
+    from vmtest.kernel import ensure_kernel
+    from vmtest.vm import VM, check_host
+
+    check_host()
+    ext4 = _ext4(tmp_path / "ext4.img")
+    with VM(kernel=ensure_kernel(), append="crashkernel=256M", memory_mb=1024, disk_mb=640, disks=[ext4],
+            name="snapshot-panic-early", timeout=300) as vm:
+        vm.run("khibernate target init /dev/vda && mkdir -p /mnt && mount -t ext4 /dev/vdb /mnt && "
+               "echo dirty-before-the-jump > /mnt/dirty")  # no sync: page cache only
+        mark = vm.mark()
+        vm.send(SNAP + " --append khibernate.fault=panic-early")
+        vm.wait_for(r"Kernel panic - not syncing", timeout=600)
+        t_panic = time.monotonic()
+        assert vm.wait_exit(timeout=120 * TIMEOUT_SCALE) == 0  # the reset: QEMU runs with -no-reboot
+        reset_after = time.monotonic() - t_panic
+        console = vm.console_since(mark)
+    assert "khibernate.fault=panic-early" in console and "Rebooting in 10 seconds" in console, console[-3000:]
+    print(f"\n[snapshot] capture kernel panic -> machine reset after {reset_after:.1f} s")
+    fsck = subprocess.run(["e2fsck", "-fy", str(ext4)], capture_output=True, text=True)  # replays the journal
+    assert fsck.returncode in (0, 1), fsck.stdout + fsck.stderr
+    cat = subprocess.run(["debugfs", "-R", "cat /dirty", str(ext4)], capture_output=True, text=True)
+    assert cat.stdout.strip() == "dirty-before-the-jump", cat.stdout + cat.stderr
+    slots = store.read(str(vm.disk)).slots
+    assert [s.state for s in slots].count(SlotState.WRITING) == 1  # reserved, never completed: reused next time
 
 
 def test_snapshot_on_7_3_with_two_cpus(tmp_path) -> None:
