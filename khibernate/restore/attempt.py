@@ -22,6 +22,7 @@ import re
 import time
 
 from khibernate.errors import KhibernateError, UsageError
+from khibernate.store.handle import RawWindow
 from khibernate.store.superblock import ATTEMPT_CONTINUED, ResumeAttempt, SlotRecord, SlotState, Superblock
 
 TOKEN_BYTES = 16
@@ -90,9 +91,10 @@ def job_problems(sb: Superblock, index: int, token: bytes) -> list[str]:
     return []
 
 
-def start(target: str, rec: SlotRecord, store_uuid: bytes) -> Attempt:
+def start(target: str, rec: SlotRecord, store_uuid: bytes, window: RawWindow | None = None) -> Attempt:
     """Mark ``rec``'s slot tried under a fresh token (one superblock write, re-checked against the store as it is
-    now); StoreError / AttemptRefused when the slot changed since it was read."""
+    now; through ``window`` for a store file on a read-only mount); StoreError / AttemptRefused when the slot
+    changed since it was read."""
     from khibernate.store import api as store
 
     token = os.urandom(TOKEN_BYTES)
@@ -103,11 +105,11 @@ def start(target: str, rec: SlotRecord, store_uuid: bytes) -> Attempt:
             raise AttemptRefused(f"slot {rec.index} of {target} changed while it was being tried; not resuming")
         return mark_tried(sb, cur, token, time.time_ns())
 
-    new = store.update(target, change)
+    new = store.update(target, change, window)
     return Attempt(new.slot(rec.index), token, new.uuid)
 
 
-def resume_continued(target: str, token: bytes) -> Attempt:
+def resume_continued(target: str, token: bytes, window: RawWindow | None = None) -> Attempt:
     """Continue the attempt ``token`` (once): its CONTINUED flag is written before anything else is done."""
     from khibernate.store import api as store
 
@@ -118,5 +120,5 @@ def resume_continued(target: str, token: bytes) -> Attempt:
         found.append(rec)
         return new
 
-    new = store.update(target, change)
+    new = store.update(target, change, window)
     return Attempt(found[-1], token, new.uuid, continued=True)

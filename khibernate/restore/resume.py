@@ -153,12 +153,15 @@ def preflight(opts: Options, say: Callable[[str], object] = print) -> tuple[Supe
 
 def begin(opts: Options) -> Attempt:
     """Start the attempt — the newest hibernation image's slot marked tried, before any check — or continue the one
-    ``opts.attempt`` names (once).  NothingToResume / ResumeError (nothing marked) otherwise."""
+    ``opts.attempt`` names (once).  NothingToResume / ResumeError (nothing marked) otherwise.  A store file on the
+    read-only root (the initramfs) is marked through the device under it, its extent map proven first."""
     from khibernate.restore import attempt
     from khibernate.store import api as store
+    from khibernate.store import filetarget
 
     if opts.attempt:
-        return attempt.resume_continued(opts.target, attempt.parse_token(opts.attempt))
+        token = attempt.parse_token(opts.attempt)
+        return attempt.resume_continued(opts.target, token, filetarget.raw_window(opts.target))
     sb = store.read(opts.target)
     rec = newest_image(sb)
     if rec is None:
@@ -170,7 +173,7 @@ def begin(opts: Options) -> Attempt:
             found = [f"its image cannot be read ({e})"]
         raise ResumeError(tried_before(opts.target, rec) + ("; besides: " + "; ".join(found) if found else ""),
                           differences=found)
-    return attempt.start(opts.target, rec, sb.uuid)
+    return attempt.start(opts.target, rec, sb.uuid, filetarget.raw_window(opts.target))
 
 
 def discard(opts: Options) -> Attempt:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from khibernate.store.handle import RawWindow, Store
 from khibernate.store.handle import SlotCheck as SlotCheck
-from khibernate.store.handle import Store
 from khibernate.store.superblock import SlotRecord, Superblock
 
 if TYPE_CHECKING:
@@ -27,9 +27,10 @@ def read(path: str) -> Superblock:
         return st.sb
 
 
-def update(path: str, change: Callable[[Superblock], Superblock]) -> Superblock:
-    """Read the superblock, apply ``change(sb) -> sb``, write the result to the other copy, under the writer lock."""
-    with Store.open(path, write=True) as st:
+def update(path: str, change: Callable[[Superblock], Superblock], window: RawWindow | None = None) -> Superblock:
+    """Read the superblock, apply ``change(sb) -> sb``, write the result to the other copy, under the writer lock
+    (through ``window`` for a store file on a read-only mount: filetarget.raw_window)."""
+    with Store.open(path, write=True, window=window) as st:
         return st.update(change)
 
 

@@ -16,6 +16,7 @@ from khibernate.store import api, extentmap, fiemap
 from khibernate.store.errors import StoreError
 from khibernate.store.extentmap import MAP_OFFSET, ExtentMap
 from khibernate.store.fiemap import FileTargetError
+from khibernate.store.handle import RawWindow
 from khibernate.store.superblock import Superblock
 
 ZERO_CHUNK = 8 << 20
@@ -118,3 +119,15 @@ def check_unmoved(path: str) -> ExtentMap:
     if api.read(path).uuid != m.store_uuid:
         raise StoreError(f"{path}'s extent map belongs to another store: recreate it with `target init --force`")
     return m
+
+
+def raw_window(target: str) -> RawWindow | None:
+    """For a store file on a read-only mounted filesystem (the root in the initramfs, mounted without journal
+    replay): where its superblock copies lie on the device under it, after proving the extent map (check_unmoved),
+    so the resume can mark its image tried there.  None for a device, or a file that can be written as a file."""
+    import stat
+
+    if not stat.S_ISREG(os.stat(target).st_mode) or not os.statvfs(target).f_flag & os.ST_RDONLY:
+        return None
+    m = check_unmoved(target)
+    return RawWindow(fiemap.device_of(target), m.resume_offset)

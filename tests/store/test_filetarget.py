@@ -217,3 +217,56 @@ def test_read_map_finds_the_store_by_device_and_offset(tmp_path):
     assert read_map(str(disk), m.resume_offset) == m
     with pytest.raises(StoreCorruptError):
         read_map(str(disk), m.resume_offset + 4096)
+
+
+def _mark_slot0_bad(sb):
+    import dataclasses
+
+    from khibernate.store.superblock import SlotState
+
+    return sb.with_slot(dataclasses.replace(sb.slot(0), state=SlotState.BAD))
+
+
+def test_a_store_file_on_a_read_only_mount_is_written_through_its_window(ext4_dir):
+    """The resume in the initramfs sees the root mounted read-only: the store file cannot be opened for writing, so
+    its image is marked tried through the device under it, at the offsets its proven extent map gives."""
+    from khibernate.store import api
+    from khibernate.store.superblock import SlotState
+
+    store = ext4_dir / "store"
+    filetarget.init_file(str(store), 16 * MiB)
+    assert filetarget.raw_window(str(store)) is None  # writable: written as a file
+    subprocess.run(["mount", "-o", "remount,ro", str(ext4_dir)], check=True)
+    with pytest.raises(StoreError, match="read-only filesystem"):
+        api.update(str(store), _mark_slot0_bad)
+    win = filetarget.raw_window(str(store))
+    assert win is not None and win.device == fiemap.device_of(str(store))
+    assert win.offset == filetarget.read_map(str(store)).resume_offset
+    assert api.update(str(store), _mark_slot0_bad, win).slot(0).state == SlotState.BAD
+    assert api.read(str(store)).slot(0).state == SlotState.BAD  # read through the file (its cache dropped)
+    subprocess.run(["mount", "-o", "remount,rw", str(ext4_dir)], check=True)
+    filetarget.check_unmoved(str(store))  # still a store file whose map is true
+    assert api.read(str(store)).slot(0).state == SlotState.BAD
+
+
+def test_a_window_writes_only_the_superblock_at_its_offset(tmp_path):
+    """Store.open(window=) reads and writes the superblock at the window's offset of its device and never the file
+    (here the 'device' is a plain file holding a copy of the store file at an offset)."""
+    from khibernate.store import api
+    from khibernate.store.handle import RawWindow
+    from khibernate.store.superblock import SlotState
+
+    store = tmp_path / "store"
+    with open(store, "wb") as f:
+        f.truncate(16 * MiB)
+    api.init(str(store), 2, force=True)  # a store in a plain file (no extent map needed for this)
+    disk = tmp_path / "disk"
+    disk.write_bytes(bytes(3 * MiB) + store.read_bytes())
+    before_file, before_disk = store.read_bytes(), disk.read_bytes()
+    assert api.update(str(store), _mark_slot0_bad, RawWindow(str(disk), 3 * MiB)).slot(0).state == SlotState.BAD
+    assert store.read_bytes() == before_file
+    after = disk.read_bytes()
+    assert after[:3 * MiB] == before_disk[:3 * MiB] and after != before_disk
+    disk2 = tmp_path / "disk2"
+    disk2.write_bytes(after[3 * MiB:])
+    assert api.read(str(disk2)).slot(0).state == SlotState.BAD
