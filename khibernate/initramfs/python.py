@@ -60,6 +60,10 @@ OWN_DROP = re.compile(r"\.(c|h|o)$|^khibernate/native/build\.py$")
 # khibernate's C extension modules (cffi API mode, built by `pip install -e .` or khibernate/native/build.py): the
 # capture job cannot run without them, so a bundle without them is refused.
 NATIVE_EXTENSIONS = ("khibernate/native/_pages",)
+# Dependencies only the first kernel's commands import (``view mount``'s FUSE binding): the capture and restore jobs
+# never do, so a system without them (Debian has no mfusepy package) still gets its capture environment; bundled
+# when installed.
+FIRST_KERNEL_ONLY = frozenset({"mfusepy"})
 # Requirement markers we treat as never true in the guest.
 FOREIGN_MARKERS = re.compile(r"extra\s*==|Windows|win32|darwin|cygwin|PyPy\"\s*$")
 
@@ -288,6 +292,8 @@ def site_files(top_package: str = "khibernate") -> list[tuple[str, Path]]:
         try:
             dist = importlib.metadata.distribution(name)
         except importlib.metadata.PackageNotFoundError as e:
+            if key in FIRST_KERNEL_ONLY:
+                continue
             raise PythonBundleError(f"{top_package} needs {name!r}, which is not installed for {sys.executable};"
                                     f" run: {sys.executable} -m pip install {name}") from e
         for rel, src in _dist_files(dist):

@@ -115,3 +115,25 @@ def test_unbuilt_native_kernel_refuses_the_bundle():
     files = {rel: src for rel, src in files.items() if "/native/_pages." not in rel}
     with pytest.raises(pybundle.PythonBundleError, match="khibernate/native/build.py"):
         pybundle.check_native(files)
+
+
+def test_a_system_without_the_fuse_binding_still_gets_its_capture_bundle(monkeypatch):
+    """Debian has no mfusepy package (only `view mount` imports it, in the first kernel): the capture bundle is made
+    without it; a missing dependency the jobs import is still refused with what to install."""
+    import importlib.metadata as md
+
+    real = md.distribution
+
+    def without(*missing: str):
+        def distribution(name: str):
+            if name.lower() in missing:
+                raise md.PackageNotFoundError(name)
+            return real(name)
+        return distribution
+
+    monkeypatch.setattr(md, "distribution", without("mfusepy"))
+    files = dict(pybundle.site_files("khibernate"))
+    assert not any(rel.startswith("mfusepy") for rel in files) and any(rel.startswith("click/") for rel in files)
+    monkeypatch.setattr(md, "distribution", without("mfusepy", "click"))
+    with pytest.raises(pybundle.PythonBundleError, match="needs 'click'.*pip install click"):
+        pybundle.site_files("khibernate")
