@@ -1,17 +1,23 @@
 """khibernate on a real distribution, installed and used as a user would, on the Debian 12 machine (systemd 252,
-udev, initramfs-tools; the modular KASLR 6.12-distro kernel installed as a package installs it; vmtest/rootfs.py):
+udev, initramfs-tools; the modular KASLR 6.12-distro kernel installed as a package installs it; vmtest/rootfs.py).
+One machine for the module, its tests in this order, each asserting its own step:
 
 1. `apt install ./khibernate_*.deb` from a shell pulls its dependencies from the machine's apt repository;
 2. `khibernate target init /dev/vdb` + `khibernate setup --target /dev/vdb`: ready, `CanHibernate=yes`, the
    initramfs rebuilt with the target, a second run changes nothing;
-3. a user's counter service runs; `systemctl hibernate` hibernates through khibernate and the machine powers off;
-4. power on: initramfs-tools' premount stage resumes it before the root is mounted read-write; the same boot runs
-   on (boot_id, the counter's PID and count, udev and journald), and `journalctl` shows that one boot with the
-   hibernation in it;
-5. `apt remove khibernate` + `apt autoremove --purge` leave the system as it was before the install;
-6. after a clean shutdown `e2fsck -fn` on the host finds the root filesystem clean.
-
-Two boots in all (the first, and the resume boot that brings it back), shared by the module, in this order.
+3. `capture build` in the guest: this system's python3 and khibernate, the target disk's modules from /lib/modules;
+4. memory as a distribution uses it (THP, hugetlbfs, KSM, a memcg-limited service) through a snapshot: the same
+   pages at the same pfns, and the image holds each of them (read on the host);
+5. a user's counter service runs; `systemctl hibernate` hibernates through khibernate and the machine powers off
+   (every wait fails at once, with the unit's journal or the console, when the unit fails or the guest says why);
+6. power on: initramfs-tools' premount stage resumes it before the root is mounted read-write; the same boot runs
+   on (boot_id, the counter's PID and count, udev and journald), `journalctl` shows that one boot with the
+   hibernation in it, and the memory of step 4 is bit-exact again, also in the hibernation image;
+7. the packaged khibernate-watch unit captures an LKDTM WARNING under /var/crash/khibernate/, the system runs on;
+8. a store file on the root ext4 (`target init FILE --size`, `setup --target FILE`) hibernates and resumes; a copied
+   file is refused (the 6.12-distro flavour needs CONFIG_BLK_DEV_DM for it);
+9. `apt remove khibernate` + `apt autoremove --purge` leave the system as it was before the install;
+10. after a clean shutdown `e2fsck -fn` on the host finds the root filesystem clean.
 """
 
 from __future__ import annotations
