@@ -198,12 +198,16 @@ def check_memory_kinds(rep: dict) -> None:
     for kind, pages, _ in HOLDERS:
         r = k[kind]
         assert r["n_bad"] == 0 and r["pages"] == pages and -1 not in mem.expand(r["pfn_runs"]), (kind, r["bad_pages"])
-        assert r["smaps"]["Locked"] >= pages * 4 or kind == "hugetlb", (kind, r["smaps"])
+        # every page is mlocked (smaps' Locked is proportional: a KSM page shared 128 times counts 1/128)
+        assert kind == "hugetlb" or r["flags"]["mlocked"] == r["flags"]["distinct"], (kind, r["flags"])
     thp, huge, ksm = k["thp"]["flags"], k["hugetlb"]["flags"], k["ksm"]["flags"]
     assert k["thp"]["smaps"]["AnonHugePages"] >= 2048 * 4 and thp["thp"] == thp["distinct"] == 2048, k["thp"]
     hugetlb_kb = k["hugetlb"]["smaps"]["Private_Hugetlb"] + k["hugetlb"]["smaps"]["Shared_Hugetlb"]
     assert hugetlb_kb == 2048 * 4 and huge["huge"] == huge["distinct"] == 2048, k["hugetlb"]
-    assert ksm["distinct"] == 4 and ksm["ksm"] == 4 and rep["ksm"]["pages_sharing"] >= 508, (ksm, rep["ksm"])
+    # merged: 512 pages on 4 pfns, ksmd's counters agree (6.12's /proc/kpageflags sets KPF_KSM on every anonymous
+    # page, the THP and plain holders' too, so that bit proves nothing here)
+    assert ksm["distinct"] == 4 and rep["ksm"]["pages_shared"] >= 4 and rep["ksm"]["pages_sharing"] >= 508, \
+        (ksm, rep["ksm"])
     assert "/system.slice/khb-mem-anon.service" in k["anon"]["cgroup"], k["anon"]["cgroup"]
 
 
