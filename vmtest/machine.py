@@ -183,8 +183,11 @@ def wait_resumed(vm: VM, timeout: float) -> float:
             raise VMError(f"the machine booted afresh instead of resuming; console:\n{vm.console_text()[-4000:]}")
         try:
             vm.wait_for_shell(timeout=5 / TIMEOUT_SCALE, new_boot=False)
-            return time.monotonic() - t0
         except VMError:
             if time.monotonic() > deadline:
                 raise VMError(f"the resumed system did not answer within {timeout * TIMEOUT_SCALE:.0f} s; "
                               f"console:\n{vm.console_text()[-4000:]}") from None
+            continue
+        if "@@KHB-READY" in vm.agent_text():  # the answer came from a fresh agent: this boot did not resume
+            raise VMError(f"the machine booted afresh instead of resuming; console:\n{vm.console_text()[-4000:]}")
+        return time.monotonic() - t0
