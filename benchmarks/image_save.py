@@ -125,7 +125,7 @@ def elf_input(path: Path, work: Path) -> Path:
 
 def kept_pages(khi: Path, dest: Path) -> int:
     """Write the stored (kept, non-zero) pages of image ``khi``, every block's data in order, to ``dest``; bytes."""
-    from khibernate.image.format import KhiSource
+    from khibernate.image.sources.khi import KhiSource
 
     n = 0
     with KhiSource(khi) as src, open(dest, "wb") as f:
@@ -202,7 +202,7 @@ def bench(src: Path, work: Path, runs: int) -> tuple[list[Result], dict[str, dic
 def restore_child(mode: str, khi: str, target: str) -> None:
     """In a child: decompress every block of ``khi`` and write it into the memory-backed file ``target``; print
     JSON {bytes, seconds, cpu} of the loop alone (imports and table reads excluded)."""
-    from khibernate.image.format import KhiSource
+    from khibernate.image.sources.khi import KhiSource
 
     src = KhiSource(khi)
     ps = src.page_size
@@ -237,7 +237,7 @@ def restore_side(khi: Path, mode: str, runs: int) -> dict[str, float] | str:
     """Median over ``runs`` children of ``restore_child``: stored MB, loop seconds, MB/s (wall), MB/s per CPU
     second, peak RSS (or the child's error); the target is a /dev/shm file of the image's max_pfn pages, allocated
     before the runs."""
-    from khibernate.image.format import KhiSource
+    from khibernate.image.sources.khi import KhiSource
 
     with KhiSource(khi) as src:
         size = src.header.max_pfn * src.page_size

@@ -27,7 +27,9 @@ echo "[test] mypy"
 echo "[test] pytest"
 export KHIBERNATE_FUZZ_PROFILE=ci  # the longer hypothesis profile of tests/image/test_fuzz.py
 set +e
-.venv/bin/python -m pytest --ignore="$XEN_TESTS" "$@"
+# two pytest workers (pytest-xdist), one test file each at a time: module-scoped guests stay shared within a file,
+# and two TCG guests keep both cores busy; KHIBERNATE_TEST_WORKERS=0 runs in one process
+.venv/bin/python -m pytest -n "${KHIBERNATE_TEST_WORKERS:-2}" --dist loadfile --durations=25 --ignore="$XEN_TESTS" "$@"
 rc=$?
 set -e
 echo "[test] total wall time: $(( $(date +%s) - start )) s"

@@ -170,9 +170,9 @@ def inject_fault(cmdline: str) -> None:
 def run_snapshot(job: Job, cmdline: str, vmcore: str = "/proc/vmcore",
                  note_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Save ``vmcore`` into the job's slot, streaming; returns the result body for the mailbox (raises on failure)."""
-    from khibernate.capture.source import AnnotatedSource
-    from khibernate.image.format import save
     from khibernate.image.sources import open_source
+    from khibernate.image.sources.adapters import AnnotatedSource
+    from khibernate.image.sources.khi import save
     from khibernate.image.vmcoreinfo import from_source
     from khibernate.store import device
     from khibernate.store.superblock import SlotState

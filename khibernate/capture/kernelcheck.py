@@ -93,7 +93,7 @@ def _image_facts(digest: str, data: bytes) -> tuple[dict[str, str] | None, str] 
 
 def assess(kernel: str, system: SystemRoot | None = None, where: Path | None = None) -> Verdict:
     """The verdict on the bzImage at ``kernel`` on the system at ``system`` (``/``)."""
-    from khibernate.image.elf import gnu_build_id
+    from khibernate.elfcore import gnu_build_id
 
     system = system or SystemRoot()
     data = Path(kernel).read_bytes()

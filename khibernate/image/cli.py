@@ -29,20 +29,20 @@ def _int(text: str) -> int:
 
 
 def _open(source: str, ranges: str | None, elfcorehdr: str | None) -> MemorySource:
-    """The source: raw memory when --ranges/--elfcorehdr are given, else sniffed by magic."""
-    if ranges or elfcorehdr:
-        from khibernate.image.sources.raw import RawSource, parse_ranges
+    """The source: raw memory when --elfcorehdr/--ranges are given, else sniffed by magic."""
+    if elfcorehdr:
+        from khibernate.image.inputfile import open_input
 
-        if elfcorehdr:
-            from khibernate.image.inputfile import open_input
+        fd = open_input(elfcorehdr)
+        try:
+            blob = os.read(fd, 1 << 20)
+        finally:
+            os.close(fd)
+        return open_source(source, elfcorehdr=blob)
+    if ranges:
+        from khibernate.image.sources.raw import parse_ranges
 
-            fd = open_input(elfcorehdr)
-            try:
-                blob = os.read(fd, 1 << 20)
-            finally:
-                os.close(fd)
-            return RawSource.with_elfcorehdr(source, blob)
-        return RawSource(source, parse_ranges(ranges or ""))
+        return open_source(source, ranges=parse_ranges(ranges))
     return open_source(source)
 
 
@@ -133,8 +133,9 @@ def save_cmd(source: str, dest: str, level: int | None, restorable: bool, thread
     """Filter SOURCE and save it as a khibernate image DEST (written to a temporary file beside DEST, fsync'd and
     renamed when complete). The image is restorable only if SOURCE itself lost no more than zero and free pages.
     A Xen host's vmcore is saved at -d 1 by default (dom0's page classes need its p2m: -d 2-16 are refused)."""
-    from khibernate.image import xen
-    from khibernate.image.format import check_source_level, save_file
+    from khibernate.image.plan import check_source_level
+    from khibernate.image.sources import xen
+    from khibernate.image.sources.khi import save_file
 
     with _open(source, ranges, elfcorehdr) as opened:
         src = xen.XenFilteredSource(opened, xen.frame_filter(opened, xen_filter)) if xen_filter else opened
@@ -159,26 +160,6 @@ def save_cmd(source: str, dest: str, level: int | None, restorable: bool, thread
           f"{stats.bytes_written / 1e6:.1f} MB in {stats.seconds:.2f}s")
 
 
-def describe(src: MemorySource, vmci: Vmcoreinfo | None) -> dict[str, Any]:
-    """Facts about any source for ``info``: common ones, VMCOREINFO's, then the reader's own (src.describe())."""
-    d: dict[str, Any] = {"format": src.format_name,
-                         "ranges": [[hex(r.start), hex(r.end)] for r in src.ranges],
-                         "ram_bytes": sum(r.size for r in src.ranges),
-                         "notes": [f"{n.name}/{n.type}" for n in src.notes],
-                         "cpus": sum(1 for n in src.notes if n.name == "CORE" and n.type == 1),
-                         "dump_level": src.dump_level}
-    if vmci is not None:
-        d.update(osrelease=vmci.osrelease, build_id=vmci.build_id, page_size=vmci.page_size,
-                 kerneloffset=hex(vmci.kerneloffset), crashtime=vmci.crashtime)
-    d.update(src.describe())
-    from khibernate.image import xen
-
-    host = xen.read(src)
-    if host is not None:
-        d.update(host.describe())
-    return d
-
-
 @image_group.command("info")
 @click.argument("source")
 @with_source_options
@@ -186,6 +167,8 @@ def describe(src: MemorySource, vmci: Vmcoreinfo | None) -> dict[str, Any]:
 def info_cmd(source: str, vmcoreinfo_file: str | None, vmcoreinfo_at: str | None, ranges: str | None,
              elfcorehdr: str | None, as_json: bool) -> None:
     """Show what SOURCE holds: format, memory ranges, kernel release, and for images the filter counts."""
+    from khibernate.image.info import describe
+
     with _open(source, ranges, elfcorehdr) as src:
         d = describe(src, _vmcoreinfo(src, vmcoreinfo_file, vmcoreinfo_at, required=False))
     lines = [f"{k}: {v}" for k, v in d.items() if k != "ranges"]
@@ -252,7 +235,7 @@ def export_cmd(source: str, dest: str, fmt: str, compress: str, flat: bool, elf3
 
     if flat and fmt != "kdump":
         raise UsageErrorImage("--flat applies to --format kdump only")
-    from khibernate.image import xen
+    from khibernate.image.sources import xen
 
     with _open(source, ranges, elfcorehdr) as opened:
         src = xen.XenFilteredSource(opened, xen.frame_filter(opened, xen_filter)) if xen_filter else opened

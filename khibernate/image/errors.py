@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from khibernate.elfcore import ElfErrors
 from khibernate.errors import KhibernateError
 
 
@@ -49,3 +50,16 @@ class UsageErrorImage(ImageError):
 
 class FileAccessError(ImageError):
     """A file or device could not be opened, read or written (permissions, missing, disk full)."""
+
+
+class MappingRefusedError(FileAccessError):
+    """The kernel refused to map a /dev/mem window; ``errno`` says how (EPERM: STRICT_DEVMEM, EINVAL: memory type)."""
+
+    def __init__(self, message: str, err: int):
+        super().__init__(message)
+        self.errno = err
+
+
+# how the ELF-core codecs (khibernate/elfcore.py, shared with jump/) report bad input on the image side
+ELF_ERRORS = ElfErrors(not_core=NotAVmcoreError, unsupported=UnsupportedError, truncated=TruncatedError,
+                       corrupt=CorruptImageError)

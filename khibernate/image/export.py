@@ -7,14 +7,14 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from khibernate import native
+from khibernate.elfcore import LoadSpec
 from khibernate.image.atomic import atomic_output
-from khibernate.image.elf import LoadSpec, write_elf
 from khibernate.image.errors import AddressError, ImageError, UsageErrorImage
-from khibernate.image.format import check_source_level, default_notes
-from khibernate.image.kdump import write_kdump
 from khibernate.image.pagefilter import PageFilter
-from khibernate.image.plan import and_masks, plan, ram_mask, read_kept
+from khibernate.image.plan import and_masks, check_source_level, default_notes, plan, ram_mask, read_kept
 from khibernate.image.sources.base import MemorySource, MemRange
+from khibernate.image.sources.elf import write_elf
+from khibernate.image.sources.kdump import write_kdump
 from khibernate.image.vmcoreinfo import Vmcoreinfo
 from khibernate.image.x86_64 import X86_64
 

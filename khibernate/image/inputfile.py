@@ -7,10 +7,6 @@ import stat
 
 from khibernate.image.errors import CorruptImageError, FileAccessError, NotAVmcoreError, TruncatedError
 
-# Physical addresses (and so every range, max_pfn and bitmap a header describes) must lie below this: 64 TiB,
-# the x86_64 4-level paging limit.  A size field beyond it is a corrupt header, not a machine.
-MAX_PHYS_ADDR = 1 << 46
-
 
 def open_input(path: str | os.PathLike[str]) -> int:
     """A read-only fd of ``path``; refuses FIFOs, sockets and directories before anything blocks on them."""

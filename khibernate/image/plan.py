@@ -1,4 +1,5 @@
-"""Which pages of a source go into an output: present pages, optionally filtered again at a dump level."""
+"""What of a source goes into an output (an image, an export, a view): its present pages, optionally filtered again
+at a dump level; the dump level the output records; the notes it carries."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 
 from khibernate import native
-from khibernate.image.errors import MissingVmcoreinfoError
+from khibernate.elfcore import VMCOREINFO_NOTE, Note
+from khibernate.image.errors import MissingVmcoreinfoError, UsageErrorImage
+from khibernate.image.levels import RESTORABLE_LEVEL
 from khibernate.image.pagefilter import PageClass, PageFilter, check_level, excluded_classes, needs_struct_page
 from khibernate.image.sources.base import MemorySource, MemRange
 from khibernate.image.vmcoreinfo import Vmcoreinfo
@@ -89,3 +92,23 @@ def read_kept(source: MemorySource, pfn: int, keep: bytes | bytearray) -> bytes:
     for a, b in native.runs(keep):
         out[a * ps:b * ps] = source.view((pfn + a) * ps, (b - a) * ps)
     return bytes(out)
+
+
+def check_source_level(source: MemorySource, level: int, restorable: bool) -> int:
+    """The dump level an output of ``source`` filtered at ``level`` has (the source's own level included);
+    UsageErrorImage when ``restorable`` is asked of a source that already lost more than zero and free pages."""
+    eff = level | source.dump_level
+    if restorable and eff & ~RESTORABLE_LEVEL:
+        raise UsageErrorImage(f"the source was already filtered at dump level {source.dump_level}, which drops "
+                              "cache or user pages: no image of it can be restored; pass -d "
+                              f"{eff} to save it anyway (not restorable)")
+    return eff
+
+
+def default_notes(source: MemorySource, vmci: Vmcoreinfo | None) -> tuple[Note, ...]:
+    """The notes an output of ``source`` carries: the source's, plus a VMCOREINFO note when it came from elsewhere
+    (-i FILE, sysfs)."""
+    notes = tuple(source.notes)
+    if vmci is not None and not any(n.name == VMCOREINFO_NOTE for n in notes):
+        notes += (Note(VMCOREINFO_NOTE, 0, vmci.text.encode()),)
+    return notes

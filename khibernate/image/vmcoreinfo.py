@@ -6,8 +6,9 @@ import dataclasses
 import os
 import re
 
-from khibernate.image.errors import CorruptImageError, MissingVmcoreinfoError, NotAVmcoreError
-from khibernate.image.sources.base import VMCOREINFO_NOTE, MemorySource
+from khibernate.elfcore import VMCOREINFO_NOTE, parse_notes
+from khibernate.image.errors import ELF_ERRORS, CorruptImageError, MissingVmcoreinfoError, NotAVmcoreError
+from khibernate.image.sources.base import MemorySource
 
 _KEYED = re.compile(r"(SYMBOL|SIZE|OFFSET|LENGTH|NUMBER)\((.+)\)")
 
@@ -161,25 +162,10 @@ def find_in_source(source: MemorySource) -> Vmcoreinfo | None:
 
 def from_memory(source: MemorySource, paddr: int, size: int) -> Vmcoreinfo:
     """VMCOREINFO from the ELF note at ``paddr`` in the source's memory (what /sys/kernel/vmcoreinfo points at)."""
-    from khibernate.image.elf import parse_notes
-
-    for n in parse_notes(source.read(paddr, size)):
+    for n in parse_notes(source.read(paddr, size), errors=ELF_ERRORS):
         if n.name == VMCOREINFO_NOTE:
             return Vmcoreinfo.parse(n.desc.rstrip(b"\0").decode("ascii", "replace"))
     raise MissingVmcoreinfoError(f"no VMCOREINFO note at physical {paddr:#x}; check the address and size given")
-
-
-def sysfs_location(path: str = "/sys/kernel/vmcoreinfo") -> tuple[int, int]:
-    """(paddr, size) of the running kernel's VMCOREINFO note, as /sys/kernel/vmcoreinfo prints them (hex)."""
-    try:
-        with open(path) as f:
-            a, b = f.read().split()[:2]
-    except OSError as e:
-        raise MissingVmcoreinfoError(f"cannot read {path} ({e.strerror}); is CONFIG_VMCORE_INFO set?") from None
-    try:
-        return int(a, 16), int(b, 16)
-    except ValueError:
-        raise MissingVmcoreinfoError(f"{path} does not hold 'PADDR SIZE' in hex; is it the vmcoreinfo file?") from None
 
 
 def from_file(path: str | os.PathLike[str]) -> Vmcoreinfo:

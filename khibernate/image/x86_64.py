@@ -26,7 +26,7 @@ class X86_64:
     """Translates kernel VAs of one x86_64 kernel image using only its VMCOREINFO and memory.
 
     ``image_base`` is where the image mapping starts (``__START_KERNEL_map`` for Linux; the Xen hypervisor's
-    translator in image/xen.py sets its own)."""
+    translator in image/sources/xen.py sets its own)."""
 
     image_base = START_KERNEL_MAP
 

@@ -150,8 +150,7 @@ def ikconfig(vmlinux: bytes) -> str | None:
 
 def build_id(vmlinux: bytes) -> str:
     """The GNU build id (hex) in the vmlinux ELF's PT_NOTE segments, '' if it has none."""
-    from khibernate.elfcore import EHDR64, PHDR64
-    from khibernate.image.elf import gnu_build_id
+    from khibernate.elfcore import EHDR64, PHDR64, gnu_build_id
 
     if vmlinux[:4] != b"\x7fELF" or len(vmlinux) < EHDR64.size or vmlinux[4] != 2:
         return ""

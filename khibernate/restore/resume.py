@@ -84,7 +84,7 @@ def tried_before(target: str, rec: SlotRecord) -> str:
 
 def this_kernel() -> ThisBoot:
     """This (freshly booted) kernel as a capture kernel will see it: the RAM a jump's elfcorehdr describes."""
-    from khibernate.image.elf import gnu_build_id
+    from khibernate.elfcore import gnu_build_id
     from khibernate.jump.loader import SystemFacts, jump_ram
 
     facts = SystemFacts.read(with_notes=False)

@@ -82,7 +82,7 @@ def prepare_slot(target: str, index: int, *, again: bool = False, image_uuid: by
 
 def prepare_file(path: str, vmcore: str = "/proc/vmcore") -> Prepared:
     """An image file, every check done; nothing written."""
-    from khibernate.image.format import KhiSource
+    from khibernate.image.sources.khi import KhiSource
 
     t0 = time.monotonic()
     return _checked(KhiSource(path), None, t0, vmcore)

@@ -11,7 +11,7 @@ from khibernate.store.handle import SlotCheck as SlotCheck
 from khibernate.store.superblock import SlotRecord, Superblock
 
 if TYPE_CHECKING:
-    from khibernate.image.format import KhiSource
+    from khibernate.image.sources.khi import KhiSource
 
 
 def init(path: str, nr_slots: int = 2, force: bool = False) -> Superblock:

@@ -36,7 +36,7 @@ from khibernate.store.errors import (
 from khibernate.store.superblock import SlotRecord, SlotState, Superblock, new_superblock
 
 if TYPE_CHECKING:
-    from khibernate.image.format import KhiSource
+    from khibernate.image.sources.khi import KhiSource
 
 Say = Callable[[str], None]
 LOCK_WAIT = 30.0  # seconds a writer waits for another one (store updates take milliseconds)
@@ -234,7 +234,7 @@ class Store:
         """Read ``length`` bytes of the slot back (cache dropped) and check their CRC and the image's header,
         trailer and tables checksums; StoreCorruptError when anything disagrees."""
         from khibernate.image.errors import ImageError
-        from khibernate.image.format import HEADER, TRAILER, Header, Trailer
+        from khibernate.image.layouts.khi import HEADER, TRAILER, Header, Trailer
 
         if not HEADER.size + TRAILER.size <= length <= rec.capacity:
             raise StoreCorruptError(f"slot {rec.index}: reported image length {length} does not fit the slot")
@@ -299,7 +299,7 @@ class Store:
     def open_slot(self, rec: SlotRecord) -> KhiSource:
         """The slot's image as a KhiSource reading the device in place (header, trailer and tables checked)."""
         from khibernate.image.errors import ImageError
-        from khibernate.image.format import KhiSource
+        from khibernate.image.sources.khi import KhiSource
 
         if not rec.holds_image or rec.length == 0:
             raise SlotError(f"slot {rec.index} is {rec.state.name.lower()}, it holds no complete image")
@@ -340,7 +340,7 @@ class Store:
 def _export_khi(khi: str, dest: str, fmt: str) -> int:
     """Export the .khi file ``khi`` to ``dest`` as kdump or elf."""
     from khibernate.image.export import export as image_export
-    from khibernate.image.format import KhiSource
+    from khibernate.image.sources.khi import KhiSource
     from khibernate.image.vmcoreinfo import from_source
 
     src = KhiSource(khi)

@@ -83,9 +83,7 @@ def read_cmd(source: str | None, paddr: int, size: int, raw: bool, zero_fill: bo
     a, n = paddr, size
     with _open(source) as src:
         if zero_fill:
-            from khibernate.view.physical import read_filled
-
-            data = read_filled(src, a, n)
+            data = src.read_filled(a, n)
         else:
             data = src.read(a, n)
     if raw:

@@ -10,11 +10,11 @@ from collections.abc import Callable
 from typing import Any
 
 from khibernate.image.errors import ImageError
-from khibernate.image.format import default_notes
+from khibernate.image.info import describe as image_describe
+from khibernate.image.plan import default_notes
 from khibernate.image.sources.base import MemorySource
+from khibernate.image.sources.elf import VmcoreLayout, loads_for
 from khibernate.image.vmcoreinfo import Vmcoreinfo, find_in_source
-from khibernate.view.elfcore import VmcoreLayout, loads_for
-from khibernate.view.physical import read_filled
 
 
 class ViewFile:
@@ -37,8 +37,6 @@ class ViewFile:
 
 def describe(source: MemorySource, vmci: Vmcoreinfo | None = None) -> dict[str, Any]:
     """info.json / ``view info``: image's description of the source (VMCOREINFO from its note unless given)."""
-    from khibernate.image.cli import describe as image_describe
-
     if vmci is None:
         vmci = find_in_source(source)
     return image_describe(source, vmci)
@@ -55,7 +53,7 @@ def build_files(source: MemorySource, vmci: Vmcoreinfo | None = None) -> dict[st
     end = source.ranges[-1].end if source.ranges else 0
 
     def phys(paddr: int, n: int) -> bytes:
-        return read_filled(source, paddr, n)
+        return source.read_filled(paddr, n)
 
     files = {"vmcore": ViewFile(layout.size, lambda off, n: layout.read(off, n, phys)),
              "oldmem": ViewFile(end, phys)}

@@ -11,7 +11,6 @@ import re
 
 from khibernate.image.errors import ImageError
 from khibernate.image.sources import MemorySource, open_source
-from khibernate.image.sources.raw import ranges_from_elfcorehdr
 from khibernate.view.errors import NoPreviousKernelError
 
 _SIZE = r"(?:0x[0-9a-fA-F]+|\d+)[KMG]?"
@@ -48,8 +47,9 @@ def boot_side(cmdline: str) -> BootSide:
 def read_elfcorehdr(mem: str, paddr: int) -> bytes:
     """The ELF core header bytes at physical ``paddr`` of ``mem`` (/dev/mem, read by mmap): file header plus
     program headers. NoPreviousKernelError when /dev/mem refuses the page; PermissionError without root."""
-    from khibernate.view.devmem import MappingRefusedError, PhysWindows
-    from khibernate.view.devmem import read_elfcorehdr as read_header
+    from khibernate.image.errors import MappingRefusedError
+    from khibernate.image.sources.raw import PhysWindows
+    from khibernate.image.sources.raw import read_elfcorehdr as read_header
 
     windows = PhysWindows(mem)
     try:
@@ -83,12 +83,10 @@ def open_running_side(cmdline_path: str = "/proc/cmdline", vmcore: str = "/proc/
             return open_source(vmcore)
         except PermissionError:
             raise NoPreviousKernelError(f"{vmcore}: permission denied; run as root") from None
-    from khibernate.view.devmem import DevMemSource
+    from khibernate.image.sources.raw import DevMemSource
 
     try:
-        blob = read_elfcorehdr(mem, side.elfcorehdr)
-        ranges, notes = ranges_from_elfcorehdr(blob)
-        return DevMemSource(mem, ranges, note_locations=notes)
+        return DevMemSource.with_elfcorehdr(mem, read_elfcorehdr(mem, side.elfcorehdr))
     except PermissionError:
         raise NoPreviousKernelError(f"{mem}: permission denied; run as root") from None
     except ImageError as e:

@@ -8,8 +8,9 @@ import pytest
 
 from khibernate.capture import mailbox
 from khibernate.capture.job import Job, JobError, parse
-from khibernate.capture.source import AnnotatedSource
-from khibernate.image.sources.base import MemorySource, MemRange, Note
+from khibernate.elfcore import Note
+from khibernate.image.sources.adapters import AnnotatedSource
+from khibernate.image.sources.base import MemorySource, MemRange
 
 JOB = Job("snapshot", "/dev/vdb", str(uuid.uuid4()), 1, 0x100000, 0x4000000, 17, str(uuid.uuid4()),
           str(uuid.uuid4()), 120.0, 0x1234000)

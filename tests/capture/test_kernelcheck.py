@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from khibernate.capture import kernelcheck
 from khibernate.capture.kernelcheck import CaptureKernelError, judge
 from khibernate.cli import cli
-from khibernate.image.elf import Note, pack_notes
+from khibernate.elfcore import Note, pack_notes
 from khibernate.system import SystemRoot
 from tests.jump.test_payload import BUILD_ID, CONFIG, fake_bzimage, fake_vmlinux
 from tests.test_doctor import make_tree

@@ -6,11 +6,11 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from khibernate.image.elf import LoadSpec, write_elf
+from khibernate.elfcore import VMCOREINFO_NOTE, LoadSpec, Note
 from khibernate.image.export import export
-from khibernate.image.format import save_file
 from khibernate.image.sources import open_source
-from khibernate.image.sources.base import VMCOREINFO_NOTE, Note
+from khibernate.image.sources.elf import write_elf
+from khibernate.image.sources.khi import save_file
 from khibernate.jump import elfcorehdr
 
 PS = 4096
@@ -55,7 +55,7 @@ def build(dest: Path) -> dict[str, Path]:
             fmt = "elf" if name == "elf32" else "kdump"
             export(src, str(out[name]), fmt=fmt, level=1, vmci=vmci, sync=False, **kw)  # type: ignore[arg-type]
     raw = bytearray(mem)
-    from khibernate.image.elf import pack_notes
+    from khibernate.elfcore import pack_notes
 
     blob = pack_notes(notes())
     raw[NOTE_PA:NOTE_PA + len(blob)] = blob

@@ -14,9 +14,9 @@ import struct
 
 import numpy as np
 
-from khibernate.image.elf import LoadSpec, write_elf
+from khibernate.elfcore import VMCOREINFO_NOTE, LoadSpec, Note
 from khibernate.image.pagefilter import PageClass
-from khibernate.image.sources.base import VMCOREINFO_NOTE, Note
+from khibernate.image.sources.elf import write_elf
 
 PS = 4096
 MEM = 32 << 20

@@ -1,4 +1,5 @@
-"""docs/image-format.md says what khibernate/image/format.py does: struct formats, field offsets and sizes, version."""
+"""docs/image-format.md says what khibernate/image/layouts/khi.py declares: struct formats, field offsets and sizes,
+version."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import re
 import struct
 from pathlib import Path
 
-from khibernate.image import format as khi
+from khibernate.image.layouts import khi
 
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "image-format.md").read_text()
 

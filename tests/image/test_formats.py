@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from khibernate.image import vmcoreinfo
-from khibernate.image.elf import ElfSource
 from khibernate.image.errors import (
     AddressError,
     CorruptImageError,
@@ -18,10 +17,11 @@ from khibernate.image.errors import (
     UnsupportedError,
 )
 from khibernate.image.export import export
-from khibernate.image.format import KhiSource, save_file
-from khibernate.image.kdump import KdumpSource
 from khibernate.image.pagefilter import PageClass
 from khibernate.image.sources import open_source
+from khibernate.image.sources.elf import ElfSource
+from khibernate.image.sources.kdump import KdumpSource
+from khibernate.image.sources.khi import KhiSource, save_file
 from tests.image import synthkernel as sk
 
 PS = 4096

@@ -143,8 +143,8 @@ def test_fuzz_vmcoreinfo_numbers_in_a_save(synth: object, synth_elf: Path, tmp_p
     offsets, page orders, flag bits, addresses ...) changed to anything: `image save -d 31` either saves or stops
     with one ImageError - never a negative shift, a division by zero or a read outside struct page."""
     from khibernate.image.errors import ImageError
-    from khibernate.image.format import save
     from khibernate.image.sources import open_source
+    from khibernate.image.sources.khi import save
     from khibernate.image.vmcoreinfo import Vmcoreinfo
 
     text = synth.vmcoreinfo  # type: ignore[attr-defined]

@@ -17,8 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 from khibernate.cli import cli
+from khibernate.elfcore import EHDR64, PHDR64, VMCOREINFO_NOTE, LoadSpec, Note
 from khibernate.image.atomic import atomic_output
-from khibernate.image.elf import EHDR64, PHDR64, LoadSpec, write_elf
 from khibernate.image.errors import (
     CorruptImageError,
     FileAccessError,
@@ -27,10 +27,12 @@ from khibernate.image.errors import (
     NotAVmcoreError,
     TruncatedError,
 )
-from khibernate.image.format import HEADER, INDEX, TRAILER, BlockEntry, KhiSource
-from khibernate.image.kdump import DISK_DUMP_HEADER, DUMP_DH_COMPRESSED_INCOMPLETE, PAGE_DESC, SUB_HEADER, KdumpSource
+from khibernate.image.layouts.kdump import DISK_DUMP_HEADER, DUMP_DH_COMPRESSED_INCOMPLETE, PAGE_DESC, SUB_HEADER
+from khibernate.image.layouts.khi import HEADER, INDEX, TRAILER, BlockEntry
 from khibernate.image.sources import open_source
-from khibernate.image.sources.base import VMCOREINFO_NOTE, Note
+from khibernate.image.sources.elf import write_elf
+from khibernate.image.sources.kdump import KdumpSource
+from khibernate.image.sources.khi import KhiSource
 from tests.image import basefiles
 
 PS = 4096

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import struct
+from pathlib import Path
 
 import pytest
 
 from khibernate import elfcore
-from khibernate.image import elf
+from khibernate.image.errors import ELF_ERRORS, NotAVmcoreError
 from khibernate.jump import elfcorehdr
 from khibernate.jump.memmap import Range
 from khibernate.layout import Layout, LayoutError
@@ -27,13 +29,42 @@ def test_pack_unpack_by_name() -> None:
         lay.pack(c=1)
 
 
+ELF_VOCABULARY = {"EHDR64", "EHDR32", "PHDR64", "PHDR32", "NHDR", "Note", "Phdr", "ElfHeaders", "LoadSpec",
+                  "pack_note", "pack_notes", "parse_notes", "parse_headers", "core_header",
+                  "parse_elfcorehdr", "VMCOREINFO_NOTE", "gnu_build_id"}
+# jump/elfcorehdr.py builds the elfcorehdr= header on elfcore's layouts; its Note is where a note buffer lies in
+# memory (paddr, size), the builder's input, not a parsed note
+ELSEWHERE = {"jump/elfcorehdr.py": {"Note"}}
+
+
+def module_level_names(path: Path) -> set[str]:
+    """Classes, functions and assigned names a module defines at its top level."""
+    out: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ClassDef | ast.FunctionDef):
+            out.add(node.name)
+        elif isinstance(node, ast.Assign):
+            out |= {n.id for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return out
+
+
 def test_one_elf_vocabulary() -> None:
-    assert elf.EHDR64 is elfcore.EHDR64 and elfcorehdr.EHDR is elfcore.EHDR64 and elf.PHDR64 is elfcorehdr.PHDR
+    """The ELF-core vocabulary (layouts, notes, program headers, the elfcorehdr parser) is defined in
+    khibernate/elfcore.py and nowhere else in the package; the header jump/ builds is what the image side parses."""
+    pkg = Path(elfcore.__file__).parent
+    defined = {str(p.relative_to(pkg)): module_level_names(p) & ELF_VOCABULARY for p in sorted(pkg.rglob("*.py"))}
+    assert {f: names for f, names in defined.items() if names and f != "elfcore.py"} == ELSEWHERE
+    assert defined["elfcore.py"] == ELF_VOCABULARY
+    assert elfcorehdr.EHDR is elfcore.EHDR64 and elfcorehdr.PHDR is elfcore.PHDR64
     hdr = elfcorehdr.build([Range(0x100000, 0x200000)], [elfcorehdr.Note(0x1000, 64, "x")])
-    h = elf.parse_headers(hdr)
+    h = elfcore.parse_headers(hdr, errors=ELF_ERRORS)
     assert [(p.type, p.paddr) for p in h.phdrs] == [(elfcore.PT_NOTE, 0x1000), (elfcore.PT_LOAD, 0x100000)]
-    notes = [elf.Note("CORE", 1, b"\1" * 5), elf.Note("VMCOREINFO", 0, b"OSRELEASE=x\n")]
-    assert elf.parse_notes(elf.pack_notes(notes)) == notes
+    assert elfcore.parse_elfcorehdr(hdr) == ([Range(0x1000, 0x1040)], [Range(0x100000, 0x200000)])
+    notes = [elfcore.Note("CORE", 1, b"\1" * 5), elfcore.Note("VMCOREINFO", 0, b"OSRELEASE=x\n")]
+    assert elfcore.parse_notes(elfcore.pack_notes(notes)) == notes
+    program = elfcore.EHDR64.pack(e_ident=elfcore.ident(elfcore.ELFCLASS64), e_type=2)  # ET_EXEC
+    with pytest.raises(NotAVmcoreError):  # the image side reports bad input in its own classes
+        elfcore.parse_headers(program, errors=ELF_ERRORS)
 
 
 def test_records_index_like_the_struct_they_replaced() -> None:

@@ -7,10 +7,10 @@ from __future__ import annotations
 import mmap
 from pathlib import Path
 
-from khibernate.capture.source import AnnotatedSource
 from khibernate.image import vmcoreinfo
-from khibernate.image.format import KhiSource, save_file
 from khibernate.image.sources import open_source
+from khibernate.image.sources.adapters import AnnotatedSource
+from khibernate.image.sources.khi import KhiSource, save_file
 from tests.image import synthkernel as sk
 
 

@@ -9,10 +9,11 @@ import numpy as np
 from click.testing import CliRunner
 
 from khibernate.cli import cli
+from khibernate.elfcore import EHDR64, ELFCLASS64, ELFDATA2LSB, ELFMAG, ET_CORE, PHDR64, PT_LOAD, PT_NOTE, pack_notes
 from khibernate.image import vmcoreinfo
-from khibernate.image.elf import EHDR64, ELFCLASS64, ELFDATA2LSB, ELFMAG, ET_CORE, PHDR64, PT_LOAD, PT_NOTE, pack_notes
 from khibernate.image.pagefilter import PageClass, PageFilter
-from khibernate.image.sources.raw import RawSource, parse_ranges
+from khibernate.image.sources import MemRange, open_source
+from khibernate.image.sources.raw import DevMemSource, RawSource, parse_ranges
 from tests.image import synthkernel as sk
 
 NOTE_PA = 0x1A00000
@@ -58,3 +59,16 @@ def test_cli_raw_ranges_and_vmcoreinfo_at(synth: sk.SynthKernel, tmp_path: Path)
     assert r.exit_code == 0, r.output
     r = runner.invoke(cli, ["image", "info", str(tmp_path / "b.khi"), "--json"])
     assert json.loads(r.stdout)["osrelease"] == "6.12.0-synth"
+
+
+def test_raw_memory_opens_through_the_registry(synth: sk.SynthKernel, tmp_path: Path) -> None:
+    """Raw memory has no magic: open_source takes it when told what it holds, by pread for a file and by mmap
+    windows for a memory device (a character device, like /dev/mem, whose read() stops at high_memory)."""
+    raw, blob, _ = _raw(synth, tmp_path)
+    with open_source(raw, elfcorehdr=blob.read_bytes()) as src:
+        assert isinstance(src, RawSource) and [(r.start, r.end) for r in src.ranges] == synth.ranges
+        assert vmcoreinfo.from_source(src).osrelease == "6.12.0-synth"
+    with open_source(raw, ranges=parse_ranges("1000-3000")) as src:
+        assert isinstance(src, RawSource) and src.read(0x1000, 16) == synth.mem[0x1000:0x1010]
+    with open_source("/dev/zero", ranges=[MemRange(0x10000, 0x30000)]) as src:  # a character device
+        assert isinstance(src, DevMemSource) and src.read(0x2F000, 0x1000) == bytes(0x1000)

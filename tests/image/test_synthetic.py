@@ -9,11 +9,11 @@ import pytest
 
 from khibernate import native
 from khibernate.image import vmcoreinfo
-from khibernate.image.elf import ElfSource
 from khibernate.image.errors import AddressError
-from khibernate.image.format import KhiSource, save_file
 from khibernate.image.pagefilter import PageClass, PageFilter
 from khibernate.image.sources import open_source
+from khibernate.image.sources.elf import ElfSource
+from khibernate.image.sources.khi import KhiSource, save_file
 from khibernate.image.x86_64 import X86_64
 from tests.image import synthkernel as sk
 

@@ -7,9 +7,11 @@ import struct
 
 import pytest
 
-from khibernate.image import xen
+from khibernate.elfcore import Note
 from khibernate.image.errors import UsageErrorImage
-from khibernate.image.sources.base import MemorySource, MemRange, Note
+from khibernate.image.layouts import xen as xen_notes
+from khibernate.image.sources import xen
+from khibernate.image.sources.base import MemorySource, MemRange
 
 PAGE = 4096
 XEN_VIRT = 0xFFFF82D040000000
@@ -56,15 +58,16 @@ VMCOREINFO_XEN = (f"PAGESIZE=4096\nSYMBOL(domain_list)={XEN_VIRT + 0x100000:x}\n
 
 
 def _info_note(extra_version_at: int) -> Note:
-    desc = xen.CRASH_INFO.pack(xen_major_version=4, xen_minor_version=17, xen_extra_version=extra_version_at,
+    desc = xen_notes.CRASH_INFO.pack(xen_major_version=4, xen_minor_version=17, xen_extra_version=extra_version_at,
                                xen_phys_start=XEN_PHYS, dom0_pfn_to_mfn_frame_list_list=0x1234)
-    return Note("Xen", xen.XEN_ELFNOTE_CRASH_INFO, desc)
+    return Note("Xen", xen_notes.XEN_ELFNOTE_CRASH_INFO, desc)
 
 
 def _xen_machine() -> tuple[BytesSource, dict[str, int]]:
     """A machine whose Xen has dom0 (id 0) and a guest (id 1); frames 0x100-0x103 dom0's, 0x200-0x201 the guest's,
     0x300 a Xen heap frame, 0x301 free, 0x302 dom_xen's, 0x303 in use without owner."""
-    notes = (Note("CORE", 1, bytes(336)), Note("Xen", xen.XEN_ELFNOTE_CRASH_REGS, struct.pack("<4Q", 0, 0, 0x1000, 0)),
+    notes = (Note("CORE", 1, bytes(336)),
+             Note("Xen", xen_notes.XEN_ELFNOTE_CRASH_REGS, struct.pack("<4Q", 0, 0, 0x1000, 0)),
              _info_note(XEN_PHYS + 0x300000), Note("VMCOREINFO_XEN", 0, VMCOREINFO_XEN.encode()))
     src = BytesSource(notes)
     text = lambda va: va - XEN_VIRT + XEN_PHYS  # noqa: E731

@@ -38,7 +38,7 @@ def test_sysfs_parsing(tmp_path):
 
 def test_round_trip_khibernate_image_reader():
     """The header is what khibernate/image's ELF reader expects of a vmcore's headers."""
-    from khibernate.image.elf import ELFCLASS64, EM_X86_64, parse_headers
+    from khibernate.elfcore import ELFCLASS64, EM_X86_64, parse_headers
 
     ram = [Range(0x9F000, 0x9FC00), Range(0x100000, 0x2E000000), Range(0x3E000000, 0x3FFE0000)]
     notes = [Note(0x3FC1A000, 0x150, "cpu0"), Note(0x1FA000, 0x1024, "VMCOREINFO")]

@@ -14,8 +14,7 @@ import subprocess
 
 import pytest
 
-from khibernate.elfcore import EHDR64, PHDR64
-from khibernate.image.elf import Note, pack_notes
+from khibernate.elfcore import EHDR64, PHDR64, Note, pack_notes
 from khibernate.jump import payload
 from khibernate.jump.payload import PayloadError
 from tests.tiers import unavailable

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from khibernate.capture.job import Job, JobError, parse
-from khibernate.capture.source import AnnotatedSource
+from khibernate.elfcore import gnu_build_id as build_id_from_notes
 from khibernate.image import vmcoreinfo
-from khibernate.image.elf import gnu_build_id as build_id_from_notes
-from khibernate.image.format import KhiSource, save_file
 from khibernate.image.sources import open_source
+from khibernate.image.sources.adapters import AnnotatedSource
+from khibernate.image.sources.khi import KhiSource, save_file
 from khibernate.ranges import Range
 from khibernate.restore import checks
 from khibernate.restore.checks import RestoreRefused, SavedImage, ThisBoot, page_ranges
@@ -184,8 +184,7 @@ def test_job_words_round_trip_with_restore_options() -> None:
 
 
 def test_build_id_from_kernel_notes() -> None:
-    from khibernate.image.elf import pack_notes
-    from khibernate.image.sources.base import Note
+    from khibernate.elfcore import Note, pack_notes
 
     blob = pack_notes([Note("Xen", 1, b"1234"), Note("GNU", 3, bytes.fromhex("deadbeef00"))])
     assert build_id_from_notes(blob) == "deadbeef00"

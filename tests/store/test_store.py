@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from khibernate.cli import cli
-from khibernate.image.format import KhiSource, save
+from khibernate.image.sources.khi import KhiSource, save
 from khibernate.image.sources.raw import RawSource, parse_ranges
 from khibernate.store import api, device, plan
 from khibernate.store.errors import NoSpaceError, NotAStoreError, SlotFullError, StoreCorruptError, StoreError

@@ -8,9 +8,10 @@ import hashlib
 import json
 import sys
 
+from khibernate.image.errors import MappingRefusedError
 from khibernate.image.sources import open_source
+from khibernate.image.sources.raw import DevMemSource
 from khibernate.view import NoPreviousKernelError, open_previous
-from khibernate.view.devmem import DevMemSource, MappingRefusedError
 from khibernate.view.previous import open_running_side
 
 PER_RANGE = int(sys.argv[1]) if len(sys.argv) > 1 else 48

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from khibernate.image.elf import pack_notes
-from khibernate.image.errors import AddressError
-from khibernate.image.sources.base import MemRange, Note
+from khibernate.elfcore import Note, pack_notes
+from khibernate.image.errors import AddressError, MappingRefusedError
+from khibernate.image.sources import raw as devmem
+from khibernate.image.sources.base import MemRange
 from khibernate.jump import elfcorehdr as ech
 from khibernate.jump.memmap import Range
-from khibernate.view import NoPreviousKernelError, devmem
+from khibernate.view import NoPreviousKernelError
 from khibernate.view.previous import open_running_side
 
 PAGE = mmap.PAGESIZE
@@ -96,6 +97,6 @@ def test_refused_mapping_is_one_clear_error(fake_mem: tuple[Path, bytes], monkey
     monkeypatch.setattr(devmem.mmap, "mmap", refused)
     with pytest.raises(NoPreviousKernelError, match=r"refuses the elfcorehdr page at 0x180000 .*STRICT_DEVMEM"):
         open_running_side(str(d / "cmdline"), str(d / "none"), str(d / "mem"))
-    with pytest.raises(devmem.MappingRefusedError, match="mmap of .* at 0x200000") as e:
+    with pytest.raises(MappingRefusedError, match="mmap of .* at 0x200000") as e:
         devmem.PhysWindows(d / "mem").read(0x200000, 16)
     assert e.value.errno == errno.EPERM

@@ -6,12 +6,11 @@ import io
 
 import pytest
 
-from khibernate.image.elf import PT_LOAD, PT_NOTE, ElfSource, LoadSpec, parse_headers, write_elf
+from khibernate.elfcore import PT_LOAD, PT_NOTE, LoadSpec, Note, parse_headers
 from khibernate.image.errors import AddressError
-from khibernate.image.sources.base import MemorySource, MemRange, Note, StoredSource
-from khibernate.view.elfcore import VmcoreLayout, loads_for
+from khibernate.image.sources.base import MemorySource, MemRange, StoredSource
+from khibernate.image.sources.elf import ElfSource, VmcoreLayout, loads_for, write_elf
 from khibernate.view.files import ViewFile, build_files
-from khibernate.view.physical import read_filled
 
 PS = 4096
 
@@ -99,8 +98,8 @@ def test_on_the_fly_file_equals_write_elf_and_reads_back_through_elfsource(tmp_p
 def test_read_filled_zeros_holes_and_excluded_pages_only() -> None:
     src = Pattern(RANGES, excluded=frozenset({0x101}))
     for paddr, n in [(0x9e000, 0x3000), (0x100ff0, 0x20), (0x100800, 0x2000), (0, 10), (0x1000, 64)]:
-        assert read_filled(src, paddr, n) == expected(paddr, n, src)
-    assert read_filled(src, 0x5000, 0) == b""
+        assert src.read_filled(paddr, n) == expected(paddr, n, src)
+    assert src.read_filled(0x5000, 0) == b""
 
 
 def test_view_files_oldmem_is_physical_and_vmcore_carries_notes() -> None:

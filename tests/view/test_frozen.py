@@ -8,6 +8,7 @@ import struct
 import pytest
 
 from khibernate.image.sources.base import MemRange
+from khibernate.image.sources.frozen import pick_vmcoreinfo
 from khibernate.view import NoPreviousKernelError
 from khibernate.view.frozen import (
     IND_DESTINATION,
@@ -17,7 +18,6 @@ from khibernate.view.frozen import (
     crash_regions,
     kallsyms_address,
     kimage_swaps,
-    pick_vmcoreinfo,
 )
 
 

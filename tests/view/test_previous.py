@@ -42,8 +42,7 @@ def test_first_kernel_without_jump_refuses_with_what_to_do(tmp_path: Path, monke
 
 def test_capture_kernel_without_proc_vmcore_reads_dev_mem_through_the_elfcorehdr(tmp_path: Path) -> None:
     """A fake /dev/mem: RAM at 0x1000-0x40000, the elfcorehdr at 0x20000, a VMCOREINFO note at 0x30000."""
-    from khibernate.image.elf import pack_notes
-    from khibernate.image.sources.base import Note
+    from khibernate.elfcore import Note, pack_notes
 
     mem = bytearray((i * 7) & 0xFF for i in range(0x40000))
     note = pack_notes([Note("VMCOREINFO", 0, b"OSRELEASE=9.9.9\nPAGESIZE=4096\n")])

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from khibernate.image.format import KhiSource
+from khibernate.image.sources.khi import KhiSource
 
 pytestmark = pytest.mark.vm
 

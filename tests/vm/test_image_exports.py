@@ -11,8 +11,8 @@ import pytest
 from khibernate.image import vmcoreinfo
 from khibernate.image.dmesg import kernel_log
 from khibernate.image.export import export
-from khibernate.image.format import KhiSource, save_file
 from khibernate.image.sources import open_source
+from khibernate.image.sources.khi import KhiSource, save_file
 from tests.vm.vmcores import RealDump
 
 pytestmark = pytest.mark.vm

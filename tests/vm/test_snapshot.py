@@ -109,7 +109,7 @@ def _snapshot(vm, report: dict) -> dict:
 def _check_image(vm, tmp_path: Path, r: dict, addrs: list[int], vmci_a: str, marker: str) -> dict:
     """The slot's image on the host: verifies, holds the pattern, VMCOREINFO, the log up to the jump, our note."""
     from khibernate.image.dmesg import kernel_log
-    from khibernate.image.format import KhiSource
+    from khibernate.image.sources.khi import KhiSource
     from khibernate.image.vmcoreinfo import from_source
     from khibernate.store import api as store
 

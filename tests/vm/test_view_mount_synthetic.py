@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from khibernate.image.elf import parse_headers
+from khibernate.elfcore import parse_headers
 from khibernate.image.sources import open_source
 from tests.image.synthkernel import SynthKernel
 from tests.vm.view_mounting import MOUNT, mounted

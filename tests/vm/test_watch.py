@@ -84,7 +84,7 @@ def events(vm, since: set[str] | None = None) -> dict[str, dict]:
 def image_log(vm, tmp_path: Path, slot: int) -> str:
     """The kernel log inside the slot's image, read on the host from the guest's disk file."""
     from khibernate.image.dmesg import kernel_log
-    from khibernate.image.format import KhiSource
+    from khibernate.image.sources.khi import KhiSource
     from khibernate.image.vmcoreinfo import from_source
     from khibernate.store import api as store
 

@@ -170,8 +170,8 @@ def test_xen_filters_agree_with_makedumpfile(host_elf, dom0_crash, tmp_path):
     keeps exactly the frames `makedumpfile -X` keeps (both read the hypervisor's symbols from VMCOREINFO_XEN); with
     Xen 4.17's own layout it also drops the free frames makedumpfile misreads, leaving dom0's 640 MiB and the
     hypervisor's frames; --xen hypervisor keeps the hypervisor's alone."""
-    from khibernate.image import xen as xen_image
     from khibernate.image.sources import open_source
+    from khibernate.image.sources import xen as xen_image
 
     mdf, ours, hv = tmp_path / "mdf-X.kdump", tmp_path / "ours-X.kdump", tmp_path / "ours-hv.kdump"
     r = subprocess.run(["makedumpfile", "-c", "-d", "1", "-X", str(host_elf), str(mdf)], capture_output=True,

@@ -9,6 +9,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 
+from khibernate.elfcore import VMCOREINFO_NOTE, Note
 from khibernate.image.errors import AddressError, TruncatedError
 from khibernate.ranges import Range, merge
 
@@ -17,19 +18,6 @@ PAGE_SIZE = 4096
 
 # The image side's name for khibernate's one Range type (half-open, e820 type left at RAM).
 MemRange = Range
-
-
-@dataclasses.dataclass(frozen=True)
-class Note:
-    """One ELF note: owner name (without NUL), type and descriptor bytes."""
-
-    name: str
-    type: int
-    desc: bytes
-
-
-NT_PRSTATUS = 1
-VMCOREINFO_NOTE = "VMCOREINFO"
 
 
 def merge_ranges(ranges: Sequence[MemRange]) -> tuple[MemRange, ...]:
@@ -125,6 +113,30 @@ class MemorySource(ABC):
         """True if [paddr, paddr+size) holds data (inside ranges and not excluded)."""
         i = bisect.bisect_right([r.start for r in self.ranges], paddr) - 1
         return i >= 0 and self.ranges[i].end >= paddr + size
+
+    def read_filled(self, paddr: int, size: int) -> bytes:
+        """Bytes of [paddr, paddr+size) that never fail inside the address space: the source's bytes where it has
+        them, zeros for holes and excluded pages (what a view's ``oldmem`` and ``vmcore`` data return; a reader
+        that wants to know asks :meth:`present` / :meth:`page_present_mask`)."""
+        if size <= 0:
+            return b""
+        try:
+            return self.read(paddr, size)
+        except AddressError:
+            pass
+        ps = self.page_size
+        out = bytearray(size)
+        pos = paddr
+        end = paddr + size
+        while pos < end:
+            n = min(ps - pos % ps, end - pos)
+            if self.present(pos, n):
+                try:
+                    out[pos - paddr:pos - paddr + n] = self.read(pos, n)
+                except AddressError:
+                    pass  # excluded by the filter: stays zero
+            pos += n
+        return bytes(out)
 
     def page_present_mask(self, pfn: int, count: int) -> bytearray | None:
         """Per pfn of pfn..pfn+count one byte, 1 where it holds data, 0 where not; None means 'all inside ranges'."""

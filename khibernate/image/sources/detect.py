@@ -1,19 +1,28 @@
-"""Pick the reader for a file by its first bytes: every format module exports ``probe(head)`` and ``open(path)``
-(libkdumpfile's ``format_ops`` table is the model); detection loops over :data:`READERS`."""
+"""The one door to every reader: :func:`open_source`.
+
+A file format is picked by its first bytes: every format module exports ``probe(head)`` and ``open(path)``
+(libkdumpfile's ``format_ops`` table is the model) and detection loops over :data:`READERS`.  Raw physical memory
+has no magic: it is opened when the caller says what it holds (``ranges=``, or ``elfcorehdr=`` with the header's
+bytes), by pread for a file and by mmap windows for a memory device (``/dev/mem``, whose read() stops at the running
+kernel's own end of RAM).  Live and derived sources are opened by their users: the frozen jump target
+(``khibernate/view/frozen.py``) and the adapters over another source (``adapters.py``, ``xen.py``).
+"""
 
 from __future__ import annotations
 
 import importlib
 import os
+import stat
+from collections.abc import Sequence
 from typing import Protocol, cast
 
 from khibernate.image.errors import NotAVmcoreError
-from khibernate.image.sources.base import MemorySource
+from khibernate.image.sources.base import MemorySource, MemRange
 
 HEAD_SIZE = 64  # bytes a probe sees
 
 # reader modules, imported only when a file is probed (so the CLI starts fast)
-READERS = ("khibernate.image.elf", "khibernate.image.kdump", "khibernate.image.format")
+READERS = ("khibernate.image.sources.elf", "khibernate.image.sources.kdump", "khibernate.image.sources.khi")
 
 
 class ReaderModule(Protocol):
@@ -33,16 +42,26 @@ def reader_for(head: bytes) -> ReaderModule | None:
     return None
 
 
-def open_source(path: str | os.PathLike[str]) -> MemorySource:
-    """Open ``path`` with the reader its first bytes name (ELF, kdump, flattened, khibernate image)."""
+def open_source(path: str | os.PathLike[str], *, ranges: Sequence[MemRange] | None = None,
+                elfcorehdr: bytes | None = None) -> MemorySource:
+    """Open ``path`` with the reader its first bytes name (ELF, kdump, flattened, khibernate image), or as raw
+    physical memory when ``elfcorehdr`` (the bytes of the ELF core header that describes it) or ``ranges`` is
+    given."""
     from khibernate.image.inputfile import open_input
 
     p = os.fspath(path)
+    raw = elfcorehdr is not None or ranges is not None
     fd = open_input(p)
     try:
-        head = os.pread(fd, HEAD_SIZE, 0)
+        device = stat.S_ISCHR(os.fstat(fd).st_mode)
+        head = b"" if raw else os.pread(fd, HEAD_SIZE, 0)
     finally:
         os.close(fd)
+    if raw:
+        from khibernate.image.sources.raw import DevMemSource, RawSource
+
+        cls = DevMemSource if device else RawSource
+        return cls.with_elfcorehdr(p, elfcorehdr) if elfcorehdr is not None else cls(p, ranges or ())
     mod = reader_for(head)
     if mod is None:
         raise NotAVmcoreError(

@@ -1,9 +1,9 @@
-"""khibernate's own image (``.khi``): layouts, streaming writer (:func:`save`) and reader (:class:`KhiSource`).
+"""khibernate's own image (``.khi``): streaming writer (:func:`save`) and reader (:class:`KhiSource`) side by side,
+over the layouts of :mod:`khibernate.image.layouts.khi` (``docs/image-format.md`` has every byte).
 
-Layout (little-endian; ``docs/image-format.md`` has every byte): a header (magic, version, page size, dump level,
-OSRELEASE, BUILD-ID, UUID, time, memory ranges, ELF notes incl. VMCOREINFO) padded to 4 KiB; zstd blocks of up to
-``block_pages`` kept pages each, in pfn order; the stored-page and zero-page bitmaps; the block index; a 128-byte
-trailer written last.  A file without a valid trailer is an interrupted save and is refused.
+The writer filters a source at a dump level and compresses blocks of kept pages on worker threads, in pfn order,
+the trailer last (a file without one is an interrupted save and is refused); the reader checks header, trailer,
+bitmaps and index at open and every block's CRC before its bytes are used.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import collections
 import dataclasses
 import functools
 import os
-import struct
 import time
 import uuid as uuidlib
 import zlib
@@ -23,200 +22,32 @@ from typing import BinaryIO
 import zstandard
 
 from khibernate import native
+from khibernate.elfcore import Note
 from khibernate.image.atomic import atomic_output
-from khibernate.image.elf import pack_notes, parse_notes
-from khibernate.image.errors import (
-    AddressError,
-    CorruptImageError,
-    IncompleteImageError,
-    NotAVmcoreError,
-    TruncatedError,
-    UnsupportedError,
-    UsageErrorImage,
+from khibernate.image.errors import AddressError, CorruptImageError, TruncatedError, UsageErrorImage
+from khibernate.image.inputfile import input_size, open_input
+from khibernate.image.layouts.khi import (
+    FLAG_RESTORABLE,
+    HEADER,
+    HEADER_ALIGN,
+    INDEX,
+    MAGIC,
+    MAX_BLOCK_PAGES,
+    TRAILER,
+    VERSION,
+    BlockEntry,
+    Header,
+    Trailer,
+    block_crc,
 )
-from khibernate.image.inputfile import MAX_PHYS_ADDR, input_size, open_input
-from khibernate.image.levels import RESTORABLE_LEVEL
 from khibernate.image.pagefilter import DL_ZERO, PageClass, check_level
 from khibernate.image.pipeline import BufferPool, EarlyWriteback, ZstdPerThread, ordered_map
-from khibernate.image.plan import plan, ram_mask
-from khibernate.image.sources.base import VMCOREINFO_NOTE, MemorySource, MemRange, Note, PagedSource
+from khibernate.image.plan import Chunk, check_source_level, default_notes, plan, ram_mask
+from khibernate.image.sources.base import MemorySource, MemRange, PagedSource
 from khibernate.image.vmcoreinfo import Vmcoreinfo
-from khibernate.layout import Layout
 
-MAGIC = b"KHIMG\x00\r\n"
-TRAILER_MAGIC = b"KHIEND\x00\x00"
-VERSION = 2  # 2: each block's CRC is seeded with its index fields (binds a frame to its pfn range)
-READ_VERSIONS = (1, 2)
-FLAG_RESTORABLE = 1
-COMPRESS_ZSTD = 1
-HEADER_ALIGN = 4096
-
-HEADER = Layout("khi_header", "<", [
-    ("magic", "8s"), ("version", "I"), ("header_size", "I"), ("page_size", "I"), ("dump_level", "I"), ("flags", "I"),
-    ("block_pages", "I"), ("uuid", "16s"), ("created_ns", "Q"), ("max_pfn", "Q"), ("nr_ranges", "I"),
-    ("notes_size", "I"), ("osrelease", "65s"), ("build_id", "65s"), ("pad", "2x"), ("compression", "I"),
-    ("compression_level", "i"), ("reserved", "40s"), ("header_crc32", "I")])
-RANGE = Layout("khi_range", "<", [("start", "Q"), ("end", "Q")])
-INDEX = Layout("khi_index_entry", "<", [("first_pfn", "Q"), ("end_pfn", "Q"), ("offset", "Q"), ("csize", "I"),
-                                        ("usize", "I"), ("npages", "I"), ("crc32", "I")])
-TRAILER = Layout("khi_trailer", "<", [
-    ("magic", "8s"), ("stored_bitmap_offset", "Q"), ("zero_bitmap_offset", "Q"), ("bitmap_size", "Q"),
-    ("index_offset", "Q"), ("index_count", "Q"), ("pages_stored", "Q"), ("pages_zero", "Q"), ("class_counts", "7Q"),
-    ("tables_crc32", "I"), ("trailer_crc32", "I")])
-BLOCK_BIND = Layout("khi_block_bind", "<", [("first_pfn", "Q"), ("end_pfn", "Q"), ("usize", "I"), ("npages", "I")])
-HEADER_CRC_OFFSET = HEADER.offsets["header_crc32"]
-assert HEADER.size == 256 and TRAILER.size == 128 and INDEX.size == 40
-MAX_BLOCK_PAGES = 1 << 16
 # pfns classified at a time: small enough that classifying the next chunk never starves the compressors
 PLAN_CHUNK = 1 << 14
-
-
-def block_crc(version: int, first_pfn: int, end_pfn: int, usize: int, npages: int, frame: bytes) -> int:
-    """The CRC-32 an index entry stores: of the frame alone (v1), or seeded with the entry's pfn range (v2)."""
-    if version < 2:
-        return zlib.crc32(frame)
-    return zlib.crc32(frame, zlib.crc32(BLOCK_BIND.pack(first_pfn=first_pfn, end_pfn=end_pfn, usize=usize,
-                                                        npages=npages)))
-
-
-def _ascii(text: str) -> bytes:
-    """At most 64 ASCII bytes of ``text`` (others become '?'), so the reader reads back what the writer wrote."""
-    return text.encode("ascii", "replace")[:64]
-
-
-def _text(raw: bytes) -> str:
-    """A NUL-padded header string field."""
-    return raw.split(b"\0")[0].decode("ascii", "replace")
-
-
-@dataclasses.dataclass(frozen=True)
-class Header:
-    """The image header: everything known before the first page is written."""
-
-    page_size: int
-    dump_level: int
-    flags: int
-    block_pages: int
-    uuid: bytes
-    created_ns: int
-    max_pfn: int
-    ranges: tuple[MemRange, ...]
-    notes: tuple[Note, ...]
-    osrelease: str
-    build_id: str
-    compression: int = COMPRESS_ZSTD
-    compression_level: int = 1
-    version: int = VERSION
-
-    def pack(self) -> bytes:
-        """Header bytes, padded to HEADER_ALIGN, with its CRC filled in."""
-        notes = pack_notes(self.notes)
-        body = b"".join(RANGE.pack(start=r.start, end=r.end) for r in self.ranges) + notes
-        size = -(-(HEADER.size + len(body)) // HEADER_ALIGN) * HEADER_ALIGN
-        fixed = HEADER.pack(magic=MAGIC, version=self.version, header_size=size, page_size=self.page_size,
-                            dump_level=self.dump_level, flags=self.flags, block_pages=self.block_pages,
-                            uuid=self.uuid, created_ns=self.created_ns, max_pfn=self.max_pfn,
-                            nr_ranges=len(self.ranges), notes_size=len(notes), osrelease=_ascii(self.osrelease),
-                            build_id=_ascii(self.build_id), compression=self.compression,
-                            compression_level=self.compression_level)
-        raw = bytearray(fixed + body + bytes(size - HEADER.size - len(body)))
-        struct.pack_into("<I", raw, HEADER_CRC_OFFSET, zlib.crc32(raw))
-        return bytes(raw)
-
-    @classmethod
-    def unpack(cls, data: bytes | memoryview) -> tuple[Header, int]:
-        """(Header, its size in bytes) from the start of an image; errors name what is wrong."""
-        if len(data) < HEADER.size or bytes(data[:8]) != MAGIC:
-            raise NotAVmcoreError("not a khibernate image (bad magic)")
-        f = HEADER.unpack(data)
-        version, size = f["version"], f["header_size"]
-        if version not in READ_VERSIONS:
-            raise UnsupportedError(f"khibernate image version {version} is not supported (this khibernate reads "
-                                   f"versions {', '.join(map(str, READ_VERSIONS))}); use the khibernate that wrote it")
-        if size < HEADER.size or size > len(data):
-            raise TruncatedError("khibernate image header is cut short; the file is truncated")
-        raw = bytearray(data[:size])
-        struct.pack_into("<I", raw, HEADER_CRC_OFFSET, 0)
-        if zlib.crc32(raw) != f["header_crc32"]:
-            raise CorruptImageError("khibernate image header checksum mismatch; the file is corrupt")
-        page_size, block_pages, max_pfn = f["page_size"], f["block_pages"], f["max_pfn"]
-        nr_ranges, notes_size, compression = f["nr_ranges"], f["notes_size"], f["compression"]
-        bad = ""
-        if page_size < 512 or page_size > 1 << 20 or page_size & (page_size - 1):
-            bad = f"page_size {page_size} is not a page size"
-        elif not 1 <= block_pages <= MAX_BLOCK_PAGES:
-            bad = f"block_pages {block_pages} is outside 1..{MAX_BLOCK_PAGES}"
-        elif max_pfn * page_size > MAX_PHYS_ADDR:
-            bad = f"max_pfn {max_pfn} is beyond {MAX_PHYS_ADDR >> 40} TiB"
-        elif HEADER.size + nr_ranges * RANGE.size + notes_size > size:
-            bad = f"{nr_ranges} ranges and {notes_size} note bytes do not fit in a {size}-byte header"
-        elif compression != COMPRESS_ZSTD:
-            bad = f"compression id {compression} is unknown (1 = zstd)"
-        if bad:
-            raise CorruptImageError(f"khibernate image header: {bad}; the file is corrupt")
-        off = HEADER.size
-        ranges = tuple(MemRange(**RANGE.unpack(data, off + i * RANGE.size)) for i in range(nr_ranges))
-        prev = 0
-        for r in ranges:
-            if r.start >= r.end or r.start < prev or -(-r.end // page_size) > max_pfn:
-                raise CorruptImageError(f"khibernate image range {r.start:#x}-{r.end:#x} is empty, unsorted or "
-                                        "beyond max_pfn; the file is corrupt")
-            prev = r.end
-        off += nr_ranges * RANGE.size
-        notes = tuple(parse_notes(bytes(data[off:off + notes_size])))
-        return cls(page_size=page_size, dump_level=f["dump_level"], flags=f["flags"], block_pages=block_pages,
-                   uuid=f["uuid"], created_ns=f["created_ns"], max_pfn=max_pfn, ranges=ranges, notes=notes,
-                   osrelease=_text(f["osrelease"]), build_id=_text(f["build_id"]), compression=compression,
-                   compression_level=f["compression_level"], version=version), size
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockEntry:
-    """One block: the pfn range it covers, where its zstd frame lies, and its checksum."""
-
-    first_pfn: int
-    end_pfn: int
-    offset: int
-    csize: int
-    usize: int
-    npages: int
-    crc32: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Trailer:
-    """Written last: where the bitmaps and index are, page counts, and checksums."""
-
-    stored_bitmap_offset: int
-    zero_bitmap_offset: int
-    bitmap_size: int
-    index_offset: int
-    index_count: int
-    pages_stored: int
-    pages_zero: int
-    class_counts: tuple[int, ...]
-    tables_crc: int
-
-    def pack(self) -> bytes:
-        """Trailer bytes with its own CRC."""
-        raw = TRAILER.pack(magic=TRAILER_MAGIC, stored_bitmap_offset=self.stored_bitmap_offset,
-                           zero_bitmap_offset=self.zero_bitmap_offset, bitmap_size=self.bitmap_size,
-                           index_offset=self.index_offset, index_count=self.index_count,
-                           pages_stored=self.pages_stored, pages_zero=self.pages_zero,
-                           class_counts=self.class_counts, tables_crc32=self.tables_crc)
-        return raw[:-4] + struct.pack("<I", zlib.crc32(raw[:-4]))
-
-    @classmethod
-    def unpack(cls, data: bytes | memoryview) -> Trailer:
-        """Trailer from the last TRAILER.size bytes; IncompleteImageError if it is absent."""
-        if len(data) != TRAILER.size or bytes(data[:8]) != TRAILER_MAGIC:
-            raise IncompleteImageError("khibernate image has no trailer: the save was interrupted; save it again")
-        f = TRAILER.unpack(bytes(data))
-        if zlib.crc32(bytes(data[:-4])) != f["trailer_crc32"]:
-            raise CorruptImageError("khibernate image trailer checksum mismatch; the file is corrupt")
-        return cls(f["stored_bitmap_offset"], f["zero_bitmap_offset"], f["bitmap_size"], f["index_offset"],
-                   f["index_count"], f["pages_stored"], f["pages_zero"], f["class_counts"], f["tables_crc32"])
-
 
 # ------------------------------------------------------------------------------------------------ writer
 
@@ -310,23 +141,75 @@ def _fill_and_compress(b: Block, *, source: MemorySource, ps: int, drop_zero: bo
     return fill, first, last + 1, frame, block_crc(VERSION, first, last + 1, fill * ps, fill, frame)
 
 
-def default_notes(source: MemorySource, vmci: Vmcoreinfo | None) -> tuple[Note, ...]:
-    """The source's notes, plus a VMCOREINFO note when it came from elsewhere (-i FILE, sysfs)."""
-    notes = tuple(source.notes)
-    if vmci is not None and not any(n.name == VMCOREINFO_NOTE for n in notes):
-        notes += (Note(VMCOREINFO_NOTE, 0, vmci.text.encode()),)
-    return notes
+class _Bitmaps:
+    """The image's stored-page and zero-page bitmaps, filled a plan chunk at a time once the chunk's last block is
+    written (the workers mark pages in the chunk's masks)."""
+
+    def __init__(self, max_pfn: int, stats: SaveStats):
+        self.stored = bytearray(-(-max_pfn // 8))  # one bit per pfn
+        self.zero = bytearray(len(self.stored))
+        self.stats = stats
+        self.open: collections.deque[_ChunkMasks] = collections.deque()
+
+    def written(self, blk: Block) -> None:
+        """``blk`` is on disk: its chunks have one block less to wait for; pack every chunk now complete."""
+        for c in {id(seg.chunk): seg.chunk for seg in blk.segments}.values():
+            c.blocks_left -= 1
+        self._pack_done()
+
+    def _pack_done(self) -> None:
+        """Bitmaps and counts of the oldest chunks that are planned and whose blocks have all been written."""
+        while self.open and self.open[0].planned and self.open[0].blocks_left == 0:
+            self.open.popleft().pack_into(self.stored, self.zero, self.stats)
+
+    def tables(self, index: list[BlockEntry]) -> bytes:
+        """What follows the blocks: both bitmaps and the block index (once every block is written)."""
+        self._pack_done()
+        if self.open:
+            raise AssertionError("save: a chunk's blocks were never all written")
+        return bytes(self.stored) + bytes(self.zero) + b"".join(e.pack() for e in index)
 
 
-def check_source_level(source: MemorySource, level: int, restorable: bool) -> int:
-    """The dump level an output of ``source`` filtered at ``level`` has (the source's own level included);
-    UsageErrorImage when ``restorable`` is asked of a source that already lost more than zero and free pages."""
-    eff = level | source.dump_level
-    if restorable and eff & ~RESTORABLE_LEVEL:
-        raise UsageErrorImage(f"the source was already filtered at dump level {source.dump_level}, which drops "
-                              "cache or user pages: no image of it can be restored; pass -d "
-                              f"{eff} to save it anyway (not restorable)")
-    return eff
+def _blocks(chunks: Iterator[Chunk], source: MemorySource, block_pages: int, buffers: BufferPool[bytearray],
+            bitmaps: _Bitmaps, progress: Callable[[int], None] | None) -> Iterator[Block]:
+    """Blocks of up to block_pages kept source pages, in pfn order: each a list of segments, either a view of the
+    source's mapping (gathered on the worker) or pages already read into the block's buffer."""
+    ps, stats = source.page_size, bitmaps.stats
+    cur = Block(buffers.get(), [])
+    src_pages = 0  # source pages placed in cur
+    for ch in chunks:
+        pfn, keep = ch.pfn, ch.keep
+        if pfn % 8:
+            raise AssertionError(f"plan chunk at pfn {pfn} is not byte aligned")
+        masks = _ChunkMasks(pfn, bytearray(len(keep)), bytearray(len(keep)))
+        bitmaps.open.append(masks)
+        for i, c in enumerate(native.histogram(ch.classes)[:len(PageClass)]):
+            stats.class_counts[i] += c
+        nram = ch.ram.count(1)
+        stats.pages_ram += nram
+        for a, b in native.runs(keep):
+            s = a
+            while s < b:
+                take = min(b - s, block_pages - src_pages)
+                paddr = (pfn + s) * ps
+                view = source.mapped_view(paddr, take * ps)  # zero-copy: the worker gathers from the mapping
+                if view is None:  # read here (readers are not thread-safe), squeezed on the worker
+                    source.readinto(paddr, memoryview(cur.buf)[src_pages * ps:(src_pages + take) * ps])
+                if not cur.segments or cur.segments[-1].chunk is not masks:
+                    masks.blocks_left += 1
+                cur.segments.append(Segment(masks, s, take, view, src_pages))
+                src_pages += take
+                s += take
+                if src_pages == block_pages:
+                    yield cur
+                    cur, src_pages = Block(buffers.get(), []), 0
+        masks.planned = True
+        if progress:
+            progress(nram * ps)
+    if cur.segments:
+        yield cur
+    else:
+        buffers.put(cur.buf)
 
 
 def _tell(out: BinaryIO) -> int:
@@ -344,14 +227,13 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
     t0 = time.monotonic()
     check_level(level, restorable)
     recorded = check_source_level(source, level, restorable)  # what the image holds: the source's loss included
-    if threads < 1 or not 1 <= block_pages <= 1 << 16:
-        raise UsageErrorImage("--threads must be >= 1 and --block-pages 1..65536")
+    if threads < 1 or not 1 <= block_pages <= MAX_BLOCK_PAGES:
+        raise UsageErrorImage(f"--threads must be >= 1 and --block-pages 1..{MAX_BLOCK_PAGES}")
     chunks = plan(source, vmci, level, restorable=restorable, chunk=PLAN_CHUNK)
     ps = source.page_size
-    max_pfn = source.max_pfn
     header = Header(page_size=ps, dump_level=recorded, flags=FLAG_RESTORABLE if restorable else 0,
                     block_pages=block_pages, uuid=uuidlib.uuid4().bytes, created_ns=time.time_ns(),
-                    max_pfn=max_pfn, ranges=source.ranges, notes=default_notes(source, vmci),
+                    max_pfn=source.max_pfn, ranges=source.ranges, notes=default_notes(source, vmci),
                     osrelease=vmci.osrelease if vmci else "", build_id=vmci.build_id if vmci else "",
                     compression_level=zstd_level)
     head = header.pack()
@@ -359,83 +241,29 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
     writeback = EarlyWriteback(out, base)
     out.write(head)
     pos = len(head)
-    stored_bits = bytearray(-(-max_pfn // 8))  # one bit per pfn, filled chunk by chunk
-    zero_bits = bytearray(len(stored_bits))
     stats = SaveStats()
+    bitmaps = _Bitmaps(source.max_pfn, stats)
     index: list[BlockEntry] = []
-    drop_zero = bool(level & DL_ZERO)
     depth = 4 * threads
     buffers = BufferPool(lambda: bytearray(block_pages * ps), depth + 2)
-    zstd = ZstdPerThread(zstd_level)
-
-    open_chunks: collections.deque[_ChunkMasks] = collections.deque()
-    work = functools.partial(_fill_and_compress, source=source, ps=ps, drop_zero=drop_zero, zstd=zstd)
-
-    def pack_done() -> None:
-        """Bitmaps and counts of the oldest chunks whose blocks have all been written."""
-        while open_chunks and open_chunks[0].planned and open_chunks[0].blocks_left == 0:
-            open_chunks.popleft().pack_into(stored_bits, zero_bits, stats)
-
-    def blocks() -> Iterator[Block]:
-        """Blocks of up to block_pages kept source pages, in pfn order: each a list of segments, either a view of
-        the source's mapping (gathered on the worker) or pages already read into the block's buffer."""
-        cur = Block(buffers.get(), [])
-        src_pages = 0  # source pages placed in cur
-        for ch in chunks:
-            pfn, keep = ch.pfn, ch.keep
-            if pfn % 8:
-                raise AssertionError(f"plan chunk at pfn {pfn} is not byte aligned")
-            masks = _ChunkMasks(pfn, bytearray(len(keep)), bytearray(len(keep)))
-            open_chunks.append(masks)
-            for i, c in enumerate(native.histogram(ch.classes)[:len(PageClass)]):
-                stats.class_counts[i] += c
-            nram = ch.ram.count(1)
-            stats.pages_ram += nram
-            for a, b in native.runs(keep):
-                s = a
-                while s < b:
-                    take = min(b - s, block_pages - src_pages)
-                    paddr = (pfn + s) * ps
-                    view = source.mapped_view(paddr, take * ps)  # zero-copy: the worker gathers from the mapping
-                    if view is None:  # read here (readers are not thread-safe), squeezed on the worker
-                        source.readinto(paddr, memoryview(cur.buf)[src_pages * ps:(src_pages + take) * ps])
-                    if not cur.segments or cur.segments[-1].chunk is not masks:
-                        masks.blocks_left += 1
-                    cur.segments.append(Segment(masks, s, take, view, src_pages))
-                    src_pages += take
-                    s += take
-                    if src_pages == block_pages:
-                        yield cur
-                        cur, src_pages = Block(buffers.get(), []), 0
-            masks.planned = True
-            if progress:
-                progress(nram * ps)
-        if cur.segments:
-            yield cur
-        else:
-            buffers.put(cur.buf)
-
-    for blk, (npages, first, end, frame, crc) in ordered_map(blocks(), work, threads, depth):
+    work = functools.partial(_fill_and_compress, source=source, ps=ps, drop_zero=bool(level & DL_ZERO),
+                             zstd=ZstdPerThread(zstd_level))
+    blocks = _blocks(chunks, source, block_pages, buffers, bitmaps, progress)
+    for blk, (npages, first, end, frame, crc) in ordered_map(blocks, work, threads, depth):
         if npages:
             out.write(frame)
             index.append(BlockEntry(first, end, pos, len(frame), npages * ps, npages, crc))
             pos += len(frame)
             writeback.written(base + pos)
         buffers.put(blk.buf)
-        for c in {id(seg.chunk): seg.chunk for seg in blk.segments}.values():
-            c.blocks_left -= 1
-        pack_done()
-    pack_done()
-    if open_chunks:
-        raise AssertionError("save: a chunk's blocks were never all written")
-    stats.pages_excluded = stats.pages_ram - stats.pages_stored
-    table = b"".join(INDEX.pack(first_pfn=e.first_pfn, end_pfn=e.end_pfn, offset=e.offset, csize=e.csize,
-                                usize=e.usize, npages=e.npages, crc32=e.crc32) for e in index)
-    tables = bytes(stored_bits) + bytes(zero_bits) + table
+        bitmaps.written(blk)
+    tables = bitmaps.tables(index)
     out.write(tables)
-    trailer = Trailer(pos, pos + len(stored_bits), len(stored_bits), pos + 2 * len(stored_bits), len(index),
-                      stats.pages_stored, stats.pages_zero, tuple(stats.class_counts), zlib.crc32(tables))
+    n = len(bitmaps.stored)
+    trailer = Trailer(pos, pos + n, n, pos + 2 * n, len(index), stats.pages_stored, stats.pages_zero,
+                      tuple(stats.class_counts), zlib.crc32(tables))
     out.write(trailer.pack())
+    stats.pages_excluded = stats.pages_ram - stats.pages_stored
     stats.bytes_written = pos + len(tables) + TRAILER.size
     stats.seconds = time.monotonic() - t0
     return stats
@@ -499,7 +327,7 @@ class KhiSource(PagedSource):
         self.zero_bits = tables[t.zero_bitmap_offset - base:t.zero_bitmap_offset - base + bmp]
         self._present = self._or(self.stored_bits, self.zero_bits)  # stored or zero: what page_present_mask says
         ib = t.index_offset - base
-        self.index = [BlockEntry(**INDEX.unpack(tables, ib + i * INDEX.size)) for i in range(t.index_count)]
+        self.index = [BlockEntry.unpack(tables, ib + i * INDEX.size) for i in range(t.index_count)]
         self._check_index()
         self._firsts = [e.first_pfn for e in self.index]
         self._cache: collections.OrderedDict[int, tuple[list[int], bytes]] = collections.OrderedDict()

@@ -4,7 +4,9 @@ A capture kernel booted by Xen's kexec (``khibernate kdump load`` or ``kexec -p`
 machine: /proc/vmcore has, per physical CPU, ``CORE`` NT_PRSTATUS and ``Xen`` XEN_ELFNOTE_CRASH_REGS (cr0, cr2,
 cr3, cr4), one ``Xen`` XEN_ELFNOTE_CRASH_INFO (version, the physical addresses of Xen's version strings,
 ``xen_phys_start``, dom0's p2m frame list list), ``VMCOREINFO_XEN`` (the hypervisor's symbols and struct sizes), and
-with khibernate's loader dom0's own ``VMCOREINFO``. Pure readers over a MemorySource.
+with khibernate's loader dom0's own ``VMCOREINFO``. Read here over any MemorySource (it is an ELF vmcore: nothing to
+probe): the hypervisor's notes (:func:`read`), Xen's frame table (:func:`frame_filter`) and the dump seen through it
+(:class:`XenFilteredSource`); the note layouts are in ``khibernate/image/layouts/xen.py``.
 
 dom0 is a PV guest: its ``struct page`` array is indexed by pseudo-physical frames, while the dump's addresses are
 machine frames, so Linux page classes (dump levels 2-16) cannot be read from a Xen host dump without walking dom0's
@@ -18,21 +20,19 @@ import struct
 from typing import Any
 
 from khibernate.image.errors import ImageError, UsageErrorImage
-from khibernate.image.sources.base import MemorySource, MemRange, Note
+from khibernate.image.layouts.xen import (
+    CRASH_INFO,
+    CRASH_REGS,
+    VMCOREINFO_XEN_NOTE,
+    XEN_ELFNOTE_CRASH_INFO,
+    XEN_ELFNOTE_CRASH_REGS,
+    XEN_NOTE,
+)
+from khibernate.image.sources.adapters import WrappedSource
+from khibernate.image.sources.base import MemorySource
 from khibernate.image.vmcoreinfo import Vmcoreinfo
 from khibernate.image.x86_64 import X86_64
-from khibernate.layout import Layout
 
-XEN_NOTE = "Xen"
-VMCOREINFO_XEN_NOTE = "VMCOREINFO_XEN"
-XEN_ELFNOTE_CRASH_INFO = 0x1000001
-XEN_ELFNOTE_CRASH_REGS = 0x1000002
-# crash_xen_info_t (xen/include/xen/elfcore.h), x86-64: version strings are physical addresses
-CRASH_INFO = Layout("crash_xen_info", "<", [
-    ("xen_major_version", "Q"), ("xen_minor_version", "Q"), ("xen_extra_version", "Q"), ("xen_changeset", "Q"),
-    ("xen_compiler", "Q"), ("xen_compile_date", "Q"), ("xen_compile_time", "Q"), ("tainted", "Q"),
-    ("xen_phys_start", "Q"), ("dom0_pfn_to_mfn_frame_list_list", "Q")])
-CRASH_REGS = Layout("crash_xen_core", "<", [("cr0", "Q"), ("cr2", "Q"), ("cr3", "Q"), ("cr4", "Q")])
 XEN_DUMP_LEVELS = (0, 1)
 
 
@@ -86,8 +86,7 @@ def read(src: MemorySource) -> XenDump | None:
         f = CRASH_INFO.unpack(info.desc)
         version = f"{f['xen_major_version']}.{f['xen_minor_version']}{_cstring(src, f['xen_extra_version'])}"
         phys_start, p2m = f["xen_phys_start"], f["dom0_pfn_to_mfn_frame_list_list"]
-    cr3 = tuple(struct.unpack_from("<Q", n.desc, CRASH_REGS.offsets["cr3"])[0] for n in regs
-                if len(n.desc) >= CRASH_REGS.size)
+    cr3 = tuple(CRASH_REGS.unpack(n.desc)["cr3"] for n in regs if len(n.desc) >= CRASH_REGS.size)
     return XenDump(version, phys_start, p2m, len(regs), cr3, vmci)
 
 
@@ -245,43 +244,14 @@ def frame_filter(src: MemorySource, mode: str, pgc: PgcLayout | None = None) -> 
                        domains, pgc or pgc_layout(dump.version))
 
 
-class XenFilteredSource(MemorySource):
+class XenFilteredSource(WrappedSource):
     """A Xen host dump seen through a FrameFilter: dropped frames are absent (page_present_mask 0)."""
 
     def __init__(self, inner: MemorySource, frames: FrameFilter):
-        self.inner = inner
+        super().__init__(inner)
         self.frames = frames
-        self.page_size = inner.page_size
-        self.format_name = inner.format_name
-
-    @property
-    def ranges(self) -> tuple[MemRange, ...]:
-        return self.inner.ranges
-
-    @property
-    def notes(self) -> tuple[Note, ...]:
-        return self.inner.notes
-
-    @property
-    def dump_level(self) -> int:
-        return self.inner.dump_level
-
-    def read(self, paddr: int, size: int) -> bytes:
-        return self.inner.read(paddr, size)
-
-    def view(self, paddr: int, size: int) -> memoryview:
-        return self.inner.view(paddr, size)
-
-    def mapped_view(self, paddr: int, size: int) -> memoryview | None:
-        return self.inner.mapped_view(paddr, size)
-
-    def release(self, paddr: int, size: int) -> None:
-        self.inner.release(paddr, size)
 
     def page_present_mask(self, pfn: int, count: int) -> bytearray:
         keep = self.frames.keep(pfn, count)
         inner = self.inner.page_present_mask(pfn, count)
         return keep if inner is None else bytearray(a & b for a, b in zip(inner, keep, strict=True))
-
-    def close(self) -> None:
-        self.inner.close()

@@ -1,14 +1,12 @@
-"""kdump-compressed files (makedumpfile's format, header_version 6) and the flattened stream: layouts, reader
-(:class:`KdumpSource`) and writer (:func:`write_kdump`) side by side.  ``docs/image-format.md`` cites the fields.
-
-Native (little-endian, LP64) structs as makedumpfile 1.7.2 writes them; the flattened framing is big-endian.
+"""kdump-compressed files (makedumpfile's format) and the flattened stream: reader (:class:`KdumpSource`) and writer
+(:func:`write_kdump`) side by side, over the layouts of :mod:`khibernate.image.layouts.kdump`.
 """
 
 from __future__ import annotations
 
 import array
 import bisect
-import dataclasses
+import functools
 import itertools
 import os
 import sys
@@ -19,8 +17,9 @@ from typing import BinaryIO
 import zstandard
 
 from khibernate import native
-from khibernate.image.elf import pack_notes, parse_notes
+from khibernate.elfcore import VMCOREINFO_NOTE, Note, pack_notes, parse_notes
 from khibernate.image.errors import (
+    ELF_ERRORS,
     AddressError,
     CompressionError,
     CorruptImageError,
@@ -29,74 +28,28 @@ from khibernate.image.errors import (
     TruncatedError,
     UnsupportedError,
 )
-from khibernate.image.inputfile import MAX_PHYS_ADDR, input_size, open_input
-from khibernate.image.pagefilter import DL_ZERO
-from khibernate.image.pipeline import ZstdPerThread, ordered_map
-from khibernate.image.sources.base import (
-    VMCOREINFO_NOTE,
-    MemorySource,
-    MemRange,
-    Note,
-    PagedSource,
-    StoredSource,
-    merge_ranges,
+from khibernate.image.inputfile import input_size, open_input
+from khibernate.image.layouts import MAX_PHYS_ADDR
+from khibernate.image.layouts.kdump import (
+    COMPRESS_FLAGS,
+    DUMP_DH_COMPRESSED_INCOMPLETE,
+    DUMP_DH_COMPRESSED_LZO,
+    DUMP_DH_COMPRESSED_SNAPPY,
+    DUMP_DH_COMPRESSED_ZLIB,
+    DUMP_DH_COMPRESSED_ZSTD,
+    FLAT_HEADER,
+    FLAT_HEADER_SIZE,
+    FLAT_RECORD,
+    FLAT_SIGNATURE,
+    PAGE_DESC,
+    SIGNATURE,
+    bitmap_bytes,
+    pack_headers,
+    parse_header,
 )
-from khibernate.layout import Layout
-
-SIGNATURE = b"KDUMP   "
-HEADER_VERSION = 6
-# struct disk_dump_header (makedumpfile diskdump_mod.h), 464 bytes
-DISK_DUMP_HEADER = Layout("disk_dump_header", "<", [
-    ("signature", "8s"), ("header_version", "i"), ("utsname", "390s"), ("pad", "6x"), ("timestamp_sec", "q"),
-    ("timestamp_usec", "q"), ("status", "I"), ("block_size", "i"), ("sub_hdr_size", "i"), ("bitmap_blocks", "I"),
-    ("max_mapnr", "I"), ("total_ram_blocks", "I"), ("device_blocks", "I"), ("written_blocks", "I"),
-    ("current_cpu", "I"), ("nr_cpus", "i")])
-# struct kdump_sub_header, 104 bytes (fields after "split" exist from header_version 3, 4 and 6 on)
-SUB_HEADER = Layout("kdump_sub_header", "<", [
-    ("phys_base", "Q"), ("dump_level", "i"), ("split", "i"), ("start_pfn", "Q"), ("end_pfn", "Q"),
-    ("offset_vmcoreinfo", "q"), ("size_vmcoreinfo", "Q"), ("offset_note", "q"), ("size_note", "Q"),
-    ("offset_eraseinfo", "q"), ("size_eraseinfo", "Q"), ("start_pfn_64", "Q"), ("end_pfn_64", "Q"),
-    ("max_mapnr_64", "Q")])
-PAGE_DESC = Layout("page_desc", "<", [("offset", "q"), ("size", "I"), ("flags", "I"), ("page_flags", "Q")])
-assert DISK_DUMP_HEADER.size == 464 and SUB_HEADER.size == 104 and PAGE_DESC.size == 24
-
-DUMP_DH_COMPRESSED_ZLIB, DUMP_DH_COMPRESSED_LZO, DUMP_DH_COMPRESSED_SNAPPY = 0x1, 0x2, 0x4
-DUMP_DH_COMPRESSED_INCOMPLETE, DUMP_DH_EXCLUDED_VMEMMAP, DUMP_DH_COMPRESSED_ZSTD = 0x8, 0x10, 0x20
-COMPRESS_FLAGS = {"zlib": DUMP_DH_COMPRESSED_ZLIB, "zstd": DUMP_DH_COMPRESSED_ZSTD, "none": 0}
-
-FLAT_SIGNATURE = b"makedumpfile"
-# struct makedumpfile_header (signature NUL padded, type 1, version 1), padded to 4096 bytes; big-endian
-FLAT_HEADER = Layout("makedumpfile_header", ">", [("signature", "16s"), ("type", "q"), ("version", "q")])
-# struct makedumpfile_data_header: the payload follows; (-1, -1) ends the stream
-FLAT_RECORD = Layout("makedumpfile_data_header", ">", [("offset", "q"), ("buf_size", "q")])
-FLAT_HEADER_SIZE = 4096
-
-
-@dataclasses.dataclass(frozen=True)
-class KdumpHeader:
-    """The parts of disk_dump_header + kdump_sub_header a reader needs."""
-
-    version: int
-    utsname: tuple[str, ...]
-    timestamp: int
-    status: int
-    block_size: int
-    sub_hdr_size: int
-    bitmap_blocks: int
-    nr_cpus: int
-    phys_base: int
-    dump_level: int
-    offset_vmcoreinfo: int
-    size_vmcoreinfo: int
-    offset_note: int
-    size_note: int
-    max_mapnr: int
-
-
-def bitmap_bytes(max_mapnr: int, block_size: int) -> int:
-    """Size of one bitmap: ceil(max_mapnr / 8) rounded up to whole blocks (what crash requires)."""
-    return (max_mapnr + 8 * block_size - 1) // (8 * block_size) * block_size
-
+from khibernate.image.levels import DL_ZERO
+from khibernate.image.pipeline import ZstdPerThread, ordered_map
+from khibernate.image.sources.base import MemorySource, MemRange, PagedSource, StoredSource, merge_ranges
 
 # ------------------------------------------------------------------------------------------------ byte access
 
@@ -175,36 +128,6 @@ class _Flat:
 # ------------------------------------------------------------------------------------------------ reader
 
 
-def parse_header(read: Callable[[int, int], bytes]) -> KdumpHeader:
-    """Both headers of a kdump-compressed file; errors say what is wrong."""
-    f = DISK_DUMP_HEADER.unpack(read(0, DISK_DUMP_HEADER.size), error=TruncatedError, what="kdump header")
-    if f["signature"] not in (SIGNATURE, b"DISKDUMP"):
-        raise NotAVmcoreError("not a kdump-compressed file (signature is not 'KDUMP   ')")
-    version, uts = f["header_version"], f["utsname"]
-    if version < 1 or version > HEADER_VERSION:
-        raise UnsupportedError(f"kdump header_version {version} is not supported (1..{HEADER_VERSION})")
-    block_size = f["block_size"]
-    if block_size < 4096 or block_size > 262144 or block_size & (block_size - 1):
-        raise CorruptImageError(f"kdump block_size {block_size} is not a page size; the file is corrupt")
-    if f["sub_hdr_size"] < 1 or f["bitmap_blocks"] < 1:
-        raise CorruptImageError(f"kdump sub_hdr_size {f['sub_hdr_size']} / bitmap_blocks {f['bitmap_blocks']} must "
-                                "be at least 1; the file is corrupt")
-    sub = SUB_HEADER.unpack(read(block_size, SUB_HEADER.size), error=TruncatedError, what="kdump sub-header")
-    if version >= 2 and sub["split"]:
-        raise UnsupportedError("this is one file of a makedumpfile --split set; join them first with "
-                               "'makedumpfile --reassemble FILE1 FILE2 ... OUT'")
-    names = tuple(uts[i * 65:(i + 1) * 65].split(b"\0")[0].decode("ascii", "replace") for i in range(6))
-    max_mapnr = sub["max_mapnr_64"] if version >= 6 and sub["max_mapnr_64"] else f["max_mapnr"]
-    if max_mapnr < 1 or max_mapnr * block_size > MAX_PHYS_ADDR:
-        raise CorruptImageError(f"kdump max_mapnr {max_mapnr} describes no memory or more than "
-                                f"{MAX_PHYS_ADDR >> 40} TiB; the file is corrupt")
-    v3, v4 = version >= 3, version >= 4
-    return KdumpHeader(version, names, f["timestamp_sec"], f["status"], block_size, f["sub_hdr_size"],
-                       f["bitmap_blocks"], f["nr_cpus"], sub["phys_base"], sub["dump_level"],
-                       sub["offset_vmcoreinfo"] if v3 else 0, sub["size_vmcoreinfo"] if v3 else 0,
-                       sub["offset_note"] if v4 else 0, sub["size_note"] if v4 else 0, max_mapnr)
-
-
 class KdumpSource(PagedSource, StoredSource):
     """A makedumpfile kdump-compressed file (plain or flattened) as a MemorySource."""
 
@@ -236,7 +159,7 @@ class KdumpSource(PagedSource, StoredSource):
 
         notes: list[Note] = []
         if h.offset_note and h.size_note:
-            notes = parse_notes(blob("ELF notes", h.offset_note, h.size_note))
+            notes = parse_notes(blob("ELF notes", h.offset_note, h.size_note), errors=ELF_ERRORS)
         elif h.offset_vmcoreinfo and h.size_vmcoreinfo:
             notes = [Note(VMCOREINFO_NOTE, 0, blob("VMCOREINFO", h.offset_vmcoreinfo, h.size_vmcoreinfo))]
         self._notes = tuple(notes)
@@ -366,97 +289,78 @@ class _Out:
             self.f.truncate(total)
 
 
-def utsname_bytes(fields: Sequence[str]) -> bytes:
-    """struct new_utsname: six NUL-padded char[65]."""
-    return b"".join(s.encode()[:64].ljust(65, b"\0") for s in (list(fields) + [""] * 6)[:6])
-
-
 def write_kdump(out: BinaryIO, source: MemorySource, keep: bytes | bytearray, ram: bytes | bytearray, *,
                 notes: Iterable[Note], utsname: Sequence[str], dump_level: int, phys_base: int, crashtime: int,
                 compress: str = "zstd", flat: bool = False, threads: int = 2,
                 progress: Callable[[int], None] | None = None) -> int:
     """Write a makedumpfile-compatible kdump file of the pages in ``keep`` (0/1 byte per pfn); returns its size."""
     bs = source.page_size
-    max_mapnr = len(keep)
-    note_blob = pack_notes(notes)
-    vmci_off = vmci_size = 0
-    pos = 0
-    for n in parse_notes(note_blob):
-        name = n.name.encode() + b"\0"
-        hdr = 12 + ((len(name) + 3) & ~3)
-        if n.name == VMCOREINFO_NOTE:
-            vmci_off, vmci_size = bs + SUB_HEADER.size + pos + hdr, len(n.desc)
-        pos += hdr + ((len(n.desc) + 3) & ~3)
-    sub_hdr_size = -(-(SUB_HEADER.size + len(note_blob)) // bs)
-    per = bitmap_bytes(max_mapnr, bs)
-    bitmap_blocks = 2 * per // bs
-    desc_off = (1 + sub_hdr_size + bitmap_blocks) * bs
-    ndump = keep.count(1)
-    data_off = desc_off + ndump * PAGE_DESC.size
-    status = COMPRESS_FLAGS[compress]
-    nr_cpus = sum(1 for n in parse_notes(note_blob) if n.name == "CORE" and n.type == 1)
+    head, sub = pack_headers(block_size=bs, max_mapnr=len(keep), note_blob=pack_notes(notes), utsname=utsname,
+                             status=COMPRESS_FLAGS[compress], dump_level=dump_level, phys_base=phys_base,
+                             crashtime=crashtime)
+    per = bitmap_bytes(len(keep), bs)
+    bitmap_off = len(head) + len(sub)
+    desc_off = bitmap_off + 2 * per
+    pos = desc_off + keep.count(1) * PAGE_DESC.size
     w = _Out(out, flat)
-    head = DISK_DUMP_HEADER.pack(signature=SIGNATURE, header_version=HEADER_VERSION, utsname=utsname_bytes(utsname),
-                                 timestamp_sec=crashtime, status=status, block_size=bs, sub_hdr_size=sub_hdr_size,
-                                 bitmap_blocks=bitmap_blocks, max_mapnr=min(max_mapnr, 0xFFFFFFFF), nr_cpus=nr_cpus)
-    w.write_at(0, head.ljust(bs, b"\0"))
-    sub = SUB_HEADER.pack(phys_base=phys_base, dump_level=dump_level, offset_vmcoreinfo=vmci_off,
-                          size_vmcoreinfo=vmci_size, offset_note=bs + SUB_HEADER.size, size_note=len(note_blob),
-                          max_mapnr_64=max_mapnr)
-    w.write_at(bs, (sub + note_blob).ljust(sub_hdr_size * bs, b"\0"))
-    w.write_at((1 + sub_hdr_size) * bs, native.pack_bits(ram).ljust(per, b"\0"))
-    w.write_at((1 + sub_hdr_size) * bs + per, native.pack_bits(keep).ljust(per, b"\0"))
-    pos = data_off
+    w.write_at(0, head)
+    w.write_at(bs, sub)
+    w.write_at(bitmap_off, native.pack_bits(ram).ljust(per, b"\0"))
+    w.write_at(bitmap_off + per, native.pack_bits(keep).ljust(per, b"\0"))
     zero_desc = None
-    if dump_level & DL_ZERO:
+    if dump_level & DL_ZERO:  # every zero page shares one stored zero page
         w.write_at(pos, bytes(bs))
         zero_desc = PAGE_DESC.pack(offset=pos, size=bs)
         pos += bs
-    zstd = ZstdPerThread(1)
-
-    def pack_pages(data: bytes) -> list[bytes | None]:
-        """Per page: stored bytes, or None for a zero page (when zero pages are shared)."""
-        out_pages: list[bytes | None] = []
-        zero = native.zero_pages(data, bs) if zero_desc is not None else bytes(len(data) // bs)
-        view = memoryview(data)
-        for i in range(0, len(data), bs):
-            if zero[i // bs]:
-                out_pages.append(None)
-                continue
-            page = view[i:i + bs]
-            try:
-                if compress == "zlib":
-                    comp = zlib.compress(page, 1)
-                elif compress == "zstd":
-                    comp = zstd.compress(page)
-                else:
-                    comp = bytes(page)
-            except (zlib.error, zstandard.ZstdError) as e:
-                raise CompressionError(f"page compression failed: {e}") from None
-            out_pages.append(comp if len(comp) < bs else bytes(page))
-        return out_pages
-
-    def batches(batch: int = 1024) -> Iterator[bytes]:
-        """The kept pages' bytes, ``batch`` pages at a time, in pfn order."""
-        parts: list[bytes] = []
-        have = 0
-        for a, b in native.runs(keep):
-            while a < b:
-                take = min(b - a, batch - have)
-                parts.append(source.read(a * bs, take * bs))  # pread costs what a copy out of a mapping does
-                have += take
-                a += take
-                if have == batch:
-                    yield b"".join(parts)
-                    parts, have = [], 0
-        if parts:
-            yield b"".join(parts)
-
+    pack = functools.partial(_pack_pages, bs=bs, compress=compress, share_zero=zero_desc is not None,
+                             zstd=ZstdPerThread(1))
     desc_i = 0
-    for data, packed in ordered_map(batches(), pack_pages, max(1, threads)):
+    for data, packed in ordered_map(_kept_batches(source, keep), pack, max(1, threads)):
         pos, desc_i = _emit(w, len(data) // bs, packed, pos, desc_off, desc_i, zero_desc, compress, progress, bs)
     w.end(pos)
     return pos
+
+
+def _pack_pages(data: bytes, *, bs: int, compress: str, share_zero: bool, zstd: ZstdPerThread) -> list[bytes | None]:
+    """On a worker, per page of ``data``: its stored bytes (compressed unless that does not make it smaller), or
+    None for a zero page when zero pages are shared."""
+    out_pages: list[bytes | None] = []
+    zero = native.zero_pages(data, bs) if share_zero else bytes(len(data) // bs)
+    view = memoryview(data)
+    for i in range(0, len(data), bs):
+        if zero[i // bs]:
+            out_pages.append(None)
+            continue
+        page = view[i:i + bs]
+        try:
+            if compress == "zlib":
+                comp = zlib.compress(page, 1)
+            elif compress == "zstd":
+                comp = zstd.compress(page)
+            else:
+                comp = bytes(page)
+        except (zlib.error, zstandard.ZstdError) as e:
+            raise CompressionError(f"page compression failed: {e}") from None
+        out_pages.append(comp if len(comp) < bs else bytes(page))
+    return out_pages
+
+
+def _kept_batches(source: MemorySource, keep: bytes | bytearray, batch: int = 1024) -> Iterator[bytes]:
+    """The kept pages' bytes, ``batch`` pages at a time, in pfn order."""
+    bs = source.page_size
+    parts: list[bytes] = []
+    have = 0
+    for a, b in native.runs(keep):
+        while a < b:
+            take = min(b - a, batch - have)
+            parts.append(source.read(a * bs, take * bs))  # pread costs what a copy out of a mapping does
+            have += take
+            a += take
+            if have == batch:
+                yield b"".join(parts)
+                parts, have = [], 0
+    if parts:
+        yield b"".join(parts)
 
 
 def _emit(w: _Out, npages: int, packed: list[bytes | None], pos: int, desc_off: int, desc_i: int,
