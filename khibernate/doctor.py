@@ -14,8 +14,9 @@ import click
 
 from khibernate.system import SystemRoot, addresses_hidden, crash_regions
 
-FEATURES = ("kexec", "kdump", "jump", "watch")
-DEPENDS = {"watch": "jump"}  # live capture (`khibernate watch`) is a kexec jump: whatever blocks jump blocks it
+FEATURES = ("kexec", "kdump", "jump", "watch", "hibernate")
+# live capture (`khibernate watch`) and hibernation are kexec jumps: whatever blocks jump blocks them
+DEPENDS = {"watch": "jump", "hibernate": "jump"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +112,25 @@ def _watch_findings(root: SystemRoot) -> list[Finding]:
                                                           "or kernel.soft_watchdog=0): `watch --on softlockup` will "
                                                           "see none; set kernel.soft_watchdog=1"))
     return out
+
+
+def region_finding(root: SystemRoot) -> Finding | None:
+    """Will a resume boot reserve the crash region a hibernation saves from, and can a resume do without?
+    None without a crashkernel= region (the crash region finding says so)."""
+    from khibernate.jump.memmap import crash_region
+    from khibernate.restore.region import kaslr_on, parse_crashkernel, region_outlook
+
+    arg = parse_crashkernel(root.cmdline())
+    regions = root.iomem()
+    if arg is None or addresses_hidden(regions) or not crash_regions(regions):
+        return None
+    region = crash_region(regions)
+    total = next((int(w.split()[1]) << 10 for w in (root.read("/proc/meminfo") or "").splitlines()
+                  if w.startswith("MemTotal:")), 0)
+    out = region_outlook(arg, kaslr_on(root.cmdline(), root.kernel_config()[0]), region.size if region else 0,
+                         total)
+    return Finding("crash region at resume", out.reproducible is True, out.message,  # not reproducible: a note
+                   blocks=() if out.resumable else ("hibernate",))
 
 
 XEN_NO_PRESERVE_CONTEXT = (
@@ -213,6 +233,9 @@ def diagnose(root: SystemRoot, euid: int, xen_crash_size: int | None = None) -> 
         state.append(f"kexec_crash_size: {crash_size} bytes")
     if state:
         f.append(Finding("loaded", True, "; ".join(state)))
+    region = region_finding(root)
+    if region is not None:
+        f.append(region)
     f.extend(_watch_findings(root))
     return Diagnosis(f, root.release())
 
@@ -258,6 +281,8 @@ def doctor_command(as_json: bool, root: str, kernel: str | None) -> None:
     On a Xen dom0: that kexec and kdump go through the hypervisor, Xen's crash region, and that jump, snapshot,
     hibernate and watch cannot work (Xen's kexec has no preserve-context).
     With --kernel, also whether that capture kernel can jump back.
+    For `hibernate`: whether a resume boot reserves the same crash region (an address in crashkernel=, or KASLR
+    off) and, where it may not (KASLR), whether the saved region is small enough for a resume to swap it free.
 
     Exit status: 0 when a kexec jump is possible here (into that capture kernel, with --kernel), 1 otherwise.
     """

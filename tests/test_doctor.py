@@ -137,6 +137,58 @@ def test_watch_not_possible_when_everything_panics_or_jump_is_not(tmp_path):
     assert "kernel.hung_task_timeout_secs=120" in text and "kernel.soft_watchdog=1" in text
 
 
+def _region_tree(tmp: Path, cmdline: str, kaslr: bool, iomem: str = IOMEM, mem_total_kib: int = 1048024) -> SystemRoot:
+    root = make_tree(tmp, config=GOOD_CONFIG + ("CONFIG_RANDOMIZE_BASE=y\n" if kaslr else ""), iomem=iomem)
+    (root.path / "proc/cmdline").write_text(cmdline + "\n")
+    (root.path / "proc/meminfo").write_text(f"MemTotal:       {mem_total_kib} kB\nMemFree:  1000 kB\n")
+    return root
+
+
+def test_hibernate_says_whether_the_crash_region_is_reproducible(tmp_path):
+    """KASLR + crashkernel=SIZE: not reproducible (a note), yet resumable while the region is at most half of RAM;
+    an address, or KASLR off, makes it reproducible; a region too large to swap blocks hibernate."""
+    from khibernate.doctor import region_finding, render
+
+    d = diagnose(_region_tree(tmp_path / "a", "console=ttyS0 crashkernel=256M", kaslr=True), euid=0)
+    f = next(f for f in d.findings if f.name == "crash region at resume")
+    assert not f.ok and not f.blocks and d.possible("hibernate") is True
+    assert "KASLR is on and crashkernel=256M has no address" in f.message and "swapping the resume boot's 256 MiB" \
+        in f.message
+    assert "[note] KASLR is on" in render(d) and "hibernate: possible" in render(d)
+    pinned = region_finding(_region_tree(tmp_path / "b", "crashkernel=256M@0x2f000000", kaslr=True))
+    assert pinned is not None and pinned.ok and "pins the crash region" in pinned.message
+    assert "the reservation fails" in pinned.message  # KASLR can land the kernel on a fixed address
+    off = region_finding(_region_tree(tmp_path / "c", "crashkernel=256M nokaslr", kaslr=True))
+    assert off is not None and off.ok and off.message.startswith("KASLR is off")
+    big = IOMEM.replace("2f000000-3effffff : Crash kernel", "1f000000-3effffff : Crash kernel")  # 512 MiB
+    d = diagnose(_region_tree(tmp_path / "d", "crashkernel=512M", kaslr=True, iomem=big, mem_total_kib=524288),
+                 euid=0)
+    assert d.possible("hibernate") is False and d.possible("jump") is True
+    assert "hibernate: NOT possible (see: crash region at resume)" in render(d)
+    assert region_finding(_region_tree(tmp_path / "e", "console=ttyS0", kaslr=True)) is None  # no crashkernel=
+
+
+def test_hibernate_refuses_an_unresumable_setup_before_any_write(tmp_path, monkeypatch):
+    import pytest
+
+    import khibernate.system
+    from khibernate.capture import snapshot as snap
+    from khibernate.errors import KhibernateError
+
+    big = IOMEM.replace("2f000000-3effffff : Crash kernel", "1f000000-3effffff : Crash kernel")
+    root = _region_tree(tmp_path, "crashkernel=512M", kaslr=True, iomem=big, mem_total_kib=524288)
+    monkeypatch.setattr(khibernate.system, "SystemRoot", lambda *a: root)  # what preflight's doctor reads
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    target = tmp_path / "store"
+    with pytest.raises(snap.SnapshotError, match="a resume could not restore this hibernation: KASLR is on.*"
+                                                 "--allow-unresumable"):
+        snap.preflight(snap.Options(target=str(target), kind="hibernate"))
+    with pytest.raises(KhibernateError) as e:  # told otherwise: on to the next check (here: no store)
+        snap.preflight(snap.Options(target=str(target), kind="hibernate", allow_unresumable=True))
+    assert "resume could not restore" not in str(e.value)
+    assert not target.exists()
+
+
 def _xen_tree(tmp_path, capabilities: str | None = "control_d\n", privcmd: bool = True):
     root = make_tree(tmp_path, iomem="00100000-3ffdcfff : System RAM\n", config=None)
     (tmp_path / "sys/hypervisor").mkdir(parents=True)
@@ -159,7 +211,8 @@ def test_xen_dom0_kexec_and_kdump_through_the_hypervisor_no_jump(tmp_path):
     assert d.possible("jump") is False and d.possible("watch") is False
     text = render(d)
     assert "preserve-context" in text and "Xen's crash region: 256 MiB" in text
-    assert d.to_json()["possible"] == {"kexec": True, "kdump": True, "jump": False, "watch": False}
+    assert d.to_json()["possible"] == {"kexec": True, "kdump": True, "jump": False, "watch": False,
+                                       "hibernate": False}
 
 
 def test_xen_without_crash_region_or_privcmd(tmp_path):

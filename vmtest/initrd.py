@@ -6,6 +6,9 @@ Layout handed to QEMU ``-initrd`` (the kernel unpacks concatenated segments in o
 ``/boot/initrd.img`` is the payload for a second kernel: extra files + the same cached payload, without /boot;
 ``/boot/initrd-nopy.img`` is the same without Python (busybox, /init, agent, kexec: a faster boot under TCG when a
 test's second kernel needs only a shell).
+For a modular kernel (``vmtest.kernel`` flavour ``6.12-distro``) the extra files also carry GUEST_MODULES and
+their dependencies from the kernel's modules.dep, decompressed, with the ordered list /init loads before anything
+else (``/etc/khibernate/modules``, as ``khibernate capture build --target`` writes it for a capture kernel).
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from khibernate.initramfs import cpio
 REPO = Path(__file__).resolve().parent.parent
 CACHE = cache_root() / "initramfs"
 COMPRESSION = "zstd"
+# what the guest needs from a modular kernel: its virtio disks, and ext4 (crypto's crc32c first: ext4 and jbd2 ask
+# for it by name at mount time, a soft dependency that modules.dep does not list)
+GUEST_MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "ext4")
 
 
 def _builder_hash() -> str:
@@ -63,13 +69,19 @@ def payload(log=print, python: bool = True) -> Path:
     return path
 
 
-def guest_initrd(out: Path, bzimage: Path, extra_files: Iterable[tuple[Path | str, str]] = (), log=print) -> Path:
-    """Write the complete -initrd for a VM (see module docstring) to out and return it."""
+def guest_initrd(out: Path, bzimage: Path, extra_files: Iterable[tuple[Path | str, str]] = (), log=print,
+                 modules: tuple[Path, str] | None = None) -> Path:
+    """Write the complete -initrd for a VM (see module docstring) to out and return it.  ``modules``: (the
+    kernel's /lib/modules, its release) for a modular kernel, whose GUEST_MODULES /init must load."""
     base = payload(log).read_bytes()
     extra = builder.Tree()
     for src, dst in extra_files:
         extra.add_file(Path(src), dst)
     extra.add_libraries()
+    if modules is not None:
+        from khibernate.initramfs.modules import add_modules
+
+        add_modules(extra, modules[1], GUEST_MODULES, modules_root=modules[0])
     extra_cpio = cpio.write(extra.entries.values()) if extra.entries else b""
     outer = builder.Tree(dict(extra.entries))
     outer.add_data("boot/bzImage", Path(bzimage).read_bytes(), 0o644)

@@ -219,8 +219,9 @@ class VM:
         if self.log_dir.exists():
             shutil.rmtree(self.log_dir)
         self.log_dir.mkdir(parents=True)
+        modules = (self.kernel.modules_root, self.kernel.release) if self.kernel.modular else None
         initrd = self._initrd or guest_initrd(self.log_dir / "initrd.img", self.kernel.bzimage, self.extra_files,
-                                              log=self._log)
+                                              log=self._log, modules=modules)
         self._sockdir = tempfile.mkdtemp(prefix="khb-vm-")
         agent_path = os.path.join(self._sockdir, "agent")
         qmp_path = os.path.join(self._sockdir, "qmp")

@@ -38,8 +38,9 @@ def capture_kernel_options(f: Any) -> Any:
 @click.option("--append", default="", metavar="S",
               help="Extra capture-kernel command line words; `khibernate.fault=raise` or `=hang` makes the capture "
                    "job fail or hang on purpose (tests that it still jumps back and keeps the last good image).")
-@click.option("--mem-min", type=ADDRESS, help="Lowest address of the capture kernel's window inside the crash "
-              "region (default: all of it); with --mem-max, leaves the rest to a kdump kernel loaded there.")
+@click.option("--mem-min", type=ADDRESS, help="Lowest address of the capture kernel's window (default: all of the "
+              "crash region); with --mem-max, inside the region it leaves the rest to a kdump kernel loaded there; "
+              "outside it, the jump swaps this kernel's pages out of the window and back.")
 @click.option("--mem-max", type=ADDRESS, help="Highest address of the capture kernel's window, inclusive.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 def snapshot_command(target: str, level: int | None, for_analysis: bool, export_dir: Path | None, kernel: str | None,
@@ -84,8 +85,11 @@ def snapshot_command(target: str, level: int | None, for_analysis: bool, export_
 @capture_kernel_options
 @click.option("--append", default="", metavar="S", help="Extra capture-kernel command line words.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report (printed after the resume).")
+@click.option("--allow-unresumable", is_flag=True,
+              help="Hibernate even where `doctor` says a resume boot could not restore the image (e.g. KASLR with a "
+                   "crash region over half of RAM): the image is then for analysis, or for a boot you arrange.")
 def hibernate_command(target: str, level: int, kernel: str | None, capture_initrd: str | None, deadline: float,
-                      append: str, as_json: bool) -> None:
+                      append: str, as_json: bool, allow_unresumable: bool) -> None:
     """Save this running kernel into a store slot and power the machine off; `khibernate resume` at the next
     boot brings it back exactly where it stopped (same processes, same boot_id).
 
@@ -96,16 +100,23 @@ def hibernate_command(target: str, level: int, kernel: str | None, capture_initr
     reporting it. The image is tried once: a boot that finds it and does not resume it (refused, noresume) marks
     it tried. Every filesystem mounted read-write is recorded; the resume refuses an ext2/3/4 one that another boot
     mounted in between. xfs, btrfs and others cannot be checked (a warning says so): do not mount them from another
-    boot before the resume — resuming after they changed corrupts them.
+    boot before the resume — resuming after they changed corrupts them. It says first whether a resume boot reserves
+    the same crash region (KASLR moves it; resume then swaps the saved region free) and refuses a setup whose resume
+    would fail.
       khibernate target init /dev/vdb
       khibernate hibernate --target /dev/vdb        # ... power on ... khibernate resume --target /dev/vdb
     """
     from khibernate.capture import snapshot as snap
+    from khibernate.doctor import region_finding
     from khibernate.jump import api as jump
     from khibernate.lock import capture_or_refuse
+    from khibernate.system import SystemRoot
 
     opts = snap.Options(target=target, level=level, kernel=kernel, capture_initrd=capture_initrd, deadline=deadline,
-                        append=append, kind="hibernate")
+                        append=append, kind="hibernate", allow_unresumable=allow_unresumable)
+    region = region_finding(SystemRoot())
+    if region is not None:
+        click.echo(f"hibernate: {region.message}", err=True)
     with capture_or_refuse(jump.RUN_DIR, "hibernate"):
         report = snap.run(opts, say=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(report, indent=2) if as_json else
@@ -163,8 +174,9 @@ def job_cmd(timeout: bool) -> None:
               help="makedumpfile dump level of the captures (31: kernel memory only, what kdump users keep).")
 @capture_kernel_options
 @click.option("--keep", type=int, metavar="N", help="Keep only the N newest complete images in the store.")
-@click.option("--mem-min", type=ADDRESS, help="Lowest address of the capture kernel's window inside the crash "
-              "region (default: all of it); with --mem-max, leaves the rest to a kdump kernel loaded there.")
+@click.option("--mem-min", type=ADDRESS, help="Lowest address of the capture kernel's window (default: all of the "
+              "crash region); with --mem-max, inside the region it leaves the rest to a kdump kernel loaded there; "
+              "outside it, the jump swaps this kernel's pages out of the window and back.")
 @click.option("--mem-max", type=ADDRESS, help="Highest address of the capture kernel's window, inclusive.")
 def watch_command(target: str, kinds: str, min_interval: float, max_captures: int | None, out_dir: Path,
                   no_export: bool, level: int, kernel: str | None, capture_initrd: str | None, keep: int | None,

@@ -18,9 +18,11 @@ import os
 import struct
 import uuid as uuidlib
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
 from khibernate.errors import KhibernateError
+from khibernate.ranges import Range
 
 PAGE = 4096
 MAGIC = b"KHMBOX\x00\x01"
@@ -87,24 +89,26 @@ def _mlock(buf: mmap.mmap) -> None:
 
 
 class Mailbox:
-    """A locked page of this process, outside low memory, holding a request for image ``image_uuid`` (``request``:
-    what the capture job should know beyond its command line; MailboxError if it does not fit the page)."""
+    """A locked page of this process, outside low memory and the ``avoid`` ranges (memory the jump swaps out: the
+    capture kernel would find its own pages there), holding a request for image ``image_uuid`` (``request``: what
+    the capture job should know beyond its command line; MailboxError if it does not fit the page)."""
 
-    def __init__(self, image_uuid: bytes, request: dict[str, Any] | None = None):
+    def __init__(self, image_uuid: bytes, request: dict[str, Any] | None = None, avoid: Sequence[Range] = ()):
         self.image_uuid = image_uuid
         page = pack(REQUEST, image_uuid, request or {"request": "snapshot"}, truncate=False)
         spare: list[mmap.mmap] = []
-        for _ in range(64):
+        for _ in range(4096 if avoid else 64):
             buf = mmap.mmap(-1, PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             buf[:] = page
             _mlock(buf)
             paddr = physical_address(ctypes.addressof(ctypes.c_char.from_buffer(buf)))
-            if paddr >= LOW_MEMORY:
+            if paddr >= LOW_MEMORY and not any(paddr in r for r in avoid):
                 self.buf, self.paddr = buf, paddr
                 break
             spare.append(buf)  # keep it allocated so the next try gets another page
         else:
-            raise MailboxError("could not get a mailbox page above 1 MiB")
+            raise MailboxError("could not get a mailbox page above 1 MiB"
+                               + (f" outside {', '.join(map(str, avoid))}" if avoid else ""))
         for b in spare:
             b.close()
 

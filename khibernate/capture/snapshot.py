@@ -48,6 +48,7 @@ class Options:
     kind: str = "snapshot"  # or "hibernate": the capture kernel powers off instead of jumping back
     mem_min: int | None = None  # the capture kernel's window (default: the whole crashkernel= region)
     mem_max: int | None = None
+    allow_unresumable: bool = False  # hibernate even where a resume boot may not manage to restore the image
 
 
 def _boot_id() -> str:
@@ -113,6 +114,10 @@ def preflight(opts: Options, st: Store | None = None) -> tuple[Superblock, SlotR
     if opts.kind == "hibernate" and opts.level & ~17:
         raise SnapshotError(f"hibernate needs a restorable image: dump level {opts.level} drops pages the kernel "
                             "needs (use 0, 1, 16 or 17)")
+    if opts.kind == "hibernate" and d.possible("hibernate") is False and not opts.allow_unresumable:
+        why = "; ".join(f.message for f in d.findings if "hibernate" in f.blocks)
+        raise SnapshotError(f"a resume could not restore this hibernation: {why} (--allow-unresumable hibernates "
+                            "all the same)")
     check_kdump_sharing(opts, SystemRoot().read_int("/sys/kernel/kexec_crash_loaded") == 1)
     if st is None:  # a write handle: read-only or busy targets are refused here, before anything is written
         with Store.open(opts.target, write=True) as own:
@@ -183,7 +188,8 @@ def _run(opts: Options, st: Store, say: Callable[[str], None]) -> dict[str, Any]
         f"capture kernel {kernel}, initramfs {initrd}{' (cached)' if reused else ' (built)'}")
     image = uuidlib.uuid4()
     boot_id = _boot_id()
-    box = Mailbox(image.bytes, hibernate_request(say) if opts.kind == "hibernate" else None)
+    box = Mailbox(image.bytes, hibernate_request(say) if opts.kind == "hibernate" else None,
+                  avoid=jump.swapped_ranges(opts.mem_min, opts.mem_max))
     cmdline = Path("/proc/cmdline").read_text()
     # the deadline counts from the capture kernel's boot: the jump itself is excluded
     job_target, target_map = filedev.for_capture(opts.target)  # a store file: the dm device over its extents

@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from khibernate.jump import loader, syscalls, xen
+from khibernate.jump import elfcorehdr, loader, syscalls, xen
 from khibernate.jump.bzimage import parse_bzimage
 from khibernate.jump.errors import JumpBackEntryError, KexecSyscallError
 from khibernate.jump.kexec_abi import KEXEC_FILE_ON_CRASH, KEXEC_FILE_UNLOAD
 from khibernate.jump.loader import Plan, SystemFacts
+from khibernate.ranges import Range
 from khibernate.system import SystemRoot
 
 RUN_DIR = Path(os.environ.get("KHIBERNATE_RUN_DIR", "/run/khibernate"))
@@ -68,7 +69,17 @@ def plan_jump(kernel: str, initrd: str | None, append: str, mem_min: int | None 
     kdata = loader.read_file(kernel, "kernel")
     parse_bzimage(kdata, Path(kernel).name)  # a bad kernel file is reported before the system is read
     idata = loader.read_file(initrd, "initrd") if initrd else None
-    return loader.plan_jump(kdata, idata, append, SystemFacts.read(), mem_min, mem_max, Path(kernel).name)
+    facts = SystemFacts.read()
+    swapped = loader.swapped_ranges(facts, mem_min, mem_max)
+    notes = [elfcorehdr.read_note_data(n) if any(n.range.overlaps(r) for r in swapped) else n for n in facts.notes]
+    facts = dataclasses.replace(facts, notes=notes)
+    return loader.plan_jump(kdata, idata, append, facts, mem_min, mem_max, Path(kernel).name)
+
+
+def swapped_ranges(mem_min: int | None = None, mem_max: int | None = None) -> list[Range]:
+    """This kernel's memory that a jump into [mem_min, mem_max] (default: the crash region) swaps out: a page there
+    (a mailbox) is not where the jumped-to kernel can reach it."""
+    return loader.swapped_ranges(SystemFacts.read(with_notes=False), mem_min, mem_max)
 
 
 def plan_kexec(kernel: str, initrd: str | None, cmdline: str) -> Plan:

@@ -205,17 +205,32 @@ def jump_ram(facts: SystemFacts, mem_min: int | None = None, mem_max: int | None
     return first_kernel_ram(facts.iomem, load_window(facts.iomem, mem_min, mem_max), low)
 
 
+def crash_window(facts: SystemFacts, window: Range) -> Range | None:
+    """The crash region holding the whole load window (its memory is reserved: nothing to back up), or None."""
+    return next((Range(r.start, r.end) for r in facts.iomem if r.name == "Crash kernel" and r.covers(window)), None)
+
+
+def swapped_ranges(facts: SystemFacts, mem_min: int | None = None, mem_max: int | None = None) -> list[Range]:
+    """The first kernel's memory a jump planned with these arguments swaps out: low RAM, and the load window unless
+    it lies in the crash region.  A note buffer in there must travel inside the elfcorehdr (Note.data)."""
+    low = low_ram(facts.firmware)
+    window = load_window(facts.iomem, mem_min, mem_max)
+    return ([low] if low else []) + ([] if crash_window(facts, window) else [window])
+
+
 def plan_jump(kernel_data: bytes, initrd: bytes | None, append: str, facts: SystemFacts,
               mem_min: int | None = None, mem_max: int | None = None, kernel_name: str = "kernel") -> Plan:
     """A KEXEC_PRESERVE_CONTEXT image: kernel, initrd, zero page + cmdline, purgatory, elfcorehdr, low-RAM swap.
 
     The new kernel gets an e820 with RAM only in the load window and in low RAM (below 640 KiB, without page 0);
     a zero-filled segment over that low RAM makes relocate_kernel park the first kernel's low memory on the way out
-    and bring it back on the way in.  The elfcorehdr describes the first kernel's RAM outside both.
+    and bring it back on the way in.  The elfcorehdr describes the first kernel's RAM outside both.  A window
+    outside the crash region is the first kernel's own RAM: zero-filled backup segments fill its holes, so the jump
+    swaps all of it out (and back on return), and notes in it must carry their bytes (``swapped_ranges``).
     """
     kernel = parse_bzimage(kernel_data, kernel_name)
     window = load_window(facts.iomem, mem_min, mem_max)
-    crash = next((Range(r.start, r.end) for r in facts.iomem if r.name == "Crash kernel" and r.covers(window)), None)
+    crash = crash_window(facts, window)
     low = low_ram(facts.firmware)
     if low is None:
         raise MemoryMapError("no usable RAM below 640 KiB in the firmware memory map: the new kernel needs some "
@@ -224,8 +239,13 @@ def plan_jump(kernel_data: bytes, initrd: bytes | None, append: str, facts: Syst
         raise PlacementError(f"load window {window} starts below 1 MiB; give a window above 1 MiB")
     old_ram = first_kernel_ram(facts.iomem, window, low)
     notes = facts.notes
-    hdr = elfcorehdr.build(old_ram, notes)
-    hdr_addr = window.end - page_up(len(hdr))
+    swapped = swapped_ranges(facts, mem_min, mem_max)
+    lost = [n.what for n in notes if n.data is None and any(n.range.overlaps(r) for r in swapped)]
+    if lost:
+        raise MemoryMapError(f"note(s) {', '.join(lost)} lie in memory the jump swaps out and carry no copy "
+                             "(elfcorehdr.read_note_data)")
+    hdr_addr = window.end - page_up(len(elfcorehdr.build(old_ram, notes)))
+    hdr = elfcorehdr.build(old_ram, notes, base=hdr_addr)
     placer = Placer(Range(window.start, hdr_addr))
     kaddr, iaddr = place_kernel_initrd(placer, kernel, initrd)
     bp_addr = placer.place(2 * PAGE, PAGE, "boot_params + command line")
@@ -242,9 +262,11 @@ def plan_jump(kernel_data: bytes, initrd: bytes | None, append: str, facts: Syst
             Segment(kaddr, kernel.memsz, kernel.payload, f"kernel {kernel_name} (bzImage {kernel.version_str})")]
     if initrd is not None and initrd_pair is not None:
         segs.append(Segment(initrd_pair[0], page_up(len(initrd)), initrd, "initrd"))
+    copied = sum(n.data is not None for n in notes)
     segs += [Segment(bp_addr, page_up(len(zp)), zp, "boot_params + command line"),
              Segment(pg_addr, page_up(purgatory.SIZE), pg, "purgatory"),
-             Segment(hdr_addr, page_up(len(hdr)), hdr, f"elfcorehdr ({len(notes)} notes, {len(old_ram)} RAM ranges)")]
+             Segment(hdr_addr, page_up(len(hdr)), hdr, f"elfcorehdr ({len(notes)} notes"
+                     + (f", {copied} copied into it" if copied else "") + f", {len(old_ram)} RAM ranges)")]
     if crash is None:
         segs += _backup_segments(window, segs)
     segs.sort(key=lambda s: s.mem)

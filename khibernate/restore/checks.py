@@ -2,8 +2,10 @@
 
 A restore overwrites the first kernel's RAM with the image's pages and then enters the saved kernel, so the image
 must describe *this* memory: same page size, the same RAM ranges outside the capture kernel's footprint (another
-``-m``, another crashkernel= address or size changes them), the same capture footprint, and the same kernel build
-as the one whose memory is overwritten (its page tables, text and data are what the saved pages point into).
+``-m`` or firmware map changes them; the resume boot runs the restore kernel in the saved crash region,
+:mod:`khibernate.restore.region`), a restore kernel whose own RAM lies outside everything it writes, and the same
+kernel build as the one whose memory is overwritten (its page tables, text and data are what the saved pages point
+into).
 Every difference is listed; nothing is written unless the list is empty.
 """
 
@@ -119,11 +121,12 @@ def differences(img: SavedImage, here: ThisBoot) -> list[str]:
     if img.page_size != here.page_size:
         out.append(f"page size: image {img.page_size}, this machine {here.page_size}")
     if page_ranges(img.ranges, img.page_size) != page_ranges(here.ranges, img.page_size):
-        out.append(f"memory ranges differ (another -m / memory size, or another crashkernel= region): image "
+        out.append(f"memory ranges differ (another -m / memory size, or another firmware memory map): image "
                    f"{_fmt(img.ranges)}; this boot {_fmt(here.ranges)}")
-    if img.capture_ram and here.capture_ram and tuple(img.capture_ram) != tuple(here.capture_ram):
-        out.append(f"the capture kernel's memory (crash region and low RAM) differs: image {_fmt(img.capture_ram)}; "
-                   f"this boot {_fmt(here.capture_ram)}")
+    clash = [c for c in here.capture_ram if any(c.overlaps(r) for r in page_ranges(img.ranges, img.page_size))]
+    if clash:
+        out.append(f"the capture kernel's own memory {_fmt(clash)} overlaps memory the image restores (it ran in "
+                   f"{_fmt(img.capture_ram) if img.capture_ram else 'another region'}): it would overwrite itself")
     if img.osrelease != here.osrelease:
         out.append(f"kernel release: image {img.osrelease or '?'}, the kernel whose memory would be overwritten "
                    f"{here.osrelease or '?'} (boot the kernel that hibernated)")

@@ -43,12 +43,14 @@ def resume_command(target: str, again: bool, attempt: str | None, ignore_changed
     An image is tried once (swsusp's rule): the first boot that finds the newest hibernation image marks its
     slot `tried` before any check, so whatever happens next — a refusal, a failure, a power cut — no later boot
     resumes it (only --again does, on purpose). Refused outside an initramfs. Then it is checked against this
-    boot — kernel build, memory, crash region, and every ext2/3/4 filesystem that was mounted read-write at
+    boot — kernel build, memory, and every ext2/3/4 filesystem that was mounted read-write at
     hibernate time must be unmounted since (same mount count, last mount time, journal state; xfs, btrfs and
     others cannot be checked: a warning says so) — and on success this boot ends: a capture kernel writes the
-    image back into memory and the saved kernel runs on.
+    image back into memory and the saved kernel runs on. The capture kernel runs in the crash region the image
+    was saved from, also when this boot reserved another one (KASLR moves it): the jump then swaps this boot's
+    pages out of the saved region.
     Exit status: 0 nothing to resume (DEV holds no hibernation image); 1 the image was not resumed — refused (it
-    is for another kernel build, memory size or crash region, a filesystem changed, it is damaged, or this is no
+    is for another kernel build or memory size, a filesystem changed, it is damaged, or this is no
     initramfs) or tried or resumed before, or discarded; nothing was written to memory, boot on normally;
     2 wrong usage.
     With --check: 0 an image would be resumed, 1 it would be refused, 3 there is none.
@@ -75,8 +77,9 @@ def resume_command(target: str, again: bool, attempt: str | None, ignore_changed
             sys.exit(1)
         if check:
             _, rec, img = rs.preflight(opts, say=lambda m: click.echo(m, err=True))
+            where = rs.where_to_restore(img)
             click.echo(f"resume: slot {rec.index} of {target} would be resumed ({img.osrelease}, "
-                       f"{rec.length / 1e6:.1f} MB)")
+                       f"{rec.length / 1e6:.1f} MB)" + (f"; {where.describe()}" if where else ""))
             return
         rs.run(opts, say=lambda m: click.echo(m, err=True))
     except rs.NothingToResume as e:

@@ -2,12 +2,14 @@
 
 The store's newest hibernation image is marked ``tried`` first, before any check can refuse it (an image is tried
 once: :mod:`khibernate.restore.attempt`).  Then it is checked against this boot (kernel release and build, memory
-ranges, crash region: :mod:`khibernate.restore.checks`), the capture kernel is loaded with a ``restore`` job for
-this attempt and entered.  It checks the whole image again, marks the slot resumed, writes the image into this
-kernel's memory and enters the saved kernel — this boot never continues.  If the capture kernel refuses (before any
-write), it jumps back and this boot carries on normally; that, and a refusal here, are the only ways :func:`run`
-returns (by raising).  Run it before any filesystem is mounted read-write: the saved kernel has those filesystems
-mounted and its caches describe them as they were at hibernate time.
+ranges: :mod:`khibernate.restore.checks`), the capture kernel is loaded with a ``restore`` job for this attempt
+into the crash region the image was saved from — this boot's own, or, when this boot reserved another one (KASLR),
+its RAM there, which the jump swaps out (:mod:`khibernate.restore.region`) — and entered.  It checks the whole
+image again, marks the slot resumed, writes the image into this kernel's memory and enters the saved kernel — this
+boot never continues.  If the capture kernel refuses (before any write), it jumps back and this boot carries on
+normally; that, and a refusal here, are the only ways :func:`run` returns (by raising).  Run it before any
+filesystem is mounted read-write: the saved kernel has those filesystems mounted and its caches describe them as
+they were at hibernate time.
 """
 
 from __future__ import annotations
@@ -18,13 +20,17 @@ import time
 import uuid as uuidlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from khibernate.errors import KhibernateError
 from khibernate.restore.attempt import Attempt
 from khibernate.restore.checks import RestoreRefused, SavedImage, ThisBoot, differences
+from khibernate.restore.region import RestoreWindow, restore_window
 from khibernate.store.superblock import FLAG_HIBERNATE, HOLDS_IMAGE, SlotRecord, SlotState, Superblock
 from khibernate.system import SystemRoot
+
+if TYPE_CHECKING:
+    from khibernate.jump.loader import SystemFacts
 
 
 class NothingToResume(KhibernateError):
@@ -82,17 +88,33 @@ def tried_before(target: str, rec: SlotRecord) -> str:
             "not resuming (`khibernate resume --again` resumes it on purpose)")
 
 
-def this_kernel() -> ThisBoot:
-    """This (freshly booted) kernel as a capture kernel will see it: the RAM a jump's elfcorehdr describes."""
+def where_to_restore(img: SavedImage, facts: SystemFacts | None = None) -> RestoreWindow | None:
+    """The saved crash region the restore kernel must run in, and whether this boot reserved it (None: the image
+    does not describe this boot's RAM; the checks say how).  ``facts``: this boot's SystemFacts (read if None)."""
+    from khibernate.jump.loader import SystemFacts
+    from khibernate.jump.memmap import crash_region, low_ram, system_ram
+
+    facts = facts or SystemFacts.read(with_notes=False)
+    low = low_ram(facts.firmware)
+    if low is None:
+        return None
+    return restore_window(img.ranges, img.page_size, system_ram(facts.iomem), low, crash_region(facts.iomem))
+
+
+def this_kernel(img: SavedImage | None = None) -> ThisBoot:
+    """This (freshly booted) kernel as a capture kernel will see it: the RAM a jump's elfcorehdr describes — a jump
+    into the crash region ``img`` was saved from (where_to_restore), or without ``img`` into this boot's own."""
     from khibernate.elfcore import gnu_build_id
     from khibernate.jump.loader import SystemFacts, jump_ram
 
     facts = SystemFacts.read(with_notes=False)
+    where = where_to_restore(img, facts) if img is not None else None
     try:
         build = gnu_build_id(Path("/sys/kernel/notes").read_bytes())
     except OSError:
         build = ""
-    return ThisBoot(page_size=os.sysconf("SC_PAGE_SIZE"), ranges=tuple(jump_ram(facts)),
+    bounds = (where.window.start, where.window.end - 1) if where is not None else (None, None)
+    return ThisBoot(page_size=os.sysconf("SC_PAGE_SIZE"), ranges=tuple(jump_ram(facts, *bounds)),
                     osrelease=os.uname().release, build_id=build)
 
 
@@ -115,7 +137,7 @@ def problems(opts: Options, img: SavedImage, say: Callable[[str], object] = prin
     from khibernate.restore import filesystems
 
     try:
-        out = differences(img, this_kernel())
+        out = differences(img, this_kernel(img))
     except KhibernateError as e:
         out = [str(e)]
     if img.filesystems is None:
@@ -230,27 +252,35 @@ def _check_and_jump(opts: Options, att: Attempt, say: Callable[[str], object]) -
 
     t0 = time.monotonic()
     rec = att.slot
-    found = problems(opts, saved_image(opts.target, rec), say)
+    img = saved_image(opts.target, rec)
+    found = problems(opts, img, say)
     if found:
         raise RestoreRefused(found)
+    where = where_to_restore(img)
+    if where is None:  # the checks found the image's memory to fit this boot, so its crash region is known
+        raise ResumeError("cannot tell which crash region the image was saved from")
     kernel = opts.kernel or default_kernel()
     kernelcheck.check(kernel)  # it must jump back here when it refuses, and into the saved kernel when it restores
     initrd, _ = capture_initrd_for(kernel, opts.target, opts.capture_initrd)
     boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    box = Mailbox(rec.image_uuid)
+    box = Mailbox(rec.image_uuid, avoid=jump.swapped_ranges(where.window.start, where.window.end - 1))
     cmdline = Path("/proc/cmdline").read_text()
     job_target, target_map = filedev.for_capture(opts.target)  # a store file: the dm device over its extents
     job = Job("restore", job_target, str(uuidlib.UUID(bytes=att.store_uuid)), rec.index, rec.offset, rec.capacity,
               rec.dump_level, str(uuidlib.UUID(bytes=rec.image_uuid)), boot_id, opts.deadline, box.paddr,
               again=opts.again, attempt=att.token_hex, target_map=target_map)
-    plan = jump.plan_jump(kernel, initrd, " ".join([*capture_args(cmdline), opts.append, *job.args()]).strip())
+    plan = jump.plan_jump(kernel, initrd, " ".join([*capture_args(cmdline), opts.append, *job.args()]).strip(),
+                          where.window.start, where.window.end - 1)
+    say(f"resume: {where.describe()}")
+    t_load = time.monotonic()
     jump.load_plan(plan)
     if not box.still_at():
         jump.unload()
         raise ResumeError("the mailbox page moved before the jump; the image stays tried (`khibernate resume "
                           "--again` tries it once more)")
-    say(f"resume: checked against this boot in {time.monotonic() - t0:.2f} s; entering the capture kernel, which "
-        "restores the saved kernel (this boot ends here unless it refuses)")
+    say(f"resume: checked against this boot in {t_load - t0:.2f} s, capture kernel loaded in "
+        f"{time.monotonic() - t_load:.2f} s; entering it: it restores the saved kernel (this boot ends here unless "
+        "it refuses)")
     jump.execute()
     # only a refusal comes back here: nothing was written
     try:

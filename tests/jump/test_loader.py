@@ -3,7 +3,7 @@ import struct
 import pytest
 
 from khibernate.jump import bootparams, elfcorehdr, purgatory
-from khibernate.jump.errors import JumpBackEntryError, NoCrashRegion, NotABzImage, PlacementError
+from khibernate.jump.errors import JumpBackEntryError, MemoryMapError, NoCrashRegion, NotABzImage, PlacementError
 from khibernate.jump.loader import (
     KEXEC_ARCH_X86_64,
     KEXEC_PRESERVE_CONTEXT,
@@ -15,6 +15,7 @@ from khibernate.jump.loader import (
     plan_jump,
     plan_jump_back,
     plan_kexec,
+    swapped_ranges,
 )
 from khibernate.ranges import Range
 from khibernate.system import parse_iomem
@@ -125,3 +126,46 @@ def test_check_segments():
         check_segments([Segment(0x1000, 0x10, None, "a")])
     with pytest.raises(PlacementError, match="half of RAM"):
         check_segments([Segment(0x1000, 0x10000000, None, "a")], 0x10000000)
+
+
+def test_notes_in_a_swapped_window_travel_in_the_elfcorehdr(debian_bzimage, facts):
+    """A window in the first kernel's own RAM is swapped out at the jump: a note buffer there would be read by the
+    second kernel from its own pages, so it must carry a copy, which the elfcorehdr holds and points at."""
+    import dataclasses
+
+    window = (0x1C00000, 0x11BFFFFF)  # 256 MiB holding the VMCOREINFO buffer at 0x1e3c000, not the crash notes
+    assert swapped_ranges(facts, *window) == [Range(0x1000, 0x9F000), Range(0x1C00000, 0x11C00000)]
+    assert swapped_ranges(facts) == [Range(0x1000, 0x9F000)]  # the crash region is reserved: only low RAM
+    with pytest.raises(MemoryMapError, match="VMCOREINFO lie in memory the jump swaps out"):
+        plan_jump(debian_bzimage, INITRD, "", facts, *window)
+    info = b"\x0b\x00\x00\x00\x10\x00\x00\x00\x00\x00\x00\x00VMCOREINFO\x00\x00OSRELEASE=6.12\n\x00"
+    notes = [dataclasses.replace(n, data=info.ljust(n.size, b"\0")) if n.what == "VMCOREINFO" else n
+             for n in facts.notes]
+    plan = plan_jump(debian_bzimage, INITRD, "", dataclasses.replace(facts, notes=notes), *window)
+    hdr = _seg(plan, "elfcore")
+    assert hdr.end == 0x11C00000 and "1 copied into it" in hdr.what
+    parsed, ram = elfcorehdr.parse(hdr.data)
+    assert [n.paddr for n in parsed[:2]] == [0x3FC1A000, 0x3FC1B000]  # outside the window: read in place
+    copy = parsed[2].paddr
+    assert hdr.mem <= copy and copy + 0x1024 <= hdr.end
+    assert hdr.data[copy - hdr.mem:copy - hdr.mem + len(info)] == info
+    assert [r for r in plan.e820 if r.type == 1][-1] == Range(0x1C00000, hdr.mem)
+    assert Range(0x1C00000, 0x11C00000) not in ram and all(not r.overlaps(Range(0x1C00000, 0x11C00000)) for r in ram)
+    assert sum(s.memsz for s in plan.segments if s.mem >= 0x1C00000) == 0x10000000  # all of it swapped
+
+
+def test_kcore_offset():
+    from khibernate.elfcore import EHDR64, ELFCLASS64, ET_CORE, PHDR64, PT_LOAD, PT_NOTE, ident
+
+    phdrs = [PHDR64.pack(p_type=PT_NOTE, p_offset=0x1000, p_filesz=0x200),
+             PHDR64.pack(p_type=PT_LOAD, p_offset=0x7000_0000_0000, p_vaddr=0xFFFF_8880_0010_0000,
+                         p_paddr=0x100000, p_memsz=0x3FEE0000),
+             PHDR64.pack(p_type=PT_LOAD, p_offset=0x2000, p_vaddr=0xFFFF_C900_0000_0000, p_paddr=2**64 - 1,
+                         p_memsz=0x1000)]
+    header = EHDR64.pack(e_ident=ident(ELFCLASS64), e_type=ET_CORE, e_phoff=64, e_phentsize=56,
+                         e_phnum=len(phdrs)) + b"".join(phdrs)
+    assert elfcorehdr.kcore_offset(header, 0x1E3C000, 0x1024) == 0x7000_0000_0000 + 0x1E3C000 - 0x100000
+    with pytest.raises(MemoryMapError, match="maps no memory at 0x40000000"):
+        elfcorehdr.kcore_offset(header, 0x40000000, 0x1000)
+    with pytest.raises(MemoryMapError, match="ELF header"):
+        elfcorehdr.kcore_offset(b"\0" * 64 + header[64:], 0x1E3C000, 0x10)

@@ -32,7 +32,7 @@ GARBAGE = 0xA5
 
 def _image(synth: sk.SynthKernel, elf: Path, dest: Path, zero_free: bool = False) -> Path:
     note = {"kind": "hibernate", "boot_id": "b", "jump_back_entry": 0x5CE0F2, "image": "0" * 32,
-            "mailbox": 0x1234000, "zero_free": zero_free, "restorable": True, "capture_ram": [[0x1000, 0x9F000]]}
+            "mailbox": 0x1234000, "zero_free": zero_free, "restorable": True, "capture_ram": [[0x2000000, 0x3000000]]}
     with open_source(elf) as raw:
         src = AnnotatedSource(raw, "KHIBERNATE", json.dumps(note).encode())
         save_file(src, dest, vmci=vmcoreinfo.from_source(raw), level=17, restorable=True)
@@ -133,10 +133,10 @@ def test_checks_name_every_difference(image: Path) -> None:
     assert img.restorable and img.jump_back_entry == 0x5CE0F2 and img.mailbox == 0x1234000
     assert checks.differences(img, _here(img)) == []
     other = _here(img, ranges=(Range(0, 0x9F000), Range(0x100000, 0x1000000)), build_id="ff",
-                  osrelease="6.12.0-other", capture_ram=(Range(0x1000, 0x80000),), page_size=16384)
+                  osrelease="6.12.0-other", capture_ram=(Range(0x1000, 0x80000), img.ranges[-1]), page_size=16384)
     diffs = checks.differences(img, other)
     text = " | ".join(diffs)
-    for word in ("page size", "memory ranges", "capture kernel's memory", "kernel release", "BUILD-ID"):
+    for word in ("page size", "memory ranges", "capture kernel's own memory", "kernel release", "BUILD-ID"):
         assert word in text, (word, text)
     with pytest.raises(RestoreRefused, match="nothing was written"):
         checks.check(img, other)

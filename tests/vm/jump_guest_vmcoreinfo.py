@@ -7,8 +7,6 @@
 import struct
 import sys
 
-PAGE_OFFSET = 0xFFFF888000000000  # direct map base without KASLR (the test kernel has no RANDOMIZE_BASE)
-
 
 def notes(buf):
     off, out = 0, []
@@ -48,11 +46,13 @@ def main(mode):
             sys.stdout.write("PT_LOAD " + " ".join(loads) + "\n")
     else:
         addr, size = open("/sys/kernel/vmcoreinfo").read().split()
-        va, size = PAGE_OFFSET + int(addr, 16), int(size, 16)
+        pa, size = int(addr, 16), int(size, 16)
         with open("/proc/kcore", "rb") as f:
-            for ptype, _, off, vaddr, _, _, memsz, _ in phdrs(f):
-                if ptype == 1 and vaddr <= va < vaddr + memsz:
-                    f.seek(off + va - vaddr)
+            # the direct map's PT_LOADs carry physical addresses (p_paddr): no need to know PAGE_OFFSET, which
+            # RANDOMIZE_MEMORY moves on every boot (the distro flavour)
+            for ptype, _, off, _, paddr, _, memsz, _ in phdrs(f):
+                if ptype == 1 and paddr != 2**64 - 1 and paddr <= pa < paddr + memsz:
+                    f.seek(off + pa - paddr)
                     for name, _, desc in notes(f.read(size)):
                         if name == b"VMCOREINFO":
                             sys.stdout.write(desc.decode())

@@ -10,8 +10,9 @@ going through, and after a clean shutdown `e2fsck -fn` on the host finds the fil
 
 Also here: the same image refused the second time (normal boot), and by `resume --again` from a booted guest
 because the ext4 disk moved on, then resumed with --again --ignore-changed-filesystems; every refusal before a
-write (flipped byte, truncated slot, another kernel build, another memory size, another crash region) boots on
-normally and leaves the slot tried (never resumed by a later boot); a boot that mounted and wrote the ext4 disk in
+write (flipped byte, truncated slot, another kernel build, another memory size) boots on normally and leaves
+the slot tried (never resumed by a later boot); a resume boot that reserved another crash region than the
+hibernating one (either way round) resumes all the same; a boot that mounted and wrote the ext4 disk in
 between — after a refused resume, or without the resume hook at all — makes the resume refuse, naming the
 filesystem; and swsusp of the same guest for the README's figures.  Those refusals reuse the one hibernated image
 (copies of its store and ext4 disks), so they cost boots, not hibernations.
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from khibernate.store.superblock import FLAG_HIBERNATE
 from tests.vm.test_snapshot import HELPERS, counter, start_workload
 from vmtest.vm import TIMEOUT_SCALE
 
@@ -52,17 +54,21 @@ def _slot_state(disk: Path, index: int) -> str:
     return store.read(str(disk)).slot(index).state.name.lower()
 
 
-def hibernate(kernel, name: str, tmp: Path, smp: int = 1, memory_mb: int = 1024) -> dict:
-    """Boot a workload guest, hibernate it; returns what the resume must find (QEMU has exited)."""
+def hibernate(kernel, name: str, tmp: Path, smp: int = 1, memory_mb: int = 1024,
+              crash: str = "crashkernel=256M", before=None) -> dict:
+    """Boot a workload guest (``crash``: its crashkernel= word), hibernate it; returns what the resume must find
+    (QEMU has exited).  ``before(vm)`` runs once the workload runs, before the hibernation."""
     from vmtest.vm import VM
 
     ext4 = _ext4(tmp / f"{name}-ext4.img")
-    with VM(kernel=kernel, append="crashkernel=256M", memory_mb=memory_mb, smp=smp, extra_files=HELPERS,
+    with VM(kernel=kernel, append=crash, memory_mb=memory_mb, smp=smp, extra_files=HELPERS,
             disk_mb=STORE_MB, disks=[ext4], name=f"{name}-hib", timeout=300) as vm:
         vm.run("khibernate target init /dev/vda")
         start_workload(vm)
         vm.run("mkdir -p /mnt && mount -t ext4 /dev/vdb /mnt && cp /tmp/blob.sha /mnt/blob.sha && "
                "echo written-just-before-hibernate > /mnt/before")  # no sync here: hibernate syncs first
+        if before is not None:
+            before(vm)
         boot_id = vm.run("cat /proc/sys/kernel/random/boot_id").strip()
         pid, n = counter(vm)
         t0 = time.monotonic()
@@ -70,6 +76,7 @@ def hibernate(kernel, name: str, tmp: Path, smp: int = 1, memory_mb: int = 1024)
         assert vm.wait_exit(timeout=900 * TIMEOUT_SCALE) == 0, "the capture kernel should power the machine off"
         hib_s = time.monotonic() - t0
         console = vm.console_text()
+        said = vm.agent_log.read_text(errors="replace")  # what `hibernate` said before the jump
         store_disk = vm.disk
     assert "hibernation image complete in slot" in console, console[-3000:]
     pristine = tmp / f"{name}-store-pristine.img"
@@ -79,19 +86,26 @@ def hibernate(kernel, name: str, tmp: Path, smp: int = 1, memory_mb: int = 1024)
     from khibernate.store import api as store
 
     sb = store.read(str(store_disk))
-    rec = next(s for s in sb.slots if s.state.name == "COMPLETE")
+    rec = max((s for s in sb.slots if s.state.name == "COMPLETE" and s.flags & FLAG_HIBERNATE), key=lambda s: s.seq)
     return {"kernel": kernel, "name": name, "smp": smp, "memory_mb": memory_mb, "store": store_disk, "ext4": ext4,
             "pristine": pristine, "ext4_pristine": ext4_pristine, "cid": cid, "boot_id": boot_id, "counter": (pid, n),
-            "hibernate_seconds": hib_s,
-            "slot": rec.index, "image_bytes": rec.length}
+            "hibernate_seconds": hib_s, "slot": rec.index, "image_bytes": rec.length,
+            "crash_region": _crash_region(console), "said": said}
 
 
-def resume(h: dict, name: str, append: str = "", disks: list[Path] | None = None):
+def _crash_region(console: str) -> str:
+    """A boot's crash region as khibernate prints a range ('[0x10000000-0x1fffffff]'), from the kernel's
+    reservation line; '' when it reserved none."""
+    m = re.search(r"crashkernel reserved: (0x[0-9a-f]+) - (0x[0-9a-f]+)", console)
+    return f"[{int(m.group(1), 16):#x}-{int(m.group(2), 16) - 1:#x}]" if m else ""
+
+
+def resume(h: dict, name: str, append: str = "", disks: list[Path] | None = None, crash: str = "crashkernel=256M"):
     """A new QEMU on the hibernated guest's disks with resume on its command line; returns (vm, report, seconds)
     with the VM still running (the caller closes it)."""
     from vmtest.vm import VM
 
-    vm = VM(kernel=h["kernel"], append=f"crashkernel=256M khibernate.resume=/dev/vda {append}".strip(),
+    vm = VM(kernel=h["kernel"], append=f"{crash} khibernate.resume=/dev/vda {append}".strip(),
             memory_mb=h["memory_mb"], smp=h["smp"], disks=disks or [h["store"], h["ext4"]], name=name,
             timeout=300, wait_ready=False)
     t0 = time.monotonic()
@@ -151,17 +165,21 @@ def _figures(h: dict, report: dict, resume_s: float, key: str) -> None:
           f"(write+read-back {restore['write_seconds']:.2f} s, image checks {restore.get('verify_seconds')} s)")
 
 
-def resume_and_check(h: dict, name: str, key: str, cpus: str | None = None) -> None:
-    """resume + check_original_runs_on (+ the CPUs online) + figures + clean shutdown with e2fsck."""
-    vm, report, resume_s = resume(h, name)
+def resume_and_check(h: dict, name: str, key: str, cpus: str | None = None, crash: str = "crashkernel=256M",
+                     disks: list[Path] | None = None) -> str:
+    """resume + check_original_runs_on (+ the CPUs online) + figures + clean shutdown with e2fsck; returns the
+    resume boot's console up to the resume."""
+    vm, report, resume_s = resume(h, name, crash=crash, disks=disks)
     try:
+        text = vm.console_text()
         check_original_runs_on(vm, h, report)
         if cpus:
             assert vm.run("cat /sys/devices/system/cpu/online").strip() == cpus
         _figures(h, report, resume_s, key)
-        shutdown_clean(vm, h)
+        shutdown_clean(vm, h if disks is None else {**h, "ext4": disks[1]})
     finally:
         vm.close()
+    return text
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +294,7 @@ def _refused(h: dict, name: str, store: Path, expect: str, kernel=None, memory_m
 
 
 def test_resume_refusals_touch_nothing(hibernated_612, tmp_path) -> None:
-    """Flipped byte in a block, truncated slot, another kernel build, another -m, another crash region: each is
+    """Flipped byte in a block, truncated slot, another kernel build, another -m: each is
     refused before any write (the flipped byte by the capture kernel, which jumps back), and the boot goes on."""
     from khibernate.store import api as store
     from vmtest.kernel import ensure_kernel
@@ -310,8 +328,28 @@ def test_resume_refusals_touch_nothing(hibernated_612, tmp_path) -> None:
     _refused(h, "hib-refuse-build", copy("build"), r"kernel release: image 6\.12.*7\.3", kernel=ensure_kernel("7.3"),
              ext4=ext4)
     _refused(h, "hib-refuse-mem", copy("mem"), r"memory ranges differ", memory_mb=1152, ext4=ext4)
-    _refused(h, "hib-refuse-crash", copy("crash"), r"memory ranges differ", crash="crashkernel=256M@0x10000000",
-             ext4=ext4)
+
+
+SWAPPED = re.compile(r"resume: the image was saved from crash region (\[\S+\]), this boot's crash region "
+                     r"(\[\S+\]): the "
+                     r"restore kernel runs in the saved region all the same, the jump swapping this boot's 256 MiB")
+
+
+def test_resume_when_this_boot_reserved_another_crash_region(hibernated_612, tmp_path) -> None:
+    """Hibernated with crashkernel=256M (the top of RAM), resumed by a boot whose region is pinned elsewhere
+    (crashkernel=256M@0x10000000, as KASLR moves it): the restore kernel runs in the saved region all the same
+    (the jump swaps the resume boot's pages out of it) and the saved kernel runs on at this first boot, boot_id and
+    workload intact, the ext4 clean. The same image and ext4 as hibernated (pristine copies)."""
+    h = hibernated_612
+    store, ext4 = tmp_path / "store.img", tmp_path / "ext4.img"
+    shutil.copyfile(h["pristine"], store)
+    shutil.copyfile(h["ext4_pristine"], ext4)
+    text = resume_and_check(h, "hib-6.12-other-region", "6.12 1 GiB 1 CPU, resume boot's region elsewhere",
+                            crash="crashkernel=256M@0x10000000", disks=[store, ext4])
+    m = SWAPPED.search(text)
+    assert m and m.group(1) == h["crash_region"] and m.group(2) == "[0x10000000-0x1fffffff]", (h["crash_region"],
+                                                                                               text[-4000:])
+    assert _slot_state(store, h["slot"]) == "resumed"
 
 
 def _boot_and_write(h: dict, name: str, store: Path, ext4: Path) -> None:
@@ -359,13 +397,20 @@ def test_a_boot_that_wrote_the_disk_makes_the_resume_refuse(hibernated_612, tmp_
 
 
 def test_hibernate_resume_two_cpus(tmp_path) -> None:
-    """6.12 with 2 CPUs: secondary CPUs restart through the saved kernel's real-mode trampoline in low memory."""
+    """6.12 with 2 CPUs: secondary CPUs restart through the saved kernel's real-mode trampoline in low memory.
+    Hibernated from a region pinned at 0x10000000, resumed by a boot that reserved crashkernel=256M at the top of
+    RAM: the restore kernel runs in the pinned (saved) region all the same, and the saved kernel runs on at the
+    first boot."""
     from vmtest.kernel import ensure_kernel
     from vmtest.vm import check_host
 
     check_host()
-    h = hibernate(ensure_kernel("6.12"), "hib-6.12-smp2", tmp_path, smp=2)
-    resume_and_check(h, "hib-6.12-smp2-resume", "6.12 1 GiB 2 CPUs", cpus="0-1")
+    h = hibernate(ensure_kernel("6.12"), "hib-6.12-smp2", tmp_path, smp=2, crash="crashkernel=256M@0x10000000")
+    assert h["crash_region"] == "[0x10000000-0x1fffffff]", h["crash_region"]
+    text = resume_and_check(h, "hib-6.12-smp2-resume", "6.12 1 GiB 2 CPUs, resume boot's region elsewhere",
+                            cpus="0-1")
+    m = SWAPPED.search(text)
+    assert m and m.group(1) == "[0x10000000-0x1fffffff]" and m.group(2) != m.group(1), text[-4000:]
 
 
 def test_hibernate_resume_7_3(tmp_path) -> None:

@@ -110,7 +110,7 @@ def grun(vm, command: str, tries: int = 4) -> str:
     raise AssertionError(f"{command!r} printed nothing {tries} times; see {vm.agent_log}")
 
 
-def round_trips(vm, n: int, report: dict) -> None:
+def round_trips(vm, n: int, report: dict, load: str = JUMP_LOAD) -> None:
     """n A->B->A trips: the first boots B, the others resume it; checks both sides continue every time.
 
     Evidence comes from the kernel console (khibernate logs each reboot(KEXEC) return to /dev/kmsg) and from the
@@ -120,7 +120,7 @@ def round_trips(vm, n: int, report: dict) -> None:
     vm.run(COUNTER)
     time.sleep(2)
     pid0, n0 = counter(vm)
-    out = vm.run(JUMP_LOAD, timeout=120)
+    out = vm.run(load, timeout=120)
     assert "loaded jump image" in out
     b_id = None
     pending = []
@@ -220,6 +220,30 @@ def test_jump_round_trips(line, smp, trips):
     assert b_note == a_info, "VMCOREINFO in the second kernel's /proc/vmcore differs from the first kernel's"
     loads = b_info.split("PT_LOAD ")[1].split()
     assert loads and all(not x.startswith("0x2e") for x in loads)  # the crash region is not the first kernel's
+
+
+def test_jump_into_a_window_of_its_own_ram_over_its_vmcoreinfo(kernel):
+    """A window in the first kernel's own RAM, not its crash region, holding its VMCOREINFO buffer (as `resume`
+    uses the saved region when its boot reserved another): the jump swaps the window out, the VMCOREINFO note
+    travels inside the elfcorehdr, so B's /proc/vmcore carries A's VMCOREINFO; after the round trip A runs on."""
+    with _vm(kernel, "jump-own-window") as vm:
+        addr, size = (int(x, 16) for x in grun(vm, "cat /sys/kernel/vmcoreinfo").split())
+        crash = re.search(r"([0-9a-f]+)-[0-9a-f]+ : Crash kernel", grun(vm, "cat /proc/iomem"))
+        assert crash
+        start = max(0x100000, (addr & ~0xFFFFF) - (64 << 20))
+        end = start + (256 << 20)
+        assert addr + size <= end <= int(crash.group(1), 16), (hex(addr), crash.group(0))
+        window = f"--mem-min {start:#x} --mem-max {end - 1:#x}"
+        plan = vm.run(f"{JUMP_LOAD} {window} --dry-run", timeout=120)
+        assert re.search(r"elfcorehdr \(\d+ notes, 1 copied into it", plan), (hex(addr), plan)
+        assert "backup (window is not reserved" in plan
+        report: dict = {}
+        round_trips(vm, 1, report, load=f"{JUMP_LOAD} {window}")
+    a_info, b_info = report["vmcoreinfo_A"], report["vmcoreinfo_B"]
+    assert "SYMBOL(swapper_pg_dir)=" in a_info and b_info[:b_info.index("PT_LOAD ")] == a_info
+    loads = [tuple(int(v, 16) for v in x.split("+")) for x in b_info.split("PT_LOAD ")[1].split()]
+    assert loads and not any(a < end and a + n > start for a, n in loads)  # the window is B's RAM, not A's
+    _print("jump into a window of its own RAM", report)
 
 
 def test_refusals_then_kexec_chain(kernel):
