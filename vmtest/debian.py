@@ -43,6 +43,12 @@ class CachedKernel:
         return self.vmlinuz
 
     @property
+    def modular(self) -> bool:
+        """False for vmtest.vm.VM: its guest initramfs carries no module tree of this kernel (a caller that needs
+        some of its modules ships the .ko files itself, as vmtest/xen.py does for dom0)."""
+        return False
+
+    @property
     def vmlinux(self) -> Path:
         """The debug vmlinux extracted from ``PACKAGE-dbg`` of the same version (the .deb itself is not kept)."""
         return DEBS / f"{self.package}-dbg_{self.version}_amd64.vmlinux"

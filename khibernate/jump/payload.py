@@ -49,34 +49,34 @@ def compression(blob: bytes) -> str | None:
     return next((name for magic, name in MAGICS if blob.startswith(magic)), None)
 
 
+def _lz4_length(src: bytes, i: int, nibble: int) -> tuple[int, int]:
+    """A token nibble's length with its extension bytes (15 means: add bytes until one is not 255); returns the
+    length and the index after it (IndexError at the end of ``src``, which the caller reports as corrupt)."""
+    length = nibble
+    if nibble == 15:
+        while True:
+            b = src[i]
+            i += 1
+            length += b
+            if b != 255:
+                break
+    return length, i
+
+
 def _lz4_block(src: bytes, out: bytearray) -> None:
     """Append one LZ4 block's decompressed bytes (the block format: tokens, literals, 16-bit match offsets)."""
     base, i, n = len(out), 0, len(src)
     while i < n:
         token = src[i]
         i += 1
-        lit = token >> 4
-        if lit == 15:
-            while True:
-                b = src[i]
-                i += 1
-                lit += b
-                if b != 255:
-                    break
+        lit, i = _lz4_length(src, i, token >> 4)
         out += src[i:i + lit]
         i += lit
         if i >= n:
             break
         off = src[i] | src[i + 1] << 8
         i += 2
-        length = token & 15
-        if length == 15:
-            while True:
-                b = src[i]
-                i += 1
-                length += b
-                if b != 255:
-                    break
+        length, i = _lz4_length(src, i, token & 15)
         length += 4
         start = len(out) - off
         if off == 0 or start < base:

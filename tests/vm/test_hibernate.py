@@ -231,47 +231,17 @@ def test_resume_refused_twice_then_again_and_swsusp(hibernated_612, tmp_path) ->
     finally:
         vm.close()
     # the peer for the figures: in-kernel hibernation of the same guest to a swap disk, then its resume=
-    swap = tmp_path / "swap.img"
-    with open(swap, "wb") as f:
-        f.truncate(640 << 20)
-    _swsusp(h, swap)
+    from vmtest.swsusp import swsusp_round_trip
 
-
-def _swsusp(h: dict, swap: Path) -> None:
-    """swsusp on a fresh boot of the same guest (same kernel, memory, workload), then resume= in a new QEMU."""
-    from vmtest.vm import VM
-
-    ext4 = _ext4(swap.parent / "swsusp-ext4.img")
-    with VM(kernel=h["kernel"], append="crashkernel=256M", memory_mb=h["memory_mb"], smp=h["smp"],
-            extra_files=HELPERS, disks=[swap, ext4], name="hib-6.12-swsusp", timeout=300) as vm:
-        start_workload(vm)
-        vm.run("mkdir -p /mnt && mount -t ext4 /dev/vdb /mnt && echo swsusp > /mnt/before")
-        vm.run("mkswap /dev/vda >/dev/null && swapon /dev/vda")
-        boot_id = vm.run("cat /proc/sys/kernel/random/boot_id").strip()
-        mark = vm.mark()
-        t0 = time.monotonic()
-        cid = vm.send("echo disk > /sys/power/state")
-        assert vm.wait_exit(timeout=600 * TIMEOUT_SCALE) == 0
-        hib_s = time.monotonic() - t0
-        wrote = re.search(r"Wrote (\d+) kbytes in ([\d.]+) seconds", vm.console_since(mark))
-    vm2 = VM(kernel=h["kernel"], append="crashkernel=256M resume=/dev/vda", memory_mb=h["memory_mb"], smp=h["smp"],
-             disks=[swap, ext4], name="hib-6.12-swsusp-resume", timeout=300, wait_ready=False)
-    t0 = time.monotonic()
-    vm2.start()
-    try:
-        st, _ = vm2.result_elsewhere(cid, timeout=600 * TIMEOUT_SCALE)
-        res_s = time.monotonic() - t0
-        assert st == 0
-        vm2.wait_for_shell(timeout=60 * TIMEOUT_SCALE, new_boot=False)
-        assert vm2.run("cat /proc/sys/kernel/random/boot_id").strip() == boot_id
-    finally:
-        vm2.close()
-    size = f"{int(wrote.group(1)) / 1e3:.1f} MB written in {wrote.group(2)} s" if wrote else "size not on console"
+    sw = swsusp_round_trip(h["kernel"], tmp_path, start_workload, HELPERS, h["memory_mb"], h["smp"],
+                           name="hib-6.12-swsusp")
     k = next(iter(FIGURES.values()), {})
-    FIGURES["swsusp"] = {"hibernate_s": round(hib_s, 1), "resume_s": round(res_s, 1), "image": size}
+    FIGURES["swsusp"] = {"hibernate_s": round(sw.hibernate_s, 1), "resume_s": round(sw.resume_s, 1),
+                         "image": sw.image()}
     print(f"\n[swsusp 6.12 1 GiB 1 CPU, same guest, LZO to a swap disk] hibernate (echo disk -> power off) "
-          f"{hib_s:.1f} s ({size}), resume (new QEMU start -> resumed command finished) {res_s:.1f} s; khibernate: "
-          f"hibernate {k.get('hibernate_s')} s, resume {k.get('resume_s')} s, image {k.get('image_mb')} MB")
+          f"{sw.hibernate_s:.1f} s ({sw.image()}), resume (new QEMU start -> resumed command finished) "
+          f"{sw.resume_s:.1f} s; khibernate: hibernate {k.get('hibernate_s')} s, resume {k.get('resume_s')} s, "
+          f"image {k.get('image_mb')} MB")
 
 
 def _refused(h: dict, name: str, store: Path, expect: str, kernel=None, memory_mb: int | None = None,
