@@ -29,6 +29,12 @@ class BootFiles:
     initrd: Path
     release: str
 
+    @property
+    def modular(self) -> bool:
+        """False for vmtest.vm.VM: the machine boots the initrd of its own /boot (update-initramfs put the disk's
+        modules in it), so VM builds no guest initramfs and ships no module tree."""
+        return False
+
 
 class Machine:
     """One machine: its disk (a sparse copy of the cached image, kept across boots) and how to boot it."""
