@@ -45,7 +45,4 @@ echo "[setup] test kernels (built once from Debian's linux-source-6.12 and -7.3,
 .venv/bin/python -m vmtest.kernel 7.3
 # the distribution-like flavour of 6.12: KASLR, THP, hugetlbfs, memcg, KSM, systemd's needs, modular drivers
 .venv/bin/python -m vmtest.kernel 6.12-distro
-
-echo "[setup] the khibernate .deb and the Debian 12 test machine's disk (systemd, initramfs-tools; built once, cached)"
-.venv/bin/python -m vmtest.package
-.venv/bin/python -m vmtest.rootfs
+# the khibernate .deb and the Debian 12 test machine's disk: `scripts/test.sh --distro` builds them (once, cached)
