@@ -60,11 +60,19 @@ def attach(tm: TargetMap, name: str, dev_dir: str = "/dev") -> str:
     if not os.path.exists(node):
         os.mknod(node, 0o600 | 0o060000, os.makedev(tm.major, tm.minor))
     m = read_map(node, tm.offset)
-    r = subprocess.run(["dmsetup", "create", name], input=m.dm_table(node), capture_output=True, text=True)
+    # that kernel runs no udev: dmsetup neither waits for it (--noudevsync) nor leaves the node to it (mknodes)
+    r = subprocess.run(["dmsetup", "create", "--noudevsync", name], input=m.dm_table(node), capture_output=True,
+                       text=True)
     if r.returncode != 0:
         raise FileTargetError(f"dmsetup create {name} failed ({r.stderr.strip()[-300:]}): the capture kernel "
                               "needs device-mapper (CONFIG_BLK_DEV_DM or dm_mod) to write a file target")
-    return os.path.join(dev_dir, "mapper", name)
+    path = os.path.join(dev_dir, "mapper", name)
+    r = subprocess.run(["dmsetup", "mknodes", name], capture_output=True, text=True,
+                       env={**os.environ, "DM_DEV_DIR": dev_dir})
+    if r.returncode != 0 or not os.path.exists(path):
+        raise FileTargetError(f"dmsetup mknodes {name} made no {path} ({r.stderr.strip()[-300:]}): the store "
+                              "file's device-mapper device has no node to write through")
+    return path
 
 
 MAPPER_NAME = "khibernate-store"
