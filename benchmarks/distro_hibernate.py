@@ -62,14 +62,14 @@ def hibernate(vm) -> tuple[tuple[int, int], float, str]:
     return before, seconds, console
 
 
-def resume(machine, before: tuple[int, int], memory_mb: int, smp: int, append: str = ""):
+def resume(machine, before: tuple[int, int], boot_id: str, memory_mb: int, smp: int, append: str = ""):
     """Power on; (the VM, seconds to the resumed shell, seconds to the counter counting on)."""
     from vmtest.machine import wait_resumed
 
     vm = machine.vm(extra_append=append, memory_mb=memory_mb, smp=smp, wait_ready=False)
     t0 = time.monotonic()
     vm.start()
-    wait_resumed(vm, 1800)
+    wait_resumed(vm, 1800, boot_id=boot_id)
     shell = time.monotonic() - t0
     while True:
         now = counter(vm)
@@ -92,7 +92,7 @@ def swap_file(vm) -> str:
 
 def main() -> None:
     from vmtest import package, rootfs
-    from vmtest.machine import Machine, wait_system_running
+    from vmtest.machine import AGENT_REARM_UNIT, Machine, wait_system_running
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--memory", type=int, default=1536, help="guest RAM in MiB")
@@ -108,23 +108,28 @@ def main() -> None:
     vm = m.vm(memory_mb=args.memory, smp=args.smp)
     vm.start()
     wait_system_running(vm)
+    # the harness's agent is restarted after each hibernation (vmtest.machine.AGENT_REARM_UNIT)
     vm.run(f"cat > /etc/systemd/system/counter.service <<'EOF'\n{COUNTER_UNIT}EOF\n"
-           "systemctl daemon-reload && systemctl enable --now counter.service")
+           f"cat > /etc/systemd/system/vmtest-agent-rearm.service <<'EOF'\n{AGENT_REARM_UNIT}EOF\n"
+           "systemctl daemon-reload && systemctl enable --now counter.service && "
+           "systemctl enable vmtest-agent-rearm.service")
     vm.run("cd /root && DEBIAN_FRONTEND=noninteractive apt-get install -y ./khibernate_*.deb", timeout=3600)
     vm.run("khibernate target init /dev/vdb && khibernate setup --target /dev/vdb", timeout=3600)
+    boot_id = vm.boot_id
     before, hib_s, console = hibernate(vm)
     m_job = re.search(r"khibernate-capture: job hibernate .* up (\d+\.\d+) s", console)
     m_img = re.search(r"hibernation image complete in slot \d+ of \S+ \(([\d.]+) MB", console)
-    vm, shell_s, res_s = resume(m, before, args.memory, args.smp)
+    vm, shell_s, res_s = resume(m, before, boot_id, args.memory, args.smp)
     print(json.dumps({"method": "khibernate", "hibernate_s": round(hib_s, 1), "resume_to_shell_s": round(shell_s, 1),
                       "resume_to_service_s": round(res_s, 1),
                       "capture_job_started_uptime_s": float(m_job.group(1)) if m_job else None,
                       "image_mb": float(m_img.group(1)) if m_img else None}), flush=True)
     vm.run("DEBIAN_FRONTEND=noninteractive apt-get remove -y khibernate", timeout=3600)
     append = swap_file(vm)
+    boot_id = vm.boot_id
     before, hib_s, console = hibernate(vm)
     m_img = re.search(r"PM: hibernation: Image created \((\d+) pages copied\)", console)
-    vm, shell_s, res_s = resume(m, before, args.memory, args.smp, append)
+    vm, shell_s, res_s = resume(m, before, boot_id, args.memory, args.smp, append)
     print(json.dumps({"method": "swsusp", "hibernate_s": round(hib_s, 1), "resume_to_shell_s": round(shell_s, 1),
                       "resume_to_service_s": round(res_s, 1), "append": append,
                       "image_mb": round(int(m_img.group(1)) * 4096 / 1e6, 1) if m_img else None}), flush=True)

@@ -222,4 +222,6 @@ def wait_resumed(vm: VM, timeout: float, boot_id: str | None = None) -> float:
                               f"console:\n{vm.console_text()[-4000:]}") from None
             continue
         _check_agent_boot(vm, boot_id)  # the answer may come from a fresh agent: of this boot, or of a new one
+        if boot_id is not None:
+            vm.boot_id = boot_id  # the hibernated boot answered (its old agent, or one restarted in it)
         return time.monotonic() - t0
