@@ -61,10 +61,11 @@ def _watch_console(vm) -> None:
 
 def one_resume(h: dict, crash: str, tmp: Path, name: str) -> dict[str, float | None]:
     from tests.vm.test_hibernate import resume, shutdown_clean
+    from vmtest.diskfile import copy_sparse
 
     store, ext4 = tmp / f"{name}-store.img", tmp / f"{name}-ext4.img"
-    shutil.copyfile(h["pristine"], store)
-    shutil.copyfile(h["ext4_pristine"], ext4)
+    copy_sparse(h["pristine"], store)
+    copy_sparse(h["ext4_pristine"], ext4)
     t0 = time.monotonic()
     vm, report, total = resume(h, name, crash=crash, disks=[store, ext4])
     try:

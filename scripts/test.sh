@@ -12,9 +12,9 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 XEN_TESTS=tests/vm/test_xen_host.py
 DISTRO_TESTS=tests/vm/test_distro.py
-scripts/setup.sh
 if [ "${1:-}" = "--distro" ]; then
   shift
+  scripts/setup.sh
   echo "[test] the khibernate .deb and the Debian 12 test machine's disk (built once, cached)"
   .venv/bin/python -m vmtest.package
   .venv/bin/python -m vmtest.rootfs
@@ -28,6 +28,7 @@ if [ "${1:-}" = "--distro" ]; then
 fi
 if [ "${1:-}" = "--xen" ]; then
   shift
+  scripts/setup.sh --xen
   echo "[test] pytest (Xen host)"
   set +e
   .venv/bin/python -m pytest "$XEN_TESTS" "$@"
@@ -36,6 +37,7 @@ if [ "${1:-}" = "--xen" ]; then
   echo "[test] Xen host tests wall time: $(( $(date +%s) - start )) s"
   exit $rc
 fi
+scripts/setup.sh
 echo "[test] ruff"
 .venv/bin/ruff check .
 echo "[test] mypy"

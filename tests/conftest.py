@@ -7,6 +7,10 @@ KHIBERNATE_RUN_VM_TESTS=1 (what scripts/test.sh and .ci/run set), so CI never sk
 from __future__ import annotations
 
 import functools
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -33,3 +37,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         reason = problem()
         if reason:
             unavailable(reason)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A directory for the files one test module shares (saved images, exports, pristine disks), deleted when the
+    module's last test is done: VM tests make GiB-sized files and the disk is shared (pytest deletes a passed test's
+    own tmp_path, see pyproject.toml).  KHIBERNATE_KEEP_TMP=1 keeps it for inspection."""
+    d = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    yield d
+    if not os.environ.get("KHIBERNATE_KEEP_TMP"):
+        shutil.rmtree(d, ignore_errors=True)

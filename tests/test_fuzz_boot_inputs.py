@@ -19,8 +19,9 @@ from khibernate.jump.bzimage import MAX_KERNEL_SIZE, XLF_KERNEL_64, parse_bzimag
 from khibernate.jump.errors import NotABzImage
 from tests.image.fuzzing import INTERESTING, Mutation
 
-settings.register_profile("fast", max_examples=60, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("ci", max_examples=1000, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
+# no deadline: correctness, not speed, is asserted (CI runs these beside TCG guests)
+settings.register_profile("fast", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 PROFILE = os.environ.get("KHIBERNATE_FUZZ_PROFILE", "fast")
 
 

@@ -32,8 +32,8 @@ SUITE = "bookworm"
 PACKAGES = ("systemd", "systemd-sysv", "udev", "dbus", "libpam-systemd", "initramfs-tools", "kmod", "python3",
             "e2fsprogs", "procps", "zstd", "util-linux", "less")
 # what debian/control makes khibernate depend on: put in the image's local apt repository, not installed
-KHIBERNATE_DEPS = ("python3-click", "python3-zstandard", "python3-pyelftools", "python3-cffi", "dmsetup",
-                   "kexec-tools", "busybox-static")
+KHIBERNATE_DEPS = ("python3-click", "python3-zstandard", "python3-pyelftools", "python3-cffi", "python3-cryptography",
+                   "dmsetup", "kexec-tools", "busybox-static")
 DISK_MB = 4096
 PART_START_MB = 1
 PARTITION_OFFSET = PART_START_MB << 20

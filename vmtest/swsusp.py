@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmtest.diskfile import blank
 from vmtest.kernel import TestKernel
 from vmtest.vm import TIMEOUT_SCALE, VM
 
@@ -35,20 +36,14 @@ class SwsuspRun:
         return f"{self.written_mb:.1f} MB written in {self.write_s} s"
 
 
-def _blank(path: Path, mb: int) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(mb << 20)
-    return path
-
-
 def swsusp_round_trip(kernel: TestKernel, work: Path, prepare: Callable[[VM], None],
                       extra_files: Sequence[tuple[Path, str]] = (), memory_mb: int = 1024, smp: int = 1,
                       swap_mb: int = 640, name: str = "swsusp") -> SwsuspRun:
     """Boot, run ``prepare`` (the workload), ``echo disk > /sys/power/state`` to a swap disk, then boot a new QEMU
     with ``resume=`` and wait until the saved kernel's command finished and its shell answers with the same
     boot_id.  Raises AssertionError when the guest did not power off or did not come back as itself."""
-    swap = _blank(work / f"{name}-swap.img", swap_mb)
-    ext4 = _blank(work / f"{name}-ext4.img", 64)
+    swap = blank(work / f"{name}-swap.img", swap_mb)
+    ext4 = blank(work / f"{name}-ext4.img", 64)
     subprocess.run(["mkfs.ext4", "-q", "-F", str(ext4)], check=True)
     with VM(kernel=kernel, append="crashkernel=256M", memory_mb=memory_mb, smp=smp, extra_files=list(extra_files),
             disks=[swap, ext4], name=name, timeout=300) as vm:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from vmtest.diskfile import blank
 from vmtest.initrd import guest_initrd
 from vmtest.kernel import TestKernel
 
@@ -232,8 +233,7 @@ class VM:
                "-chardev", f"socket,id=agent,path={agent_path},server=on,wait=on", "-serial", "chardev:agent",
                "-qmp", f"unix:{qmp_path},server=on,wait=off", "-device", "vmcoreinfo"]
         if self.disk_mb:
-            with open(self.disk, "wb") as f:
-                f.truncate(self.disk_mb << 20)
+            blank(self.disk, self.disk_mb)
             cmd += ["-drive", f"file={self.disk},if=virtio,format=raw,cache=unsafe"]
         for d in self.disks:
             cmd += ["-drive", f"file={d},if=virtio,format=raw,cache=unsafe"]

@@ -2,10 +2,14 @@
 
 ``python3 -m vmtest.xen`` (run by scripts/setup.sh) downloads ``xen-hypervisor-4.17-amd64`` and its ``-dbg``
 package with the host's apt and keeps, in ``$KHIBERNATE_CACHE/xen/<version>/``: the gunzipped hypervisor (a 32-bit
-multiboot ELF that QEMU's ``-kernel`` loads directly), its ``xen-syms`` (crash and makedumpfile read it), and the
+multiboot ELF that QEMU's ``-kernel`` loads directly), its ``xen-syms`` (an ELF symbol table, no DWARF), and the
 dom0 modules kexec through Xen needs from the cached Debian kernel package (``xen-privcmd.ko``: /dev/xen/privcmd
-and /dev/xen/hypercall; ``xenfs.ko``: /proc/xen, which kexec-tools looks for). Tests only look them up
-(:func:`cached`); nothing is downloaded at test time.
+and /dev/xen/hypercall; ``xenfs.ko``: /proc/xen, which kexec-tools looks for). Then it builds (once,
+vmtest/xen_build.py) the same hypervisor from Debian's source with debug info, whose ``xen-syms`` crash and
+makedumpfile ``--xen-syms`` can read (:func:`cached_debug`), and a crash whose Xen mode reads Xen 4.17
+(vmtest/crash_build.py: Debian 12's crash 8.0.2 cannot), when called with ``--debug-build``
+(``scripts/setup.sh --xen``, what ``scripts/test.sh --xen`` runs). Tests only look them up (:func:`cached`);
+nothing is downloaded or built at test time.
 
 :class:`XenVM` is a :class:`vmtest.vm.VM` whose QEMU boots Xen with ``-kernel``, dom0's kernel and the guest
 initramfs as multiboot modules (``-initrd "vmlinuz ARGS,initrd"``). Xen owns COM1 (ttyS0 in QEMU: Xen's and, through
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import json
 import re
 import shutil
 import subprocess
@@ -26,7 +31,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from vmtest import debian
+from vmtest import crash_build, debian, xen_build
 from vmtest.kernel import CACHE
 from vmtest.vm import VM
 
@@ -51,24 +56,30 @@ SETUP_HINT = "run scripts/setup.sh as root or `python3 -m vmtest.xen`"
 
 @dataclasses.dataclass(frozen=True)
 class XenHypervisor:
-    """One cached Xen build: ``xen`` (multiboot ELF), ``xen-syms`` and the dom0 modules beside them."""
+    """One cached Xen: ``xen`` (multiboot ELF), ``xen-syms`` and the dom0 modules beside them.
+
+    ``build`` set: the hypervisor (``xen``, ``xen-syms``) is that vmtest.xen_build tree's, built with debug info
+    from Debian's source; the dom0 modules stay the Debian package cache's (``dir``)."""
 
     dir: Path
+    build: Path | None = None
 
     @property
     def version(self) -> str:
-        """Debian version of the package, e.g. 4.17.7+13-g2445b30a44-0+deb12u1."""
+        """Debian version of the package, e.g. 4.17.7+13-g2445b30a44-0+deb12u1 (of the source for a build)."""
+        if self.build is not None:
+            return str(json.loads((self.build / "build-info.json").read_text())["source_version"]) + " (debug info)"
         return self.dir.name
 
     @property
     def image(self) -> Path:
         """The hypervisor QEMU -kernel boots (and `khibernate kexec load --vmm` loads)."""
-        return self.dir / "xen"
+        return (self.build or self.dir) / "xen"
 
     @property
     def syms(self) -> Path:
-        """xen-syms from the -dbg package: the ELF with the hypervisor's symbols (crash, makedumpfile -X)."""
-        return self.dir / "xen-syms"
+        """xen-syms: the ELF with the hypervisor's symbols (crash, makedumpfile --xen-syms); DWARF in a build's."""
+        return (self.build or self.dir) / "xen-syms"
 
     def module(self, name: str) -> Path:
         """A dom0 module (xen-privcmd.ko, xenfs.ko) of the cached Debian kernel."""
@@ -83,6 +94,12 @@ def cached() -> XenHypervisor | None:
     """The newest complete cached Xen, or None."""
     found = sorted(d for d in XEN_CACHE.glob("4.*") if XenHypervisor(d).complete())
     return XenHypervisor(found[-1]) if found else None
+
+
+def cached_debug() -> XenHypervisor | None:
+    """The cached Debian Xen with the hypervisor swapped for the debug-info build of its source, or None."""
+    x, b = cached(), xen_build.cached()
+    return dataclasses.replace(x, build=b.dir) if x is not None and b is not None else None
 
 
 def _extract(deb: Path, member: str, out: Path) -> None:
@@ -190,3 +207,13 @@ def crash_region(console: str) -> tuple[int, int] | None:
 if __name__ == "__main__":
     x = fetch()
     print(f"[setup] Xen {x.version}: {x.image}, symbols {x.syms}", file=sys.stderr)
+    if "--debug-build" not in sys.argv[1:]:
+        sys.exit(0)
+    try:
+        b = xen_build.ensure_build(x.version)
+        c = crash_build.ensure_build()
+    except xen_build.KernelBuildError as e:
+        sys.exit(f"error: {e}")
+    print(f"[setup] Xen {b.version} with debug info: {b.image}, symbols {b.syms} ({b.info['build_seconds']} s to "
+          f"build); crash {c.info['version']} for its dumps: {c.binary} ({c.info['build_seconds']} s)",
+          file=sys.stderr)

@@ -123,6 +123,9 @@ def preflight(opts: Options, st: Store | None = None) -> tuple[Superblock, SlotR
         with Store.open(opts.target, write=True) as own:
             return preflight(opts, own)
     sb = st.refresh()
+    from khibernate.seal import policy
+
+    policy.check_capture(sb.flags, opts.target)  # a sealed store: its images could not be sealed yet
     slot = splan.choose_slot(sb)
     est = splan.estimate(sb, splan.parse_meminfo(Path("/proc/meminfo").read_text()))
     splan.check_fits(slot, est)

@@ -7,7 +7,7 @@ import os
 import resource
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -18,6 +18,10 @@ from khibernate.image.levels import RESTORABLE_LEVEL, PageClass
 from khibernate.image.progress import Progress
 from khibernate.image.sources import MemorySource, open_source
 from khibernate.image.vmcoreinfo import Vmcoreinfo
+from khibernate.seal.cli import key_sources, one_key, with_key_options
+
+if TYPE_CHECKING:
+    from khibernate.seal.keysource import KeySource
 
 
 def _int(text: str) -> int:
@@ -28,8 +32,9 @@ def _int(text: str) -> int:
         raise UsageErrorImage(f"{text!r} is not a number (use decimal, 0x-hex, or a K/M/G suffix)") from None
 
 
-def _open(source: str, ranges: str | None, elfcorehdr: str | None) -> MemorySource:
-    """The source: raw memory when --elfcorehdr/--ranges are given, else sniffed by magic."""
+def _open(source: str, ranges: str | None, elfcorehdr: str | None, key: KeySource | None = None) -> MemorySource:
+    """The source: raw memory when --elfcorehdr/--ranges are given, else sniffed by magic (``key``: for a sealed
+    khibernate image)."""
     if elfcorehdr:
         from khibernate.image.inputfile import open_input
 
@@ -43,7 +48,20 @@ def _open(source: str, ranges: str | None, elfcorehdr: str | None) -> MemorySour
         from khibernate.image.sources.raw import parse_ranges
 
         return open_source(source, ranges=parse_ranges(ranges))
-    return open_source(source)
+    return open_source(source, key=key)
+
+
+def _sealed_khi(path: str) -> bool:
+    """Whether ``path`` starts like a sealed khibernate image (magic, version 3): `save` opens it with its key."""
+    from khibernate.image.inputfile import open_input
+    from khibernate.image.layouts.khi import MAGIC, SEALED_VERSION
+
+    fd = open_input(path)
+    try:
+        head = os.pread(fd, 12, 0)
+    finally:
+        os.close(fd)
+    return head[:8] == MAGIC and int.from_bytes(head[8:12], "little") == SEALED_VERSION
 
 
 def _vmcoreinfo(src: MemorySource, path: str | None, at: str | None, required: bool) -> Vmcoreinfo | None:
@@ -126,18 +144,28 @@ def image_group() -> None:
 @click.option("--no-sync", is_flag=True, help="Skip the fsync before the final rename (faster, not crash-safe).")
 @with_source_options
 @XEN_FILTER
+@with_key_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")
 def save_cmd(source: str, dest: str, level: int | None, restorable: bool, threads: int, zlevel: int,
              block_pages: int, no_sync: bool, vmcoreinfo_file: str | None, vmcoreinfo_at: str | None,
-             ranges: str | None, elfcorehdr: str | None, xen_filter: str | None, as_json: bool) -> None:
+             ranges: str | None, elfcorehdr: str | None, xen_filter: str | None, key_file: str | None,
+             passphrase_file: str | None, ask_passphrase: bool, as_json: bool) -> None:
     """Filter SOURCE and save it as a khibernate image DEST (written to a temporary file beside DEST, fsync'd and
     renamed when complete). The image is restorable only if SOURCE itself lost no more than zero and free pages.
-    A Xen host's vmcore is saved at -d 1 by default (dom0's page classes need its p2m: -d 2-16 are refused)."""
+    A Xen host's vmcore is saved at -d 1 by default (dom0's page classes need its p2m: -d 2-16 are refused).
+    With --key-file and/or --passphrase-file (--passphrase asks), DEST is sealed: encrypted and authenticated
+    under a new random key wrapped by each (docs/sealed.md); a sealed SOURCE opens with the same key."""
     from khibernate.image.plan import check_source_level
     from khibernate.image.sources import xen
     from khibernate.image.sources.khi import save_file
 
-    with _open(source, ranges, elfcorehdr) as opened:
+    sources = key_sources(key_file, passphrase_file, ask_passphrase, confirm=True)
+    sealing = None
+    if sources:
+        from khibernate.seal.sealing import Sealing
+
+        sealing = Sealing.new(sources)
+    with _open(source, ranges, elfcorehdr, sources[0] if sources and _sealed_khi(source) else None) as opened:
         src = xen.XenFilteredSource(opened, xen.frame_filter(opened, xen_filter)) if xen_filter else opened
         if level is None:  # restorable by default; a Xen host's dump cannot be restored and drops zero pages only
             level, restorable = (1, False) if xen.is_xen_dump(src) else (RESTORABLE_LEVEL, True)
@@ -148,9 +176,10 @@ def save_cmd(source: str, dest: str, level: int | None, restorable: bool, thread
         with Progress("save", total) as prog:
             stats = save_file(src, dest, vmci=vmci, level=level, restorable=restorable, threads=threads,
                               zstd_level=zlevel, block_pages=block_pages, progress=prog.update,
-                              sync=not no_sync)
+                              sync=not no_sync, seal=sealing)
     counts = {c.name.lower(): stats.class_counts[c] for c in PageClass}
-    data = {"dest": dest, "dump_level": recorded, "restorable": restorable, "pages_ram": stats.pages_ram,
+    data = {"dest": dest, "dump_level": recorded, "restorable": restorable, "sealed": sealing is not None,
+            "pages_ram": stats.pages_ram,
             "pages_stored": stats.pages_stored, "pages_zero": stats.pages_zero,
             "pages_excluded": stats.pages_excluded, "classes": counts, "bytes": stats.bytes_written,
             "seconds": round(stats.seconds, 3),
@@ -163,13 +192,16 @@ def save_cmd(source: str, dest: str, level: int | None, restorable: bool, thread
 @image_group.command("info")
 @click.argument("source")
 @with_source_options
+@with_key_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info_cmd(source: str, vmcoreinfo_file: str | None, vmcoreinfo_at: str | None, ranges: str | None,
-             elfcorehdr: str | None, as_json: bool) -> None:
-    """Show what SOURCE holds: format, memory ranges, kernel release, and for images the filter counts."""
+             elfcorehdr: str | None, key_file: str | None, passphrase_file: str | None, ask_passphrase: bool,
+             as_json: bool) -> None:
+    """Show what SOURCE holds: format, memory ranges, kernel release, and for images the filter counts (a sealed
+    image: with its key)."""
     from khibernate.image.info import describe
 
-    with _open(source, ranges, elfcorehdr) as src:
+    with _open(source, ranges, elfcorehdr, one_key(key_file, passphrase_file, ask_passphrase)) as src:
         d = describe(src, _vmcoreinfo(src, vmcoreinfo_file, vmcoreinfo_at, required=False))
     lines = [f"{k}: {v}" for k, v in d.items() if k != "ranges"]
     lines.append("ranges: " + " ".join(f"{a}-{b}" for a, b in d["ranges"]))
@@ -179,13 +211,19 @@ def info_cmd(source: str, vmcoreinfo_file: str | None, vmcoreinfo_at: str | None
 @image_group.command("verify")
 @click.argument("image")
 @with_raw_options
+@with_key_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def verify_cmd(image: str, ranges: str | None, elfcorehdr: str | None, as_json: bool) -> None:
-    """Check every checksum and table of a khibernate image (or read every stored page of any other source)."""
-    with _open(image, ranges, elfcorehdr) as src:
+def verify_cmd(image: str, ranges: str | None, elfcorehdr: str | None, key_file: str | None,
+               passphrase_file: str | None, ask_passphrase: bool, as_json: bool) -> None:
+    """Check every checksum and table of a khibernate image (or read every stored page of any other source).
+    A sealed image needs its key, and is checked for authenticity: every block's tag, and the tag over header,
+    bitmaps, index and trailer."""
+    with _open(image, ranges, elfcorehdr, one_key(key_file, passphrase_file, ask_passphrase)) as src:
         with Progress("verify", sum(r.size for r in src.ranges)) as prog:
             res = src.verify(progress=prog.update)
-    _emit(as_json, {"ok": True, **res}, f"{image}: OK " + ", ".join(f"{k} {v}" for k, v in res.items()))
+        sealed = bool(getattr(src, "cipher", None))
+    _emit(as_json, {"ok": True, "authenticated": sealed, **res},
+          f"{image}: OK{' (sealed: authentic)' if sealed else ''} " + ", ".join(f"{k} {v}" for k, v in res.items()))
 
 
 @image_group.command("read")
@@ -194,12 +232,14 @@ def verify_cmd(image: str, ranges: str | None, elfcorehdr: str | None, as_json: 
 @click.option("--size", required=True, type=SIZE, help="Bytes to read (e.g. 64, 0x1000, 4K; at most 1G).")
 @click.option("--raw", is_flag=True, help="Write the bytes to stdout instead of a hex dump.")
 @with_raw_options
-def read_cmd(source: str, paddr: int, size: int, raw: bool, ranges: str | None, elfcorehdr: str | None) -> None:
+@with_key_options
+def read_cmd(source: str, paddr: int, size: int, raw: bool, ranges: str | None, elfcorehdr: str | None,
+             key_file: str | None, passphrase_file: str | None, ask_passphrase: bool) -> None:
     """Read physical memory from SOURCE (hex dump, or --raw bytes)."""
     if size > 1 << 30:
         raise UsageErrorImage(f"--size {size} is more than 1G; read in pieces or use 'image export'")
     a = paddr
-    with _open(source, ranges, elfcorehdr) as src:
+    with _open(source, ranges, elfcorehdr, one_key(key_file, passphrase_file, ask_passphrase)) as src:
         data = src.read(a, size)
     if raw:
         sys.stdout.buffer.write(data)
@@ -223,21 +263,23 @@ def read_cmd(source: str, paddr: int, size: int, raw: bool, ranges: str | None, 
 @click.option("--no-sync", is_flag=True, help="Skip the fsync before the final rename (faster, not crash-safe).")
 @with_source_options
 @XEN_FILTER
+@with_key_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")
 def export_cmd(source: str, dest: str, fmt: str, compress: str, flat: bool, elf32: bool, level: int | None,
                threads: int, no_sync: bool, vmcoreinfo_file: str | None, vmcoreinfo_at: str | None, ranges: str | None,
-               elfcorehdr: str | None, xen_filter: str | None, as_json: bool) -> None:
+               elfcorehdr: str | None, xen_filter: str | None, key_file: str | None, passphrase_file: str | None,
+               ask_passphrase: bool, as_json: bool) -> None:
     """Write SOURCE as an ELF vmcore or a makedumpfile-compatible kdump-compressed file.
 
     A zstd kdump file needs makedumpfile/crash built with zstd (Debian 12's are not: export with --compress zlib
-    for them)."""
+    for them). A sealed SOURCE needs its key; the export is in clear (mode 0600)."""
     from khibernate.image.export import export
 
     if flat and fmt != "kdump":
         raise UsageErrorImage("--flat applies to --format kdump only")
     from khibernate.image.sources import xen
 
-    with _open(source, ranges, elfcorehdr) as opened:
+    with _open(source, ranges, elfcorehdr, one_key(key_file, passphrase_file, ask_passphrase)) as opened:
         src = xen.XenFilteredSource(opened, xen.frame_filter(opened, xen_filter)) if xen_filter else opened
         xen.check_level(src, level or 0)
         vmci = _vmcoreinfo(src, vmcoreinfo_file, vmcoreinfo_at, required=bool((level or 0) & ~1))
@@ -256,12 +298,14 @@ def export_cmd(source: str, dest: str, fmt: str, compress: str, flat: bool, elf3
 @click.argument("source")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to a file instead of stdout.")
 @with_source_options
+@with_key_options
 def dmesg_cmd(source: str, output: str | None, vmcoreinfo_file: str | None, vmcoreinfo_at: str | None,
-              ranges: str | None, elfcorehdr: str | None) -> None:
+              ranges: str | None, elfcorehdr: str | None, key_file: str | None, passphrase_file: str | None,
+              ask_passphrase: bool) -> None:
     """Print the old kernel's log buffer, like makedumpfile --dump-dmesg."""
     from khibernate.image.dmesg import kernel_log
 
-    with _open(source, ranges, elfcorehdr) as src:
+    with _open(source, ranges, elfcorehdr, one_key(key_file, passphrase_file, ask_passphrase)) as src:
         vmci = _vmcoreinfo(src, vmcoreinfo_file, vmcoreinfo_at, required=True)
         assert vmci is not None
         text = kernel_log(src, vmci)

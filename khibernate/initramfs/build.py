@@ -59,7 +59,7 @@ def hash_inputs(h: hashlib._Hash) -> None:
             h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}".encode())
     import importlib.metadata as md
 
-    for dist in ("pyelftools", "zstandard", "cffi", "click", "pycparser", "mfusepy"):
+    for dist in ("pyelftools", "zstandard", "cffi", "click", "pycparser", "mfusepy", "cryptography"):
         try:
             h.update(f"{dist}={md.version(dist)}".encode())
         except md.PackageNotFoundError:

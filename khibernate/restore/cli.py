@@ -7,6 +7,7 @@ import sys
 import click
 
 from khibernate.capture.cli import capture_kernel_options
+from khibernate.seal.cli import one_key, with_key_options
 
 AGAIN_WARNING = ("--again resumes an image that a boot tried or resumed before: the same kernel state runs a second "
                  "time — the same random-number generator state, the same TCP connections and sequence numbers, the "
@@ -102,13 +103,20 @@ def resume_command(target: str, again: bool, attempt: str | None, ignore_changed
 @click.option("--devmem", metavar="PATH", help="Memory device (default /dev/oldmem if present, else /dev/mem).")
 @click.option("--dry-run", is_flag=True, help="Every check, nothing written.")
 @click.option("--no-jump", is_flag=True, help="Write and verify, but do not enter the saved kernel.")
+@click.option("--allow-unsealed", is_flag=True, help="Restore an unsealed (unauthenticated) IMAGE file: anyone who "
+              "could write the file chooses what runs. A store slot follows its store's choice (`target init "
+              "--unsealed`).")
+@with_key_options
 def restore_command(what: str, target: str | None, again: bool, vmcore: str, devmem: str | None, dry_run: bool,
-                    no_jump: bool) -> None:
+                    no_jump: bool, allow_unsealed: bool, key_file: str | None, passphrase_file: str | None,
+                    ask_passphrase: bool) -> None:
     """krestore: write a saved image back into the first kernel's memory and enter the saved kernel. Runs in a
     capture kernel that the hibernated kernel's fresh boot jumped to (`khibernate resume` does all of this).
 
     \b
-    Everything is checked before the first write: the whole slot's CRC, every block's checksum, the tables, and
+    A sealed image needs its key (--key-file, --passphrase-file or --passphrase); with a key, an unsealed image is
+    refused. Everything is checked before the first write: every block's checksum and, sealed, its authenticity
+    (a first pass; the write pass checks each block again), the tables, and
     that the image belongs here (page size, memory ranges, crash region, kernel release and BUILD-ID of the kernel
     whose memory is overwritten, restorable, not resumed before). Any difference: refused, nothing touched.
     Then the slot is marked resumed, every stored page written and every zero page zeroed through /dev/mem mmap
@@ -118,12 +126,13 @@ def restore_command(what: str, target: str | None, again: bool, vmcore: str, dev
     from khibernate.errors import UsageError
     from khibernate.restore import run as rr
 
+    key = one_key(key_file, passphrase_file, ask_passphrase)
     if what.isdigit():
         if not target:
             raise UsageError("a slot number needs --target DEV (or give an image file)")
-        p = rr.prepare_slot(target, int(what), again=again, vmcore=vmcore)
+        p = rr.prepare_slot(target, int(what), again=again, vmcore=vmcore, key=key)
     else:
-        p = rr.prepare_file(what, vmcore=vmcore)
+        p = rr.prepare_file(what, vmcore=vmcore, key=key, allow_unsealed=allow_unsealed)
     click.echo(f"restore: {what} fits this boot ({p.image.osrelease}, entry {p.image.jump_back_entry:#x}); "
                f"checked in {p.verify_seconds:.2f} s", err=True)
     if dry_run:

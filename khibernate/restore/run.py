@@ -12,10 +12,13 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from khibernate.errors import KhibernateError
 from khibernate.restore.checks import RestoreRefused, SavedImage, ThisBoot, check
+
+if TYPE_CHECKING:
+    from khibernate.seal.keysource import KeySource
 
 TOUCHED = Path("/run/khibernate/oldmem-written")  # exists once the first byte of old memory was written
 
@@ -52,7 +55,7 @@ class Prepared:
 
 
 def prepare_slot(target: str, index: int, *, again: bool = False, image_uuid: bytes | None = None,
-                 attempt: bytes | None = None, vmcore: str = "/proc/vmcore") -> Prepared:
+                 attempt: bytes | None = None, vmcore: str = "/proc/vmcore", key: KeySource | None = None) -> Prepared:
     """Store slot ``index`` of ``target``, every check done (RestoreRefused / store errors); nothing written.
     With ``attempt`` (a resume job) the slot must be tried under that token as the store's current attempt; by hand,
     a complete slot, or with ``again`` one tried or resumed before."""
@@ -77,21 +80,31 @@ def prepare_slot(target: str, index: int, *, again: bool = False, image_uuid: by
         raise RestoreRefused([f"slot {index} is {rec.state.name.lower()}: it holds no complete image"])
     device.check_writable(target)  # the slot is marked resumed before the first write to memory
     t0 = time.monotonic()
-    return _checked(store.open_slot(target, rec), rec, t0, vmcore)  # header, trailer, tables: each its own CRC
+    src = store.open_slot(target, rec, key)  # header, trailer, tables: each its own CRC (sealed: authenticated)
+    return _checked(src, rec, t0, vmcore, sb.flags, key is not None, f"slot {index} of {target}")
 
 
-def prepare_file(path: str, vmcore: str = "/proc/vmcore") -> Prepared:
-    """An image file, every check done; nothing written."""
+def prepare_file(path: str, vmcore: str = "/proc/vmcore", key: KeySource | None = None,
+                 allow_unsealed: bool = False) -> Prepared:
+    """An image file, every check done; nothing written.  An unsealed file is refused unless ``allow_unsealed``
+    (``restore --allow-unsealed``: the file is in no store that could say so)."""
     from khibernate.image.sources.khi import KhiSource
+    from khibernate.store.superblock import STORE_UNSEALED
 
     t0 = time.monotonic()
-    return _checked(KhiSource(path), None, t0, vmcore)
+    return _checked(KhiSource(path, key=key), None, t0, vmcore, STORE_UNSEALED if allow_unsealed else 0,
+                    key is not None, path)
 
 
-def _checked(src: Any, slot: Any, t0: float, vmcore: str) -> Prepared:
-    """Every block's frame against its CRC (bitmaps, index, trailer agreeing), then does the image belong to this
-    boot; the source is closed on any refusal."""
+def _checked(src: Any, slot: Any, t0: float, vmcore: str, store_flags: int, key_given: bool, where: str
+             ) -> Prepared:
+    """Sealed or allowed unsealed (khibernate.seal.policy), every block's frame against its CRC and, sealed, its
+    tag (bitmaps, index, trailer agreeing), then does the image belong to this boot; the source is closed on any
+    refusal."""
+    from khibernate.seal import policy
+
     try:
+        policy.check_restore(store_flags, src.header.seal is not None, key_given, where)
         src.verify(decompress=False)
         p = Prepared(src, SavedImage.from_source(src), this_boot(vmcore), slot, time.monotonic() - t0)
         check(p.image, p.here)

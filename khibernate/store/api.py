@@ -12,6 +12,7 @@ from khibernate.store.superblock import SlotRecord, Superblock
 
 if TYPE_CHECKING:
     from khibernate.image.sources.khi import KhiSource
+    from khibernate.seal.keysource import KeySource
 
 
 def init(path: str, nr_slots: int = 2, force: bool = False) -> Superblock:
@@ -67,16 +68,16 @@ def verify_slot(path: str, index: int) -> SlotCheck:
         return st.verify_slot(index)
 
 
-def open_slot(path: str, rec: SlotRecord) -> KhiSource:
+def open_slot(path: str, rec: SlotRecord, key: KeySource | None = None) -> KhiSource:
     """The slot's image as a KhiSource reading the device in place (Store.open_slot)."""
     with Store.open(path) as st:
-        return st.open_slot(rec)
+        return st.open_slot(rec, key)
 
 
-def export(path: str, index: int, dest: str, fmt: str = "khi") -> int:
+def export(path: str, index: int, dest: str, fmt: str = "khi", key: KeySource | None = None) -> int:
     """Write slot ``index``'s image to ``dest`` as khi, elf or kdump (Store.export)."""
     with Store.open(path) as st:
-        return st.export(index, dest, fmt)
+        return st.export(index, dest, fmt, key)
 
 
 def show(path: str, index: int) -> dict[str, Any]:

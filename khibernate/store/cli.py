@@ -9,7 +9,17 @@ from collections.abc import Iterator
 import click
 
 from khibernate.clickutil import SIZE
+from khibernate.errors import UsageError
+from khibernate.seal.cli import key_sources, one_key, with_key_options
 from khibernate.store.handle import Store
+from khibernate.store.superblock import STORE_SEALED
+
+
+def _sealing(flags: int, short: bool = False) -> str:
+    """What the store's flags say about sealing (khibernate.seal.policy)."""
+    from khibernate.seal import policy
+
+    return policy.name(flags) if short else policy.describe(flags)
 
 
 @contextlib.contextmanager
@@ -46,7 +56,11 @@ def target_group() -> None:
 @click.option("--size", type=SIZE, metavar="S",
               help="Make DEVICE a new file of S bytes (e.g. 2G) on ext4 or xfs, like a swap file: written "
                    "completely, its extents recorded; refused where it cannot be written by device offsets.")
-def init_cmd(device: str, slots: int, force: bool, size: int | None) -> None:
+@click.option("--unsealed", is_flag=True, help="Say that this store accepts unsealed (unauthenticated) images: "
+              "whoever can write DEVICE chooses what a resume runs. Today's default (see below).")
+@with_key_options
+def init_cmd(device: str, slots: int, force: bool, size: int | None, unsealed: bool, key_file: str | None,
+             passphrase_file: str | None, ask_passphrase: bool) -> None:
     """Create an empty store on DEVICE (everything on it is lost), or with --size a store file DEVICE.
 
     \b
@@ -60,20 +74,41 @@ def init_cmd(device: str, slots: int, force: bool, size: int | None) -> None:
     encrypted, sparse, or on btrfs, LVM, dm-crypt or a network filesystem is refused with the reason; so is a
     file that moved on the disk since `target init` (defragmented, copied), at every hibernate and resume.
       khibernate target init /var/lib/khibernate/store --size 2G
+
+    \b
+    Sealing: with --key-file and/or --passphrase-file (--passphrase asks), a random store key is made, wrapped
+    by each (key slots at 8 KiB), and the store accepts only images sealed with it. Captures into a sealed store
+    are refused until the capture kernel can seal (next release). Without a key the store is unsealed and says
+    so (as --unsealed): restore refuses an unsealed image from a store that does not say so. A store file cannot
+    be sealed yet (its extent map lies where the key slots would).
     """
+    sources = key_sources(key_file, passphrase_file, ask_passphrase, confirm=True)
+    if sources and unsealed:
+        raise UsageError("--unsealed and a key contradict each other: give one")
     if size is not None:
+        if sources:
+            raise UsageError("a store file cannot be sealed yet: its extent map lies at 8 KiB, where a sealed "
+                             "store keeps its key slots; use a partition for a sealed store")
         from khibernate.store import filetarget
 
         sb, m = filetarget.init_file(device, size, slots, force)
         click.echo(sb.describe())
         click.echo(f"file target: {len(m.extents)} extent(s) on the device, first byte at device offset "
                    f"{m.resume_offset} (resume_offset)")
+        click.echo(f"sealing: {_sealing(sb.flags)}")
         return
     with contextlib.ExitStack() as stack:
         if force:  # replacing a store: no capture may be writing it meanwhile
             stack.enter_context(_no_capture("target init --force"))
         st = stack.enter_context(Store.create(device, slots, force=force))
+        if sources:
+            from khibernate.seal.sealing import Sealing
+            from khibernate.store import keyslots
+
+            keyslots.write(st.fd, Sealing.new(sources).keyring)  # the store key itself is never written
+            st.update(lambda sb: sb.with_flags(STORE_SEALED))
         click.echo(st.sb.describe())
+        click.echo(f"sealing: {_sealing(st.sb.flags)}")
 
 
 @target_group.command("list")
@@ -84,9 +119,11 @@ def list_cmd(device: str, as_json: bool) -> None:
     with Store.open(device) as st:
         if as_json:
             click.echo(json.dumps({"store": st.sb.uuid_str, "generation": st.sb.generation,
+                                   "sealing": _sealing(st.sb.flags, short=True),
                                    "slots": [st.show(s.index) for s in st.sb.slots]}, indent=2))
         else:
             click.echo(st.sb.describe())
+            click.echo(f"sealing: {_sealing(st.sb.flags)}")
 
 
 @target_group.command("show")
@@ -111,10 +148,14 @@ def show_cmd(device: str, slot: int, verify: bool) -> None:
               help="khi: the image as stored; kdump: makedumpfile's compressed format with zstd pages (drgn, "
                    "libkdumpfile; Debian 12's makedumpfile has no zstd: export the khi and use `image export "
                    "--compress zlib`); elf: an ELF vmcore (gdb, drgn).")
-def export_cmd(device: str, slot: int, dest: str, fmt: str) -> None:
-    """Copy SLOT's image out of the store into DEST (checked first)."""
+@with_key_options
+def export_cmd(device: str, slot: int, dest: str, fmt: str, key_file: str | None, passphrase_file: str | None,
+               ask_passphrase: bool) -> None:
+    """Copy SLOT's image out of the store into DEST (checked first). A sealed image stays sealed as khi (no key
+    needed); exported as kdump or elf it needs its key (--key-file, --passphrase-file or --passphrase)."""
+    key = one_key(key_file, passphrase_file, ask_passphrase)
     with Store.open(device) as st:
-        n = st.export(slot, dest, fmt)
+        n = st.export(slot, dest, fmt, key)
     click.echo(f"{dest}: {fmt} {n / 1e6:.1f} MB from slot {slot}")
 
 

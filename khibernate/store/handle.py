@@ -37,6 +37,7 @@ from khibernate.store.superblock import SlotRecord, SlotState, Superblock, new_s
 
 if TYPE_CHECKING:
     from khibernate.image.sources.khi import KhiSource
+    from khibernate.seal.keysource import KeySource
 
 Say = Callable[[str], None]
 LOCK_WAIT = 30.0  # seconds a writer waits for another one (store updates take milliseconds)
@@ -234,7 +235,7 @@ class Store:
         """Read ``length`` bytes of the slot back (cache dropped) and check their CRC and the image's header,
         trailer and tables checksums; StoreCorruptError when anything disagrees."""
         from khibernate.image.errors import ImageError
-        from khibernate.image.layouts.khi import HEADER, TRAILER, Header, Trailer
+        from khibernate.image.layouts.khi import HEADER, INDEX, TRAILER, Header, Trailer
 
         if not HEADER.size + TRAILER.size <= length <= rec.capacity:
             raise StoreCorruptError(f"slot {rec.index}: reported image length {length} does not fit the slot")
@@ -251,8 +252,11 @@ class Store:
         try:
             header, _ = Header.unpack(head)
             trailer = Trailer.unpack(os.pread(self.fd, TRAILER.size, rec.offset + length - TRAILER.size))
+            tables_end = trailer.index_offset + trailer.index_count * INDEX.size  # a sealed image's seal record follows
+            if not trailer.stored_bitmap_offset <= tables_end <= length - TRAILER.size:
+                raise StoreCorruptError(f"slot {rec.index}: the trailer places the tables outside the image")
             tables = b"".join(device.read_region(self.fd, rec.offset + trailer.stored_bitmap_offset,
-                                                 length - TRAILER.size - trailer.stored_bitmap_offset))
+                                                 tables_end - trailer.stored_bitmap_offset))
         except ImageError as e:
             raise StoreCorruptError(f"slot {rec.index}: {e}") from None
         if zlib.crc32(tables) != trailer.tables_crc:
@@ -296,21 +300,26 @@ class Store:
         self.update(switch)
         return done, chk, freed
 
-    def open_slot(self, rec: SlotRecord) -> KhiSource:
-        """The slot's image as a KhiSource reading the device in place (header, trailer and tables checked)."""
+    def open_slot(self, rec: SlotRecord, key: KeySource | None = None) -> KhiSource:
+        """The slot's image as a KhiSource reading the device in place (header, trailer and tables checked; a
+        sealed one unsealed with ``key`` and refused unless sealed for this slot)."""
         from khibernate.image.errors import ImageError
         from khibernate.image.sources.khi import KhiSource
+        from khibernate.seal.errors import SealError
 
         if not rec.holds_image or rec.length == 0:
             raise SlotError(f"slot {rec.index} is {rec.state.name.lower()}, it holds no complete image")
         try:
-            return KhiSource(self.path, base=rec.offset, length=rec.length)
+            return KhiSource(self.path, base=rec.offset, length=rec.length, key=key, slot=rec.index)
+        except SealError:
+            raise  # its own class: a key to give, or an image that is not what was sealed
         except ImageError as e:
             raise StoreCorruptError(f"slot {rec.index}: {e}") from None
 
-    def export(self, index: int, dest: str, fmt: str = "khi") -> int:
-        """Write slot ``index``'s image to ``dest`` as khi (a copy) or through the image exporters (elf, kdump);
-        checked first.  SIGTERM on the way leaves no temporary file behind."""
+    def export(self, index: int, dest: str, fmt: str = "khi", key: KeySource | None = None) -> int:
+        """Write slot ``index``'s image to ``dest`` as khi (a copy: a sealed image stays sealed) or through the image
+        exporters (elf, kdump; a sealed image needs ``key``); checked first.  SIGTERM on the way leaves no
+        temporary file behind."""
         from khibernate.image.atomic import atomic_output, sigterm_exits
 
         rec = self.image_slot(index)
@@ -323,7 +332,7 @@ class Store:
             if fmt == "khi":
                 return rec.length
             try:
-                return _export_khi(khi, dest, fmt)
+                return _export_khi(khi, dest, fmt, key)
             finally:
                 os.unlink(khi)
 
@@ -337,13 +346,13 @@ class Store:
                 "boot_id": str(uuidlib.UUID(bytes=rec.boot_id)), "osrelease": rec.osrelease}
 
 
-def _export_khi(khi: str, dest: str, fmt: str) -> int:
-    """Export the .khi file ``khi`` to ``dest`` as kdump or elf."""
+def _export_khi(khi: str, dest: str, fmt: str, key: KeySource | None = None) -> int:
+    """Export the .khi file ``khi`` to ``dest`` as kdump or elf (``key``: for a sealed one)."""
     from khibernate.image.export import export as image_export
     from khibernate.image.sources.khi import KhiSource
     from khibernate.image.vmcoreinfo import from_source
 
-    src = KhiSource(khi)
+    src = KhiSource(khi, key=key)
     try:
         return image_export(src, dest, fmt=fmt, vmci=from_source(src))
     finally:

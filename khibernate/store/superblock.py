@@ -26,8 +26,8 @@ MAX_SLOTS = 16
 MIN_SLOT_BYTES = 4 << 20
 
 # magic, version, copy_index, generation, store uuid, created_ns, device_bytes, data_offset, slot_bytes, nr_slots,
-# slot record size, the resume attempt (slot, token, started_ns, flags), reserved
-HEADER = struct.Struct("<8sIIQ16sQQQQIII16sQI16s")
+# slot record size, the resume attempt (slot, token, started_ns, flags), store flags, reserved
+HEADER = struct.Struct("<8sIIQ16sQQQQIII16sQII12s")
 # state, dump_level, seq, offset, capacity, length, crc32 (of the image bytes), flags, image uuid, created_ns,
 # pages_stored, pages_excluded, boot_id (of the kernel saved), osrelease
 SLOT = struct.Struct("<IIQQQQII16sQQQ16s64s")
@@ -38,6 +38,10 @@ assert HEADER.size + MAX_SLOTS * SLOT.size + CRC.size <= BLOCK
 
 # SlotRecord.flags
 FLAG_HIBERNATE = 1  # written by `khibernate hibernate`: the image `khibernate resume` takes (newest first)
+# Superblock.flags: what `target init` was told about sealing (docs/sealed.md)
+STORE_SEALED = 1  # made with a key: its key slots are at KEYRING_OFFSETS, its images must be sealed
+STORE_UNSEALED = 2  # made saying unauthenticated images are allowed (`target init --unsealed`, today's default)
+KEYRING_OFFSETS = (2 * BLOCK, 3 * BLOCK)  # two copies of the store's key slots, between superblocks and slots
 # ResumeAttempt flags
 ATTEMPT_CONTINUED = 1  # a re-entered boot has continued the attempt (`resume --attempt`): never again
 
@@ -139,13 +143,14 @@ class Superblock:
     data_offset: int = DATA_OFFSET
     version: int = VERSION
     attempt: ResumeAttempt | None = None
+    flags: int = 0  # STORE_SEALED / STORE_UNSEALED; 0: made before sealing existed
 
     def pack(self, copy_index: int) -> bytes:
         """BLOCK bytes for superblock copy ``copy_index`` (0 or 1), CRC last."""
         a = self.attempt or ResumeAttempt(0, bytes(16), 0)
         head = HEADER.pack(MAGIC, self.version, copy_index, self.generation, self.uuid, self.created_ns,
                            self.device_bytes, self.data_offset, self.slot_bytes, len(self.slots), SLOT.size,
-                           a.slot, a.token, a.started_ns, a.flags, b"")
+                           a.slot, a.token, a.started_ns, a.flags, self.flags, b"")
         body = head + b"".join(s.pack() for s in self.slots)
         body += bytes(BLOCK - CRC.size - len(body))
         return body + CRC.pack(zlib.crc32(body))
@@ -169,7 +174,7 @@ class Superblock:
                       for i in range(nr))
         attempt = ResumeAttempt(f[11], f[12], f[13], f[14]) if any(f[12]) else None
         sb = cls(uuid=f[4], generation=f[3], created_ns=f[5], device_bytes=f[6], slot_bytes=f[8], slots=slots,
-                 copy_index=f[2], data_offset=f[7], version=f[1], attempt=attempt)
+                 copy_index=f[2], data_offset=f[7], version=f[1], attempt=attempt, flags=f[15])
         for s in slots:
             if s.offset < sb.data_offset or s.offset + s.capacity > sb.device_bytes or s.length > s.capacity:
                 raise StoreCorruptError(f"slot {s.index} lies outside the device; the superblock is corrupt")
@@ -190,6 +195,10 @@ class Superblock:
         """The next generation of this superblock with ``rec`` replacing its slot."""
         slots = tuple(rec if s.index == rec.index else s for s in self.slots)
         return dataclasses.replace(self, slots=slots, generation=self.generation + 1)
+
+    def with_flags(self, flags: int) -> Superblock:
+        """The next generation with the store flags ``flags`` (STORE_SEALED / STORE_UNSEALED)."""
+        return dataclasses.replace(self, flags=flags, generation=self.generation + 1)
 
     def with_attempt(self, rec: SlotRecord, attempt: ResumeAttempt) -> Superblock:
         """The next generation with ``rec`` replacing its slot and ``attempt`` as the store's resume attempt."""
@@ -219,12 +228,14 @@ def geometry(device_bytes: int, nr_slots: int) -> tuple[int, tuple[tuple[int, in
     return slot_bytes, tuple((DATA_OFFSET + i * slot_bytes, slot_bytes) for i in range(nr_slots))
 
 
-def new_superblock(device_bytes: int, nr_slots: int, store_uuid: bytes, created_ns: int) -> Superblock:
-    """A fresh superblock (generation 1, every slot free)."""
+def new_superblock(device_bytes: int, nr_slots: int, store_uuid: bytes, created_ns: int,
+                   flags: int = STORE_UNSEALED) -> Superblock:
+    """A fresh superblock (generation 1, every slot free); unsealed unless ``flags`` say otherwise (the capture
+    kernel cannot seal yet: docs/sealed.md, "The store's flag")."""
     slot_bytes, geo = geometry(device_bytes, nr_slots)
     slots = tuple(SlotRecord(index=i, offset=off, capacity=cap) for i, (off, cap) in enumerate(geo))
     return Superblock(uuid=store_uuid, generation=1, created_ns=created_ns, device_bytes=device_bytes,
-                      slot_bytes=slot_bytes, slots=slots)
+                      slot_bytes=slot_bytes, slots=slots, flags=flags)
 
 
 def newest(copies: list[bytes]) -> Superblock:

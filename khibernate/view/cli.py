@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
@@ -11,7 +12,11 @@ from khibernate.clickutil import ADDRESS, SIZE, ErrorReportingGroup, echo_hexdum
 from khibernate.image.errors import FileAccessError, UsageErrorImage
 from khibernate.image.sources import MemorySource
 from khibernate.image.vmcoreinfo import Vmcoreinfo
+from khibernate.seal.cli import one_key, with_key_options
 from khibernate.view.previous import open_previous
+
+if TYPE_CHECKING:
+    from khibernate.seal.keysource import KeySource
 
 SOURCE_HELP = """SOURCE is any file `khibernate image` reads (a khibernate image, /proc/vmcore or an ELF vmcore, a QEMU
 dump, a makedumpfile kdump or flattened file). Without SOURCE: the previous kernel of the side we run on.
@@ -28,8 +33,8 @@ class _ViewGroup(ErrorReportingGroup):
     os_error_class = FileAccessError
 
 
-def _open(source: str | None) -> MemorySource:
-    return open_previous(source)
+def _open(source: str | None, key: KeySource | None = None) -> MemorySource:
+    return open_previous(source, key)
 
 
 def _vmci(src: MemorySource, path: str | None) -> Vmcoreinfo | None:
@@ -52,12 +57,14 @@ def view_group() -> None:
 
 @view_group.command("info")
 @click.argument("source", required=False)
+@with_key_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def info_cmd(source: str | None, as_json: bool) -> None:
-    """Format, RAM ranges, kernel release and notes of the previous kernel (or SOURCE)."""
+def info_cmd(source: str | None, key_file: str | None, passphrase_file: str | None, ask_passphrase: bool,
+             as_json: bool) -> None:
+    """Format, RAM ranges, kernel release and notes of the previous kernel (or SOURCE; sealed: with its key)."""
     from khibernate.view.files import describe
 
-    with _open(source) as src:
+    with _open(source, one_key(key_file, passphrase_file, ask_passphrase)) as src:
         d = describe(src)
     if as_json:
         click.echo(json.dumps(d, indent=2, sort_keys=True))
@@ -76,12 +83,14 @@ def info_cmd(source: str | None, as_json: bool) -> None:
 @click.option("--raw", is_flag=True, help="Write the bytes to stdout instead of a hex dump.")
 @click.option("--zero-fill", is_flag=True, help="Read holes and excluded pages as zeros (as oldmem does) "
               "instead of failing.")
-def read_cmd(source: str | None, paddr: int, size: int, raw: bool, zero_fill: bool) -> None:
-    """Read physical memory of the previous kernel (or SOURCE)."""
+@with_key_options
+def read_cmd(source: str | None, paddr: int, size: int, raw: bool, zero_fill: bool, key_file: str | None,
+             passphrase_file: str | None, ask_passphrase: bool) -> None:
+    """Read physical memory of the previous kernel (or SOURCE; sealed: with its key)."""
     if size > 1 << 30:
         raise UsageErrorImage(f"--size {size} is more than 1G; read in pieces or use 'view mount' and dd")
     a, n = paddr, size
-    with _open(source) as src:
+    with _open(source, one_key(key_file, passphrase_file, ask_passphrase)) as src:
         if zero_fill:
             data = src.read_filled(a, n)
         else:
@@ -95,12 +104,14 @@ def read_cmd(source: str | None, paddr: int, size: int, raw: bool, zero_fill: bo
 @view_group.command("dmesg")
 @click.argument("source", required=False)
 @vmcoreinfo_option
-def dmesg_cmd(source: str | None, vmcoreinfo_file: str | None) -> None:
-    """The previous kernel's log (like makedumpfile --dump-dmesg)."""
+@with_key_options
+def dmesg_cmd(source: str | None, vmcoreinfo_file: str | None, key_file: str | None, passphrase_file: str | None,
+              ask_passphrase: bool) -> None:
+    """The previous kernel's log (like makedumpfile --dump-dmesg; a sealed SOURCE with its key)."""
     from khibernate.image.dmesg import kernel_log
     from khibernate.image.vmcoreinfo import from_source
 
-    with _open(source) as src:
+    with _open(source, one_key(key_file, passphrase_file, ask_passphrase)) as src:
         vmci = _vmci(src, vmcoreinfo_file) or from_source(src)
         click.echo(kernel_log(src, vmci), nl=False)
 
@@ -114,8 +125,9 @@ def dmesg_cmd(source: str | None, vmcoreinfo_file: str | None) -> None:
 @click.option("--mode", "mode_text", default="0400", show_default=True, metavar="OCTAL",
               help="Permissions of the served files (read bits only), checked by the kernel: 0400 is the owner "
                    "alone, like /proc/kcore; 0440 adds the owner's group, 0444 every user who may enter.")
+@with_key_options
 def mount_cmd(directory: str, source: str | None, vmcoreinfo_file: str | None, allow_other: bool,
-              mode_text: str) -> None:
+              mode_text: str, key_file: str | None, passphrase_file: str | None, ask_passphrase: bool) -> None:
     """Mount the view read-only at DIR with FUSE, in the foreground, until Ctrl-C, SIGTERM or `umount DIR`.
 
     \b
@@ -130,6 +142,7 @@ def mount_cmd(directory: str, source: str | None, vmcoreinfo_file: str | None, a
     The files hold the saved kernel's whole memory in clear: keys, passwords, every process's data. Like
     /proc/kcore they are readable by the mounting user (root) alone, mode 0400 checked by the kernel, even
     with --allow-other; give --mode to share them on purpose.
+    A sealed image needs its key (--key-file, --passphrase-file or --passphrase): the mount serves it in clear.
     Mounting needs root or fusermount3 (Debian: fuse3).
     """
     from khibernate.view.files import build_files
@@ -140,7 +153,7 @@ def mount_cmd(directory: str, source: str | None, vmcoreinfo_file: str | None, a
     except ValueError:
         raise click.BadParameter(f"{mode_text!r} is not an octal mode such as 0400", param_hint="--mode") from None
     check_mountpoint(directory)
-    with _open(source) as src:
+    with _open(source, one_key(key_file, passphrase_file, ask_passphrase)) as src:
         files = build_files(src, _vmci(src, vmcoreinfo_file))
         serve(directory, files, allow_other=allow_other, mode=mode,
               on_mount=lambda: click.echo(f"khibernate view: mounted at {directory} (files {mode:04o}"

@@ -8,10 +8,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from typing import TYPE_CHECKING
 
 from khibernate.image.errors import ImageError
 from khibernate.image.sources import MemorySource, open_source
 from khibernate.view.errors import NoPreviousKernelError
+
+if TYPE_CHECKING:
+    from khibernate.seal.keysource import KeySource
 
 _SIZE = r"(?:0x[0-9a-fA-F]+|\d+)[KMG]?"
 _ELFCOREHDR = re.compile(rf"(?:^|\s)elfcorehdr=(?:({_SIZE})@)?({_SIZE})(?=\s|$)")
@@ -94,9 +98,9 @@ def open_running_side(cmdline_path: str = "/proc/cmdline", vmcore: str = "/proc/
                                     f"{side.elfcorehdr:#x} in {mem} is not usable: {e}") from None
 
 
-def open_previous(path: str | os.PathLike[str] | None = None) -> MemorySource:
-    """The previous kernel's memory as a MemorySource: the file at ``path`` (any format image/ reads), or with
-    no path the other side of the jump (see open_running_side)."""
+def open_previous(path: str | os.PathLike[str] | None = None, key: KeySource | None = None) -> MemorySource:
+    """The previous kernel's memory as a MemorySource: the file at ``path`` (any format image/ reads; ``key`` for a
+    sealed khibernate image), or with no path the other side of the jump (see open_running_side)."""
     if path is not None:
-        return open_source(path)
+        return open_source(path, key=key)
     return open_running_side()

@@ -46,6 +46,7 @@ def test_version_and_constants() -> None:
     assert f"version {khi.VERSION}" in DOC.splitlines()[0]
     assert '`BLOCK_BIND`' in DOC and '"<QQII"' in DOC and khi.BLOCK_BIND.format == "<QQII"
     assert all(f"- **{v}**" in DOC for v in khi.READ_VERSIONS)
+    assert f'`SEAL = "{khi.SEAL.format}"`' in DOC and f'`BLOCK_AD = "{khi.BLOCK_AD.format}"`' in DOC
     magic = " ".join(f"{b:02X}" for b in khi.MAGIC)
     assert magic in DOC
 

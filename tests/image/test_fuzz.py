@@ -21,9 +21,11 @@ from hypothesis import strategies as st
 from tests.image import basefiles
 from tests.image.fuzzing import INTERESTING, Mutation, run_contract
 
-settings.register_profile("fast", max_examples=30, deadline=2000, derandomize=False,
+# no deadline: these tests assert what a reader does with bad bytes, not how fast (CI runs them beside TCG guests,
+# where one example took over 2 s)
+settings.register_profile("fast", max_examples=30, deadline=None, derandomize=False,
                           suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("ci", max_examples=500, deadline=5000, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 PROFILE = os.environ.get("KHIBERNATE_FUZZ_PROFILE", "fast")
 MEMORY_BOUND = 64 << 20  # bytes Python may allocate while reading a ~300 KiB input
 

@@ -252,7 +252,7 @@ def test_sigterm_during_export_leaves_no_file(dev: str, memfile: Path, tmp_path:
     out = tmp_path / "out"
     out.mkdir()
 
-    def terminated_meanwhile(khi: str, dest: str, fmt: str) -> int:
+    def terminated_meanwhile(khi: str, dest: str, fmt: str, key: object = None) -> int:
         assert os.path.exists(khi)
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)

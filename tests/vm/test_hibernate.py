@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import pytest
 
 from khibernate.store.superblock import FLAG_HIBERNATE
 from tests.vm.test_snapshot import HELPERS, counter, start_workload
+from vmtest.diskfile import blank, copy_sparse
 from vmtest.vm import TIMEOUT_SCALE
 
 pytestmark = pytest.mark.vm
@@ -42,8 +42,7 @@ FIGURES: dict[str, dict] = {}
 
 
 def _ext4(path: Path) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(EXT4_MB << 20)
+    blank(path, EXT4_MB)
     subprocess.run(["mkfs.ext4", "-q", "-F", str(path)], check=True)
     return path
 
@@ -80,9 +79,9 @@ def hibernate(kernel, name: str, tmp: Path, smp: int = 1, memory_mb: int = 1024,
         store_disk = vm.disk
     assert "hibernation image complete in slot" in console, console[-3000:]
     pristine = tmp / f"{name}-store-pristine.img"
-    shutil.copyfile(store_disk, pristine)
+    copy_sparse(store_disk, pristine)
     ext4_pristine = tmp / f"{name}-ext4-pristine.img"  # as the hibernated kernel left it: mounted, in use
-    shutil.copyfile(ext4, ext4_pristine)
+    copy_sparse(ext4, ext4_pristine)
     from khibernate.store import api as store
 
     sb = store.read(str(store_disk))
@@ -183,12 +182,12 @@ def resume_and_check(h: dict, name: str, key: str, cpus: str | None = None, cras
 
 
 @pytest.fixture(scope="module")
-def hibernated_612(tmp_path_factory):
+def hibernated_612(module_tmp):
     from vmtest.kernel import ensure_kernel
     from vmtest.vm import check_host
 
     check_host()
-    return hibernate(ensure_kernel("6.12"), "hib-6.12", tmp_path_factory.mktemp("hib"))
+    return hibernate(ensure_kernel("6.12"), "hib-6.12", module_tmp)
 
 
 def test_resume_refused_twice_then_again_and_swsusp(hibernated_612, tmp_path) -> None:
@@ -272,11 +271,11 @@ def test_resume_refusals_touch_nothing(hibernated_612, tmp_path) -> None:
     h = hibernated_612
     rec = store.read(str(h["pristine"])).slot(h["slot"])
     ext4 = tmp_path / "ext4.img"  # as at hibernate time (the boots below only read it)
-    shutil.copyfile(h["ext4_pristine"], ext4)
+    copy_sparse(h["ext4_pristine"], ext4)
 
     def copy(name: str) -> Path:
         p = tmp_path / f"{name}.img"
-        shutil.copyfile(h["pristine"], p)
+        copy_sparse(h["pristine"], p)
         return p
 
     flipped = copy("flipped")
@@ -312,8 +311,8 @@ def test_resume_when_this_boot_reserved_another_crash_region(hibernated_612, tmp
     workload intact, the ext4 clean. The same image and ext4 as hibernated (pristine copies)."""
     h = hibernated_612
     store, ext4 = tmp_path / "store.img", tmp_path / "ext4.img"
-    shutil.copyfile(h["pristine"], store)
-    shutil.copyfile(h["ext4_pristine"], ext4)
+    copy_sparse(h["pristine"], store)
+    copy_sparse(h["ext4_pristine"], ext4)
     text = resume_and_check(h, "hib-6.12-other-region", "6.12 1 GiB 1 CPU, resume boot's region elsewhere",
                             crash="crashkernel=256M@0x10000000", disks=[store, ext4])
     m = SWAPPED.search(text)
@@ -342,8 +341,8 @@ def test_a_boot_that_wrote_the_disk_makes_the_resume_refuse(hibernated_612, tmp_
     t0 = time.monotonic()
     for case in ("refused-first", "no-hook"):
         store, ext4 = tmp_path / f"{case}-store.img", tmp_path / f"{case}-ext4.img"
-        shutil.copyfile(h["pristine"], store)
-        shutil.copyfile(h["ext4_pristine"], ext4)
+        copy_sparse(h["pristine"], store)
+        copy_sparse(h["ext4_pristine"], ext4)
         if case == "refused-first":
             _refused(h, f"hib-{case}-mem", store, r"memory ranges differ", memory_mb=1152, ext4=ext4)
         _boot_and_write(h, f"hib-{case}-write", store, ext4)
@@ -400,8 +399,8 @@ def test_failure_after_the_first_write_powers_off(hibernated_612, tmp_path) -> N
 
     h = hibernated_612
     store, ext4 = tmp_path / "fault.img", tmp_path / "ext4.img"
-    shutil.copyfile(h["pristine"], store)
-    shutil.copyfile(h["ext4_pristine"], ext4)
+    copy_sparse(h["pristine"], store)
+    copy_sparse(h["ext4_pristine"], ext4)
     vm = VM(kernel=h["kernel"], append="crashkernel=256M khibernate.resume=/dev/vda "
             "khibernate.resume_append=khibernate.fault=restore-raise", memory_mb=h["memory_mb"],
             disks=[store, ext4], name="hib-fault-after-write", timeout=300, wait_ready=False)

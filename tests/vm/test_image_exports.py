@@ -26,8 +26,8 @@ def _need(tool: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def exports(workload_1g: RealDump, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("exports")
+def exports(workload_1g: RealDump, module_tmp: Path) -> dict[str, Path]:
+    d = module_tmp
     out = {"khi": d / "wl.khi"}
     with open_source(workload_1g.vmcore) as src:
         save_file(src, out["khi"], vmci=vmcoreinfo.from_source(src), level=17, restorable=True)

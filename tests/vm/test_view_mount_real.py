@@ -23,9 +23,9 @@ pytestmark = pytest.mark.vm
 
 
 @pytest.fixture(scope="module")
-def sources(workload_1g: RealDump, kdump_1g: RealDump, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def sources(workload_1g: RealDump, kdump_1g: RealDump, module_tmp: Path) -> dict[str, Path]:
     """The QEMU ELF, a restorable .khi saved from it, its zlib kdump export, and a kdump kernel's /proc/vmcore."""
-    d = tmp_path_factory.mktemp("view-src")
+    d = module_tmp
     out = {"qemu": workload_1g.vmcore, "khi": d / "wl.khi", "kdump": d / "wl.kdump", "procvmcore": kdump_1g.vmcore}
     with open_source(workload_1g.vmcore) as src:
         save_file(src, out["khi"], vmci=vmcoreinfo.from_source(src), level=17, restorable=True)

@@ -110,16 +110,24 @@ def fragments(line: str) -> list[Path]:
     return [HERE / name for name in LINES[line].fragments]
 
 
+def config_options(text: str) -> dict[str, str]:
+    """CONFIG_X -> 'y' / value / 'n' (for '# CONFIG_X is not set') of a .config or a fragment (Kconfig syntax:
+    also the Xen hypervisor's)."""
+    options: dict[str, str] = {}
+    for raw in text.splitlines():
+        raw = raw.strip()
+        if m := re.fullmatch(r"# (CONFIG_\w+) is not set", raw):
+            options[m.group(1)] = "n"
+        elif m := re.fullmatch(r"(CONFIG_\w+)=(.*)", raw):
+            options[m.group(1)] = m.group(2)
+    return options
+
+
 def wanted_options(line: str) -> dict[str, str]:
     """CONFIG_X -> 'y' / value / 'n' (for '# CONFIG_X is not set') from the fragments."""
     wanted: dict[str, str] = {}
     for frag in fragments(line):
-        for raw in frag.read_text().splitlines():
-            raw = raw.strip()
-            if m := re.fullmatch(r"# (CONFIG_\w+) is not set", raw):
-                wanted[m.group(1)] = "n"
-            elif m := re.fullmatch(r"(CONFIG_\w+)=(.*)", raw):
-                wanted[m.group(1)] = m.group(2)
+        wanted.update(config_options(frag.read_text()))
     return wanted
 
 
@@ -180,18 +188,21 @@ def host_debian_uris() -> tuple[str, str | None, str]:
 
 
 class PrivateApt:
-    """apt-get/apt-cache with their own sources list and state, leaving the host's apt untouched."""
+    """apt-get/apt-cache with their own sources list and state, leaving the host's apt untouched.
 
-    def __init__(self, kline: KernelLine, root: Path):
+    ``kinds`` are the sources.list line types: ``("deb",)`` for binary packages, add ``"deb-src"`` for
+    ``apt-get source``."""
+
+    def __init__(self, suites: tuple[str, ...], root: Path, kinds: tuple[str, ...] = ("deb",)):
         self.root = root
         (root / "lists" / "partial").mkdir(parents=True, exist_ok=True)
         (root / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
         main, sec, keyring = host_debian_uris()
         lines = []
-        for suite in kline.suites:
+        for suite in suites:
             uri = sec if suite.endswith("-security") else main
             if uri:
-                lines.append(f"deb [signed-by={keyring}] {uri} {suite} main")
+                lines.extend(f"{kind} [signed-by={keyring}] {uri} {suite} main" for kind in kinds)
         (root / "sources.list").write_text("\n".join(lines) + "\n")
         self.opts = [
             "-o", f"Dir::Etc::SourceList={root / 'sources.list'}",
@@ -230,10 +241,10 @@ class PrivateApt:
 # ---------------------------------------------------------------- build
 
 
-def sh(cmd: list[str] | str, cwd: Path, logf) -> None:
+def sh(cmd: list[str] | str, cwd: Path, logf, env: dict[str, str] | None = None) -> None:
     logf.write(f"$ {cmd}\n")
     logf.flush()
-    r = subprocess.run(cmd, cwd=cwd, stdout=logf, stderr=subprocess.STDOUT, shell=isinstance(cmd, str))
+    r = subprocess.run(cmd, cwd=cwd, stdout=logf, stderr=subprocess.STDOUT, shell=isinstance(cmd, str), env=env)
     if r.returncode:
         raise KernelBuildError(f"{cmd} failed in {cwd} (exit {r.returncode}); see {logf.name}")
 
@@ -261,7 +272,7 @@ def ensure_kernel(line: str = DEFAULT_LINE, jobs: int | None = None) -> TestKern
 
 def _ensure_kernel_locked(line: str, jobs: int | None) -> TestKernel:
     kline = LINES[line]
-    apt = PrivateApt(kline, CACHE / "apt" / kline.codename)
+    apt = PrivateApt(kline.suites, CACHE / "apt" / kline.codename)
     version = os.environ.get("KHIBERNATE_KERNEL_SOURCE_VERSION")
     try:
         with open(CACHE / f"apt-{kline.codename}.lock", "w") as lock:  # flavours of a line share its apt state

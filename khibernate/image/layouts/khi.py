@@ -24,14 +24,19 @@ from khibernate.image.errors import (
     UnsupportedError,
 )
 from khibernate.image.layouts import MAX_PHYS_ADDR
-from khibernate.layout import Layout
+from khibernate.layout import Layout, Record
 from khibernate.ranges import Range
 
+CIPHER_CHACHA20_POLY1305 = 1  # khibernate.seal.cipher's one cipher
 MAGIC = b"KHIMG\x00\r\n"
 TRAILER_MAGIC = b"KHIEND\x00\x00"
 VERSION = 2  # 2: each block's CRC is seeded with its index fields (binds a frame to its pfn range)
-READ_VERSIONS = (1, 2)
+SEALED_VERSION = 3  # 3: sealed (ChaCha20-Poly1305 per block, header/tables/trailer authenticated); unsealed stays 2
+READ_VERSIONS = (1, 2, 3)
 FLAG_RESTORABLE = 1
+FLAG_SEALED = 2
+NO_SLOT = 0xFFFFFFFF  # a sealed image saved to a file, not into a store slot
+SEAL_MAGIC = b"KHISEAL\0"
 COMPRESS_ZSTD = 1
 HEADER_ALIGN = 4096
 
@@ -39,7 +44,8 @@ HEADER = Layout("khi_header", "<", [
     ("magic", "8s"), ("version", "I"), ("header_size", "I"), ("page_size", "I"), ("dump_level", "I"), ("flags", "I"),
     ("block_pages", "I"), ("uuid", "16s"), ("created_ns", "Q"), ("max_pfn", "Q"), ("nr_ranges", "I"),
     ("notes_size", "I"), ("osrelease", "65s"), ("build_id", "65s"), ("pad", "2x"), ("compression", "I"),
-    ("compression_level", "i"), ("reserved", "40s"), ("header_crc32", "I")])
+    ("compression_level", "i"), ("cipher", "I"), ("slot", "I"), ("key_id", "16s"), ("keyring_offset", "I"),
+    ("keyring_size", "I"), ("reserved", "8s"), ("header_crc32", "I")])
 RANGE = Layout("khi_range", "<", [("start", "Q"), ("end", "Q")])
 INDEX = Layout("khi_index_entry", "<", [("first_pfn", "Q"), ("end_pfn", "Q"), ("offset", "Q"), ("csize", "I"),
                                         ("usize", "I"), ("npages", "I"), ("crc32", "I")])
@@ -47,9 +53,14 @@ TRAILER = Layout("khi_trailer", "<", [
     ("magic", "8s"), ("stored_bitmap_offset", "Q"), ("zero_bitmap_offset", "Q"), ("bitmap_size", "Q"),
     ("index_offset", "Q"), ("index_count", "Q"), ("pages_stored", "Q"), ("pages_zero", "Q"), ("class_counts", "7Q"),
     ("tables_crc32", "I"), ("trailer_crc32", "I")])
+# version 3: between the block index and the trailer, the tag over header, bitmaps, index and trailer
+SEAL = Layout("khi_seal", "<", [("magic", "8s"), ("tables_tag", "16s"), ("reserved", "8s")])
+# version 3: the associated data of block ``number``: the image, the slot, the block's place and its index entry
+BLOCK_AD = Layout("khi_block_ad", "<", [("uuid", "16s"), ("slot", "I"), ("number", "Q"), ("first_pfn", "Q"),
+                                         ("end_pfn", "Q"), ("usize", "I"), ("npages", "I")])
 BLOCK_BIND = Layout("khi_block_bind", "<", [("first_pfn", "Q"), ("end_pfn", "Q"), ("usize", "I"), ("npages", "I")])
 HEADER_CRC_OFFSET = HEADER.offsets["header_crc32"]
-assert HEADER.size == 256 and TRAILER.size == 128 and INDEX.size == 40
+assert HEADER.size == 256 and TRAILER.size == 128 and INDEX.size == 40 and SEAL.size == 32
 MAX_BLOCK_PAGES = 1 << 16
 
 
@@ -59,6 +70,23 @@ def block_crc(version: int, first_pfn: int, end_pfn: int, usize: int, npages: in
         return zlib.crc32(frame)
     return zlib.crc32(frame, zlib.crc32(BLOCK_BIND.pack(first_pfn=first_pfn, end_pfn=end_pfn, usize=usize,
                                                         npages=npages)))
+
+
+def block_ad(uuid: bytes, slot: int, number: int, first_pfn: int, end_pfn: int, usize: int, npages: int) -> bytes:
+    """The associated data sealing block ``number`` of image ``uuid`` in ``slot`` with its index entry's fields."""
+    return BLOCK_AD.pack(uuid=uuid, slot=slot, number=number, first_pfn=first_pfn, end_pfn=end_pfn, usize=usize,
+                         npages=npages)
+
+
+@dataclasses.dataclass(frozen=True)
+class SealInfo:
+    """What a sealed (version 3) header adds: the cipher, the slot it was sealed for (NO_SLOT: a file), the id of
+    the store key and the keyring (the store key wrapped by each key source, khibernate.seal.keyring)."""
+
+    cipher: int
+    slot: int
+    key_id: bytes
+    keyring: bytes
 
 
 def _ascii(text: str) -> bytes:
@@ -89,18 +117,23 @@ class Header:
     compression: int = COMPRESS_ZSTD
     compression_level: int = 1
     version: int = VERSION
+    seal: SealInfo | None = None
 
     def pack(self) -> bytes:
         """Header bytes, padded to HEADER_ALIGN, with its CRC filled in."""
         notes = pack_notes(self.notes)
         body = b"".join(RANGE.pack(start=r.start, end=r.end) for r in self.ranges) + notes
+        s = self.seal or SealInfo(0, 0, bytes(16), b"")
+        keyring_offset = HEADER.size + len(body) if self.seal else 0
+        body += s.keyring
         size = -(-(HEADER.size + len(body)) // HEADER_ALIGN) * HEADER_ALIGN
         fixed = HEADER.pack(magic=MAGIC, version=self.version, header_size=size, page_size=self.page_size,
                             dump_level=self.dump_level, flags=self.flags, block_pages=self.block_pages,
                             uuid=self.uuid, created_ns=self.created_ns, max_pfn=self.max_pfn,
                             nr_ranges=len(self.ranges), notes_size=len(notes), osrelease=_ascii(self.osrelease),
                             build_id=_ascii(self.build_id), compression=self.compression,
-                            compression_level=self.compression_level)
+                            compression_level=self.compression_level, cipher=s.cipher, slot=s.slot,
+                            key_id=s.key_id, keyring_offset=keyring_offset, keyring_size=len(s.keyring))
         raw = bytearray(fixed + body + bytes(size - HEADER.size - len(body)))
         struct.pack_into("<I", raw, HEADER_CRC_OFFSET, zlib.crc32(raw))
         return bytes(raw)
@@ -134,6 +167,8 @@ class Header:
             bad = f"{nr_ranges} ranges and {notes_size} note bytes do not fit in a {size}-byte header"
         elif compression != COMPRESS_ZSTD:
             bad = f"compression id {compression} is unknown (1 = zstd)"
+        else:
+            bad = _seal_problem(f, size)
         if bad:
             raise CorruptImageError(f"khibernate image header: {bad}; the file is corrupt")
         off = HEADER.size
@@ -146,10 +181,29 @@ class Header:
             prev = r.end
         off += nr_ranges * RANGE.size
         notes = tuple(parse_notes(bytes(data[off:off + notes_size]), errors=ELF_ERRORS))
+        seal = None
+        if version >= SEALED_VERSION:
+            ko = f["keyring_offset"]
+            seal = SealInfo(f["cipher"], f["slot"], f["key_id"], bytes(data[ko:ko + f["keyring_size"]]))
         return cls(page_size=page_size, dump_level=f["dump_level"], flags=f["flags"], block_pages=block_pages,
                    uuid=f["uuid"], created_ns=f["created_ns"], max_pfn=max_pfn, ranges=ranges, notes=notes,
                    osrelease=_text(f["osrelease"]), build_id=_text(f["build_id"]), compression=compression,
-                   compression_level=f["compression_level"], version=version), size
+                   compression_level=f["compression_level"], version=version, seal=seal), size
+
+
+def _seal_problem(f: Record, size: int) -> str:
+    """What is wrong with a header's sealing fields ("" if nothing): version 3 is sealed, 1 and 2 are not."""
+    sealed = f["version"] >= SEALED_VERSION
+    if bool(f["flags"] & FLAG_SEALED) != sealed:
+        return f"flags {f['flags']:#x} disagree with version {f['version']} (3 and only 3 is sealed)"
+    if not sealed:
+        return ""
+    end = HEADER.size + f["nr_ranges"] * RANGE.size + f["notes_size"]
+    if f["cipher"] != CIPHER_CHACHA20_POLY1305:
+        return f"cipher id {f['cipher']} is unknown (1 = ChaCha20-Poly1305)"
+    if f["keyring_offset"] != end or not 0 < f["keyring_size"] <= size - end:
+        return f"the key slots ({f['keyring_size']} bytes at {f['keyring_offset']}) do not follow the notes"
+    return ""
 
 
 @dataclasses.dataclass(frozen=True)

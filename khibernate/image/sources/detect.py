@@ -14,10 +14,13 @@ import importlib
 import os
 import stat
 from collections.abc import Sequence
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
-from khibernate.image.errors import NotAVmcoreError
+from khibernate.image.errors import NotAVmcoreError, UsageErrorImage
 from khibernate.image.sources.base import MemorySource, MemRange
+
+if TYPE_CHECKING:
+    from khibernate.seal.keysource import KeySource
 
 HEAD_SIZE = 64  # bytes a probe sees
 
@@ -33,6 +36,15 @@ class ReaderModule(Protocol):
     def open(self, path: str | os.PathLike[str]) -> MemorySource: ...
 
 
+class KeyedReaderModule(Protocol):
+    """A format module whose images may be sealed: ``open`` takes the key."""
+
+    def open(self, path: str | os.PathLike[str], key: KeySource | None = None) -> MemorySource: ...
+
+
+SEALED_READER = "khibernate.image.sources.khi"  # the one format with sealed images
+
+
 def reader_for(head: bytes) -> ReaderModule | None:
     """The first reader module whose probe accepts ``head``, or None."""
     for name in READERS:
@@ -43,10 +55,11 @@ def reader_for(head: bytes) -> ReaderModule | None:
 
 
 def open_source(path: str | os.PathLike[str], *, ranges: Sequence[MemRange] | None = None,
-                elfcorehdr: bytes | None = None) -> MemorySource:
+                elfcorehdr: bytes | None = None, key: KeySource | None = None) -> MemorySource:
     """Open ``path`` with the reader its first bytes name (ELF, kdump, flattened, khibernate image), or as raw
     physical memory when ``elfcorehdr`` (the bytes of the ELF core header that describes it) or ``ranges`` is
-    given."""
+    given.  ``key`` opens a sealed khibernate image; given for anything else it is refused (a key the user thinks
+    protects something must not be ignored)."""
     from khibernate.image.inputfile import open_input
 
     p = os.fspath(path)
@@ -68,4 +81,9 @@ def open_source(path: str | os.PathLike[str], *, ranges: Sequence[MemRange] | No
             f"{p}: not a vmcore (no ELF, kdump, flattened or khibernate magic); give /proc/vmcore, a QEMU dump, "
             "a makedumpfile output or a khibernate image"
         )
-    return mod.open(p)
+    if key is None:
+        return mod.open(p)
+    if getattr(mod, "__name__", "") != SEALED_READER:
+        raise UsageErrorImage(f"{p}: a key was given, but this is not a sealed khibernate image (keys open sealed "
+                              ".khi images only)")
+    return cast(KeyedReaderModule, mod).open(p, key=key)

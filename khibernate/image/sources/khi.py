@@ -17,7 +17,7 @@ import time
 import uuid as uuidlib
 import zlib
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import zstandard
 
@@ -27,17 +27,25 @@ from khibernate.image.atomic import atomic_output
 from khibernate.image.errors import AddressError, CorruptImageError, TruncatedError, UsageErrorImage
 from khibernate.image.inputfile import input_size, open_input
 from khibernate.image.layouts.khi import (
+    CIPHER_CHACHA20_POLY1305,
     FLAG_RESTORABLE,
+    FLAG_SEALED,
     HEADER,
     HEADER_ALIGN,
     INDEX,
     MAGIC,
     MAX_BLOCK_PAGES,
+    NO_SLOT,
+    SEAL,
+    SEAL_MAGIC,
+    SEALED_VERSION,
     TRAILER,
     VERSION,
     BlockEntry,
     Header,
+    SealInfo,
     Trailer,
+    block_ad,
     block_crc,
 )
 from khibernate.image.pagefilter import DL_ZERO, PageClass, check_level
@@ -45,6 +53,12 @@ from khibernate.image.pipeline import BufferPool, EarlyWriteback, ZstdPerThread,
 from khibernate.image.plan import Chunk, check_source_level, default_notes, plan, ram_mask
 from khibernate.image.sources.base import MemorySource, MemRange, PagedSource
 from khibernate.image.vmcoreinfo import Vmcoreinfo
+from khibernate.seal.errors import TamperedError
+
+if TYPE_CHECKING:  # cryptography is imported only when an image is sealed or unsealed
+    from khibernate.seal.cipher import ImageCipher
+    from khibernate.seal.keysource import KeySource
+    from khibernate.seal.sealing import Sealing
 
 # pfns classified at a time: small enough that classifying the next chunk never starves the compressors
 PLAN_CHUNK = 1 << 14
@@ -222,8 +236,9 @@ def _tell(out: BinaryIO) -> int:
 
 def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level: int, restorable: bool = False,
          threads: int = 2, zstd_level: int = 1, block_pages: int = 256,
-         progress: Callable[[int], None] | None = None) -> SaveStats:
-    """Filter ``source`` at dump ``level`` and stream a khibernate image to ``out`` (trailer last)."""
+         progress: Callable[[int], None] | None = None, seal: Sealing | None = None) -> SaveStats:
+    """Filter ``source`` at dump ``level`` and stream a khibernate image to ``out`` (trailer last); with ``seal``
+    a sealed image (version 3: every block encrypted and authenticated, the tables tag before the trailer)."""
     t0 = time.monotonic()
     check_level(level, restorable)
     recorded = check_source_level(source, level, restorable)  # what the image holds: the source's loss included
@@ -231,11 +246,16 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
         raise UsageErrorImage(f"--threads must be >= 1 and --block-pages 1..{MAX_BLOCK_PAGES}")
     chunks = plan(source, vmci, level, restorable=restorable, chunk=PLAN_CHUNK)
     ps = source.page_size
-    header = Header(page_size=ps, dump_level=recorded, flags=FLAG_RESTORABLE if restorable else 0,
-                    block_pages=block_pages, uuid=uuidlib.uuid4().bytes, created_ns=time.time_ns(),
+    image_uuid = uuidlib.uuid4().bytes  # fresh for every save: the sealed image's key is derived from it
+    cipher = seal.cipher(image_uuid) if seal else None
+    header = Header(page_size=ps, dump_level=recorded,
+                    flags=(FLAG_RESTORABLE if restorable else 0) | (FLAG_SEALED if seal else 0),
+                    block_pages=block_pages, uuid=image_uuid, created_ns=time.time_ns(),
                     max_pfn=source.max_pfn, ranges=source.ranges, notes=default_notes(source, vmci),
                     osrelease=vmci.osrelease if vmci else "", build_id=vmci.build_id if vmci else "",
-                    compression_level=zstd_level)
+                    compression_level=zstd_level, version=SEALED_VERSION if seal else VERSION,
+                    seal=SealInfo(CIPHER_CHACHA20_POLY1305, seal.slot, seal.keyring.key_id, seal.keyring.pack())
+                    if seal else None)
     head = header.pack()
     base = _tell(out)  # where the image starts in the file (a store slot's offset)
     writeback = EarlyWriteback(out, base)
@@ -251,6 +271,10 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
     blocks = _blocks(chunks, source, block_pages, buffers, bitmaps, progress)
     for blk, (npages, first, end, frame, crc) in ordered_map(blocks, work, threads, depth):
         if npages:
+            if cipher is not None and seal is not None:  # sealed in order: the block number is its nonce
+                frame = cipher.seal_block(len(index), frame, block_ad(image_uuid, seal.slot, len(index), first, end,
+                                                                      npages * ps, npages))
+                crc = block_crc(SEALED_VERSION, first, end, npages * ps, npages, frame)
             out.write(frame)
             index.append(BlockEntry(first, end, pos, len(frame), npages * ps, npages, crc))
             pos += len(frame)
@@ -262,9 +286,12 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
     n = len(bitmaps.stored)
     trailer = Trailer(pos, pos + n, n, pos + 2 * n, len(index), stats.pages_stored, stats.pages_zero,
                       tuple(stats.class_counts), zlib.crc32(tables))
-    out.write(trailer.pack())
+    tail = trailer.pack()
+    if cipher is not None:  # the tag over every byte but the blocks' (each has its own) and itself
+        tail = SEAL.pack(magic=SEAL_MAGIC, tables_tag=cipher.tables_tag(head + tables + tail)) + tail
+    out.write(tail)
     stats.pages_excluded = stats.pages_ram - stats.pages_stored
-    stats.bytes_written = pos + len(tables) + TRAILER.size
+    stats.bytes_written = pos + len(tables) + len(tail)
     stats.seconds = time.monotonic() - t0
     return stats
 
@@ -283,11 +310,15 @@ class KhiSource(PagedSource):
     """A khibernate image as a MemorySource: stored pages decompressed on demand, zero pages read as zeros."""
 
     def __init__(self, path: str | os.PathLike[str], *, cache_blocks: int = 4, base: int = 0,
-                 length: int | None = None):
-        """``base``/``length``: the image is that region of the file or device (a store slot), not all of it."""
+                 length: int | None = None, key: KeySource | None = None, slot: int | None = None):
+        """``base``/``length``: the image is that region of the file or device (a store slot), not all of it.
+        A sealed image needs ``key`` (KeyRequiredError otherwise) and, read from store slot ``slot``, must have been
+        sealed for that slot; an unsealed image ignores both."""
         self.path = os.fspath(path)
         self.base = base
         self._length = length
+        self._key, self._slot = key, slot
+        self.cipher: ImageCipher | None = None
         self.fd = open_input(self.path)
         try:
             self._open(cache_blocks)
@@ -296,7 +327,9 @@ class KhiSource(PagedSource):
             raise
 
     def _open(self, cache_blocks: int) -> None:
-        """Read and check header, trailer, bitmaps and index (everything but the blocks' contents)."""
+        """Read and check header, trailer, bitmaps and index (everything but the blocks' contents).  A sealed image
+        is unsealed with the key, and its tag over header, tables and trailer checked, before any table is parsed;
+        every failure of a sealed image's checks is a TamperedError."""
         size = input_size(self.fd) - self.base if self._length is None else self._length
         if size < HEADER.size + TRAILER.size:
             raise TruncatedError(f"{self.path}: too short for a khibernate image; the file is truncated")
@@ -306,10 +339,37 @@ class KhiSource(PagedSource):
             raise TruncatedError(f"{self.path}: header size {size_field} is beyond the file; it is truncated")
         if size_field > len(head):
             head = self._pread(size_field, 0)
-        self.header, self.header_size = Header.unpack(head)
+        try:
+            self.header, self.header_size = Header.unpack(head)
+        except CorruptImageError as e:
+            raise self._tampered_if_sealed(head, e) from None
         self.page_size = self.header.page_size
+        if self.header.seal is not None:
+            self.cipher = self._unseal()
+        try:
+            tables = self._tables(size, head[:self.header_size])
+        except CorruptImageError as e:
+            raise self._tampered_if_sealed(head, e) from None
+        t = self.trailer
+        bmp = t.bitmap_size
+        base = t.stored_bitmap_offset
+        self.stored_bits = tables[:bmp]
+        self.zero_bits = tables[t.zero_bitmap_offset - base:t.zero_bitmap_offset - base + bmp]
+        self._present = self._or(self.stored_bits, self.zero_bits)  # stored or zero: what page_present_mask says
+        ib = t.index_offset - base
+        self.index = [BlockEntry.unpack(tables, ib + i * INDEX.size) for i in range(t.index_count)]
+        self._check_index()
+        self._firsts = [e.first_pfn for e in self.index]
+        self._numbers = {e.offset: i for i, e in enumerate(self.index)}  # block number by frame offset (nonce, AD)
+        self._cache: collections.OrderedDict[int, tuple[list[int], bytes]] = collections.OrderedDict()
+        self._cache_blocks = cache_blocks
+        self._dctx = zstandard.ZstdDecompressor()
+
+    def _tables(self, size: int, head: bytes) -> bytes:
+        """The bitmaps and index, read after the trailer (self.trailer), checked against it and, sealed, against
+        the tables tag."""
         self.trailer = t = Trailer.unpack(self._pread(TRAILER.size, size - TRAILER.size))
-        tables_end = size - TRAILER.size
+        tables_end = size - TRAILER.size - (SEAL.size if self.cipher else 0)
         bmp = -(-self.header.max_pfn // 8)
         if (t.bitmap_size != bmp or t.stored_bitmap_offset < self.header_size
                 or t.zero_bitmap_offset < t.stored_bitmap_offset + t.bitmap_size
@@ -322,17 +382,38 @@ class KhiSource(PagedSource):
             raise TruncatedError(f"{self.path}: tables cut short; the image is truncated")
         if zlib.crc32(tables) != t.tables_crc:
             raise CorruptImageError(f"{self.path}: bitmap/index checksum mismatch; the image is corrupt")
-        base = t.stored_bitmap_offset
-        self.stored_bits = tables[:bmp]
-        self.zero_bits = tables[t.zero_bitmap_offset - base:t.zero_bitmap_offset - base + bmp]
-        self._present = self._or(self.stored_bits, self.zero_bits)  # stored or zero: what page_present_mask says
-        ib = t.index_offset - base
-        self.index = [BlockEntry.unpack(tables, ib + i * INDEX.size) for i in range(t.index_count)]
-        self._check_index()
-        self._firsts = [e.first_pfn for e in self.index]
-        self._cache: collections.OrderedDict[int, tuple[list[int], bytes]] = collections.OrderedDict()
-        self._cache_blocks = cache_blocks
-        self._dctx = zstandard.ZstdDecompressor()
+        if self.cipher is not None:
+            seal = SEAL.unpack(self._pread(SEAL.size, tables_end), error=TruncatedError, what="seal record")
+            if seal["magic"] != SEAL_MAGIC:
+                raise CorruptImageError(f"{self.path}: no seal record before the trailer; the image is corrupt")
+            self.cipher.check_tables(head + tables + self._pread(TRAILER.size, size - TRAILER.size),
+                                     seal["tables_tag"], self.path)
+        return tables
+
+    def _unseal(self) -> ImageCipher:
+        """The image's cipher from its key slots and the key given; the slot it was sealed for checked."""
+        from khibernate.seal.sealing import unseal
+
+        h = self.header
+        assert h.seal is not None
+        if self._slot is not None and h.seal.slot != self._slot:
+            sealed_for = "a file" if h.seal.slot == NO_SLOT else f"slot {h.seal.slot}"
+            raise TamperedError(f"{self.path}: the image in slot {self._slot} was sealed for {sealed_for}: it was "
+                                "moved or copied there and cannot be trusted; capture a new one")
+        from khibernate.seal.cipher import ImageCipher
+
+        return ImageCipher(unseal(h.seal.keyring, h.seal.key_id, self._key, self.path), h.uuid)
+
+    def _tampered_if_sealed(self, head: bytes, e: CorruptImageError) -> CorruptImageError:
+        """``e`` as a TamperedError when the (unverified) header says sealed, else ``e``: one error class for any
+        change to a sealed image."""
+        if isinstance(e, TamperedError) or len(head) < HEADER.size:
+            return e
+        f = HEADER.unpack(head)
+        if f["version"] == SEALED_VERSION or f["flags"] & FLAG_SEALED:
+            return TamperedError(f"{e} (a sealed image: it was changed since it was sealed and cannot be trusted; "
+                                 "nothing was written)")
+        return e
 
     def _pread(self, size: int, offset: int) -> bytes:
         """Bytes of the image (offsets relative to its start, inside the region)."""
@@ -378,6 +459,7 @@ class KhiSource(PagedSource):
     def describe(self) -> dict[str, object]:
         h, t = self.header, self.trailer
         return {"version": h.version, "dump_level": h.dump_level, "restorable": bool(h.flags & FLAG_RESTORABLE),
+                "sealed": h.seal is not None,
                 "uuid": str(uuidlib.UUID(bytes=h.uuid)), "created_ns": h.created_ns, "blocks": t.index_count,
                 "pages_stored": t.pages_stored, "pages_zero": t.pages_zero,
                 "classes": {c.name.lower(): t.class_counts[c] for c in PageClass}, "zstd_level": h.compression_level}
@@ -396,14 +478,21 @@ class KhiSource(PagedSource):
         return native.bits_to_pfns(self.stored_bits, e.first_pfn, e.end_pfn)
 
     def frame(self, e: BlockEntry) -> bytes:
-        """The compressed frame of block ``e``, checked against its index entry's CRC."""
+        """The compressed frame of block ``e``, checked against its index entry's CRC and, sealed, decrypted and
+        authenticated (bound to its number, this image and its slot)."""
         frame = self._pread(e.csize, e.offset)
         if len(frame) != e.csize:
             raise TruncatedError(f"{self.path}: block at {e.offset} cut short; the image is truncated")
         if block_crc(self.header.version, e.first_pfn, e.end_pfn, e.usize, e.npages, frame) != e.crc32:
-            raise CorruptImageError(f"{self.path}: block at offset {e.offset} (pfn {e.first_pfn:#x}) checksum "
-                                    "mismatch; the image is corrupt")
-        return frame
+            cls = CorruptImageError if self.cipher is None else TamperedError
+            raise cls(f"{self.path}: block at offset {e.offset} (pfn {e.first_pfn:#x}) checksum mismatch; the image "
+                      f"is corrupt{'' if self.cipher is None else ' (sealed: changed since it was sealed)'}")
+        if self.cipher is None:
+            return frame
+        n, h = self._numbers[e.offset], self.header
+        assert h.seal is not None
+        return self.cipher.open_block(n, frame, block_ad(h.uuid, h.seal.slot, n, e.first_pfn, e.end_pfn, e.usize,
+                                                         e.npages), f"{self.path}: block {n} (pfn {e.first_pfn:#x})")
 
     def decompress(self, e: BlockEntry) -> bytes:
         """Verified uncompressed bytes of block ``e``."""
@@ -535,6 +624,6 @@ def probe(head: bytes) -> bool:
     return head.startswith(MAGIC)
 
 
-def open(path: str | os.PathLike[str]) -> KhiSource:  # noqa: A001 - the registry's name for "open this format"
-    """The .khi reader for ``path``."""
-    return KhiSource(path)
+def open(path: str | os.PathLike[str], key: KeySource | None = None) -> KhiSource:  # noqa: A001 - the registry's name
+    """The .khi reader for ``path`` (``key``: for a sealed image)."""
+    return KhiSource(path, key=key)

@@ -1,0 +1,192 @@
+"""A sealed store: `target init` with a key, its key slots on the device, sealed images in its slots bound to
+them, what restore accepts from which store, exports that need the key, and captures refused until the capture
+kernel can seal."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from khibernate.cli import cli
+from khibernate.image import vmcoreinfo
+from khibernate.image.errors import NotAVmcoreError
+from khibernate.image.sources import open_source
+from khibernate.image.sources.khi import KhiSource, save
+from khibernate.seal import policy
+from khibernate.seal.errors import KeyRequiredError, TamperedError, UnsealedRefusedError, WrongKeyError
+from khibernate.seal.keysource import KeyFile
+from khibernate.seal.sealing import Sealing
+from khibernate.store import api, device, keyslots
+from khibernate.store.superblock import STORE_SEALED, STORE_UNSEALED, SlotState
+from tests.image import basefiles
+from tests.seal.conftest import key_file
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def dev(tmp_path: Path) -> str:
+    p = tmp_path / "disk.img"
+    with open(p, "wb") as f:
+        f.truncate(64 * MiB)
+    return str(p)
+
+
+@pytest.fixture(scope="module")
+def memfile(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small ELF core with VMCOREINFO (tests/image/basefiles.py)."""
+    return basefiles.build(tmp_path_factory.mktemp("mem"))["elf64"]
+
+
+def page(elf: Path, paddr: int) -> bytes:
+    with open_source(elf) as src:
+        return src.read(paddr, 4096)
+
+
+def init(dev: str, *args: str) -> tuple[int, str]:
+    r = CliRunner().invoke(cli, ["target", "init", dev, *args])
+    return r.exit_code, r.stdout + r.stderr
+
+
+def put_image(dev: str, index: int, memfile: Path, sealing: Sealing | None) -> None:
+    """Save ``memfile`` into slot ``index`` (sealed with ``sealing`` unless None) and mark it complete."""
+    rec = api.read(dev).slot(index)
+    fd = device.open_device(dev, write=True)
+    try:
+        w = device.RegionWriter(fd, rec.offset, rec.capacity)
+        with open_source(memfile) as src:
+            save(src, w, vmci=vmcoreinfo.from_source(src), level=1, restorable=True, block_pages=8,
+                 seal=sealing)  # type: ignore[arg-type]
+        w.sync()
+    finally:
+        os.close(fd)
+    api.set_slot(dev, dataclasses.replace(rec, state=SlotState.COMPLETE, seq=index + 1, length=w.length,
+                                          crc32=w.crc32))
+
+
+def store_sealing(dev: str, key: KeyFile, slot: int) -> Sealing:
+    """What a capture into ``slot`` seals with: the store's key, unwrapped from its key slots."""
+    fd = device.open_device(dev)
+    try:
+        return Sealing.from_keyring(keyslots.read(fd, dev), key, slot)
+    finally:
+        os.close(fd)
+
+
+def test_init_with_a_key_file_seals_the_store_and_never_writes_the_key(dev: str, tmp_path: Path) -> None:
+    key = key_file(tmp_path / "store.key")
+    code, out = init(dev, "--key-file", key.path)
+    assert code == 0, out
+    assert "sealing: sealed" in out and api.read(dev).flags == STORE_SEALED
+    store_key = store_sealing(dev, key, 0).store_key
+    assert store_key not in Path(dev).read_bytes()
+    with pytest.raises(WrongKeyError):
+        store_sealing(dev, key_file(tmp_path / "other.key"), 0)
+
+
+def test_init_without_a_key_says_unsealed_and_refuses_both(dev: str, tmp_path: Path) -> None:
+    code, out = init(dev)
+    assert code == 0 and "sealing: unsealed" in out and api.read(dev).flags == STORE_UNSEALED
+    code, out = init(dev, "--force", "--unsealed", "--key-file", key_file(tmp_path / "k").path)
+    assert code == 2 and "contradict" in out
+
+
+def test_sealed_slot_reads_with_its_key_and_is_bound_to_its_slot(dev: str, memfile: Path, tmp_path: Path) -> None:
+    key = key_file(tmp_path / "store.key")
+    assert init(dev, "--key-file", key.path)[0] == 0
+    put_image(dev, 0, memfile, store_sealing(dev, key, 0))
+    rec0 = api.read(dev).slot(0)
+    with api.open_slot(dev, rec0, key) as src:
+        assert src.read(0x2000, 4096) == page(memfile, 0x2000)
+        src.verify()
+    with pytest.raises(KeyRequiredError):
+        api.open_slot(dev, rec0)
+    # the same bytes copied into slot 1 (an attacker replaying an image into another slot)
+    rec1 = api.read(dev).slot(1)
+    with open(dev, "r+b") as f:
+        f.seek(rec0.offset)
+        blob = f.read(rec0.length)
+        f.seek(rec1.offset)
+        f.write(blob)
+    api.set_slot(dev, dataclasses.replace(rec1, state=SlotState.COMPLETE, seq=9, length=rec0.length,
+                                          crc32=rec0.crc32))
+    with pytest.raises(TamperedError, match="in slot 1 was sealed for slot 0"):
+        api.open_slot(dev, api.read(dev).slot(1), key)
+
+
+def test_export_stays_sealed_as_khi_and_needs_the_key_otherwise(dev: str, memfile: Path, tmp_path: Path) -> None:
+    key = key_file(tmp_path / "store.key")
+    assert init(dev, "--key-file", key.path)[0] == 0
+    put_image(dev, 0, memfile, store_sealing(dev, key, 0))
+    out = tmp_path / "copy.khi"
+    api.export(dev, 0, str(out))
+    with pytest.raises(KeyRequiredError):
+        KhiSource(out)
+    with KhiSource(out, key=key) as src:
+        assert src.read(0x2000, 4096) == page(memfile, 0x2000)
+    r = CliRunner().invoke(cli, ["target", "export", dev, "0", str(tmp_path / "v.elf"), "--format", "elf"])
+    assert r.exit_code == 2 and "is sealed: give the key" in r.stderr and "Traceback" not in r.stderr
+    r = CliRunner().invoke(cli, ["target", "export", dev, "0", str(tmp_path / "v.elf"), "--format", "elf",
+                                 "--key-file", key.path])
+    assert r.exit_code == 0, r.stderr
+    assert page(memfile, 0x2000) in (tmp_path / "v.elf").read_bytes()
+
+
+@pytest.mark.parametrize("store", ["sealed", "made before sealing"])
+def test_restore_refuses_an_unsealed_image_the_store_does_not_allow(dev: str, memfile: Path, tmp_path: Path,
+                                                                      store: str) -> None:
+    from khibernate.restore.run import prepare_slot
+
+    if store == "sealed":
+        assert init(dev, "--key-file", key_file(tmp_path / "k").path)[0] == 0
+    else:
+        api.init(dev)
+        api.update(dev, lambda sb: sb.with_flags(0))
+    put_image(dev, 0, memfile, None)  # an attacker's (or an old) unsealed image
+    with pytest.raises(UnsealedRefusedError, match="unsealed.*refused"):
+        prepare_slot(dev, 0, vmcore=str(tmp_path / "no-vmcore"))
+
+
+def test_restore_takes_an_unsealed_image_only_from_an_unsealed_store_and_without_a_key(
+        dev: str, memfile: Path, tmp_path: Path) -> None:
+    from khibernate.restore.run import prepare_slot
+
+    api.init(dev)  # today's default: unsealed, and says so
+    put_image(dev, 0, memfile, None)
+    # past every image check: this boot's vmcore is what is missing
+    with pytest.raises(NotAVmcoreError, match="no-vmcore: no such file"):
+        prepare_slot(dev, 0, vmcore=str(tmp_path / "no-vmcore"))
+    with pytest.raises(UnsealedRefusedError, match="a key was given"):
+        prepare_slot(dev, 0, vmcore=str(tmp_path / "no-vmcore"), key=key_file(tmp_path / "k"))
+
+
+def test_restore_of_a_sealed_slot_needs_the_right_key(dev: str, memfile: Path, tmp_path: Path) -> None:
+    from khibernate.restore.run import prepare_slot
+
+    key = key_file(tmp_path / "store.key")
+    assert init(dev, "--key-file", key.path)[0] == 0
+    put_image(dev, 0, memfile, store_sealing(dev, key, 0))
+    with pytest.raises(KeyRequiredError):
+        prepare_slot(dev, 0, vmcore=str(tmp_path / "no-vmcore"))
+    with pytest.raises(WrongKeyError):
+        prepare_slot(dev, 0, vmcore=str(tmp_path / "no-vmcore"), key=key_file(tmp_path / "other"))
+    with pytest.raises(NotAVmcoreError, match="no-vmcore: no such file"):  # authenticated; no vmcore here
+        prepare_slot(dev, 0, vmcore=str(tmp_path / "no-vmcore"), key=key)
+
+
+def test_capture_into_a_sealed_store_is_refused_before_anything_runs() -> None:
+    with pytest.raises(policy.SealedStoreCaptureError, match="cannot yet seal"):
+        policy.check_capture(STORE_SEALED, "/dev/vdb")
+    policy.check_capture(STORE_UNSEALED, "/dev/vdb")
+
+
+def test_target_list_says_whether_the_store_is_sealed(dev: str, tmp_path: Path) -> None:
+    assert init(dev, "--key-file", key_file(tmp_path / "k").path)[0] == 0
+    r = CliRunner().invoke(cli, ["target", "list", dev])
+    assert r.exit_code == 0 and "sealing: sealed" in r.stdout
+    r = CliRunner().invoke(cli, ["target", "list", dev, "--json"])
+    assert r.exit_code == 0 and '"sealing": "sealed"' in r.stdout
