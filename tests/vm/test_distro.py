@@ -309,8 +309,8 @@ def test_the_next_boot_resumes_the_same_system(s: Session):
     FIGURES["resume_to_shell_s"] = time.monotonic() - t0
     # systemd-hibernate.service's run (khibernate hibernate, back after the resume) ended well; the harness's agent
     # was restarted after it (vmtest.machine.AGENT_REARM_UNIT), which ended the watcher sent before the hibernation
-    assert vm.run("systemctl show -p ActiveState,Result systemd-hibernate.service").split() == [
-        "ActiveState=inactive", "Result=success"]
+    assert sorted(vm.run("systemctl show -p ActiveState,Result systemd-hibernate.service").split()) == [
+        "ActiveState=inactive", "Result=success"]  # systemctl prints them in its own order
     console = vm.console_text()
     assert f"khibernate: resume from {STORE_FILE}" in console, console[-3000:]
     assert vm.run("cat /proc/sys/kernel/random/boot_id").strip() == s.before["boot_id"]
