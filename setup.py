@@ -2,4 +2,4 @@
 
 from setuptools import setup
 
-setup(cffi_modules=["khibernate/native/build.py:ffibuilder"])
+setup(cffi_modules=["src/khibernate/native/build.py:ffibuilder"])

@@ -22,7 +22,7 @@ from vmtest.kernel import CACHE
 REPO = Path(__file__).resolve().parent.parent
 DEB_CACHE = CACHE / "deb"
 # what the package is made of (tests/, vmtest/, benchmarks/ are not in it)
-PACKAGED = ("khibernate/", "initramfs/", "debian/", "contrib/", "pyproject.toml", "setup.py", "README.md")
+PACKAGED = ("src/", "initramfs/", "debian/", "contrib/", "pyproject.toml", "setup.py", "README.md")
 # Debian's own python3 builds the package (a python3 earlier on PATH, e.g. pyenv's, would install elsewhere)
 DEBIAN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 BUILD_DEPS = ("debhelper", "dh-python", "python3-all-dev", "python3-setuptools", "python3-cffi")

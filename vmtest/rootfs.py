@@ -33,6 +33,7 @@ PACKAGES = ("systemd", "systemd-sysv", "udev", "dbus", "libpam-systemd", "initra
             "e2fsprogs", "procps", "zstd", "util-linux", "less")
 # what debian/control makes khibernate depend on: put in the image's local apt repository, not installed
 KHIBERNATE_DEPS = ("python3-click", "python3-zstandard", "python3-pyelftools", "python3-cffi", "python3-cryptography",
+                   "python3-packaging",
                    "dmsetup", "kexec-tools", "busybox-static")
 DISK_MB = 4096
 PART_START_MB = 1

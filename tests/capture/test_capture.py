@@ -7,7 +7,8 @@ import uuid
 import pytest
 
 from khibernate.capture import mailbox
-from khibernate.capture.job import Job, JobError, parse
+from khibernate.capture.errors import JobError
+from khibernate.capture.jobspec import Job, parse
 from khibernate.elfcore import Note
 from khibernate.image.sources.adapters import AnnotatedSource
 from khibernate.image.sources.base import MemorySource, MemRange
@@ -103,7 +104,8 @@ def test_capture_initrd_cache_key_is_stable() -> None:
 def test_fault_injection_words() -> None:
     import pytest
 
-    from khibernate.capture.job import JobError, inject_fault
+    from khibernate.capture.errors import JobError
+    from khibernate.capture.save import inject_fault
 
     inject_fault("console=ttyS0 khibernate.job=snapshot")  # no fault word: nothing happens
     with pytest.raises(RuntimeError, match="raised on purpose"):

@@ -8,7 +8,8 @@ import uuid
 from pathlib import Path
 
 from khibernate.capture import initrd
-from khibernate.capture.job import Job, attach_file_target, parse
+from khibernate.capture.job import attach_file_target
+from khibernate.capture.jobspec import Job, parse
 from khibernate.store import filedev
 
 JOB = Job("hibernate", "/dev/mapper/khibernate-store", str(uuid.uuid4()), 0, 0x100000, 0x4000000, 17,

@@ -7,7 +7,8 @@ import dataclasses
 import uuid
 from pathlib import Path
 
-from khibernate.capture.job import Job, withdraw_hibernation
+from khibernate.capture.jobspec import Job
+from khibernate.capture.save import withdraw_hibernation
 from khibernate.capture.snapshot import Options, mark_failed
 from khibernate.restore.resume import choose
 from khibernate.store import api
@@ -64,7 +65,7 @@ def test_first_kernel_failure_path_does_not_swallow_its_own_error(tmp_path: Path
 def test_capture_kernel_words_reset_a_panic() -> None:
     """The capture kernel gets panic=N (a panic resets the machine instead of hanging with the first kernel
     frozen), before the user's words so --append can change it, with this kernel's console words."""
-    from khibernate.capture.snapshot import CAPTURE_PANIC_SECONDS, capture_args
+    from khibernate.capture.roundtrip import CAPTURE_PANIC_SECONDS, capture_args
 
     words = capture_args("BOOT_IMAGE=/vmlinuz root=/dev/sda1 console=ttyS0,115200 quiet loglevel=7")
     assert words == ["console=ttyS0,115200", "loglevel=7", f"panic={CAPTURE_PANIC_SECONDS}"]

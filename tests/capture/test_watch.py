@@ -259,6 +259,8 @@ def test_snapshot_refuses_the_whole_crash_region_while_kdump_is_loaded() -> None
 
 def test_snapshot_for_analysis_defaults_to_level_31_and_waits_for_no_other_capture(tmp_path: Path,
                                                                                    monkeypatch) -> None:
+    import types
+
     from click.testing import CliRunner
 
     from khibernate.capture import snapshot
@@ -268,11 +270,12 @@ def test_snapshot_for_analysis_defaults_to_level_31_and_waits_for_no_other_captu
     monkeypatch.setattr(api, "RUN_DIR", tmp_path)
     seen = []
 
-    def fake_run(opts, say=print):
+    def fake_snapshot(opts, say=print):
         seen.append(opts)
-        return {"slot": 0, "level": opts.level}
+        return types.SimpleNamespace(slot=0, to_json=lambda: {"slot": 0, "level": opts.level},
+                                     describe=lambda: "described")
 
-    monkeypatch.setattr(snapshot, "run", fake_run)
+    monkeypatch.setattr(snapshot, "snapshot", fake_snapshot)
     for args, level in ((["--for-analysis"], 31), ([], 17), (["--for-analysis", "-d", "19"], 19)):
         r = CliRunner().invoke(cli, ["snapshot", "--target", "/dev/vda", "--json", *args])
         assert r.exit_code == 0, r.output
@@ -282,7 +285,6 @@ def test_snapshot_for_analysis_defaults_to_level_31_and_waits_for_no_other_captu
     exported = []
     monkeypatch.setattr(analysis, "export_folder", lambda t, slot, folder: exported.append((t, slot, folder)) or {
         "folder": str(folder), "vmcore_bytes": 10e6, "dmesg_lines": 300, "export_seconds": 8.0})
-    monkeypatch.setattr(snapshot, "describe", lambda r: "described")
     r = CliRunner().invoke(cli, ["snapshot", "--target", "/dev/vda", "--for-analysis", "--export-dir",
                                  str(tmp_path / "crash")])
     assert r.exit_code == 0 and "exported to" in r.output and "10.0 MB (kdump-compressed)" in r.output, r.output

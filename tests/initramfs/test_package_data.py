@@ -15,7 +15,7 @@ def test_wheel_carries_initramfs_content(tmp_path):
     # build from a copy, so no build/ or egg-info appears in (or is reused from) the working tree
     src = tmp_path / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("khibernate", "initramfs"):
+    for name in ("src", "initramfs"):
         shutil.copytree(REPO / name, src / name, symlinks=True, ignore=ignore)
     for name in ("pyproject.toml", "README.md"):
         if (REPO / name).exists():

@@ -6,7 +6,8 @@ import pytest
 
 from khibernate.doctor import diagnose
 from khibernate.install import plan as setup_plan
-from khibernate.install.config import CONF_PATH, MARKER, ConfigError, ResumeConfig, parse
+from khibernate.install.config import CONF_PATH, MARKER, ResumeConfig, parse
+from khibernate.install.errors import ConfigError, SetupError
 from tests.test_doctor import IOMEM, make_tree
 
 TARGET = "/dev/disk/by-partuuid/0f3a9c1e-01"
@@ -98,7 +99,7 @@ def test_remove_on_a_clean_system_changes_nothing():
 
 
 def test_setup_refuses_a_file_that_is_no_store_file_and_says_how_to_make_one(tmp_path):
-    from khibernate.install.cli import SetupError, check_target
+    from khibernate.install.cli import check_target
 
     f = tmp_path / "store"
     f.write_bytes(bytes(2 << 20))
@@ -107,7 +108,7 @@ def test_setup_refuses_a_file_that_is_no_store_file_and_says_how_to_make_one(tmp
 
 
 def test_setup_refuses_a_store_file_outside_the_root_filesystem(tmp_path):
-    from khibernate.install.cli import SetupError, check_target
+    from khibernate.install.cli import check_target
 
     f = tmp_path / "store"
     f.write_bytes(bytes(1 << 20))

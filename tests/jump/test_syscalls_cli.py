@@ -56,12 +56,12 @@ def test_generated_cffi_module_matches(tmp_path):
 
 def test_reuse_cmdline(monkeypatch, tmp_path):
     from khibernate.jump import cli as jcli
+    from khibernate.system import SystemRoot
 
-    fake = tmp_path / "cmdline"
-    fake.write_text("BOOT_IMAGE=/vmlinuz root=/dev/vda crashkernel=256M quiet kexec_jump_back_entry=0x1\n")
-    real_path = jcli.Path
-    monkeypatch.setattr(jcli, "Path", lambda p: fake if p == "/proc/cmdline" else real_path(p))
-    assert jcli._cmdline("console=ttyS0", None, True) == "root=/dev/vda quiet console=ttyS0"
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/cmdline").write_text("BOOT_IMAGE=/vmlinuz root=/dev/vda crashkernel=256M quiet "
+                                           "kexec_jump_back_entry=0x1\n")
+    assert jcli._cmdline("console=ttyS0", None, True, SystemRoot(tmp_path)) == "root=/dev/vda quiet console=ttyS0"
     assert jcli._cmdline(None, "a b", False) == "a b"
 
 

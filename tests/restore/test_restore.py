@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from khibernate.capture.job import Job, JobError, parse
+from khibernate.capture.errors import JobError
+from khibernate.capture.jobspec import Job, parse
 from khibernate.elfcore import gnu_build_id as build_id_from_notes
 from khibernate.image import vmcoreinfo
 from khibernate.image.sources import open_source

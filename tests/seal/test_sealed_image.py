@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from khibernate.image.errors import IncompleteImageError, TruncatedError
+from khibernate.image.errors import ImageError, IncompleteImageError, TruncatedError
 from khibernate.image.layouts.khi import HEADER, INDEX, NO_SLOT, SEAL, TRAILER
 from khibernate.image.sources.khi import KhiSource
 from khibernate.seal.errors import KeyRequiredError, TamperedError, WrongKeyError
@@ -71,12 +71,13 @@ def _offsets(data: bytes) -> dict[str, int]:
             "index offset": p["index"] + INDEX.size + INDEX.offsets["offset"],
             "header": HEADER.offsets["created_ns"], "header osrelease": HEADER.offsets["osrelease"],
             "ranges": HEADER.size + 3, "key slot salt": HEADER.unpack(data)["keyring_offset"] + 32 + 30,
-            "trailer": p["trailer"] + TRAILER.offsets["pages_zero"], "seal tag": p["seal"] + 8}
+            "trailer": p["trailer"] + TRAILER.offsets["pages_zero"], "seal tag": p["seal"] + 8,
+            "seal magic": p["seal"] + SEAL.offsets["magic"] + 2, "seal reserved": p["seal"] + SEAL.offsets["reserved"]}
 
 
 @pytest.mark.parametrize("part", ["ciphertext", "tag", "stored bitmap", "zero bitmap", "index", "index offset",
                                   "header", "header osrelease", "ranges", "key slot salt", "trailer",
-                                  "seal tag"])
+                                  "seal tag", "seal magic", "seal reserved"])
 def test_a_changed_byte_is_refused_even_with_every_crc_fixed(sealed: Path, keys: Keys, tmp_path: Path,
                                                               part: str) -> None:
     data = sealed.read_bytes()
@@ -88,6 +89,18 @@ def test_a_changed_byte_is_refused_even_with_every_crc_fixed(sealed: Path, keys:
     assert isinstance(e, TamperedError | WrongKeyError), f"{part}: {type(e).__name__}: {e}"
     if part != "key slot salt":  # a changed salt derives another KEK: indistinguishable from a wrong key
         assert isinstance(e, TamperedError), f"{part}: {type(e).__name__}: {e}"
+
+
+def test_every_byte_outside_the_blocks_is_authenticated(sealed: Path, keys: Keys, tmp_path: Path) -> None:
+    """Each byte of the header page (key slots included) and of everything after the last block (bitmaps, index,
+    seal record, trailer), flipped on its own, is refused: no byte there is outside the tables tag (the seal record's
+    reserved bytes once were, found by the fuzz test)."""
+    data = sealed.read_bytes()
+    p = forge.parts(data)
+    first_block = forge.entries(data)[0].offset
+    for off in [*range(first_block), *range(p["stored"], len(data))]:
+        e = _refused(forge.flip(data, off), tmp_path, keys[0])
+        assert isinstance(e, ImageError) and str(e), f"byte {off}: {type(e).__name__}: {e}"
 
 
 def test_two_blocks_swapped(sealed: Path, keys: Keys, tmp_path: Path) -> None:

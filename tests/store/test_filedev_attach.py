@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from khibernate.store import filedev
+from khibernate.store.errors import FileTargetError
 from khibernate.store.extentmap import MAP_OFFSET, ExtentMap
-from khibernate.store.fiemap import Extent, FileTargetError
+from khibernate.store.fiemap import Extent
 
 MiB = 1 << 20
 OFFSET = 16 * MiB

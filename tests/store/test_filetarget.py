@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from khibernate.cli import cli
 from khibernate.store import extentmap, fiemap, filetarget
-from khibernate.store.errors import StoreCorruptError, StoreError
+from khibernate.store.errors import FileTargetError, StoreCorruptError, StoreError
 from khibernate.store.extentmap import ExtentMap
 from khibernate.store.fiemap import (
     BTRFS_MAGIC,
@@ -23,7 +23,6 @@ from khibernate.store.fiemap import (
     XFS_MAGIC,
     Extent,
     FilesystemFacts,
-    FileTargetError,
 )
 
 MiB = 1 << 20
@@ -229,7 +228,9 @@ def _mark_slot0_bad(sb):
 
 def test_a_store_file_on_a_read_only_mount_is_written_through_its_window(ext4_dir):
     """The resume in the initramfs sees the root mounted read-only: the store file cannot be opened for writing, so
-    its image is marked tried through the device under it, at the offsets its proven extent map gives."""
+    its image is marked tried through the device under it, at the offsets its proven extent map gives (the write
+    handle resume.open_for_resume opens)."""
+    from khibernate.restore.resume import open_for_resume
     from khibernate.store import api
     from khibernate.store.superblock import SlotState
 
@@ -242,7 +243,8 @@ def test_a_store_file_on_a_read_only_mount_is_written_through_its_window(ext4_di
     win = filetarget.raw_window(str(store))
     assert win is not None and win.device == fiemap.device_of(str(store))
     assert win.offset == filetarget.read_map(str(store)).resume_offset
-    assert api.update(str(store), _mark_slot0_bad, win).slot(0).state == SlotState.BAD
+    with open_for_resume(str(store)) as st:
+        assert st.update(_mark_slot0_bad).slot(0).state == SlotState.BAD
     assert api.read(str(store)).slot(0).state == SlotState.BAD  # read through the file (its cache dropped)
     subprocess.run(["mount", "-o", "remount,rw", str(ext4_dir)], check=True)
     filetarget.check_unmoved(str(store))  # still a store file whose map is true
@@ -253,7 +255,7 @@ def test_a_window_writes_only_the_superblock_at_its_offset(tmp_path):
     """Store.open(window=) reads and writes the superblock at the window's offset of its device and never the file
     (here the 'device' is a plain file holding a copy of the store file at an offset)."""
     from khibernate.store import api
-    from khibernate.store.handle import RawWindow
+    from khibernate.store.handle import RawWindow, Store
     from khibernate.store.superblock import SlotState
 
     store = tmp_path / "store"
@@ -263,7 +265,8 @@ def test_a_window_writes_only_the_superblock_at_its_offset(tmp_path):
     disk = tmp_path / "disk"
     disk.write_bytes(bytes(3 * MiB) + store.read_bytes())
     before_file, before_disk = store.read_bytes(), disk.read_bytes()
-    assert api.update(str(store), _mark_slot0_bad, RawWindow(str(disk), 3 * MiB)).slot(0).state == SlotState.BAD
+    with Store.open(str(store), write=True, window=RawWindow(str(disk), 3 * MiB)) as st:
+        assert st.update(_mark_slot0_bad).slot(0).state == SlotState.BAD
     assert store.read_bytes() == before_file
     after = disk.read_bytes()
     assert after[:3 * MiB] == before_disk[:3 * MiB] and after != before_disk

@@ -113,7 +113,7 @@ def resume(h: dict, name: str, append: str = "", disks: list[Path] | None = None
         st, out = vm.result_elsewhere(h["cid"], timeout=900 * TIMEOUT_SCALE)
         seconds = time.monotonic() - t0
         assert st == 0, out
-        report = json.loads(out[out.index("{"):])
+        report = json.loads(out[out.index("{\n"):])  # after the JSON lines of --json's messages
         vm.wait_for_shell(timeout=60 * TIMEOUT_SCALE, new_boot=False)
     except BaseException:
         vm.close()

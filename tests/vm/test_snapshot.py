@@ -95,7 +95,7 @@ def _snapshot(vm, report: dict) -> dict:
     st, out = vm.run_status(SNAP, timeout=900)
     wall = time.monotonic() - t0
     assert st == 0, out
-    r = json.loads(out[out.index("{"):])
+    r = json.loads(out[out.index("{\n"):])  # after the JSON lines of --json's messages
     r["wall_seconds"] = round(wall, 1)
     time.sleep(2.5)
     pid1, n1 = counter(vm)

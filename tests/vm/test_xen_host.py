@@ -56,6 +56,23 @@ class CrashRun:
     timings: dict
 
 
+def _save_to_disk(vm, name: str, options: str = "") -> int:
+    """In the capture kernel: save /proc/vmcore as /tmp/NAME (khibernate image save OPTIONS) and write it raw to the
+    VM's disk (/dev/vda); returns its size in bytes (what _copy_out reads back on the host)."""
+    vm.run(f"{K} image save /proc/vmcore /tmp/{name} {options} --threads 1", timeout=900)
+    size = int(vm.run(f"stat -c %s /tmp/{name}").strip())
+    vm.run(LOAD_VIRTIO_BLK, timeout=120)
+    vm.run(f"dd if=/tmp/{name} of=/dev/vda bs=1M conv=fsync 2>&1 | tail -1", timeout=600)
+    return size
+
+
+def _copy_out(disk: Path, size: int, dest: Path) -> Path:
+    """The first ``size`` bytes of the VM's disk (an image _save_to_disk wrote) as ``dest``."""
+    with open(disk, "rb") as src, open(dest, "wb") as dst:
+        dst.write(src.read(size))
+    return dest
+
+
 @pytest.fixture(scope="module")
 def dom0_crash(host, module_tmp) -> CrashRun:
     """Boot the host, ask doctor, load the capture kernel with kexec-tools (timed, then unloaded) and with
@@ -90,15 +107,10 @@ def dom0_crash(host, module_tmp) -> CrashRun:
         t2 = time.monotonic()
         cmdline = vm.run("cat /proc/cmdline")
         info = json.loads(vm.run(f"{K} image info /proc/vmcore --json", timeout=300))
-        vm.run(f"{K} image save /proc/vmcore /tmp/host.khi --threads 1", timeout=900)
-        size = int(vm.run("stat -c %s /tmp/host.khi").strip())
-        vm.run(LOAD_VIRTIO_BLK, timeout=120)
-        vm.run("dd if=/tmp/host.khi of=/dev/vda bs=1M conv=fsync 2>&1 | tail -1", timeout=600)
+        size = _save_to_disk(vm, "host.khi")
         t3 = time.monotonic()
         console = vm.console_text()
-    image = out / "host.khi"
-    with open(vm.disk, "rb") as src, open(image, "wb") as dst:
-        dst.write(src.read(size))
+    image = _copy_out(vm.disk, size, out / "host.khi")
     return CrashRun(doctor, doctor_json, status, kh, kt, info, cmdline, image, boot, console,
                     {"crash_to_xen_kexec": t1 - t0, "to_capture_shell": t2 - t1, "save_and_copy": t3 - t2,
                      "khibernate_status_command": cli_start})
@@ -311,15 +323,10 @@ def hv_crash(debug_host, module_tmp) -> HypervisorCrash:
         names = vm.run("head -c 65536 /proc/vmcore | tr -c 'A-Za-z_' '\\n' | grep -E '^(VMCOREINFO_XEN|Xen|CORE)$' "
                        "| sort -u", timeout=120)
         info = json.loads(vm.run(f"{K} image info /proc/vmcore --json", timeout=300))
-        vm.run(f"{K} image save /proc/vmcore /tmp/hv.khi --xen hypervisor --threads 1", timeout=900)
-        saved = int(vm.run("stat -c %s /tmp/hv.khi").strip())
-        vm.run(LOAD_VIRTIO_BLK, timeout=120)
-        vm.run("dd if=/tmp/hv.khi of=/dev/vda bs=1M conv=fsync 2>&1 | tail -1", timeout=600)
+        saved = _save_to_disk(vm, "hv.khi", "--xen hypervisor")
         t2 = time.monotonic()
         console = vm.console_text()
-    image = out / "hv.khi"
-    with open(vm.disk, "rb") as src, open(image, "wb") as dst:
-        dst.write(src.read(saved))
+    image = _copy_out(vm.disk, saved, out / "hv.khi")
     return HypervisorCrash(cmdline, size, names, info, image, console,
                            {"crash_to_capture_shell": t1 - t0, "save_and_copy": t2 - t1, "image_bytes": saved})
 
