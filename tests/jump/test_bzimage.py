@@ -44,3 +44,21 @@ def test_refusals(debian_bzimage):
         parse_bzimage(_mutate(debian_bzimage, 0x236, "<H", 0))
     with pytest.raises(NotABzImage, match="not relocatable"):
         parse_bzimage(_mutate(debian_bzimage, 0x234, "<B", 0))
+
+
+def test_setup_header_layout_has_boot_rst_offsets() -> None:
+    """The setup header is declared once by field name (bzimage.SETUP_HEADER); the zero page embeds the same
+    fields at the same place. Offsets from Documentation/arch/x86/boot.rst's table."""
+    from khibernate.jump.bootparams import ZERO_PAGE
+    from khibernate.jump.bzimage import SETUP_HEADER, SETUP_HEADER_OFFSET
+
+    expected = {"setup_sects": 0x1F1, "boot_flag": 0x1FE, "header": 0x202, "version": 0x206,
+                "kernel_version": 0x20E, "type_of_loader": 0x210, "loadflags": 0x211, "ramdisk_image": 0x218,
+                "cmd_line_ptr": 0x228, "initrd_addr_max": 0x22C, "kernel_alignment": 0x230,
+                "relocatable_kernel": 0x234, "min_alignment": 0x235, "xloadflags": 0x236, "cmdline_size": 0x238,
+                "payload_offset": 0x248, "payload_length": 0x24C, "setup_data": 0x250, "pref_address": 0x258,
+                "init_size": 0x260, "handover_offset": 0x264, "kernel_info_offset": 0x268}
+    for name, off in expected.items():
+        assert SETUP_HEADER_OFFSET + SETUP_HEADER.offsets[name] == off, name
+        assert ZERO_PAGE.offsets[name] == off, name
+    assert ZERO_PAGE.offsets["e820_table"] == 0x2D0

@@ -5,7 +5,7 @@ Pure: ``build_boot_params`` returns the 4096 bytes; ``jump_e820`` restricts a me
 
 from __future__ import annotations
 
-from khibernate.jump.bzimage import SETUP_HEADER_OFFSET, BzImage
+from khibernate.jump.bzimage import SETUP_HEADER, SETUP_HEADER_END, SETUP_HEADER_OFFSET, BzImage
 from khibernate.jump.errors import CommandLineError, MemoryMapError
 from khibernate.layout import Layout
 from khibernate.ranges import E820_RAM, E820_RESERVED, Range, subtract
@@ -20,16 +20,14 @@ def _pad(name: str, start: int, end: int) -> tuple[str, str]:
 
 
 # the fields of struct boot_params this loader writes or reads, at their offsets (arch/x86/include/uapi/asm/
-# bootparam.h); the setup header (from SETUP_HEADER_OFFSET) is copied in from the bzImage first
+# bootparam.h); the setup header (the bzImage's layout, at SETUP_HEADER_OFFSET) is copied in from the bzImage first
 ZERO_PAGE = Layout("boot_params", "<", [
     ("screen_info", f"{SCREEN_INFO_SIZE}s"), _pad("_pad1", 0x040, 0x070),
     ("acpi_rsdp_addr", "Q"), _pad("_pad2", 0x078, 0x0C0),
     ("ext_ramdisk_image", "I"), ("ext_ramdisk_size", "I"), ("ext_cmd_line_ptr", "I"), _pad("_pad3", 0x0CC, 0x1E8),
     ("e820_entries", "B"), _pad("_pad4", 0x1E9, 0x1EF),
-    ("sentinel", "B"), _pad("_hdr1", 0x1F0, 0x210),
-    ("type_of_loader", "B"), ("loadflags", "B"), _pad("_hdr2", 0x212, 0x218),
-    ("ramdisk_image", "I"), ("ramdisk_size", "I"), _pad("_hdr3", 0x220, 0x228),
-    ("cmd_line_ptr", "I"), _pad("_hdr4", 0x22C, 0x2D0),
+    ("sentinel", "B"), _pad("_pad5", 0x1F0, SETUP_HEADER_OFFSET),
+    *SETUP_HEADER.fields, _pad("_pad6", SETUP_HEADER_END, 0x2D0),
     ("e820_table", f"{E820_MAX_ENTRIES_ZEROPAGE * 20}s")])
 E820_ENTRY = Layout("boot_e820_entry", "<", [("addr", "Q"), ("size", "Q"), ("type", "I")])
 OFF_ACPI_RSDP = ZERO_PAGE.offsets["acpi_rsdp_addr"]

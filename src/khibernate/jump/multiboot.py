@@ -67,9 +67,9 @@ class Module:
 def find_header(image: bytes) -> tuple[int, dict[str, int]] | None:
     """(offset, fields) of the multiboot header in the first 8 KiB (magic + flags + checksum == 0 mod 2^32)."""
     for off in range(0, min(len(image), SEARCH) - 12 + 1, 4):
-        magic, flags, checksum = struct.unpack_from("<III", image, off)
+        fields = HEADER.unpack(image[off:off + HEADER.size].ljust(HEADER.size, b"\0"))
+        magic, flags, checksum = fields["magic"], fields["flags"], fields["checksum"]
         if magic == HEADER_MAGIC and (magic + flags + checksum) & 0xFFFFFFFF == 0:
-            fields = HEADER.unpack(image[off:off + HEADER.size].ljust(HEADER.size, b"\0"))
             return off, dict(fields)
     return None
 

@@ -16,7 +16,7 @@ import lzma
 import struct
 import zlib
 
-from khibernate.jump.bzimage import MAX_KERNEL_SIZE
+from khibernate.jump.bzimage import MAX_KERNEL_SIZE, setup_header
 from khibernate.jump.errors import PayloadError as PayloadError
 
 MAGICS = ((b"\x1f\x8b\x08", "gzip"), (b"\xfd7zXZ\x00", "xz"), (b"\x5d\x00\x00", "lzma"), (b"\x28\xb5\x2f\xfd", "zstd"),
@@ -30,10 +30,12 @@ PT_NOTE = 4
 def payload(data: bytes) -> bytes:
     """The compressed kernel inside a bzImage (setup header payload_offset/payload_length); PayloadError if the
     header does not locate one."""
-    if len(data) < 0x250 or data[0x202:0x206] != b"HdrS" or struct.unpack_from("<H", data, 0x206)[0] < 0x208:
+    h = setup_header(data)
+    if h is None or h["version"] < 0x208:
         raise PayloadError("not a bzImage with boot protocol 2.08+ (no payload_offset in its setup header)")
-    setup = ((data[0x1F1] or 4) + 1) * 512
-    offset, length = struct.unpack_from("<II", data, 0x248)
+    setup = ((h["setup_sects"] or 4) + 1) * 512
+    offset: int = h["payload_offset"]
+    length: int = h["payload_length"]
     start = setup + offset
     if not length or start + length > len(data):
         raise PayloadError(f"the setup header's payload ({length} bytes at {start:#x}) lies outside the file")

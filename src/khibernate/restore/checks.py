@@ -15,12 +15,15 @@ import dataclasses
 import json
 import uuid as uuidlib
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from khibernate.capture.jobspec import KHIBERNATE_NOTE
 from khibernate.ranges import Range
 from khibernate.restore.errors import RestoreRefused as RestoreRefused
 from khibernate.restore.filesystems import FsRecord, records_from_json
+
+if TYPE_CHECKING:
+    from khibernate.image.sources.khi import KhiSource
 
 
 def _ranges(value: Any) -> tuple[Range, ...]:
@@ -50,7 +53,7 @@ class SavedImage:
     filesystems: tuple[FsRecord, ...] | None = None  # read-write filesystems at hibernate time (None: not recorded)
 
     @classmethod
-    def from_source(cls, src: Any) -> SavedImage:
+    def from_source(cls, src: KhiSource) -> SavedImage:
         """From a KhiSource: its header and the capture job's KHIBERNATE note (absent: not from a jump)."""
         h = src.header
         note: dict[str, Any] = {}

@@ -17,20 +17,19 @@ both bitmaps, the block index and the trailer.  Pure: no I/O.
 
 from __future__ import annotations
 
-import struct
-
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from khibernate.layout import Layout
 from khibernate.seal.errors import TamperedError
 
 KEY_BYTES = 32
 TAG_BYTES = 16
 DOMAIN_BLOCK = 0
 DOMAIN_TABLES = 1
-_NONCE = struct.Struct("<IQ")
+NONCE = Layout("chacha20_poly1305_nonce", "<", [("domain", "I"), ("counter", "Q")])  # RFC 8439: 96 bits
 
 
 def _hkdf(key: bytes, salt: bytes | None, info: bytes, length: int = KEY_BYTES) -> bytes:
@@ -45,7 +44,7 @@ def key_id(store_key: bytes) -> bytes:
 
 def nonce(domain: int, counter: int) -> bytes:
     """The 12-byte nonce ``domain || counter``."""
-    return _NONCE.pack(domain, counter)
+    return NONCE.pack(domain=domain, counter=counter)
 
 
 class ImageCipher:
