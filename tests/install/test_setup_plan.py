@@ -114,3 +114,73 @@ def test_setup_refuses_a_store_file_outside_the_root_filesystem(tmp_path):
     f.write_bytes(bytes(1 << 20))
     with pytest.raises(SetupError, match="not on the root filesystem"):
         check_target(str(f), root="/proc")  # /proc plays a root filesystem the file is not on
+
+
+def fingerprint(root: Path) -> list[tuple[str, str, int, str]]:
+    """Every node under ``root``: path, kind, mode, content (a file) or link target (a symlink)."""
+    out = []
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        if p.is_symlink():
+            out.append((str(p.relative_to(root)), "link", st.st_mode, str(p.readlink())))
+        elif p.is_dir():
+            out.append((str(p.relative_to(root)), "dir", st.st_mode, ""))
+        else:
+            out.append((str(p.relative_to(root)), "file", st.st_mode, p.read_text()))
+    return out
+
+
+def fake_root(root: Path, hibernate_dir: bool, logind_dir: bool) -> Path:
+    """A Debian-like /etc with systemd's unit directory, the drop-in directories present or not (a present one
+    empty, or holding the admin's own drop-in)."""
+    (root / "etc/systemd/system/multi-user.target.wants").mkdir(parents=True)
+    (root / "etc/systemd/system/multi-user.target.wants/cron.service").symlink_to("/lib/systemd/system/cron.service")
+    (root / "etc/hostname").write_text("debian\n")
+    if hibernate_dir:  # left behind, empty, by an earlier `systemctl edit systemd-hibernate.service`
+        (root / "etc/systemd/system/systemd-hibernate.service.d").mkdir()
+    if logind_dir:
+        (root / "etc/systemd/system/systemd-logind.service.d").mkdir()
+        (root / "etc/systemd/system/systemd-logind.service.d/admin.conf").write_text("[Login]\nKillUserProcesses=no\n")
+    return root
+
+
+@pytest.mark.parametrize(("hibernate_dir", "logind_dir"), [(False, False), (True, False), (True, True)])
+def test_setup_then_remove_leaves_the_system_as_found(tmp_path, hibernate_dir, logind_dir):
+    """setup then setup --remove, acted out (cli.apply) on a fake root: every file, directory, mode and symlink as
+    before — a drop-in directory that was there before (even empty) stays, one setup made goes."""
+    from khibernate.install import cli
+
+    root = fake_root(tmp_path / "root", hibernate_dir, logind_dir)
+    before = fingerprint(root)
+    d = ready(tmp_path / "proc-tree")
+    said: list[str] = []
+    p = setup_plan.plan_setup(TARGET, cli.read_existing(root), False, d, PACKAGED, cli.present_dirs(root))
+    cli.apply(p, said.append, initramfs=False, root=root)
+    assert all((root / path.lstrip("/")).is_file() for path in setup_plan.OWNED)
+    again = setup_plan.plan_setup(TARGET, cli.read_existing(root), True, d, PACKAGED, cli.present_dirs(root))
+    assert not again.changed  # idempotent, also about the directories it recorded
+    cli.apply(setup_plan.plan_remove(cli.read_existing(root), True), said.append, initramfs=False, root=root)
+    assert fingerprint(root) == before, said
+
+
+def test_remove_keeps_a_directory_setup_made_when_it_holds_other_files_now(tmp_path):
+    from khibernate.install import cli
+
+    root = fake_root(tmp_path / "root", False, False)
+    p = setup_plan.plan_setup(TARGET, cli.read_existing(root), False, ready(tmp_path / "proc-tree"), PACKAGED,
+                              cli.present_dirs(root))
+    cli.apply(p, print, initramfs=False, root=root)
+    mine = root / "etc/systemd/system/systemd-logind.service.d/admin.conf"
+    mine.write_text("[Service]\n")  # the admin's drop-in, added after setup
+    said: list[str] = []
+    cli.apply(setup_plan.plan_remove(cli.read_existing(root), True), said.append, initramfs=False, root=root)
+    assert mine.read_text() == "[Service]\n"
+    assert not (root / "etc/systemd/system/systemd-hibernate.service.d").exists()
+    assert any("keep /etc/systemd/system/systemd-logind.service.d" in s for s in said)
+
+
+def test_the_config_records_the_directories_setup_created():
+    conf = ResumeConfig(TARGET, setup_plan.DROPIN_DIRS)
+    assert parse(conf.render()) == conf
+    assert setup_plan.recorded_dirs({CONF_PATH: conf.render()}) == setup_plan.DROPIN_DIRS
+    assert setup_plan.recorded_dirs({CONF_PATH: "KHIBERNATE_CREATED_DIRS=/etc\n"}) == ()  # not setup's file

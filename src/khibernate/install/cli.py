@@ -16,11 +16,26 @@ from khibernate.install.errors import SetupError
 EXIT_NOT_READY = 3
 
 
-def _read(path: str) -> str | None:
+def _read(path: Path) -> str | None:
     try:
-        return Path(path).read_text()
+        return path.read_text()
     except FileNotFoundError:
         return None
+
+
+def under(root: Path, path: str) -> Path:
+    """``path`` (absolute, as the plan names it) inside the system whose ``/`` is ``root``."""
+    return root / path.lstrip("/")
+
+
+def read_existing(root: Path = Path("/")) -> dict[str, str | None]:
+    """What is at setup's paths now (None: nothing)."""
+    return {path: _read(under(root, path)) for path in setup_plan.OWNED}
+
+
+def present_dirs(root: Path = Path("/")) -> frozenset[str]:
+    """Which of the drop-in directories exist now."""
+    return frozenset(d for d in setup_plan.DROPIN_DIRS if under(root, d).is_dir())
 
 
 def initrd_path() -> Path:
@@ -86,14 +101,14 @@ def check_target(target: str, root: str = "/") -> str:
     return stable_name(target)
 
 
-def apply(p: setup_plan.SetupPlan, say: Callable[[str], None], initramfs: bool = True) -> None:
-    """Act on the plan: files (atomically), systemd reload + logind restart, update-initramfs -u."""
+def apply(p: setup_plan.SetupPlan, say: Callable[[str], None], initramfs: bool = True, root: Path = Path("/")) -> None:
+    """Act on the plan in the system whose ``/`` is ``root``: files (atomically), the directories setup created
+    (removed when empty), systemd reload + logind restart (when systemd runs there), update-initramfs -u (only
+    when ``root`` is the running system's ``/``)."""
     for c in p.changes:
-        path = Path(c.path)
+        path = under(root, c.path)
         if c.content is None:
             path.unlink(missing_ok=True)
-            if path.parent.name.endswith(".d") and path.parent.is_dir() and not any(path.parent.iterdir()):
-                path.parent.rmdir()
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp")
@@ -101,11 +116,18 @@ def apply(p: setup_plan.SetupPlan, say: Callable[[str], None], initramfs: bool =
             tmp.chmod(0o644)
             tmp.replace(path)
         say(f"  {c.why} {c.path}")
-    if p.reload_systemd and Path("/run/systemd/system").is_dir():
+    for d in p.remove_dirs:
+        path = under(root, d)
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+            say(f"  remove {d} (setup created it)")
+        elif path.is_dir():
+            say(f"  keep {d}: setup created it, but it holds other files now")
+    if p.reload_systemd and under(root, "/run/systemd/system").is_dir():
         subprocess.run(["systemctl", "daemon-reload"], check=True)
         subprocess.run(["systemctl", "try-restart", "systemd-logind.service"], check=True)
         say("  systemd reloaded (logind restarted for its hibernation check)")
-    if p.update_initramfs and initramfs:
+    if p.update_initramfs and initramfs and root == Path("/"):
         say("  update-initramfs -u (the resume hook reads the target from the initramfs)")
         r = subprocess.run(["update-initramfs", "-u"], capture_output=True, text=True)
         if r.returncode != 0:
@@ -144,7 +166,7 @@ def setup_command(target: str | None, remove: bool, no_initramfs: bool, dry_run:
         raise click.ClickException("setup changes /etc and the initramfs: run it as root")
     if remove == (target is not None):
         raise click.UsageError("give either --target DEV|FILE or --remove")
-    existing = {path: _read(path) for path in setup_plan.OWNED}
+    existing = read_existing()
     foreign = setup_plan.foreign_files(existing)
     has_config = initrd_has_config(initrd_path())
     if remove:
@@ -156,7 +178,8 @@ def setup_command(target: str | None, remove: bool, no_initramfs: bool, dry_run:
                                        "away, then run setup again")
         name = check_target(target)
         packaged = {path: Path(path).is_file() for path in (setup_plan.HOOK, setup_plan.PREMOUNT)}
-        p = setup_plan.plan_setup(name, existing, has_config, diagnose(SystemRoot(), os.geteuid()), packaged)
+        p = setup_plan.plan_setup(name, existing, has_config, diagnose(SystemRoot(), os.geteuid()), packaged,
+                                  present_dirs())
     if not p.changed:
         click.echo("khibernate setup: nothing to change" + ("" if remove else f" (target {target} already set up)"))
     else:
@@ -166,6 +189,8 @@ def setup_command(target: str | None, remove: bool, no_initramfs: bool, dry_run:
         else:
             for c in p.changes:
                 click.echo(f"  {c.why} {c.path}")
+            for d in p.remove_dirs:
+                click.echo(f"  remove {d} if empty (setup created it)")
     if remove:
         return
     if p.missing:

@@ -19,18 +19,25 @@ _SAFE = re.compile(r"[A-Za-z0-9_./:=@+,-]*")
 
 @dataclasses.dataclass(frozen=True)
 class ResumeConfig:
-    """What `khibernate setup` recorded: the store to hibernate to and resume from (a device path)."""
+    """What `khibernate setup` recorded: the store to hibernate to and resume from (a device path or a store file),
+    and the directories setup created for its drop-ins (``setup --remove`` removes those, and only those, again)."""
 
     target: str
+    created_dirs: tuple[str, ...] = ()
 
     def render(self) -> str:
         """The file's text (a value with characters that sh or systemd would interpret is refused)."""
         if not self.target or not _SAFE.fullmatch(self.target):
             raise ConfigError(f"target {self.target!r} has characters /etc/khibernate.conf cannot hold unquoted: "
                               "give the device by a /dev/disk/by-* path")
+        dirs = ":".join(self.created_dirs)
+        if not _SAFE.fullmatch(dirs) or any(not d.startswith("/") or ":" in d for d in self.created_dirs):
+            raise ConfigError(f"created directories {self.created_dirs!r} cannot be recorded in {CONF_PATH}")
         return (f"{MARKER}; read by the initramfs resume hook and by systemctl hibernate.\n"
                 "# Change it with `khibernate setup --target DEV`, remove with `khibernate setup --remove`.\n"
-                f"KHIBERNATE_TARGET={self.target}\n")
+                f"KHIBERNATE_TARGET={self.target}\n"
+                + ("# the directories setup created (setup --remove takes them away again when empty)\n"
+                   f"KHIBERNATE_CREATED_DIRS={dirs}\n" if dirs else ""))
 
 
 def parse(text: str) -> ResumeConfig:
@@ -47,4 +54,5 @@ def parse(text: str) -> ResumeConfig:
     target = values.get("KHIBERNATE_TARGET", "")
     if not target:
         raise ConfigError(f"{CONF_PATH} names no KHIBERNATE_TARGET; rerun `khibernate setup --target DEV`")
-    return ResumeConfig(target)
+    dirs = values.get("KHIBERNATE_CREATED_DIRS", "")
+    return ResumeConfig(target, tuple(d for d in dirs.split(":") if d))

@@ -1,23 +1,28 @@
 """What `khibernate setup` changes, as a plan: pure over what was read (files, the doctor's diagnosis).
 
-Every file setup writes carries ``config.MARKER`` and is the only thing it removes again, so `setup --remove` (and
-the package's prerm, which calls it) leaves the system as it was before setup.  A plan with no changes means the
+Every file setup writes carries ``config.MARKER`` and is the only thing it removes again, and the drop-in
+directories it had to create are recorded in the config (``KHIBERNATE_CREATED_DIRS``) and are the only directories
+it removes, so `setup --remove` (and the package's prerm, which calls it) leaves the system as it was before setup
+(a directory that was there before, even empty, stays).  A plan with no changes means the
 system is already set up that way (setup is idempotent).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import posixpath
+from collections.abc import Collection, Mapping
 
 from khibernate.doctor import Diagnosis
-from khibernate.install.config import CONF_PATH, MARKER, ResumeConfig
+from khibernate.install.config import CONF_PATH, MARKER, ResumeConfig, parse
+from khibernate.install.errors import ConfigError
 
 HIBERNATE_DROPIN = "/etc/systemd/system/systemd-hibernate.service.d/khibernate.conf"
 LOGIND_DROPIN = "/etc/systemd/system/systemd-logind.service.d/khibernate.conf"
 HOOK = "/usr/share/initramfs-tools/hooks/khibernate"
 PREMOUNT = "/usr/share/initramfs-tools/scripts/local-premount/khibernate"
 OWNED = (CONF_PATH, HIBERNATE_DROPIN, LOGIND_DROPIN)
+DROPIN_DIRS = tuple(posixpath.dirname(p) for p in (HIBERNATE_DROPIN, LOGIND_DROPIN))
 
 # systemd 252's sleep.conf can only choose what is written to /sys/power/{state,disk}; replacing the action is an
 # override of the unit that hibernate.target pulls in.  systemctl hibernate -> logind -> hibernate.target ->
@@ -49,16 +54,18 @@ class FileChange:
 
 @dataclasses.dataclass(frozen=True)
 class SetupPlan:
-    """The changes, whether the initramfs must be rebuilt and systemd reloaded, and what is still missing."""
+    """The changes, whether the initramfs must be rebuilt and systemd reloaded, and what is still missing;
+    ``remove_dirs``: directories setup created, to remove after the files when empty."""
 
     changes: tuple[FileChange, ...]
     update_initramfs: bool
     reload_systemd: bool
     missing: tuple[str, ...] = ()
+    remove_dirs: tuple[str, ...] = ()
 
     @property
     def changed(self) -> bool:
-        return bool(self.changes) or self.update_initramfs
+        return bool(self.changes) or self.update_initramfs or bool(self.remove_dirs)
 
 
 def _diff(wanted: Mapping[str, str | None], existing: Mapping[str, str | None]) -> tuple[FileChange, ...]:
@@ -80,11 +87,25 @@ def missing_for_hibernation(d: Diagnosis, packaged: Mapping[str, bool]) -> tuple
     return tuple(out)
 
 
+def recorded_dirs(existing: Mapping[str, str | None]) -> tuple[str, ...]:
+    """The drop-in directories an earlier setup created (recorded in its config; none when the config is not
+    setup's own or cannot be read)."""
+    text = existing.get(CONF_PATH)
+    if text is None or MARKER not in text:
+        return ()
+    try:
+        return tuple(d for d in parse(text).created_dirs if d in DROPIN_DIRS)
+    except ConfigError:
+        return ()
+
+
 def plan_setup(target: str, existing: Mapping[str, str | None], initrd_has_config: bool, d: Diagnosis,
-               packaged: Mapping[str, bool]) -> SetupPlan:
+               packaged: Mapping[str, bool], present_dirs: Collection[str] = ()) -> SetupPlan:
     """Plan `setup --target`: the config, the two drop-ins, and an initramfs rebuild when the recorded target
-    changed or the current initramfs lacks it."""
-    wanted = {CONF_PATH: ResumeConfig(target).render(), HIBERNATE_DROPIN: HIBERNATE_DROPIN_TEXT,
+    changed or the current initramfs lacks it.  ``present_dirs``: which of DROPIN_DIRS exist now (the ones that do
+    not are created, and recorded in the config with those an earlier setup created)."""
+    created = tuple(sorted({*recorded_dirs(existing), *(p for p in DROPIN_DIRS if p not in present_dirs)}))
+    wanted = {CONF_PATH: ResumeConfig(target, created).render(), HIBERNATE_DROPIN: HIBERNATE_DROPIN_TEXT,
               LOGIND_DROPIN: LOGIND_DROPIN_TEXT}
     changes = _diff(wanted, existing)
     conf_changed = any(c.path == CONF_PATH for c in changes)
@@ -93,11 +114,12 @@ def plan_setup(target: str, existing: Mapping[str, str | None], initrd_has_confi
 
 
 def plan_remove(existing: Mapping[str, str | None], initrd_has_config: bool) -> SetupPlan:
-    """Plan `setup --remove`: only files that carry setup's marker go; the initramfs is rebuilt without the target."""
+    """Plan `setup --remove`: only files that carry setup's marker go, then the directories setup recorded that it
+    created; the initramfs is rebuilt without the target."""
     ours = {p: None for p, text in existing.items() if text is not None and MARKER in text}
     changes = _diff(ours, existing)
     return SetupPlan(changes, initrd_has_config or any(c.path == CONF_PATH for c in changes),
-                     any(c.path != CONF_PATH for c in changes))
+                     any(c.path != CONF_PATH for c in changes), remove_dirs=recorded_dirs(existing))
 
 
 def foreign_files(existing: Mapping[str, str | None]) -> list[str]:
