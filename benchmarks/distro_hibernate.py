@@ -91,7 +91,7 @@ def swap_file(vm) -> str:
 
 
 def main() -> None:
-    from vmtest import package, rootfs
+    from vmtest import diskfile, package, rootfs
     from vmtest.machine import AGENT_REARM_UNIT, Machine, wait_system_running
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,9 +102,7 @@ def main() -> None:
     m.create()
     deb = package.build()
     m.put_file(deb, f"/root/{deb.name}")
-    with open(m.dir / "store.img", "wb") as f:
-        f.truncate(STORE_MB << 20)
-    m.extra_disks.append(m.dir / "store.img")
+    m.extra_disks.append(diskfile.blank(m.dir / "store.img", STORE_MB))
     vm = m.vm(memory_mb=args.memory, smp=args.smp)
     vm.start()
     wait_system_running(vm)

@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from vmtest import diskfile
 from vmtest.rootfs import PARTITION_OFFSET, RootfsImage
 from vmtest.vm import LOG_ROOT, TIMEOUT_SCALE, VM, VMError
 
@@ -52,7 +53,7 @@ class Machine:
         t0 = time.monotonic()
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
-        subprocess.run(["cp", "--sparse=always", str(self.image.disk), str(self.disk)], check=True)
+        diskfile.copy_sparse(self.image.disk, self.disk)
         return time.monotonic() - t0
 
     @property

@@ -39,7 +39,7 @@ import pytest
 
 from khibernate.store import extentmap
 from tests.vm.guest import distro_memory as mem
-from vmtest import package, rootfs
+from vmtest import diskfile, package, rootfs
 from vmtest.machine import (
     AGENT_REARM_UNIT,
     Machine,
@@ -100,9 +100,7 @@ class Session:
         self.machine.create()
         self.machine.put_file(deb, f"/root/{deb.name}")
         self.machine.put_file(GUEST / "distro_memory.py", "/root/distro_memory.py")
-        with open(self.machine.dir / "store.img", "wb") as f:
-            f.truncate(STORE_MB << 20)
-        self.machine.extra_disks.append(self.machine.dir / "store.img")
+        self.machine.extra_disks.append(diskfile.blank(self.machine.dir / "store.img", STORE_MB))
         self.vm = self.machine.vm(memory_mb=MEMORY_MB)
         t0 = time.monotonic()
         self.vm.start()
