@@ -137,7 +137,7 @@ def test_apt_install_pulls_the_dependencies(s: Session):
     out = vm.run("cd /root && DEBIAN_FRONTEND=noninteractive apt-get install -y ./khibernate_*.deb", timeout=1800)
     FIGURES["apt_install_s"] = time.monotonic() - t0
     for dep in ("python3-zstandard", "python3-click", "python3-pyelftools", "python3-cffi", "python3-cryptography",
-                "python3-packaging", "kexec-tools"):  # dmsetup: in the image already (systemd's cryptsetup side)
+                "python3-packaging", "kexec-tools"):  # dmsetup: in the image already (libdevmapper's dependency)
         assert re.search(rf"Setting up {dep}\b", out), dep
     assert vm.run("command -v khibernate").strip() == "/usr/bin/khibernate"
     vm.run("python3 -c 'import khibernate.native._pages'")  # the package's compiled page kernel
