@@ -12,7 +12,7 @@ import mmap
 import os
 from pathlib import Path
 
-from khibernate.store import api, extentmap, fiemap
+from khibernate.store import api, device, extentmap, fiemap
 from khibernate.store.errors import FileTargetError, StoreError
 from khibernate.store.extentmap import MAP_OFFSET, ExtentMap
 from khibernate.store.handle import RawWindow
@@ -101,12 +101,15 @@ def read_map(path: str) -> ExtentMap:
 
 def check_unmoved(path: str) -> ExtentMap:
     """The recorded map, after proving it true: FIEMAP now equals it, and the device read raw at the file's first
-    piece holds the file's superblock and map byte for byte.  FileTargetError otherwise."""
+    piece holds the file's superblock and map byte for byte (the file's cached blocks dropped first: the resume
+    writes its superblock through the device under a read-only mount, RawWindow, so the cache can be stale).
+    FileTargetError otherwise."""
     m = read_map(path)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         fiemap.check_filesystem(fiemap.filesystem_facts(fd))
         now = fiemap.check_extents(fiemap.read_extents(fd), m.file_bytes)
+        device.drop_cache(fd)
         head = os.pread(fd, 1 << 20, 0)
     finally:
         os.close(fd)

@@ -209,6 +209,8 @@ class Store:
             raise StoreError(f"{self.path} was opened for reading; nothing written")
         cur = self.refresh()
         self._sb = device.write_superblock(self.sb_fd, cur, change(cur), self.sb_base)
+        if self.sb_fd != self.fd:  # written through a RawWindow: the file's cached blocks are stale now
+            device.drop_cache(self.fd)
         return self._sb
 
     def set_slot(self, rec: SlotRecord, expect_uuid: bytes | None = None) -> Superblock:
