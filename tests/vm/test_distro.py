@@ -381,23 +381,25 @@ def test_watch_service_captures_a_warning_and_the_system_runs_on(s: Session):
     /var/crash/khibernate/<date>-warn/ (vmcore, dmesg.txt, event.json); journald and the counter run on."""
     vm = s.vm
     vm.run("systemctl enable --now khibernate-watch.service")
-    vm.run("for i in $(seq 120); do journalctl -b 0 -u khibernate-watch -o cat | grep -q 'following /dev/kmsg' "
-           "&& exit 0; sleep 1; done; journalctl -b 0 -u khibernate-watch -o cat | tail -20; exit 1", timeout=300)
-    pid, n = counter(vm)
-    vm.run("echo WARNING > /sys/kernel/debug/provoke-crash/DIRECT")
-    t0 = time.monotonic()
-    vm.run("for i in $(seq 1200); do ls /var/crash/khibernate/*-warn/dmesg.txt >/dev/null 2>&1 && exit 0; "
-           "sleep 1; done; journalctl -b 0 -u khibernate-watch -o cat | tail -30; exit 1", timeout=1500)
-    FIGURES["watch_warning_to_capture_s"] = time.monotonic() - t0
-    folders = vm.run("ls -d /var/crash/khibernate/*/").split()
-    assert len(folders) == 1 and folders[0].rstrip("/").endswith("-warn"), folders
-    assert "WARNING:" in vm.run(f"cat {folders[0]}dmesg.txt")
-    assert int(vm.run(f"stat -c %s {folders[0]}vmcore")) > 1 << 20
-    assert vm.run("systemctl is-active counter.service systemd-journald khibernate-watch").split() == ["active"] * 3
-    now_pid, now_n = counter(vm)
-    assert now_pid == pid and now_n > n
-    vm.run("logger -t after-capture still-here && sleep 1 && journalctl -b 0 -t after-capture | grep -q still-here")
-    vm.run("systemctl disable --now khibernate-watch.service")
+    try:
+        vm.run("for i in $(seq 120); do journalctl -b 0 -u khibernate-watch -o cat | grep -q 'following /dev/kmsg' "
+               "&& exit 0; sleep 1; done; journalctl -b 0 -u khibernate-watch -o cat | tail -20; exit 1", timeout=300)
+        pid, n = counter(vm)
+        vm.run("echo WARNING > /sys/kernel/debug/provoke-crash/DIRECT")
+        t0 = time.monotonic()
+        vm.run("for i in $(seq 1200); do ls /var/crash/khibernate/*-warn/dmesg.txt >/dev/null 2>&1 && exit 0; "
+               "sleep 1; done; journalctl -b 0 -u khibernate-watch -o cat | tail -30; exit 1", timeout=1500)
+        FIGURES["watch_warning_to_capture_s"] = time.monotonic() - t0
+        folders = vm.run("ls -d /var/crash/khibernate/*/").split()
+        assert len(folders) == 1 and folders[0].rstrip("/").endswith("-warn"), folders
+        assert "WARNING:" in vm.run(f"cat {folders[0]}dmesg.txt")
+        assert int(vm.run(f"stat -c %s {folders[0]}vmcore")) > 1 << 20
+        assert vm.run("systemctl is-active counter.service systemd-journald khibernate-watch").split() == ["active"] * 3
+        now_pid, now_n = counter(vm)
+        assert now_pid == pid and now_n > n
+        vm.run("logger -t after-capture still-here && sleep 1 && journalctl -b 0 -t after-capture | grep -q still-here")
+    finally:  # disabled also when the capture failed: the removal's fingerprint must not see it
+        vm.run("systemctl disable --now khibernate-watch.service")
 
 
 def test_a_copied_store_file_is_refused(s: Session):
