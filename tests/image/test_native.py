@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from khibernate import native
 from khibernate.image.pagefilter import PageLayout
 from tests.image import numpy_reference as ref
+from tests.image.test_fuzz import PROFILE
 
 SIZE = 64
 CHUNK_VA = 0xFFFFEA0000000000 + 0x1000 * SIZE
@@ -69,7 +70,8 @@ def cases(draw: st.DrawFn) -> tuple[PageLayout, bytes, int]:
     return lay, draw(page_strategy(lay, n)), draw(st.integers(0, 2048))
 
 
-@settings(max_examples=120, deadline=None)
+# 120 examples where scripts/test.sh runs (the CI profile), 30 in a plain run
+@settings(max_examples=120 if PROFILE == "ci" else 30, deadline=None)
 @given(cases())
 def test_native_classify_matches_the_numpy_reference(case: tuple[PageLayout, bytes, int]) -> None:
     lay, raw, carry = case

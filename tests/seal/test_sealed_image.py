@@ -14,6 +14,7 @@ from khibernate.image.sources.khi import KhiSource
 from khibernate.seal.errors import KeyRequiredError, TamperedError, WrongKeyError
 from khibernate.seal.keysource import KeyFile, Passphrase
 from khibernate.seal.sealing import Sealing
+from tests.image.test_fuzz import PROFILE
 from tests.seal import forge
 from tests.seal.conftest import PASSPHRASE, key_file, seal_image
 
@@ -98,7 +99,8 @@ def test_every_byte_outside_the_blocks_is_authenticated(sealed: Path, keys: Keys
     data = sealed.read_bytes()
     p = forge.parts(data)
     first_block = forge.entries(data)[0].offset
-    for off in [*range(first_block), *range(p["stored"], len(data))]:
+    stride = 1 if PROFILE == "ci" else 3  # every byte where scripts/test.sh runs, every third in a plain run
+    for off in [*range(0, first_block, stride), *range(p["stored"], len(data), stride)]:
         e = _refused(forge.flip(data, off), tmp_path, keys[0])
         assert isinstance(e, ImageError) and str(e), f"byte {off}: {type(e).__name__}: {e}"
 

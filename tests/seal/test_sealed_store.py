@@ -178,10 +178,67 @@ def test_restore_of_a_sealed_slot_needs_the_right_key(dev: str, memfile: Path, t
         prepare_slot(dev, 0, vmcore=str(tmp_path / "no-vmcore"), key=key)
 
 
-def test_capture_into_a_sealed_store_is_refused_before_anything_runs() -> None:
-    with pytest.raises(policy.SealedStoreCaptureError, match="cannot yet seal"):
-        policy.check_capture(STORE_SEALED, "/dev/vdb")
-    policy.check_capture(STORE_UNSEALED, "/dev/vdb")
+def test_which_captures_a_store_takes() -> None:
+    """A sealed store: a snapshot with its key; without, or a hibernation (no resume could open it yet), refused
+    before anything runs.  An unsealed store given a key: refused (the key would seal nothing)."""
+    policy.check_capture(STORE_SEALED, "/dev/vdb", "snapshot", key_given=True)
+    with pytest.raises(policy.SealedStoreCaptureError, match="give its key"):
+        policy.check_capture(STORE_SEALED, "/dev/vdb", "snapshot", key_given=False)
+    with pytest.raises(policy.SealedStoreCaptureError, match="resume cannot yet hand the key"):
+        policy.check_capture(STORE_SEALED, "/dev/vdb", "hibernate", key_given=True)
+    with pytest.raises(policy.SealedStoreCaptureError, match="not a sealed store"):
+        policy.check_capture(STORE_UNSEALED, "/dev/vdb", "snapshot", key_given=True)
+    policy.check_capture(STORE_UNSEALED, "/dev/vdb", "snapshot", key_given=False)
+
+
+def test_a_handed_image_key_seals_that_image_into_the_store(dev: str, memfile: Path, tmp_path: Path) -> None:
+    """What a capture does: the first kernel derives the key of one image in a child process, the capture kernel
+    seals that image with it and the store's keyring; the slot opens with the store's key file like any sealed image,
+    carries the handed image's UUID, and the handed key seals no other image."""
+    from khibernate.seal.handoff import hand_image_key
+
+    key = key_file(tmp_path / "store.key")
+    assert init(dev, "--key-file", key.path)[0] == 0
+    fd = device.open_device(dev)
+    try:
+        ring = keyslots.read(fd, dev)
+    finally:
+        os.close(fd)
+    image = os.urandom(16)
+    handed = hand_image_key(lambda: KeyFile(key.path), ring, image)
+    assert handed.image_uuid == image and handed.key_id == ring.key_id
+    sealing = Sealing.from_handed(handed, ring, 1)
+    with pytest.raises(ValueError, match="only the image it was handed for"):
+        sealing.cipher(os.urandom(16))
+    put_image(dev, 1, memfile, sealing)
+    out = tmp_path / "slot1.khi"
+    api.export(dev, 1, str(out))
+    with KhiSource(out, key=key, slot=1) as src:
+        assert src.header.uuid == image
+        src.verify()
+        assert src.read(0x100000, 4096) == page(memfile, 0x100000)
+    with pytest.raises(WrongKeyError):  # the child's error, re-raised here with its message
+        hand_image_key(lambda: key_file(tmp_path / "other.key"), ring, image)
+    with pytest.raises(WrongKeyError, match="another store key"):
+        Sealing.from_handed(dataclasses.replace(handed, key_id=bytes(16)), ring, 1)
+
+
+def test_the_capture_kernel_wipes_the_handed_key_from_the_mailbox(tmp_path: Path) -> None:
+    """The capture job takes the image key out of the first kernel's mailbox page before it reads memory: the page
+    then holds the request without it, and no byte of the key."""
+    from khibernate.capture import mailbox
+
+    image = os.urandom(16)
+    secret = os.urandom(32)
+    mem = tmp_path / "mem"
+    mem.write_bytes(bytes(4096) + mailbox.pack(mailbox.REQUEST, image, {"request": "snapshot",
+                                                                        "seal": {"key": secret.hex()}}))
+    request = mailbox.read_request(4096, image, devmem=str(mem))
+    request.pop("seal")
+    mailbox.post(4096, image, request, devmem=str(mem), kind=mailbox.REQUEST)
+    page_now = mem.read_bytes()[4096:]
+    assert mailbox.read_request(4096, image, devmem=str(mem)) == {"request": "snapshot"}
+    assert secret.hex().encode() not in page_now and secret not in page_now
 
 
 def test_target_list_says_whether_the_store_is_sealed(dev: str, tmp_path: Path) -> None:

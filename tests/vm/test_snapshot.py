@@ -40,8 +40,9 @@ def start_workload(vm) -> None:
 
 
 @pytest.fixture(scope="module")
-def guest():
+def guest(module_tmp: Path):
     from tests.tiers import debian_vmlinuz
+    from vmtest.diskfile import blank
     from vmtest.kernel import ensure_kernel
     from vmtest.vm import VM, check_host
 
@@ -49,8 +50,9 @@ def guest():
     kernel = ensure_kernel()
     # Debian's kernel has no CONFIG_KEXEC_JUMP: a capture kernel that must be refused before anything is reserved
     files = [*HELPERS, (debian_vmlinuz(), "/boot/debian-vmlinuz")]
+    sealed = blank(module_tmp / "sealed-store.img", 640)  # /dev/vdb: the sealed store's disk
     with VM(kernel=kernel, append="crashkernel=256M", memory_mb=1024, extra_files=files, disk_mb=640,
-            name="snapshot-6.12", timeout=300) as vm:
+            disks=[sealed], name="snapshot-6.12", timeout=300) as vm:
         vm.run("dd if=/dev/zero of=/dev/vda bs=1M count=2 2>/dev/null; sync")
         start_workload(vm)
         yield vm
@@ -89,10 +91,10 @@ def test_refused_before_any_jump(guest) -> None:
     assert "free" in vm.run("khibernate target list /tmp/small.img")
 
 
-def _snapshot(vm, report: dict) -> dict:
+def _snapshot(vm, report: dict, command: str = SNAP) -> dict:
     pid0, n0 = counter(vm)
     t0 = time.monotonic()
-    st, out = vm.run_status(SNAP, timeout=900)
+    st, out = vm.run_status(command, timeout=900)
     wall = time.monotonic() - t0
     assert st == 0, out
     r = json.loads(out[out.index("{\n"):])  # after the JSON lines of --json's messages
@@ -106,16 +108,18 @@ def _snapshot(vm, report: dict) -> dict:
     return r
 
 
-def _check_image(vm, tmp_path: Path, r: dict, addrs: list[int], vmci_a: str, marker: str) -> dict:
-    """The slot's image on the host: verifies, holds the pattern, VMCOREINFO, the log up to the jump, our note."""
+def _check_image(vm, tmp_path: Path, r: dict, addrs: list[int], vmci_a: str, marker: str, disk: Path | None = None,
+                 key: object = None) -> dict:
+    """The slot's image on the host (of ``disk``, sealed with ``key`` if given): verifies, holds the pattern,
+    VMCOREINFO, the log up to the jump, our note."""
     from khibernate.image.dmesg import kernel_log
     from khibernate.image.sources.khi import KhiSource
     from khibernate.image.vmcoreinfo import from_source
     from khibernate.store import api as store
 
     out = tmp_path / f"slot{r['slot']}-{r['seq']}.khi"
-    assert store.export(str(vm.disk), r["slot"], str(out)) == r["bytes"]
-    src = KhiSource(out)
+    assert store.export(str(disk or vm.disk), r["slot"], str(out)) == r["bytes"]
+    src = KhiSource(out, key=key, slot=r["slot"] if key is not None else None)  # type: ignore[arg-type]
     try:
         counts = src.verify()
         assert counts["pages_stored"] == r["pages_stored"]
@@ -271,6 +275,63 @@ def test_hibernate_that_comes_back_leaves_no_resumable_image(guest) -> None:
     assert used.state == SlotState.BAD and not used.flags & FLAG_HIBERNATE
     st, out = vm.run_status("khibernate resume --check --target /dev/vda")
     assert st == 3 and "no hibernation image" in out, out
+
+
+def _holds(src, needles: list[bytes]) -> list[bytes]:
+    """Which of ``needles`` occur anywhere in the image's memory (read in 16 MiB windows that overlap)."""
+    found: set[bytes] = set()
+    step = 16 << 20
+    for r in src.ranges:
+        for start in range(r.start, r.end, step):
+            data = src.read_filled(start, min(step + 64, r.end - start))
+            found.update(n for n in needles if n in data)
+    return sorted(found)
+
+
+def test_snapshot_into_a_sealed_store(guest, tmp_path) -> None:
+    """A store made with a key file (/dev/vdb): a snapshot without the key is refused before anything runs; with it
+    the capture kernel seals the image with the key of that one image, handed through the mailbox page.  On the
+    host the slot opens only with the key, verifies and holds the pattern; its file holds no pattern in clear; and
+    the store key itself appears nowhere in the memory the image holds (it was unwrapped in a child process that
+    had exited before the jump, whose pages were free and dropped at -d 17).  The key file's own bytes are in the
+    image here: this guest's root is a ramfs, so the file is memory (docs/sealed.md: keep key files on a disk)."""
+    from khibernate.image.sources.khi import KhiSource
+    from khibernate.seal.errors import KeyRequiredError
+    from khibernate.seal.keysource import KeyFile
+
+    vm = guest
+    vm.run("head -c 32 /dev/urandom > /tmp/store.key && chmod 600 /tmp/store.key")
+    store_key_file = bytes.fromhex(vm.run("python3 -c \"print(open('/tmp/store.key', 'rb').read().hex())\"").strip())
+    vm.run("khibernate target init /dev/vdb --slots 2 --key-file /tmp/store.key")
+    sealed_snap = SNAP.replace("/dev/vda", "/dev/vdb")
+    mark = vm.mark()
+    st, out = vm.run_status(sealed_snap, timeout=120)
+    assert st != 0 and "give its key" in out, out
+    assert "Freezing user space" not in vm.console_since(mark)
+    addrs = json.loads(vm.run("cat /tmp/pattern.json"))
+    vmci_a = vm.run("python3 /usr/libexec/khibernate/vmcoreinfo.py kcore")
+    marker = f"KHB-SNAPSHOT-SEALED-{time.time_ns()}"
+    vm.run(f"echo {marker} > /dev/kmsg")
+    r = _snapshot(vm, {}, sealed_snap + " --key-file /tmp/store.key")
+    host_key = tmp_path / "store.key"
+    host_key.write_bytes(store_key_file)
+    host_key.chmod(0o600)
+    disk = vm.disks[0]
+    check = _check_image(vm, tmp_path, r, addrs, vmci_a, marker, disk=disk, key=KeyFile(host_key))
+    out_file = tmp_path / f"slot{r['slot']}-{r['seq']}.khi"
+    with pytest.raises(KeyRequiredError):
+        KhiSource(out_file)
+    assert b"KHB-PATTERN-000000-" not in out_file.read_bytes()
+    from khibernate.seal.sealing import unseal
+
+    with KhiSource(out_file, key=KeyFile(host_key), slot=r["slot"]) as src:
+        assert src.header.seal is not None
+        store_key = unseal(src.header.seal.keyring, src.header.seal.key_id, KeyFile(host_key), "the image")
+        assert src.header.uuid.hex() == json.loads(next(n for n in src.notes if n.name == "KHIBERNATE").desc)[
+            "image"].replace("-", "")
+        assert _holds(src, [store_key, store_key.hex().encode()]) == []
+    print(f"\n[snapshot sealed 6.12 1 GiB] pause {r['pause_seconds']:.2f} s, image {r['bytes'] / 1e6:.1f} MB, save "
+          f"{r['save_seconds']} s ({check['verified_pages']} pages verified with the key)")
 
 
 def test_qemu_killed_during_the_save_leaves_the_last_good_image(guest) -> None:

@@ -147,8 +147,10 @@ def read_request(paddr: int, image_uuid: bytes, devmem: str = "/dev/mem") -> dic
     return body
 
 
-def post(paddr: int, image_uuid: bytes, body: Mapping[str, object], devmem: str = "/dev/mem") -> None:
-    """Capture side: write a RESULT record into the first kernel's mailbox page at paddr, if it holds our request."""
+def post(paddr: int, image_uuid: bytes, body: Mapping[str, object], devmem: str = "/dev/mem",
+         kind: int = RESULT) -> None:
+    """Capture side: write a RESULT record (or, ``kind`` REQUEST, the request again: a secret taken out of it) over
+    the whole of the first kernel's mailbox page at paddr, if it holds a record of our image."""
     if paddr % PAGE:
         raise MailboxError(f"mailbox address {paddr:#x} is not page aligned")
     fd = os.open(devmem, os.O_RDWR | os.O_SYNC)
@@ -161,6 +163,6 @@ def post(paddr: int, image_uuid: bytes, body: Mapping[str, object], devmem: str 
             if found != image_uuid:
                 raise MailboxError(f"the mailbox at {paddr:#x} belongs to image {uuidlib.UUID(bytes=found)}, not "
                                    "this job's; nothing written")
-            m[:] = pack(RESULT, image_uuid, body)  # a shared /dev/mem mapping is the memory itself: no msync
+            m[:] = pack(kind, image_uuid, body)  # a shared /dev/mem mapping is the memory itself: no msync
     finally:
         os.close(fd)

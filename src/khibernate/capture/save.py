@@ -20,6 +20,7 @@ from khibernate.errors import KhibernateError
 from khibernate.progress import Say
 
 if TYPE_CHECKING:
+    from khibernate.seal.sealing import Sealing
     from khibernate.store.handle import Store
 
 
@@ -70,9 +71,34 @@ def check_reserved(st: Store, job: Job) -> None:
         raise JobError(f"slot {job.slot} of {job.target} is not reserved for image {job.image}; nothing written")
 
 
-def save_into(st: Store, job: Job, ctx: CaptureContext, note_extra: Mapping[str, JsonValue] | None = None) -> Saved:
-    """Save ``ctx.vmcore`` into the job's reserved slot of the open store ``st``, streaming; the result for the
-    mailbox (raises on failure, DeadlineError past the job's deadline)."""
+def take_request(st: Store, job: Job) -> tuple[dict[str, object], Sealing | None]:
+    """The first kernel's request and, for a sealed store, the sealing of this job's image with the image key the
+    request hands over.  The key is wiped from the first kernel's mailbox page at once, before its memory is read
+    (so no image holds it there).  JobError / SealError when store and request disagree: nothing written."""
+    from khibernate.capture import mailbox
+    from khibernate.seal.sealing import HandedKey, Sealing
+    from khibernate.store import keyslots
+    from khibernate.store.superblock import STORE_SEALED
+
+    request = mailbox.read_request(job.mailbox, job.image_uuid)
+    handed = request.pop("seal", None)
+    if handed is not None:
+        mailbox.post(job.mailbox, job.image_uuid, request, kind=mailbox.REQUEST)
+    if not st.sb.flags & STORE_SEALED:
+        if handed is not None:
+            raise JobError(f"{job.target} is not a sealed store, but the first kernel sent a key: the store was made "
+                           "again since the capture began; nothing written")
+        return request, None
+    key = HandedKey.from_json(handed)
+    if key.image_uuid != job.image_uuid:
+        raise JobError("the handed image key is for another image than this job's; nothing written")
+    return request, Sealing.from_handed(key, keyslots.read(st.fd, job.target), job.slot)
+
+
+def save_into(st: Store, job: Job, ctx: CaptureContext, note_extra: Mapping[str, JsonValue] | None = None,
+              seal: Sealing | None = None) -> Saved:
+    """Save ``ctx.vmcore`` into the job's reserved slot of the open store ``st``, streaming (sealed with ``seal``
+    when given); the result for the mailbox (raises on failure, DeadlineError past the job's deadline)."""
     from khibernate.image.sources import open_source
     from khibernate.image.sources.adapters import AnnotatedSource
     from khibernate.image.sources.khi import save
@@ -95,7 +121,7 @@ def save_into(st: Store, job: Job, ctx: CaptureContext, note_extra: Mapping[str,
         src = AnnotatedSource(raw, KHIBERNATE_NOTE, khibernate_note(job, ctx, note_extra))
         t1 = ctx.system.uptime()
         stats = save(src, writer, vmci=vmci, level=job.level, restorable=job.restorable,  # type: ignore[arg-type]
-                     threads=min(2, os.cpu_count() or 1), progress=progress)
+                     threads=min(2, os.cpu_count() or 1), progress=progress, seal=seal)
     writer.sync()
     t2 = ctx.system.uptime()
     return Saved(slot=job.slot, length=writer.length, crc32=writer.crc32, pages_ram=stats.pages_ram,
@@ -109,24 +135,24 @@ def run_snapshot(job: Job, ctx: CaptureContext) -> Saved:
     from khibernate.store.handle import Store
 
     with Store.open(job.target, write=True, say=ctx.rep.say) as st:
-        return save_into(st, job, ctx)
+        _, seal = take_request(st, job)
+        return save_into(st, job, ctx, seal=seal)
 
 
 def run_hibernate(job: Job, ctx: CaptureContext) -> NoReturn:
     """Save like a snapshot (with the filesystems the first kernel recorded, from its mailbox request), read the
     slot back and mark it complete as the image to resume (the first kernel does not run again before a resume),
     then power the machine off; returns only on failure (raises).  One open of the store for all of it."""
-    from khibernate.capture import mailbox
     from khibernate.jump import syscalls
     from khibernate.store.handle import Store
     from khibernate.store.superblock import FLAG_HIBERNATE
 
-    request = mailbox.read_request(job.mailbox, job.image_uuid)
-    filesystems = request.get("filesystems")
-    if not isinstance(filesystems, list):
-        raise JobError("the first kernel's request records no filesystems: a resume could not check the disks")
     with Store.open(job.target, write=True, say=ctx.rep.say) as st:
-        saved = save_into(st, job, ctx, note_extra={"filesystems": filesystems})
+        request, seal = take_request(st, job)
+        filesystems = request.get("filesystems")
+        if not isinstance(filesystems, list):
+            raise JobError("the first kernel's request records no filesystems: a resume could not check the disks")
+        saved = save_into(st, job, ctx, note_extra={"filesystems": filesystems}, seal=seal)
         done, chk, _ = st.complete(st.sb.slot(job.slot), saved.length, saved.crc32, pages_stored=saved.pages_stored,
                                    pages_excluded=saved.pages_excluded, flags=FLAG_HIBERNATE)
     ctx.rep.say(f"hibernation image complete in slot {done.index} of {job.target} ({chk.length / 1e6:.1f} MB, read "

@@ -27,6 +27,7 @@ from khibernate.store.superblock import SlotRecord, SlotState
 
 if TYPE_CHECKING:
     from khibernate.capture.roundtrip import Outcome
+    from khibernate.seal.keysource import KeySource
     from khibernate.store.handle import SlotCheck, Store
     from khibernate.store.plan import SizeEstimate
     from khibernate.store.superblock import Superblock
@@ -50,6 +51,8 @@ class Options:
     mem_min: int | None = None  # the capture kernel's window (default: the whole crashkernel= region)
     mem_max: int | None = None
     allow_unresumable: bool = False  # hibernate even where a resume boot may not manage to restore the image
+    # a sealed store's key: made (the secret read) only in the child process that derives the image key
+    key: Callable[[], KeySource] | None = None
 
 
 def default_kernel() -> str:
@@ -114,7 +117,7 @@ def preflight(opts: Options, st: Store | None = None,
     sb = st.refresh()
     from khibernate.seal import policy
 
-    policy.check_capture(sb.flags, opts.target)  # a sealed store: its images could not be sealed yet
+    policy.check_capture(sb.flags, opts.target, opts.kind, opts.key is not None)
     slot = splan.choose_slot(sb)
     est = splan.estimate(sb, splan.parse_meminfo(system.read("/proc/meminfo") or ""))
     splan.check_fits(slot, est)
@@ -273,8 +276,15 @@ def _run(opts: Options, st: Store, say: Say, system: SystemRoot) -> SnapshotRepo
     job = Job(opts.kind, job_target, sb.uuid_str, slot.index, slot.offset, slot.capacity, opts.level, str(image),
               boot_id, opts.deadline, 0, zero_free=zeroes_freed_pages(system.cmdline(), system.kernel_config()[0]),
               target_map=target_map)
+    request: dict[str, JsonValue] = (hibernate_request(say, system) if opts.kind == "hibernate"
+                                     else {"request": "snapshot"})
+    if opts.key is not None:  # a sealed store (preflight): the capture kernel seals with this image's key
+        from khibernate.seal.handoff import hand_image_key
+        from khibernate.store import keyslots
+
+        request["seal"] = dict(hand_image_key(opts.key, keyslots.read(st.fd, opts.target), image.bytes).to_json())
     trip = RoundTrip.prepare(CaptureKernel(kernel, initrd, opts.mem_min, opts.mem_max, opts.append), job, system,
-                             hibernate_request(say, system) if opts.kind == "hibernate" else None)
+                             request)
     # ---- writes start here: reserve the slot (the last good image stays untouched), load, jump
     reserved = dataclasses.replace(slot, state=SlotState.WRITING, seq=sb.next_seq(), length=0, crc32=0,
                                    dump_level=opts.level, image_uuid=image.bytes, created_ns=time.time_ns(),

@@ -42,6 +42,13 @@ def key_id(store_key: bytes) -> bytes:
     return _hkdf(store_key, None, b"khibernate key id", 16)
 
 
+def image_key(store_key: bytes, image_uuid: bytes) -> bytes:
+    """The key of the image ``image_uuid`` under ``store_key`` (what :class:`ImageCipher` encrypts with)."""
+    if len(store_key) != KEY_BYTES or len(image_uuid) != 16:
+        raise ValueError("a store key is 32 bytes and an image UUID 16")
+    return _hkdf(store_key, image_uuid, b"khibernate image v3")
+
+
 def nonce(domain: int, counter: int) -> bytes:
     """The 12-byte nonce ``domain || counter``."""
     return NONCE.pack(domain=domain, counter=counter)
@@ -51,9 +58,16 @@ class ImageCipher:
     """Seal and open the blocks and the tables tag of the image ``image_uuid``."""
 
     def __init__(self, store_key: bytes, image_uuid: bytes):
-        if len(store_key) != KEY_BYTES or len(image_uuid) != 16:
-            raise ValueError("a store key is 32 bytes and an image UUID 16")
-        self._aead = ChaCha20Poly1305(_hkdf(store_key, image_uuid, b"khibernate image v3"))
+        self._aead = ChaCha20Poly1305(image_key(store_key, image_uuid))
+
+    @classmethod
+    def from_image_key(cls, key: bytes) -> ImageCipher:
+        """The cipher of an image whose key (:func:`image_key`) was handed over instead of the store key."""
+        if len(key) != KEY_BYTES:
+            raise ValueError("an image key is 32 bytes")
+        cipher = cls.__new__(cls)
+        cipher._aead = ChaCha20Poly1305(key)
+        return cipher
 
     def seal_block(self, number: int, frame: bytes | memoryview, ad: bytes) -> bytes:
         """Ciphertext of block ``number`` followed by its 16-byte tag (``len(frame) + TAG_BYTES`` bytes)."""

@@ -52,6 +52,26 @@ def key_sources(key_file: str | None, passphrase_file: str | None, ask_passphras
     return out
 
 
+def capture_key(key_file: str | None, passphrase_file: str | None,
+                ask_passphrase: bool) -> Callable[[], KeySource] | None:
+    """The key of a capture into a sealed store, as a factory run in the child process that derives the image key
+    (so the secret is never read into the capturing process); a typed passphrase is refused (it would be)."""
+    if ask_passphrase:
+        raise UsageError("a capture takes the key from --key-file or --passphrase-file (read in a process that ends "
+                         "before the jump), not typed")
+    if key_file and passphrase_file:
+        raise UsageError("give one key for a capture: --key-file or --passphrase-file")
+    if not (key_file or passphrase_file):
+        return None
+
+    def make() -> KeySource:
+        key = one_key(key_file, passphrase_file, False)
+        assert key is not None
+        return key
+
+    return make
+
+
 def one_key(key_file: str | None, passphrase_file: str | None, ask_passphrase: bool) -> KeySource | None:
     """The one key source that opens an image (None without key options)."""
     sources = key_sources(key_file, passphrase_file, ask_passphrase)

@@ -107,6 +107,9 @@ def read_secret(path: str, what: str, least: int, most: int, *, private: bool) -
             raise KeySourceError(f"{what} {path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o}): "
                                  f"`chmod 600 {path}`, and treat the key as known to them")
         data = os.read(fd, most + 1)
+        # out of the page cache again, so a snapshot taken now does not save the secret (pages of a file on a disk
+        # are dropped and free; a tmpfs or ramfs file is memory and stays - keep key files on a disk)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
     if not least <= len(data) <= most:

@@ -10,7 +10,7 @@ from khibernate.store.superblock import STORE_SEALED, STORE_UNSEALED
 
 
 class SealedStoreCaptureError(SealError):
-    """A capture into a sealed store, which this khibernate cannot seal in the capture kernel yet."""
+    """A capture into a sealed store without its key, or a hibernation into one (a resume cannot open it yet)."""
 
 
 def name(flags: int) -> str:
@@ -41,10 +41,19 @@ def check_restore(flags: int, image_sealed: bool, key_given: bool, where: str) -
                                    "--unsealed` to accept unauthenticated images, or with --key-file to seal them")
 
 
-def check_capture(flags: int, target: str) -> None:
-    """SealedStoreCaptureError for a sealed store: the capture kernel cannot seal yet (the key does not reach it)."""
-    if flags & STORE_SEALED:
-        raise SealedStoreCaptureError(f"{target} is a sealed store, and this khibernate cannot yet seal an image in "
-                                      "the capture kernel (the key reaching it is the next step): a capture would "
-                                      "write an image that no resume accepts. Use a store made with --unsealed, or "
-                                      "`image save --key-file` for a sealed file")
+def check_capture(flags: int, target: str, kind: str, key_given: bool) -> None:
+    """Whether a capture of ``kind`` may go into a store with ``flags``: a sealed store needs its key (the capture
+    kernel seals with the image key the first kernel hands it), an unsealed one must not be given one, and a
+    hibernation into a sealed store is refused until a resume can hand the key on (SealedStoreCaptureError)."""
+    if not flags & STORE_SEALED:
+        if key_given:
+            raise SealedStoreCaptureError(f"{target} is not a sealed store: a key would seal nothing (make the store "
+                                          "with `target init --key-file` to seal its images, or drop the key option)")
+        return
+    if kind == "hibernate":
+        raise SealedStoreCaptureError(f"{target} is a sealed store, and a resume cannot yet hand the key to the "
+                                      "kernel that restores: a hibernation there could not be resumed. Hibernate "
+                                      "into a store made with --unsealed (snapshots into this one are sealed)")
+    if not key_given:
+        raise SealedStoreCaptureError(f"{target} is a sealed store: give its key (--key-file FILE or "
+                                      "--passphrase-file FILE) so the capture kernel can seal the image")

@@ -7,20 +7,63 @@ import dataclasses
 from collections.abc import Sequence
 
 from khibernate.image.layouts.khi import NO_SLOT
-from khibernate.seal.cipher import ImageCipher
-from khibernate.seal.errors import KeyRequiredError, TamperedError
+from khibernate.seal.cipher import KEY_BYTES, ImageCipher
+from khibernate.seal.errors import KeyRequiredError, TamperedError, WrongKeyError
 from khibernate.seal.keyring import Keyring
 from khibernate.seal.keysource import KeySource, make_keyring, new_store_key, open_keyring
 
 
 @dataclasses.dataclass(frozen=True)
+class HandedKey:
+    """The key of one image, handed from the first kernel to the capture kernel through the mailbox page instead of
+    the store key: the capture kernel can seal (or open) that one image and no other.  ``key_id`` names the store
+    key it was derived from (checked against the store's keyring).  One image, written once: a new save draws a new
+    image UUID and so a new key (block numbers are nonces)."""
+
+    image_uuid: bytes
+    image_key: bytes
+    key_id: bytes
+
+    def to_json(self) -> dict[str, str]:
+        return {"image": self.image_uuid.hex(), "key": self.image_key.hex(), "key_id": self.key_id.hex()}
+
+    @classmethod
+    def from_json(cls, d: object) -> HandedKey:
+        """From the mailbox request's ``seal`` object; KeyRequiredError when it is missing or malformed."""
+        try:
+            assert isinstance(d, dict)
+            key = cls(bytes.fromhex(d["image"]), bytes.fromhex(d["key"]), bytes.fromhex(d["key_id"]))
+        except (AssertionError, KeyError, TypeError, ValueError):
+            raise KeyRequiredError("the first kernel handed no usable image key (the mailbox request's seal "
+                                   "object is missing or malformed); nothing written") from None
+        if len(key.image_uuid) != 16 or len(key.image_key) != KEY_BYTES or len(key.key_id) != 16:
+            raise KeyRequiredError("the handed image key has the wrong size; nothing written")
+        return key
+
+
+@dataclasses.dataclass(frozen=True)
 class Sealing:
     """A store key, its keyring (copied into every image's header) and the slot the image goes to (NO_SLOT: a
-    file)."""
+    file) — or, in the capture kernel, no store key but the one image's ``handed`` key."""
 
-    store_key: bytes
+    store_key: bytes | None
     keyring: Keyring
     slot: int = NO_SLOT
+    handed: HandedKey | None = None
+
+    @classmethod
+    def from_handed(cls, handed: HandedKey, ring: Keyring, slot: int) -> Sealing:
+        """Seal the one image ``handed`` names, with the store's keyring ``ring`` in its header (WrongKeyError when
+        the handed key belongs to another store key)."""
+        if handed.key_id != ring.key_id:
+            raise WrongKeyError("the image key handed by the first kernel belongs to another store key than this "
+                                "store's: the store was made again since the capture began; nothing written")
+        return cls(None, ring, slot, handed)
+
+    @property
+    def image_uuid(self) -> bytes | None:
+        """The UUID the image must carry (a handed key is for one image), None: the writer draws one."""
+        return self.handed.image_uuid if self.handed else None
 
     @classmethod
     def new(cls, sources: Sequence[KeySource], slot: int = NO_SLOT) -> Sealing:
@@ -38,7 +81,12 @@ class Sealing:
         return dataclasses.replace(self, slot=slot)
 
     def cipher(self, image_uuid: bytes) -> ImageCipher:
-        """The AEAD of the image ``image_uuid``."""
+        """The AEAD of the image ``image_uuid`` (with a handed key: only of the image it was handed for)."""
+        if self.handed is not None:
+            if image_uuid != self.handed.image_uuid:
+                raise ValueError("a handed image key seals only the image it was handed for")
+            return ImageCipher.from_image_key(self.handed.image_key)
+        assert self.store_key is not None
         return ImageCipher(self.store_key, image_uuid)
 
 

@@ -247,7 +247,8 @@ def save(source: MemorySource, out: BinaryIO, *, vmci: Vmcoreinfo | None, level:
         raise UsageErrorImage(f"--threads must be >= 1 and --block-pages 1..{MAX_BLOCK_PAGES}")
     chunks = plan(source, vmci, level, restorable=restorable, chunk=PLAN_CHUNK)
     ps = source.page_size
-    image_uuid = uuidlib.uuid4().bytes  # fresh for every save: the sealed image's key is derived from it
+    # fresh for every save (the sealed image's key is derived from it), or the one a handed image key is for
+    image_uuid = (seal.image_uuid if seal else None) or uuidlib.uuid4().bytes
     cipher = seal.cipher(image_uuid) if seal else None
     header = Header(page_size=ps, dump_level=recorded,
                     flags=(FLAG_RESTORABLE if restorable else 0) | (FLAG_SEALED if seal else 0),
