@@ -29,12 +29,14 @@ HERE = Path(__file__).resolve().parent
 DISTRO_DIR = HERE / "distro"
 ROOTFS_CACHE = CACHE / "rootfs"
 SUITE = "bookworm"
+# busybox as a default Debian install has it (initramfs-tools Recommends it; minbase leaves Recommends out): the
+# package's `busybox-static | busybox` is then met by it, and `apt remove` + `autoremove --purge` leave it as found.
 PACKAGES = ("systemd", "systemd-sysv", "udev", "dbus", "libpam-systemd", "initramfs-tools", "kmod", "python3",
-            "e2fsprogs", "procps", "zstd", "util-linux", "less")
+            "e2fsprogs", "procps", "zstd", "util-linux", "less", "busybox")
 # what debian/control makes khibernate depend on: put in the image's local apt repository, not installed
 KHIBERNATE_DEPS = ("python3-click", "python3-zstandard", "python3-pyelftools", "python3-cffi", "python3-cryptography",
                    "python3-packaging",
-                   "dmsetup", "kexec-tools", "busybox-static")
+                   "dmsetup", "kexec-tools")
 DISK_MB = 4096
 PART_START_MB = 1
 PARTITION_OFFSET = PART_START_MB << 20

@@ -191,7 +191,8 @@ def add_skeleton(tree: Tree) -> None:
 
 
 def add_busybox(tree: Tree, busybox: Path | None = None) -> None:
-    """A busybox binary (preferably static, Debian busybox-static) and a symlink for each of its applets."""
+    """A busybox binary and a symlink for each of its applets: Debian's busybox-static, or its dynamically linked
+    busybox (a default install's), whose loader and libraries come along through the tree's ELF walk."""
     bb = busybox or _first_existing(BUSYBOX_CANDIDATES, "busybox", "busybox-static")
     try:
         listing = subprocess.run([str(bb), "--list-full"], capture_output=True, text=True, check=True).stdout
