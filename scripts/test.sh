@@ -6,15 +6,28 @@
 # guest through apt install, setup, systemctl hibernate, the resume in initramfs-tools, apt remove; its disk image
 # and the .deb are built first, then cached). The plain run leaves both out. .ci/run runs all three.
 # KHIBERNATE_RUN_VM_TESTS=1: a VM test that cannot run here fails instead of skipping (CI never skips one).
+# KHIBERNATE_SKIP_SETUP=1: do not run scripts/setup.sh (for a CI that ran it once already, e.g. before starting two
+# test.sh runs side by side, which would otherwise race on the venv and the kernel builds); the venv must exist.
 set -euo pipefail
 export KHIBERNATE_RUN_VM_TESTS=1
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 XEN_TESTS=tests/vm/test_xen_host.py
 DISTRO_TESTS=tests/vm/test_distro.py
+run_setup() {
+  if [ "${KHIBERNATE_SKIP_SETUP:-0}" = "1" ]; then
+    if [ ! -x .venv/bin/python ]; then
+      echo "[test] KHIBERNATE_SKIP_SETUP=1 but there is no .venv: run scripts/setup.sh $* first" >&2
+      exit 2
+    fi
+    echo "[test] scripts/setup.sh $* skipped (KHIBERNATE_SKIP_SETUP=1)"
+    return
+  fi
+  scripts/setup.sh "$@"
+}
 if [ "${1:-}" = "--distro" ]; then
   shift
-  scripts/setup.sh
+  run_setup
   echo "[test] the khibernate .deb and the Debian 12 test machine's disk (built once, cached)"
   .venv/bin/python -m vmtest.package
   .venv/bin/python -m vmtest.rootfs
@@ -28,7 +41,7 @@ if [ "${1:-}" = "--distro" ]; then
 fi
 if [ "${1:-}" = "--xen" ]; then
   shift
-  scripts/setup.sh --xen
+  run_setup --xen
   echo "[test] pytest (Xen host)"
   set +e
   .venv/bin/python -m pytest "$XEN_TESTS" "$@"
@@ -37,7 +50,7 @@ if [ "${1:-}" = "--xen" ]; then
   echo "[test] Xen host tests wall time: $(( $(date +%s) - start )) s"
   exit $rc
 fi
-scripts/setup.sh
+run_setup
 echo "[test] ruff"
 .venv/bin/ruff check .
 echo "[test] mypy"
