@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--memory", type=int, default=1536, help="guest RAM in MiB")
     ap.add_argument("--smp", type=int, default=1, help="guest CPUs")
     args = ap.parse_args()
-    m = Machine(rootfs.distro_image(), "bench-distro-hib")
+    m = Machine(rootfs.distro_image(), "distro-hibernate-figures")
     m.create()
     deb = package.build()
     m.put_file(deb, f"/root/{deb.name}")
@@ -126,7 +126,7 @@ def main() -> None:
     append = swap_file(vm)
     boot_id = vm.boot_id
     before, hib_s, console = hibernate(vm)
-    m_img = re.search(r"PM: hibernation: Image created \((\d+) pages copied\)", console)
+    m_img = re.search(r"PM: hibernation: Image created \((\d+) pages copied", console)
     vm, shell_s, res_s = resume(m, before, boot_id, args.memory, args.smp, append)
     print(json.dumps({"method": "swsusp", "hibernate_s": round(hib_s, 1), "resume_to_shell_s": round(shell_s, 1),
                       "resume_to_service_s": round(res_s, 1), "append": append,
