@@ -154,8 +154,13 @@ class Tree:
             self.elf_files.append(src)
 
     def add_libraries(self) -> None:
-        """Add the loader and shared libraries of every ELF file added so far (at the paths the loader opens)."""
-        for wanted, host in sorted(collect.resolve(self.elf_files).items()):
+        """Add the loader and shared libraries of every ELF file added so far (at the paths the loader opens), and
+        the plugins those libraries dlopen (collect.dlopened_plugins: OpenSSL's providers) with their libraries."""
+        resolved = collect.resolve(self.elf_files)
+        plugins = collect.dlopened_plugins([*self.elf_files, *resolved.values()])
+        if plugins:
+            resolved = {**collect.resolve([*self.elf_files, *plugins.values()]), **plugins}
+        for wanted, host in sorted(resolved.items()):
             guest = _norm(self.guest_path(wanted))
             if guest not in self.entries or self.entries[guest].kind == "symlink":
                 self.entries.pop(guest, None)
