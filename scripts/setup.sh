@@ -13,7 +13,8 @@ fi
 
 PKGS="qemu-system-x86 kexec-tools busybox-static makedumpfile crash build-essential flex bison bc libelf-dev
       libssl-dev python3 python3-venv python3-dev python3-libkdumpfile zstd xz-utils
-      fuse3 gdb kmod fdisk lz4 libncurses-dev texinfo"
+      fuse3 gdb kmod fdisk lz4 libncurses-dev texinfo
+      mmdebstrap dpkg-dev debhelper dh-python python3-all-dev python3-setuptools python3-cffi"
 missing=""
 for p in $PKGS; do
   [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing="$missing $p"
@@ -53,3 +54,4 @@ echo "[setup] test kernels (built once from Debian's linux-source-6.12 and -7.3,
 .venv/bin/python -m vmtest.kernel 7.3
 # the distribution-like flavour of 6.12: KASLR, THP, hugetlbfs, memcg, KSM, systemd's needs, modular drivers
 .venv/bin/python -m vmtest.kernel 6.12-distro
+# the khibernate .deb and the Debian 12 test machine's disk: `scripts/test.sh --distro` builds them (once, cached)

@@ -147,9 +147,9 @@ class VM:
                  extra_files: Iterable[tuple[Path | str, str]] = (), disk_mb: int = 0, timeout: float = 120,
                  name: str = "vm", accel: str | None = None, qemu_args: Iterable[str] = (),
                  initrd: Path | None = None, cpu: str | None = None, disks: Iterable[Path] = (),
-                 wait_ready: bool = True):
+                 wait_ready: bool = True, base_append: str = BASE_APPEND):
         self.kernel = kernel
-        self.append = f"{BASE_APPEND} {append}".strip()
+        self.append = f"{base_append} {append}".strip()  # base_append: another boot (a disk root, not ramfs)
         self.memory_mb = memory_mb
         self.smp = smp
         self.extra_files = [(Path(s), d) for s, d in extra_files]
@@ -405,6 +405,22 @@ class VM:
         with self.agent.cond:
             raw = bytes(self.agent.buf[:end.start()])
         return int(end.group(1)), raw.decode(errors="replace").replace("\r\n", "\n")
+
+    def poll_result(self, cid: str) -> tuple[int, str] | None:
+        """(exit status, output) of a command started with send() if it has ended, else None (never waits)."""
+        assert self.agent is not None
+        with self.agent.cond:
+            text = bytes(self.agent.buf).decode(errors="replace")
+        m = re.search(rf"@@KHB-BEGIN {cid}@@\r?\n(.*?)\r?\n@@KHB-END {cid} (-?\d+)@@", text, re.S)
+        if m is None:
+            return None
+        return int(m.group(2)), m.group(1).replace("\r\n", "\n")
+
+    def agent_text(self) -> str:
+        """Everything the agent channel (ttyS1) carried so far, in this QEMU."""
+        assert self.agent is not None
+        with self.agent.cond:
+            return bytes(self.agent.buf).decode(errors="replace").replace("\r\n", "\n")
 
     def run_status(self, command: str, timeout: float = 60) -> tuple[int, str]:
         """Run a shell command in the guest; return (exit status, stdout+stderr)."""

@@ -30,6 +30,7 @@ COMMANDS = {
     "resume": "khibernate.restore.cli:resume_command",
     "restore": "khibernate.restore.cli:restore_command",
     "view": "khibernate.view.cli:view_group",
+    "setup": "khibernate.install.cli:setup_command",
 }
 
 

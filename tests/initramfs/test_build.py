@@ -115,3 +115,46 @@ def test_unbuilt_native_kernel_refuses_the_bundle():
     files = {rel: src for rel, src in files.items() if "/native/_pages." not in rel}
     with pytest.raises(pybundle.PythonBundleError, match="khibernate/native/build.py"):
         pybundle.check_native(files)
+
+
+def test_a_system_without_the_fuse_binding_still_gets_its_capture_bundle(monkeypatch):
+    """Debian has no mfusepy package (only `view mount` imports it, in the first kernel): the capture bundle is made
+    without it; a missing dependency the jobs import is still refused with what to install."""
+    import importlib.metadata as md
+
+    real = md.distribution
+
+    def without(*missing: str):
+        def distribution(name: str):
+            if name.lower() in missing:
+                raise md.PackageNotFoundError(name)
+            return real(name)
+        return distribution
+
+    monkeypatch.setattr(md, "distribution", without("mfusepy"))
+    files = dict(pybundle.site_files("khibernate"))
+    assert not any(rel.startswith("mfusepy") for rel in files) and any(rel.startswith("click/") for rel in files)
+    monkeypatch.setattr(md, "distribution", without("mfusepy", "click"))
+    with pytest.raises(pybundle.PythonBundleError, match="needs 'click'.*pip install click"):
+        pybundle.site_files("khibernate")
+
+
+def test_a_debian_packaged_dependency_without_record_is_bundled_by_its_modules(tmp_path):
+    """dh_python installs dist-info/egg-info without RECORD (python3-click, python3-cffi-backend's _cffi_backend):
+    the bundle takes the modules top_level.txt names, packages and single extension modules alike."""
+    import importlib.metadata as md
+
+    import _cffi_backend
+    import click
+
+    info = tmp_path / "click-8.1.3.egg-info"
+    info.mkdir()
+    (info / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: click\nVersion: 8.1.3\n")
+    (info / "top_level.txt").write_text("click\n_cffi_backend\n")
+    files = dict(pybundle._dist_files(md.PathDistribution(info)))
+    assert "click/__init__.py" in files and files["click/__init__.py"].samefile(click.__file__)
+    backend = os.path.basename(_cffi_backend.__file__)
+    assert backend in files and files[backend].samefile(_cffi_backend.__file__)
+    (info / "top_level.txt").write_text("no_such_module_here\n")
+    with pytest.raises(pybundle.PythonBundleError, match="cannot tell which files make up click"):
+        list(pybundle._dist_files(md.PathDistribution(info)))

@@ -67,3 +67,34 @@ def test_origin_and_missing(tmp_path):
     fake = tmp_path / "notelf"
     fake.write_text("hello")
     assert not collect.is_elf(fake)
+
+
+def test_openssl_providers_are_found_from_the_modulesdir_compiled_into_libcrypto(tmp_path):
+    moddir = tmp_path / "ossl-modules"
+    moddir.mkdir()
+    (moddir / "legacy.so").write_bytes(b"\x7fELF legacy")
+    lib = tmp_path / "libcrypto.so.3"
+    lib.write_bytes(b"\x7fELF...\0OpenSSL 3.0.17\0MODULESDIR: \"" + str(moddir).encode() + b"\"\0...")
+    other = tmp_path / "libz.so.1"
+    other.write_bytes(b"MODULESDIR: \"" + str(moddir).encode() + b"\"\0")
+    assert collect.dlopened_plugins([lib, other]) == {str(moddir / "legacy.so"): moddir / "legacy.so"}
+    assert collect.dlopened_plugins([other]) == {}
+
+
+SYSTEM_LIBCRYPTO = Path("/usr/lib/x86_64-linux-gnu/libcrypto.so.3")
+
+
+@pytest.mark.skipif(not SYSTEM_LIBCRYPTO.is_file(), reason="no shared OpenSSL 3 (Debian's libssl3) on this machine")
+def test_a_tree_with_the_system_libcrypto_carries_its_legacy_provider():
+    """Debian's python3-cryptography links the system libcrypto and loads the legacy provider at import: the capture
+    environment built on a Debian system failed with "DSO support routines::could not load the shared library"."""
+    from khibernate.initramfs.build import Tree
+
+    m = collect.OPENSSL_MODULESDIR.search(SYSTEM_LIBCRYPTO.read_bytes())
+    assert m, "libcrypto.so.3 without a compiled-in MODULESDIR"
+    legacy = Path(m.group(1).decode()) / "legacy.so"
+    tree = Tree()
+    tree.add_file(SYSTEM_LIBCRYPTO, "usr/lib/x86_64-linux-gnu/libcrypto.so.3")
+    tree.add_libraries()
+    entry = tree.entries[str(legacy).lstrip("/")]
+    assert entry.kind == "file" and entry.data.startswith(b"\x7fELF")

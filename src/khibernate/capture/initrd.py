@@ -33,10 +33,35 @@ def needed_modules(target: str | None, kernel_release: str | None) -> tuple[str,
     built in, or the release is unknown and nothing is modular here."""
     from khibernate.initramfs.modules import device_modules
 
+    release = kernel_release or os.uname().release
     names = device_modules(target) if target else []
+    if target and Path(target).is_file():  # a store file: the disk under it, and device-mapper for its extents
+        from khibernate.store.fiemap import device_of
+
+        names = device_modules(device_of(target)) + (["dm_mod"] if dm_is_module(release) else [])
     if not names:
         return None
-    return (kernel_release or os.uname().release), names
+    return release, names
+
+
+DMSETUP_CANDIDATES = ("/usr/sbin/dmsetup", "/sbin/dmsetup")
+
+
+def file_target_tools() -> list[tuple[Path, str]]:
+    """What the capture kernel needs to reach a store file: dmsetup (its libraries come along); InitramfsError
+    naming the package when it is not installed."""
+    from khibernate.initramfs.build import InitramfsError
+
+    for p in DMSETUP_CANDIDATES:
+        if Path(p).is_file():
+            return [(Path(p), "usr/sbin/dmsetup")]
+    raise InitramfsError("a store file needs dmsetup in the capture environment: apt-get install dmsetup")
+
+
+def dm_is_module(release: str, modules_root: Path = Path("/lib/modules")) -> bool:
+    """Whether device-mapper is a module (dm-mod.ko in modules.dep) of kernel ``release`` rather than built in."""
+    dep = modules_root / release / "modules.dep"
+    return dep.is_file() and "/dm-mod.ko" in dep.read_text()
 
 
 def ensure(output: Path | None = None, log: object = None, target: str | None = None,
@@ -46,11 +71,13 @@ def ensure(output: Path | None = None, log: object = None, target: str | None = 
     from khibernate.initramfs import build as builder
 
     modules = needed_modules(target, kernel_release)
-    path = CACHE / f"capture-{cache_key(modules)}.cpio.zst"
+    extra = file_target_tools() if target and Path(target).is_file() else []
+    key = cache_key(modules) + ("-dm" if extra else "")
+    path = CACHE / f"capture-{key}.cpio.zst"
     reused = path.is_file()
     if not reused:
         CACHE.mkdir(parents=True, exist_ok=True)
-        builder.build(path, compression="zstd", modules=modules)
+        builder.build(path, compression="zstd", modules=modules, extra=extra)
     if output is not None:
         tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
         shutil.copyfile(path, tmp)

@@ -9,6 +9,7 @@ runs the job through the registry :data:`JOBS` (kind -> runner), posts the resul
 from __future__ import annotations
 
 import dataclasses
+import os
 import resource
 import sys
 import threading
@@ -71,14 +72,27 @@ class MemoryWatch:
                          peak_used_bytes=self.start - self.lowest)
 
 
+def attach_file_target(job: Job) -> Job:
+    """For a store file, the job with its target made real here: the dm device over the file's extents."""
+    if not job.target_map:
+        return job
+    from khibernate.store import filedev
+
+    dev = filedev.attach(filedev.TargetMap.parse(job.target_map), os.path.basename(job.target))
+    if dev != job.target:
+        raise JobError(f"the store file's device came up as {dev}, not {job.target}")
+    return dataclasses.replace(job, target=dev)
+
+
 def run_job(job: Job, ctx: CaptureContext) -> JobResult:
-    """Run ``job`` through the registry; every failure becomes a Failed result (after its runner's
-    ``after_failure``), with the job's footprint."""
+    """Run ``job`` through the registry (a store file's dm device attached first); every failure becomes a Failed
+    result (after its runner's ``after_failure``), with the job's footprint."""
     runner = JOBS.get(job.kind)
     watch = MemoryWatch()
     try:
         if runner is None:
             raise JobError(f"unknown job {job.kind!r} (the capture kernel knows {', '.join(KINDS)})")
+        job = attach_file_target(job)
         result = runner.run(job, ctx)
     except Exception as e:  # noqa: BLE001 - every failure must reach the first kernel
         if not isinstance(e, KhibernateError):

@@ -44,6 +44,7 @@ class Job:
     mailbox: int
     zero_free: bool = False  # the saved kernel zeroes freed pages (init_on_free): a restore zeroes dropped ones
     again: bool = False  # restore: resume an image already resumed once (`khibernate resume --again`)
+    target_map: str = ""  # a store file: MAJ:MIN:OFFSET of its disk (store.filedev); target is then the dm device
     attempt: str = ""  # restore: the resume attempt's token (the slot is tried under it; khibernate.restore.attempt)
 
     def args(self) -> list[str]:
@@ -54,6 +55,7 @@ class Job:
                 f"{PREFIX}boot_id={self.boot_id}", f"{PREFIX}deadline={self.deadline:g}",
                 f"{PREFIX}mailbox={self.mailbox:#x}"] + ([f"{PREFIX}zero_free=1"] if self.zero_free else []) \
             + ([f"{PREFIX}again=1"] if self.again else []) \
+            + ([f"{PREFIX}target_map={self.target_map}"] if self.target_map else []) \
             + ([f"{PREFIX}attempt={self.attempt}"] if self.attempt else [])
 
     @property
@@ -82,7 +84,7 @@ def parse(cmdline: str) -> Job | None:
                    offset=int(kv["offset"], 0), capacity=int(kv["capacity"], 0), level=int(kv["level"]),
                    image=str(uuidlib.UUID(kv["image"])), boot_id=kv["boot_id"], deadline=float(kv["deadline"]),
                    mailbox=int(kv["mailbox"], 0), zero_free=kv.get("zero_free") == "1", again=kv.get("again") == "1",
-                   attempt=kv.get("attempt", ""))
+                   target_map=kv.get("target_map", ""), attempt=kv.get("attempt", ""))
     except (KeyError, ValueError) as e:
         raise JobError(f"malformed khibernate job on the command line ({e!r})") from None
 

@@ -264,6 +264,7 @@ def hibernate(opts: Options, say: Say = print, system: SystemRoot | None = None)
 def _run(opts: Options, st: Store, say: Say, system: SystemRoot) -> SnapshotReport | ResumedReport:
     from khibernate.capture.jobspec import Job
     from khibernate.capture.roundtrip import CaptureKernel, RoundTrip
+    from khibernate.store import filedev
 
     t_start = time.monotonic()
     sb, slot, est = preflight(opts, st, system)
@@ -275,8 +276,10 @@ def _run(opts: Options, st: Store, say: Say, system: SystemRoot) -> SnapshotRepo
     boot_id = system.boot_id()
     # the deadline counts from the capture kernel's boot: the jump itself is excluded; the mailbox address is
     # the round trip's to fill in
-    job = Job(opts.kind, opts.target, sb.uuid_str, slot.index, slot.offset, slot.capacity, opts.level, str(image),
-              boot_id, opts.deadline, 0, zero_free=zeroes_freed_pages(system.cmdline(), system.kernel_config()[0]))
+    job_target, target_map = filedev.for_capture(opts.target)  # a store file: the dm device over its extents
+    job = Job(opts.kind, job_target, sb.uuid_str, slot.index, slot.offset, slot.capacity, opts.level, str(image),
+              boot_id, opts.deadline, 0, zero_free=zeroes_freed_pages(system.cmdline(), system.kernel_config()[0]),
+              target_map=target_map)
     request: dict[str, JsonValue] = (hibernate_request(say, system) if opts.kind == "hibernate"
                                      else {"request": "snapshot"})
     if opts.key is not None:  # a sealed store (preflight): the capture kernel seals with this image's key

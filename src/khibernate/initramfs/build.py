@@ -154,8 +154,13 @@ class Tree:
             self.elf_files.append(src)
 
     def add_libraries(self) -> None:
-        """Add the loader and shared libraries of every ELF file added so far (at the paths the loader opens)."""
-        for wanted, host in sorted(collect.resolve(self.elf_files).items()):
+        """Add the loader and shared libraries of every ELF file added so far (at the paths the loader opens), and
+        the plugins those libraries dlopen (collect.dlopened_plugins: OpenSSL's providers) with their libraries."""
+        resolved = collect.resolve(self.elf_files)
+        plugins = collect.dlopened_plugins([*self.elf_files, *resolved.values()])
+        if plugins:
+            resolved = {**collect.resolve([*self.elf_files, *plugins.values()]), **plugins}
+        for wanted, host in sorted(resolved.items()):
             guest = _norm(self.guest_path(wanted))
             if guest not in self.entries or self.entries[guest].kind == "symlink":
                 self.entries.pop(guest, None)
@@ -191,7 +196,8 @@ def add_skeleton(tree: Tree) -> None:
 
 
 def add_busybox(tree: Tree, busybox: Path | None = None) -> None:
-    """A busybox binary (preferably static, Debian busybox-static) and a symlink for each of its applets."""
+    """A busybox binary and a symlink for each of its applets: Debian's busybox-static, or its dynamically linked
+    busybox (a default install's), whose loader and libraries come along through the tree's ELF walk."""
     bb = busybox or _first_existing(BUSYBOX_CANDIDATES, "busybox", "busybox-static")
     try:
         listing = subprocess.run([str(bb), "--list-full"], capture_output=True, text=True, check=True).stdout

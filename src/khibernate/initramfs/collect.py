@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -150,3 +151,26 @@ def resolve(executables: Iterable[Path], default_dirs: Iterable[str] = DEFAULT_D
         raise DependencyError("shared libraries not found: " + "; ".join(missing)
                               + ". Install the packages that provide them, or check DT_RUNPATH/RPATH of the binary.")
     return found
+
+
+# OpenSSL 3 loads its provider modules (legacy.so, ...) with dlopen from the directory compiled into libcrypto, which
+# `openssl version -m` prints as this string; no DT_NEEDED names them.
+OPENSSL_MODULESDIR = re.compile(rb'MODULESDIR: "(/[^"\0]+)"')
+
+
+def dlopened_plugins(libraries: Iterable[Path]) -> dict[str, Path]:
+    """{path the library will dlopen: file} for plugins of the given (resolved) libraries that the ELF walk cannot
+    see: OpenSSL 3's provider modules, from the MODULESDIR compiled into a shared libcrypto.so.3 (Debian's
+    python3-cryptography loads the legacy provider when imported and fails without it).  Empty when none."""
+    out: dict[str, Path] = {}
+    for lib in libraries:
+        if not Path(lib).name.startswith("libcrypto.so.3"):
+            continue
+        m = OPENSSL_MODULESDIR.search(Path(lib).read_bytes())
+        if m is None:
+            continue
+        moddir = Path(m.group(1).decode())
+        if moddir.is_dir():
+            for mod in sorted(moddir.glob("*.so")):
+                out[str(mod)] = Path(os.path.realpath(mod))
+    return out

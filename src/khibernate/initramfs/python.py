@@ -62,6 +62,10 @@ OWN_DROP = re.compile(r"\.(c|h|o)$|^khibernate/native/build\.py$")
 # khibernate's C extension modules (cffi API mode, built by `pip install -e .` or khibernate/native/build.py): the
 # capture job cannot run without them, so a bundle without them is refused.
 NATIVE_EXTENSIONS = ("khibernate/native/_pages",)
+# Dependencies only the first kernel's commands import (``view mount``'s FUSE binding): the capture and restore jobs
+# never do, so a system without them (Debian has no mfusepy package) still gets its capture environment; bundled
+# when installed.
+FIRST_KERNEL_ONLY = frozenset({"mfusepy"})
 # Requirement markers we treat as never true in the guest.
 
 
@@ -218,6 +222,29 @@ def _requirement_names(dist: importlib.metadata.Distribution) -> list[str]:
 
 
 def _dist_files(dist: importlib.metadata.Distribution) -> Iterator[tuple[str, Path]]:
+    """(path relative to the site dir, file) of an installed distribution: from its file list (RECORD), or, for a
+    Debian package (dh_python drops RECORD), from its top-level modules; PythonBundleError when neither finds any."""
+    found = list(_recorded_files(dist)) or list(_top_level_files(dist))
+    if not found:
+        raise PythonBundleError(f"cannot tell which files make up {dist.metadata['Name']} (no RECORD, and no "
+                                "top_level.txt module imports): reinstall it with pip or the distribution's package")
+    yield from found
+
+
+def _top_level_files(dist: importlib.metadata.Distribution) -> Iterator[tuple[str, Path]]:
+    """The files of the modules a distribution's top_level.txt names (or of the module named like it)."""
+    names = (dist.read_text("top_level.txt") or dist.metadata["Name"].replace("-", "_")).split()
+    for name in names:
+        spec = importlib.util.find_spec(name)
+        if spec is None:
+            continue
+        if spec.submodule_search_locations:
+            yield from ((rel, src) for rel, src in _package_files(name) if not SITE_DROP.search(rel))
+        elif spec.origin and os.path.isfile(spec.origin):
+            yield os.path.basename(spec.origin), Path(spec.origin)
+
+
+def _recorded_files(dist: importlib.metadata.Distribution) -> Iterator[tuple[str, Path]]:
     for f in dist.files or []:
         rel = f.as_posix()
         if rel.startswith("..") or rel.startswith("/") or "__pycache__" in rel or rel.endswith(".pyc"):
@@ -284,6 +311,8 @@ def site_files(top_package: str = "khibernate") -> list[tuple[str, Path]]:
         try:
             dist = importlib.metadata.distribution(name)
         except importlib.metadata.PackageNotFoundError as e:
+            if key in FIRST_KERNEL_ONLY:
+                continue
             raise PythonBundleError(f"{top_package} needs {name!r}, which is not installed for {sys.executable};"
                                     f" run: {sys.executable} -m pip install {name}") from e
         for rel, src in _dist_files(dist):

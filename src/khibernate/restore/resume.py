@@ -197,15 +197,27 @@ def preflight(opts: Options, say: Say = print) -> tuple[Superblock, SlotRecord, 
     return sb, rec, img
 
 
+def open_for_resume(target: str, say: Say | None = None) -> Store:
+    """The write handle a resume holds from the mark to the jump.  A store file on the read-only root (the
+    initramfs) is written through the device under it: its superblock copies at the file's offset there, the
+    extent map proven first (filetarget.raw_window)."""
+    from khibernate.store import filetarget
+    from khibernate.store.handle import Store
+
+    window = filetarget.raw_window(target)
+    if say is None:
+        return Store.open(target, write=True, window=window)
+    return Store.open(target, write=True, say=say, window=window)
+
+
 def begin(opts: Options, st: Store | None = None) -> Attempt:
     """Start the attempt — the newest hibernation image's slot marked tried, before any check — or continue the one
     ``opts.attempt`` names (once).  NothingToResume / ResumeError (nothing marked) otherwise.  ``st``: the write
-    handle the resume holds (else one is opened and closed)."""
+    handle the resume holds (else one is opened and closed: open_for_resume)."""
     from khibernate.restore import attempt
-    from khibernate.store.handle import Store
 
     if st is None:
-        with Store.open(opts.target, write=True) as own:
+        with open_for_resume(opts.target) as own:
             return begin(opts, own)
     if opts.attempt:
         return attempt.resume_continued(st, attempt.parse_token(opts.attempt))
@@ -248,10 +260,8 @@ def run(opts: Options, say: Say = print, system: SystemRoot | None = None) -> No
     or ResumeError with the reason — carrying the attempt's token once a slot was marked tried — and this boot
     carries on.  Refused outside an initramfs (``system``: where /proc is, ``/`` by default) after the mark.  One
     write handle of the store from the mark to the jump."""
-    from khibernate.store.handle import Store
-
     system = system or SystemRoot()
-    with Store.open(opts.target, write=True, say=say) as st:
+    with open_for_resume(opts.target, say) as st:
         att = begin(opts, st)
         rec = att.slot
         say(f"resume: slot {rec.index} of {opts.target}: {rec.osrelease}, {rec.length / 1e6:.1f} MB, hibernated "
@@ -279,6 +289,7 @@ def _check_and_jump(opts: Options, att: Attempt, say: Say, system: SystemRoot, s
     from khibernate.capture.jobspec import Failed, Job
     from khibernate.capture.roundtrip import CaptureKernel, RoundTrip
     from khibernate.capture.snapshot import capture_initrd_for, default_kernel
+    from khibernate.store import filedev
 
     t0 = time.monotonic()
     rec = att.slot
@@ -298,9 +309,10 @@ def _check_and_jump(opts: Options, att: Attempt, say: Say, system: SystemRoot, s
     # it must jump back here when it refuses, and into the saved kernel when it restores
     kernelcheck.check(kernel, system)
     initrd, _ = capture_initrd_for(kernel, opts.target, opts.capture_initrd)
-    job = Job("restore", opts.target, str(uuidlib.UUID(bytes=att.store_uuid)), rec.index, rec.offset, rec.capacity,
+    job_target, target_map = filedev.for_capture(opts.target)  # a store file: the dm device over its extents
+    job = Job("restore", job_target, str(uuidlib.UUID(bytes=att.store_uuid)), rec.index, rec.offset, rec.capacity,
               rec.dump_level, str(uuidlib.UUID(bytes=rec.image_uuid)), system.boot_id(), opts.deadline, 0,
-              again=opts.again, attempt=att.token_hex)
+              again=opts.again, attempt=att.token_hex, target_map=target_map)
     request: dict[str, JsonValue] = {"request": "restore"}
     if handed is not None:  # the image key through the mailbox page (never the command line, never the disk)
         request["seal"] = dict(handed.to_json())

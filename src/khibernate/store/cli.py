@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import click
 
+from khibernate.clickutil import SIZE
 from khibernate.errors import UsageError
 from khibernate.seal.cli import key_sources, one_key, with_key_options
 from khibernate.store.handle import Store
@@ -52,12 +53,15 @@ def target_group() -> None:
 @click.option("--slots", type=int, default=2, show_default=True, help="Number of equal image slots (2..16).")
 @click.option("--force", is_flag=True, help="Erase what DEVICE holds: an existing store (its images are lost), a "
               "filesystem, swap, LVM/RAID/LUKS member or partition table.  A device in use is refused even so.")
+@click.option("--size", type=SIZE, metavar="S",
+              help="Make DEVICE a new file of S bytes (e.g. 2G) on ext4 or xfs, like a swap file: written "
+                   "completely, its extents recorded; refused where it cannot be written by device offsets.")
 @click.option("--unsealed", is_flag=True, help="Say that this store accepts unsealed (unauthenticated) images: "
               "whoever can write DEVICE chooses what a resume runs. Today's default (see below).")
 @with_key_options
-def init_cmd(device: str, slots: int, force: bool, unsealed: bool, key_file: str | None,
+def init_cmd(device: str, slots: int, force: bool, size: int | None, unsealed: bool, key_file: str | None,
              passphrase_file: str | None, ask_passphrase: bool) -> None:
-    """Create an empty store on DEVICE (everything on it is lost).
+    """Create an empty store on DEVICE (everything on it is lost), or with --size a store file DEVICE.
 
     \b
     Refused when DEVICE is in use - mounted, swap, held by LVM, md or dm-crypt, a whole disk with such a
@@ -65,15 +69,35 @@ def init_cmd(device: str, slots: int, force: bool, unsealed: bool, key_file: str
     holds a store or anything `blkid -p` recognises (mkfs and wipefs refuse the same).
 
     \b
+    A store file is like a swap file with resume_offset=: the capture kernel, which mounts nothing, writes the
+    disk under it, inside the file's extents only. A file that is copy-on-write, reflinked, compressed, inline,
+    encrypted, sparse, or on btrfs, LVM, dm-crypt or a network filesystem is refused with the reason; so is a
+    file that moved on the disk since `target init` (defragmented, copied), at every hibernate and resume.
+      khibernate target init /var/lib/khibernate/store --size 2G
+
+    \b
     Sealing: with --key-file and/or --passphrase-file (--passphrase asks), a random store key is made, wrapped
     by each (key slots at 8 KiB), and the store accepts only images sealed with it: `snapshot` and `hibernate`
     into it need the key (--key-file or --passphrase-file), `resume` takes it or asks for the passphrase on the
     console. Without a key the store is unsealed and says so (as --unsealed): restore refuses an unsealed image
-    from a store that does not say so.
+    from a store that does not say so. A store file cannot be sealed yet (its
+    extent map lies where the key slots would).
     """
     sources = key_sources(key_file, passphrase_file, ask_passphrase, confirm=True)
     if sources and unsealed:
         raise UsageError("--unsealed and a key contradict each other: give one")
+    if size is not None:
+        if sources:
+            raise UsageError("a store file cannot be sealed yet: its extent map lies at 8 KiB, where a sealed "
+                             "store keeps its key slots; use a partition for a sealed store")
+        from khibernate.store import filetarget
+
+        sb, m = filetarget.init_file(device, size, slots, force)
+        click.echo(sb.describe())
+        click.echo(f"file target: {len(m.extents)} extent(s) on the device, first byte at device offset "
+                   f"{m.resume_offset} (resume_offset)")
+        click.echo(f"sealing: {_sealing(sb.flags)}")
+        return
     with contextlib.ExitStack() as stack:
         if force:  # replacing a store: no capture may be writing it meanwhile
             stack.enter_context(_no_capture("target init --force"))

@@ -97,6 +97,20 @@ def check_writable(path: str) -> None:
     os.close(open_device(path, write=True))
 
 
+def open_window(device_path: str) -> int:
+    """An fd for writing on the device under a store file whose filesystem is mounted read-only (the resume in the
+    initramfs: the root mounted without journal replay), for the file's superblock copies only, which lie in the
+    file's first MiB, one piece on the device (its extent map proven first: filetarget.raw_window).  Not O_EXCL:
+    the filesystem holds the device; the writes stay inside the file's own blocks."""
+    fd = os.open(device_path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        check_read_only(fd, device_path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def check_read_only(fd: int, path: str) -> None:
     """StoreError when the target open at ``fd`` is a read-only block device or lies on a read-only filesystem."""
     st = os.fstat(fd)
@@ -127,17 +141,18 @@ def drop_cache(fd: int) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-def read_superblock(fd: int) -> Superblock:
-    """The newest valid superblock copy (cache dropped first)."""
+def read_superblock(fd: int, base: int = 0) -> Superblock:
+    """The newest valid superblock copy (cache dropped first); ``base``: where the store begins in ``fd`` (a store
+    file's first byte on the device under it, see open_window)."""
     drop_cache(fd)
-    return newest([os.pread(fd, BLOCK, off) for off in COPY_OFFSETS])
+    return newest([os.pread(fd, BLOCK, base + off) for off in COPY_OFFSETS])
 
 
-def write_superblock(fd: int, current: Superblock, new: Superblock) -> Superblock:
+def write_superblock(fd: int, current: Superblock, new: Superblock, base: int = 0) -> Superblock:
     """Write ``new`` into the copy not holding ``current`` and fsync; returns it as read back."""
     idx = copy_to_write(current)
     data = new.pack(idx)
-    if os.pwrite(fd, data, COPY_OFFSETS[idx]) != len(data):
+    if os.pwrite(fd, data, base + COPY_OFFSETS[idx]) != len(data):
         raise StoreError("short write of the superblock; the device may be failing")
     os.fsync(fd)
     return Superblock.unpack(data)

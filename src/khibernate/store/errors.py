@@ -34,6 +34,10 @@ class DeviceInUseError(StoreError):
     elsewhere: a store never goes there, --force or not."""
 
 
+class FileTargetError(StoreError):
+    """The file cannot be a store target (or its extent map changed): the message says why and what to use instead."""
+
+
 class ForeignDataError(StoreError):
     """The target holds a filesystem, swap, LVM/RAID/LUKS or partition-table signature; --force erases it."""
 

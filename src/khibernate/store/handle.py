@@ -61,34 +61,56 @@ class SlotCheck:
     created_ns: int
 
 
-class Store:
-    """The open target: ``fd``, the writer lock (``write``), the superblock ``sb`` as last read or written."""
+@dataclasses.dataclass(frozen=True)
+class RawWindow:
+    """Where a store file's first MiB (its superblock copies) lies on the device under it: ``device`` at byte
+    ``offset``.  A write handle on a store file whose filesystem is mounted read-only writes its superblock there
+    (filetarget.raw_window proves the file's extent map first)."""
 
-    def __init__(self, path: str, fd: int, lock_fd: int | None, sb: Superblock | None):
+    device: str
+    offset: int
+
+
+class Store:
+    """The open target: ``fd``, the writer lock (``write``), the superblock ``sb`` as last read or written.
+    The superblock is read and written at ``sb_base`` of ``sb_fd``: ``fd`` and 0, except through a RawWindow."""
+
+    def __init__(self, path: str, fd: int, lock_fd: int | None, sb: Superblock | None,
+                 window: tuple[int, int] | None = None):
         self.path, self.fd, self._lock_fd = path, fd, lock_fd
         self._sb = sb
+        self.sb_fd, self.sb_base = window if window is not None else (fd, 0)
 
     # ------------------------------------------------------------------ opening and closing
 
     @classmethod
-    def open(cls, path: str, *, write: bool = False, wait: float = LOCK_WAIT, say: Say = _say) -> Store:
+    def open(cls, path: str, *, write: bool = False, wait: float = LOCK_WAIT, say: Say = _say,
+             window: RawWindow | None = None) -> Store:
         """The store on ``path`` with its newest superblock (NotAStoreError / StoreCorruptError otherwise); with
         ``write`` the writer lock is taken first (StoreBusyError after ``wait`` seconds, naming the holder) and the
-        target is checked writable and unused (device.open_device)."""
-        st = cls._open(path, write, wait, say)
+        target is checked writable and unused (device.open_device).  With a ``window`` (a store file on a read-only
+        mount) the file is opened for reading and the superblock is read and written through the window."""
+        st = cls._open(path, write, wait, say, window)
         try:
-            st._sb = device.read_superblock(st.fd)
+            st._sb = device.read_superblock(st.sb_fd, st.sb_base)
         except BaseException:
             st.close()
             raise
         return st
 
     @classmethod
-    def _open(cls, path: str, write: bool, wait: float, say: Say) -> Store:
+    def _open(cls, path: str, write: bool, wait: float, say: Say, window: RawWindow | None = None) -> Store:
         if not write:
             return cls(path, device.open_device(path), None, None)
         lock_fd = cls._lock(path, wait, say)
         try:
+            if window is not None:
+                win_fd = device.open_window(window.device)
+                try:
+                    return cls(path, device.open_device(path), lock_fd, None, (win_fd, window.offset))
+                except BaseException:
+                    os.close(win_fd)
+                    raise
             device.check_read_only(lock_fd, path)  # refused before anything is written
             return cls(path, device.open_device(path, write=True), lock_fd, None)
         except BaseException:
@@ -147,6 +169,9 @@ class Store:
 
     def close(self) -> None:
         """Close the target and release the writer lock (idempotent)."""
+        if self.sb_fd not in (self.fd, -1):
+            os.close(self.sb_fd)
+        self.sb_fd = -1
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -175,7 +200,7 @@ class Store:
 
     def refresh(self) -> Superblock:
         """Read the superblock again (cache dropped): another kernel may have written it since."""
-        self._sb = device.read_superblock(self.fd)
+        self._sb = device.read_superblock(self.sb_fd, self.sb_base)
         return self._sb
 
     def update(self, change: Callable[[Superblock], Superblock]) -> Superblock:
@@ -184,7 +209,9 @@ class Store:
         if not self.write:
             raise StoreError(f"{self.path} was opened for reading; nothing written")
         cur = self.refresh()
-        self._sb = device.write_superblock(self.fd, cur, change(cur))
+        self._sb = device.write_superblock(self.sb_fd, cur, change(cur), self.sb_base)
+        if self.sb_fd != self.fd:  # written through a RawWindow: the file's cached blocks are stale now
+            device.drop_cache(self.fd)
         return self._sb
 
     def set_slot(self, rec: SlotRecord, expect_uuid: bytes | None = None) -> Superblock:
