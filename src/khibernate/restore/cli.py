@@ -7,7 +7,7 @@ import sys
 import click
 
 from khibernate.capture.cli import capture_kernel_options
-from khibernate.seal.cli import one_key, resume_key, with_key_options
+from khibernate.seal.cli import KeyOptions, one_key, resume_key, with_key_options
 
 AGAIN_WARNING = ("--again resumes an image that a boot tried or resumed before: the same kernel state runs a second "
                  "time — the same random-number generator state, the same TCP connections and sequence numbers, the "
@@ -37,7 +37,7 @@ AGAIN_WARNING = ("--again resumes an image that a boot tried or resumed before: 
 @with_key_options
 def resume_command(target: str, again: bool, attempt: str | None, ignore_changed_filesystems: bool,
                    kernel: str | None, capture_initrd: str | None, deadline: float, append: str, check: bool,
-                   discard: bool, key_file: str | None, passphrase_file: str | None, ask_passphrase: bool) -> None:
+                   discard: bool, keys: KeyOptions) -> None:
     """Resume the kernel that `khibernate hibernate` saved in DEV, like swsusp's resume=: run it at early boot,
     BEFORE any filesystem is mounted read-write (the initramfs-tools script in initramfs/ does).
 
@@ -77,7 +77,7 @@ def resume_command(target: str, again: bool, attempt: str | None, ignore_changed
         raise click.UsageError("--discard marks the image tried and resumes nothing: it goes with no other mode")
     opts = rs.Options(target=target, kernel=kernel, capture_initrd=capture_initrd, again=again, deadline=deadline,
                       append=append, attempt=attempt, ignore_changed_filesystems=ignore_changed_filesystems,
-                      key=resume_key(target, key_file, passphrase_file, ask_passphrase))
+                      key=resume_key(target, keys))
     if again and not check:
         click.echo(f"resume: --again: {AGAIN_WARNING}", err=True)
     try:
@@ -118,8 +118,7 @@ def resume_command(target: str, again: bool, attempt: str | None, ignore_changed
               "--unsealed`).")
 @with_key_options
 def restore_command(what: str, target: str | None, again: bool, vmcore: str, devmem: str | None, dry_run: bool,
-                    no_jump: bool, allow_unsealed: bool, key_file: str | None, passphrase_file: str | None,
-                    ask_passphrase: bool) -> None:
+                    no_jump: bool, allow_unsealed: bool, keys: KeyOptions) -> None:
     """krestore: write a saved image back into the first kernel's memory and enter the saved kernel. Runs in a
     capture kernel that the hibernated kernel's fresh boot jumped to (`khibernate resume` does all of this).
 
@@ -137,7 +136,7 @@ def restore_command(what: str, target: str | None, again: bool, vmcore: str, dev
     from khibernate.errors import UsageError
     from khibernate.restore import run as rr
 
-    key = one_key(key_file, passphrase_file, ask_passphrase)
+    key = one_key(keys)
     if what.isdigit():
         if not target:
             raise UsageError("a slot number needs --target DEV (or give an image file)")
