@@ -51,12 +51,14 @@ def resume_command(target: str, again: bool, attempt: str | None, ignore_changed
     image back into memory and the saved kernel runs on. The capture kernel runs in the crash region the image
     was saved from, also when this boot reserved another one (KASLR moves it): the jump then swaps this boot's
     pages out of the saved region.
-    A sealed store's image needs its key: --key-file FILE, --passphrase-file FILE, or the passphrase typed — with
-    neither file, for a sealed store, it is asked on the console (the controlling terminal, else /dev/console; no
-    echo; 300 s), as cryptsetup asks in an initramfs. The secret is read in a child process that derives the key of
-    this one image and ends; that key reaches the restoring capture kernel through memory (the mailbox page, wiped
-    at once), never the command line or the disk. A wrong key or passphrase is refused before anything is loaded
-    (the image stays tried; `resume --again` with the right one). Given a key, an unsealed image is refused.
+    A sealed store's image needs its key: --key-file FILE, --passphrase-file FILE, --tpm, or the passphrase typed —
+    given none, a sealed store's TPM slot is tried first (the TPM releases the key only to the boot chain, PCRs,
+    `target init --tpm` sealed it to), then the passphrase is asked on the console (the controlling terminal, else
+    /dev/console; no echo; 300 s), as cryptsetup asks in an initramfs. The secret is read in a child process that
+    derives the key of this one image and ends; that key reaches the restoring capture kernel through memory (the
+    mailbox page, wiped at once), never the command line or the disk. A wrong key or passphrase, or a TPM that does
+    not release the key, is refused before anything is loaded (the image stays tried; `resume --again` with the
+    right one). Given a key, an unsealed image is refused.
     --check of a sealed store needs a key option (it asks only with --passphrase; without one: exit 2).
     Exit status: 0 nothing to resume (DEV holds no hibernation image); 1 the image was not resumed — refused (it
     is for another kernel build or memory size, a filesystem changed, it is damaged, or this is no
