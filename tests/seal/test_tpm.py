@@ -163,3 +163,17 @@ def test_resume_without_a_key_tries_the_tpm_then_asks_the_passphrase(tpm: SoftTp
     assert any(POLICY_REFUSAL in m and "asking for the passphrase instead" in m for m in said), said
     assert any("its key derived" in m for m in said) and "key" not in str(e.value), (said, e.value)
     assert "passphrase of the hibernation image in " in screen
+
+
+def test_a_tpm_slot_the_tpm_refuses_does_not_hide_another_that_opens(tpm: SoftTpm) -> None:
+    """Two TPM slots, sealed to PCR 7 and to PCR 0: after PCR 7 changed, the second opens the keyring; after PCR 0
+    changed too, the first slot's refusal is the error."""
+    from khibernate.seal.keysource import make_keyring, new_store_key
+
+    store_key = new_store_key()
+    ring = make_keyring(store_key, [TpmKey((7,)), TpmKey((0,))])
+    tpm.extend(7)
+    assert open_keyring(ring, TpmKey(), "the store") == store_key
+    tpm.extend(0)
+    with pytest.raises(TpmPolicyError, match=r"\(PCRs 7 changed"):
+        open_keyring(ring, TpmKey(), "the store")

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from khibernate.seal import keyring
 from khibernate.seal.cipher import KEY_BYTES, key_id
-from khibernate.seal.errors import KeySourceError, WrongKeyError
+from khibernate.seal.errors import KeySourceError, SealError, WrongKeyError
 from khibernate.seal.keyring import KeySlot
 
 MIN_KEY_FILE = 32
@@ -136,13 +136,21 @@ def make_keyring(store_key: bytes, sources: Sequence[KeySource]) -> keyring.Keyr
 def open_keyring(ring: keyring.Keyring, source: KeySource, what: str) -> bytes:
     """The store key from the first slot of ``source``'s kind that it opens; WrongKeyError naming what would."""
     tried = False
+    refused: SealError | None = None  # why a slot's KEK could not be had (a TPM that does not release it)
     for slot in ring.slots:
         if slot.kind != source.kind:
             continue
         tried = True
-        key = keyring.unwrap(source.kek(slot), ring.key_id, slot, ring.version)
+        try:
+            kek = source.kek(slot)
+        except SealError as e:  # another slot of the kind may still open (a TPM slot of other PCRs)
+            refused = refused or e
+            continue
+        key = keyring.unwrap(kek, ring.key_id, slot, ring.version)
         if key is not None and key_id(key) == ring.key_id:
             return key
+    if refused is not None:
+        raise refused
     if not tried:
         raise WrongKeyError(f"{what} is sealed to {ring.kinds()}, not to {keyring.KIND_NAMES[source.kind]}; give "
                             f"{_options(ring)}")
