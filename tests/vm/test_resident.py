@@ -193,22 +193,15 @@ def test_arm_three_snapshots_through_it(guest, tmp_path) -> None:
 def test_watch_captures_an_oops_through_it_and_runs_on(guest, tmp_path) -> None:
     """`watch` with the resident capture kernel armed: an Oops (LKDTM EXCEPTION, panic_on_oops=0) is captured in
     the resident kernel's 5th pause, the guest runs on, the image's kernel log holds the Oops."""
-    from tests.vm.test_watch import DIRECT, events, image_log, start_watch, wait_exit, wait_log
+    from tests.vm.test_watch import DIRECT, image_log, one_capture
 
     vm = guest
     vm.run("mountpoint -q /sys/kernel/debug || mount -t debugfs debugfs /sys/kernel/debug")
     assert vm.run_status(f"test -w {DIRECT}")[0] == 0, "no LKDTM in the test kernel (CONFIG_LKDTM, DEBUG_FS)"
     vm.run("echo 0 > /proc/sys/kernel/panic_on_oops; echo 0 > /proc/sys/kernel/panic_on_warn")
-    pid = start_watch(vm, "--on oops,bug --min-interval 30 --max 1 --no-export", "/tmp/watch-resident.log")
-    pid0, n0 = counter(vm)
-    vm.run(f"sh -c 'sleep 1; echo EXCEPTION > {DIRECT}' >/dev/null 2>&1 </dev/null &")
-    log = wait_log(vm, "/tmp/watch-resident.log", "stopped after 1 capture(s)")
-    wait_exit(vm, pid)
-    assert log.count("-> capture") == 1, log
-    time.sleep(2.5)
-    pid1, n1 = counter(vm)
-    assert pid1 == pid0 and n1 > n0
-    ((name, ev),) = events(vm).items()
+    cap = one_capture(vm, "--on oops,bug --min-interval 30 --max 1 --no-export", "/tmp/watch-resident.log",
+                      f"sh -c 'sleep 1; echo EXCEPTION > {DIRECT}' >/dev/null 2>&1 </dev/null &")
+    name, ev = cap.name, cap.event
     assert name.endswith("-oops") and ev["ok"] and ev["snapshot"]["capture_kernel"] == "resident", ev
     trig = ev["event"]["trigger"]
     assert trig.startswith("BUG: kernel NULL pointer dereference"), trig
