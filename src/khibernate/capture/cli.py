@@ -13,7 +13,7 @@ import click
 
 from khibernate.clickutil import ADDRESS
 from khibernate.errors import UsageError
-from khibernate.seal.cli import capture_key, with_key_options
+from khibernate.seal.cli import KeyOptions, capture_key, with_key_options
 
 
 def capture_kernel_options(f: Any) -> Any:
@@ -49,8 +49,7 @@ def capture_kernel_options(f: Any) -> Any:
 @with_key_options
 def snapshot_command(target: str, level: int | None, for_analysis: bool, export_dir: Path | None, kernel: str | None,
                      capture_initrd: str | None, keep: int | None, deadline: float, append: str,
-                     mem_min: int | None, mem_max: int | None, as_json: bool, key_file: str | None,
-                     passphrase_file: str | None, ask_passphrase: bool) -> None:
+                     mem_min: int | None, mem_max: int | None, as_json: bool, keys: KeyOptions) -> None:
     """Save this running kernel's memory into a store slot and continue (a kexec jump there and back).
 
     \b
@@ -79,7 +78,7 @@ def snapshot_command(target: str, level: int | None, for_analysis: bool, export_
         level = analysis.ANALYSIS_LEVEL if for_analysis else 17
     opts = snap.Options(target=target, level=level, kernel=kernel, capture_initrd=capture_initrd, keep=keep,
                         deadline=deadline, append=append, mem_min=mem_min, mem_max=mem_max,
-                        key=capture_key(key_file, passphrase_file, ask_passphrase))
+                        key=capture_key(keys))
     if opts.key is not None and export_dir is not None:
         raise UsageError("--export-dir of a sealed store is not done yet: export the slot afterwards with "
                          "`khibernate target export --key-file F DEV SLOT FILE --format kdump`")
@@ -107,8 +106,7 @@ def snapshot_command(target: str, level: int | None, for_analysis: bool, export_
                    "crash region over half of RAM): the image is then for analysis, or for a boot you arrange.")
 @with_key_options
 def hibernate_command(target: str, level: int, kernel: str | None, capture_initrd: str | None, deadline: float,
-                      append: str, as_json: bool, allow_unresumable: bool, key_file: str | None,
-                      passphrase_file: str | None, ask_passphrase: bool) -> None:
+                      append: str, as_json: bool, allow_unresumable: bool, keys: KeyOptions) -> None:
     """Save this running kernel into a store slot and power the machine off; `khibernate resume` at the next
     boot brings it back exactly where it stopped (same processes, same boot_id).
 
@@ -138,7 +136,7 @@ def hibernate_command(target: str, level: int, kernel: str | None, capture_initr
 
     opts = snap.Options(target=target, level=level, kernel=kernel, capture_initrd=capture_initrd, deadline=deadline,
                         append=append, kind="hibernate", allow_unresumable=allow_unresumable,
-                        key=capture_key(key_file, passphrase_file, ask_passphrase))
+                        key=capture_key(keys))
     rep = Reporter.for_terminal(as_json=as_json)
     system = SystemRoot()
     region = region_finding(system)

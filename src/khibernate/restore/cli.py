@@ -7,7 +7,7 @@ import sys
 import click
 
 from khibernate.capture.cli import capture_kernel_options
-from khibernate.seal.cli import one_key, resume_key, with_key_options
+from khibernate.seal.cli import KeyOptions, one_key, resume_key, with_key_options
 
 AGAIN_WARNING = ("--again resumes an image that a boot tried or resumed before: the same kernel state runs a second "
                  "time — the same random-number generator state, the same TCP connections and sequence numbers, the "
@@ -37,7 +37,7 @@ AGAIN_WARNING = ("--again resumes an image that a boot tried or resumed before: 
 @with_key_options
 def resume_command(target: str, again: bool, attempt: str | None, ignore_changed_filesystems: bool,
                    kernel: str | None, capture_initrd: str | None, deadline: float, append: str, check: bool,
-                   discard: bool, key_file: str | None, passphrase_file: str | None, ask_passphrase: bool) -> None:
+                   discard: bool, keys: KeyOptions) -> None:
     """Resume the kernel that `khibernate hibernate` saved in DEV, like swsusp's resume=: run it at early boot,
     BEFORE any filesystem is mounted read-write (the initramfs-tools script in initramfs/ does).
 
@@ -51,12 +51,14 @@ def resume_command(target: str, again: bool, attempt: str | None, ignore_changed
     image back into memory and the saved kernel runs on. The capture kernel runs in the crash region the image
     was saved from, also when this boot reserved another one (KASLR moves it): the jump then swaps this boot's
     pages out of the saved region.
-    A sealed store's image needs its key: --key-file FILE, --passphrase-file FILE, or the passphrase typed — with
-    neither file, for a sealed store, it is asked on the console (the controlling terminal, else /dev/console; no
-    echo; 300 s), as cryptsetup asks in an initramfs. The secret is read in a child process that derives the key of
-    this one image and ends; that key reaches the restoring capture kernel through memory (the mailbox page, wiped
-    at once), never the command line or the disk. A wrong key or passphrase is refused before anything is loaded
-    (the image stays tried; `resume --again` with the right one). Given a key, an unsealed image is refused.
+    A sealed store's image needs its key: --key-file FILE, --passphrase-file FILE, --tpm, or the passphrase typed —
+    given none, a sealed store's TPM slot is tried first (the TPM releases the key only to the boot chain, PCRs,
+    `target init --tpm` sealed it to), then the passphrase is asked on the console (the controlling terminal, else
+    /dev/console; no echo; 300 s), as cryptsetup asks in an initramfs. The secret is read in a child process that
+    derives the key of this one image and ends; that key reaches the restoring capture kernel through memory (the
+    mailbox page, wiped at once), never the command line or the disk. A wrong key or passphrase, or a TPM that does
+    not release the key, is refused before anything is loaded (the image stays tried; `resume --again` with the
+    right one). Given a key, an unsealed image is refused.
     --check of a sealed store needs a key option (it asks only with --passphrase; without one: exit 2).
     Exit status: 0 nothing to resume (DEV holds no hibernation image); 1 the image was not resumed — refused (it
     is for another kernel build or memory size, a filesystem changed, it is damaged, or this is no
@@ -77,7 +79,7 @@ def resume_command(target: str, again: bool, attempt: str | None, ignore_changed
         raise click.UsageError("--discard marks the image tried and resumes nothing: it goes with no other mode")
     opts = rs.Options(target=target, kernel=kernel, capture_initrd=capture_initrd, again=again, deadline=deadline,
                       append=append, attempt=attempt, ignore_changed_filesystems=ignore_changed_filesystems,
-                      key=resume_key(target, key_file, passphrase_file, ask_passphrase))
+                      key=resume_key(target, keys))
     if again and not check:
         click.echo(f"resume: --again: {AGAIN_WARNING}", err=True)
     try:
@@ -118,8 +120,7 @@ def resume_command(target: str, again: bool, attempt: str | None, ignore_changed
               "--unsealed`).")
 @with_key_options
 def restore_command(what: str, target: str | None, again: bool, vmcore: str, devmem: str | None, dry_run: bool,
-                    no_jump: bool, allow_unsealed: bool, key_file: str | None, passphrase_file: str | None,
-                    ask_passphrase: bool) -> None:
+                    no_jump: bool, allow_unsealed: bool, keys: KeyOptions) -> None:
     """krestore: write a saved image back into the first kernel's memory and enter the saved kernel. Runs in a
     capture kernel that the hibernated kernel's fresh boot jumped to (`khibernate resume` does all of this).
 
@@ -137,7 +138,7 @@ def restore_command(what: str, target: str | None, again: bool, vmcore: str, dev
     from khibernate.errors import UsageError
     from khibernate.restore import run as rr
 
-    key = one_key(key_file, passphrase_file, ask_passphrase)
+    key = one_key(keys)
     if what.isdigit():
         if not target:
             raise UsageError("a slot number needs --target DEV (or give an image file)")

@@ -125,13 +125,14 @@ def saved_image(st: Store, rec: SlotRecord, key: HandedKey | None = None, key_gi
         src.close()
 
 
-def image_key(opts: Options, st: Store, rec: SlotRecord, ask: bool = True) -> HandedKey | None:
+def image_key(opts: Options, st: Store, rec: SlotRecord, ask: bool = True, say: Say = print) -> HandedKey | None:
     """The key of the slot's image in a sealed store, derived in a child process (khibernate.seal.handoff, as a
-    snapshot does) from the key ``opts`` names or, none named and ``ask`` (a resume, in the initramfs), from a
-    passphrase asked on the console there; None for a store that is not sealed.  KeyRequiredError / WrongKeyError /
-    KeySourceError before anything is loaded."""
+    snapshot does) from the key ``opts`` names or, none named and ``ask`` (a resume, in the initramfs), from the
+    store's TPM slot if it has one and then, when that fails, from a passphrase asked on the console there; None
+    for a store that is not sealed.  KeyRequiredError / WrongKeyError / KeySourceError / TpmError before anything
+    is loaded."""
     from khibernate.seal import keyring
-    from khibernate.seal.errors import KeyRequiredError
+    from khibernate.seal.errors import KeyRequiredError, SealError
     from khibernate.store.superblock import STORE_SEALED
 
     if not st.sb.flags & STORE_SEALED:
@@ -140,15 +141,27 @@ def image_key(opts: Options, st: Store, rec: SlotRecord, ask: bool = True) -> Ha
     from khibernate.seal.handoff import hand_image_key
     from khibernate.store import keyslots
 
-    if opts.key is None and not ask:
+    what = f"the store {opts.target}"
+    if opts.key is not None:
+        return hand_image_key(opts.key, keyslots.read(st.fd, opts.target), rec.image_uuid, what)
+    if not ask:
         raise KeyRequiredError(f"{opts.target} is a sealed store: give its key to check its image (--key-file FILE, "
-                               "--passphrase-file FILE, or --passphrase to type it)")
+                               "--passphrase-file FILE, --tpm, or --passphrase to type it)")
     ring = keyslots.read(st.fd, opts.target)
-    if opts.key is None and not any(s.kind == keyring.KIND_PASSPHRASE for s in ring.slots):
+    kinds = {s.kind for s in ring.slots}
+    if keyring.KIND_TPM in kinds:
+        from khibernate.seal.tpm import TpmKey
+
+        try:
+            return hand_image_key(TpmKey, ring, rec.image_uuid, what)
+        except SealError as e:
+            if keyring.KIND_PASSPHRASE not in kinds:
+                raise
+            say(f"resume: {e}; asking for the passphrase instead")
+    if keyring.KIND_PASSPHRASE not in kinds:
         raise KeyRequiredError(f"{opts.target} is a sealed store opened by {ring.kinds()}, not by a passphrase "
                                "to type: give its key (--key-file FILE)")
-    return hand_image_key(opts.key or console_passphrase(opts.target), ring, rec.image_uuid,
-                          f"the store {opts.target}")
+    return hand_image_key(console_passphrase(opts.target), ring, rec.image_uuid, what)
 
 
 def problems(opts: Options, img: SavedImage, say: Say = print) -> list[str]:
@@ -293,7 +306,7 @@ def _check_and_jump(opts: Options, att: Attempt, say: Say, system: SystemRoot, s
 
     t0 = time.monotonic()
     rec = att.slot
-    handed = image_key(opts, st, rec)  # a wrong key or passphrase: refused here, nothing loaded
+    handed = image_key(opts, st, rec, say=say)  # a wrong key or passphrase: refused here, nothing loaded
     img = saved_image(st, rec, handed, opts.key is not None)
     if handed is not None:
         say(f"resume: the image is sealed: its key derived, its header and tables authentic "

@@ -52,7 +52,8 @@ def check_capture(flags: int, target: str, kind: str, key_given: bool) -> None:
                                           "with `target init --key-file` to seal its images, or drop the key option)")
         return
     if not key_given:
-        then = (" (the resume asks for the passphrase on the console, or takes the same option)"
+        then = (" (the resume asks for the passphrase on the console after trying a TPM slot, or takes the same option)"
                 if kind == "hibernate" else "")
         raise SealedStoreCaptureError(f"{target} is a sealed store: give its key to `{kind}` (--key-file FILE or "
-                                      f"--passphrase-file FILE) so the capture kernel can seal the image{then}")
+                                      "--passphrase-file FILE, or --tpm) so the capture kernel can seal the "
+                                      f"image{then}")

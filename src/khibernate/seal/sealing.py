@@ -107,7 +107,7 @@ def unseal(keyring_bytes: bytes, key_id: bytes, source: KeySource | None, what: 
     WrongKeyError when the source opens no slot, TamperedError when the key slots are not the header's key's."""
     if source is None:
         raise KeyRequiredError(f"{what} is sealed: give the key it was sealed with (--key-file FILE or "
-                               "--passphrase-file FILE; `khibernate target init --key-file` made it)")
+                               "--passphrase-file FILE, or --tpm; `khibernate target init --key-file` made it)")
     ring = Keyring.unpack(keyring_bytes, f"{what}: key slots")
     if ring.key_id != key_id:
         raise TamperedError(f"{what}: the key slots name another key than the header; the image was changed and "
