@@ -13,10 +13,14 @@ in_root() { chroot "$root" "$@"; }
 sed -i 's/^COMPRESS=.*/COMPRESS=zstd/' "$root/etc/initramfs-tools/initramfs.conf"
 echo "COMPRESSLEVEL=1" >> "$root/etc/initramfs-tools/initramfs.conf"
 
-# 1. the kernel, installed as its package would be (its postinst runs update-initramfs -c)
+# 1. the kernel, installed as its package would be (its postinst runs update-initramfs -c). FSTYPE=ext4 tells
+#    initramfs-tools' fsck hook the root's type, which it cannot see from this chroot (no root device here): the
+#    installer's initramfs, built with the root device present, carries fsck, logsave and fsck.ext4, and so does every
+#    later update-initramfs in the booted guest (run 13 of test_distro saw them appear after apt remove). The
+#    variable only reaches mkinitramfs; the configuration stays Debian's default.
 if [ -n "${KHB_KERNEL_DEB:-}" ]; then
     cp "$KHB_KERNEL_DEB" "$root/tmp/kernel.deb"
-    in_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q /tmp/kernel.deb
+    in_root env FSTYPE=ext4 DEBIAN_FRONTEND=noninteractive apt-get install -y -q /tmp/kernel.deb
     rm "$root/tmp/kernel.deb"
 fi
 if [ -n "${KHB_KERNEL_TREE:-}" ]; then
@@ -25,7 +29,7 @@ if [ -n "${KHB_KERNEL_TREE:-}" ]; then
     cp -a "$KHB_KERNEL_TREE/lib/modules/." "$root/lib/modules/"
     for rel in $(ls "$KHB_KERNEL_TREE/lib/modules"); do
         in_root depmod -a "$rel"
-        in_root update-initramfs -c -k "$rel"
+        in_root env FSTYPE=ext4 update-initramfs -c -k "$rel"
     done
 fi
 
