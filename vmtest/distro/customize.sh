@@ -13,14 +13,17 @@ in_root() { chroot "$root" "$@"; }
 sed -i 's/^COMPRESS=.*/COMPRESS=zstd/' "$root/etc/initramfs-tools/initramfs.conf"
 echo "COMPRESSLEVEL=1" >> "$root/etc/initramfs-tools/initramfs.conf"
 
-# 1. the kernel, installed as its package would be (its postinst runs update-initramfs -c). FSTYPE=ext4 tells
-#    initramfs-tools' fsck hook the root's type, which it cannot see from this chroot (no root device here): the
+# 1. the kernel, installed as its package would be (its postinst runs update-initramfs -c), with FSTYPE=ext4 in
+#    initramfs.conf meanwhile: initramfs-tools' fsck hook cannot see the root device from this chroot, while the
 #    installer's initramfs, built with the root device present, carries fsck, logsave and fsck.ext4, and so does every
-#    later update-initramfs in the booted guest (run 13 of test_distro saw them appear after apt remove). The
-#    variable only reaches mkinitramfs; the configuration stays Debian's default.
+#    later update-initramfs in the booted guest (runs 13 and 14 of test_distro saw them appear after apt remove).
+#    FSTYPE=auto, Debian's default, is put back afterwards (the setting in initramfs.conf wins over the environment).
+conf="$root/etc/initramfs-tools/initramfs.conf"
+grep -qx 'FSTYPE=auto' "$conf"
+sed -i 's/^FSTYPE=auto$/FSTYPE=ext4/' "$conf"
 if [ -n "${KHB_KERNEL_DEB:-}" ]; then
     cp "$KHB_KERNEL_DEB" "$root/tmp/kernel.deb"
-    in_root env FSTYPE=ext4 DEBIAN_FRONTEND=noninteractive apt-get install -y -q /tmp/kernel.deb
+    in_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q /tmp/kernel.deb
     rm "$root/tmp/kernel.deb"
 fi
 if [ -n "${KHB_KERNEL_TREE:-}" ]; then
@@ -29,9 +32,11 @@ if [ -n "${KHB_KERNEL_TREE:-}" ]; then
     cp -a "$KHB_KERNEL_TREE/lib/modules/." "$root/lib/modules/"
     for rel in $(ls "$KHB_KERNEL_TREE/lib/modules"); do
         in_root depmod -a "$rel"
-        in_root env FSTYPE=ext4 update-initramfs -c -k "$rel"
+        in_root update-initramfs -c -k "$rel"
     done
 fi
+sed -i 's/^FSTYPE=ext4$/FSTYPE=auto/' "$conf"
+in_root sh -c 'lsinitramfs /boot/initrd.img-*' | grep -q 'sbin/fsck.ext4$'  # the fsck hook took it
 
 # 2. khibernate's dependencies as a local apt repository (the guest has no network)
 repo=/var/local/khibernate-deps
