@@ -429,7 +429,11 @@ def test_signal_mid_write_leaves_no_partial_file(tmp_path: Path, sig: int, statu
     dest = tmp_path / "out.khi"
     child = subprocess.Popen([sys.executable, "-m", "khibernate", "image", "save", str(raw), str(dest), "-d", "0",
                               "--ranges", "0-1000000", "--zstd-level", "19", "--threads", "1", "--block-pages", "16"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             # a run started in the background of a script inherits SIGINT ignored (POSIX, no job
+                             # control), and Python then installs no handler: the child gets the default as a
+                             # terminal's foreground process has it
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while not [p for p in tmp_path.glob(".out.khi.*.partial") if p.stat().st_size > 0]:
