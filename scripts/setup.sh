@@ -13,7 +13,7 @@ fi
 
 PKGS="qemu-system-x86 kexec-tools busybox-static makedumpfile crash build-essential flex bison bc libelf-dev
       libssl-dev python3 python3-venv python3-dev python3-libkdumpfile zstd xz-utils
-      fuse3 gdb kmod fdisk lz4 libncurses-dev texinfo
+      fuse3 gdb kmod fdisk lz4 libncurses-dev texinfo swtpm swtpm-tools tpm2-tools
       mmdebstrap dpkg-dev debhelper dh-python python3-all-dev python3-setuptools python3-cffi"
 missing=""
 for p in $PKGS; do

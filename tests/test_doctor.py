@@ -224,3 +224,71 @@ def test_xen_without_crash_region_or_privcmd(tmp_path):
 def test_xen_domu_cannot_load(tmp_path):
     d = diagnose(_xen_tree(tmp_path, capabilities=""), euid=0, xen_crash_size=None)
     assert d.possible("kexec") is False and "not dom0" in render(d)
+
+
+def _tpm(tmp: Path, major: int, rm: bool = True, tools: bool = True) -> SystemRoot:
+    root = make_tree(tmp)
+    (tmp / "sys/class/tpm/tpm0").mkdir(parents=True)
+    (tmp / "sys/class/tpm/tpm0/tpm_version_major").write_text(f"{major}\n")
+    if rm:
+        (tmp / "sys/class/tpmrm/tpmrm0").mkdir(parents=True)
+    if tools:
+        (tmp / "usr/bin").mkdir(parents=True)
+        (tmp / "usr/bin/tpm2_unseal").write_text("")
+    return root
+
+
+def test_doctor_says_whether_this_machine_has_a_tpm(tmp_path):
+    def tpm(root: SystemRoot):
+        return next(f for f in diagnose(root, euid=0).findings if f.name == "tpm")
+
+    f = tpm(make_tree(tmp_path / "none"))
+    assert not f.ok and "no TPM" in f.message and not f.blocks
+    f = tpm(_tpm(tmp_path / "two", 2))
+    assert f.ok and "TPM 2.0 (tpm0, resource manager /dev/tpmrm0)" in f.message and "--tpm" in f.message
+    f = tpm(_tpm(tmp_path / "old", 1, rm=False))
+    assert not f.ok and "not 2.0" in f.message
+    f = tpm(_tpm(tmp_path / "notools", 2, tools=False))
+    assert not f.ok and "tpm2-tools" in f.message
+    assert diagnose(_tpm(tmp_path / "again", 2), euid=0).possible("jump")  # a note: blocks nothing
+
+
+def test_doctor_says_whether_a_targets_images_are_sealed_and_by_what(tmp_path):
+    """A store sealed to a key file and (a hand-made slot) the TPM, one sealed and one unsealed image in it; an
+    unsealed store; no store: each one line of `doctor --target`, no key needed."""
+    import dataclasses
+
+    from khibernate.seal import keyring
+    from khibernate.seal.tpmblob import TpmSealed
+    from khibernate.store import keyslots
+    from khibernate.store.handle import Store
+    from tests.image import basefiles
+    from tests.seal.conftest import key_file
+    from tests.seal.test_sealed_store import init, put_image, store_sealing
+
+    (tmp_path / "mem").mkdir()
+    mem = basefiles.build(tmp_path / "mem")["elf64"]
+    key = key_file(tmp_path / "store.key")
+    sealed, plain = tmp_path / "sealed.img", tmp_path / "plain.img"
+    for dev in (sealed, plain):
+        with open(dev, "wb") as f:
+            f.truncate(64 << 20)
+    assert init(str(sealed), "--key-file", key.path)[0] == 0
+    put_image(str(sealed), 0, mem, store_sealing(str(sealed), key, 0))
+    put_image(str(sealed), 1, mem, None)
+    with Store.open(str(sealed), write=True) as st:  # a TPM slot beside the key file's (the TPM is not asked)
+        ring = keyslots.read(st.fd, str(sealed))
+        tpm = keyring.KeySlot(keyring.KIND_TPM, keyring.KDF_TPM2_PCR, bytes(32), bytes(48),
+                              blob=TpmSealed((0, 7), (bytes(32), bytes(32)), b"pub", b"priv").pack())
+        keyslots.write(st.fd, dataclasses.replace(ring, slots=(*ring.slots, tpm), version=keyring.VERSION_BLOBS))
+    assert init(str(plain), "--unsealed")[0] == 0
+    put_image(str(plain), 0, mem, None)
+    make_tree(tmp_path / "root")
+    r = CliRunner().invoke(cli, ["doctor", "--root", str(tmp_path / "root"), "--target", str(sealed), "--target",
+                                 str(plain), "--target", str(tmp_path / "nothing")])
+    lines = r.output.splitlines()
+    assert any(f"target {sealed}: sealed store, opened by a key file or the TPM (PCRs 0,7); 2 images: 1 sealed, "
+               "1 unsealed" in ln and "[note]" in ln for ln in lines), r.output
+    assert any(f"target {plain}: unsealed" in ln and "1 image: 0 sealed, 1 unsealed" in ln for ln in lines), r.output
+    assert any(f"target {tmp_path / 'nothing'}: cannot read the store" in ln for ln in lines), r.output
+    assert "Traceback" not in r.output

@@ -25,6 +25,8 @@ COMMANDS = {
     "hibernate": "khibernate.capture.cli:hibernate_command",
     "watch": "khibernate.capture.cli:watch_command",
     "capture": "khibernate.capture.cli:capture_group",
+    "arm": "khibernate.capture.cli:arm_command",
+    "disarm": "khibernate.capture.cli:disarm_command",
     "resume": "khibernate.restore.cli:resume_command",
     "restore": "khibernate.restore.cli:restore_command",
     "view": "khibernate.view.cli:view_group",

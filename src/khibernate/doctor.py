@@ -9,10 +9,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import TYPE_CHECKING
 
 import click
 
 from khibernate.system import SystemRoot, addresses_hidden, crash_regions
+
+if TYPE_CHECKING:  # cryptography is imported only for a sealed store
+    from khibernate.seal.keyring import Keyring
 
 FEATURES = ("kexec", "kdump", "jump", "watch", "hibernate")
 # live capture (`khibernate watch`) and hibernation are kexec jumps: whatever blocks jump blocks them
@@ -231,13 +235,87 @@ def diagnose(root: SystemRoot, euid: int, xen_crash_size: int | None = None) -> 
         state.append(f"crash image loaded: {'yes' if crash_loaded else 'no'}")
     if crash_size is not None:
         state.append(f"kexec_crash_size: {crash_size} bytes")
+    if loaded:
+        from khibernate.capture.arm import read_state
+
+        armed = read_state(root)
+        if armed is not None:
+            state.append(armed.describe())
     if state:
         f.append(Finding("loaded", True, "; ".join(state)))
     region = region_finding(root)
     if region is not None:
         f.append(region)
     f.extend(_watch_findings(root))
+    f.append(tpm_finding(root))
     return Diagnosis(f, root.release())
+
+
+def tpm_finding(root: SystemRoot) -> Finding:
+    """Whether this machine has a TPM 2.0 that `target init --tpm` can seal a store's key to (a note: it blocks
+    nothing; a sealed store takes a key file or a passphrase as well)."""
+    sysfs = root.path / "sys/class/tpm"
+    tpms = sorted(p.name for p in sysfs.iterdir()) if sysfs.is_dir() else []
+    if not tpms:
+        return Finding("tpm", False, "no TPM (none in /sys/class/tpm: the machine has none, or its driver, tpm_tis "
+                                     "or tpm_crb, is not loaded): a sealed store takes a key file or a passphrase")
+    major = root.read_int(f"/sys/class/tpm/{tpms[0]}/tpm_version_major")
+    if major != 2:
+        return Finding("tpm", False, f"{tpms[0]} is a TPM {major if major else '1.2'}, not 2.0: `target init --tpm` "
+                                     "needs a TPM 2.0")
+    rm = (root.path / f"sys/class/tpmrm/tpmrm{tpms[0].removeprefix('tpm')}").exists()
+    tools = (root.path / "usr/bin/tpm2_unseal").exists()
+    where = f"TPM 2.0 ({tpms[0]}{', resource manager /dev/tpmrm' + tpms[0].removeprefix('tpm') if rm else ''})"
+    if not (rm and tools):
+        missing = [m for m, ok in (("its resource manager /dev/tpmrm0 (kernel 4.12+)", rm),
+                                   ("tpm2-tools (`apt-get install tpm2-tools`)", tools)) if not ok]
+        return Finding("tpm", False, f"{where}, but {' and '.join(missing)} missing: `target init --tpm` cannot "
+                                     "ask it")
+    return Finding("tpm", True, f"{where}: `target init --tpm` can seal a store's key to this boot chain's PCRs")
+
+
+def target_finding(dev: str) -> Finding:
+    """Whether the images in the store ``dev`` are sealed, and by which key sources (its key slots' kinds; the
+    TPM's with the PCRs it is sealed to).  Reads the store, opens nothing: no key needed."""
+    from khibernate.errors import KhibernateError
+    from khibernate.image.layouts.khi import MAGIC, SEALED_VERSION
+    from khibernate.seal import policy
+    from khibernate.store import keyslots
+    from khibernate.store.handle import Store
+    from khibernate.store.superblock import HOLDS_IMAGE, STORE_SEALED
+
+    try:
+        with Store.open(dev) as st:
+            flags = st.sb.flags
+            heads = [os.pread(st.fd, 12, rec.offset) for rec in st.sb.slots if rec.state in HOLDS_IMAGE]
+            ring = keyslots.read(st.fd, dev) if flags & STORE_SEALED else None
+    except (KhibernateError, OSError) as e:
+        return Finding("target", False, f"target {dev}: cannot read the store: {e}")
+    sealed = sum(h[:8] == MAGIC and int.from_bytes(h[8:12], "little") == SEALED_VERSION for h in heads)
+    images = f"{len(heads)} image{'s' if len(heads) != 1 else ''}: {sealed} sealed, {len(heads) - sealed} unsealed"
+    if ring is None:
+        return Finding("target", False, f"target {dev}: {policy.describe(flags)}; {images} (unsealed images are in "
+                                        "clear and unauthenticated: `target init --key-file/--passphrase/--tpm`)")
+    return Finding("target", sealed == len(heads),
+                   f"target {dev}: sealed store, opened by {_key_sources(ring)}; {images}")
+
+
+def _key_sources(ring: Keyring) -> str:
+    """The kinds of a keyring's slots, the TPM's with its PCRs: "a passphrase or the TPM (PCRs 0,7)"."""
+    from khibernate.seal import keyring
+    from khibernate.seal.errors import KeyringError
+    from khibernate.seal.tpmblob import TpmSealed
+
+    names = []
+    for slot in ring.slots:
+        name = keyring.KIND_NAMES.get(slot.kind, f"kind {slot.kind}")
+        if slot.kind == keyring.KIND_TPM:
+            try:
+                name += f" (PCRs {','.join(map(str, TpmSealed.unpack(slot.blob).pcrs))})"
+            except KeyringError:
+                name += " (its sealed key damaged)"
+        names.append(name)
+    return " or ".join(dict.fromkeys(names))
 
 
 def render(d: Diagnosis) -> str:
@@ -268,10 +346,12 @@ def capture_kernel_finding(kernel: str, can_jump_back: bool | None, why: str) ->
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 @click.option("--root", type=click.Path(exists=True, file_okay=False), default="/", show_default=True,
               help="Read /proc, /sys and /boot below this directory (for inspecting a copied tree).")
+@click.option("--target", "targets", multiple=True, metavar="DEV", help="Also say whether the images in the store "
+              "DEV are sealed, and by which key sources (repeatable).")
 @click.option("--kernel", type=click.Path(exists=True, dir_okay=False), metavar="BZIMAGE",
               help="Also say whether this capture kernel can jump back (CONFIG_KEXEC_JUMP in its embedded config, "
                    "the running kernel's own build, or an earlier round trip with this very image).")
-def doctor_command(as_json: bool, root: str, kernel: str | None) -> None:
+def doctor_command(as_json: bool, root: str, targets: tuple[str, ...], kernel: str | None) -> None:
     """Say what stops this machine from kexec, kdump, kexec jump and live crash capture (`watch`).
 
     Checks root, kernel.kexec_load_disabled, kernel lockdown (blocks kexec_load, which jump needs),
@@ -280,7 +360,8 @@ def doctor_command(as_json: bool, root: str, kernel: str | None) -> None:
     (kernel.panic_on_oops, panic_on_warn, softlockup_panic, hung_task_panic) and which detectors report.
     On a Xen dom0: that kexec and kdump go through the hypervisor, Xen's crash region, and that jump, snapshot,
     hibernate and watch cannot work (Xen's kexec has no preserve-context).
-    With --kernel, also whether that capture kernel can jump back.
+    With --kernel, also whether that capture kernel can jump back. Whether this machine has a TPM 2.0 (for
+    `target init --tpm`); with --target DEV, whether the images in that store are sealed and by which key sources.
     For `hibernate`: whether a resume boot reserves the same crash region (an address in crashkernel=, or KASLR
     off) and, where it may not (KASLR), whether the saved region is small enough for a resume to swap it free.
 
@@ -304,5 +385,7 @@ def doctor_command(as_json: bool, root: str, kernel: str | None) -> None:
 
         v = assess(kernel, system)
         d = Diagnosis([*d.findings, capture_kernel_finding(kernel, v.can_jump_back, v.why)], d.release)
+    if targets:
+        d = Diagnosis([*d.findings, *(target_finding(t) for t in targets)], d.release)
     click.echo(json.dumps(d.to_json(), indent=1) if as_json else render(d))
     raise SystemExit(0 if d.possible("jump") else 1)

@@ -179,13 +179,16 @@ def test_restore_of_a_sealed_slot_needs_the_right_key(dev: str, memfile: Path, t
 
 
 def test_which_captures_a_store_takes() -> None:
-    """A sealed store: a snapshot with its key; without, or a hibernation (no resume could open it yet), refused
-    before anything runs.  An unsealed store given a key: refused (the key would seal nothing)."""
+    """A sealed store: a snapshot or a hibernation with its key (a resume hands the same image key on); without
+    it, refused before anything runs, saying which option to give.  An unsealed store given a key: refused (the key
+    would seal nothing)."""
     policy.check_capture(STORE_SEALED, "/dev/vdb", "snapshot", key_given=True)
     with pytest.raises(policy.SealedStoreCaptureError, match="give its key"):
         policy.check_capture(STORE_SEALED, "/dev/vdb", "snapshot", key_given=False)
-    with pytest.raises(policy.SealedStoreCaptureError, match="resume cannot yet hand the key"):
-        policy.check_capture(STORE_SEALED, "/dev/vdb", "hibernate", key_given=True)
+    policy.check_capture(STORE_SEALED, "/dev/vdb", "hibernate", key_given=True)  # a resume hands the key on
+    with pytest.raises(policy.SealedStoreCaptureError, match="give its key to `hibernate` .*--passphrase-file FILE.*"
+                       "the resume asks for the passphrase"):
+        policy.check_capture(STORE_SEALED, "/dev/vdb", "hibernate", key_given=False)
     with pytest.raises(policy.SealedStoreCaptureError, match="not a sealed store"):
         policy.check_capture(STORE_UNSEALED, "/dev/vdb", "snapshot", key_given=True)
     policy.check_capture(STORE_UNSEALED, "/dev/vdb", "snapshot", key_given=False)
@@ -223,22 +226,37 @@ def test_a_handed_image_key_seals_that_image_into_the_store(dev: str, memfile: P
         Sealing.from_handed(dataclasses.replace(handed, key_id=bytes(16)), ring, 1)
 
 
-def test_the_capture_kernel_wipes_the_handed_key_from_the_mailbox(tmp_path: Path) -> None:
-    """The capture job takes the image key out of the first kernel's mailbox page before it reads memory: the page
-    then holds the request without it, and no byte of the key."""
-    from khibernate.capture import mailbox
+def test_the_capture_job_wipes_the_handed_key_before_it_saves(dev: str, tmp_path: Path) -> None:
+    """capture/save.take_request: the first kernel's mailbox page (here a file standing for /dev/mem) holds the
+    request with the image key; after take_request the page holds the request without it and no byte of the key,
+    and the sealing it returns seals the job's image with the store's keyring and the job's slot."""
+    import uuid
 
-    image = os.urandom(16)
-    secret = os.urandom(32)
-    mem = tmp_path / "mem"
-    mem.write_bytes(bytes(4096) + mailbox.pack(mailbox.REQUEST, image, {"request": "snapshot",
-                                                                        "seal": {"key": secret.hex()}}))
-    request = mailbox.read_request(4096, image, devmem=str(mem))
-    request.pop("seal")
-    mailbox.post(4096, image, request, devmem=str(mem), kind=mailbox.REQUEST)
+    from khibernate.capture import mailbox
+    from khibernate.capture.jobspec import CaptureContext, Job
+    from khibernate.capture.save import take_request
+    from khibernate.seal.handoff import hand_image_key
+    from khibernate.store.handle import Store
+
+    key = key_file(tmp_path / "store.key")
+    assert init(dev, "--key-file", key.path)[0] == 0
+    image = uuid.uuid4()
+    with Store.open(dev, write=True) as st:
+        ring = keyslots.read(st.fd, dev)
+        handed = hand_image_key(lambda: KeyFile(key.path), ring, image.bytes)
+        rec = st.sb.slot(1)
+        job = Job("snapshot", dev, st.sb.uuid_str, 1, rec.offset, rec.capacity, 17, str(image),
+                  str(uuid.uuid4()), 600.0, 4096)
+        mem = tmp_path / "mem"
+        mem.write_bytes(bytes(4096) + mailbox.pack(mailbox.REQUEST, image.bytes,
+                                                   {"request": "snapshot", "seal": handed.to_json()}))
+        request, sealing = take_request(st, job, CaptureContext(""), devmem=str(mem))
     page_now = mem.read_bytes()[4096:]
-    assert mailbox.read_request(4096, image, devmem=str(mem)) == {"request": "snapshot"}
-    assert secret.hex().encode() not in page_now and secret not in page_now
+    assert request == {"request": "snapshot"}
+    assert mailbox.read_request(4096, image.bytes, devmem=str(mem)) == {"request": "snapshot"}
+    assert handed.image_key not in page_now and handed.image_key.hex().encode() not in page_now
+    assert sealing is not None and sealing.image_uuid == image.bytes and sealing.slot == 1
+    assert sealing.keyring.key_id == ring.key_id
 
 
 def test_target_list_says_whether_the_store_is_sealed(dev: str, tmp_path: Path) -> None:

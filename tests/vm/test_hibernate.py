@@ -54,9 +54,9 @@ def _slot_state(disk: Path, index: int) -> str:
 
 
 def hibernate(kernel, name: str, tmp: Path, smp: int = 1, memory_mb: int = 1024,
-              crash: str = "crashkernel=256M", before=None) -> dict:
-    """Boot a workload guest (``crash``: its crashkernel= word), hibernate it; returns what the resume must find
-    (QEMU has exited).  ``before(vm)`` runs once the workload runs, before the hibernation."""
+              crash: str = "crashkernel=256M", before=None, command: str = HIB) -> dict:
+    """Boot a workload guest (``crash``: its crashkernel= word), hibernate it (``command``); returns what the resume
+    must find (QEMU has exited).  ``before(vm)`` runs once the workload runs, before the hibernation."""
     from vmtest.vm import VM
 
     ext4 = _ext4(tmp / f"{name}-ext4.img")
@@ -71,7 +71,7 @@ def hibernate(kernel, name: str, tmp: Path, smp: int = 1, memory_mb: int = 1024,
         boot_id = vm.run("cat /proc/sys/kernel/random/boot_id").strip()
         pid, n = counter(vm)
         t0 = time.monotonic()
-        cid = vm.send(HIB)
+        cid = vm.send(command)
         assert vm.wait_exit(timeout=900 * TIMEOUT_SCALE) == 0, "the capture kernel should power the machine off"
         hib_s = time.monotonic() - t0
         console = vm.console_text()

@@ -9,6 +9,7 @@ log in the image, and drgn on the kdump export.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -100,6 +101,34 @@ def image_log(vm, tmp_path: Path, slot: int) -> str:
         src.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class Capture:
+    """What one watch capture left: its event folder's name and event.json, the watcher's PID, the workload
+    counter's PID (the same before and after) and what the trigger command printed."""
+
+    name: str
+    event: dict
+    watch_pid: int
+    counter_pid: int
+    trigger_output: str
+
+
+def one_capture(vm, args: str, log: str, trigger: str, before: set[str] | None = None) -> Capture:  # noqa: ANN001
+    """`watch ARGS` started, TRIGGER run in the guest: exactly one capture, watch exits, and the workload's counter
+    counts on in the same process; the one new event (since ``before``) is returned."""
+    pid = start_watch(vm, args, log)
+    pid0, n0 = counter(vm)
+    out = vm.run(trigger)
+    text = wait_log(vm, log, "stopped after 1 capture(s)")
+    wait_exit(vm, pid)
+    assert text.count("-> capture") == 1, text
+    time.sleep(2.5)
+    pid1, n1 = counter(vm)
+    assert pid1 == pid0 and n1 > n0  # the same counter counts on
+    ((name, ev),) = events(vm, before).items()
+    return Capture(name, ev, pid, pid0, out)
+
+
 def figures(tag: str, snap: dict, extra: str = "") -> None:
     print(f"\n[watch 6.12 1 GiB {tag}] pause {snap['pause_seconds']:.2f} s, image {snap['bytes'] / 1e6:.1f} MB at "
           f"-d {snap['dump_level']} ({snap['pages_stored']} of {snap['pages_ram']} pages stored), save "
@@ -117,17 +146,10 @@ def test_warning_one_capture_runs_on_and_drgn_reads_it(guest, tmp_path) -> None:
     from khibernate.store import api as store
 
     vm = guest
-    pid = start_watch(vm, "--on oops,warn,bug --min-interval 30 --max 1", "/tmp/watch1.log")
-    pid0, n0 = counter(vm)
-    vm.run(f"echo WARNING > {DIRECT}")
-    log = wait_log(vm, "/tmp/watch1.log", "stopped after 1 capture(s)")
-    wait_exit(vm, pid)
-    assert log.count("-> capture") == 1, log
-    time.sleep(2.5)
-    pid1, n1 = counter(vm)
-    assert pid1 == pid0 and n1 > n0  # the same counter counts on
+    cap = one_capture(vm, "--on oops,warn,bug --min-interval 30 --max 1", "/tmp/watch1.log",
+                      f"echo WARNING > {DIRECT}")
+    name, ev, pid, pid0 = cap.name, cap.event, cap.watch_pid, cap.counter_pid
     assert vm.run("test -e /tmp/pattern.bad || echo intact").strip() == "intact"
-    ((name, ev),) = events(vm).items()
     assert name.endswith("-warn") and ev["ok"], ev
     assert ev["event"]["trigger"].startswith("WARNING: CPU: ") and "lkdtm_WARNING" in ev["event"]["trigger"]
     assert ev["event"]["ended_by"] == "end trace"
@@ -159,18 +181,12 @@ def test_oops_in_a_process_kills_it_and_the_rest_runs_on(guest, tmp_path) -> Non
     capture's kernel log shows the Oops."""
     vm = guest
     before = set(events(vm))
-    pid = start_watch(vm, "--on oops,bug --min-interval 30 --max 1 --no-export", "/tmp/watch2.log")
-    pid0, n0 = counter(vm)
-    victim = int(vm.run(f"sh -c 'sleep 1; echo EXCEPTION > {DIRECT}' >/dev/null 2>&1 </dev/null & echo $!").strip())
-    log = wait_log(vm, "/tmp/watch2.log", "stopped after 1 capture(s)")
-    wait_exit(vm, pid)
-    assert log.count("-> capture") == 1, log
-    time.sleep(2.5)
+    cap = one_capture(vm, "--on oops,bug --min-interval 30 --max 1 --no-export", "/tmp/watch2.log",
+                      f"sh -c 'sleep 1; echo EXCEPTION > {DIRECT}' >/dev/null 2>&1 </dev/null & echo $!", before)
+    victim = int(cap.trigger_output.strip())
     state = vm.run(f"grep '^State:' /proc/{victim}/status 2>/dev/null || echo gone").strip()
     assert state == "gone" or "Z" in state, state  # killed by the Oops (a zombie until reaped)
-    pid1, n1 = counter(vm)
-    assert pid1 == pid0 and n1 > n0
-    ((name, ev),) = events(vm, before).items()
+    name, ev = cap.name, cap.event
     assert name.endswith("-oops") and ev["ok"] and "export" not in ev, ev
     trig = ev["event"]["trigger"]
     assert trig.startswith("BUG: kernel NULL pointer dereference"), trig
@@ -296,16 +312,8 @@ def test_7_3_warning_capture_runs_on_and_a_hung_task_is_refused_safely(tmp_path)
     with VM(kernel=ensure_kernel("7.3"), append="crashkernel=256M", memory_mb=1024, extra_files=HELPERS,
             disk_mb=384, name="watch-7.3", timeout=300) as vm:
         prepare(vm)
-        pid = start_watch(vm, "--on warn --max 1", "/tmp/watch73.log")
-        pid0, n0 = counter(vm)
-        vm.run(f"echo WARNING > {DIRECT}")
-        log = wait_log(vm, "/tmp/watch73.log", "stopped after 1 capture(s)")
-        wait_exit(vm, pid)
-        assert log.count("-> capture") == 1, log
-        time.sleep(2.5)
-        pid1, n1 = counter(vm)
-        assert pid1 == pid0 and n1 > n0
-        ((name, ev),) = events(vm).items()
+        cap = one_capture(vm, "--on warn --max 1", "/tmp/watch73.log", f"echo WARNING > {DIRECT}")
+        name, ev = cap.name, cap.event
         assert name.endswith("-warn") and ev["ok"] and "lkdtm_WARNING" in ev["event"]["trigger"], ev
         klog = image_log(vm, tmp_path, ev["snapshot"]["slot"])
         trace = klog[klog.index(ev["event"]["trigger"]):][:6000]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import click
 
 from khibernate.clickutil import ADDRESS
 from khibernate.errors import UsageError
-from khibernate.seal.cli import capture_key, with_key_options
+from khibernate.seal.cli import KeyOptions, capture_key, with_key_options
 
 
 def capture_kernel_options(f: Any) -> Any:
@@ -48,8 +49,7 @@ def capture_kernel_options(f: Any) -> Any:
 @with_key_options
 def snapshot_command(target: str, level: int | None, for_analysis: bool, export_dir: Path | None, kernel: str | None,
                      capture_initrd: str | None, keep: int | None, deadline: float, append: str,
-                     mem_min: int | None, mem_max: int | None, as_json: bool, key_file: str | None,
-                     passphrase_file: str | None, ask_passphrase: bool) -> None:
+                     mem_min: int | None, mem_max: int | None, as_json: bool, keys: KeyOptions) -> None:
     """Save this running kernel's memory into a store slot and continue (a kexec jump there and back).
 
     \b
@@ -57,7 +57,8 @@ def snapshot_command(target: str, level: int | None, for_analysis: bool, export_
     a free slot of DEV and jumps back. Then the slot is read back and checked, and only then marked complete:
     a failed or interrupted snapshot never damages the last good image. Filesystems are synced before the jump,
     and a capture kernel that cannot be shown to jump back (CONFIG_KEXEC_JUMP: `khibernate doctor --kernel K`)
-    is refused before anything is done.
+    is refused before anything is done. After `khibernate arm --target DEV` the pause jumps into the capture
+    kernel already waiting there (no boot in the pause); when it cannot serve or refuses, a fresh one is loaded.
       khibernate target init /dev/vdb
       khibernate snapshot --target /dev/vdb
       khibernate target export /dev/vdb 0 snap.khi
@@ -77,7 +78,7 @@ def snapshot_command(target: str, level: int | None, for_analysis: bool, export_
         level = analysis.ANALYSIS_LEVEL if for_analysis else 17
     opts = snap.Options(target=target, level=level, kernel=kernel, capture_initrd=capture_initrd, keep=keep,
                         deadline=deadline, append=append, mem_min=mem_min, mem_max=mem_max,
-                        key=capture_key(key_file, passphrase_file, ask_passphrase))
+                        key=capture_key(keys))
     if opts.key is not None and export_dir is not None:
         raise UsageError("--export-dir of a sealed store is not done yet: export the slot afterwards with "
                          "`khibernate target export --key-file F DEV SLOT FILE --format kdump`")
@@ -103,8 +104,9 @@ def snapshot_command(target: str, level: int | None, for_analysis: bool, export_
 @click.option("--allow-unresumable", is_flag=True,
               help="Hibernate even where `doctor` says a resume boot could not restore the image (e.g. KASLR with a "
                    "crash region over half of RAM): the image is then for analysis, or for a boot you arrange.")
+@with_key_options
 def hibernate_command(target: str, level: int, kernel: str | None, capture_initrd: str | None, deadline: float,
-                      append: str, as_json: bool, allow_unresumable: bool) -> None:
+                      append: str, as_json: bool, allow_unresumable: bool, keys: KeyOptions) -> None:
     """Save this running kernel into a store slot and power the machine off; `khibernate resume` at the next
     boot brings it back exactly where it stopped (same processes, same boot_id).
 
@@ -118,6 +120,10 @@ def hibernate_command(target: str, level: int, kernel: str | None, capture_initr
     boot before the resume — resuming after they changed corrupts them. It says first whether a resume boot reserves
     the same crash region (KASLR moves it; resume then swaps the saved region free) and refuses a setup whose resume
     would fail.
+    A sealed store (`target init --passphrase-file F` or `--key-file F`) needs its key here as for a snapshot
+    (--passphrase-file F or --key-file F, read in a child process that ends before the jump; only the key of this
+    one image reaches the capture kernel). The resume boot asks for the passphrase on the console, or takes the
+    same option.
       khibernate target init /dev/vdb
       khibernate hibernate --target /dev/vdb        # ... power on ... khibernate resume --target /dev/vdb
     """
@@ -129,7 +135,8 @@ def hibernate_command(target: str, level: int, kernel: str | None, capture_initr
     from khibernate.system import SystemRoot
 
     opts = snap.Options(target=target, level=level, kernel=kernel, capture_initrd=capture_initrd, deadline=deadline,
-                        append=append, kind="hibernate", allow_unresumable=allow_unresumable)
+                        append=append, kind="hibernate", allow_unresumable=allow_unresumable,
+                        key=capture_key(keys))
     rep = Reporter.for_terminal(as_json=as_json)
     system = SystemRoot()
     region = region_finding(system)
@@ -226,7 +233,9 @@ def watch_command(target: str, kinds: str, min_interval: float, max_captures: in
         click.echo(f"{time.strftime('%H:%M:%S')} {m}", err=True)
 
     def busy() -> str | None:
-        if jump.state().loaded:
+        from khibernate.capture import arm
+
+        if jump.state().loaded and arm.read_state(root) is None:  # a resident capture kernel serves captures
             return "a kexec image is loaded (a jump or kexec is pending; `khibernate kexec unload` if it is stale)"
         return None
 
@@ -247,3 +256,64 @@ def watch_command(target: str, kinds: str, min_interval: float, max_captures: in
     except KeyboardInterrupt:
         n = w.limiter.captures
     say(f"watch: stopped after {n} capture(s)")
+
+
+@click.command("arm")
+@click.option("--target", required=True, metavar="DEV", help="The store the pauses save into (`target init DEV`).")
+@capture_kernel_options
+@click.option("--append", default="", metavar="S", help="Extra capture-kernel command line words.")
+@click.option("--mem-min", type=ADDRESS, help="Lowest address of the capture kernel's window (default: all of the "
+              "crash region; with --mem-max, leave the rest of the region to a kdump kernel).")
+@click.option("--mem-max", type=ADDRESS, help="Highest address of the capture kernel's window, inclusive.")
+def arm_command(target: str, kernel: str | None, capture_initrd: str | None, deadline: float, append: str,
+                mem_min: int | None, mem_max: int | None) -> None:
+    """Boot the capture kernel once and keep it waiting: later snapshot, hibernate and watch captures only jump.
+
+    \b
+    The system pauses once now while the capture kernel boots into the crashkernel= region, starts Python, opens
+    the store on DEV and jumps back. From then on a capture of DEV with the same capture kernel jumps straight
+    into it: no load, no boot, no Python start in the pause. What each pause should do goes through a mailbox page,
+    and the capture kernel refuses (and the capture loads a fresh capture kernel instead) when anything changed
+    under it: the store, this kernel's memory map, the mailbox. `khibernate disarm` unloads it; `khibernate
+    doctor` shows it. Same checks as `snapshot` before anything is loaded (a capture kernel that cannot jump
+    back is refused). --deadline here bounds the boot until ready.
+      khibernate arm --target /dev/vdb
+      khibernate snapshot --target /dev/vdb      # pauses through the resident capture kernel
+      khibernate disarm
+    """
+    from khibernate.capture import arm, kernelcheck
+    from khibernate.capture import snapshot as snap
+    from khibernate.capture.roundtrip import CaptureKernel
+    from khibernate.doctor import diagnose
+    from khibernate.jump import api as jump
+    from khibernate.lock import capture_or_refuse
+    from khibernate.progress import Reporter
+    from khibernate.system import SystemRoot
+
+    rep = Reporter.for_terminal()
+    system = SystemRoot()
+    jump.refuse_on_xen("arm")
+    d = diagnose(system, os.geteuid())
+    if d.possible("jump") is False:
+        why = "; ".join(f.message for f in d.findings if "jump" in f.blocks)
+        raise arm.ArmError(f"this machine cannot kexec jump: {why} (`khibernate doctor` says more)")
+    snap.check_kdump_sharing(snap.Options(target, mem_min=mem_min, mem_max=mem_max),
+                             system.read_int("/sys/kernel/kexec_crash_loaded") == 1)
+    kernel = kernel or snap.default_kernel()
+    kernelcheck.check(kernel, system)
+    initrd, _ = snap.capture_initrd_for(kernel, target, capture_initrd)
+    with capture_or_refuse(jump.RUN_DIR, "arm"):
+        armed = arm.arm(CaptureKernel(kernel, initrd, mem_min, mem_max, append), target, rep.say, deadline, system)
+    click.echo(f"{armed.describe()}; ready after {armed.ready_seconds:.2f} s")
+
+
+@click.command("disarm")
+def disarm_command() -> None:
+    """Unload the resident capture kernel `khibernate arm` left waiting (captures load a fresh one again)."""
+    from khibernate.capture import arm
+    from khibernate.jump import api as jump
+    from khibernate.lock import capture_or_refuse
+
+    with capture_or_refuse(jump.RUN_DIR, "disarm"):
+        was = arm.disarm()
+    click.echo("resident capture kernel unloaded" if was else "no resident capture kernel was armed")

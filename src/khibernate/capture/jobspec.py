@@ -98,6 +98,10 @@ class CaptureContext:
     system: SystemRoot = SystemRoot()
     rep: Reporter = dataclasses.field(default_factory=lambda: Reporter("khibernate-capture", "line"))
     vmcore: str = "/proc/vmcore"
+    # a resident capture kernel's pause: the request's extra JSON (instead of a mailbox REQUEST record), and the first
+    # kernel's pages its own jump-back image parked in its RAM (first kernel paddr -> paddr here; capture/relocated)
+    request: Mapping[str, JsonValue] | None = None
+    parked: Mapping[int, int] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def read(cls, system: SystemRoot | None = None) -> CaptureContext:
@@ -210,7 +214,18 @@ class Failed:
         return dataclasses.replace(self, message=f"{self.message}; {note}")
 
 
-JobResult = Union[Saved, Resumed, Failed]  # noqa: UP007 - a runtime alias (isinstance, from __future__)
+@dataclasses.dataclass(frozen=True)
+class Ready:
+    """A resident capture kernel booted and is ready for pauses (``ready_uptime``: its uptime then, seconds)."""
+
+    ready_uptime: float
+    footprint: Footprint = Footprint()
+
+    def to_json(self) -> dict[str, JsonValue]:
+        return {"ok": True, "ready": True, "ready_uptime": self.ready_uptime, **self.footprint.to_json()}
+
+
+JobResult = Union[Saved, Resumed, Failed, Ready]  # noqa: UP007 - a runtime alias (isinstance, from __future__)
 
 
 def result_from_json(body: Mapping[str, object]) -> JobResult:
@@ -222,6 +237,8 @@ def result_from_json(body: Mapping[str, object]) -> JobResult:
             raise JobError(f"the capture job's result is neither a success nor a failure: {dict(body)!r}")
         f = _fields(Failed, {k: v for k, v in body.items() if k != "footprint"}, "capture job's failure")
         return Failed(**f, footprint=fp)  # type: ignore[arg-type]
+    if body.get("ready") is True:
+        return Ready(**_fields(Ready, body, "resident capture kernel's answer"), footprint=fp)  # type: ignore[arg-type]
     if body.get("resumed") is True:
         return Resumed(**_fields(Resumed, body, "resume's result"), footprint=fp)  # type: ignore[arg-type]
     return Saved(**_fields(Saved, body, "capture job's result"), footprint=fp)  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ import os
 import struct
 import uuid as uuidlib
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from khibernate.capture.errors import MailboxError as MailboxError
 from khibernate.layout import Layout
@@ -29,8 +29,18 @@ MAGIC = b"KHMBOX\x00\x01"
 HEAD = Layout("mailbox record header", "<", [
     ("magic", "8s"), ("kind", "I"), ("image_uuid", "16s"), ("length", "I"),  # of the JSON body that follows
     ("crc32", "I")])  # of (this header with crc32 0 + body)
-REQUEST, RESULT = 1, 2
+REQUEST, RESULT, PAUSE = 1, 2, 3  # PAUSE: a resident capture kernel's per-pause request (capture/pauserequest.py)
 LOW_MEMORY = 1 << 20  # the capture kernel owns low memory while it runs: a mailbox there is unreachable
+
+
+def pack_raw(kind: int, image_uuid: bytes, data: bytes) -> bytes:
+    """A record of ``kind`` for image ``image_uuid`` carrying ``data`` as it is, padded to a page (MailboxError when
+    it does not fit)."""
+    if HEAD.size + len(data) > PAGE:
+        raise MailboxError(f"the record ({len(data)} bytes) does not fit the mailbox page")
+    crc = zlib.crc32(HEAD.pack(magic=MAGIC, kind=kind, image_uuid=image_uuid, length=len(data)) + data)
+    return (HEAD.pack(magic=MAGIC, kind=kind, image_uuid=image_uuid, length=len(data), crc32=crc)
+            + data).ljust(PAGE, b"\0")
 
 
 def pack(kind: int, image_uuid: bytes, body: Mapping[str, object], truncate: bool = True) -> bytes:
@@ -42,13 +52,11 @@ def pack(kind: int, image_uuid: bytes, body: Mapping[str, object], truncate: boo
     if HEAD.size + len(data) > PAGE:
         data = json.dumps({**{k: body[k] for k in ("ok",) if k in body},
                            "message": str(body.get("message", ""))[:1500], "truncated": True}).encode()
-    crc = zlib.crc32(HEAD.pack(magic=MAGIC, kind=kind, image_uuid=image_uuid, length=len(data)) + data)
-    return (HEAD.pack(magic=MAGIC, kind=kind, image_uuid=image_uuid, length=len(data), crc32=crc)
-            + data).ljust(PAGE, b"\0")
+    return pack_raw(kind, image_uuid, data)
 
 
-def unpack(page: bytes) -> tuple[int, bytes, dict[str, object]]:
-    """(kind, image uuid, body) of a record; MailboxError when the page holds none or it is damaged."""
+def unpack_raw(page: bytes) -> tuple[int, bytes, bytes]:
+    """(kind, image uuid, body bytes) of a record; MailboxError when the page holds none or it is damaged."""
     if len(page) < HEAD.size or page[:8] != MAGIC:
         raise MailboxError("the mailbox page holds no khibernate record")
     h = HEAD.unpack(page, error=MailboxError)
@@ -58,6 +66,13 @@ def unpack(page: bytes) -> tuple[int, bytes, dict[str, object]]:
     data = page[HEAD.size:HEAD.size + n]
     if zlib.crc32(HEAD.pack(magic=MAGIC, kind=kind, image_uuid=image_uuid, length=n) + data) != h["crc32"]:
         raise MailboxError("the mailbox record's checksum does not match; it is damaged")
+    return kind, image_uuid, data
+
+
+def unpack(page: bytes) -> tuple[int, bytes, dict[str, object]]:
+    """(kind, image uuid, body) of a record with a JSON body; MailboxError when the page holds none, it is damaged,
+    or its body is not a JSON object."""
+    kind, image_uuid, data = unpack_raw(page)
     try:
         body = json.loads(data)
     except ValueError:
@@ -80,7 +95,8 @@ def physical_address(vaddr: int, pagemap: str = "/proc/self/pagemap") -> int:
     return pfn * PAGE
 
 
-def _mlock(buf: mmap.mmap) -> None:
+def mlock(buf: mmap.mmap) -> None:
+    """Lock the page of ``buf`` in memory (MailboxError saying how to allow it)."""
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     if libc.mlock(ctypes.c_void_p(addr), ctypes.c_size_t(PAGE)) != 0:
@@ -101,7 +117,7 @@ class Mailbox:
         for _ in range(4096 if avoid else 64):
             buf = mmap.mmap(-1, PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             buf[:] = page
-            _mlock(buf)
+            mlock(buf)
             paddr = physical_address(ctypes.addressof(ctypes.c_char.from_buffer(buf)))
             if paddr >= LOW_MEMORY and not any(paddr in r for r in avoid):
                 self.buf, self.paddr = buf, paddr
@@ -122,26 +138,37 @@ class Mailbox:
 
     def result(self) -> dict[str, object]:
         """The capture job's result; MailboxError if it never wrote one (hung, killed, crashed, or page moved)."""
-        kind, image_uuid, body = unpack(bytes(self.buf[:]))
-        if image_uuid != self.image_uuid:
-            raise MailboxError("the mailbox holds a record for another image")
-        if kind != RESULT:
-            moved = "" if self.still_at() else " (the mailbox page moved in physical memory during the jump)"
-            raise MailboxError("the capture job left no result in the mailbox: it did not run, hung past the "
-                               f"watchdog, or could not reach the page{moved}; see the console log")
-        return body
+        return result_in(bytes(self.buf[:]), self.image_uuid, self.still_at)
 
 
-def read_request(paddr: int, image_uuid: bytes, devmem: str = "/dev/mem") -> dict[str, object]:
-    """Capture side: the first kernel's request for this job's image in its mailbox page at paddr."""
+def result_in(page: bytes, image_uuid: bytes, still_at: Callable[[], bool]) -> dict[str, object]:
+    """The RESULT record for ``image_uuid`` in a mailbox page (``still_at``: whether the page is still where the
+    capture kernel was told); MailboxError when there is none."""
+    kind, found, _ = unpack_raw(page)
+    if found != image_uuid:
+        raise MailboxError("the mailbox holds a record for another image")
+    if kind != RESULT:
+        moved = "" if still_at() else " (the mailbox page moved in physical memory during the jump)"
+        raise MailboxError("the capture job left no result in the mailbox: it did not run, hung past the "
+                           f"watchdog, or could not reach the page{moved}; see the console log")
+    return unpack(page)[2]
+
+
+def read_page(paddr: int, devmem: str = "/dev/mem") -> bytes:
+    """Capture side: the first kernel's mailbox page at paddr, as it is."""
     if paddr % PAGE:
         raise MailboxError(f"mailbox address {paddr:#x} is not page aligned")
     fd = os.open(devmem, os.O_RDONLY | os.O_SYNC)
     try:
         with mmap.mmap(fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ, offset=paddr) as m:
-            kind, found, body = unpack(bytes(m[:]))
+            return bytes(m[:])
     finally:
         os.close(fd)
+
+
+def read_request(paddr: int, image_uuid: bytes, devmem: str = "/dev/mem") -> dict[str, object]:
+    """Capture side: the first kernel's request for this job's image in its mailbox page at paddr."""
+    kind, found, body = unpack(read_page(paddr, devmem))
     if kind != REQUEST or found != image_uuid:
         raise MailboxError(f"the mailbox at {paddr:#x} holds no request for this job's image")
     return body
@@ -157,7 +184,7 @@ def post(paddr: int, image_uuid: bytes, body: Mapping[str, object], devmem: str 
     try:
         with mmap.mmap(fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=paddr) as m:
             try:
-                _, found, _ = unpack(bytes(m[:]))
+                _, found, _ = unpack_raw(bytes(m[:]))
             except MailboxError as e:
                 raise MailboxError(f"no mailbox at {paddr:#x} ({e}); nothing written") from None
             if found != image_uuid:

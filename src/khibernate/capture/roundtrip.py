@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from khibernate.capture.errors import RoundTripError
 from khibernate.capture.jobspec import Job, JobResult, JsonValue, result_from_json
@@ -26,7 +26,6 @@ from khibernate.errors import KhibernateError
 from khibernate.system import SystemRoot
 
 if TYPE_CHECKING:
-    from khibernate.capture.mailbox import Mailbox
     from khibernate.jump.api import JumpResult
     from khibernate.jump.loader import Plan
 
@@ -65,10 +64,40 @@ class Outcome:
     result: JobResult
 
 
+class Box(Protocol):
+    """A mailbox the capture kernel was told about: where it is, whether it is still there, the result in it."""
+
+    paddr: int
+
+    def still_at(self) -> bool: ...
+
+    def result(self) -> dict[str, object]: ...
+
+
+def enter(box: Box, before: Callable[[], None] = lambda: None) -> Outcome:
+    """The jump of a round trip whose capture kernel is loaded: ``box`` still in place, ``before``, jump, read the
+    result (RoundTripError when the jump did not happen or brought no result)."""
+    from khibernate.capture.errors import JobError
+    from khibernate.capture.mailbox import MailboxError
+    from khibernate.jump import api as jump
+
+    if not box.still_at():
+        raise RoundTripError("the mailbox page moved before the jump (memory compaction); nothing was run")
+    before()
+    try:
+        away = jump.execute()
+    except KhibernateError as e:  # e.g. the freezer gave up (a task in D state): the jump never happened
+        raise RoundTripError(f"the jump did not happen: {e}") from None
+    try:
+        return Outcome(away, result_from_json(box.result()))
+    except (MailboxError, JobError) as e:
+        raise RoundTripError(f"the capture kernel came back without a result ({e})") from None
+
+
 class RoundTrip:
     """A prepared round trip (nothing loaded yet): ``job`` carries the mailbox's address; ``run()`` jumps."""
 
-    def __init__(self, capture: CaptureKernel, job: Job, box: Mailbox, plan: Plan):
+    def __init__(self, capture: CaptureKernel, job: Job, box: Box, plan: Plan):
         self.capture, self.job, self.box, self.plan = capture, job, box, plan
         self.loaded = False
 
@@ -82,6 +111,13 @@ class RoundTrip:
 
         box = Mailbox(job.image_uuid, dict(request) if request is not None else None,
                       avoid=jump.swapped_ranges(capture.mem_min, capture.mem_max, system))
+        return cls.prepare_with(capture, job, system, box)
+
+    @classmethod
+    def prepare_with(cls, capture: CaptureKernel, job: Job, system: SystemRoot, box: Box) -> RoundTrip:
+        """As prepare, with a mailbox the caller set up (a resident capture kernel's)."""
+        from khibernate.jump import api as jump
+
         job = dataclasses.replace(job, mailbox=box.paddr)
         plan = jump.plan_jump(capture.kernel, capture.initrd, capture.command_line(system.cmdline(), job),
                               capture.mem_min, capture.mem_max, system)
@@ -101,21 +137,7 @@ class RoundTrip:
         """Check the mailbox is still where the job says, call ``before`` (the last word to the user), jump (execute
         syncs the filesystems and freezes this system), and read the result once back.  RoundTripError when the
         jump did not happen or brought no result."""
-        from khibernate.capture.errors import JobError
-        from khibernate.capture.mailbox import MailboxError
-        from khibernate.jump import api as jump
-
-        if not self.box.still_at():
-            raise RoundTripError("the mailbox page moved before the jump (memory compaction); nothing was run")
-        before()
-        try:
-            away = jump.execute()
-        except KhibernateError as e:  # e.g. the freezer gave up (a task in D state): the jump never happened
-            raise RoundTripError(f"the jump did not happen: {e}") from None
-        try:
-            return Outcome(away, result_from_json(self.box.result()))
-        except (MailboxError, JobError) as e:
-            raise RoundTripError(f"the capture kernel came back without a result ({e})") from None
+        return enter(self.box, before)
 
     def unload(self) -> None:
         """Unload the capture kernel (best effort: the loaded image is the capture kernel's saved state, a fresh

@@ -20,8 +20,10 @@ from khibernate.errors import KhibernateError
 from khibernate.progress import Say
 
 if TYPE_CHECKING:
+    from khibernate.image.sources.base import MemorySource
     from khibernate.seal.sealing import Sealing
     from khibernate.store.handle import Store
+    from khibernate.store.superblock import Superblock
 
 
 def khibernate_note(job: Job, ctx: CaptureContext, extra: Mapping[str, JsonValue] | None = None) -> bytes:
@@ -59,19 +61,30 @@ def inject_fault(cmdline: str, say: Say | None = None) -> None:
 
 def check_reserved(st: Store, job: Job) -> None:
     """JobError unless the target holds the job's store with its slot reserved for the job's image."""
+    reserved_problem = check_reserved_in(st.sb, job)
+    if reserved_problem:
+        raise JobError(reserved_problem)
+
+
+def check_reserved_in(sb: Superblock, job: Job) -> str | None:
+    """What is wrong with the superblock ``sb`` for ``job`` (another store, or the slot not reserved for the job's
+    image), or None."""
     from khibernate.store.superblock import SlotState
 
-    sb = st.sb
     if sb.uuid_str != job.store_uuid:
-        raise JobError(f"{job.target} holds store {sb.uuid_str}, not {job.store_uuid}: the disk is named "
-                       "differently in the capture kernel; nothing written")
+        return (f"{job.target} holds store {sb.uuid_str}, not {job.store_uuid}: the disk is named differently in the "
+                "capture kernel; nothing written")
+    if not 0 <= job.slot < len(sb.slots):
+        return f"{job.target} has no slot {job.slot}; nothing written"
     rec = sb.slot(job.slot)
     if rec.state != SlotState.WRITING or rec.image_uuid != job.image_uuid or rec.offset != job.offset \
             or rec.capacity != job.capacity:
-        raise JobError(f"slot {job.slot} of {job.target} is not reserved for image {job.image}; nothing written")
+        return f"slot {job.slot} of {job.target} is not reserved for image {job.image}; nothing written"
+    return None
 
 
-def take_request(st: Store, job: Job) -> tuple[dict[str, object], Sealing | None]:
+def take_request(st: Store, job: Job, ctx: CaptureContext,
+                 devmem: str = "/dev/mem") -> tuple[dict[str, object], Sealing | None]:
     """The first kernel's request and, for a sealed store, the sealing of this job's image with the image key the
     request hands over.  The key is wiped from the first kernel's mailbox page at once, before its memory is read
     (so no image holds it there).  JobError / SealError when store and request disagree: nothing written."""
@@ -80,10 +93,13 @@ def take_request(st: Store, job: Job) -> tuple[dict[str, object], Sealing | None
     from khibernate.store import keyslots
     from khibernate.store.superblock import STORE_SEALED
 
-    request = mailbox.read_request(job.mailbox, job.image_uuid)
+    # a resident capture kernel's pause brought its request in the pause record (ctx.request); the page is wiped all
+    # the same (overwritten with the request without the key)
+    request: dict[str, object] = dict(ctx.request) if ctx.request is not None \
+        else mailbox.read_request(job.mailbox, job.image_uuid, devmem)
     handed = request.pop("seal", None)
     if handed is not None:
-        mailbox.post(job.mailbox, job.image_uuid, request, kind=mailbox.REQUEST)
+        mailbox.post(job.mailbox, job.image_uuid, request, devmem, kind=mailbox.REQUEST)
     if not st.sb.flags & STORE_SEALED:
         if handed is not None:
             raise JobError(f"{job.target} is not a sealed store, but the first kernel sent a key: the store was made "
@@ -118,7 +134,7 @@ def save_into(st: Store, job: Job, ctx: CaptureContext, note_extra: Mapping[str,
             meter.update(n)
 
         vmci = from_source(raw)
-        src = AnnotatedSource(raw, KHIBERNATE_NOTE, khibernate_note(job, ctx, note_extra))
+        src = AnnotatedSource(relocated(raw, ctx), KHIBERNATE_NOTE, khibernate_note(job, ctx, note_extra))
         t1 = ctx.system.uptime()
         stats = save(src, writer, vmci=vmci, level=job.level, restorable=job.restorable,  # type: ignore[arg-type]
                      threads=min(2, os.cpu_count() or 1), progress=progress, seal=seal)
@@ -130,12 +146,23 @@ def save_into(st: Store, job: Job, ctx: CaptureContext, note_extra: Mapping[str,
                  job_started_uptime=round(t0, 3), save_seconds=round(t2 - t1, 3), open_seconds=round(t1 - t0, 3))
 
 
+def relocated(raw: MemorySource, ctx: CaptureContext) -> MemorySource:
+    """``raw`` with the pages a resident capture kernel's jump-back image parked read from where they are."""
+    if not ctx.parked:
+        return raw
+    from khibernate.capture.relocated import RelocatedSource
+    from khibernate.image.sources.frozen import Kcore
+
+    kc = Kcore()
+    return RelocatedSource(raw, ctx.parked, lambda pa: kc.read_phys(pa, 4096))
+
+
 def run_snapshot(job: Job, ctx: CaptureContext) -> Saved:
     """The ``snapshot`` job: save into the slot; the first kernel reads it back and marks it complete."""
     from khibernate.store.handle import Store
 
     with Store.open(job.target, write=True, say=ctx.rep.say) as st:
-        _, seal = take_request(st, job)
+        _, seal = take_request(st, job, ctx)
         return save_into(st, job, ctx, seal=seal)
 
 
@@ -148,7 +175,7 @@ def run_hibernate(job: Job, ctx: CaptureContext) -> NoReturn:
     from khibernate.store.superblock import FLAG_HIBERNATE
 
     with Store.open(job.target, write=True, say=ctx.rep.say) as st:
-        request, seal = take_request(st, job)
+        request, seal = take_request(st, job, ctx)
         filesystems = request.get("filesystems")
         if not isinstance(filesystems, list):
             raise JobError("the first kernel's request records no filesystems: a resume could not check the disks")
@@ -174,7 +201,7 @@ def withdraw_hibernation(job: Job) -> str:
     resumable image while the first kernel runs on, so it is marked bad here, before the jump back (the first kernel
     marks it again, and says so if it cannot).  Returns what was done, for the log and the result."""
     from khibernate.store.handle import Store
-    from khibernate.store.superblock import SlotState, Superblock
+    from khibernate.store.superblock import SlotState
 
     def change(sb: Superblock) -> Superblock:
         rec = sb.slot(job.slot)

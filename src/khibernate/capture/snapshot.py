@@ -13,7 +13,7 @@ import dataclasses
 import os
 import time
 import uuid as uuidlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,7 +26,9 @@ from khibernate.progress import Say
 from khibernate.store.superblock import SlotRecord, SlotState
 
 if TYPE_CHECKING:
-    from khibernate.capture.roundtrip import Outcome
+    from khibernate.capture.arm import ResidentTrip
+    from khibernate.capture.jobspec import Job
+    from khibernate.capture.roundtrip import CaptureKernel, Outcome
     from khibernate.seal.keysource import KeySource
     from khibernate.store.handle import SlotCheck, Store
     from khibernate.store.plan import SizeEstimate
@@ -187,6 +189,7 @@ class SnapshotReport:
     kernel: str
     total_seconds: float
     verified: bool = True
+    capture_kernel: str = "fresh"  # "resident": the pause jumped into the armed capture kernel (`khibernate arm`)
     export: dict[str, JsonValue] | None = None  # `--export-dir`: what went where (analysis.export_folder)
 
     def to_json(self) -> dict[str, JsonValue]:
@@ -203,7 +206,8 @@ class SnapshotReport:
                 f"{self.pages_excluded - self.pages_zero} {'free ' if self.dump_level & ~17 == 0 else ''}dropped at "
                 f"-d {self.dump_level}); classes: {cls}\n"
                 f"  {self.bytes / 1e6:.1f} MB, saved in {self.save_seconds} s ({self.throughput_mb_s} MB/s)\n"
-                f"  the system was paused {self.pause_seconds:.2f} s (freeze -> thaw)"
+                f"  the system was paused {self.pause_seconds:.2f} s (freeze -> thaw, {self.capture_kernel} capture "
+                "kernel)"
                 + (f"; retired slots {self.retired_slots}" if self.retired_slots else ""))
 
 
@@ -283,20 +287,25 @@ def _run(opts: Options, st: Store, say: Say, system: SystemRoot) -> SnapshotRepo
         from khibernate.store import keyslots
 
         request["seal"] = dict(hand_image_key(opts.key, keyslots.read(st.fd, opts.target), image.bytes).to_json())
-    trip = RoundTrip.prepare(CaptureKernel(kernel, initrd, opts.mem_min, opts.mem_max, opts.append), job, system,
-                             request)
+    capture = CaptureKernel(kernel, initrd, opts.mem_min, opts.mem_max, opts.append)
+    trip = RoundTrip.prepare(capture, job, system, request)
+    resident = resident_for(opts, capture, system, say)
     # ---- writes start here: reserve the slot (the last good image stays untouched), load, jump
     reserved = dataclasses.replace(slot, state=SlotState.WRITING, seq=sb.next_seq(), length=0, crc32=0,
                                    dump_level=opts.level, image_uuid=image.bytes, created_ns=time.time_ns(),
                                    pages_stored=0, pages_excluded=0, boot_id=uuidlib.UUID(boot_id).bytes,
                                    osrelease=os.uname().release, flags=0)
-    st.set_slot(reserved, sb.uuid)
+    generation = st.set_slot(reserved, sb.uuid).generation
 
     def fail(msg: str) -> SnapshotError:
         return mark_failed(opts, st, reserved, sb.uuid, msg)
 
     try:
-        out = trip.run(lambda: say(JUMP_WORDS[opts.kind]))
+        out = through_resident(resident, job, generation, request, say, opts.append) if resident is not None \
+            else None
+        how = "resident" if out is not None else "fresh"
+        if out is None:
+            out = trip.run(lambda: say(JUMP_WORDS[opts.kind]))
     except RoundTripError as e:
         raise fail(str(e)) from None
     if isinstance(out.result, Failed):
@@ -308,7 +317,66 @@ def _run(opts: Options, st: Store, say: Say, system: SystemRoot) -> SnapshotRepo
         return resumed_report(opts, reserved, out, t_start)
     if not isinstance(out.result, Saved):
         raise fail("the capture kernel reported a resume, not a saved image")
-    return _complete(opts, st, reserved, out, out.result, fail, (kernel, initrd), t_start)
+    report = _complete(opts, st, reserved, out, out.result, fail, (kernel, initrd), t_start)
+    return dataclasses.replace(report, capture_kernel=how)
+
+
+def resident_for(opts: Options, capture: CaptureKernel, system: SystemRoot, say: Say) -> ResidentTrip | None:
+    """The armed resident capture kernel's trip for this capture, or None: unarmed, or (said, and disarmed) one that
+    cannot serve it — the capture then loads a fresh capture kernel."""
+    from khibernate.capture import arm
+
+    armed = arm.read_state(system)
+    if armed is None:
+        return None
+    reason = arm.unusable_reason(armed, capture, opts.target, system)
+    try:
+        if reason is None:
+            return arm.ResidentTrip.open(armed)
+    except arm.ResidentUnusable as e:
+        reason = str(e)
+    say(f"{opts.kind}: the resident capture kernel cannot serve this capture ({reason}): disarming it, a fresh one "
+        "is loaded")
+    arm.disarm()
+    return None
+
+
+def through_resident(resident: ResidentTrip, job: Job, generation: int, request: Mapping[str, JsonValue] | None,
+                     say: Say, append: str = "") -> Outcome | None:
+    """The pause through the resident capture kernel; None when it refused (it is disarmed: load a fresh one).
+    RoundTripError as a fresh round trip's (the resident kernel disarmed: its state is unknown)."""
+    from khibernate.capture import arm, pauserequest
+    from khibernate.capture.errors import MailboxError
+
+    req = resident.request(job, generation, request, append)
+    try:
+        pauserequest.pack(req)
+    except MailboxError as e:
+        say(f"{job.kind}: the pause request does not fit the resident mailbox ({e}): disarming, loading a fresh one")
+        resident.close()
+        arm.disarm()
+        return None
+    try:
+        out = resident.enter(req, lambda: say(RESIDENT_WORDS[job.kind]))
+    except RoundTripError:
+        arm.disarm()
+        raise
+    finally:
+        resident.close()
+    if isinstance(out.result, Failed) and out.result.refused:
+        say(f"{job.kind}: {out.result.message}: disarming it, loading a fresh capture kernel")
+        arm.disarm()
+        return None
+    if isinstance(out.result, Resumed):
+        arm.disarm()  # a resume brought this kernel back: the resident capture kernel's memory did not survive
+    return out
+
+
+RESIDENT_WORDS = {
+    "hibernate": "hibernate: syncing filesystems, then jumping into the resident capture kernel; it saves this system "
+                 "and powers the machine off (`khibernate resume` at the next boot brings it back)",
+    "snapshot": "snapshot: syncing filesystems, then jumping into the resident capture kernel (this system pauses "
+                "now)"}
 
 
 JUMP_WORDS = {

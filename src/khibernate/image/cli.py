@@ -18,7 +18,7 @@ from khibernate.image.levels import RESTORABLE_LEVEL, PageClass
 from khibernate.image.sources import MemorySource, open_source
 from khibernate.image.vmcoreinfo import Vmcoreinfo
 from khibernate.progress import Reporter
-from khibernate.seal.cli import key_sources, one_key, with_key_options
+from khibernate.seal.cli import KeyOptions, key_sources, one_key, with_key_options
 
 if TYPE_CHECKING:
     from khibernate.seal.keysource import KeySource
@@ -148,8 +148,8 @@ def image_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")
 def save_cmd(source: str, dest: str, level: int | None, restorable: bool, threads: int, zlevel: int,
              block_pages: int, no_sync: bool, vmcoreinfo_file: str | None, vmcoreinfo_at: str | None,
-             ranges: str | None, elfcorehdr: str | None, xen_filter: str | None, key_file: str | None,
-             passphrase_file: str | None, ask_passphrase: bool, as_json: bool) -> None:
+             ranges: str | None, elfcorehdr: str | None, xen_filter: str | None, keys: KeyOptions,
+             as_json: bool) -> None:
     """Filter SOURCE and save it as a khibernate image DEST (written to a temporary file beside DEST, fsync'd and
     renamed when complete). The image is restorable only if SOURCE itself lost no more than zero and free pages.
     A Xen host's vmcore is saved at -d 1 by default (dom0's page classes need its p2m: -d 2-16 are refused).
@@ -159,7 +159,7 @@ def save_cmd(source: str, dest: str, level: int | None, restorable: bool, thread
     from khibernate.image.sources import xen
     from khibernate.image.sources.khi import save_file
 
-    sources = key_sources(key_file, passphrase_file, ask_passphrase, confirm=True)
+    sources = key_sources(keys, confirm=True)
     sealing = None
     if sources:
         from khibernate.seal.sealing import Sealing
@@ -195,13 +195,13 @@ def save_cmd(source: str, dest: str, level: int | None, restorable: bool, thread
 @with_key_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info_cmd(source: str, vmcoreinfo_file: str | None, vmcoreinfo_at: str | None, ranges: str | None,
-             elfcorehdr: str | None, key_file: str | None, passphrase_file: str | None, ask_passphrase: bool,
+             elfcorehdr: str | None, keys: KeyOptions,
              as_json: bool) -> None:
     """Show what SOURCE holds: format, memory ranges, kernel release, and for images the filter counts (a sealed
     image: with its key)."""
     from khibernate.image.info import describe
 
-    with _open(source, ranges, elfcorehdr, one_key(key_file, passphrase_file, ask_passphrase)) as src:
+    with _open(source, ranges, elfcorehdr, one_key(keys)) as src:
         d = describe(src, _vmcoreinfo(src, vmcoreinfo_file, vmcoreinfo_at, required=False))
     lines = [f"{k}: {v}" for k, v in d.items() if k != "ranges"]
     lines.append("ranges: " + " ".join(f"{a}-{b}" for a, b in d["ranges"]))
@@ -213,12 +213,11 @@ def info_cmd(source: str, vmcoreinfo_file: str | None, vmcoreinfo_at: str | None
 @with_raw_options
 @with_key_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def verify_cmd(image: str, ranges: str | None, elfcorehdr: str | None, key_file: str | None,
-               passphrase_file: str | None, ask_passphrase: bool, as_json: bool) -> None:
+def verify_cmd(image: str, ranges: str | None, elfcorehdr: str | None, keys: KeyOptions, as_json: bool) -> None:
     """Check every checksum and table of a khibernate image (or read every stored page of any other source).
     A sealed image needs its key, and is checked for authenticity: every block's tag, and the tag over header,
     bitmaps, index and trailer."""
-    with _open(image, ranges, elfcorehdr, one_key(key_file, passphrase_file, ask_passphrase)) as src:
+    with _open(image, ranges, elfcorehdr, one_key(keys)) as src:
         with Reporter.for_terminal().meter("verify", sum(r.size for r in src.ranges)) as prog:
             res = src.verify(progress=prog.update)
         sealed = bool(getattr(src, "cipher", None))
@@ -234,12 +233,12 @@ def verify_cmd(image: str, ranges: str | None, elfcorehdr: str | None, key_file:
 @with_raw_options
 @with_key_options
 def read_cmd(source: str, paddr: int, size: int, raw: bool, ranges: str | None, elfcorehdr: str | None,
-             key_file: str | None, passphrase_file: str | None, ask_passphrase: bool) -> None:
+             keys: KeyOptions) -> None:
     """Read physical memory from SOURCE (hex dump, or --raw bytes)."""
     if size > 1 << 30:
         raise UsageErrorImage(f"--size {size} is more than 1G; read in pieces or use 'image export'")
     a = paddr
-    with _open(source, ranges, elfcorehdr, one_key(key_file, passphrase_file, ask_passphrase)) as src:
+    with _open(source, ranges, elfcorehdr, one_key(keys)) as src:
         data = src.read(a, size)
     if raw:
         sys.stdout.buffer.write(data)
@@ -267,8 +266,7 @@ def read_cmd(source: str, paddr: int, size: int, raw: bool, ranges: str | None, 
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result.")
 def export_cmd(source: str, dest: str, fmt: str, compress: str, flat: bool, elf32: bool, level: int | None,
                threads: int, no_sync: bool, vmcoreinfo_file: str | None, vmcoreinfo_at: str | None, ranges: str | None,
-               elfcorehdr: str | None, xen_filter: str | None, key_file: str | None, passphrase_file: str | None,
-               ask_passphrase: bool, as_json: bool) -> None:
+               elfcorehdr: str | None, xen_filter: str | None, keys: KeyOptions, as_json: bool) -> None:
     """Write SOURCE as an ELF vmcore or a makedumpfile-compatible kdump-compressed file.
 
     A zstd kdump file needs makedumpfile/crash built with zstd (Debian 12's are not: export with --compress zlib
@@ -279,7 +277,7 @@ def export_cmd(source: str, dest: str, fmt: str, compress: str, flat: bool, elf3
         raise UsageErrorImage("--flat applies to --format kdump only")
     from khibernate.image.sources import xen
 
-    with _open(source, ranges, elfcorehdr, one_key(key_file, passphrase_file, ask_passphrase)) as opened:
+    with _open(source, ranges, elfcorehdr, one_key(keys)) as opened:
         src = xen.XenFilteredSource(opened, xen.frame_filter(opened, xen_filter)) if xen_filter else opened
         xen.check_level(src, level or 0)
         vmci = _vmcoreinfo(src, vmcoreinfo_file, vmcoreinfo_at, required=bool((level or 0) & ~1))
@@ -300,12 +298,11 @@ def export_cmd(source: str, dest: str, fmt: str, compress: str, flat: bool, elf3
 @with_source_options
 @with_key_options
 def dmesg_cmd(source: str, output: str | None, vmcoreinfo_file: str | None, vmcoreinfo_at: str | None,
-              ranges: str | None, elfcorehdr: str | None, key_file: str | None, passphrase_file: str | None,
-              ask_passphrase: bool) -> None:
+              ranges: str | None, elfcorehdr: str | None, keys: KeyOptions) -> None:
     """Print the old kernel's log buffer, like makedumpfile --dump-dmesg."""
     from khibernate.image.dmesg import kernel_log
 
-    with _open(source, ranges, elfcorehdr, one_key(key_file, passphrase_file, ask_passphrase)) as src:
+    with _open(source, ranges, elfcorehdr, one_key(keys)) as src:
         vmci = _vmcoreinfo(src, vmcoreinfo_file, vmcoreinfo_at, required=True)
         assert vmci is not None
         text = kernel_log(src, vmci)

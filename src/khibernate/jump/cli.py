@@ -163,6 +163,12 @@ def kdump_load_cmd(kernel: str, initrd: str | None, append: str | None, command_
         return
     if dry_run:
         raise UsageError("--dry-run applies on a Xen dom0 (elsewhere the kernel builds the kdump image itself)")
+    from khibernate.capture import arm
+
+    if arm.read_state() is not None:  # the kernel would place the kdump image over the waiting capture kernel
+        raise UsageError("a resident capture kernel (`khibernate arm`) lives in the crash region: `khibernate "
+                         "disarm` first, or arm it with --mem-min/--mem-max and load kdump into the rest of the "
+                         "region with kexec-tools (kexec -p --mem-min=... --mem-max=...)")
     api.file_load(kernel, initrd, cmdline, crash=True)
     click.echo(f"loaded capture kernel {kernel}; it boots on panic")
 

@@ -7,7 +7,7 @@ import sys
 import click
 
 from khibernate.capture.cli import capture_kernel_options
-from khibernate.seal.cli import one_key, with_key_options
+from khibernate.seal.cli import KeyOptions, one_key, resume_key, with_key_options
 
 AGAIN_WARNING = ("--again resumes an image that a boot tried or resumed before: the same kernel state runs a second "
                  "time — the same random-number generator state, the same TCP connections and sequence numbers, the "
@@ -34,9 +34,10 @@ AGAIN_WARNING = ("--again resumes an image that a boot tried or resumed before: 
 @click.option("--discard", is_flag=True, help="Mark the newest hibernation image tried without resuming it, like "
               "swsusp's `noresume` (the initramfs scripts run this for `noresume` on the kernel command line): this "
               "boot goes on, and no later boot resumes the image (it stays for analysis and export).")
+@with_key_options
 def resume_command(target: str, again: bool, attempt: str | None, ignore_changed_filesystems: bool,
                    kernel: str | None, capture_initrd: str | None, deadline: float, append: str, check: bool,
-                   discard: bool) -> None:
+                   discard: bool, keys: KeyOptions) -> None:
     """Resume the kernel that `khibernate hibernate` saved in DEV, like swsusp's resume=: run it at early boot,
     BEFORE any filesystem is mounted read-write (the initramfs-tools script in initramfs/ does).
 
@@ -50,6 +51,15 @@ def resume_command(target: str, again: bool, attempt: str | None, ignore_changed
     image back into memory and the saved kernel runs on. The capture kernel runs in the crash region the image
     was saved from, also when this boot reserved another one (KASLR moves it): the jump then swaps this boot's
     pages out of the saved region.
+    A sealed store's image needs its key: --key-file FILE, --passphrase-file FILE, --tpm, or the passphrase typed —
+    given none, a sealed store's TPM slot is tried first (the TPM releases the key only to the boot chain, PCRs,
+    `target init --tpm` sealed it to), then the passphrase is asked on the console (the controlling terminal, else
+    /dev/console; no echo; 300 s), as cryptsetup asks in an initramfs. The secret is read in a child process that
+    derives the key of this one image and ends; that key reaches the restoring capture kernel through memory (the
+    mailbox page, wiped at once), never the command line or the disk. A wrong key or passphrase, or a TPM that does
+    not release the key, is refused before anything is loaded (the image stays tried; `resume --again` with the
+    right one). Given a key, an unsealed image is refused.
+    --check of a sealed store needs a key option (it asks only with --passphrase; without one: exit 2).
     Exit status: 0 nothing to resume (DEV holds no hibernation image); 1 the image was not resumed — refused (it
     is for another kernel build or memory size, a filesystem changed, it is damaged, or this is no
     initramfs) or tried or resumed before, or discarded; nothing was written to memory, boot on normally;
@@ -68,7 +78,8 @@ def resume_command(target: str, again: bool, attempt: str | None, ignore_changed
     if discard and (again or attempt or check):
         raise click.UsageError("--discard marks the image tried and resumes nothing: it goes with no other mode")
     opts = rs.Options(target=target, kernel=kernel, capture_initrd=capture_initrd, again=again, deadline=deadline,
-                      append=append, attempt=attempt, ignore_changed_filesystems=ignore_changed_filesystems)
+                      append=append, attempt=attempt, ignore_changed_filesystems=ignore_changed_filesystems,
+                      key=resume_key(target, keys))
     if again and not check:
         click.echo(f"resume: --again: {AGAIN_WARNING}", err=True)
     try:
@@ -109,8 +120,7 @@ def resume_command(target: str, again: bool, attempt: str | None, ignore_changed
               "--unsealed`).")
 @with_key_options
 def restore_command(what: str, target: str | None, again: bool, vmcore: str, devmem: str | None, dry_run: bool,
-                    no_jump: bool, allow_unsealed: bool, key_file: str | None, passphrase_file: str | None,
-                    ask_passphrase: bool) -> None:
+                    no_jump: bool, allow_unsealed: bool, keys: KeyOptions) -> None:
     """krestore: write a saved image back into the first kernel's memory and enter the saved kernel. Runs in a
     capture kernel that the hibernated kernel's fresh boot jumped to (`khibernate resume` does all of this).
 
@@ -128,7 +138,7 @@ def restore_command(what: str, target: str | None, again: bool, vmcore: str, dev
     from khibernate.errors import UsageError
     from khibernate.restore import run as rr
 
-    key = one_key(key_file, passphrase_file, ask_passphrase)
+    key = one_key(keys)
     if what.isdigit():
         if not target:
             raise UsageError("a slot number needs --target DEV (or give an image file)")

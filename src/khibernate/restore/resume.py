@@ -18,6 +18,7 @@ import dataclasses
 import os
 import time
 import uuid as uuidlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -32,7 +33,10 @@ from khibernate.store.superblock import FLAG_HIBERNATE, SlotRecord, SlotState, S
 from khibernate.system import SystemRoot
 
 if TYPE_CHECKING:
+    from khibernate.capture.jobspec import JsonValue
     from khibernate.jump.loader import SystemFacts
+    from khibernate.seal.keysource import KeySource
+    from khibernate.seal.sealing import HandedKey
     from khibernate.store.handle import Store
 
 
@@ -48,6 +52,9 @@ class Options:
     append: str = ""
     attempt: str | None = None  # continue this attempt (its token, 32 hex digits) instead of starting one
     ignore_changed_filesystems: bool = False  # with again only: resume although a recorded filesystem changed
+    # a sealed store's key, made (the secret read, or asked on the console) only in the child process that derives
+    # the image key; None: a sealed store's passphrase is asked on the console
+    key: Callable[[], KeySource] | None = None
 
 
 def newest_image(sb: Superblock) -> SlotRecord | None:
@@ -103,13 +110,58 @@ def this_kernel(img: SavedImage | None = None) -> ThisBoot:
                     osrelease=os.uname().release, build_id=build)
 
 
-def saved_image(st: Store, rec: SlotRecord) -> SavedImage:
-    """What the slot's image says about the kernel it holds (header, trailer and tables checked)."""
-    src = st.open_slot(rec)
+def saved_image(st: Store, rec: SlotRecord, key: HandedKey | None = None, key_given: bool = False) -> SavedImage:
+    """What the slot's image says about the kernel it holds (header, trailer and tables checked; sealed: opened
+    with the image key ``key`` and authenticated), and whether the store accepts it (khibernate.seal.policy: given
+    a key, only a sealed image)."""
+    from khibernate.seal import policy
+
+    src = st.open_slot(rec, key)
     try:
+        policy.check_restore(st.sb.flags, src.header.seal is not None, key_given or key is not None,
+                             f"slot {rec.index} of {st.path}")
         return SavedImage.from_source(src)
     finally:
         src.close()
+
+
+def image_key(opts: Options, st: Store, rec: SlotRecord, ask: bool = True, say: Say = print) -> HandedKey | None:
+    """The key of the slot's image in a sealed store, derived in a child process (khibernate.seal.handoff, as a
+    snapshot does) from the key ``opts`` names or, none named and ``ask`` (a resume, in the initramfs), from the
+    store's TPM slot if it has one and then, when that fails, from a passphrase asked on the console there; None
+    for a store that is not sealed.  KeyRequiredError / WrongKeyError / KeySourceError / TpmError before anything
+    is loaded."""
+    from khibernate.seal import keyring
+    from khibernate.seal.errors import KeyRequiredError, SealError
+    from khibernate.store.superblock import STORE_SEALED
+
+    if not st.sb.flags & STORE_SEALED:
+        return None
+    from khibernate.seal.askpass import console_passphrase
+    from khibernate.seal.handoff import hand_image_key
+    from khibernate.store import keyslots
+
+    what = f"the store {opts.target}"
+    if opts.key is not None:
+        return hand_image_key(opts.key, keyslots.read(st.fd, opts.target), rec.image_uuid, what)
+    if not ask:
+        raise KeyRequiredError(f"{opts.target} is a sealed store: give its key to check its image (--key-file FILE, "
+                               "--passphrase-file FILE, --tpm, or --passphrase to type it)")
+    ring = keyslots.read(st.fd, opts.target)
+    kinds = {s.kind for s in ring.slots}
+    if keyring.KIND_TPM in kinds:
+        from khibernate.seal.tpm import TpmKey
+
+        try:
+            return hand_image_key(TpmKey, ring, rec.image_uuid, what)
+        except SealError as e:
+            if keyring.KIND_PASSPHRASE not in kinds:
+                raise
+            say(f"resume: {e}; asking for the passphrase instead")
+    if keyring.KIND_PASSPHRASE not in kinds:
+        raise KeyRequiredError(f"{opts.target} is a sealed store opened by {ring.kinds()}, not by a passphrase "
+                               "to type: give its key (--key-file FILE)")
+    return hand_image_key(console_passphrase(opts.target), ring, rec.image_uuid, what)
 
 
 def problems(opts: Options, img: SavedImage, say: Say = print) -> list[str]:
@@ -150,7 +202,8 @@ def preflight(opts: Options, say: Say = print) -> tuple[Superblock, SlotRecord, 
             raise NothingToResume(f"no hibernation image to resume in {opts.target}")
         if choose(sb, opts.again) is None:
             raise ResumeError(tried_before(opts.target, rec))
-        img = saved_image(st, rec)
+        # no implicit ask here: --check may run anywhere (the console of a booted system is nobody's terminal)
+        img = saved_image(st, rec, image_key(opts, st, rec, ask=False), opts.key is not None)
     found = problems(opts, img, say)
     if found:
         raise RestoreRefused(found)
@@ -253,7 +306,12 @@ def _check_and_jump(opts: Options, att: Attempt, say: Say, system: SystemRoot, s
 
     t0 = time.monotonic()
     rec = att.slot
-    img = saved_image(st, rec)
+    handed = image_key(opts, st, rec, say=say)  # a wrong key or passphrase: refused here, nothing loaded
+    img = saved_image(st, rec, handed, opts.key is not None)
+    if handed is not None:
+        say(f"resume: the image is sealed: its key derived, its header and tables authentic "
+            f"({time.monotonic() - t0:.2f} s, typing included); the capture kernel authenticates every block before "
+            "the first write")
     found = problems(opts, img, say)
     if found:
         raise RestoreRefused(found)
@@ -268,8 +326,11 @@ def _check_and_jump(opts: Options, att: Attempt, say: Say, system: SystemRoot, s
     job = Job("restore", job_target, str(uuidlib.UUID(bytes=att.store_uuid)), rec.index, rec.offset, rec.capacity,
               rec.dump_level, str(uuidlib.UUID(bytes=rec.image_uuid)), system.boot_id(), opts.deadline, 0,
               again=opts.again, attempt=att.token_hex, target_map=target_map)
+    request: dict[str, JsonValue] = {"request": "restore"}
+    if handed is not None:  # the image key through the mailbox page (never the command line, never the disk)
+        request["seal"] = dict(handed.to_json())
     trip = RoundTrip.prepare(CaptureKernel(kernel, initrd, where.window.start, where.window.end - 1, opts.append),
-                             job, system)
+                             job, system, request)
     say(f"resume: {where.describe()}")
     t_load = time.monotonic()
     try:

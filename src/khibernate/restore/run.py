@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from khibernate.image.sources.khi import KhiSource
     from khibernate.restore.krestore import RestoreStats
     from khibernate.seal.keysource import KeySource
+    from khibernate.seal.sealing import HandedKey
     from khibernate.store.handle import Store
     from khibernate.store.superblock import SlotRecord
 
@@ -78,10 +79,38 @@ def prepare_slot(target: str, index: int, *, again: bool = False, image_uuid: by
 
     st = Store.open(target, write=True, say=say)
     try:
-        rec = _restorable_slot(st, index, again, image_uuid, attempt)
-        t0 = time.monotonic()
-        src = st.open_slot(rec, key)  # header, trailer, tables: each its own CRC (sealed: authenticated)
-        return _checked(src, rec, t0, vmcore, st.sb.flags, key is not None, f"slot {index} of {target}", st)
+        return prepare_open_slot(st, index, again=again, image_uuid=image_uuid, attempt=attempt, vmcore=vmcore,
+                                 key=key)
+    except BaseException:
+        st.close()
+        raise
+
+
+def prepare_open_slot(st: Store, index: int, *, again: bool = False, image_uuid: bytes | None = None,
+                      attempt: bytes | None = None, vmcore: str = "/proc/vmcore",
+                      key: KeySource | HandedKey | None = None) -> Prepared:
+    """prepare_slot on the store ``st`` open for writing (the Prepared holds it; the caller closes it on a
+    refusal); ``key`` also the image key a resume handed over."""
+    rec = _restorable_slot(st, index, again, image_uuid, attempt)
+    t0 = time.monotonic()
+    src = st.open_slot(rec, key)  # header, trailer, tables: each its own CRC (sealed: authenticated)
+    return _checked(src, rec, t0, vmcore, st.sb.flags, key is not None, f"slot {index} of {st.path}", st)
+
+
+def prepare_job(job: Job, ctx: CaptureContext, devmem: str = "/dev/mem") -> Prepared:
+    """The ``restore`` job's slot, every check done: first the resuming kernel's request taken from its mailbox
+    page (capture/save.take_request: the image key of a sealed store wiped from the page at once), then the slot
+    opened with that key, every block authenticated (prepare_open_slot).  Nothing written to memory (``devmem``:
+    the first kernel's, where its mailbox page is) but the wipe; raises on a refusal."""
+    from khibernate.capture.save import take_request
+    from khibernate.store.handle import Store
+
+    st = Store.open(job.target, write=True, say=say)
+    try:
+        _, seal = take_request(st, job, ctx, devmem)
+        return prepare_open_slot(st, job.slot, again=job.again, image_uuid=job.image_uuid,
+                                 attempt=bytes.fromhex(job.attempt) if job.attempt else None, vmcore=ctx.vmcore,
+                                 key=seal.handed if seal is not None else None)
     except BaseException:
         st.close()
         raise
@@ -162,14 +191,22 @@ def write_back(p: Prepared, devmem: str | None = None, fail_after_first_block: b
                                    "written")
             meter.update(n)
 
-        stats = write_image(p.source, mem, ram=ram, zero_free=p.image.zero_free, progress=progress,
+        stats = write_image(p.source, mem, ram=ram, zero_free=zero_free(p), progress=progress,
                             on_first_write=touched)
     stats.verify_seconds = round(p.verify_seconds, 3)
+    why = "init_on_free" if p.image.zero_free else "sealed: nothing of the resume boot is left behind"
     say(f"{stats.pages_written} pages written, {stats.pages_zeroed} zeroed"
-        + (f", {stats.pages_free_zeroed} free pages zeroed (init_on_free)" if stats.pages_free_zeroed else "")
+        + (f", {stats.pages_free_zeroed} free pages zeroed ({why})" if stats.pages_free_zeroed else "")
         + f", all read back equal: {stats.bytes_written / 1e6:.0f} MB in {stats.write_seconds:.2f} s "
         f"({stats.throughput_mb_s:.0f} MB/s); image checked in {p.verify_seconds:.2f} s")
     return stats
+
+
+def zero_free(p: Prepared) -> bool:
+    """Whether the restore zeroes the pages the image dropped as free: when the saved kernel zeroes freed pages
+    (init_on_free), and for every sealed image — the resume boot's memory is not the saved kernel's to keep: its
+    pages that the image does not overwrite would hold what that boot had (the typed passphrase, the image key)."""
+    return p.image.zero_free or p.source.cipher is not None
 
 
 def enter_saved_kernel(p: Prepared, resumed: Resumed) -> None:
@@ -197,8 +234,7 @@ def run_restore(job: Job, ctx: CaptureContext) -> Failed:
     say(f"restore slot {job.slot} of {job.target} (image {job.image}){' again' if job.again else ''}, up "
         f"{ctx.system.uptime():.2f} s")
     try:
-        p = prepare_slot(job.target, job.slot, again=job.again, image_uuid=job.image_uuid,
-                         attempt=bytes.fromhex(job.attempt) if job.attempt else None, vmcore=ctx.vmcore)
+        p = prepare_job(job, ctx)
     except KhibernateError as e:
         return Failed(str(e), type(e).__name__, refused=True)
     say(f"image checked ({p.verify_seconds:.2f} s): {p.image.osrelease}, {len(p.image.ranges)} RAM ranges, entry "

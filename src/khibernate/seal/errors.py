@@ -39,3 +39,25 @@ class TamperedError(SealError, CorruptImageError):
 
 class UnsealedRefusedError(SealError):
     """An unauthenticated (unsealed) image where only sealed ones are accepted."""
+
+
+class TpmError(SealError):
+    """The TPM did not release the key of a TPM slot (the message carries what tpm2-tools said)."""
+
+    def __init__(self, message: str, rc: int | None = None):
+        super().__init__(message)
+        self.rc = rc  # the TPM's response code, when tpm2-tools named one
+
+
+class TpmUnavailableError(TpmError):
+    """No TPM to ask (no device, the TCTI does not connect) or no tpm2-tools to ask it with."""
+
+    exit_code = 2
+
+
+class TpmPolicyError(TpmError):
+    """The TPM refuses the slot's PCR policy (TPM error 0x99d): the boot chain changed since the slot was sealed."""
+
+
+class TpmForeignError(TpmError):
+    """The TPM refuses to load the slot's sealed object: another TPM sealed it, or this one was cleared since."""

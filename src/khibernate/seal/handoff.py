@@ -59,7 +59,11 @@ def hand_image_key(make_source: Callable[[], KeySource], ring: Keyring, image_uu
     if status != 0 or not data:
         raise errors.KeySourceError(f"the process that unwraps the key of {what} failed (status {status}); nothing "
                                     "was written")
-    answer = json.loads(data)
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        raise errors.KeySourceError(f"the process that unwraps the key of {what} answered garbage; nothing was "
+                                    "written") from None
     if "error" in answer:
         cls = getattr(errors, str(answer["error"]), errors.KeySourceError)
         raise (cls if isinstance(cls, type) and issubclass(cls, errors.SealError) else errors.KeySourceError)(

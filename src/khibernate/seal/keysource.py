@@ -1,8 +1,9 @@
 """Where the store key comes from: a key source wraps the store key into a key slot and unwraps it again.
 
-Sources today: :class:`KeyFile` (a file of at least 32 random bytes, mode 0600 or stricter) and :class:`Passphrase`
-(scrypt, memory-hard).  The TPM 2.0 source (kind 3, sealed to a PCR policy) is the next one: it implements the same
-:class:`KeySource` protocol, and nothing else changes (the keyring stores its slot like the others).
+Sources: :class:`KeyFile` (a file of at least 32 random bytes, mode 0600 or stricter), :class:`Passphrase`
+(scrypt, memory-hard) and the TPM 2.0 (``khibernate.seal.tpm.TpmKey``: a random KEK sealed to a PCR policy, its
+sealed object in the slot's blob).  Whatever a source yields is only a candidate KEK: the store key it unwraps is
+accepted only when the slot's AEAD tag and the keyring's key id say it is the store's.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from khibernate.seal import keyring
 from khibernate.seal.cipher import KEY_BYTES, key_id
-from khibernate.seal.errors import KeySourceError, WrongKeyError
+from khibernate.seal.errors import KeySourceError, SealError, WrongKeyError
 from khibernate.seal.keyring import KeySlot
 
 MIN_KEY_FILE = 32
@@ -126,23 +127,30 @@ def new_store_key() -> bytes:
 def make_keyring(store_key: bytes, sources: Sequence[KeySource]) -> keyring.Keyring:
     """A keyring wrapping ``store_key`` once per source."""
     kid = key_id(store_key)
-    slots = []
-    for src in sources:
-        slot = src.new_slot()
-        slots.append(keyring.wrap(src.kek(slot), store_key, kid, slot))
-    return keyring.Keyring(kid, tuple(slots))
+    fresh = [(src, src.new_slot()) for src in sources]
+    version = keyring.version_for([slot for _, slot in fresh])
+    slots = tuple(keyring.wrap(src.kek(slot), store_key, kid, slot, version) for src, slot in fresh)
+    return keyring.Keyring(kid, slots, version)
 
 
 def open_keyring(ring: keyring.Keyring, source: KeySource, what: str) -> bytes:
     """The store key from the first slot of ``source``'s kind that it opens; WrongKeyError naming what would."""
     tried = False
+    refused: SealError | None = None  # why a slot's KEK could not be had (a TPM that does not release it)
     for slot in ring.slots:
         if slot.kind != source.kind:
             continue
         tried = True
-        key = keyring.unwrap(source.kek(slot), ring.key_id, slot)
+        try:
+            kek = source.kek(slot)
+        except SealError as e:  # another slot of the kind may still open (a TPM slot of other PCRs)
+            refused = refused or e
+            continue
+        key = keyring.unwrap(kek, ring.key_id, slot, ring.version)
         if key is not None and key_id(key) == ring.key_id:
             return key
+    if refused is not None:
+        raise refused
     if not tried:
         raise WrongKeyError(f"{what} is sealed to {ring.kinds()}, not to {keyring.KIND_NAMES[source.kind]}; give "
                             f"{_options(ring)}")
@@ -153,5 +161,5 @@ def open_keyring(ring: keyring.Keyring, source: KeySource, what: str) -> bytes:
 def _options(ring: keyring.Keyring) -> str:
     """The command-line options that can open ``ring``."""
     opts = {keyring.KIND_KEY_FILE: "--key-file FILE", keyring.KIND_PASSPHRASE: "--passphrase-file FILE",
-            keyring.KIND_TPM: "the TPM"}
+            keyring.KIND_TPM: "--tpm"}
     return " or ".join(dict.fromkeys(opts.get(s.kind, f"a kind-{s.kind} key") for s in ring.slots))

@@ -10,7 +10,7 @@ from khibernate.store.superblock import STORE_SEALED, STORE_UNSEALED
 
 
 class SealedStoreCaptureError(SealError):
-    """A capture into a sealed store without its key, or a hibernation into one (a resume cannot open it yet)."""
+    """A capture into a sealed store without its key, or with a key into a store that is not sealed."""
 
 
 def name(flags: int) -> str:
@@ -42,18 +42,18 @@ def check_restore(flags: int, image_sealed: bool, key_given: bool, where: str) -
 
 
 def check_capture(flags: int, target: str, kind: str, key_given: bool) -> None:
-    """Whether a capture of ``kind`` may go into a store with ``flags``: a sealed store needs its key (the capture
-    kernel seals with the image key the first kernel hands it), an unsealed one must not be given one, and a
-    hibernation into a sealed store is refused until a resume can hand the key on (SealedStoreCaptureError)."""
+    """Whether a capture of ``kind`` (snapshot or hibernate) may go into a store with ``flags``: a sealed store
+    needs its key (the capture kernel seals with the image key the first kernel hands it; a resume derives the same
+    image key from the same key source and hands it to the restoring kernel), an unsealed one must not be given one
+    (SealedStoreCaptureError)."""
     if not flags & STORE_SEALED:
         if key_given:
             raise SealedStoreCaptureError(f"{target} is not a sealed store: a key would seal nothing (make the store "
                                           "with `target init --key-file` to seal its images, or drop the key option)")
         return
-    if kind == "hibernate":
-        raise SealedStoreCaptureError(f"{target} is a sealed store, and a resume cannot yet hand the key to the "
-                                      "kernel that restores: a hibernation there could not be resumed. Hibernate "
-                                      "into a store made with --unsealed (snapshots into this one are sealed)")
     if not key_given:
-        raise SealedStoreCaptureError(f"{target} is a sealed store: give its key (--key-file FILE or "
-                                      "--passphrase-file FILE) so the capture kernel can seal the image")
+        then = (" (the resume asks for the passphrase on the console after trying a TPM slot, or takes the same option)"
+                if kind == "hibernate" else "")
+        raise SealedStoreCaptureError(f"{target} is a sealed store: give its key to `{kind}` (--key-file FILE or "
+                                      "--passphrase-file FILE, or --tpm) so the capture kernel can seal the "
+                                      f"image{then}")

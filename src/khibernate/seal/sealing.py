@@ -40,6 +40,18 @@ class HandedKey:
             raise KeyRequiredError("the handed image key has the wrong size; nothing written")
         return key
 
+    def cipher_for(self, image_uuid: bytes, key_id: bytes, what: str) -> ImageCipher:
+        """The AEAD that opens the sealed image ``image_uuid`` whose header names the store key ``key_id`` (a
+        restore handed this key instead of the store key); WrongKeyError when the key is for another store key or
+        another image.  Whether it opens is then the tags' to say (the tables tag is checked next)."""
+        if key_id != self.key_id:
+            raise WrongKeyError(f"{what} is sealed under another store key than the image key handed over (the "
+                                "store was made again since the key was derived); nothing written")
+        if image_uuid != self.image_uuid:
+            raise WrongKeyError(f"{what} holds image {image_uuid.hex()}, not {self.image_uuid.hex()} that the image "
+                                "key was handed over for (the slot was rewritten since); nothing written")
+        return ImageCipher.from_image_key(self.image_key)
+
 
 @dataclasses.dataclass(frozen=True)
 class Sealing:
@@ -95,7 +107,7 @@ def unseal(keyring_bytes: bytes, key_id: bytes, source: KeySource | None, what: 
     WrongKeyError when the source opens no slot, TamperedError when the key slots are not the header's key's."""
     if source is None:
         raise KeyRequiredError(f"{what} is sealed: give the key it was sealed with (--key-file FILE or "
-                               "--passphrase-file FILE; `khibernate target init --key-file` made it)")
+                               "--passphrase-file FILE, or --tpm; `khibernate target init --key-file` made it)")
     ring = Keyring.unpack(keyring_bytes, f"{what}: key slots")
     if ring.key_id != key_id:
         raise TamperedError(f"{what}: the key slots name another key than the header; the image was changed and "

@@ -10,7 +10,7 @@ import click
 
 from khibernate.clickutil import SIZE
 from khibernate.errors import UsageError
-from khibernate.seal.cli import key_sources, one_key, with_key_options
+from khibernate.seal.cli import KeyOptions, key_sources, one_key, with_key_options
 from khibernate.store.handle import Store
 from khibernate.store.superblock import STORE_SEALED
 
@@ -58,9 +58,13 @@ def target_group() -> None:
                    "completely, its extents recorded; refused where it cannot be written by device offsets.")
 @click.option("--unsealed", is_flag=True, help="Say that this store accepts unsealed (unauthenticated) images: "
               "whoever can write DEVICE chooses what a resume runs. Today's default (see below).")
+@click.option("--tpm-pcrs", metavar="LIST", help="With --tpm: the SHA-256 PCRs the TPM slot is sealed to "
+              "[default: 0,7 - firmware, Secure Boot]; add 4 (boot loader and kernel image), 8,9 (GRUB's command "
+              "line and files) or 11,12 (a unified kernel image) to bind tighter: each change of them then locks "
+              "the TPM slot (the passphrase or key file still opens the store).")
 @with_key_options
-def init_cmd(device: str, slots: int, force: bool, size: int | None, unsealed: bool, key_file: str | None,
-             passphrase_file: str | None, ask_passphrase: bool) -> None:
+def init_cmd(device: str, slots: int, force: bool, size: int | None, unsealed: bool, tpm_pcrs: str | None,
+             keys: KeyOptions) -> None:
     """Create an empty store on DEVICE (everything on it is lost), or with --size a store file DEVICE.
 
     \b
@@ -76,17 +80,21 @@ def init_cmd(device: str, slots: int, force: bool, size: int | None, unsealed: b
       khibernate target init /var/lib/khibernate/store --size 2G
 
     \b
-    Sealing: with --key-file and/or --passphrase-file (--passphrase asks), a random store key is made, wrapped
-    by each (key slots at 8 KiB), and the store accepts only images sealed with it. Captures into a sealed store
-    are refused until the capture kernel can seal (next release). Without a key the store is unsealed and says
-    so (as --unsealed): restore refuses an unsealed image from a store that does not say so. A store file cannot
-    be sealed yet (its extent map lies where the key slots would).
+    Sealing: with --key-file, --passphrase-file (--passphrase asks) and/or --tpm, a random store key is made,
+    wrapped by each (key slots at 8 KiB), and the store accepts only images sealed with it: `snapshot` and
+    `hibernate` into it need a key (--key-file, --passphrase-file or --tpm), `resume` takes one or, given none,
+    tries the TPM slot and then asks for the passphrase on the console. --tpm seals the slot's key inside this
+    machine's TPM 2.0 to the PCRs of --tpm-pcrs: only the same firmware and Secure Boot chain (and whatever else
+    those PCRs measure) unseal it; give a passphrase too, to open the store when the chain changes.
+    Without a key the store is unsealed and says so (as --unsealed): restore refuses an unsealed image
+    from a store that does not say so. A store file cannot be sealed yet (its extent map lies where
+    the key slots would).
     """
-    sources = key_sources(key_file, passphrase_file, ask_passphrase, confirm=True)
-    if sources and unsealed:
+    pcrs = _pcrs(tpm_pcrs, keys.tpm)
+    if unsealed and keys.count():
         raise UsageError("--unsealed and a key contradict each other: give one")
     if size is not None:
-        if sources:
+        if keys.count():
             raise UsageError("a store file cannot be sealed yet: its extent map lies at 8 KiB, where a sealed "
                              "store keeps its key slots; use a partition for a sealed store")
         from khibernate.store import filetarget
@@ -97,18 +105,37 @@ def init_cmd(device: str, slots: int, force: bool, size: int | None, unsealed: b
                    f"{m.resume_offset} (resume_offset)")
         click.echo(f"sealing: {_sealing(sb.flags)}")
         return
+    sources = key_sources(keys, confirm=True, tpm_pcrs=pcrs)
+    ring = None
+    if sources:  # sealed (the TPM asked) before DEVICE is touched: a failure writes nothing
+        from khibernate.seal.sealing import Sealing
+
+        ring = Sealing.new(sources).keyring
     with contextlib.ExitStack() as stack:
         if force:  # replacing a store: no capture may be writing it meanwhile
             stack.enter_context(_no_capture("target init --force"))
         st = stack.enter_context(Store.create(device, slots, force=force))
-        if sources:
-            from khibernate.seal.sealing import Sealing
+        if ring is not None:
             from khibernate.store import keyslots
 
-            keyslots.write(st.fd, Sealing.new(sources).keyring)  # the store key itself is never written
+            keyslots.write(st.fd, ring)  # the store key itself is never written
             st.update(lambda sb: sb.with_flags(STORE_SEALED))
         click.echo(st.sb.describe())
         click.echo(f"sealing: {_sealing(st.sb.flags)}")
+
+
+def _pcrs(text: str | None, tpm: bool) -> tuple[int, ...] | None:
+    """The PCR list of --tpm-pcrs (None: the default); UsageError when it is malformed or given without --tpm."""
+    if text is None:
+        return None
+    if not tpm:
+        raise UsageError("--tpm-pcrs goes with --tpm")
+    from khibernate.seal.tpmblob import parse_pcrs
+
+    try:
+        return parse_pcrs(text)
+    except ValueError as e:
+        raise UsageError(f"--tpm-pcrs: {e}") from None
 
 
 @target_group.command("list")
@@ -149,11 +176,10 @@ def show_cmd(device: str, slot: int, verify: bool) -> None:
                    "libkdumpfile; Debian 12's makedumpfile has no zstd: export the khi and use `image export "
                    "--compress zlib`); elf: an ELF vmcore (gdb, drgn).")
 @with_key_options
-def export_cmd(device: str, slot: int, dest: str, fmt: str, key_file: str | None, passphrase_file: str | None,
-               ask_passphrase: bool) -> None:
+def export_cmd(device: str, slot: int, dest: str, fmt: str, keys: KeyOptions) -> None:
     """Copy SLOT's image out of the store into DEST (checked first). A sealed image stays sealed as khi (no key
     needed); exported as kdump or elf it needs its key (--key-file, --passphrase-file or --passphrase)."""
-    key = one_key(key_file, passphrase_file, ask_passphrase)
+    key = one_key(keys)
     with Store.open(device) as st:
         n = st.export(slot, dest, fmt, key)
     click.echo(f"{dest}: {fmt} {n / 1e6:.1f} MB from slot {slot}")

@@ -38,6 +38,7 @@ from khibernate.store.superblock import SlotRecord, SlotState, Superblock, new_s
 if TYPE_CHECKING:
     from khibernate.image.sources.khi import KhiSource
     from khibernate.seal.keysource import KeySource
+    from khibernate.seal.sealing import HandedKey
 
 LOCK_WAIT = 30.0  # seconds a writer waits for another one (store updates take milliseconds)
 HEAD_READ = 1 << 16
@@ -300,9 +301,10 @@ class Store:
         self.update(switch)
         return done, chk, freed
 
-    def open_slot(self, rec: SlotRecord, key: KeySource | None = None) -> KhiSource:
+    def open_slot(self, rec: SlotRecord, key: KeySource | HandedKey | None = None) -> KhiSource:
         """The slot's image as a KhiSource reading the device in place (header, trailer and tables checked; a
-        sealed one unsealed with ``key`` and refused unless sealed for this slot)."""
+        sealed one unsealed with ``key`` — a key source, or the image key a resume handed over — and refused unless
+        sealed for this slot)."""
         from khibernate.image.errors import ImageError
         from khibernate.image.sources.khi import KhiSource
         from khibernate.seal.errors import SealError

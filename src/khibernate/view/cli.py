@@ -12,7 +12,7 @@ from khibernate.clickutil import ADDRESS, SIZE, ErrorReportingGroup, echo_hexdum
 from khibernate.image.errors import FileAccessError, UsageErrorImage
 from khibernate.image.sources import MemorySource
 from khibernate.image.vmcoreinfo import Vmcoreinfo
-from khibernate.seal.cli import one_key, with_key_options
+from khibernate.seal.cli import KeyOptions, one_key, with_key_options
 from khibernate.view.previous import open_previous
 
 if TYPE_CHECKING:
@@ -59,12 +59,12 @@ def view_group() -> None:
 @click.argument("source", required=False)
 @with_key_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def info_cmd(source: str | None, key_file: str | None, passphrase_file: str | None, ask_passphrase: bool,
+def info_cmd(source: str | None, keys: KeyOptions,
              as_json: bool) -> None:
     """Format, RAM ranges, kernel release and notes of the previous kernel (or SOURCE; sealed: with its key)."""
     from khibernate.view.files import describe
 
-    with _open(source, one_key(key_file, passphrase_file, ask_passphrase)) as src:
+    with _open(source, one_key(keys)) as src:
         d = describe(src)
     if as_json:
         click.echo(json.dumps(d, indent=2, sort_keys=True))
@@ -84,13 +84,12 @@ def info_cmd(source: str | None, key_file: str | None, passphrase_file: str | No
 @click.option("--zero-fill", is_flag=True, help="Read holes and excluded pages as zeros (as oldmem does) "
               "instead of failing.")
 @with_key_options
-def read_cmd(source: str | None, paddr: int, size: int, raw: bool, zero_fill: bool, key_file: str | None,
-             passphrase_file: str | None, ask_passphrase: bool) -> None:
+def read_cmd(source: str | None, paddr: int, size: int, raw: bool, zero_fill: bool, keys: KeyOptions) -> None:
     """Read physical memory of the previous kernel (or SOURCE; sealed: with its key)."""
     if size > 1 << 30:
         raise UsageErrorImage(f"--size {size} is more than 1G; read in pieces or use 'view mount' and dd")
     a, n = paddr, size
-    with _open(source, one_key(key_file, passphrase_file, ask_passphrase)) as src:
+    with _open(source, one_key(keys)) as src:
         if zero_fill:
             data = src.read_filled(a, n)
         else:
@@ -105,13 +104,12 @@ def read_cmd(source: str | None, paddr: int, size: int, raw: bool, zero_fill: bo
 @click.argument("source", required=False)
 @vmcoreinfo_option
 @with_key_options
-def dmesg_cmd(source: str | None, vmcoreinfo_file: str | None, key_file: str | None, passphrase_file: str | None,
-              ask_passphrase: bool) -> None:
+def dmesg_cmd(source: str | None, vmcoreinfo_file: str | None, keys: KeyOptions) -> None:
     """The previous kernel's log (like makedumpfile --dump-dmesg; a sealed SOURCE with its key)."""
     from khibernate.image.dmesg import kernel_log
     from khibernate.image.vmcoreinfo import from_source
 
-    with _open(source, one_key(key_file, passphrase_file, ask_passphrase)) as src:
+    with _open(source, one_key(keys)) as src:
         vmci = _vmci(src, vmcoreinfo_file) or from_source(src)
         click.echo(kernel_log(src, vmci), nl=False)
 
@@ -127,7 +125,7 @@ def dmesg_cmd(source: str | None, vmcoreinfo_file: str | None, key_file: str | N
                    "alone, like /proc/kcore; 0440 adds the owner's group, 0444 every user who may enter.")
 @with_key_options
 def mount_cmd(directory: str, source: str | None, vmcoreinfo_file: str | None, allow_other: bool,
-              mode_text: str, key_file: str | None, passphrase_file: str | None, ask_passphrase: bool) -> None:
+              mode_text: str, keys: KeyOptions) -> None:
     """Mount the view read-only at DIR with FUSE, in the foreground, until Ctrl-C, SIGTERM or `umount DIR`.
 
     \b
@@ -153,7 +151,7 @@ def mount_cmd(directory: str, source: str | None, vmcoreinfo_file: str | None, a
     except ValueError:
         raise click.BadParameter(f"{mode_text!r} is not an octal mode such as 0400", param_hint="--mode") from None
     check_mountpoint(directory)
-    with _open(source, one_key(key_file, passphrase_file, ask_passphrase)) as src:
+    with _open(source, one_key(keys)) as src:
         files = build_files(src, _vmci(src, vmcoreinfo_file))
         serve(directory, files, allow_other=allow_other, mode=mode,
               on_mount=lambda: click.echo(f"khibernate view: mounted at {directory} (files {mode:04o}"

@@ -61,14 +61,30 @@ def kallsyms_address(text: str, name: str) -> int | None:
     return int(m.group(1), 16) or None if m else None
 
 
-def open_frozen(kallsyms: str = "/proc/kallsyms", iomem: str = "/proc/iomem",
-                kcore: str = "/proc/kcore") -> FrozenSource:
-    """The frozen jump target of the loaded kexec-jump image; NoPreviousKernelError saying why not."""
+def kexec_image_address(kallsyms: str = "/proc/kallsyms") -> int:
+    """Address of the kernel's ``kexec_image`` pointer; NoPreviousKernelError when hidden or absent."""
     with open(kallsyms) as f:
         sym = kallsyms_address(f.read(), "kexec_image")
     if sym is None:
         raise NoPreviousKernelError("no kexec_image address in /proc/kallsyms: run as root (kptr_restrict) on a "
                                     "kernel with CONFIG_KEXEC")
+    return sym
+
+
+def loaded_image_swaps(kc: Kcore, sym: int) -> dict[int, int] | None:
+    """{destination: source} of the running kernel's loaded kexec image (``sym``: kexec_image's address), read
+    through its /proc/kcore; None when no image is loaded."""
+    image = int.from_bytes(kc.read_virt(sym, 8), "little")
+    if image == 0:
+        return None
+    head = int.from_bytes(kc.read_virt(image, 8), "little")
+    return kimage_swaps(head, lambda pa: int.from_bytes(kc.read_phys(pa, 8), "little"))
+
+
+def open_frozen(kallsyms: str = "/proc/kallsyms", iomem: str = "/proc/iomem",
+                kcore: str = "/proc/kcore") -> FrozenSource:
+    """The frozen jump target of the loaded kexec-jump image; NoPreviousKernelError saying why not."""
+    sym = kexec_image_address(kallsyms)
     with open(iomem) as f:
         crash = crash_regions(f.read())
     if not crash:
@@ -79,12 +95,10 @@ def open_frozen(kallsyms: str = "/proc/kallsyms", iomem: str = "/proc/iomem",
     except PermissionError:
         raise NoPreviousKernelError(f"{kcore}: permission denied; run as root (lockdown forbids it)") from None
     try:
-        image = int.from_bytes(kc.read_virt(sym, 8), "little")
-        if image == 0:
+        swaps = loaded_image_swaps(kc, sym)
+        if swaps is None:
             raise NoPreviousKernelError("no kexec jump image is loaded (kexec_image is NULL): nothing frozen to "
                                         "show; give SOURCE")
-        head = int.from_bytes(kc.read_virt(image, 8), "little")
-        swaps = kimage_swaps(head, lambda pa: int.from_bytes(kc.read_phys(pa, 8), "little"))
         return FrozenSource(kc, crash, swaps)
     except BaseException:
         kc.close()

@@ -59,7 +59,7 @@ from khibernate.seal.errors import TamperedError
 if TYPE_CHECKING:  # cryptography is imported only when an image is sealed or unsealed
     from khibernate.seal.cipher import ImageCipher
     from khibernate.seal.keysource import KeySource
-    from khibernate.seal.sealing import Sealing
+    from khibernate.seal.sealing import HandedKey, Sealing
 
 # pfns classified at a time: small enough that classifying the next chunk never starves the compressors
 PLAN_CHUNK = 1 << 14
@@ -313,10 +313,11 @@ class KhiSource(PagedSource):
     """A khibernate image as a MemorySource: stored pages decompressed on demand, zero pages read as zeros."""
 
     def __init__(self, path: str | os.PathLike[str], *, cache_blocks: int = 4, base: int = 0,
-                 length: int | None = None, key: KeySource | None = None, slot: int | None = None):
+                 length: int | None = None, key: KeySource | HandedKey | None = None, slot: int | None = None):
         """``base``/``length``: the image is that region of the file or device (a store slot), not all of it.
-        A sealed image needs ``key`` (KeyRequiredError otherwise) and, read from store slot ``slot``, must have been
-        sealed for that slot; an unsealed image ignores both."""
+        A sealed image needs ``key`` (KeyRequiredError otherwise) — a key source that opens its key slots, or the
+        image key handed to a restoring capture kernel (for this one image) — and, read from store slot ``slot``,
+        must have been sealed for that slot; an unsealed image ignores both."""
         self.path = os.fspath(path)
         self.base = base
         self._length = length
@@ -396,7 +397,7 @@ class KhiSource(PagedSource):
 
     def _unseal(self) -> ImageCipher:
         """The image's cipher from its key slots and the key given; the slot it was sealed for checked."""
-        from khibernate.seal.sealing import unseal
+        from khibernate.seal.sealing import HandedKey, unseal
 
         h = self.header
         assert h.seal is not None
@@ -404,6 +405,8 @@ class KhiSource(PagedSource):
             sealed_for = "a file" if h.seal.slot == NO_SLOT else f"slot {h.seal.slot}"
             raise TamperedError(f"{self.path}: the image in slot {self._slot} was sealed for {sealed_for}: it was "
                                 "moved or copied there and cannot be trusted; capture a new one")
+        if isinstance(self._key, HandedKey):
+            return self._key.cipher_for(h.uuid, h.seal.key_id, self.path)
         from khibernate.seal.cipher import ImageCipher
 
         return ImageCipher(unseal(h.seal.keyring, h.seal.key_id, self._key, self.path), h.uuid)
