@@ -40,7 +40,7 @@ def khibernate_note(job: Job, ctx: CaptureContext, extra: Mapping[str, JsonValue
 
 # faults that other steps inject: /init panics before the job, a hibernate job does not power off, a restore fails
 # after its first write (khibernate.restore.run.restore_fault)
-OTHER_FAULTS = ("panic-early", "poweroff-fails", "restore-raise")
+OTHER_FAULTS = ("panic-early", "late-start", "poweroff-fails", "restore-raise")
 
 
 def inject_fault(cmdline: str, say: Say | None = None) -> None:
