@@ -103,7 +103,7 @@ def demo_jump(kernel: TestKernel) -> None:
         say("[second] (jumping back to the first kernel is the jump issue's: see khibernate jump)")
 
 
-COUNTER = ("sh -c 'i=0; while :; do i=$((i+1)); echo \"$$ $i\" > /tmp/cnt.new; mv /tmp/cnt.new /tmp/cnt; sleep 1; done' "
+COUNTER = ("sh -c 'i=0; while :; do i=$((i+1)); echo \"$$ $i\" >/tmp/cnt.new; mv /tmp/cnt.new /tmp/cnt; sleep 1; done' "
            ">/dev/null 2>&1 </dev/null &")
 HIBERNATE = "khibernate hibernate --target /dev/vda --kernel /boot/bzImage --capture-initrd /boot/initrd.img"
 

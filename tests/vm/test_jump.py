@@ -22,7 +22,7 @@ GUEST_HELPER = (HERE / "jump_guest_vmcoreinfo.py", "/usr/libexec/khibernate/vmco
 K = "python3 -m khibernate.jump"
 B_APPEND = "console=ttyS0 khibernate.agent=1 panic=-1 khb.role=B"
 JUMP_LOAD = f"{K} jump load /boot/bzImage --initrd /boot/initrd.img --append '{B_APPEND}'"
-COUNTER = ("sh -c 'i=0; while :; do i=$((i+1)); echo \"$$ $i\" > /tmp/cnt.new; mv /tmp/cnt.new /tmp/cnt; sleep 1; done' "
+COUNTER = ("sh -c 'i=0; while :; do i=$((i+1)); echo \"$$ $i\" >/tmp/cnt.new; mv /tmp/cnt.new /tmp/cnt; sleep 1; done' "
            ">/dev/null 2>&1 </dev/null &")
 
 

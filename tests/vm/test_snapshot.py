@@ -24,7 +24,7 @@ HELPERS = [(HERE / "snapshot_guest.py", "/usr/libexec/khibernate/snapshot_guest.
            (HERE / "jump_guest_vmcoreinfo.py", "/usr/libexec/khibernate/vmcoreinfo.py")]
 PATTERN_PAGES = 256
 SNAP = "khibernate snapshot --target /dev/vda --kernel /boot/bzImage --capture-initrd /boot/initrd.img --json"
-COUNTER = ("sh -c 'i=0; while :; do i=$((i+1)); echo \"$$ $i\" > /tmp/cnt.new; mv /tmp/cnt.new /tmp/cnt; sleep 1; done' "
+COUNTER = ("sh -c 'i=0; while :; do i=$((i+1)); echo \"$$ $i\" >/tmp/cnt.new; mv /tmp/cnt.new /tmp/cnt; sleep 1; done' "
            ">/dev/null 2>&1 </dev/null &")
 
 
