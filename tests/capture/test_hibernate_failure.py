@@ -71,3 +71,16 @@ def test_capture_kernel_words_reset_a_panic() -> None:
     assert words == ["console=ttyS0,115200", "loglevel=7", f"panic={CAPTURE_PANIC_SECONDS}"]
     assert 0 < CAPTURE_PANIC_SECONDS <= 30
 
+
+
+def test_the_watchdog_says_whether_the_job_ran_or_never_started(tmp_path: Path) -> None:
+    """capture/job.timed_out: a job killed at its deadline says so; one that never started (a capture kernel that
+    booted slower than the deadline, /init's claim taken by the watchdog) says that instead, not 'killed'."""
+    from khibernate.capture.job import timed_out
+
+    _, job = _store(tmp_path)
+    snap = dataclasses.replace(job, kind="snapshot")
+    killed, never = timed_out(snap).message, timed_out(snap, started=False).message
+    assert "still running at its deadline (60 s" in killed and "killed by the watchdog" in killed
+    assert "had not started at its deadline (60 s" in never and "killed" not in never
+    assert "nothing was written" in never

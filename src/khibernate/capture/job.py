@@ -24,6 +24,8 @@ from khibernate.capture.jobspec import KINDS, CaptureContext, Failed, Footprint,
 from khibernate.errors import KhibernateError
 from khibernate.restore import run as restore_run
 
+JOB_PID = "/run/khibernate/job.pid"  # /init writes it once the job has claimed the answer (initramfs/init)
+
 
 @dataclasses.dataclass(frozen=True)
 class JobRunner:
@@ -105,10 +107,14 @@ def run_job(job: Job, ctx: CaptureContext) -> JobResult:
     return dataclasses.replace(result, footprint=fp)
 
 
-def timed_out(job: Job) -> Failed:
-    """The watchdog's result: the job was killed at its deadline (a hibernate's slot withdrawn)."""
-    result = Failed(f"the capture job was still running at its deadline ({job.deadline:g} s after the capture "
-                    "kernel booted, + 20 s grace) and was killed by the watchdog; the image is incomplete")
+def timed_out(job: Job, started: bool = True) -> Failed:
+    """The watchdog's result at the job's deadline (a hibernate's slot withdrawn): the job was killed, or — on a
+    capture kernel that booted slower than the deadline — never ``started`` (/init's claim went to the watchdog)."""
+    when = f"at its deadline ({job.deadline:g} s after the capture kernel booted, + 20 s grace)"
+    result = Failed(f"the capture job was still running {when} and was killed by the watchdog; the image is "
+                    "incomplete" if started else
+                    f"the capture job had not started {when}: the capture kernel booted too slowly; the watchdog "
+                    "answered, nothing was written")
     runner = JOBS.get(job.kind)
     done = runner.after_failure(job, DeadlineError(result.message)) if runner is not None else None
     return result.adding(done) if done else result
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     runner = JOBS.get(job.kind)
     back = "--then-jump-back" in argv and (runner is None or runner.jumps_back)
     if argv[:1] == ["--timeout"]:
-        result: JobResult = timed_out(job)
+        result: JobResult = timed_out(job, started=os.path.exists(JOB_PID))
     else:
         if back:
             try:
