@@ -71,7 +71,23 @@ class Layout:
                 flat.extend(v)
             else:
                 flat.append(v)
-        return self.struct.pack(*flat)
+        try:
+            return self.struct.pack(*flat)
+        except struct.error as e:
+            raise LayoutError(self._misfit(values) or f"{self.name}: {e}") from None
+
+    def _misfit(self, values: dict[str, Any]) -> str | None:
+        """Which named value does not fit its field (for the message of a failed pack), or None."""
+        order = self.format[0]
+        for n, code in self.fields:
+            if n not in values or code.endswith("x"):
+                continue
+            v = values[n]
+            try:
+                struct.pack(order + code, *(v if _repeat(code) > 1 else (v,)))
+            except struct.error as e:
+                return f"{self.name}.{n} = {v!r} does not fit its field ({code}: {e})"
+        return None
 
     def pack_into(self, buf: bytearray, offset: int, **values: Any) -> None:
         """Write the record into ``buf`` at ``offset``."""

@@ -8,6 +8,7 @@ after the kernel's format strings (kernel/hung_task.c, kernel/watchdog.c), not r
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -301,3 +302,27 @@ def test_hung_task_watch_says_at_start_that_a_stuck_user_task_blocks_the_freezer
     assert "hung-task" in text and "D state" in text and "cannot be frozen" in text and "slot is marked bad" in text
     assert "D state" not in "\n".join(plan_start(("warn",), {}, kdump_loaded=False).describe())
     assert "cannot be frozen either" in "\n".join(plan_start(("softlockup",), {}, kdump_loaded=False).describe())
+
+
+def test_a_bug_in_the_export_is_recorded_and_the_watcher_runs_on(tmp_path: Path) -> None:
+    """The capture is in the store when the export runs: whatever the export raises (here a bare struct.error, as
+    a kdump header field that did not fit once did) goes into event.json and the journal; the watcher goes on."""
+    said: list[str] = []
+
+    def capture(ev: Event) -> dict:
+        return {"image": "img-1", "slot": 1, "target": "/dev/vda", "pause_seconds": 3.0, "bytes": 1e6,
+                "dump_level": 31}
+
+    def export(report: dict, folder: Path) -> dict:
+        raise struct.error("argument out of range")
+
+    w = watch.Watcher(plan_start(("oops",), {}, kdump_loaded=False), RateLimiter(0, 3), capture,
+                      tmp_path / "out", tmp_path / "run", said.append, export=export)
+    (oops,) = collect(records("exception.txt"))
+    for n in range(2):
+        rec = w.handle(oops, 1e12 + n)  # later than the monotonic clock the limiter stamps the capture with
+        assert rec is not None and rec["ok"] and rec["export"]["bug"]
+        assert rec["export"]["error"] == "error: argument out of range"
+    assert sum("failed on a bug" in s and "stays in slot 1" in s and "struct.error" in s for s in said) == 2
+    events = sorted((tmp_path / "out").glob("*/event.json"))
+    assert len(events) == 2 and json.loads(events[0].read_text())["export"]["bug"] is True

@@ -71,3 +71,25 @@ def test_records_index_like_the_struct_they_replaced() -> None:
     raw = elfcore.EHDR64.pack(e_phoff=64, e_phnum=3)
     rec = elfcore.EHDR64.unpack(raw)
     assert rec["e_phoff"] == rec[5] == 64 and rec[10] == rec["e_phnum"] == 3
+
+
+def test_a_value_that_does_not_fit_names_its_field() -> None:
+    lay = Layout("rec", "<", [("a", "I"), ("b", "Q"), ("c", "2H")])
+    with pytest.raises(LayoutError, match=r"rec\.b = -1 does not fit its field \(Q"):
+        lay.pack(a=1, b=-1)
+    with pytest.raises(LayoutError, match=r"rec\.c = \(1, 65536\)"):
+        lay.pack(c=(1, 65536))
+
+
+@pytest.mark.parametrize("phys_base", [0, 0x2B000000, -0x1C000000, -(1 << 63), (1 << 63) - 1])
+def test_kdump_phys_base_keeps_its_sign(phys_base: int) -> None:
+    """A randomised kernel below its link address has a negative phys_base (VMCOREINFO prints it with %ld): the
+    kdump sub-header stores its 8 bytes and reads the same number back."""
+    from khibernate.image.layouts.kdump import pack_headers, parse_header
+
+    head, sub = pack_headers(block_size=4096, max_mapnr=1 << 18, note_blob=b"", utsname=["Linux", "h", "6.12"],
+                             status=0, dump_level=31, phys_base=phys_base, crashtime=1)
+    data = head + sub
+    hdr = parse_header(lambda off, n: data[off:off + n])
+    assert hdr.phys_base == phys_base
+    assert int.from_bytes(sub[:8], "little") == phys_base & ((1 << 64) - 1)

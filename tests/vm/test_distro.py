@@ -390,8 +390,11 @@ def test_watch_service_captures_a_warning_and_the_system_runs_on(s: Session):
         pid, n = counter(vm)
         vm.run("echo WARNING > /sys/kernel/debug/provoke-crash/DIRECT")
         t0 = time.monotonic()
-        vm.run("for i in $(seq 1200); do ls /var/crash/khibernate/*-warn/dmesg.txt >/dev/null 2>&1 && exit 0; "
+        # event.json is written last, whether the capture and its export succeeded or not
+        vm.run("for i in $(seq 1200); do ls /var/crash/khibernate/*-warn/event.json >/dev/null 2>&1 && exit 0; "
                "sleep 1; done; journalctl -b 0 -u khibernate-watch -o cat | tail -30; exit 1", timeout=1500)
+        event = vm.run("cat /var/crash/khibernate/*-warn/event.json")
+        assert '"ok": true' in event and '"error"' not in event, event
         FIGURES["watch_warning_to_capture_s"] = time.monotonic() - t0
         folders = vm.run("ls -d /var/crash/khibernate/*/").split()
         assert len(folders) == 1 and folders[0].rstrip("/").endswith("-warn"), folders

@@ -16,6 +16,7 @@ import os
 import re
 import select
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -330,6 +331,11 @@ class Watcher:
             except (KhibernateError, OSError) as e:
                 record["export"] = {"error": str(e)}
                 self.say(f"watch: export to {folder} failed: {e}")
+            except Exception as e:  # noqa: BLE001 - a bug in the export must not stop the watcher; the image is kept
+                record["export"] = {"error": f"{type(e).__name__}: {e}", "bug": True}
+                self.say(f"watch: export to {folder} failed on a bug (please report it with this trace; the image "
+                         f"stays in slot {record['snapshot'].get('slot')}, 'khibernate target export' retries it):\n"
+                         + traceback.format_exc())
         (folder / "event.json").write_text(json.dumps(record, indent=1) + "\n")
         snap = record.get("snapshot") or {}
         self.say(f"watch: {ev.kind} recorded in {folder}/event.json"

@@ -25,9 +25,11 @@ DISK_DUMP_HEADER = Layout("disk_dump_header", "<", [
     ("timestamp_usec", "q"), ("status", "I"), ("block_size", "i"), ("sub_hdr_size", "i"), ("bitmap_blocks", "I"),
     ("max_mapnr", "I"), ("total_ram_blocks", "I"), ("device_blocks", "I"), ("written_blocks", "I"),
     ("current_cpu", "I"), ("nr_cpus", "i")])
-# struct kdump_sub_header, 104 bytes (fields after "split" exist from header_version 3, 4 and 6 on)
+# struct kdump_sub_header, 104 bytes (fields after "split" exist from header_version 3, 4 and 6 on).  phys_base is an
+# unsigned long in makedumpfile, the kernel's own phys_base, which VMCOREINFO prints with %ld: a randomised kernel
+# placed lower than its link address makes it negative, so it is declared signed (the same 8 bytes)
 SUB_HEADER = Layout("kdump_sub_header", "<", [
-    ("phys_base", "Q"), ("dump_level", "i"), ("split", "i"), ("start_pfn", "Q"), ("end_pfn", "Q"),
+    ("phys_base", "q"), ("dump_level", "i"), ("split", "i"), ("start_pfn", "Q"), ("end_pfn", "Q"),
     ("offset_vmcoreinfo", "q"), ("size_vmcoreinfo", "Q"), ("offset_note", "q"), ("size_note", "Q"),
     ("offset_eraseinfo", "q"), ("size_eraseinfo", "Q"), ("start_pfn_64", "Q"), ("end_pfn_64", "Q"),
     ("max_mapnr_64", "Q")])
