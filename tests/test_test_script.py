@@ -9,7 +9,9 @@ import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-RECORDER = '#!/bin/sh\necho "$(basename "$0") $*" >> "$(dirname "$0")/{up}ran.log"\n'
+# each stand-in records its call; FAIL_ON makes the call whose "name args" contain it exit 3
+RECORDER = ('#!/bin/sh\necho "$(basename "$0") $*" >> "$(dirname "$0")/{up}ran.log"\n'
+            'case "$(basename "$0") $*" in *"${{FAIL_ON:-@nothing@}}"*) exit 3;; esac\n')
 
 
 def _checkout(tmp_path: Path, venv: bool = True) -> Path:
@@ -26,8 +28,10 @@ def _checkout(tmp_path: Path, venv: bool = True) -> Path:
     return root
 
 
-def _run(root: Path, *args: str, skip: str | None) -> tuple[int, list[str], str]:
-    env = {k: v for k, v in os.environ.items() if k != "KHIBERNATE_SKIP_SETUP"}
+def _run(root: Path, *args: str, skip: str | None, fail_on: str | None = None) -> tuple[int, list[str], str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("KHIBERNATE_SKIP_SETUP", "FAIL_ON")}
+    if fail_on is not None:
+        env["FAIL_ON"] = fail_on
     if skip is not None:
         env["KHIBERNATE_SKIP_SETUP"] = skip
     r = subprocess.run(["bash", str(root / "scripts/test.sh"), *args], env=env, capture_output=True, text=True,
@@ -39,7 +43,8 @@ def _run(root: Path, *args: str, skip: str | None) -> tuple[int, list[str], str]
 
 def test_setup_runs_by_default(tmp_path: Path) -> None:
     root = _checkout(tmp_path)
-    for args, first in (((), "setup.sh "), (("--distro",), "setup.sh "), (("--xen",), "setup.sh --xen")):
+    for args, first in (((), "setup.sh --xen"), (("--plain",), "setup.sh "), (("-k", "doctor"), "setup.sh "),
+                        (("--distro",), "setup.sh "), (("--xen",), "setup.sh --xen")):
         (root / "ran.log").unlink(missing_ok=True)
         rc, ran, out = _run(root, *args, skip=None)
         assert rc == 0, out
@@ -48,7 +53,7 @@ def test_setup_runs_by_default(tmp_path: Path) -> None:
 
 def test_skip_setup_leaves_setup_out_and_runs_the_tests(tmp_path: Path) -> None:
     root = _checkout(tmp_path)
-    for args in ((), ("--distro",), ("--xen",)):
+    for args in ((), ("--plain",), ("--distro",), ("--xen",)):
         (root / "ran.log").unlink(missing_ok=True)
         rc, ran, out = _run(root, *args, skip="1")
         assert rc == 0, out
@@ -63,3 +68,24 @@ def test_skip_setup_without_a_venv_fails_and_says_what_to_run(tmp_path: Path) ->
     assert rc == 2
     assert ran == []
     assert "run scripts/setup.sh" in out and "first" in out
+
+
+def test_the_full_run_runs_every_part_in_order_and_keeps_the_first_failure(tmp_path: Path) -> None:
+    root = _checkout(tmp_path)
+    rc, ran, out = _run(root, skip=None, fail_on="test_distro.py --durations=0")
+    assert rc == 3, out
+    steps = [line.split()[0] + " " + " ".join(line.split()[1:3]) for line in ran]
+    assert steps == ["setup.sh --xen", "ruff check .", "mypy ", "python -m pytest", "python -m vmtest.package",
+                     "python -m vmtest.rootfs", "python -m pytest", "python -m pytest"], ran
+    assert "test_distro.py" in ran[6] and "test_xen_host.py" in ran[7]  # the Xen part ran after the failure
+    assert "--ignore=tests/vm/test_distro.py" in ran[3]
+    assert "plain rc=0, Debian 12 machine rc=3, Xen host rc=0" in out
+
+
+def test_a_failing_setup_stops_before_any_test(tmp_path: Path) -> None:
+    root = _checkout(tmp_path)
+    for args in ((), ("--plain",), ("--distro",), ("--xen",)):
+        (root / "ran.log").unlink(missing_ok=True)
+        rc, ran, out = _run(root, *args, skip=None, fail_on="setup.sh")
+        assert rc == 3 and len(ran) == 1 and ran[0].startswith("setup.sh"), (args, rc, ran)
+        assert "total wall time" in out
