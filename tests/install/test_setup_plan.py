@@ -184,3 +184,36 @@ def test_the_config_records_the_directories_setup_created():
     assert parse(conf.render()) == conf
     assert setup_plan.recorded_dirs({CONF_PATH: conf.render()}) == setup_plan.DROPIN_DIRS
     assert setup_plan.recorded_dirs({CONF_PATH: "KHIBERNATE_CREATED_DIRS=/etc\n"}) == ()  # not setup's file
+
+
+def test_setup_builds_the_capture_environment_and_says_why_when_it_cannot(tmp_path, monkeypatch):
+    """setup prepares what the first hibernation boots (so `systemctl hibernate` only jumps); a build that fails is
+    a reason hibernation cannot work yet, in plain words."""
+    from khibernate.capture import snapshot
+    from khibernate.initramfs.build import InitramfsError
+    from khibernate.install import cli as setup_cli
+
+    img = tmp_path / "capture.cpio.zst"
+    img.write_bytes(b"\0" * (3 << 20))
+    calls = []
+
+    def built(kernel, target, given):
+        calls.append((kernel, target, given))
+        return str(img), len(calls) > 1
+
+    monkeypatch.setattr(snapshot, "default_kernel", lambda: "/boot/vmlinuz-test")
+    monkeypatch.setattr(snapshot, "capture_initrd_for", built)
+    said: list[str] = []
+    assert setup_cli.build_capture_environment("/var/lib/khibernate/store", said.append) is None
+    assert calls == [("/boot/vmlinuz-test", "/var/lib/khibernate/store", None)]
+    assert f"capture environment {img}: 3.0 MiB (built in" in said[-1]
+    assert setup_cli.build_capture_environment("/var/lib/khibernate/store", said.append) is None
+    assert said[-1].endswith("(cached)")
+
+    def fails(kernel, target, given):
+        raise InitramfsError("a store file needs dmsetup in the capture environment: apt-get install dmsetup")
+
+    monkeypatch.setattr(snapshot, "capture_initrd_for", fails)
+    why = setup_cli.build_capture_environment("/var/lib/khibernate/store", said.append)
+    assert why == ("the capture environment could not be built: a store file needs dmsetup in the capture "
+                   "environment: apt-get install dmsetup")

@@ -134,21 +134,45 @@ def apply(p: setup_plan.SetupPlan, say: Callable[[str], None], initramfs: bool =
             raise SetupError(f"update-initramfs -u failed (status {r.returncode}):\n{r.stderr[-1500:]}")
 
 
+def build_capture_environment(target: str, say: Callable[[str], None]) -> str | None:
+    """Build (or find cached) the capture initramfs the hibernation of ``target`` will boot, for this kernel: the
+    first `systemctl hibernate` then only jumps.  None when it is there; else why it could not be built."""
+    import time
+
+    from khibernate.capture.snapshot import capture_initrd_for, default_kernel
+
+    t0 = time.monotonic()
+    say("  the capture environment (busybox, Python and khibernate, the target's driver modules; built once, "
+        "cached until one of them changes) ...")
+    try:
+        path, reused = capture_initrd_for(default_kernel(), target, None)
+    except KhibernateError as e:
+        return f"the capture environment could not be built: {e}"
+    size = Path(path).stat().st_size / 2**20
+    say(f"  capture environment {path}: {size:.1f} MiB "
+        + ("(cached)" if reused else f"(built in {time.monotonic() - t0:.0f} s)"))
+    return None
+
+
 @click.command("setup")
 @click.option("--target", metavar="DEV|FILE",
               help="The store to hibernate to: a device (`khibernate target init DEV` first) or a store file on the "
                    "root filesystem (`khibernate target init FILE --size S` first).")
 @click.option("--remove", is_flag=True, help="Undo setup: remove what it wrote and rebuild the initramfs.")
 @click.option("--no-initramfs", is_flag=True, help="Do not run update-initramfs (the package's scripts do it).")
+@click.option("--no-capture-build", is_flag=True,
+              help="Do not build the capture environment now (the first hibernation then builds it, minutes).")
 @click.option("--dry-run", is_flag=True, help="Say what would change, change nothing.")
-def setup_command(target: str | None, remove: bool, no_initramfs: bool, dry_run: bool) -> None:
+def setup_command(target: str | None, remove: bool, no_initramfs: bool, no_capture_build: bool,
+                  dry_run: bool) -> None:
     """Make `systemctl hibernate` hibernate through khibernate and the next boot resume (Debian, initramfs-tools).
 
     \b
     Writes /etc/khibernate.conf (the target), a drop-in for systemd-hibernate.service (runs `khibernate
     hibernate`) and one for systemd-logind (hibernation needs no swap), then runs `update-initramfs -u` so the
-    initramfs resume hook knows the target. Checks what `khibernate doctor` checks and says what is still missing
-    (crashkernel=, a kernel with CONFIG_KEXEC_JUMP). Running it again changes nothing; --remove undoes it.
+    initramfs resume hook knows the target, and builds the capture environment the hibernation boots (`capture
+    build`, cached). Checks what `khibernate doctor` checks and says what is still missing (crashkernel=, a kernel
+    with CONFIG_KEXEC_JUMP). Running it again changes nothing; --remove undoes it.
       khibernate target init /dev/sdb2
       khibernate setup --target /dev/sdb2
       systemctl hibernate
@@ -193,9 +217,13 @@ def setup_command(target: str | None, remove: bool, no_initramfs: bool, dry_run:
                 click.echo(f"  remove {d} if empty (setup created it)")
     if remove:
         return
-    if p.missing:
+    missing = list(p.missing)
+    if not missing and not dry_run and not no_capture_build:
+        problem = build_capture_environment(name, click.echo)
+        missing += [problem] if problem else []
+    if missing:
         click.echo("hibernation cannot work yet:", err=True)
-        for m in p.missing:
+        for m in missing:
             click.echo(f"  - {m}", err=True)
         raise SystemExit(EXIT_NOT_READY)
     click.echo("ready: `systemctl hibernate` saves this system to the target and powers off; the next boot resumes")
