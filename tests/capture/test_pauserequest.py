@@ -4,7 +4,6 @@ a MailboxError (never another exception, never a request that differs silently).
 from __future__ import annotations
 
 import dataclasses
-import struct
 import uuid
 
 import pytest
@@ -14,6 +13,7 @@ from hypothesis import strategies as st
 from khibernate.capture import mailbox, pauserequest
 from khibernate.capture.errors import MailboxError
 from khibernate.capture.pauserequest import PAUSE, PauseRequest
+from khibernate.layout import LayoutError
 from khibernate.ranges import Range
 from tests.image.fuzzing import Mutation
 from tests.image.test_fuzz import PROFILE
@@ -128,5 +128,5 @@ def test_fuzz_fields_round_trip() -> None:
     for seq, gen, dl in [(0, 0, 1e-3), ((1 << 32) - 1, (1 << 64) - 1, 7 * 24 * 3600.0)]:
         req = request(seq=seq, store_generation=gen, deadline=dl)
         assert pauserequest.unpack(pauserequest.pack(req)) == req
-    with pytest.raises(struct.error):
+    with pytest.raises(LayoutError, match=r"pause request\.seq = 4294967296 does not fit"):
         pauserequest.pack(request(seq=1 << 32))
