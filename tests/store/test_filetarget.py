@@ -192,6 +192,10 @@ def test_sparse_size_and_existing_files_are_refused_before_anything_is_written(t
     with pytest.raises(FileTargetError, match="exists"):
         filetarget.init_file(str(tmp_path / "y"), MiB * 8)
     assert (tmp_path / "y").read_bytes() == b"keep"
+    # the README's first command on a machine without the package's /var/lib/khibernate: say what to do
+    with pytest.raises(FileTargetError, match=r"/nowhere does not exist: create it first \(mkdir -p .*/nowhere\)"):
+        filetarget.init_file(str(tmp_path / "nowhere" / "store"), MiB * 8)
+    assert not (tmp_path / "nowhere").exists()
 
 
 def test_target_map_spec_round_trip_and_errors():

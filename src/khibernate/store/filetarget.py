@@ -60,6 +60,9 @@ def init_file(path: str, size: int, nr_slots: int = 2, force: bool = False) -> t
     p = Path(path)
     if size % (1 << 20) or size <= 0:
         raise FileTargetError(f"--size must be a positive multiple of 1 MiB (got {size})")
+    if not p.parent.is_dir():
+        raise FileTargetError(f"{p.parent} does not exist: create it first (mkdir -p {p.parent}); nothing was "
+                              "written")
     if p.exists() and not force:
         raise FileTargetError(f"{path} exists: `target init FILE --size S --force` replaces it (its images are lost)")
     if p.exists() and not p.is_file():
