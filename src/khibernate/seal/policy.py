@@ -23,7 +23,8 @@ def describe(flags: int) -> str:
     if flags & STORE_SEALED:
         return "sealed (images must be sealed with its key)"
     if flags & STORE_UNSEALED:
-        return "unsealed (made with --unsealed: unauthenticated images are accepted)"
+        return ("unsealed (made without a key, or with --unsealed: unauthenticated images are accepted; "
+                "`target init` with --key-file, --passphrase-file or --tpm makes a sealed store)")
     return "made before sealing existed (unauthenticated images are refused)"
 
 
