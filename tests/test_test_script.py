@@ -70,24 +70,16 @@ def test_skip_setup_without_a_venv_fails_and_says_what_to_run(tmp_path: Path) ->
     assert "run scripts/setup.sh" in out and "first" in out
 
 
-def test_the_full_run_is_one_pytest_session_over_every_test_after_the_images(tmp_path: Path) -> None:
+def test_the_full_run_runs_every_part_in_order_and_keeps_the_first_failure(tmp_path: Path) -> None:
     root = _checkout(tmp_path)
-    rc, ran, out = _run(root, skip=None)
-    assert rc == 0, out
-    steps = [" ".join(line.split()[:3]) for line in ran]
-    assert steps == ["setup.sh --xen", "ruff check .", "mypy", "python -m vmtest.package", "python -m vmtest.rootfs",
-                     "python -m pytest"], ran
-    assert "--ignore" not in ran[-1] and "-n 2 --dist loadfile" in ran[-1], ran  # distro and Xen modules included
-    (root / "ran.log").unlink()
-    rc, ran, out = _run(root, skip=None, fail_on="mypy")
-    assert rc == 3 and [line.split()[0] for line in ran] == ["setup.sh", "ruff", "mypy"], ran  # no tests after
-
-
-def test_the_plain_part_leaves_the_distro_and_xen_modules_out(tmp_path: Path) -> None:
-    root = _checkout(tmp_path)
-    rc, ran, out = _run(root, "--plain", "-k", "doctor", skip="1", fail_on="python -m pytest")
+    rc, ran, out = _run(root, skip=None, fail_on="test_distro.py --durations=0")
     assert rc == 3, out
-    assert "--ignore=tests/vm/test_xen_host.py --ignore=tests/vm/test_distro.py -k doctor" in ran[-1], ran
+    steps = [line.split()[0] + " " + " ".join(line.split()[1:3]) for line in ran]
+    assert steps == ["setup.sh --xen", "ruff check .", "mypy ", "python -m pytest", "python -m vmtest.package",
+                     "python -m vmtest.rootfs", "python -m pytest", "python -m pytest"], ran
+    assert "test_distro.py" in ran[6] and "test_xen_host.py" in ran[7]  # the Xen part ran after the failure
+    assert "--ignore=tests/vm/test_distro.py" in ran[3]
+    assert "plain rc=0, Debian 12 machine rc=3, Xen host rc=0" in out
 
 
 def test_a_failing_setup_stops_before_any_test(tmp_path: Path) -> None:
