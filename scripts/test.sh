@@ -36,9 +36,17 @@ run_setup() {
   scripts/setup.sh "$@"
 }
 
-plain() {  # ruff, mypy, pytest without the distro and Xen modules; returns the first failing status
-  local t0 rc
+timed() {  # timed LABEL COMMAND [ARGS]: run it, say its wall time, return its status
+  local label=$1 t0 rc
+  shift
   t0=$(date +%s)
+  "$@"
+  rc=$?
+  echo "[test] $label wall time: $(( $(date +%s) - t0 )) s"
+  return $rc
+}
+
+plain_tests() {  # ruff, mypy, pytest without the distro and Xen modules; returns the first failing status
   echo "[test] ruff"
   .venv/bin/ruff check . || return $?
   echo "[test] mypy"
@@ -48,33 +56,24 @@ plain() {  # ruff, mypy, pytest without the distro and Xen modules; returns the 
   # and two TCG guests keep both cores busy; KHIBERNATE_TEST_WORKERS=0 runs in one process
   KHIBERNATE_FUZZ_PROFILE=ci .venv/bin/python -m pytest -n "${KHIBERNATE_TEST_WORKERS:-2}" --dist loadfile \
     --durations=25 --ignore="$XEN_TESTS" --ignore="$DISTRO_TESTS" "$@"
-  rc=$?
-  echo "[test] plain run wall time: $(( $(date +%s) - t0 )) s"
-  return $rc
 }
 
-distro() {
-  local t0 rc
-  t0=$(date +%s)
+distro_tests() {
   echo "[test] the khibernate .deb and the Debian 12 test machine's disk (built once, cached)"
   .venv/bin/python -m vmtest.package || return $?
   .venv/bin/python -m vmtest.rootfs || return $?
   echo "[test] pytest (Debian 12 machine)"
   .venv/bin/python -m pytest "$DISTRO_TESTS" --durations=0 "$@"
-  rc=$?
-  echo "[test] distro tests wall time: $(( $(date +%s) - t0 )) s"
-  return $rc
 }
 
-xen() {
-  local t0 rc
-  t0=$(date +%s)
+xen_tests() {
   echo "[test] pytest (Xen host)"
   .venv/bin/python -m pytest "$XEN_TESTS" "$@"
-  rc=$?
-  echo "[test] Xen host tests wall time: $(( $(date +%s) - t0 )) s"
-  return $rc
 }
+
+plain() { timed "plain run" plain_tests "$@"; }
+distro() { timed "distro tests" distro_tests "$@"; }
+xen() { timed "Xen host tests" xen_tests "$@"; }
 
 part=all
 case "${1:-}" in
