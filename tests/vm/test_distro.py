@@ -340,6 +340,8 @@ def test_journal_shows_one_boot_with_the_hibernation_in_it(s: Session):
     log = vm.run("journalctl -b 0 --no-pager -o cat -u systemd-hibernate.service -u counter.service", timeout=120)
     hib = log.find("khibernate")
     assert hib >= 0 and "resumed from slot" in log[hib:] and re.search(r"tick \d+", log[hib:]), log[-3000:]
+    # the hibernation booted the capture environment setup had built: it only jumped
+    assert re.search(r"hibernate: slot .* initramfs \S+ \(cached\)", log), log[-3000:]
     vm.run("logger -t after-resume journald-runs-on && sleep 1 && journalctl -b 0 -t after-resume | grep -q runs-on")
 
 

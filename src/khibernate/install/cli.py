@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -137,8 +138,6 @@ def apply(p: setup_plan.SetupPlan, say: Callable[[str], None], initramfs: bool =
 def build_capture_environment(target: str, say: Callable[[str], None]) -> str | None:
     """Build (or find cached) the capture initramfs the hibernation of ``target`` will boot, for this kernel: the
     first `systemctl hibernate` then only jumps.  None when it is there; else why it could not be built."""
-    import time
-
     from khibernate.capture.snapshot import capture_initrd_for, default_kernel
 
     t0 = time.monotonic()
@@ -215,6 +214,8 @@ def setup_command(target: str | None, remove: bool, no_initramfs: bool, no_captu
                 click.echo(f"  {c.why} {c.path}")
             for d in p.remove_dirs:
                 click.echo(f"  remove {d} if empty (setup created it)")
+    if dry_run and not remove and not no_capture_build:
+        click.echo("  build the capture environment for the target, unless it is cached (`capture build`)")
     if remove:
         return
     missing = list(p.missing)
